@@ -1,0 +1,104 @@
+"""Fused attention kernels behind ``sdpa_pass``.
+
+``attention`` takes the arguments of ``torch.nn.functional.scaled_dot_product_attention`` with
+the same meaning, plus keyword extras for what SDPA cannot say. This package knows nothing
+about FX; the pass only uses the ``torch.ops.sdpa_pass`` operator signatures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from . import ops
+from .checks import (
+    CAUSAL_BOTTOM_RIGHT,
+    CAUSAL_NAMES,
+    CAUSAL_NONE,
+    CAUSAL_TOP_LEFT,
+    MAX_HEAD_DIM,
+    SUPPORTED_DTYPES,
+    check_attention_inputs,
+)
+
+__all__ = [
+    "attention",
+    "CAUSAL_NONE",
+    "CAUSAL_TOP_LEFT",
+    "CAUSAL_BOTTOM_RIGHT",
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+]
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    causal: Union[str, None] = None,
+    diagonal: int = 0,
+    window: Optional[int] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    empty_rows: str = "zero",
+    return_lse: bool = False,
+):
+    """Scaled dot-product attention on fused Triton kernels.
+
+    Positional arguments mean what they mean for ``F.scaled_dot_product_attention``: tensors
+    laid out (B, H, L, D) with any strides, a bool mask (True = attend) or an additive float
+    mask broadcastable to (B, Hq, L, S), ``is_causal`` for the top-left causal mask, ``scale``
+    defaulting to ``1/sqrt(D)``, ``enable_gqa`` for Hq a multiple of Hkv (K/V are never copied).
+    ``attn_mask`` may be combined with any causal form.
+
+    Extras:
+      causal: ``"top_left"`` or ``"bottom_right"`` (query i sees key j iff j <= i + S - L, the
+        KV-cache / chunked-prefill alignment). ``is_causal=True`` means ``"top_left"``.
+      diagonal: shifts the causal diagonal as ``torch.tril(..., diagonal=d)`` does.
+      window: sliding window; a query sees only the ``window`` keys ending at its diagonal.
+      key_padding_mask: (B, S) bool, True = attend.
+      softcap: logit soft-capping ``cap * tanh(s / cap)`` applied before any mask (Gemma 2).
+      empty_rows: a row where every key is masked gives ``"zero"`` (SDPA) or ``"nan"`` (eager
+        ``softmax`` over ``-inf``).
+      return_lse: also return the natural-log log-sum-exp of each row, (B, Hq, L) fp32.
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            "dropout inside sdpa_pass attention kernels is not implemented yet; "
+            "call with dropout_p=0.0"
+        )
+    if causal is not None and causal not in CAUSAL_NAMES:
+        raise ValueError(f"causal must be 'top_left', 'bottom_right' or None, got {causal!r}")
+    if is_causal and causal not in (None, "top_left"):
+        raise ValueError(f"is_causal=True means top-left alignment; it conflicts with causal={causal!r}")
+    if empty_rows not in ("zero", "nan"):
+        raise ValueError(f"empty_rows must be 'zero' or 'nan', got {empty_rows!r}")
+    causal_align = CAUSAL_NAMES[causal] if causal is not None else CAUSAL_NONE
+    if is_causal:
+        causal_align = CAUSAL_TOP_LEFT
+    if diagonal != 0 and causal_align == CAUSAL_NONE:
+        raise ValueError("diagonal shifts a causal mask; pass is_causal=True or causal=...")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    # The op checks again (it is also called directly by rewritten graphs); here first so the
+    # default scale reads a valid head dim and enable_gqa, which the op does not take, is honoured.
+    check_attention_inputs(
+        query, key, value, attn_mask, key_padding_mask, enable_gqa=enable_gqa,
+        causal_align=causal_align, window=-1 if window is None else window,
+    )
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    out, lse = torch.ops.sdpa_pass.attention_forward(
+        query, key, value, attn_mask, key_padding_mask, float(scale), causal_align,
+        int(diagonal), -1 if window is None else int(window),
+        0.0 if softcap is None else float(softcap), empty_rows == "nan", return_lse,
+    )
+    return (out, lse) if return_lse else out

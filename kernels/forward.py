@@ -1,0 +1,321 @@
+"""Forward attention kernel in Triton (FlashAttention-2 style online softmax).
+
+One program computes a BLOCK_M tile of query rows of one (batch, query head) and walks the
+key/value tiles that can be visible to it. The key range is split in three: tiles before the
+window's fully-visible band, fully visible tiles, and tiles on the causal diagonal / sequence
+end. Only the first and last get the per-element predicate; tiles that no row can see are
+never visited (causal and window tile skipping).
+
+Masks are predicates (causal offset, window, key padding) or tensors read tile by tile through
+their own strides, so a broadcast mask (stride 0) is never materialised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import CAUSAL_NONE, AttentionShape, causal_offset
+
+LOG2E = 1.4426950408889634
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
+# the most negative natural-log score whose log2 form is still a finite fp32
+FP32_MIN_LN: tl.constexpr = tl.constexpr(-3.4028234663852886e38 * 0.6931471805599453)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_FLOAT = 2
+
+
+def interpreter_active() -> bool:
+    # triton.jit decides at decoration time whether to interpret, from this variable.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    # tl.tanh is not available in every supported triton version (3.6-3.9) nor in the
+    # interpreter; this form is exact enough in fp32 and saturates correctly for large |x|.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q,
+    k_base, v_base, mask_base, kpm_base,
+    offs_m, offs_d, offs_dv,
+    lo, hi,
+    qk_scale, softcap_log2,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_mm, stride_mn, stride_pn,
+    L, S, offset, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update over key tiles [lo, hi).
+
+    BOUNDARY tiles get the positional predicate (sequence end, causal diagonal, window);
+    interior tiles are known fully visible and skip it.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if BOUNDARY:
+            k = tl.load(k_ptrs, mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if DOT_UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        # Scores in the log2 domain: exp2 is the native instruction.
+        if HAS_SOFTCAP:
+            qk = softcap_log2 * _tanh(qk * qk_scale)
+        else:
+            qk = qk * qk_scale
+        visible = offs_n[None, :] >= 0
+        if BOUNDARY:
+            visible = visible & (offs_n[None, :] < S)
+            if IS_CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
+        if MASK_KIND != 0:
+            m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+            if MASK_KIND == 1:
+                visible = visible & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
+            else:
+                bias = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+                # finfo(float32).min * log2(e) would overflow to -inf and turn a row that eager
+                # softmax averages uniformly (all keys at finfo.min) into an empty row; clamp
+                # finite biases to the fp32 range and keep only a true -inf as -inf.
+                bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
+                qk = qk + bias
+        if HAS_KPM:
+            kpm = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < S, other=0)
+            visible = visible & (kpm[None, :] != 0)
+        if BOUNDARY or MASK_KIND == 1 or HAS_KPM:
+            qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
+        # exp2(-inf - m) at 0 rather than NaN, so l stays 0 and the row is detected at the end.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if BOUNDARY:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif BLOCK_DV != HEAD_DIM_V:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if DOT_UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE, MASK, KPM,
+    qk_scale, softcap_log2,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    stride_lb, stride_lh,
+    H, L, S, GROUP, offset, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NAN_ON_EMPTY: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hkv = off_h // GROUP  # GQA/MQA: query heads of a group read one K/V head, no copies
+    # 64-bit base offsets: B*H*L*D can pass 2**31 elements for long sequences.
+    off_b64 = off_b.to(tl.int64)
+    q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
+    v_base = V + off_b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
+    o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
+    mask_base = MASK + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+    kpm_base = KPM + off_b64 * stride_pb
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+
+    # Key range any row of this tile can see, and the sub-range every row sees.
+    hi = S
+    full_hi = (S // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        # row i sees j <= i + offset
+        hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+        full_hi = tl.minimum(full_hi, ((start_m + offset + 1) // BLOCK_N) * BLOCK_N)
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.maximum(full_hi, 0)
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        # row i sees j > i + offset - window
+        lo = tl.maximum(start_m + offset - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        full_lo = start_m + BLOCK_M + offset - window
+        full_lo = tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    mid_lo = tl.minimum(full_lo, hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
+        lo, mid_lo, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True, DOT_UPCAST, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
+        mid_lo, mid_hi, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, False, DOT_UPCAST, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
+        mid_hi, hi, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True, DOT_UPCAST, DOT_PRECISION,
+    )
+
+    empty = l_i == 0.0
+    if NAN_ON_EMPTY:
+        # eager softmax over a row of -inf gives NaN; reproduce it when asked to.
+        l_safe = tl.where(empty, float("nan"), l_i)
+    else:
+        # SDPA's convention: a row with no visible key outputs zeros.
+        l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
+    if STORE_LSE:
+        # natural-log LSE; -inf for rows with no visible key
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+        l_ptrs = LSE + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m
+        tl.store(l_ptrs, lse, mask=offs_m < L)
+
+
+def _block_sizes(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim and dtype."""
+    if interpreter_active():
+        # Small tiles keep the interpreter fast and make tests cross several tiles.
+        return 16, 16, 4, 1
+    wide = dtype == torch.float32
+    if head_dim_pad <= 64:
+        return (64, 64, 4, 3) if wide else (128, 64, 4, 3)
+    if head_dim_pad <= 128:
+        return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+    return (32, 32, 4, 1) if wide else (64, 32, 4, 2)
+
+
+def attention_forward_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    shape: AttentionShape,
+    *,
+    scale: float,
+    causal_align: int,
+    diagonal: int,
+    window: int,
+    softcap: float,
+    nan_on_empty: bool,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
+    D, DV = shape.head_dim, shape.v_head_dim
+    out = torch.empty((B, Hq, L, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if L == 0:
+        return out, lse
+    if S == 0:
+        out.fill_(float("nan") if nan_on_empty else 0.0)
+        lse.fill_(float("-inf"))
+        return out, lse
+
+    if attn_mask is None:
+        mask_kind, mask, mstrides = MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
+        # expand() is a view: broadcast dims get stride 0 and are never materialised.
+        mask = attn_mask.expand(B, Hq, L, S)
+        mstrides = mask.stride()
+    kpm = key_padding_mask if key_padding_mask is not None else q
+    pstrides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    lstrides = lse.stride()[:2] if return_lse else (0, 0)
+
+    has_softcap = softcap > 0.0
+    if has_softcap:
+        qk_scale, softcap_log2 = scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, softcap_log2 = scale * LOG2E, 0.0
+    block_d = max(16, triton.next_power_of_2(D))
+    block_dv = max(16, triton.next_power_of_2(DV))
+    block_m, block_n, num_warps, num_stages = _block_sizes(max(block_d, block_dv), q.dtype)
+    # The interpreter's tl.dot gives wrong results on bf16 operands (triton 3.9); upcasting to
+    # fp32 there is exact. Compiled kernels keep bf16 operands with fp32 accumulation.
+    dot_upcast = interpreter_active() and q.dtype == torch.bfloat16
+    # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(L, block_m), B * Hq)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, mask, kpm,
+        qk_scale, softcap_log2,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *mstrides, *pstrides, *lstrides,
+        Hq, L, S, shape.group,
+        causal_offset(causal_align, diagonal, L, S), window,
+        HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
+        IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1,
+        HAS_SOFTCAP=has_softcap, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse,
+        DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse

@@ -1,0 +1,82 @@
+"""The one reference for every test: attention written out in float64 eager PyTorch.
+
+It spells each mask out as the explicit index predicate the kernel claims to implement, so it
+shares no code with the kernels or their CPU path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+# ‖out − ref‖ / ‖ref‖ bounds (METHOD: fp32 far under 1e-3, half types from rounding of P and O)
+REL_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+ABS_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def reference_attention(
+    q, k, v, attn_mask=None, is_causal=False, scale=None, *, causal=None, diagonal=0,
+    window=None, key_padding_mask=None, softcap=None, empty_rows="zero",
+):
+    """Returns (out, lse) in float64 on the CPU."""
+    q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(L)[:, None]
+    j = torch.arange(S)[None, :]
+    visible = torch.ones(B, Hq, L, S, dtype=torch.bool)
+    if is_causal:
+        causal = "top_left"
+    if causal is not None:
+        offset = diagonal + (S - L if causal == "bottom_right" else 0)
+        visible &= j <= i + offset
+        if window is not None:
+            visible &= j > i + offset - window
+    if key_padding_mask is not None:
+        visible &= key_padding_mask.cpu()[:, None, None, :]
+    if attn_mask is not None:
+        m = attn_mask.cpu()
+        if m.dtype == torch.bool:
+            visible &= m
+        else:
+            s = s + m.to(torch.float64)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1) @ v  # NaN on rows with no visible key, as eager gives
+    if empty_rows == "zero":
+        out = out.masked_fill((lse == float("-inf"))[..., None], 0.0)
+    return out, lse
+
+
+def assert_close_to_reference(out, ref, dtype, what="output"):
+    """Same NaN pattern, relative error within the dtype's bound, no element far off."""
+    out = out.detach().to("cpu", torch.float64)
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    nan_out, nan_ref = out.isnan(), ref.isnan()
+    assert torch.equal(nan_out, nan_ref), (
+        f"{what}: NaN at {int(nan_out.sum())} places, reference has {int(nan_ref.sum())}"
+    )
+    o, r = out[~nan_ref], ref[~nan_ref]
+    if r.numel() == 0:
+        return
+    finite = torch.isfinite(r)
+    assert torch.equal(o[~finite], r[~finite]), f"{what}: infinities differ"
+    o, r = o[finite], r[finite]
+    rel = (o - r).norm() / r.norm().clamp_min(1e-12)
+    err = (o - r).abs().max()
+    assert rel <= REL_TOL[dtype], f"{what}: relative error {rel:.3e} > {REL_TOL[dtype]:.1e} ({dtype})"
+    assert err <= ABS_TOL[dtype], f"{what}: max abs error {err:.3e} > {ABS_TOL[dtype]:.1e} ({dtype})"
+
+
+def randn(*shape, dtype=torch.float32, device=DEVICE, generator=None):
+    return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)

@@ -1,0 +1,234 @@
+"""Forward kernel against the float64 reference, over the feature grid.
+
+On CPU these run the Triton kernel in the interpreter (TRITON_INTERPRET=1, set by conftest);
+the interpreter uses 16x16 tiles, so the small shapes here still cross several tiles, the
+causal diagonal and the window edges.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdpa_pass.kernels import attention
+from reference import DEVICE, DTYPES, assert_close_to_reference, randn, reference_attention
+
+B, L, S, D = 2, 19, 37, 32
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_qkv(dtype, hq=4, hkv=4, L=L, S=S, D=D, DV=None):
+    q = randn(B, hq, L, D, dtype=dtype)
+    k = randn(B, hkv, S, D, dtype=dtype)
+    v = randn(B, hkv, S, D if DV is None else DV, dtype=dtype)
+    return q, k, v
+
+
+def make_mask(kind, hq, L, S, dtype):
+    """Returns (attn_mask, key_padding_mask) for a mask kind of the grid."""
+    kpm = torch.rand(B, S) > 0.3
+    kpm[:, 0] = True  # keep at least one key per batch so rows are not all masked by padding
+    if kind == "none":
+        return None, None
+    if kind == "bool_full":  # every dim materialised
+        return (torch.rand(B, hq, L, S) > 0.2).to(DEVICE), None
+    if kind == "bool_LS":  # (L, S), broadcast over batch and heads with stride 0
+        return (torch.rand(L, S) > 0.2).to(DEVICE), None
+    if kind == "float_B11S":  # HF-style additive padding bias
+        bias = torch.zeros(B, 1, 1, S).masked_fill(~kpm[:, None, None, :], torch.finfo(dtype).min)
+        return bias.to(DEVICE, dtype), None
+    if kind == "float_1HLS":  # learned relative-position bias, T5/ALiBi style
+        return randn(1, hq, L, S, dtype=dtype), None
+    if kind == "padding":
+        return None, kpm.to(DEVICE)
+    if kind == "bool_and_padding":
+        return (torch.rand(1, 1, L, S) > 0.2).to(DEVICE), kpm.to(DEVICE)
+    raise AssertionError(kind)
+
+
+MASK_KINDS = ["none", "bool_full", "bool_LS", "float_B11S", "float_1HLS", "padding", "bool_and_padding"]
+CAUSAL_KINDS = {
+    "none": {},
+    "top_left": {"is_causal": True},
+    "bottom_right": {"causal": "bottom_right"},
+    "tril_diag_minus3": {"causal": "top_left", "diagonal": -3},
+    "tril_diag_plus5": {"causal": "top_left", "diagonal": 5},
+    "window7_bottom_right": {"causal": "bottom_right", "window": 7},
+}
+HEADS = {"mha": (4, 4), "gqa2": (4, 2), "mqa": (4, 1)}
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("causal", CAUSAL_KINDS)
+@pytest.mark.parametrize("mask", MASK_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, mask, causal, heads):
+    hq, hkv = HEADS[heads]
+    q, k, v = make_qkv(dtype, hq, hkv)
+    attn_mask, kpm = make_mask(mask, hq, L, S, dtype)
+    extras = CAUSAL_KINDS[causal]
+    # empty_rows="nan" makes every fully masked row visible as NaN in the comparison
+    out = attention(q, k, v, attn_mask, enable_gqa=hq != hkv, key_padding_mask=kpm,
+                    empty_rows="nan", **extras)
+    ref, _ = reference_attention(q, k, v, attn_mask, key_padding_mask=kpm, empty_rows="nan", **extras)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dims", [(16, 16), (40, 40), (80, 80), (96, 96), (112, 112), (160, 160),
+                                  (256, 256), (64, 32), (40, 128)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dims(dtype, dims):
+    d, dv = dims
+    q, k, v = make_qkv(dtype, 2, 1, L=17, S=23, D=d, DV=dv)
+    out = attention(q, k, v, causal="bottom_right", enable_gqa=True)
+    ref, _ = reference_attention(q, k, v, causal="bottom_right")
+    assert out.shape == (B, 2, 17, dv)
+    assert_close_to_reference(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_inputs_without_copies(dtype):
+    # (B, L, H, D) storage viewed as (B, H, L, D): what models produce before .transpose(1, 2)
+    q = randn(B, L, 4, D, dtype=dtype).transpose(1, 2)
+    kv = randn(B, S, 2, 2, D, dtype=dtype)  # packed K and V, as in fused-qkv projections
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    mask = (torch.rand(B, 1, 1, 2 * S) > 0.2).to(DEVICE)[..., ::2]  # non-unit last stride
+    assert not q.is_contiguous() and not k.is_contiguous() and mask.stride(-1) == 2
+    out = attention(q, k, v, mask, is_causal=True, enable_gqa=True, empty_rows="nan")
+    ref, _ = reference_attention(q, k, v, mask, is_causal=True, empty_rows="nan")
+    assert_close_to_reference(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "lengths", [(1, 1), (1, 37), (1, 64), (37, 19), (16, 16), (33, 33)], ids=str
+)
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_sequence_lengths(lengths, causal):
+    """L = 1 (decode), L > S (rows with no key under bottom-right), tile-exact lengths."""
+    ql, kl = lengths
+    dtype = torch.float16
+    q, k, v = make_qkv(dtype, 4, 2, L=ql, S=kl)
+    extras = CAUSAL_KINDS[causal]
+    out = attention(q, k, v, enable_gqa=True, empty_rows="nan", **extras)
+    ref, _ = reference_attention(q, k, v, empty_rows="nan", **extras)
+    assert_close_to_reference(out, ref, dtype)
+
+
+def test_empty_sequences():
+    q, k, v = make_qkv(torch.float32, L=0)
+    assert attention(q, k, v).shape == (B, 4, 0, D)
+    q, k, v = make_qkv(torch.float32, S=0)
+    out, lse = attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and (lse == float("-inf")).all()
+    assert attention(q, k, v, empty_rows="nan").isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+def test_softcap(dtype, causal):
+    """Gemma 2: scores = cap * tanh(scores / cap) before the mask; large logits saturate."""
+    q, k, v = make_qkv(dtype)
+    q = q * 4  # logits well past the cap
+    bias = randn(B, 1, 1, S, dtype=dtype)
+    extras = CAUSAL_KINDS[causal]
+    out = attention(q, k, v, bias, softcap=5.0, scale=0.3, **extras)
+    ref, _ = reference_attention(q, k, v, bias, softcap=5.0, scale=0.3, **extras)
+    assert_close_to_reference(out, ref, dtype)
+
+
+@pytest.mark.parametrize("mask", ["bool_full", "float_neg_inf", "padding"])
+def test_fully_masked_rows(mask):
+    """SDPA gives zeros for a row with every key masked; eager softmax(-inf) gives NaN."""
+    q, k, v = make_qkv(torch.float32, 2, 2)
+    attn_mask, kpm = None, None
+    if mask == "bool_full":
+        attn_mask = (torch.rand(B, 2, L, S) > 0.2)
+        attn_mask[:, :, 3] = False
+        attn_mask = attn_mask.to(DEVICE)
+    elif mask == "float_neg_inf":
+        attn_mask = torch.zeros(B, 1, L, S)
+        attn_mask[0, 0, 5] = float("-inf")
+        attn_mask = attn_mask.to(DEVICE)
+    else:
+        kpm = torch.ones(B, S, dtype=torch.bool)
+        kpm[1] = False
+        kpm = kpm.to(DEVICE)
+    for empty_rows in ("zero", "nan"):
+        out, lse = attention(q, k, v, attn_mask, key_padding_mask=kpm, empty_rows=empty_rows,
+                             return_lse=True)
+        ref, ref_lse = reference_attention(q, k, v, attn_mask, key_padding_mask=kpm,
+                                           empty_rows=empty_rows)
+        assert ((ref_lse == float("-inf")).sum() > 0)
+        assert_close_to_reference(out, ref, torch.float32)
+        assert_close_to_reference(lse, ref_lse, torch.float32, what="lse")
+    if mask == "bool_full":  # and the zero convention is SDPA's own (torch >= 2.5)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask)
+        assert torch.equal(sdpa[:, :, 3], torch.zeros_like(sdpa[:, :, 3]))
+        assert_close_to_reference(attention(q, k, v, attn_mask), sdpa.double().cpu(), torch.float32)
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left", "window7_bottom_right"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_return_lse(dtype, causal):
+    q, k, v = make_qkv(dtype, 4, 2)
+    extras = CAUSAL_KINDS[causal]
+    out, lse = attention(q, k, v, enable_gqa=True, return_lse=True, **extras)
+    ref, ref_lse = reference_attention(q, k, v, **extras)
+    assert lse.dtype == torch.float32 and lse.shape == (B, 4, L)
+    assert_close_to_reference(out, ref, dtype)
+    assert_close_to_reference(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype,
+                              what="lse")
+
+
+@pytest.mark.parametrize(
+    "sdpa_args",
+    [
+        {},
+        {"is_causal": True},
+        {"scale": 0.05},
+        {"attn_mask": "bool"},
+        {"attn_mask": "float"},
+        {"enable_gqa": True},
+        {"is_causal": True, "enable_gqa": True, "scale": 1.0},
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_same_result_as_sdpa(dtype, sdpa_args):
+    """Positional/keyword arguments mean exactly what they mean for SDPA."""
+    args = dict(sdpa_args)
+    hkv = 2 if args.get("enable_gqa") else 4
+    q, k, v = make_qkv(dtype, 4, hkv, L=S, S=S)
+    if args.get("attn_mask") == "bool":
+        args["attn_mask"] = (torch.rand(S, S) > 0.3).fill_diagonal_(True).to(DEVICE)
+    elif args.get("attn_mask") == "float":
+        args["attn_mask"] = randn(B, 1, S, S, dtype=dtype)
+    out = attention(q, k, v, **args)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **{
+        key: (val.float() if isinstance(val, torch.Tensor) and val.is_floating_point() else val)
+        for key, val in args.items()
+    })
+    assert_close_to_reference(out, expected.double().cpu(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_finfo_min_rows_average_uniformly(dtype):
+    """HF pads with finfo.min, not -inf: a row with every key at finfo(float32).min is a uniform
+    average in eager fp32 softmax, not an empty row. The kernel's fp32 scores must keep that."""
+    q, k, v = make_qkv(dtype, 2, 2)
+    bias = torch.zeros(B, 1, L, S)
+    bias[:, :, 4] = torch.finfo(torch.float32).min
+    bias[:, :, 6, :5] = torch.finfo(torch.float32).min
+    bias = bias.to(DEVICE)
+    out = attention(q, k, v, bias, empty_rows="nan")
+    ref, _ = reference_attention(q, k, v, bias, empty_rows="nan")
+    assert not out.isnan().any()
+    assert_close_to_reference(out, ref, dtype)
+    uniform = v.double().cpu().mean(dim=2)
+    assert_close_to_reference(out[:, :, 4], uniform, dtype, what="row 4 (all finfo.min)")

@@ -1,0 +1,80 @@
+"""The ``torch.ops.sdpa_pass`` operator: opcheck, tracing under torch.compile, the CPU path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdpa_pass  # noqa: F401  (registers torch.ops.sdpa_pass)
+from sdpa_pass.kernels import attention
+from sdpa_pass.kernels.checks import AttentionShape
+from sdpa_pass.kernels.cpu import attention_forward_cpu
+from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+
+OP = torch.ops.sdpa_pass.attention_forward.default
+
+
+def _args(dtype=torch.float32, mask="bool", causal_align=2, window=-1, softcap=0.0, lse=True):
+    q, k, v = randn(2, 4, 9, 16, dtype=dtype), randn(2, 2, 13, 16, dtype=dtype), randn(2, 2, 13, 16, dtype=dtype)
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = (torch.rand(1, 1, 9, 13) > 0.2).to(DEVICE)
+    elif mask == "float":
+        attn_mask = randn(2, 1, 1, 13, dtype=dtype)
+    kpm = torch.ones(2, 13, dtype=torch.bool, device=DEVICE)
+    return (q, k, v, attn_mask, kpm, 0.25, causal_align, 0, window, softcap, False, lse)
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(mask="float", causal_align=0), dict(mask=None, window=4),
+    dict(mask=None, softcap=20.0, lse=False), dict(dtype=torch.float16),
+], ids=str)
+def test_opcheck(case):
+    torch.manual_seed(0)
+    # test_autograd_registration is left out until the backward kernels exist (inputs here
+    # do not require grad, so it has nothing to check yet).
+    torch.library.opcheck(OP, _args(**case),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiles_fullgraph(backend):
+    torch.manual_seed(0)
+    q, k, v = randn(2, 4, 9, 16), randn(2, 2, 13, 16), randn(2, 2, 13, 16)
+    bias = randn(2, 1, 1, 13)
+
+    def f(q, k, v, bias):
+        out = attention(q * 2.0, k, v, bias, causal="bottom_right", enable_gqa=True)
+        return out.transpose(1, 2).relu()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    expected = f(q, k, v, bias)
+    torch.testing.assert_close(compiled(q, k, v, bias), expected)
+
+
+@pytest.mark.parametrize("route", ["sdpa", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_path(dtype, route):
+    """The path CPU tensors take without TRITON_INTERPRET: SDPA's CPU kernel or chunks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 21, 24).to(dtype), torch.randn(2, 2, 30, 24).to(dtype),
+               torch.randn(2, 2, 30, 24).to(dtype))
+    shape = AttentionShape(2, 4, 2, 21, 30, 24, 24)
+    if route == "sdpa":
+        kw = dict(attn_mask=None, kpm=None, causal_align=1, window=-1, softcap=0.0, lse=False)
+        ref_kw = dict(is_causal=True)
+    else:
+        kw = dict(attn_mask=torch.rand(1, 4, 21, 30) > 0.3, kpm=torch.rand(2, 30) > 0.2,
+                  causal_align=2, window=9, softcap=7.0, lse=True)
+        ref_kw = dict(attn_mask=kw["attn_mask"], key_padding_mask=kw["kpm"], causal="bottom_right",
+                      window=9, softcap=7.0)
+    out, lse = attention_forward_cpu(
+        q, k, v, kw["attn_mask"], kw["kpm"], shape, scale=0.2, causal_align=kw["causal_align"],
+        diagonal=0, window=kw["window"], softcap=kw["softcap"], nan_on_empty=True,
+        return_lse=kw["lse"],
+    )
+    ref, ref_lse = reference_attention(q, k, v, scale=0.2, empty_rows="nan", **ref_kw)
+    assert_close_to_reference(out, ref, dtype)
+    if kw["lse"]:
+        assert_close_to_reference(lse, ref_lse, torch.float32, what="lse")
