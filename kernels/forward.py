@@ -128,7 +128,9 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Lengths, head counts and mask offsets change between calls; specialising on them (Triton
+# specialises integers equal to 1 or divisible by 16) would compile a kernel per value.
+@triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     qk_scale, softcap_log2,
@@ -239,17 +241,50 @@ def _attention_fwd_kernel(
         tl.store(l_ptrs, lse, mask=offs_m < L)
 
 
-def _block_sizes(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim and dtype."""
-    if interpreter_active():
-        # Small tiles keep the interpreter fast and make tests cross several tiles.
-        return 16, 16, 4, 1
+# Interpreter: small tiles keep it fast and make the tests cross several tiles and mask edges.
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on GPUs.
+_GPU_CONFIGS = [
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2),
+    (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2), (64, 128, 4, 2),
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tile shapes whose K/V stages would not fit in shared memory (about 227 KiB on
+    Hopper, 100 KiB on consumer parts; keep a margin) before the autotuner compiles them."""
+    args = {**named_args, **kwargs}
+    elem = args["Q"].element_size()
+    d, dv = args["BLOCK_D"], args["BLOCK_DV"]
+    smem_limit = 160 * 1024
+    kept = [
+        c for c in configs
+        if elem * (c.kwargs["BLOCK_M"] * d + c.num_stages * c.kwargs["BLOCK_N"] * (d + dv)) <= smem_limit
+        # fp32 accumulator registers per thread; past ~128 the kernel spills
+        and c.kwargs["BLOCK_M"] * dv // (c.num_warps * 32) <= 128
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _default_gpu_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
     wide = dtype == torch.float32
     if head_dim_pad <= 64:
-        return (64, 64, 4, 3) if wide else (128, 64, 4, 3)
-    if head_dim_pad <= 128:
-        return (64, 32, 4, 2) if wide else (128, 64, 8, 3)
-    return (32, 32, 4, 1) if wide else (64, 32, 4, 2)
+        m, n, w, st = (64, 64, 4, 3) if wide else (128, 64, 4, 3)
+    elif head_dim_pad <= 128:
+        m, n, w, st = (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+    else:
+        m, n, w, st = (32, 32, 4, 2) if wide else (64, 32, 4, 2)
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+
+
+_attention_fwd_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+             for m, n, w, st in _GPU_CONFIGS],
+    key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
+         "HAS_SOFTCAP", "STORE_LSE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_attention_fwd_kernel)
 
 
 def attention_forward_triton(
@@ -297,14 +332,20 @@ def attention_forward_triton(
         qk_scale, softcap_log2 = scale * LOG2E, 0.0
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
-    block_m, block_n, num_warps, num_stages = _block_sizes(max(block_d, block_dv), q.dtype)
     # The interpreter's tl.dot gives wrong results on bf16 operands (triton 3.9); upcasting to
     # fp32 there is exact. Compiled kernels keep bf16 operands with fp32 accumulation.
     dot_upcast = interpreter_active() and q.dtype == torch.bfloat16
     # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(L, block_m), B * Hq)
-    _attention_fwd_kernel[grid](
+    if interpreter_active():
+        kernel, tuning = _attention_fwd_kernel, _INTERPRETER_CONFIG
+    elif os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
+        # Fixed tiles, no tuning runs: for test suites that compile many variants.
+        kernel, tuning = _attention_fwd_kernel, _default_gpu_config(max(block_d, block_dv), q.dtype)
+    else:
+        kernel, tuning = _attention_fwd_autotuned, {}
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    kernel[grid](
         q, k, v, out, lse, mask, kpm,
         qk_scale, softcap_log2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -316,6 +357,6 @@ def attention_forward_triton(
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1,
         HAS_SOFTCAP=has_softcap, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse,
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        **tuning,
     )
     return out, lse

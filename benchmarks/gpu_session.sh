@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call: install sdpa_pass into a temp path, run the suite on the GPU, then benchmarks.
+# Usage: bash benchmarks/gpu_session.sh "<pytest args>" "<benchmark args>"
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+# sdpa_pass.kernels maps to the repository's kernels/ folder; mirror that layout without pip.
+# Run from that copy so the repository's own sdpa_pass/ (without kernels/) is not on sys.path.
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r sdpa_pass tests benchmarks /tmp/pkg/ \
+  && cp -r kernels /tmp/pkg/sdpa_pass/kernels && { [ -d .whl ] && cp -r .whl /tmp/pkg/; true; }
+cd /tmp/pkg
+export PYTHONPATH=/tmp/pkg
+if ! python3 -c "import pytest, expecttest" 2>/dev/null && [ -d .whl ]; then
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/pkg:/tmp/site
+fi
+# Tests: each ';'-separated pytest argument list runs as its own process, in parallel (kernel
+# compilation is the cost on a GPU and it is per process and CPU-bound).
+if [ -n "${1:-}" ]; then
+  i=0; IFS=';' read -ra shards <<< "$1"
+  for shard in "${shards[@]}"; do
+    i=$((i + 1))
+    eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -q $shard" > "$OUT/tests_$i.log" 2>&1 &
+  done
+  wait
+  for f in "$OUT"/tests_*.log; do echo "== $f"; tail -4 "$f"; done
+fi
+if [ -n "${2:-}" ]; then
+  timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/attention.py --out "$OUT" $2 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
