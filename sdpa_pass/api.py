@@ -1,0 +1,40 @@
+"""One-call use: ``optimize`` and ``explain``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .backend import make_backend
+from .report import Report
+
+
+def optimize(model: Union[torch.nn.Module, Callable], backend: Union[str, Callable] = "inductor",
+             dynamic: Optional[bool] = None, **options):
+    """Compile ``model`` with the pass in front of ``backend``.
+
+    An ``nn.Module`` is compiled in place (``Module.compile``) and returned, so attributes,
+    ``state_dict`` and methods such as ``generate`` (which call the module) keep working and
+    run the compiled forward. A function is returned compiled.
+    """
+    compile_options = {"backend": backend, **options}
+    if isinstance(model, torch.nn.Module):
+        model.compile(backend="sdpa_pass", dynamic=dynamic, options=compile_options)
+        return model
+    return torch.compile(model, backend="sdpa_pass", dynamic=dynamic, options=compile_options)
+
+
+def explain(model: Union[torch.nn.Module, Callable], *args: Any, **kwargs: Any) -> Report:
+    """Run ``model(*args, **kwargs)`` once under the pass (graphs run eagerly after the
+    rewrite) and return the Report: every candidate site, rewritten or skipped with its
+    reason, and the FX graphs before and after."""
+    report = Report()
+    backend = make_backend("eager", on_report=report.extend)
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    finally:
+        # explain() must not leave its graphs in the cache that the user's own compile uses
+        torch._dynamo.reset()
+    return report

@@ -1,0 +1,54 @@
+"""The ``sdpa_pass`` Dynamo backend: rewrite attention in the captured graph, then hand the
+graph to an inner backend (default ``"inductor"``; any Dynamo backend name or callable).
+
+Registered under the name ``sdpa_pass`` both on import and through the
+``torch_dynamo_backends`` entry point, so ``torch.compile(model, backend="sdpa_pass")`` works
+after ``pip install`` without importing this package first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.fx as fx
+from torch._dynamo import lookup_backend, register_backend
+
+from .report import Report
+from .rewrite import rewrite
+
+BackendLike = Union[str, Callable]
+
+
+def _inner(backend: BackendLike) -> Callable:
+    return lookup_backend(backend) if isinstance(backend, str) else backend
+
+
+def make_backend(backend: BackendLike = "inductor", on_report: Optional[Callable[[Report], Any]] = None,
+                 **inner_options) -> Callable:
+    """A Dynamo backend callable that runs the pass, reports, then compiles with ``backend``."""
+    inner = _inner(backend)
+
+    def compile_fn(gm: fx.GraphModule, example_inputs):
+        report = rewrite(gm)
+        if on_report is not None:
+            on_report(report)
+        if inner_options:
+            return inner(gm, example_inputs, options=inner_options)
+        return inner(gm, example_inputs)
+
+    return compile_fn
+
+
+def sdpa_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
+    """Entry point for ``torch.compile(..., backend="sdpa_pass", options={...})``.
+
+    options: ``backend`` names the inner compiler; other keys are passed to it as its
+    ``options`` (Inductor's config dict, for example).
+    """
+    options = dict(options or {})
+    backend = options.pop("backend", "inductor")
+    return make_backend(backend, **options)(gm, example_inputs)
+
+
+register_backend(name="sdpa_pass")(sdpa_pass_backend)

@@ -1,0 +1,94 @@
+"""Step 6: what the pass did, one ``Site`` per candidate, readable in ten seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class Site:
+    status: str                      # "rewritten" | "skipped"
+    source: str                      # "file.py:123" of the softmax in the user's code
+    reason_code: Optional[str] = None
+    reason: Optional[str] = None
+    mask: str = "none"               # e.g. "bool (2, 1, 1, 9)", "float (1, 1, 7, 9)"
+    causal: str = "none"
+    gqa_group: int = 1
+    dtype: str = ""
+    scale: Optional[float] = None
+    softcap: Optional[float] = None
+    graph: int = 0                   # index of the graph in the report
+
+    @property
+    def rewritten(self) -> bool:
+        return self.status == "rewritten"
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    before: str
+    after: str
+
+
+@dataclasses.dataclass
+class Report:
+    sites: list = dataclasses.field(default_factory=list)
+    graphs: list = dataclasses.field(default_factory=list)   # GraphRecord per graph
+    seconds: float = 0.0
+
+    @property
+    def num_rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(not s.rewritten for s in self.sites)
+
+    def extend(self, other: "Report") -> None:
+        offset = len(self.graphs)
+        for s in other.sites:
+            s.graph += offset
+            self.sites.append(s)
+        self.graphs.extend(other.graphs)
+        self.seconds += other.seconds
+
+    def __str__(self) -> str:
+        head = (f"sdpa_pass: {self.num_rewritten} of {len(self.sites)} attention sites "
+                f"rewritten in {len(self.graphs)} graph(s), pass time {self.seconds * 1e3:.1f} ms")
+        if not self.sites:
+            return head + "\n(no softmax fed by a matrix product was found)"
+        cols = ["#", "source", "status", "mask", "causal", "GQA", "dtype", "scale", "reason"]
+        rows = []
+        for i, s in enumerate(self.sites):
+            rows.append([str(i), s.source, s.status, s.mask, s.causal,
+                         f"{s.gqa_group}:1" if s.gqa_group > 1 else "-", s.dtype,
+                         "-" if s.scale is None else f"{s.scale:.4g}",
+                         "" if s.reason is None else f"[{s.reason_code}] {s.reason}"])
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        widths[-1] = len(cols[-1])
+        fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+        lines = [head, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def source_of(node: fx.Node) -> str:
+    """file:line of the user's code that created ``node`` (Dynamo records a stack trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return f"<graph node {node.name}>"
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
+
+
+def shape_text(t) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"

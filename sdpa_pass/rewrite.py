@@ -1,0 +1,219 @@
+"""Step 5: replace each proven site with one ``torch.ops.sdpa_pass.attention_forward`` call,
+and the driver that runs steps 1-6 over a GraphModule.
+
+New nodes are aten ops, which are valid both in Dynamo's torch-level graphs and in exported
+aten graphs. Masks keep their own (broadcast) shapes: a (B, 1, 1, S) padding mask stays that
+size and reaches the kernel through stride-0 views.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+
+import torch
+import torch.fx as fx
+
+import sdpa_pass.kernels  # noqa: F401  (registers torch.ops.sdpa_pass)
+
+from .analyse import Plan, analyse
+from .canonicalize import removable_if_unused, tensor_of
+from .match import NotASite, candidate_nodes, find_softmaxes, match_softmax
+from .report import GraphRecord, Report, Site, shape_text, source_of
+from .verify import verify
+
+log = logging.getLogger("sdpa_pass")
+aten = torch.ops.aten
+ATTENTION_OP = torch.ops.sdpa_pass.attention_forward.default
+FP32_MIN = torch.finfo(torch.float32).min
+
+
+def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    return graph.call_function(target, args, kwargs)
+
+
+def _size(graph, node: fx.Node, dim: int):
+    """A size usable as a graph argument: an int, or a sym_size node when it is symbolic."""
+    s = tensor_of(node).shape[dim]
+    return s if isinstance(s, int) else _call(graph, aten.sym_size.int, node, dim)
+
+
+def _build_operand(graph, op) -> fx.Node:
+    if op.repeat_source is not None:
+        return op.repeat_source
+    x = op.node
+    if op.perm != list(range(len(op.perm))):
+        x = _call(graph, aten.permute.default, x, op.perm)
+    if op.reshape is not None:
+        return _call(graph, aten.reshape.default, x, list(op.reshape))
+    for pos in op.unsqueeze:
+        x = _call(graph, aten.unsqueeze.default, x, pos)
+    return x
+
+
+def _to_output_shape(graph, out: fx.Node, plan: Plan) -> fx.Node:
+    """From the kernel's (B, H, L, Dv) to the shape of the value product it replaces."""
+    if plan.out_perm is not None:
+        out = _call(graph, aten.permute.default, out, plan.out_perm)
+        return _call(graph, aten.clone.default, out, memory_format=torch.contiguous_format)
+    want = plan.out_shape
+    if len(want) < 4 and tuple(plan.q.shape[4 - len(want):]) == tuple(want):
+        for _ in range(4 - len(want)):
+            out = _call(graph, aten.squeeze.dim, out, 0)
+        return out
+    if tuple(want) != tuple(plan.q.shape[:3]) + (plan.v.shape[3],):
+        out = _call(graph, aten.reshape.default, out, list(want))
+    return out
+
+
+def _broadcast_batch(graph, x: fx.Node, own_batch, batch, batch_src: fx.Node) -> fx.Node:
+    if own_batch == 1 and batch != 1:
+        return _call(graph, aten.expand.default, x, [_size(graph, batch_src, 0), -1, -1, -1])
+    return x
+
+
+def _build_mask(graph, plan: Plan):
+    """One bool or float mask tensor equivalent to the score chain's masks, or None."""
+    masks = plan.masks
+    if not masks:
+        return None, "none"
+    text = "+".join(shape_text(tensor_of(m.node)) for m in masks)
+    nodes = []
+    for m in masks:
+        node = m.node
+        if m.expand is not None:
+            node = _call(graph, aten.expand.default, node, list(m.expand))
+        if m.reshape is not None:
+            node = _call(graph, aten.reshape.default, node, list(m.reshape))
+        nodes.append(node)
+    if all(m.kind in ("bool_masked", "bool_attend") for m in masks):
+        attend = None
+        for m, node in zip(masks, nodes):
+            a = node if m.kind == "bool_attend" else _call(graph, aten.logical_not.default, node)
+            attend = a if attend is None else _call(graph, aten.logical_and.default, attend, a)
+        return attend, "bool " + text
+    # Replay the masks in graph order on a float bias, as eager applies them to the scores.
+    # Finite fills become finfo(float32).min: the kernel adds the bias in fp32, where any score
+    # plus that value rounds back to it, so a row filled everywhere is a uniform average, as in
+    # eager; -inf fills stay -inf.
+    bias = None
+    for m, node in zip(masks, nodes):
+        if m.kind == "additive":
+            bias = node if bias is None else _call(graph, aten.add.Tensor, bias, node)
+            continue
+        fill = float("-inf") if m.kind.startswith("bool") else FP32_MIN
+        masked_when_true = m.kind in ("bool_masked", "fill_min")
+        if bias is None:
+            bias = (_call(graph, aten.where.Scalar, node, fill, 0.0) if masked_when_true
+                    else _call(graph, aten.where.Scalar, node, 0.0, fill))
+        elif masked_when_true:
+            bias = _call(graph, aten.where.ScalarSelf, node, fill, bias)
+        else:
+            bias = _call(graph, aten.where.ScalarOther, node, bias, fill)
+    return bias, "float " + text
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
+    graph = gm.graph
+    cand = plan.cand
+    with graph.inserting_before(cand.pv):
+        q = _build_operand(graph, plan.q)
+        for op, t in plan.q_scale_nodes:
+            # operator.mul/truediv: t may be a tensor or a symbolic float (dynamic shapes)
+            q = _call(graph, operator.mul if op == "mul" else operator.truediv, q, t)
+        B, H = plan.q.shape[0], plan.q.shape[1]
+        q_src = q
+        k = _build_operand(graph, plan.k)
+        v = _build_operand(graph, plan.v)
+        if plan.k.repeat_source is None:
+            hk, hv = plan.k.shape[1], plan.v.shape[1]
+            if hk != hv:  # one of them broadcasts its single head
+                if hk == 1:
+                    k = _call(graph, aten.expand.default, k, [-1, hv, -1, -1])
+                else:
+                    v = _call(graph, aten.expand.default, v, [-1, hk, -1, -1])
+        k = _broadcast_batch(graph, k, plan.k.shape[0], B, q_src)
+        v = _broadcast_batch(graph, v, plan.v.shape[0], B, q_src)
+        mask, mask_text = _build_mask(graph, plan)
+        call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, 0, 0, -1,
+                     plan.softcap, True, False)
+        out = _to_output_shape(graph, _call(graph, operator.getitem, call, 0), plan)
+    out.meta.update({k_: v_ for k_, v_ in cand.pv.meta.items() if k_ in ("example_value", "val", "stack_trace")})
+    cand.pv.replace_all_uses_with(out)
+    for node in reversed(candidate_nodes(cand)):
+        if not node.users:
+            graph.erase_node(node)
+    return mask_text
+
+
+def rewrite(gm: fx.GraphModule) -> Report:
+    """Run the pass on ``gm`` in place; returns the Report of every candidate site."""
+    start = time.perf_counter()
+    before = gm.print_readable(print_output=False)
+    # Dynamo keeps nodes nobody uses (e.g. a detached copy of the scores); they are not users.
+    eliminate_dead_code(gm)
+    sites = []
+    for softmax in find_softmaxes(gm):
+        if softmax.graph is not gm.graph or softmax not in gm.graph.nodes:
+            continue
+        source = source_of(softmax)
+        found = match_softmax(softmax, gm)
+        if found is None:
+            continue
+        if isinstance(found, NotASite):
+            sites.append(Site("skipped", source, found.args[0], found.args[1]))
+            continue
+        try:
+            plan = analyse(found, gm)
+            verify(plan)
+        except NotASite as skip:
+            sites.append(Site("skipped", source, skip.args[0], skip.args[1]))
+            continue
+        try:
+            mask_text = apply_plan(gm, plan)
+        except Exception as exc:  # noqa: BLE001
+            # apply_plan replaces uses only as its last step: before that, what it inserted is
+            # dead and removed below, and the site stays as the user wrote it.
+            log.warning("sdpa_pass: could not rewrite %s: %r", source, exc)
+            sites.append(Site("skipped", source, "internal_error", f"{type(exc).__name__}: {exc}"))
+            continue
+        sites.append(Site("rewritten", source, mask=mask_text, gqa_group=plan.group,
+                          dtype=str(plan.dtype).replace("torch.", ""), scale=plan.scale,
+                          softcap=plan.softcap or None))
+    eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+    after = gm.print_readable(print_output=False)
+    report = Report(sites, [GraphRecord(before, after)], time.perf_counter() - start)
+    for s in sites:
+        if s.rewritten:
+            log.info("rewrote attention at %s (mask %s, GQA %d:1)", s.source, s.mask, s.gqa_group)
+        else:
+            log.info("left attention at %s: [%s] %s", s.source, s.reason_code, s.reason)
+    _trace_artifacts(before, after)
+    return report
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Drop unused pure nodes. Not ``Graph.eliminate_dead_code``: it treats in-place methods
+    on Dynamo graphs (``bias.masked_fill_(...)``, whose result nobody reads) as dead and
+    removes the mutation, changing what the graph computes."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if removable_if_unused(node, gm):
+                gm.graph.erase_node(node)
+                changed = True
+
+
+def _trace_artifacts(before: str, after: str) -> None:
+    # tlparse shows these as artifacts of the compile they belong to.
+    try:
+        from torch._logging import trace_structured
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return
+    for name, text in (("sdpa_pass_before", before), ("sdpa_pass_after", after)):
+        trace_structured("artifact", metadata_fn=lambda name=name: {"name": name, "encoding": "string"},
+                         payload_fn=lambda text=text: text)
