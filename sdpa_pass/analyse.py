@@ -166,8 +166,11 @@ def _operand(node, perm) -> Operand:
 
 
 def _symbolic_number(x) -> bool:
+    """A graph node holding a number computed at run time (``q.size(-1) ** -0.5`` under
+    dynamic shapes or symbolic_trace, ``tensor.item()``): used as a node, never folded."""
     v = value_of(x)
-    return isinstance(v, (torch.SymFloat, torch.SymInt))
+    return isinstance(x, fx.Node) and isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) \
+        and not isinstance(v, bool)
 
 
 def _mask_spaces(cand: Candidate) -> list:

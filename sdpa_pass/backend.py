@@ -51,4 +51,15 @@ def sdpa_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict
     return make_backend(backend, **options)(gm, example_inputs)
 
 
-register_backend(name="sdpa_pass")(sdpa_pass_backend)
+def _register() -> None:
+    # Dynamo registers an entry-point backend itself when the name is first looked up, by
+    # loading this module and then calling register_backend, which rejects a name that is
+    # already there. So register on import only when no entry point was discovered for the
+    # name (a source checkout on sys.path without `pip install`); else leave it to Dynamo.
+    from torch._dynamo.backends import registry
+
+    if "sdpa_pass" not in registry._COMPILER_FNS and registry._BACKENDS.get("sdpa_pass") is None:
+        register_backend(name="sdpa_pass")(sdpa_pass_backend)
+
+
+_register()

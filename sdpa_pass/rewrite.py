@@ -147,9 +147,16 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
     return mask_text
 
 
-def rewrite(gm: fx.GraphModule) -> Report:
-    """Run the pass on ``gm`` in place; returns the Report of every candidate site."""
+def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
+    """Run the pass on ``gm`` in place; returns the Report of every candidate site.
+
+    Graphs from Dynamo and ``torch.export`` carry the shapes the pass proves things from.
+    For others (``torch.fx.symbolic_trace``) pass ``example_inputs``: their shapes are
+    propagated with fake tensors first, and the proof holds for those shapes.
+    """
     start = time.perf_counter()
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)
     before = gm.print_readable(print_output=False)
     # Dynamo keeps nodes nobody uses (e.g. a detached copy of the scores); they are not users.
     eliminate_dead_code(gm)
@@ -193,6 +200,15 @@ def rewrite(gm: fx.GraphModule) -> Report:
             log.info("left attention at %s: [%s] %s", s.source, s.reason_code, s.reason)
     _trace_artifacts(before, after)
     return report
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                                         for x in example_inputs])
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:

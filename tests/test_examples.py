@@ -1,0 +1,25 @@
+"""The examples run as a user runs them (each checks its own result and exits non-zero if
+it is wrong)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("script, interpret", [
+    ("quickstart.py", "0"),       # the op's CPU path, as a CPU user gets it
+    ("kernel_vs_sdpa.py", "1"),   # the Triton kernel through the interpreter
+])
+def test_example_runs(script, interpret):
+    env = dict(os.environ, TRITON_INTERPRET=interpret)
+    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "OK" in result.stdout
