@@ -79,18 +79,22 @@ class Shape:
         full = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
         return full / 2 if self.causal else full
 
+    def flops_for(self, mode: str) -> float:
+        # the backward does 2.5x the forward's matrix work (FlashAttention's convention)
+        return self.flops * (3.5 if mode == "fwdbwd" else 1.0)
+
     def fields(self) -> dict:
         return dict(batch=self.batch, heads=self.heads, seqlen_q=self.seqlen,
                     seqlen_kv=self.seqlen, head_dim=self.head_dim, causal=self.causal)
 
 
-def make_shapes(quick: bool, device: torch.device) -> list[Shape]:
+def make_shapes(quick: bool, device: torch.device, head_dims=(64, 128)) -> list[Shape]:
     if quick and device.type != "cuda":
         # Tiny: on CPU our kernel runs in the Triton interpreter.
         sizes = [(1, 2, 64, 64), (1, 2, 128, 128)]
     else:
         seqlens = (1024,) if quick else (1024, 4096, 16384)
-        sizes = [(16384 // n, 2048 // d, n, d) for d in (64, 128) for n in seqlens]
+        sizes = [(16384 // n, 2048 // d, n, d) for d in head_dims for n in seqlens]
     return [Shape(b, h, n, d, causal) for b, h, n, d in sizes for causal in (False, True)]
 
 
@@ -214,11 +218,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device) -> list[dict]:
+def with_backward(fn: Callable[[], torch.Tensor], q, k, v) -> Callable[[], torch.Tensor]:
+    """Forward and backward (dQ, dK, dV from a fixed random dO); returns the forward output."""
+    grad_out = None
+
+    def run():
+        nonlocal grad_out
+        out = fn()
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        torch.autograd.grad(out, (q, k, v), grad_out)
+        return out.detach()
+
+    return run
+
+
+def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
+                mode: str = "fwd") -> list[dict]:
     torch.manual_seed(0)
     # Random normal inputs: zeros (or torch.empty garbage) would make every kernel look right.
     q, k, v = (torch.randn(shape.batch, shape.heads, shape.seqlen, shape.head_dim,
-                           dtype=dtype, device=device) for _ in range(3))
+                           dtype=dtype, device=device, requires_grad=mode == "fwdbwd")
+               for _ in range(3))
     fns, outputs, errors = {}, {}, {}
 
     # First call of every peer, outside timing: compiles, autotunes and gives its output.
@@ -228,6 +249,8 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device) -
             try:
                 with peer.context():
                     fn = peer.build(q, k, v, shape.causal)
+                    if mode == "fwdbwd":
+                        fn = with_backward(fn, q, k, v)
                     outputs[peer.name] = fn()
                     synchronize(device)
                 fns[peer.name] = fn
@@ -252,7 +275,7 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device) -
                 try:
                     with peer.context():
                         ms = time_ms(fns[name], device)
-                    row["ms"], row["tflops"] = ms, shape.flops / (ms * 1e-3) / 1e12
+                    row["ms"], row["tflops"] = ms, shape.flops_for(mode) / (ms * 1e-3) / 1e12
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = describe(exc, caught)
         rows.append(row)
@@ -291,7 +314,7 @@ def git_describe() -> str | None:
 def metadata(args, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {
-        "benchmark": "attention_fwd",
+        "benchmark": f"attention_{args.mode}",
         "device": device_name(device),
         "capability": (".".join(map(str, torch.cuda.get_device_capability(device)))
                        if cuda else None),
@@ -307,7 +330,7 @@ def metadata(args, device: torch.device) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "timer": (f"triton.testing.do_bench({', '.join(f'{k}={v!r}' for k, v in DO_BENCH.items())})"
                   if cuda else "time.perf_counter, median"),
-        "flops": "4*B*H*L*S*D, halved for causal",
+        "flops": "4*B*H*L*S*D, halved for causal" + (", x3.5 for forward+backward" if args.mode == "fwdbwd" else ""),
         "reference_order": list(REFERENCE_ORDER),
         "mismatch_tol": MISMATCH_TOL,
         "complete": False,
@@ -347,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="directory for the result JSON (default: benchmarks/results)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--quick", action="store_true", help="a few small shapes, for a smoke run")
+    parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
+    parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd",
+                        help="forward only, or forward + backward (dQ, dK, dV)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tag", default=None,
                         help="put in the file name (default: the dtype, plus '-quick' for --quick)")
@@ -371,14 +397,14 @@ def main(argv: list[str] | None = None) -> None:
     tag = args.tag or (args.dtype + ("-quick" if args.quick else ""))
     meta = metadata(args, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention_fwd_{slug(tag)}_{slug(meta['device'])}.json"
+    path = args.out / f"attention_{args.mode}_{slug(tag)}_{slug(meta['device'])}.json"
 
     print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
           f"{args.dtype}", flush=True)
-    shapes = make_shapes(args.quick, device)
+    shapes = make_shapes(args.quick, device, tuple(int(d) for d in args.head_dims.split(",")))
     rows: list[dict] = []
     for i, shape in enumerate(shapes, 1):
-        shape_rows = bench_shape(shape, peers, dtype, device)
+        shape_rows = bench_shape(shape, peers, dtype, device, args.mode)
         rows += shape_rows
         save(path, meta, rows)
         print(progress(i, len(shapes), shape, shape_rows), flush=True)
@@ -389,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     copied = f" (copied to {os.environ['OUT']})" if os.environ.get("OUT") else ""
     print(f"\nwrote {path}{copied}")
     refs = sorted({r["ref"] for r in rows if r["ref"]})
-    print(f"\nForward TFLOP/s, {args.dtype}, {meta['device']}; MISMATCH: relative error "
+    print(f"\n{'Forward' if args.mode == 'fwd' else 'Forward+backward'} TFLOP/s, {args.dtype}, {meta['device']}; MISMATCH: relative error "
           f"> {MISMATCH_TOL:g} against {', '.join(refs) or 'no reference'}")
     print(format_text_table(*table(rows)))
     for note in error_notes(rows, max_len=160):

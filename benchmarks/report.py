@@ -183,7 +183,8 @@ def section(path: Path, data: dict) -> str:
         f"triton {meta.get('triton', '?')}{cuda}, {meta.get('dtype', '?')}, "
         f"{meta.get('date', '?')}",
         "",
-        f"Forward, TFLOP/s (higher is better). Source: `{path.name}`"
+        f"{'Forward + backward' if meta.get('benchmark') == 'attention_fwdbwd' else 'Forward'}, "
+        f"TFLOP/s (higher is better). Source: `{path.name}`"
         + (f", code `{meta['git']}`" if meta.get("git") else "")
         + (". Quick run (smoke shapes only)." if meta.get("quick") else ".")
         + ("" if meta.get("complete", True) else " **Incomplete run.**"),

@@ -8,9 +8,22 @@ about FX; the pass only uses the ``torch.ops.sdpa_pass`` operator signatures.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Union
 
 import torch
+
+if __name__ != "sdpa_pass.kernels":
+    # Run from a checkout's root (python -m pytest, a script there), this folder is importable
+    # as top-level "kernels" too, and transformers imports that name while probing for the PyPI
+    # "kernels" package. A second copy of ops.py would register the torch.ops.sdpa_pass ops
+    # again, replacing the first registration: op handles taken before then crash the process
+    # (torch 2.13). Alias the real modules instead, so the imports below re-execute nothing.
+    import sdpa_pass.kernels
+
+    for _name, _module in list(sys.modules.items()):
+        if _name == "sdpa_pass.kernels" or _name.startswith("sdpa_pass.kernels."):
+            sys.modules[__name__ + _name[len("sdpa_pass.kernels"):]] = _module
 
 from . import ops
 from .checks import (
@@ -57,7 +70,10 @@ def attention(
     laid out (B, H, L, D) with any strides, a bool mask (True = attend) or an additive float
     mask broadcastable to (B, Hq, L, S), ``is_causal`` for the top-left causal mask, ``scale``
     defaulting to ``1/sqrt(D)``, ``enable_gqa`` for Hq a multiple of Hkv (K/V are never copied).
-    ``attn_mask`` may be combined with any causal form.
+    ``attn_mask`` may be combined with any causal form. Differentiable with respect to query,
+    key, value and a floating-point ``attn_mask`` (its gradient in the mask's own broadcast
+    shape); bool masks and ``key_padding_mask`` have none. Rows with no visible key pass no
+    gradient back.
 
     Extras:
       causal: ``"top_left"`` or ``"bottom_right"`` (query i sees key j iff j <= i + S - L, the
@@ -96,9 +112,12 @@ def attention(
     )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    # The backward kernels start from the forward's LSE: keep it whenever a gradient can flow.
+    differentiable = [query, key, value] + ([attn_mask] if attn_mask is not None else [])
+    want_lse = return_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
     out, lse = torch.ops.sdpa_pass.attention_forward(
         query, key, value, attn_mask, key_padding_mask, float(scale), causal_align,
         int(diagonal), -1 if window is None else int(window),
-        0.0 if softcap is None else float(softcap), empty_rows == "nan", return_lse,
+        0.0 if softcap is None else float(softcap), empty_rows == "nan", want_lse,
     )
     return (out, lse) if return_lse else out

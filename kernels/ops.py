@@ -7,6 +7,9 @@ pointer of Tensor") even with a fake registration, while a ``custom_op`` that la
 kernel works under eager, aot_eager and inductor, on CPU through the interpreter and on CUDA.
 Inductor treats the op as an opaque extern call, which costs nothing here: there is nothing
 around a fused attention kernel for Inductor to fuse into it.
+
+``attention_backward`` is a second op so that AOTAutograd traces the backward graph through a
+fake implementation too, exactly as it does the forward; ``register_autograd`` ties the two.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Optional
 import torch
 
 from .checks import check_attention_inputs
-from .cpu import attention_forward_cpu
+from .backward import attention_backward_triton
+from .cpu import attention_backward_chunked, attention_forward_cpu
 from .forward import attention_forward_triton, interpreter_active
 
 
@@ -70,3 +74,100 @@ def _attention_forward_fake(
     out = q.new_empty((shape.batch, shape.q_heads, shape.q_len, shape.v_head_dim))
     lse_shape = (shape.batch, shape.q_heads, shape.q_len) if return_lse else (0,)
     return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sdpa_pass::attention_backward", mutates_args=(), device_types=None)
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    causal_align: int,
+    diagonal: int,
+    window: int,
+    softcap: float,
+    need_mask_grad: bool,
+    grad_lse: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``attention_forward``: (dq, dk, dv, dmask) in the inputs' dtypes.
+
+    out and lse are the forward's outputs; lse may be empty (forward run with return_lse=False).
+    dmask is the gradient for a floating-point attn_mask in attn_mask's own (broadcast) shape
+    when need_mask_grad, else an empty tensor. grad_lse: gradient of the forward's lse output,
+    or None when it was not returned or not used. Rows with no visible key contribute nothing.
+    """
+    shape = check_attention_inputs(
+        q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
+        softcap=softcap,
+    )
+    _check_mask_grad(attn_mask, need_mask_grad)
+    # Rows masked everywhere with a finite fill (HF's finfo.min padding) have an LSE so large
+    # that log(n) rounds away in fp32, and exp(s - lse) would weigh each key 1, not 1/n. Until
+    # the forward saves the row max apart from the LSE, such calls take the chunked path,
+    # which normalises each row by its own sum.
+    if _use_triton(q) and lse.numel() > 0 and not bool((lse < -1e30).any()):
+        return attention_backward_triton(
+            grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
+            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
+            need_mask_grad=need_mask_grad, grad_lse=grad_lse,
+        )
+    # CPU tensors, or a forward run without its LSE: the chunked path, which recomputes each
+    # row's max and sum itself.
+    return attention_backward_chunked(
+        grad_out, q, k, v, attn_mask, key_padding_mask, out, grad_lse, shape, scale=scale,
+        causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
+        need_mask_grad=need_mask_grad,
+    )
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(
+    grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, scale, causal_align, diagonal,
+    window, softcap, need_mask_grad, grad_lse=None,
+):
+    check_attention_inputs(
+        q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
+        softcap=softcap,
+    )
+    _check_mask_grad(attn_mask, need_mask_grad)
+    dmask = attn_mask.new_empty(attn_mask.shape) if need_mask_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _check_mask_grad(attn_mask, need_mask_grad: bool) -> None:
+    if need_mask_grad and (attn_mask is None or not attn_mask.is_floating_point()):
+        raise ValueError(
+            "need_mask_grad=True needs a floating-point attn_mask (an additive bias); got "
+            + ("None" if attn_mask is None else f"a {attn_mask.dtype} mask")
+        )
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
+     _nan_on_empty, return_lse) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, out, lse)
+    ctx.params = (scale, causal_align, diagonal, window, softcap)
+    ctx.return_lse = return_lse
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, attn_mask, key_padding_mask, out, lse = ctx.saved_tensors
+    # Bool masks and key padding are not differentiable; a float mask gets a gradient only
+    # when it asked for one, since reducing dS to its shape costs a pass over every score.
+    need_mask_grad = (
+        attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+    )
+    dq, dk, dv, dmask = torch.ops.sdpa_pass.attention_backward(
+        grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, *ctx.params, need_mask_grad,
+        grad_lse if ctx.return_lse else None,
+    )
+    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 8
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .canonicalize import canonical, constant_value, tensor_of, value_of
+from .canonicalize import canonical, constant_value, is_runtime_number, tensor_of, value_of
 from .match import Candidate, NotASite
 
 # A masked_fill value at or below this is a mask (eager's exp() of it underflows to 0 next to
@@ -104,7 +104,7 @@ def _analyse_qk(cand: Candidate, gm):
         if c.op == "baddbmm":
             bias_in, a, b = c.args
             beta, alpha = c.kwargs["beta"], c.kwargs["alpha"]
-            if beta not in (0, 1) or not (isinstance(alpha, (int, float)) or _symbolic_number(alpha)):
+            if beta not in (0, 1) or not (isinstance(alpha, (int, float)) or is_runtime_number(alpha)):
                 raise NotASite("unsupported_scale", f"baddbmm with beta={beta}, alpha={alpha}")
             bias = bias_in if beta == 1 else None
         else:
@@ -122,7 +122,7 @@ def _analyse_qk(cand: Candidate, gm):
             if cb is None or cb.op not in ("mul", "div") or not isinstance(cb.args[0], fx.Node):
                 break
             f = cb.args[1]
-            if constant_value(f, gm) is None and not _symbolic_number(f):
+            if constant_value(f, gm) is None and not is_runtime_number(f):
                 break
             key_scales.append((cb.op, f))
             b = cb.args[0]
@@ -163,14 +163,6 @@ def _analyse_qk(cand: Candidate, gm):
 
 def _operand(node, perm) -> Operand:
     return Operand(node=node, perm=perm)
-
-
-def _symbolic_number(x) -> bool:
-    """A graph node holding a number computed at run time (``q.size(-1) ** -0.5`` under
-    dynamic shapes or symbolic_trace, ``tensor.item()``): used as a node, never folded."""
-    v = value_of(x)
-    return isinstance(x, fx.Node) and isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) \
-        and not isinstance(v, bool)
 
 
 def _mask_spaces(cand: Candidate) -> list:
@@ -436,7 +428,7 @@ def analyse(cand: Candidate, gm) -> Plan:
             factor = constant_value(step[2], gm)
             if factor is not None:
                 scale = scale * factor if step[3] == "mul" else scale / factor
-            elif _symbolic_number(step[2]):
+            elif is_runtime_number(step[2]):
                 q_scale_nodes.append((step[3], step[2]))
             else:
                 t = tensor_of(step[2])

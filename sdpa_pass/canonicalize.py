@@ -322,3 +322,18 @@ def removable_if_unused(node: fx.Node, gm=None) -> bool:
         torch.arange, torch.ones, torch.zeros, torch.full, torch.tril, torch.triu, operator.eq,
         operator.ne, operator.le, operator.lt, operator.ge, operator.gt, operator.and_,
         operator.or_, torch.finfo)
+
+
+def is_runtime_number(x) -> bool:
+    """A graph node holding a Python number computed at run time (``q.size(-1) ** -0.5``
+    under dynamic shapes or symbolic_trace, ``tensor.item()``): used as a node, never folded."""
+    if not isinstance(x, fx.Node):
+        return False
+    v = value_of(x)
+    if v is None:
+        # shape propagation on some torch versions records no value for Python-number nodes
+        # (math.sqrt(q.size(-1)) in a symbolic_trace graph): recognise them by their op
+        return x.op == "call_function" and (getattr(x.target, "__module__", None) == "math" or (
+            x.target in (operator.pow, operator.truediv, operator.mul, operator.floordiv)
+            and not any(isinstance(value_of(a), torch.Tensor) for a in x.args)))
+    return isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(v, bool)

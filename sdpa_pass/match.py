@@ -16,7 +16,7 @@ import torch.fx as fx
 
 import torch
 
-from .canonicalize import Call, canonical, constant_value, tensor_of, value_of
+from .canonicalize import Call, canonical, constant_value, is_runtime_number, tensor_of, value_of
 
 # Score-chain steps, in graph order (from the QK product towards softmax):
 #   ("cast", node)
@@ -50,11 +50,9 @@ class Candidate:
 def _is_scalar(x, gm) -> bool:
     """A number, a constant scalar node, a 0-dim tensor node, or a symbolic number (Dynamo
     turns a float attribute into ``tensor.item()`` under dynamic shapes)."""
-    if constant_value(x, gm) is not None:
+    if constant_value(x, gm) is not None or is_runtime_number(x):
         return True
     v = value_of(x)
-    if isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(v, bool):
-        return True
     return isinstance(v, torch.Tensor) and v.dim() == 0
 
 

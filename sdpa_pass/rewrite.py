@@ -136,8 +136,12 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
         k = _broadcast_batch(graph, k, plan.k.shape[0], B, q_src)
         v = _broadcast_batch(graph, v, plan.v.shape[0], B, q_src)
         mask, mask_text = _build_mask(graph, plan)
+        # The backward reads the forward's log-sum-exp; ask for it only where a gradient can
+        # flow (the graph's example values say which inputs require grad).
+        needs_grad = any(getattr(tensor_of(n), "requires_grad", False)
+                         for n in (plan.q.node, plan.k.node, plan.v.node, *[m.node for m in plan.masks]))
         call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, 0, 0, -1,
-                     plan.softcap, True, False)
+                     plan.softcap, True, needs_grad)
         out = _to_output_shape(graph, _call(graph, operator.getitem, call, 0), plan)
     out.meta.update({k_: v_ for k_, v_ in cand.pv.meta.items() if k_ in ("example_value", "val", "stack_trace")})
     cand.pv.replace_all_uses_with(out)

@@ -23,7 +23,8 @@ def reference_attention(
     window=None, key_padding_mask=None, softcap=None, empty_rows="zero",
 ):
     """Returns (out, lse) in float64 on the CPU."""
-    q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
+    # no detach: gradient tests differentiate through this reference
+    q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     k = k.repeat_interleave(Hq // Hkv, dim=1)
@@ -52,15 +53,17 @@ def reference_attention(
             s = s + m.to(torch.float64)
     s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.softmax(s, dim=-1) @ v  # NaN on rows with no visible key, as eager gives
+    p = torch.softmax(s, dim=-1)  # NaN on rows with no visible key, as eager gives
     if empty_rows == "zero":
-        out = out.masked_fill((lse == float("-inf"))[..., None], 0.0)
-    return out, lse
+        # such rows output zeros and, differentiated, contribute nothing (not NaN * 0)
+        p = p.nan_to_num(nan=0.0)
+    return p @ v, lse
 
 
 def assert_close_to_reference(out, ref, dtype, what="output"):
     """Same NaN pattern, relative error within the dtype's bound, no element far off."""
     out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     nan_out, nan_ref = out.isnan(), ref.isnan()
     assert torch.equal(nan_out, nan_ref), (

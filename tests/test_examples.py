@@ -16,6 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.mark.parametrize("script, interpret", [
     ("quickstart.py", "0"),       # the op's CPU path, as a CPU user gets it
     ("kernel_vs_sdpa.py", "1"),   # the Triton kernel through the interpreter
+    ("hf_causal_lm.py", "0"),     # optimize() + generate() on a tiny HF Llama
 ])
 def test_example_runs(script, interpret):
     env = dict(os.environ, TRITON_INTERPRET=interpret)

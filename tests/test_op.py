@@ -31,8 +31,8 @@ def _args(dtype=torch.float32, mask="bool", causal_align=2, window=-1, softcap=0
 ], ids=str)
 def test_opcheck(case):
     torch.manual_seed(0)
-    # test_autograd_registration is left out until the backward kernels exist (inputs here
-    # do not require grad, so it has nothing to check yet).
+    # Forward-only inputs here; tests/test_backward.py runs opcheck with inputs that require
+    # grad, including test_autograd_registration.
     torch.library.opcheck(OP, _args(**case),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
