@@ -8,8 +8,8 @@ Two kernels after a preprocess step (delta_i = rowsum(dO_i * O_i)):
   when a float mask needs its gradient, writing dS so the caller reduces it to the mask's
   broadcast shape).
 Both recompute P = exp(S - LSE) tile by tile; no L×S matrix is saved. Masks, causal offsets,
-windows, key padding and soft-capping mean what they mean in the forward kernel, and the
-tile ranges come from the same rule (``_visible_range`` / ``_visible_query_range``).
+windows, key padding and soft-capping come from the forward's ``masked_scores``, so they mean
+exactly what they mean there.
 """
 
 from __future__ import annotations
@@ -19,42 +19,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .forward import (FP32_MIN_LN, LOG2E, LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, _tanh,
-                      interpreter_active)
-
-
-@triton.jit
-def _scores(q, k, offs_m, offs_n, mask_base, kpm_base, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, qk_scale, softcap_log2,
-            MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scores of a (BLOCK_M, BLOCK_N) tile in log2 units, -inf where masked; plus tanh of
-    the soft-capped logits (for the chain rule), or 0 without soft-capping."""
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-    t = qk * 0.0
-    if HAS_SOFTCAP:
-        t = _tanh(qk * qk_scale)
-        qk = softcap_log2 * t
-    else:
-        qk = qk * qk_scale
-    visible = (offs_n[None, :] < S) & (offs_m[:, None] < L)
-    if IS_CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-    if HAS_WINDOW:
-        visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
-    if MASK_KIND != 0:
-        m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-        if MASK_KIND == 1:
-            visible = visible & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
-        else:
-            bias = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
-            qk = qk + bias
-    if HAS_KPM:
-        kpm = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < S, other=0)
-        visible = visible & (kpm[None, :] != 0)
-    return tl.where(visible, qk, float("-inf")), t
+from .forward import LOG2E, LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, interpreter_active, masked_scores
 
 
 @triton.jit
@@ -125,9 +90,11 @@ def _bwd_dkdv_kernel(
             # rows with no visible key have lse = -inf: make their P exactly 0
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
-            s, t = _scores(q, kT, offs_m, offs_n, mask_base, kpm_base, stride_mm, stride_mn,
-                           stride_pn, L, S, offset, window, qk_scale, softcap_log2,
-                           MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+            # rows past L have q = 0 and lse = +inf below: P = 0 there
+            s, t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m, offs_n,
+                                 mask_base, kpm_base, stride_mm, stride_mn, stride_pn, L, S,
+                                 offset, window, qk_scale, softcap_log2, MASK_KIND, HAS_KPM,
+                                 IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True)
             p = tl.math.exp2(s - lse[:, None])                          # (M, N)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, vT, input_precision=DOT_PRECISION)          # (M, N)
@@ -204,9 +171,10 @@ def _bwd_dq_kernel(
         if DOT_UPCAST:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
-        s, t = _scores(q, kT, offs_m, offs_n, mask_base, kpm_base, stride_mm, stride_mn,
-                       stride_pn, L, S, offset, window, qk_scale, softcap_log2,
-                       MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+        s, t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m, offs_n,
+                             mask_base, kpm_base, stride_mm, stride_mn, stride_pn, L, S, offset,
+                             window, qk_scale, softcap_log2, MASK_KIND, HAS_KPM, IS_CAUSAL,
+                             HAS_WINDOW, HAS_SOFTCAP, True)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])        # gradient of the (scaled, biased) scores

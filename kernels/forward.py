@@ -44,6 +44,52 @@ def _tanh(x):
 
 
 @triton.jit
+def masked_scores(
+    qk, offs_m, offs_n, mask_base, kpm_base, stride_mm, stride_mn, stride_pn,
+    L, S, offset, window, qk_scale, softcap_log2,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDARY: tl.constexpr,
+):
+    """A tile of raw products Q·Kᵀ as scores in log2 units with every mask applied (-inf where
+    a key is not visible), and tanh of the soft-capped logits for the backward's chain rule
+    (0 without soft-capping). The one definition of what the masks mean, for the forward and
+    backward kernels. BOUNDARY tiles get the positional predicate (sequence end, causal
+    diagonal, window); interior tiles are known fully visible and skip it."""
+    # Scores in the log2 domain: exp2 is the native instruction.
+    t = qk * 0.0
+    if HAS_SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        qk = softcap_log2 * t
+    else:
+        qk = qk * qk_scale
+    visible = offs_n[None, :] >= 0
+    if BOUNDARY:
+        visible = visible & (offs_n[None, :] < S)
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+        if MASK_KIND == 1:
+            visible = visible & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
+        else:
+            bias = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            # finfo(float32).min * log2(e) would overflow to -inf and turn a row that eager
+            # softmax averages uniformly (all keys at finfo.min) into an empty row; clamp
+            # finite biases to the fp32 range and keep only a true -inf as -inf.
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
+            qk = qk + bias
+    if HAS_KPM:
+        kpm = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < S, other=0)
+        visible = visible & (kpm[None, :] != 0)
+    if BOUNDARY or MASK_KIND == 1 or HAS_KPM:
+        qk = tl.where(visible, qk, float("-inf"))
+    return qk, t
+
+
+@triton.jit
 def _attend_tiles(
     acc, l_i, m_i, q,
     k_base, v_base, mask_base, kpm_base,
@@ -76,36 +122,11 @@ def _attend_tiles(
             k = tl.load(k_ptrs)
         if DOT_UPCAST:
             k = k.to(tl.float32)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        # Scores in the log2 domain: exp2 is the native instruction.
-        if HAS_SOFTCAP:
-            qk = softcap_log2 * _tanh(qk * qk_scale)
-        else:
-            qk = qk * qk_scale
-        visible = offs_n[None, :] >= 0
-        if BOUNDARY:
-            visible = visible & (offs_n[None, :] < S)
-            if IS_CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-            if HAS_WINDOW:
-                visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
-        if MASK_KIND != 0:
-            m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-            if MASK_KIND == 1:
-                visible = visible & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
-            else:
-                bias = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-                # finfo(float32).min * log2(e) would overflow to -inf and turn a row that eager
-                # softmax averages uniformly (all keys at finfo.min) into an empty row; clamp
-                # finite biases to the fp32 range and keep only a true -inf as -inf.
-                bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
-                qk = qk + bias
-        if HAS_KPM:
-            kpm = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < S, other=0)
-            visible = visible & (kpm[None, :] != 0)
-        if BOUNDARY or MASK_KIND == 1 or HAS_KPM:
-            qk = tl.where(visible, qk, float("-inf"))
+        qk, _ = masked_scores(
+            tl.dot(q, k, input_precision=DOT_PRECISION), offs_m, offs_n, mask_base, kpm_base,
+            stride_mm, stride_mn, stride_pn, L, S, offset, window, qk_scale, softcap_log2,
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY,
+        )
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
