@@ -182,7 +182,7 @@ def attention_backward_chunked(
     and the forward's LSE is not needed; tiled Triton kernels that see a block of keys at a time
     will recompute P = exp(s - lse) from it instead.
     """
-    B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
+    B, Hq, Hkv, S = shape.batch, shape.q_heads, shape.kv_heads, shape.kv_len
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros((B, Hkv, S, shape.head_dim), dtype=torch.float32, device=q.device)
     dv = torch.zeros((B, Hkv, S, shape.v_head_dim), dtype=torch.float32, device=q.device)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .canonicalize import canonical, constant_value, is_runtime_number, tensor_of, value_of
+from .canonicalize import canonical, constant_value, is_runtime_number, tensor_of
 from .match import Candidate, NotASite
 
 # A masked_fill value at or below this is a mask (eager's exp() of it underflows to 0 next to

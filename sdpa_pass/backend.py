@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
-import torch
 import torch.fx as fx
 from torch._dynamo import lookup_backend, register_backend
 

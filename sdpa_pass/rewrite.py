@@ -15,7 +15,7 @@ import time
 import torch
 import torch.fx as fx
 
-import sdpa_pass.kernels  # noqa: F401  (registers torch.ops.sdpa_pass)
+import sdpa_pass.kernels  # noqa: F401  (registers torch.ops.sdpa_pass, used below)
 
 from .analyse import Plan, analyse
 from .canonicalize import removable_if_unused, tensor_of
@@ -122,7 +122,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
         for op, t in plan.q_scale_nodes:
             # operator.mul/truediv: t may be a tensor or a symbolic float (dynamic shapes)
             q = _call(graph, operator.mul if op == "mul" else operator.truediv, q, t)
-        B, H = plan.q.shape[0], plan.q.shape[1]
+        B = plan.q.shape[0]
         q_src = q
         k = _build_operand(graph, plan.k)
         v = _build_operand(graph, plan.v)
