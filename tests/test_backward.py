@@ -352,3 +352,24 @@ def test_compiles_fullgraph_with_backward():
     got = torch.autograd.grad(compiled(q, k, v, bias), (q, k, v, bias), dout)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_deterministic_gradients():
+    """No atomics anywhere: the GQA group's dK/dV are summed in one program's registers and
+    dQ by the program that owns the rows, so two runs give bitwise-identical gradients, also
+    with torch.use_deterministic_algorithms(True)."""
+    q, k, v = make_qkv(torch.float32, 4, 2, L=L, S=S, D=D)
+    bias = randn(B, 1, 1, S).requires_grad_()
+    grad_out = randn(B, 4, L, D)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            leaves_ = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = attention(*leaves_, bias, causal="bottom_right", enable_gqa=True)
+            runs.append(torch.autograd.grad(out, [*leaves_, bias], grad_out))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
