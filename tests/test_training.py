@@ -1,0 +1,79 @@
+"""Training through rewritten attention: tiny HF models in train mode under the pass.
+
+Attention dropout is 0 here (in-kernel dropout does not exist yet, and a site with active
+dropout is left alone); the other dropouts are 0 too so eager is deterministic. The rewritten
+sites run the Triton forward and backward kernels (the interpreter on CPU). Right padding, so
+no query row is masked everywhere (such rows take the chunked backward; see test_backward).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sdpa_pass
+from test_hf_models import CASES, PAD, SEQ, VOCAB
+
+# fp32 on both sides; the losses and gradients must agree to fp32 accumulation-order noise
+LOSS_TOL, GRAD_REL_TOL = 1e-5, 1e-4
+
+
+def _train_model(case):
+    torch.manual_seed(0)
+    model = case.make_model()
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = 0.0
+    return model.train()
+
+
+def _batch():
+    input_ids = torch.randint(3, VOCAB, (2, SEQ))
+    attention_mask = torch.ones(2, SEQ, dtype=torch.long)
+    attention_mask[1, SEQ - PAD:] = 0
+    return input_ids, attention_mask
+
+
+def _loss(model, input_ids, attention_mask, output):
+    out = model(input_ids, attention_mask=attention_mask)
+    return getattr(out, output).float().square().mean()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith(("llama", "gpt2"))],
+                         ids=lambda c: c.name)
+def test_loss_and_every_gradient_match_eager(case):
+    eager = _train_model(case)
+    model = copy.deepcopy(eager)
+    input_ids, attention_mask = _batch()
+    torch._dynamo.reset()
+    report = sdpa_pass.explain(copy.deepcopy(model), input_ids, attention_mask=attention_mask)
+    assert report.num_rewritten == 2, str(report)
+
+    compiled = torch.compile(model, backend="sdpa_pass", options={"backend": "aot_eager"})
+    optim_eager = torch.optim.SGD(eager.parameters(), lr=0.5)
+    optim = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        loss_eager = _loss(eager, input_ids, attention_mask, case.output)
+        loss = _loss(compiled, input_ids, attention_mask, case.output)
+        torch.testing.assert_close(loss, loss_eager, atol=LOSS_TOL, rtol=LOSS_TOL)
+        loss_eager.backward()
+        loss.backward()
+        if step == 0:
+            for (name, p), p_eager in zip(model.named_parameters(), eager.parameters()):
+                if p_eager.grad is None:
+                    assert p.grad is None, name
+                    continue
+                err = (p.grad - p_eager.grad).norm() / p_eager.grad.norm().clamp_min(1e-12)
+                assert err <= GRAD_REL_TOL, f"grad of {name}: relative error {err:.2e}"
+        for opt in (optim_eager, optim):
+            opt.step()
+            opt.zero_grad()
+    torch._dynamo.reset()
