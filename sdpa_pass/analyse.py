@@ -57,10 +57,8 @@ class Plan:
     q_scale_nodes: list        # (op, node): scalar tensors the query is multiplied/divided by
     softcap: float
     masks: list
-    score_rank: int
     out_perm: Optional[list]   # einsum PV output layout, else None
     out_shape: tuple           # shape of the value product the kernel output replaces
-    out_dtype: torch.dtype
     dtype: torch.dtype
     group: int
 
@@ -372,7 +370,8 @@ def analyse(cand: Candidate, gm) -> Plan:
     q = _place(q, lead, "the query")
     k = _place(k, lead, "the key")
     v = _place(v, lead, "the value")
-    out_shape = tuple(out_t.shape) if (out_t := tensor_of(cand.pv)) is not None else ()
+    out_t = tensor_of(cand.pv)
+    out_shape = tuple(out_t.shape) if out_t is not None else ()
     B, H, L, D = q.shape
     Bk, Hk, S, Dk = k.shape
     Bv, Hv, Sv, DV = v.shape
@@ -400,7 +399,6 @@ def analyse(cand: Candidate, gm) -> Plan:
 
     # dtypes
     dt = {tensor_of(x.node).dtype for x in (q, k, v)}
-    out_t = tensor_of(cand.pv)
     if len(dt) != 1:
         raise NotASite("unsupported_dtype", f"query, key and value dtypes differ: {sorted(map(str, dt))}")
     dtype = dt.pop()
@@ -452,5 +450,5 @@ def analyse(cand: Candidate, gm) -> Plan:
     for mask, space in zip(masks, spaces):
         mask.space = space
         _place_mask(mask, lead)
-    return Plan(cand, q, k, v, float(scale), q_scale_nodes, softcap, masks, r, out_perm,
-                out_shape, out_t.dtype, dtype, group)
+    return Plan(cand, q, k, v, float(scale), q_scale_nodes, softcap, masks, out_perm,
+                out_shape, dtype, group)

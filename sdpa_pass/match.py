@@ -10,7 +10,7 @@ matrix product is not a candidate at all.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Union
 
 import torch.fx as fx
 
@@ -240,10 +240,4 @@ def candidate_nodes(cand: Candidate) -> list[fx.Node]:
     return nodes + [cand.softmax] + cand.prob_nodes + [cand.pv]
 
 
-def scalar_factor(x, gm) -> Optional[float]:
-    v = constant_value(x, gm)
-    return None if v is None else float(v)
-
-
-__all__ = ["Candidate", "NotASite", "match_softmax", "find_softmaxes", "candidate_nodes",
-           "scalar_factor"]
+__all__ = ["Candidate", "NotASite", "match_softmax", "find_softmaxes", "candidate_nodes"]

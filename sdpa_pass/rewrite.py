@@ -165,9 +165,8 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
     # Dynamo keeps nodes nobody uses (e.g. a detached copy of the scores); they are not users.
     eliminate_dead_code(gm)
     sites = []
+    # each softmax belongs to one site, and a rewrite erases only its own site's nodes
     for softmax in find_softmaxes(gm):
-        if softmax.graph is not gm.graph or softmax not in gm.graph.nodes:
-            continue
         source = source_of(softmax)
         found = match_softmax(softmax, gm)
         if found is None:

@@ -66,12 +66,7 @@ CASES = [pytest.param(i, torch.float32, id=f"{i.name}-fp32") for i in CATALOGUE]
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def as_float64(fn, args):
