@@ -26,6 +26,7 @@ if __name__ != "sdpa_pass.kernels":
             sys.modules[__name__ + _name[len("sdpa_pass.kernels"):]] = _module
 
 from . import ops
+from .dropout import draw_seed
 from .checks import (
     CAUSAL_BOTTOM_RIGHT,
     CAUSAL_NAMES,
@@ -73,7 +74,9 @@ def attention(
     ``attn_mask`` may be combined with any causal form. Differentiable with respect to query,
     key, value and a floating-point ``attn_mask`` (its gradient in the mask's own broadcast
     shape); bool masks and ``key_padding_mask`` have none. Rows with no visible key pass no
-    gradient back.
+    gradient back. ``dropout_p`` applies dropout to the probabilities, as SDPA does, with
+    a seed drawn from torch's default generator of the device: ``torch.manual_seed`` makes it
+    reproducible, and the backward drops exactly what the forward dropped.
 
     Extras:
       causal: ``"top_left"`` or ``"bottom_right"`` (query i sees key j iff j <= i + S - L, the
@@ -86,11 +89,6 @@ def attention(
         ``softmax`` over ``-inf``).
       return_lse: also return the natural-log log-sum-exp of each row, (B, Hq, L) fp32.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            "dropout inside sdpa_pass attention kernels is not implemented yet; "
-            "call with dropout_p=0.0"
-        )
     if causal is not None and causal not in CAUSAL_NAMES:
         raise ValueError(f"causal must be 'top_left', 'bottom_right' or None, got {causal!r}")
     if is_causal and causal not in (None, "top_left"):
@@ -106,9 +104,11 @@ def attention(
         raise ValueError(f"softcap must be positive, got {softcap}")
     # The op checks again (it is also called directly by rewritten graphs); here first so the
     # default scale reads a valid head dim and enable_gqa, which the op does not take, is honoured.
+    seed = draw_seed(query.device) if dropout_p > 0.0 and isinstance(query, torch.Tensor) else None
     check_attention_inputs(
         query, key, value, attn_mask, key_padding_mask, enable_gqa=enable_gqa,
-        causal_align=causal_align, window=-1 if window is None else window,
+        causal_align=causal_align, window=-1 if window is None else window, dropout_p=dropout_p,
+        dropout_seed=seed,
     )
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
@@ -119,5 +119,6 @@ def attention(
         query, key, value, attn_mask, key_padding_mask, float(scale), causal_align,
         int(diagonal), -1 if window is None else int(window),
         0.0 if softcap is None else float(softcap), empty_rows == "nan", want_lse,
+        float(dropout_p), seed,
     )
     return (out, lse) if return_lse else out

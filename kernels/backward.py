@@ -19,13 +19,14 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
+from .dropout import dropout_keep, keep_scale
 from .forward import LOG2E, LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, interpreter_active, masked_scores
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
-    qk_scale, softcap_log2, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, SEED,
+    qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -38,7 +39,7 @@ def _bwd_dkdv_kernel(
     HKV, L, S, GROUP, offset, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -70,8 +71,14 @@ def _bwd_dkdv_kernel(
     if HAS_WINDOW:
         hi = tl.minimum(hi, start_n + BLOCK_N - 1 - offset + window)
     kpm_base = KPM + off_b * stride_pb
+    seed0 = 0
+    seed1 = 0
+    if DROPOUT:
+        seed0 = tl.load(SEED).to(tl.uint32)
+        seed1 = tl.load(SEED + 1).to(tl.uint32)
     for g in range(0, GROUP):
         off_h = off_hkv * GROUP + g
+        bh = off_b * (HKV * GROUP) + off_h  # the forward's batch·query-head index
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
@@ -96,8 +103,15 @@ def _bwd_dkdv_kernel(
                                  offset, window, qk_scale, softcap_log2, MASK_KIND, HAS_KPM,
                                  IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True)
             p = tl.math.exp2(s - lse[:, None])                          # (M, N)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, vT, input_precision=DOT_PRECISION)          # (M, N)
+            if DROPOUT:
+                # O = (P * Z) V with Z = keep / (1 - p): dV sees P * Z, dP is Z * dO Vᵀ
+                keep = dropout_keep(seed0, seed1, bh, offs_m, offs_n, dropout_p)
+                dv += tl.dot(tl.trans(tl.where(keep, p * dropout_scale, 0.0).to(do.dtype)), do,
+                             input_precision=DOT_PRECISION)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
@@ -111,8 +125,8 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DS, MASK, KPM,
-    qk_scale, softcap_log2, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, DS, MASK, KPM, SEED,
+    qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -125,7 +139,7 @@ def _bwd_dq_kernel(
     H, L, S, GROUP, offset, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STORE_DS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -153,6 +167,11 @@ def _bwd_dq_kernel(
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_base = KPM + off_b * stride_pb
+    seed0 = 0
+    seed1 = 0
+    if DROPOUT:
+        seed0 = tl.load(SEED).to(tl.uint32)
+        seed1 = tl.load(SEED + 1).to(tl.uint32)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
     lo = 0
@@ -177,6 +196,9 @@ def _bwd_dq_kernel(
                              HAS_WINDOW, HAS_SOFTCAP, True)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed0, seed1, pid_bh, offs_m, offs_n, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])        # gradient of the (scaled, biased) scores
         if STORE_DS:
             tl.store(DS + off_b * stride_sb + off_h * stride_sh + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
@@ -204,7 +226,7 @@ def _config(head_dim_pad: int, dtype: torch.dtype) -> dict:
 def attention_backward_triton(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
-    need_mask_grad: bool, grad_lse=None,
+    need_mask_grad: bool, grad_lse=None, dropout_p: float = 0.0, dropout_seed=None,
 ):
     """(dq, dk, dv, dmask) from the forward's output and natural-log LSE (B, Hq, L).
 
@@ -247,14 +269,16 @@ def attention_backward_triton(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
+        DROPOUT=dropout_p > 0.0,
         DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
     )
     offset = causal_offset(causal_align, diagonal, L, S)
+    seed = dropout_seed if dropout_p > 0.0 else q
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     _bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask, kpm,
-        qk_scale, softcap_log2, scale,
+        q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed,
+        qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mstrides, *pstrides, *lse.stride()[:2],
         Hkv, L, S, shape.group, offset, window, **common,
@@ -262,8 +286,8 @@ def attention_backward_triton(
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
     _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, grad_out, lse, delta, dq, ds, mask, kpm,
-        qk_scale, softcap_log2, scale,
+        q, k, v, grad_out, lse, delta, dq, ds, mask, kpm, seed,
+        qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
         *mstrides, *pstrides, *lse.stride()[:2],
         Hq, L, S, shape.group, offset, window, STORE_DS=need_mask_grad, **common,

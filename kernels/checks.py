@@ -55,6 +55,8 @@ def check_attention_inputs(
     causal_align: int = CAUSAL_NONE,
     window: int = -1,
     softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> AttentionShape:
     """Validate an attention call and return its dimensions.
 
@@ -146,6 +148,18 @@ def check_attention_inputs(
             raise ValueError(f"window must be a positive number of keys, got {window}")
     if softcap < 0:
         raise ValueError(f"softcap must be positive (or 0 for none), got {softcap}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if dropout_p > 0.0:
+        if (dropout_seed is None or dropout_seed.dtype != torch.int64
+                or tuple(dropout_seed.shape) != (2,)):
+            raise ValueError(
+                "dropout_p > 0 needs dropout_seed, a (2,) int64 tensor (see "
+                "sdpa_pass.kernels.dropout.draw_seed); got "
+                + ("None" if dropout_seed is None else f"{dropout_seed.dtype} {_fmt(dropout_seed.shape)}")
+            )
+        if dropout_seed.device != q.device:
+            raise ValueError(f"dropout_seed is on {dropout_seed.device}, the inputs on {q.device}")
     return AttentionShape(B, Hq, Hkv, L, S, D, DV)
 
 

@@ -1,5 +1,6 @@
 """The PyTorch paths: the forward when Triton cannot run (CPU tensors without
-``TRITON_INTERPRET=1``), and the backward on every device until Triton backward kernels exist.
+``TRITON_INTERPRET=1``), and the backward there and wherever the Triton backward does not
+apply (a forward run without its LSE, rows masked everywhere by a finite fill).
 
 Forward, two routes, both exact for what they accept:
 - PyTorch's own fused CPU attention (``F.scaled_dot_product_attention``) when the call means
@@ -25,11 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from .checks import CAUSAL_NONE, CAUSAL_TOP_LEFT, AttentionShape, causal_offset
+from .dropout import keep_mask, keep_scale
 
 # Scores held at once by the chunked forward, in elements (about 64 MiB of fp32). The backward
 # keeps four such blocks alive (scores, P, dP, dS), so it takes a quarter as many rows.
 _CHUNK_ELEMENTS = 1 << 24
 _BACKWARD_BLOCKS = 4
+# Generating a chunk's dropout draws keeps about a dozen int64 blocks alive.
+_DROPOUT_BLOCKS = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +48,15 @@ class ScoreChunk:
     scores: torch.Tensor
     # tanh(scaled / softcap) when soft-capping (the backward needs its derivative), else None.
     capped: Optional[torch.Tensor]
+    # (B, Hq, rows, S): 1 / (1 - p) where a probability is kept, 0 where dropped; None without
+    # dropout.
+    dropout_scale: Optional[torch.Tensor]
 
 
 def score_chunks(
     q, k, attn_mask, key_padding_mask, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
-    blocks_alive: int = 1,
+    dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, blocks_alive: int = 1,
 ) -> Iterator[ScoreChunk]:
     """The attention scores, a block of query rows at a time, as the op's semantics define them.
 
@@ -61,6 +68,9 @@ def score_chunks(
     kt = k.float().transpose(-2, -1)
     offset = causal_offset(causal_align, diagonal, L, S)
     mask = None if attn_mask is None else attn_mask.expand(B, Hq, L, S)
+    if dropout_p > 0.0:
+        blocks_alive += _DROPOUT_BLOCKS
+        batch_head = torch.arange(B * Hq, device=q.device).reshape(B, Hq, 1, 1)
     rows = max(1, min(L, _CHUNK_ELEMENTS // (blocks_alive * max(1, B * Hq * S))))
     cols = torch.arange(S, device=q.device)
     for start in range(0, L, rows):
@@ -85,7 +95,11 @@ def score_chunks(
                 visible = visible & mc
             else:
                 s = s + mc.float()
-        yield ScoreChunk(start, stop, qc, s.masked_fill(~visible, float("-inf")), capped)
+        dropout_scale = None
+        if dropout_p > 0.0:
+            i = torch.arange(start, stop, device=q.device)[:, None]
+            dropout_scale = keep_mask(dropout_seed, batch_head, i, cols, dropout_p) * keep_scale(dropout_p)
+        yield ScoreChunk(start, stop, qc, s.masked_fill(~visible, float("-inf")), capped, dropout_scale)
 
 
 def softmax_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +136,11 @@ def ungroup(x: torch.Tensor, q_heads: int) -> torch.Tensor:
 def attention_forward_cpu(
     q, k, v, attn_mask, key_padding_mask, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
-    nan_on_empty: bool, return_lse: bool,
+    nan_on_empty: bool, return_lse: bool, dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     sdpa_exact = (
-        attn_mask is None and key_padding_mask is None and softcap == 0.0 and window == -1
+        dropout_p == 0.0 and attn_mask is None and key_padding_mask is None and softcap == 0.0 and window == -1
         and (causal_align == CAUSAL_NONE or (causal_align == CAUSAL_TOP_LEFT and diagonal == 0))
         and not return_lse and shape.q_len > 0 and shape.kv_len > 0
     )
@@ -138,13 +153,14 @@ def attention_forward_cpu(
     return _chunked_attention(
         q, k, v, attn_mask, key_padding_mask, shape, scale=scale, causal_align=causal_align,
         diagonal=diagonal, window=window, softcap=softcap, nan_on_empty=nan_on_empty,
-        return_lse=return_lse,
+        return_lse=return_lse, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
 
 
 def _chunked_attention(
     q, k, v, attn_mask, key_padding_mask, shape: AttentionShape, *,
-    scale, causal_align, diagonal, window, softcap, nan_on_empty, return_lse,
+    scale, causal_align, diagonal, window, softcap, nan_on_empty, return_lse, dropout_p,
+    dropout_seed,
 ):
     B, Hq, Hkv, L = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len
     out = torch.empty((B, Hq, L, shape.v_head_dim), dtype=q.dtype, device=q.device)
@@ -152,10 +168,13 @@ def _chunked_attention(
     vf = v.float()
     for chunk in score_chunks(
         q, k, attn_mask, key_padding_mask, shape, scale=scale, causal_align=causal_align,
-        diagonal=diagonal, window=window, softcap=softcap,
+        diagonal=diagonal, window=window, softcap=softcap, dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     ):
         rows = slice(chunk.start, chunk.stop)
         p, row_lse = softmax_rows(chunk.scores)
+        if chunk.dropout_scale is not None:
+            p = p * chunk.dropout_scale
         o = ungroup(group_by_kv_head(p, Hkv) @ vf, Hq)
         if nan_on_empty:
             o = o.masked_fill((row_lse == float("-inf"))[..., None], float("nan"))
@@ -168,7 +187,7 @@ def _chunked_attention(
 def attention_backward_chunked(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, grad_lse, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
-    need_mask_grad: bool,
+    need_mask_grad: bool, dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact gradients of the op, a block of query rows at a time, in fp32.
 
@@ -193,8 +212,8 @@ def attention_backward_chunked(
     kf, vf = k.float(), v.float()
     for chunk in score_chunks(
         q, k, attn_mask, key_padding_mask, shape, scale=scale, causal_align=causal_align,
-        diagonal=diagonal, window=window, softcap=softcap,
-        blocks_alive=_BACKWARD_BLOCKS,
+        diagonal=diagonal, window=window, softcap=softcap, dropout_p=dropout_p,
+        dropout_seed=dropout_seed, blocks_alive=_BACKWARD_BLOCKS,
     ):
         rows = slice(chunk.start, chunk.stop)
         p, row_lse = softmax_rows(chunk.scores)
@@ -206,8 +225,12 @@ def attention_backward_chunked(
         if grad_lse is not None:
             delta = delta - grad_lse[:, :, rows, None].float().masked_fill(empty, 0.0)
         do = group_by_kv_head(do, Hkv)
-        dv += group_by_kv_head(p, Hkv).transpose(-2, -1) @ do
+        # with dropout O = (P * Z) V, Z = keep / (1 - p): dV sees P * Z and dP is Z * dO Vᵀ
+        pz = p if chunk.dropout_scale is None else p * chunk.dropout_scale
+        dv += group_by_kv_head(pz, Hkv).transpose(-2, -1) @ do
         dp = ungroup(do @ vf.transpose(-2, -1), Hq)
+        if chunk.dropout_scale is not None:
+            dp = dp * chunk.dropout_scale
         ds = p * (dp - delta)  # gradient of the masked scores, which the bias is added to
         if need_mask_grad:
             target = dmask.shape[:2] + (1 if dmask.shape[2] == 1 else chunk.stop - chunk.start,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
+from .dropout import dropout_keep, keep_scale
 
 LOG2E = 1.4426950408889634
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
@@ -99,10 +100,12 @@ def _attend_tiles(
     stride_kn, stride_kd, stride_vn, stride_vd,
     stride_mm, stride_mn, stride_pn,
     L, S, offset, window,
+    seed0, seed1, bh, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi).
@@ -134,8 +137,11 @@ def _attend_tiles(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped keys too
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = dropout_keep(seed0, seed1, bh, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
         if BOUNDARY:
             v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         elif BLOCK_DV != HEAD_DIM_V:
@@ -153,8 +159,8 @@ def _attend_tiles(
 # specialises integers equal to 1 or divisible by 16) would compile a kernel per value.
 @triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, MASK, KPM,
-    qk_scale, softcap_log2,
+    Q, K, V, O, LSE, MASK, KPM, SEED,
+    qk_scale, softcap_log2, dropout_p, dropout_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -167,7 +173,7 @@ def _attention_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    NAN_ON_EMPTY: tl.constexpr, STORE_LSE: tl.constexpr,
+    NAN_ON_EMPTY: tl.constexpr, STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -184,6 +190,11 @@ def _attention_fwd_kernel(
     o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
     mask_base = MASK + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
     kpm_base = KPM + off_b64 * stride_pb
+    seed0 = 0
+    seed1 = 0
+    if DROPOUT:
+        seed0 = tl.load(SEED).to(tl.uint32)
+        seed1 = tl.load(SEED + 1).to(tl.uint32)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -223,25 +234,25 @@ def _attention_fwd_kernel(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         lo, mid_lo, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
-        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True, DOT_UPCAST, DOT_PRECISION,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         mid_lo, mid_hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
-        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, False, DOT_UPCAST, DOT_PRECISION,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         mid_hi, hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
-        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True, DOT_UPCAST, DOT_PRECISION,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
     )
 
     empty = l_i == 0.0
@@ -303,7 +314,7 @@ _attention_fwd_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
              for m, n, w, st in _GPU_CONFIGS],
     key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
-         "HAS_SOFTCAP", "STORE_LSE"],
+         "HAS_SOFTCAP", "STORE_LSE", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attention_fwd_kernel)
 
@@ -323,6 +334,8 @@ def attention_forward_triton(
     softcap: float,
     nan_on_empty: bool,
     return_lse: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D, DV = shape.head_dim, shape.v_head_dim
@@ -366,9 +379,10 @@ def attention_forward_triton(
     else:
         kernel, tuning = _attention_fwd_autotuned, {}
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    dropout = dropout_p > 0.0
     kernel[grid](
-        q, k, v, out, lse, mask, kpm,
-        qk_scale, softcap_log2,
+        q, k, v, out, lse, mask, kpm, dropout_seed if dropout else q,
+        qk_scale, softcap_log2, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *mstrides, *pstrides, *lstrides,
         Hq, L, S, shape.group,
@@ -376,7 +390,7 @@ def attention_forward_triton(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1,
-        HAS_SOFTCAP=has_softcap, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse,
+        HAS_SOFTCAP=has_softcap, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, DROPOUT=dropout,
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
         **tuning,
     )

@@ -42,34 +42,38 @@ def attention_forward(
     softcap: float,
     nan_on_empty: bool,
     return_lse: bool,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward. Returns (out (B, Hq, L, Dv), lse (B, Hq, L) fp32 or empty).
 
     causal_align: 0 none, 1 top-left, 2 bottom-right; query i sees key j iff
     j <= i + diagonal (+ S - L for bottom-right). window: -1 for none, else keys with
     j > i + offset - window. softcap: 0.0 for none. nan_on_empty: rows with no visible key give
-    NaN (eager softmax) instead of zeros (SDPA).
+    NaN (eager softmax) instead of zeros (SDPA). dropout_p > 0: dropout on the probabilities
+    with the keep decisions of ``kernels/dropout.py`` under the (2,) int64 ``dropout_seed``;
+    the LSE is that of the probabilities before dropout.
     """
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
-        softcap=softcap,
+        softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     impl = attention_forward_triton if _use_triton(q) else attention_forward_cpu
     return impl(
         q, k, v, attn_mask, key_padding_mask, shape, scale=scale, causal_align=causal_align,
         diagonal=diagonal, window=window, softcap=softcap, nan_on_empty=nan_on_empty,
-        return_lse=return_lse,
+        return_lse=return_lse, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(
     q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
-    nan_on_empty, return_lse,
+    nan_on_empty, return_lse, dropout_p=0.0, dropout_seed=None,
 ):
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
-        softcap=softcap,
+        softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     out = q.new_empty((shape.batch, shape.q_heads, shape.q_len, shape.v_head_dim))
     lse_shape = (shape.batch, shape.q_heads, shape.q_len) if return_lse else (0,)
@@ -93,6 +97,8 @@ def attention_backward(
     softcap: float,
     need_mask_grad: bool,
     grad_lse: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``attention_forward``: (dq, dk, dv, dmask) in the inputs' dtypes.
 
@@ -100,10 +106,11 @@ def attention_backward(
     dmask is the gradient for a floating-point attn_mask in attn_mask's own (broadcast) shape
     when need_mask_grad, else an empty tensor. grad_lse: gradient of the forward's lse output,
     or None when it was not returned or not used. Rows with no visible key contribute nothing.
+    dropout_p and dropout_seed: the forward's, so the same probabilities are dropped.
     """
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
-        softcap=softcap,
+        softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_mask_grad(attn_mask, need_mask_grad)
     # Rows masked everywhere with a finite fill (HF's finfo.min padding) have an LSE so large
@@ -114,25 +121,26 @@ def attention_backward(
         return attention_backward_triton(
             grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
             causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
-            need_mask_grad=need_mask_grad, grad_lse=grad_lse,
+            need_mask_grad=need_mask_grad, grad_lse=grad_lse, dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
         )
     # CPU tensors, or a forward run without its LSE: the chunked path, which recomputes each
     # row's max and sum itself.
     return attention_backward_chunked(
         grad_out, q, k, v, attn_mask, key_padding_mask, out, grad_lse, shape, scale=scale,
         causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
-        need_mask_grad=need_mask_grad,
+        need_mask_grad=need_mask_grad, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, scale, causal_align, diagonal,
-    window, softcap, need_mask_grad, grad_lse=None,
+    window, softcap, need_mask_grad, grad_lse=None, dropout_p=0.0, dropout_seed=None,
 ):
     check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
-        softcap=softcap,
+        softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_mask_grad(attn_mask, need_mask_grad)
     dmask = attn_mask.new_empty(attn_mask.shape) if need_mask_grad else q.new_empty((0,))
@@ -149,15 +157,16 @@ def _check_mask_grad(attn_mask, need_mask_grad: bool) -> None:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
-     _nan_on_empty, return_lse) = inputs
+     _nan_on_empty, return_lse, dropout_p, dropout_seed) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, out, lse)
+    ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, out, lse, dropout_seed)
     ctx.params = (scale, causal_align, diagonal, window, softcap)
     ctx.return_lse = return_lse
+    ctx.dropout_p = dropout_p
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, attn_mask, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, attn_mask, key_padding_mask, out, lse, dropout_seed = ctx.saved_tensors
     # Bool masks and key padding are not differentiable; a float mask gets a gradient only
     # when it asked for one, since reducing dS to its shape costs a pass over every score.
     need_mask_grad = (
@@ -165,9 +174,9 @@ def _backward(ctx, grad_out, grad_lse):
     )
     dq, dk, dv, dmask = torch.ops.sdpa_pass.attention_backward(
         grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, *ctx.params, need_mask_grad,
-        grad_lse if ctx.return_lse else None,
+        grad_lse if ctx.return_lse else None, ctx.dropout_p, dropout_seed,
     )
-    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 8
+    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 10
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

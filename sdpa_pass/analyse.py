@@ -61,6 +61,7 @@ class Plan:
     out_shape: tuple           # shape of the value product the kernel output replaces
     dtype: torch.dtype
     group: int
+    dropout_p: float = 0.0     # an active dropout on the probabilities (training mode)
 
 
 def _perm_of_permute(node, gm):
@@ -323,18 +324,25 @@ def analyse(cand: Candidate, gm) -> Plan:
     if scores is None:
         raise NotASite("not_provable", "the scores have no known shape")
     r = scores.dim()
-    if cand.dim not in (-1, r - 1):
+    # softmax's dim counts in its own input, which may be a view of the scores of another
+    # rank (bmm on merged heads, softmax on the (B, H, L, S) view); views keep S last
+    probs = tensor_of(cand.softmax)
+    r_softmax = r if probs is None else probs.dim()
+    if cand.dim not in (-1, r_softmax - 1):
         raise NotASite("softmax_not_over_keys",
-                       f"softmax over dim {cand.dim} of rank-{r} scores; attention normalises "
-                       "over the keys (the last dim)")
+                       f"softmax over dim {cand.dim} of rank-{r_softmax} scores; attention "
+                       "normalises over the keys (the last dim)")
+    dropout_p = 0.0
     for p, training in cand.dropout:
         if training is False:
             continue  # identity whatever p is (p may be symbolic under dynamic shapes)
         if not isinstance(p, (int, float)) or not isinstance(training, bool):
             raise NotASite("not_provable", "dropout with a non-constant p or training flag")
-        if p > 0:
-            raise NotASite("dropout_in_training",
-                           f"dropout p={p} in training mode (in-kernel dropout is not implemented yet)")
+        if not 0.0 <= p <= 1.0:
+            raise NotASite("not_provable", f"dropout p={p} is not a probability (eager raises)")
+        if p > 0 and dropout_p > 0:
+            raise NotASite("not_provable", "two active dropouts on the probabilities")
+        dropout_p = max(dropout_p, float(p))
 
     q, k, qk_scale, bias, score_letters, key_scales = _analyse_qk(cand, gm)
 
@@ -451,4 +459,4 @@ def analyse(cand: Candidate, gm) -> Plan:
         mask.space = space
         _place_mask(mask, lead)
     return Plan(cand, q, k, v, float(scale), q_scale_nodes, softcap, masks, out_perm,
-                out_shape, dtype, group)
+                out_shape, dtype, group, dropout_p)

@@ -21,6 +21,7 @@ class Site:
     dtype: str = ""
     scale: Optional[float] = None
     softcap: Optional[float] = None
+    dropout: float = 0.0             # p of the in-kernel dropout (training mode)
     graph: int = 0                   # index of the graph in the report
 
     @property
@@ -61,12 +62,14 @@ class Report:
                 f"rewritten in {len(self.graphs)} graph(s), pass time {self.seconds * 1e3:.1f} ms")
         if not self.sites:
             return head + "\n(no softmax fed by a matrix product was found)"
-        cols = ["#", "source", "status", "mask", "causal", "GQA", "dtype", "scale", "reason"]
+        cols = ["#", "source", "status", "mask", "causal", "GQA", "dtype", "scale", "dropout",
+                "reason"]
         rows = []
         for i, s in enumerate(self.sites):
             rows.append([str(i), s.source, s.status, s.mask, s.causal,
                          f"{s.gqa_group}:1" if s.gqa_group > 1 else "-", s.dtype,
                          "-" if s.scale is None else f"{s.scale:.4g}",
+                         f"{s.dropout:g}" if s.dropout else "-",
                          "" if s.reason is None else f"[{s.reason_code}] {s.reason}"])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         widths[-1] = len(cols[-1])

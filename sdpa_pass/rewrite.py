@@ -140,8 +140,16 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
         # flow (the graph's example values say which inputs require grad).
         needs_grad = any(getattr(tensor_of(n), "requires_grad", False)
                          for n in (plan.q.node, plan.k.node, plan.v.node, *[m.node for m in plan.masks]))
+        dropout = ()
+        if plan.dropout_p > 0.0:
+            # In-kernel dropout: the key is drawn in the graph from torch's generator, as
+            # kernels.dropout.draw_seed draws it, so torch.manual_seed reproduces a run;
+            # AOTAutograd saves it for the backward, which regenerates the same mask.
+            seed = _call(graph, aten.randint.low, 0, 1 << 32, [2], dtype=torch.int64,
+                         device=tensor_of(plan.q.node).device)
+            dropout = (plan.dropout_p, seed)
         call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, 0, 0, -1,
-                     plan.softcap, True, needs_grad)
+                     plan.softcap, True, needs_grad, *dropout)
         out = _to_output_shape(graph, _call(graph, operator.getitem, call, 0), plan)
     out.meta.update({k_: v_ for k_, v_ in cand.pv.meta.items() if k_ in ("example_value", "val", "stack_trace")})
     cand.pv.replace_all_uses_with(out)
@@ -190,7 +198,7 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
             continue
         sites.append(Site("rewritten", source, mask=mask_text, gqa_group=plan.group,
                           dtype=str(plan.dtype).replace("torch.", ""), scale=plan.scale,
-                          softcap=plan.softcap or None))
+                          softcap=plan.softcap or None, dropout=plan.dropout_p))
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()

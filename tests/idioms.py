@@ -1262,8 +1262,8 @@ class SwinV2PerHeadLogitScale(nn.Module):
 
 
 @idiom("transformers/models/llama/modeling_llama.py: eager_attention_forward in training mode with "
-       "attention_dropout=0.1: F.dropout(p=0.1, training=True) on the probabilities",
-       with_additive_mask(qkv_gqa), reason="dropout_in_training", train=True)
+       "attention_dropout=0.1: F.dropout(p=0.1, training=True) on the probabilities, rewritten "
+       "to in-kernel dropout", with_additive_mask(qkv_gqa), train=True)
 class LlamaDropoutInTraining(LlamaEagerAttention):
     pass
 

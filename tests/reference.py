@@ -20,9 +20,11 @@ ABS_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
 def reference_attention(
     q, k, v, attn_mask=None, is_causal=False, scale=None, *, causal=None, diagonal=0,
-    window=None, key_padding_mask=None, softcap=None, empty_rows="zero",
+    window=None, key_padding_mask=None, softcap=None, empty_rows="zero", dropout_p=0.0,
+    keep=None,
 ):
-    """Returns (out, lse) in float64 on the CPU."""
+    """Returns (out, lse) in float64 on the CPU. ``keep``: a (B, Hq, L, S) bool dropout mask
+    (True = kept) applied to the probabilities with ``F.dropout``'s 1 / (1 - p) scaling."""
     # no detach: gradient tests differentiate through this reference
     q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
     B, Hq, L, D = q.shape
@@ -57,6 +59,8 @@ def reference_attention(
     if empty_rows == "zero":
         # such rows output zeros and, differentiated, contribute nothing (not NaN * 0)
         p = p.nan_to_num(nan=0.0)
+    if keep is not None:
+        p = p * keep.cpu() / (1.0 - dropout_p)
     return p @ v, lse
 
 

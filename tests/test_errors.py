@@ -37,7 +37,8 @@ CASES = {
     "double": (lambda: tuple(t.double() for t in qkv()), {}, TypeError, "unsupported dtype torch.float64"),
     "head_dim_too_large": (lambda: qkv(D=320), {}, ValueError, "head dim 320 is over the supported maximum of 256"),
     "window_without_causal": (lambda: qkv(), {"window": 3}, ValueError, "needs a causal alignment"),
-    "dropout": (lambda: qkv(), {"dropout_p": 0.1}, NotImplementedError, "dropout"),
+    "dropout_not_a_probability": (lambda: qkv(), {"dropout_p": -0.1}, ValueError,
+                                  "dropout probability has to be between 0 and 1"),
     "bad_causal": (lambda: qkv(), {"causal": "top-right"}, ValueError, "causal must be"),
     "softcap": (lambda: qkv(), {"softcap": -1.0}, ValueError, "softcap must be positive"),
 }
