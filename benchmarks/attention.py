@@ -213,22 +213,26 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return cpu_time_ms(fn)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a, b) -> float:
+    """‖a − b‖ / ‖b‖; for (out, dq, dk, dv) tuples the largest of the four."""
+    if isinstance(a, tuple):
+        return max(rel_err(x, y) for x, y in zip(a, b))
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
 
 
-def with_backward(fn: Callable[[], torch.Tensor], q, k, v) -> Callable[[], torch.Tensor]:
-    """Forward and backward (dQ, dK, dV from a fixed random dO); returns the forward output."""
+def with_backward(fn: Callable[[], torch.Tensor], q, k, v) -> Callable[[], tuple]:
+    """Forward and backward (dQ, dK, dV from a fixed random dO); returns (out, dq, dk, dv), so
+    the gradients are compared with the reference's too."""
     grad_out = None
 
     def run():
         nonlocal grad_out
         out = fn()
         if grad_out is None:
-            grad_out = torch.randn_like(out)
-        torch.autograd.grad(out, (q, k, v), grad_out)
-        return out.detach()
+            grad_out = torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                                   generator=torch.Generator(out.device).manual_seed(1))
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
 
     return run
 

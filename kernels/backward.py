@@ -7,12 +7,16 @@ Two kernels after a preprocess step (delta_i = rowsum(dO_i * O_i)):
 - dQ: one program per query tile of one query head, walking the key tiles it can see (and,
   when a float mask needs its gradient, writing dS so the caller reduces it to the mask's
   broadcast shape).
-Both recompute P = exp(S - LSE) tile by tile; no L×S matrix is saved. Masks, causal offsets,
+Both recompute P = exp(S - LSE) tile by tile; no L×S matrix is saved. As in the forward, the
+tile loops are split so only tiles on the causal diagonal, a window edge or the sequence end
+evaluate the positional predicate. On GPUs the tile shapes are autotuned per kernel. Masks, causal offsets,
 windows, key padding and soft-capping come from the forward's ``masked_scores``, so they mean
 exactly what they mean there.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,10 +24,63 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale
-from .forward import LOG2E, LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, interpreter_active, masked_scores
+from .forward import (
+    LOG2E, LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, interpreter_active, key_ranges, masked_scores,
+)
 
 
 @triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+    offs_n, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
+    L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK/dV contributions of query tiles [lo, hi) of one query head to one key tile.
+
+    Works on transposed tiles, K·Qᵀ (keys × queries), as Triton's fused-attention tutorial
+    does: Pᵀ and dSᵀ come out of the dots in the layout the dK/dV products take, so nothing
+    computed is transposed; only the loaded Q and dO tiles are read transposed."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=(offs_m[None, :] < L) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if DOT_UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        # rows past L: q = 0 and lse = +inf, so P = 0; rows with no visible key have
+        # lse = -inf, made +inf so their P is exactly 0 too
+        lse = tl.load(l_base + offs_m, mask=offs_m < L, other=float("inf")) * LOG2E_C
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
+        sT, tT = masked_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), offs_m[None, :],
+                               offs_n[:, None], mask_base, kpm_base, stride_mm, stride_mn,
+                               stride_pn, L, S, offset, window, qk_scale, softcap_log2,
+                               MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY)
+        pT = tl.math.exp2(sT - lse[None, :])                              # (N, M)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)     # (N, M)
+        if DROPOUT:
+            # O = (P * Z) V with Z = keep / (1 - p): dV sees P * Z, dP is Z * dO Vᵀ
+            keep = dropout_keep(seed0, seed1, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            dv += tl.dot(tl.where(keep, pT * dropout_scale, 0.0).to(do.dtype), do,
+                         input_precision=DOT_PRECISION)
+            dpT = tl.where(keep, dpT * dropout_scale, 0.0)
+        else:
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["HKV", "L", "S", "GROUP", "offset", "window"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, SEED,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
@@ -52,24 +109,35 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-    kT = tl.load(k_ptrs, mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    vT = tl.load(v_ptrs, mask=(offs_n[None, :] < S) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     if DOT_UPCAST:
-        kT = kT.to(tl.float32)
-        vT = vT.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
 
-    # Query rows that can see a key of this tile: i >= j - offset (causal), i < j - offset + window.
+    # Query rows that see some key of this tile: i >= j - offset (causal), i < j - offset + window;
+    # [mid_lo, mid_hi): query tiles whose every row sees every key of the tile, which skip the
+    # positional predicate. A tile reaching past S keeps it everywhere.
     lo = 0
     hi = L
+    full_lo = 0
+    full_hi = L
     if IS_CAUSAL:
-        lo = tl.maximum(start_n - offset, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+        full_lo = ((tl.maximum(start_n + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     if HAS_WINDOW:
         hi = tl.minimum(hi, start_n + BLOCK_N - 1 - offset + window)
+        full_hi = (tl.maximum(start_n - offset + window, 0) // BLOCK_M) * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+    if start_n + BLOCK_N > S:
+        mid_lo = hi
+        mid_hi = hi
+
     kpm_base = KPM + off_b * stride_pb
     seed0 = 0
     seed1 = 0
@@ -77,6 +145,7 @@ def _bwd_dkdv_kernel(
         seed0 = tl.load(SEED).to(tl.uint32)
         seed1 = tl.load(SEED + 1).to(tl.uint32)
     for g in range(0, GROUP):
+        # every query head of the GQA group adds into this K/V head's dK/dV, in registers
         off_h = off_hkv * GROUP + g
         bh = off_b * (HKV * GROUP) + off_h  # the forward's batch·query-head index
         q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -84,38 +153,30 @@ def _bwd_dkdv_kernel(
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         l_base = LSE + off_b * stride_lb + off_h * stride_lh
         d_base = DELTA + off_b * stride_lb + off_h * stride_lh
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            if DOT_UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(l_base + offs_m, mask=offs_m < L, other=float("inf")) * LOG2E_C
-            # rows with no visible key have lse = -inf: make their P exactly 0
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
-            # rows past L have q = 0 and lse = +inf below: P = 0 there
-            s, t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m, offs_n,
-                                 mask_base, kpm_base, stride_mm, stride_mn, stride_pn, L, S,
-                                 offset, window, qk_scale, softcap_log2, MASK_KIND, HAS_KPM,
-                                 IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True)
-            p = tl.math.exp2(s - lse[:, None])                          # (M, N)
-            dp = tl.dot(do, vT, input_precision=DOT_PRECISION)          # (M, N)
-            if DROPOUT:
-                # O = (P * Z) V with Z = keep / (1 - p): dV sees P * Z, dP is Z * dO Vᵀ
-                keep = dropout_keep(seed0, seed1, bh, offs_m, offs_n, dropout_p)
-                dv += tl.dot(tl.trans(tl.where(keep, p * dropout_scale, 0.0).to(do.dtype)), do,
-                             input_precision=DOT_PRECISION)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+            offs_n, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
+            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+            offs_n, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
+            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+            offs_n, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
+            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
+        )
     dk = dk * sm_scale
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
@@ -124,6 +185,48 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+    offs_m, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn,
+    stride_mm, stride_mn, stride_pn,
+    L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    STORE_DS: tl.constexpr, BOUNDARY: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ contributions of key tiles [lo, hi) to one query tile (and dS when asked for)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=(offs_n[None, :] < S) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        if DOT_UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s, t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None],
+                             offs_n[None, :], mask_base, kpm_base, stride_mm, stride_mn,
+                             stride_pn, L, S, offset, window, qk_scale, softcap_log2, MASK_KIND,
+                             HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])        # gradient of the (scaled, biased) scores
+        if STORE_DS:
+            tl.store(ds_base + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                     ds, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DS, MASK, KPM, SEED,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
@@ -167,6 +270,7 @@ def _bwd_dq_kernel(
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_base = KPM + off_b * stride_pb
+    ds_base = DS + off_b * stride_sb + off_h * stride_sh
     seed0 = 0
     seed1 = 0
     if DROPOUT:
@@ -174,53 +278,105 @@ def _bwd_dq_kernel(
         seed1 = tl.load(SEED + 1).to(tl.uint32)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
-    lo = 0
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(hi, start_m + BLOCK_M + offset), 0)
-    if HAS_WINDOW:
-        lo = tl.maximum(start_m + offset - window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vT = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=(offs_n[None, :] < S) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        if DOT_UPCAST:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
-        s, t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m, offs_n,
-                             mask_base, kpm_base, stride_mm, stride_mn, stride_pn, L, S, offset,
-                             window, qk_scale, softcap_log2, MASK_KIND, HAS_KPM, IS_CAUSAL,
-                             HAS_WINDOW, HAS_SOFTCAP, True)
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(seed0, seed1, pid_bh, offs_m, offs_n, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])        # gradient of the (scaled, biased) scores
-        if STORE_DS:
-            tl.store(DS + off_b * stride_sb + off_h * stride_sh + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
-                     ds, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
+    # the forward's key ranges: only the first and last get the positional predicate
+    lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
+                                        BLOCK_M, BLOCK_N)
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+        offs_m, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+        DROPOUT, STORE_DS, True, DOT_UPCAST, DOT_PRECISION,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+        offs_m, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+        DROPOUT, STORE_DS, False, DOT_UPCAST, DOT_PRECISION,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+        offs_m, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+        DROPOUT, STORE_DS, True, DOT_UPCAST, DOT_PRECISION,
+    )
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
 
 
-def _config(head_dim_pad: int, dtype: torch.dtype) -> dict:
-    if interpreter_active():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    # Not tuned yet (the Hopper performance issue): dK and dV accumulate in registers, so
-    # wide head dims take 8 warps to keep them from spilling.
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries. dK/dV programs own a key tile
+# and stream query tiles (wide BLOCK_N, narrow BLOCK_M); dQ programs the other way round.
+_DKDV_CONFIGS = [
+    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 2),
+    (64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2),
+]
+_DQ_CONFIGS = [
+    (128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+    (64, 32, 4, 3), (128, 128, 8, 2), (64, 16, 4, 2),
+]
+
+
+def _fits(resident: int, streamed: int, accumulators: int):
+    """A pruning rule for one kernel. resident/streamed: elements per row of the tile that
+    stays in shared memory / is loaded each stage; accumulators: fp32 accumulator columns."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        elem = args["Q"].element_size()
+        d, dv = args["BLOCK_D"], args["BLOCK_DV"]
+        width = {"d": d, "dv": dv, "d+dv": d + dv}
+        kept = []
+        for c in configs:
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            own, other = (n, m) if resident == "n" else (m, n)
+            smem = elem * (own * width["d+dv"] + c.num_stages * other * width["d+dv"])
+            regs = own * width[accumulators] // (c.num_warps * 32)
+            if smem <= 160 * 1024 and regs <= 128:
+                kept.append(c)
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+def _autotuned(kernel, configs, prune, extra_key=()):
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                 for m, n, w, st in configs],
+        key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
+             "HAS_SOFTCAP", "DROPOUT", *extra_key],
+        prune_configs_by={"early_config_prune": prune},
+    )(kernel)
+
+
+_bwd_dkdv_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"))
+_bwd_dq_autotuned = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _fits("m", "n", "d"), ("STORE_DS",))
+
+
+def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
+    """Tiles without tuning runs (SDPA_PASS_AUTOTUNE=0): for suites that compile many variants."""
     if dtype == torch.float32 or head_dim_pad > 128:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim_pad > 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _kernels(head_dim_pad: int, dtype: torch.dtype):
+    """(dK/dV kernel, its fixed tiles, dQ kernel, its fixed tiles); tiles {} when autotuned."""
+    if interpreter_active():
+        return _bwd_dkdv_kernel, _INTERPRETER_CONFIG, _bwd_dq_kernel, _INTERPRETER_CONFIG
+    if os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
+        cfg = _fixed_config(head_dim_pad, dtype)
+        return _bwd_dkdv_kernel, cfg, _bwd_dq_kernel, cfg
+    return _bwd_dkdv_autotuned, {}, _bwd_dq_autotuned, {}
 
 
 def attention_backward_triton(
@@ -234,14 +390,13 @@ def attention_backward_triton(
     shifts delta: dS = P * (dP - (rowsum(dO * O) - grad_lse))."""
     B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
     D, DV = shape.head_dim, shape.v_head_dim
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
     dmask = q.new_empty((0,))
     if L == 0 or S == 0:
         if need_mask_grad:
             dmask = torch.zeros_like(attn_mask)
-        return dq, dk, dv, dmask
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask
+    # every element is written by the kernels (dK/dV of keys no query sees as zeros)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # preprocess: delta_i = rowsum(dO_i * O_i), fp32
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
@@ -264,33 +419,35 @@ def attention_backward_triton(
         qk_scale, softcap_log2 = scale * LOG2E, 0.0
     block_d = max(16, triton.next_power_of_2(D))
     block_dv = max(16, triton.next_power_of_2(DV))
-    cfg = _config(max(block_d, block_dv), q.dtype)
+    dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype)
     common = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
         DROPOUT=dropout_p > 0.0,
         DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     offset = causal_offset(causal_align, diagonal, L, S)
     seed = dropout_seed if dropout_p > 0.0 else q
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
-    _bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * Hkv)](
+    dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    dkdv_kernel[dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mstrides, *pstrides, *lse.stride()[:2],
-        Hkv, L, S, shape.group, offset, window, **common,
+        Hkv, L, S, shape.group, offset, window, **common, **dkdv_cfg,
     )
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
-    _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * Hq)](
+    dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    dq_kernel[dq_grid](
         q, k, v, grad_out, lse, delta, dq, ds, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
         *mstrides, *pstrides, *lse.stride()[:2],
-        Hq, L, S, shape.group, offset, window, STORE_DS=need_mask_grad, **common,
+        Hq, L, S, shape.group, offset, window, STORE_DS=need_mask_grad, **common, **dq_cfg,
     )
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims

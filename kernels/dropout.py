@@ -38,12 +38,13 @@ def keep_scale(p: float) -> float:
 
 
 @triton.jit
-def dropout_keep(k0, k1, bh, offs_m, offs_n, p):
-    """Bool tile: which probabilities (rows offs_m, keys offs_n) of batch·head ``bh`` are kept.
+def dropout_keep(k0, k1, bh, rows, cols, p):
+    """Bool tile: which probabilities of batch·head ``bh`` are kept, for query indices ``rows``
+    and key indices ``cols`` given as broadcastable 2-D tensors (either orientation).
     k0, k1: the seed's two words as uint32 scalars."""
-    zero = (offs_m[:, None] * 0 + offs_n[None, :] * 0).to(tl.uint32)
-    c0 = zero + offs_n[None, :].to(tl.uint32)
-    c1 = zero + offs_m[:, None].to(tl.uint32)
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    c0 = zero + cols.to(tl.uint32)
+    c1 = zero + rows.to(tl.uint32)
     c2 = zero + bh.to(tl.uint32)
     x, _, _, _ = tl.philox_impl(c0, c1, c2, zero, k0, k1)
     u = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)

@@ -46,7 +46,7 @@ def _tanh(x):
 
 @triton.jit
 def masked_scores(
-    qk, offs_m, offs_n, mask_base, kpm_base, stride_mm, stride_mn, stride_pn,
+    qk, rows, cols, mask_base, kpm_base, stride_mm, stride_mn, stride_pn,
     L, S, offset, window, qk_scale, softcap_log2,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -54,8 +54,10 @@ def masked_scores(
     """A tile of raw products Q·Kᵀ as scores in log2 units with every mask applied (-inf where
     a key is not visible), and tanh of the soft-capped logits for the backward's chain rule
     (0 without soft-capping). The one definition of what the masks mean, for the forward and
-    backward kernels. BOUNDARY tiles get the positional predicate (sequence end, causal
-    diagonal, window); interior tiles are known fully visible and skip it."""
+    backward kernels. ``rows`` / ``cols``: the tile's query and key indices as broadcastable
+    2-D tensors, (M, 1) and (1, N) for a Q·Kᵀ tile or (1, M) and (N, 1) for the transposed
+    K·Qᵀ tile of the dK/dV kernel. BOUNDARY tiles get the positional predicate (sequence end,
+    causal diagonal, window); interior tiles are known fully visible and skip it."""
     # Scores in the log2 domain: exp2 is the native instruction.
     t = qk * 0.0
     if HAS_SOFTCAP:
@@ -63,16 +65,16 @@ def masked_scores(
         qk = softcap_log2 * t
     else:
         qk = qk * qk_scale
-    visible = offs_n[None, :] >= 0
+    visible = cols >= 0
     if BOUNDARY:
-        visible = visible & (offs_n[None, :] < S)
+        visible = visible & (cols < S)
         if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+            visible = visible & (cols <= rows + offset)
         if HAS_WINDOW:
-            visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
+            visible = visible & (cols > rows + offset - window)
     if MASK_KIND != 0:
-        m_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-        in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+        m_ptrs = mask_base + rows * stride_mm + cols * stride_mn
+        in_bounds = (rows < L) & (cols < S)
         if MASK_KIND == 1:
             visible = visible & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
         else:
@@ -83,11 +85,36 @@ def masked_scores(
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
             qk = qk + bias
     if HAS_KPM:
-        kpm = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < S, other=0)
-        visible = visible & (kpm[None, :] != 0)
+        visible = visible & (tl.load(kpm_base + cols * stride_pn, mask=cols < S, other=0) != 0)
     if BOUNDARY or MASK_KIND == 1 or HAS_KPM:
         qk = tl.where(visible, qk, float("-inf"))
     return qk, t
+
+
+@triton.jit
+def key_ranges(start_m, S, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile at start_m: key tiles [lo, hi) hold every key a row can see, and
+    [mid_lo, mid_hi) the tiles every row sees in full (no positional predicate needed)."""
+    hi = S
+    full_hi = (S // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        # row i sees j <= i + offset
+        hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+        full_hi = tl.minimum(full_hi, ((start_m + offset + 1) // BLOCK_N) * BLOCK_N)
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.maximum(full_hi, 0)
+    lo = 0
+    full_lo = 0
+    if HAS_WINDOW:
+        # row i sees j > i + offset - window
+        lo = tl.maximum(start_m + offset - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        full_lo = start_m + BLOCK_M + offset - window
+        full_lo = tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
+    mid_lo = tl.minimum(full_lo, hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
 
 
 @triton.jit
@@ -126,7 +153,8 @@ def _attend_tiles(
         if DOT_UPCAST:
             k = k.to(tl.float32)
         qk, _ = masked_scores(
-            tl.dot(q, k, input_precision=DOT_PRECISION), offs_m, offs_n, mask_base, kpm_base,
+            tl.dot(q, k, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
+            mask_base, kpm_base,
             stride_mm, stride_mn, stride_pn, L, S, offset, window, qk_scale, softcap_log2,
             MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY,
         )
@@ -140,7 +168,7 @@ def _attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped keys too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = dropout_keep(seed0, seed1, bh, offs_m, offs_n, dropout_p)
+            keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
         if BOUNDARY:
             v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
@@ -210,25 +238,8 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
 
-    # Key range any row of this tile can see, and the sub-range every row sees.
-    hi = S
-    full_hi = (S // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        # row i sees j <= i + offset
-        hi = tl.minimum(hi, start_m + BLOCK_M + offset)
-        full_hi = tl.minimum(full_hi, ((start_m + offset + 1) // BLOCK_N) * BLOCK_N)
-    hi = tl.maximum(hi, 0)
-    full_hi = tl.maximum(full_hi, 0)
-    lo = 0
-    full_lo = 0
-    if HAS_WINDOW:
-        # row i sees j > i + offset - window
-        lo = tl.maximum(start_m + offset - window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        full_lo = start_m + BLOCK_M + offset - window
-        full_lo = tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo)
-    mid_lo = tl.minimum(full_lo, hi)
-    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+    lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
+                                        BLOCK_M, BLOCK_N)
 
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
