@@ -32,6 +32,8 @@ from .dropout import keep_mask, keep_scale
 # keeps four such blocks alive (scores, P, dP, dS), so it takes a quarter as many rows.
 _CHUNK_ELEMENTS = 1 << 24
 _BACKWARD_BLOCKS = 4
+# Mask values at or below this are fills (finfo.min-like), not biases, under mask_fills.
+FILL_THRESHOLD = -1e30
 # Generating a chunk's dropout draws keeps about a dozen int64 blocks alive.
 _DROPOUT_BLOCKS = 24
 
@@ -188,6 +190,7 @@ def attention_backward_chunked(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, grad_lse, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
     need_mask_grad: bool, dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None,
+    mask_fills: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact gradients of the op, a block of query rows at a time, in fp32.
 
@@ -196,6 +199,9 @@ def attention_backward_chunked(
     the returned LSE: d lse / d s = P, so it enters as a shift of D. Rows with no visible key
     contribute nothing: their dO is dropped (the forward's output there is 0 or NaN, not a
     function of the inputs).
+
+    ``mask_fills``: attn_mask values <= FILL_THRESHOLD replaced their scores (masked_fill), so
+    dS is 0 there, for the scores and the mask alike.
 
     Each chunk holds whole rows, so P comes from the row's own max and sum (``softmax_rows``)
     and the forward's LSE is not needed; tiled Triton kernels that see a block of keys at a time
@@ -232,6 +238,9 @@ def attention_backward_chunked(
         if chunk.dropout_scale is not None:
             dp = dp * chunk.dropout_scale
         ds = p * (dp - delta)  # gradient of the masked scores, which the bias is added to
+        if mask_fills and attn_mask is not None and attn_mask.is_floating_point():
+            filled = attn_mask.expand(B, Hq, shape.q_len, S)[:, :, rows] <= FILL_THRESHOLD
+            ds = ds.masked_fill(filled, 0.0)
         if need_mask_grad:
             target = dmask.shape[:2] + (1 if dmask.shape[2] == 1 else chunk.stop - chunk.start,
                                         dmask.shape[3])

@@ -24,6 +24,10 @@ from .cpu import attention_backward_chunked, attention_forward_cpu
 from .forward import attention_forward_triton, interpreter_active
 
 
+# natural-log LSE below which the Triton backward is not used (see attention_backward)
+_LSE_PRECISE_ABOVE = -100.0
+
+
 def _use_triton(q: torch.Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and interpreter_active())
 
@@ -44,6 +48,7 @@ def attention_forward(
     return_lse: bool,
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
+    mask_fills: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward. Returns (out (B, Hq, L, Dv), lse (B, Hq, L) fp32 or empty).
 
@@ -52,24 +57,27 @@ def attention_forward(
     j > i + offset - window. softcap: 0.0 for none. nan_on_empty: rows with no visible key give
     NaN (eager softmax) instead of zeros (SDPA). dropout_p > 0: dropout on the probabilities
     with the keep decisions of ``kernels/dropout.py`` under the (2,) int64 ``dropout_seed``;
-    the LSE is that of the probabilities before dropout.
+    the LSE is that of the probabilities before dropout. mask_fills: attn_mask values at or
+    below -1e30 are fills (``masked_fill``/``where`` semantics: they replace the score) rather
+    than additions; it changes only gradients, on rows filled everywhere (see the backward).
     """
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
-    impl = attention_forward_triton if _use_triton(q) else attention_forward_cpu
-    return impl(
-        q, k, v, attn_mask, key_padding_mask, shape, scale=scale, causal_align=causal_align,
-        diagonal=diagonal, window=window, softcap=softcap, nan_on_empty=nan_on_empty,
-        return_lse=return_lse, dropout_p=dropout_p, dropout_seed=dropout_seed,
-    )
+    params = dict(scale=scale, causal_align=causal_align, diagonal=diagonal, window=window,
+                  softcap=softcap, nan_on_empty=nan_on_empty, return_lse=return_lse)
+    if not _use_triton(q):
+        return attention_forward_cpu(q, k, v, attn_mask, key_padding_mask, shape, **params,
+                                     dropout_p=dropout_p, dropout_seed=dropout_seed)
+    return attention_forward_triton(q, k, v, attn_mask, key_padding_mask, shape, **params,
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(
     q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
-    nan_on_empty, return_lse, dropout_p=0.0, dropout_seed=None,
+    nan_on_empty, return_lse, dropout_p=0.0, dropout_seed=None, mask_fills=False,
 ):
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
@@ -99,6 +107,7 @@ def attention_backward(
     grad_lse: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
+    mask_fills: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``attention_forward``: (dq, dk, dv, dmask) in the inputs' dtypes.
 
@@ -107,29 +116,36 @@ def attention_backward(
     when need_mask_grad, else an empty tensor. grad_lse: gradient of the forward's lse output,
     or None when it was not returned or not used. Rows with no visible key contribute nothing.
     dropout_p and dropout_seed: the forward's, so the same probabilities are dropped.
+    mask_fills: no gradient reaches a score (or the mask) where a fill replaced it. That only
+    matters on rows filled everywhere (elsewhere P = 0 there): eager's softmax averages such a
+    row uniformly and, for masked_fill, passes nothing back to q and k, while an additive
+    finfo.min bias passes the uniform P's gradient through.
     """
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_mask_grad(attn_mask, need_mask_grad)
-    # Rows masked everywhere with a finite fill (HF's finfo.min padding) have an LSE so large
-    # that log(n) rounds away in fp32, and exp(s - lse) would weigh each key 1, not 1/n. Until
-    # the forward saves the row max apart from the LSE, such calls take the chunked path,
-    # which normalises each row by its own sum.
-    if _use_triton(q) and lse.numel() > 0 and not bool((lse < -1e30).any()):
+    # A row whose every score is far below zero (masked everywhere by a finite fill such as
+    # HF's finfo.min padding, or -1e9) has an LSE so large in magnitude that log(n) is lost in
+    # its fp32 rounding, and exp(s - lse) would mis-weigh the keys (each 1 instead of 1/n at
+    # finfo.min). Until the forward saves the row max apart from the LSE, calls with such rows
+    # take the chunked path, which normalises each row by its own sum. At lse >= -100 the
+    # rounding of lse costs under 1e-5 relative in P, as for any row.
+    if _use_triton(q) and lse.numel() > 0 and not bool((lse < _LSE_PRECISE_ABOVE).any()):
         return attention_backward_triton(
             grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
             causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
             need_mask_grad=need_mask_grad, grad_lse=grad_lse, dropout_p=dropout_p,
             dropout_seed=dropout_seed,
-        )
+        )  # no row is filled everywhere here, so mask_fills changes nothing
     # CPU tensors, or a forward run without its LSE: the chunked path, which recomputes each
     # row's max and sum itself.
     return attention_backward_chunked(
         grad_out, q, k, v, attn_mask, key_padding_mask, out, grad_lse, shape, scale=scale,
         causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
         need_mask_grad=need_mask_grad, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        mask_fills=mask_fills,
     )
 
 
@@ -137,6 +153,7 @@ def attention_backward(
 def _attention_backward_fake(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, scale, causal_align, diagonal,
     window, softcap, need_mask_grad, grad_lse=None, dropout_p=0.0, dropout_seed=None,
+    mask_fills=False,
 ):
     check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
@@ -157,12 +174,13 @@ def _check_mask_grad(attn_mask, need_mask_grad: bool) -> None:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
-     _nan_on_empty, return_lse, dropout_p, dropout_seed) = inputs
+     _nan_on_empty, return_lse, dropout_p, dropout_seed, mask_fills) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, out, lse, dropout_seed)
     ctx.params = (scale, causal_align, diagonal, window, softcap)
     ctx.return_lse = return_lse
     ctx.dropout_p = dropout_p
+    ctx.mask_fills = mask_fills
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -174,9 +192,9 @@ def _backward(ctx, grad_out, grad_lse):
     )
     dq, dk, dv, dmask = torch.ops.sdpa_pass.attention_backward(
         grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, *ctx.params, need_mask_grad,
-        grad_lse if ctx.return_lse else None, ctx.dropout_p, dropout_seed,
+        grad_lse if ctx.return_lse else None, ctx.dropout_p, dropout_seed, ctx.mask_fills,
     )
-    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 10
+    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 11
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

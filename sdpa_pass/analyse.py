@@ -168,7 +168,9 @@ def _mask_spaces(cand: Candidate) -> list:
     """The shape of the scores view each mask step is applied in, in score-step order; the
     baddbmm bias (if any) first, in the product's own shape."""
     cur = tuple(tensor_of(cand.qk).shape)
-    spaces = [cur] if cand.qk_call.op == "baddbmm" else []
+    # only a baddbmm whose input is added (beta=1, as _analyse_qk reads it) has a bias mask;
+    # with beta=0 a space here would shift every mask onto the space of the one before it
+    spaces = [cur] if cand.qk_call.op == "baddbmm" and cand.qk_call.kwargs["beta"] == 1 else []
     for step in cand.score_steps:
         if step[0] == "reshape":
             new = tuple(tensor_of(step[1]).shape)

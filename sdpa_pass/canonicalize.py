@@ -301,6 +301,8 @@ def mutates(node: fx.Node) -> bool:
         t = node.target
         if t in _INPLACE_OPERATORS or "out" in node.kwargs:
             return True
+        if getattr(t, "__module__", None) == "_operator":
+            return False  # operator.and_ / or_ end in "_" but return a new tensor
         schema = getattr(t, "_schema", None)
         if schema is not None:
             return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

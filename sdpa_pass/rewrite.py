@@ -21,7 +21,7 @@ from .analyse import Plan, analyse
 from .canonicalize import removable_if_unused, tensor_of
 from .match import NotASite, candidate_nodes, find_softmaxes, match_softmax
 from .report import GraphRecord, Report, Site, shape_text, source_of
-from .verify import verify
+from .verify import needs_grad, verify
 
 log = logging.getLogger("sdpa_pass")
 aten = torch.ops.aten
@@ -136,10 +136,6 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
         k = _broadcast_batch(graph, k, plan.k.shape[0], B, q_src)
         v = _broadcast_batch(graph, v, plan.v.shape[0], B, q_src)
         mask, mask_text = _build_mask(graph, plan)
-        # The backward reads the forward's log-sum-exp; ask for it only where a gradient can
-        # flow (the graph's example values say which inputs require grad).
-        needs_grad = any(getattr(tensor_of(n), "requires_grad", False)
-                         for n in (plan.q.node, plan.k.node, plan.v.node, *[m.node for m in plan.masks]))
         dropout = ()
         if plan.dropout_p > 0.0:
             # In-kernel dropout: the key is drawn in the graph from torch's generator, as
@@ -148,8 +144,11 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
             seed = _call(graph, aten.randint.low, 0, 1 << 32, [2], dtype=torch.int64,
                          device=tensor_of(plan.q.node).device)
             dropout = (plan.dropout_p, seed)
+        # finite fills (masked_fill / where with finfo.min) replace scores: see mask_fills
+        fills = {"mask_fills": True} if any(m.kind.startswith("fill") for m in plan.masks) else {}
+        # The backward reads the forward's log-sum-exp; ask for it only where a gradient can flow.
         call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, 0, 0, -1,
-                     plan.softcap, True, needs_grad, *dropout)
+                     plan.softcap, True, needs_grad(plan), *dropout, **fills)
         out = _to_output_shape(graph, _call(graph, operator.getitem, call, 0), plan)
     out.meta.update({k_: v_ for k_, v_ in cand.pv.meta.items() if k_ in ("example_value", "val", "stack_trace")})
     cand.pv.replace_all_uses_with(out)

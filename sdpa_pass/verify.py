@@ -5,7 +5,8 @@ Each check is a named predicate that raises ``NotASite`` with a reason code and 
   step (no other reader of scores or probabilities would lose its input);
 - no score-chain op changes the shape of the scores (a mask that broadcasts the scores to a
   larger shape is not a mask);
-- the kernel's output has the shape and dtype of the PV product it replaces.
+- the kernel's output has the shape and dtype of the PV product it replaces;
+- a site that needs gradients does not mix finite fills with additive biases.
 """
 
 from __future__ import annotations
@@ -74,7 +75,26 @@ def no_mutation_inside(plan: Plan) -> None:
         node = node.next
 
 
-CHECKS = (single_user_chain, scores_keep_their_shape, output_matches, no_mutation_inside)
+def fills_and_biases_apart_in_training(plan: Plan) -> None:
+    """A row filled everywhere by ``masked_fill(..., finfo.min)`` passes no gradient to its
+    scores in eager, one shifted by an additive ``finfo.min`` bias does; the op tells them
+    apart by ``mask_fills``, one rule per site, so a site that has both and needs gradients
+    cannot be proved."""
+    kinds = {m.kind.split("_")[0] for m in plan.masks}
+    if {"fill", "additive"} <= kinds and needs_grad(plan):
+        raise NotASite("not_provable", "a finite fill and an additive bias on one site that needs "
+                                       "gradients: rows filled everywhere would get the wrong one")
+
+
+def needs_grad(plan: Plan) -> bool:
+    """Whether a gradient can flow into the site (the graph's example values say which inputs
+    require grad)."""
+    return any(getattr(tensor_of(n), "requires_grad", False)
+               for n in (plan.q.node, plan.k.node, plan.v.node, *[m.node for m in plan.masks]))
+
+
+CHECKS = (single_user_chain, scores_keep_their_shape, output_matches, no_mutation_inside,
+          fills_and_biases_apart_in_training)
 
 
 def verify(plan: Plan) -> None:

@@ -250,6 +250,29 @@ def test_finfo_min_rows_average_uniformly(dtype):
     assert grads[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_fills_pass_no_gradient_to_filled_scores(dtype):
+    """mask_fills=True (what the pass sets for masked_fill/where with finfo.min): a row filled
+    everywhere still averages V, but as in eager masked_fill no gradient reaches q or k
+    through a filled score; partly filled rows are ordinary."""
+    q, k, v = leaves(*make_qkv(dtype, 2, 2, L=L, S=S, D=D))
+    filled = torch.zeros(B, 1, L, S, dtype=torch.bool)
+    filled[:, :, 4] = True
+    filled[:, :, 6, :5] = True
+    bias = torch.zeros(B, 1, L, S).masked_fill(filled, torch.finfo(torch.float32).min).to(DEVICE)
+    dout = randn(B, 2, L, D, dtype=dtype)
+    out, _ = FORWARD(q, k, v, bias, None, D**-0.5, 0, 0, -1, 0.0, False, True, 0.0, None, True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    scores = (qd @ kd.transpose(-2, -1) * D**-0.5).masked_fill(filled, torch.finfo(torch.float64).min)
+    ref_out = torch.softmax(scores, dim=-1) @ vd
+    assert_close_to_reference(out, ref_out, dtype)
+    assert_grads_close(grads, torch.autograd.grad(ref_out, (qd, kd, vd), dout.cpu().double()), dtype)
+    assert grads[0][:, :, 4].abs().max() == 0
+    assert grads[2].abs().sum() > 0
+
+
 @pytest.mark.parametrize("route", ["sdpa", "chunked"])
 def test_pytorch_forward_path(monkeypatch, route):
     """The op on CPU tensors without the interpreter: the forward runs SDPA's CPU kernel

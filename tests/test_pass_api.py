@@ -236,3 +236,21 @@ def test_training_through_a_rewritten_site():
     assert report.num_rewritten == 1
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         assert_close_to_reference(p.grad, p_ref.grad, torch.float32, what=f"grad of {name}")
+
+
+def test_fill_and_additive_bias_on_one_site_need_no_gradient():
+    """masked_fill(finfo.min) and an additive bias on one site: rewritten for inference,
+    left alone with its reason when a gradient flows (rows filled everywhere would get the
+    gradient of the wrong one; kernels/ops.py mask_fills)."""
+    def fill_and_bias(q, k, v, keep, bias):
+        s = q @ k.transpose(-2, -1) + bias
+        s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+        return torch.softmax(s, dim=-1) @ v
+
+    q = torch.randn(1, 2, 5, 8)
+    keep, bias = torch.rand(5, 5) > 0.3, torch.randn(1, 1, 5, 5)
+    with torch.no_grad():
+        assert sdpa_pass.explain(fill_and_bias, q, q, q, keep, bias).num_rewritten == 1
+    report = sdpa_pass.explain(fill_and_bias, q.requires_grad_(), q, q, keep, bias)
+    assert [s.reason_code for s in report.sites] == ["not_provable"], str(report)
+    assert "finite fill and an additive bias" in report.sites[0].reason
