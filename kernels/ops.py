@@ -21,6 +21,7 @@ import torch
 from .checks import check_attention_inputs
 from .backward import attention_backward_triton
 from .cpu import attention_backward_chunked, attention_forward_cpu
+from .decode import attention_decode_triton, sm_count, use_decode_kernel
 from .forward import attention_forward_triton, interpreter_active
 
 
@@ -70,6 +71,9 @@ def attention_forward(
     if not _use_triton(q):
         return attention_forward_cpu(q, k, v, attn_mask, key_padding_mask, shape, **params,
                                      dropout_p=dropout_p, dropout_seed=dropout_seed)
+    if dropout_p == 0.0 and use_decode_kernel(shape, sm_count(q.device)):
+        # few query rows against many keys (decode steps): split the keys over programs
+        return attention_decode_triton(q, k, v, attn_mask, key_padding_mask, shape, **params)
     return attention_forward_triton(q, k, v, attn_mask, key_padding_mask, shape, **params,
                                     dropout_p=dropout_p, dropout_seed=dropout_seed)
 
