@@ -11,14 +11,19 @@ from .report import Report
 
 
 def optimize(model: Union[torch.nn.Module, Callable], backend: Union[str, Callable] = "inductor",
-             dynamic: Optional[bool] = None, **options):
+             dynamic: Optional[bool] = None,
+             on_report: Optional[Callable[[Report], Any]] = None, **options):
     """Compile ``model`` with the pass in front of ``backend``.
 
     An ``nn.Module`` is compiled in place (``Module.compile``) and returned, so attributes,
     ``state_dict`` and methods such as ``generate`` (which call the module) keep working and
-    run the compiled forward. A function is returned compiled.
+    run the compiled forward. A function is returned compiled. ``on_report`` is called with
+    the Report of every graph the pass sees (each compile, recompile and graph-break
+    segment), as it is compiled. Other keyword options go to ``backend``.
     """
     compile_options = {"backend": backend, **options}
+    if on_report is not None:
+        compile_options["on_report"] = on_report
     if isinstance(model, torch.nn.Module):
         model.compile(backend="sdpa_pass", dynamic=dynamic, options=compile_options)
         return model

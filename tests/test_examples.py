@@ -17,6 +17,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("quickstart.py", "0"),       # the op's CPU path, as a CPU user gets it
     ("kernel_vs_sdpa.py", "1"),   # the Triton kernel through the interpreter
     ("hf_causal_lm.py", "0"),     # optimize() + generate() on a tiny HF Llama
+    ("train_nanogpt.py", "0"),    # training steps through rewritten nanoGPT attention
+    ("explain_encoder_decoder.py", "0"),  # explain() on a tiny BART: encoder, decoder, cross
 ])
 def test_example_runs(script, interpret):
     env = dict(os.environ, TRITON_INTERPRET=interpret)
