@@ -24,9 +24,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale
-from .forward import (
-    LOG2E, LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, interpreter_active, key_ranges, masked_scores,
-)
+from .forward import LOG2E_C, interpreter_active, key_ranges, launch_params, masked_scores
 
 
 @triton.jit
@@ -404,21 +402,9 @@ def attention_backward_triton(
     delta = delta.contiguous()
     lse = lse.contiguous()
 
-    if attn_mask is None:
-        mask_kind, mask, mstrides = MASK_NONE, q, (0, 0, 0, 0)
-    else:
-        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
-        mask = attn_mask.expand(B, Hq, L, S)
-        mstrides = mask.stride()
-    kpm = key_padding_mask if key_padding_mask is not None else q
-    pstrides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
+        launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
-    if has_softcap:
-        qk_scale, softcap_log2 = scale / softcap, softcap * LOG2E
-    else:
-        qk_scale, softcap_log2 = scale * LOG2E, 0.0
-    block_d = max(16, triton.next_power_of_2(D))
-    block_dv = max(16, triton.next_power_of_2(DV))
     dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype)
     common = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .forward import LN2, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, interpreter_active, masked_scores
+from .forward import LN2, interpreter_active, launch_params, masked_scores
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -404,23 +404,10 @@ def attention_decode_triton(
         lse.fill_(float("-inf"))
         return out, lse
 
-    if attn_mask is None:
-        mask_kind, mask, mstrides = MASK_NONE, q, (0, 0, 0, 0)
-    else:
-        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
-        # expand() is a view: broadcast dims get stride 0 and are never materialised.
-        mask = attn_mask.expand(B, Hq, L, S)
-        mstrides = mask.stride()
-    kpm = key_padding_mask if key_padding_mask is not None else q
-    pstrides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
+        launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
 
     has_softcap = softcap > 0.0
-    if has_softcap:
-        qk_scale, softcap_log2 = scale / softcap, softcap * LOG2E
-    else:
-        qk_scale, softcap_log2 = scale * LOG2E, 0.0
-    block_d = max(16, triton.next_power_of_2(D))
-    block_dv = max(16, triton.next_power_of_2(DV))
     interpreting = interpreter_active()
     # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9); fp32 there is exact.
     dot_upcast = interpreting and q.dtype == torch.bfloat16

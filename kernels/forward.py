@@ -13,6 +13,7 @@ their own strides, so a broadcast mask (stride 0) is never materialised.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -330,6 +331,40 @@ _attention_fwd_autotuned = triton.autotune(
 )(_attention_fwd_kernel)
 
 
+class LaunchParams(NamedTuple):
+    """Host-side kernel arguments every attention kernel derives the same way from a call."""
+
+    mask_kind: int
+    mask: torch.Tensor           # attn_mask as a (B, Hq, L, S) view, or q as a dummy pointer
+    mask_strides: tuple
+    kpm: torch.Tensor            # key_padding_mask, or q as a dummy pointer
+    kpm_strides: tuple
+    qk_scale: float              # scale into log2 units (or into tanh's argument with softcap)
+    softcap_log2: float
+    block_d: int
+    block_dv: int
+
+
+def launch_params(q, attn_mask, key_padding_mask, shape: AttentionShape, scale: float,
+                  softcap: float) -> LaunchParams:
+    if attn_mask is None:
+        mask_kind, mask, mstrides = MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
+        # expand() is a view: broadcast dims get stride 0 and are never materialised.
+        mask = attn_mask.expand(shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
+        mstrides = mask.stride()
+    kpm = key_padding_mask if key_padding_mask is not None else q
+    pstrides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    if softcap > 0.0:
+        qk_scale, softcap_log2 = scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, softcap_log2 = scale * LOG2E, 0.0
+    return LaunchParams(mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2,
+                        max(16, triton.next_power_of_2(shape.head_dim)),
+                        max(16, triton.next_power_of_2(shape.v_head_dim)))
+
+
 def attention_forward_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -359,24 +394,10 @@ def attention_forward_triton(
         lse.fill_(float("-inf"))
         return out, lse
 
-    if attn_mask is None:
-        mask_kind, mask, mstrides = MASK_NONE, q, (0, 0, 0, 0)
-    else:
-        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
-        # expand() is a view: broadcast dims get stride 0 and are never materialised.
-        mask = attn_mask.expand(B, Hq, L, S)
-        mstrides = mask.stride()
-    kpm = key_padding_mask if key_padding_mask is not None else q
-    pstrides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
+        launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     lstrides = lse.stride()[:2] if return_lse else (0, 0)
-
     has_softcap = softcap > 0.0
-    if has_softcap:
-        qk_scale, softcap_log2 = scale / softcap, softcap * LOG2E
-    else:
-        qk_scale, softcap_log2 = scale * LOG2E, 0.0
-    block_d = max(16, triton.next_power_of_2(D))
-    block_dv = max(16, triton.next_power_of_2(DV))
     # The interpreter's tl.dot gives wrong results on bf16 operands (triton 3.9); upcasting to
     # fp32 there is exact. Compiled kernels keep bf16 operands with fp32 accumulation.
     dot_upcast = interpreter_active() and q.dtype == torch.bfloat16
