@@ -399,7 +399,9 @@ def attention_backward_triton(
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    # rows with no visible key (LSE -inf) get P = 0 in the kernels; their output may be NaN
+    # (eager's softmax over nothing), which must not reach dS as 0 * NaN
+    delta = delta.masked_fill(lse == float("-inf"), 0.0).contiguous()
     lse = lse.contiguous()
 
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (

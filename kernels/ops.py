@@ -22,6 +22,7 @@ from .checks import check_attention_inputs
 from .backward import attention_backward_triton
 from .cpu import attention_backward_chunked, attention_forward_cpu
 from .decode import attention_decode_triton, sm_count, use_decode_kernel
+from .empty_rows import add_uniform_rows_grads, fill_uniform_rows
 from .forward import attention_forward_triton, interpreter_active
 
 
@@ -50,6 +51,7 @@ def attention_forward(
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
     mask_fills: bool = False,
+    uniform_on_empty: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward. Returns (out (B, Hq, L, Dv), lse (B, Hq, L) fp32 or empty).
 
@@ -61,32 +63,51 @@ def attention_forward(
     the LSE is that of the probabilities before dropout. mask_fills: attn_mask values at or
     below -1e30 are fills (``masked_fill``/``where`` semantics: they replace the score) rather
     than additions; it changes only gradients, on rows filled everywhere (see the backward).
+    uniform_on_empty: a row with no visible key averages every key's value uniformly, as
+    eager's softmax does when the masks are an additive finfo.min bias (HF); its LSE stays
+    -inf. Not with softcap or dropout; gradients then need return_lse=True.
     """
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
+    _check_uniform(uniform_on_empty, softcap, dropout_p)
     params = dict(scale=scale, causal_align=causal_align, diagonal=diagonal, window=window,
-                  softcap=softcap, nan_on_empty=nan_on_empty, return_lse=return_lse)
+                  softcap=softcap, nan_on_empty=nan_on_empty,
+                  return_lse=return_lse or uniform_on_empty)
     if not _use_triton(q):
-        return attention_forward_cpu(q, k, v, attn_mask, key_padding_mask, shape, **params,
-                                     dropout_p=dropout_p, dropout_seed=dropout_seed)
-    if dropout_p == 0.0 and use_decode_kernel(shape, sm_count(q.device)):
+        out, lse = attention_forward_cpu(q, k, v, attn_mask, key_padding_mask, shape, **params,
+                                         dropout_p=dropout_p, dropout_seed=dropout_seed)
+    elif dropout_p == 0.0 and use_decode_kernel(shape, sm_count(q.device)):
         # few query rows against many keys (decode steps): split the keys over programs
-        return attention_decode_triton(q, k, v, attn_mask, key_padding_mask, shape, **params)
-    return attention_forward_triton(q, k, v, attn_mask, key_padding_mask, shape, **params,
-                                    dropout_p=dropout_p, dropout_seed=dropout_seed)
+        out, lse = attention_decode_triton(q, k, v, attn_mask, key_padding_mask, shape, **params)
+    else:
+        out, lse = attention_forward_triton(q, k, v, attn_mask, key_padding_mask, shape, **params,
+                                            dropout_p=dropout_p, dropout_seed=dropout_seed)
+    if uniform_on_empty:
+        out = fill_uniform_rows(out, lse, v, shape)
+        if not return_lse:
+            lse = lse.new_empty((0,))
+    return out, lse
+
+
+def _check_uniform(uniform_on_empty: bool, softcap: float, dropout_p: float) -> None:
+    if uniform_on_empty and (softcap > 0.0 or dropout_p > 0.0):
+        raise ValueError("uniform_on_empty cannot be combined with softcap or dropout: the "
+                         "probabilities of a uniform row would no longer be 1/S")
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(
     q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
     nan_on_empty, return_lse, dropout_p=0.0, dropout_seed=None, mask_fills=False,
+    uniform_on_empty=False,
 ):
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
+    _check_uniform(uniform_on_empty, softcap, dropout_p)
     out = q.new_empty((shape.batch, shape.q_heads, shape.q_len, shape.v_head_dim))
     lse_shape = (shape.batch, shape.q_heads, shape.q_len) if return_lse else (0,)
     return out, q.new_empty(lse_shape, dtype=torch.float32)
@@ -112,6 +133,7 @@ def attention_backward(
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
     mask_fills: bool = False,
+    uniform_on_empty: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``attention_forward``: (dq, dk, dv, dmask) in the inputs' dtypes.
 
@@ -123,20 +145,41 @@ def attention_backward(
     mask_fills: no gradient reaches a score (or the mask) where a fill replaced it. That only
     matters on rows filled everywhere (elsewhere P = 0 there): eager's softmax averages such a
     row uniformly and, for masked_fill, passes nothing back to q and k, while an additive
-    finfo.min bias passes the uniform P's gradient through.
+    finfo.min bias passes the uniform P's gradient through. uniform_on_empty: the forward's
+    rows with LSE -inf were uniform averages; their gradients are added in closed form.
     """
     shape = check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_mask_grad(attn_mask, need_mask_grad)
+    if uniform_on_empty and lse.numel() == 0:
+        raise ValueError("uniform_on_empty gradients need the forward's LSE (return_lse=True)")
+    dq, dk, dv, dmask = _backward_impl(
+        grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
+        causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
+        need_mask_grad=need_mask_grad, grad_lse=grad_lse, dropout_p=dropout_p,
+        dropout_seed=dropout_seed, mask_fills=mask_fills,
+    )
+    if uniform_on_empty:
+        dq, dk, dv, dmask = add_uniform_rows_grads(
+            grad_out, q, k, v, lse, shape, scale, dq, dk, dv, attn_mask, dmask, need_mask_grad)
+    return dq, dk, dv, dmask
+
+
+def _backward_impl(
+    grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, *, scale, causal_align,
+    diagonal, window, softcap, need_mask_grad, grad_lse, dropout_p, dropout_seed, mask_fills,
+):
     # A row whose every score is far below zero (masked everywhere by a finite fill such as
     # HF's finfo.min padding, or -1e9) has an LSE so large in magnitude that log(n) is lost in
     # its fp32 rounding, and exp(s - lse) would mis-weigh the keys (each 1 instead of 1/n at
     # finfo.min). Until the forward saves the row max apart from the LSE, calls with such rows
     # take the chunked path, which normalises each row by its own sum. At lse >= -100 the
     # rounding of lse costs under 1e-5 relative in P, as for any row.
-    if _use_triton(q) and lse.numel() > 0 and not bool((lse < _LSE_PRECISE_ABOVE).any()):
+    # (Rows with no visible key have LSE -inf; the kernels give them P = 0 exactly.)
+    imprecise = (lse < _LSE_PRECISE_ABOVE) & (lse != float("-inf"))
+    if _use_triton(q) and lse.numel() > 0 and not bool(imprecise.any()):
         return attention_backward_triton(
             grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
             causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
@@ -157,7 +200,7 @@ def attention_backward(
 def _attention_backward_fake(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, scale, causal_align, diagonal,
     window, softcap, need_mask_grad, grad_lse=None, dropout_p=0.0, dropout_seed=None,
-    mask_fills=False,
+    mask_fills=False, uniform_on_empty=False,
 ):
     check_attention_inputs(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
@@ -178,13 +221,14 @@ def _check_mask_grad(attn_mask, need_mask_grad: bool) -> None:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal, window, softcap,
-     _nan_on_empty, return_lse, dropout_p, dropout_seed, mask_fills) = inputs
+     _nan_on_empty, return_lse, dropout_p, dropout_seed, mask_fills, uniform_on_empty) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, out, lse, dropout_seed)
     ctx.params = (scale, causal_align, diagonal, window, softcap)
     ctx.return_lse = return_lse
     ctx.dropout_p = dropout_p
     ctx.mask_fills = mask_fills
+    ctx.uniform_on_empty = uniform_on_empty
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -197,8 +241,9 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dmask = torch.ops.sdpa_pass.attention_backward(
         grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, *ctx.params, need_mask_grad,
         grad_lse if ctx.return_lse else None, ctx.dropout_p, dropout_seed, ctx.mask_fills,
+        ctx.uniform_on_empty,
     )
-    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 11
+    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 12
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
