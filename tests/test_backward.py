@@ -214,7 +214,7 @@ def test_fully_masked_rows_contribute_nothing(mask):
     """Rows with no visible key give zero gradient, whether their output is 0 or NaN, and a
     float mask of -inf masks exactly like a bool mask (the reference has NaN there)."""
     q, k, v = leaves(*make_qkv(torch.float32, 2, 2, L=L, S=S, D=D))
-    keep = torch.rand(B, 2, L, S) > 0.2
+    keep = (torch.rand(B, 2, L, S) > 0.2).to(DEVICE)
     keep[:, :, 3] = False
     kpm = None
     if mask == "padding":
@@ -223,8 +223,8 @@ def test_fully_masked_rows_contribute_nothing(mask):
         kpm, keep = kpm.to(DEVICE), None
     attn_mask = keep
     if mask == "float_neg_inf_rows":
-        attn_mask = torch.zeros(B, 2, L, S).masked_fill(~keep, float("-inf")).requires_grad_()
-    keep = None if keep is None else keep.to(DEVICE)
+        attn_mask = torch.zeros(B, 2, L, S, device=DEVICE).masked_fill(~keep, float("-inf"))
+        attn_mask.requires_grad_()
     dout = randn(B, 2, L, D)
     ref = reference_grads(q, k, v, keep, dout, key_padding_mask=kpm)
     for empty_rows in ("zero", "nan"):
