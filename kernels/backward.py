@@ -389,7 +389,7 @@ def attention_backward_triton(
     B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
     D, DV = shape.head_dim, shape.v_head_dim
     dmask = q.new_empty((0,))
-    if L == 0 or S == 0:
+    if L == 0 or S == 0 or B * Hq == 0:
         if need_mask_grad:
             dmask = torch.zeros_like(attn_mask)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dmask

@@ -37,7 +37,7 @@ class AttentionShape:
 
     @property
     def group(self) -> int:
-        return self.q_heads // self.kv_heads
+        return self.q_heads // self.kv_heads if self.kv_heads else 1
 
 
 def _fmt(shape) -> str:
@@ -78,6 +78,9 @@ def check_attention_inputs(
         raise TypeError(
             f"unsupported dtype {q.dtype}: sdpa_pass attention supports float16, bfloat16 and float32"
         )
+    for name, t in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     devices = {t.device for t in (q, k, v)}
     for name, t in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
         if t is not None:
@@ -121,8 +124,6 @@ def check_attention_inputs(
             )
 
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
             raise TypeError(
                 f"attn_mask must be bool (True = attend) or floating point (added to the scores); got {attn_mask.dtype}"

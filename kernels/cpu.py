@@ -145,6 +145,9 @@ def attention_forward_cpu(
         dropout_p == 0.0 and attn_mask is None and key_padding_mask is None and softcap == 0.0 and window == -1
         and (causal_align == CAUSAL_NONE or (causal_align == CAUSAL_TOP_LEFT and diagonal == 0))
         and not return_lse and shape.q_len > 0 and shape.kv_len > 0
+        # SDPA's CPU kernel outputs zeros for a row whose scores are all NaN or -inf (a NaN or
+        # inf in q or k), where eager softmax gives NaN
+        and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())
     )
     if sdpa_exact:
         out = F.scaled_dot_product_attention(

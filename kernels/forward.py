@@ -387,7 +387,7 @@ def attention_forward_triton(
     D, DV = shape.head_dim, shape.v_head_dim
     out = torch.empty((B, Hq, L, DV), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, L) if return_lse else (0,), dtype=torch.float32, device=q.device)
-    if L == 0:
+    if L == 0 or B * Hq == 0:
         return out, lse
     if S == 0:
         out.fill_(float("nan") if nan_on_empty else 0.0)

@@ -311,7 +311,12 @@ def mutates(node: fx.Node) -> bool:
     return False
 
 
-_PURE_EXTRA = {torch.Tensor.detach, torch.detach, aten.detach.default}
+# torch.export puts aten._assert_tensor_metadata(x, dtype=...) before each .to(dtype): a check
+# of x's metadata, not a reader of its values, and it returns nothing. Left in the graph it is
+# a second user of the probabilities (softmax(..., dtype=float32).to(q.dtype), every HF model)
+# and the site is skipped as probs_used_elsewhere; dropping it changes no value computed.
+_PURE_EXTRA = {torch.Tensor.detach, torch.detach, aten.detach.default,
+               aten._assert_tensor_metadata.default}
 
 
 def removable_if_unused(node: fx.Node, gm=None) -> bool:

@@ -169,6 +169,7 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
     before = gm.print_readable(print_output=False)
+    fold_metadata_reads(gm)
     # Dynamo keeps nodes nobody uses (e.g. a detached copy of the scores); they are not users.
     eliminate_dead_code(gm)
     sites = []
@@ -201,6 +202,8 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
+    if any(s.rewritten for s in sites):
+        _refresh_values(gm)
     after = gm.print_readable(print_output=False)
     report = Report(sites, [GraphRecord(before, after)], time.perf_counter() - start)
     for s in sites:
@@ -219,6 +222,40 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
                                          for x in example_inputs])
+
+
+def _refresh_values(gm: fx.GraphModule) -> None:
+    """Give the nodes the rewrite inserted their ``meta["val"]`` where the graph carries fake
+    values (``torch.export`` programs, whose verifier and ``save`` require one on every node),
+    by propagating the placeholders' fake values through the rewritten graph."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    if mode is None or any(v is None for v in vals):
+        return
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def fold_metadata_reads(gm: fx.GraphModule) -> None:
+    """Replace ``x.dtype`` / ``x.device`` reads by their values. Dynamo's graphs have them as
+    constants already; ``torch.fx.symbolic_trace`` keeps them as ``getattr`` nodes, which would
+    count as users of the scores (``.to(scores.dtype)``) and keep a site from being proved.
+    A traced graph is specialised to its inputs' dtypes and devices, so the values are fixed."""
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+                and node.args[1] in ("dtype", "device")):
+            continue
+        t = tensor_of(node.args[0])
+        if t is None:
+            continue
+        value = getattr(t, node.args[1])
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+        gm.graph.erase_node(node)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> None:

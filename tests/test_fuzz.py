@@ -29,7 +29,7 @@ import torch
 
 import fuzz
 import sdpa_pass
-from reference import ABS_TOL, REL_TOL, assert_close_to_reference
+from reference import ABS_TOL, REL_TOL
 
 ATTENTION_OP = torch.ops.sdpa_pass.attention_forward.default
 
@@ -39,15 +39,11 @@ DEFAULT_CASES = 300
 # until fixed. seed -> bug.
 KNOWN_BUGS: dict = {}
 
-# False negatives of symbolic_trace graphs (path "fx_any"): seed -> why. Asserted to fail.
-KNOWN_FALSE_NEGATIVES: dict = {
-    26: "symbolic_trace keeps scores.dtype / .device reads (torch.finfo(s.dtype), .to(s.dtype), "
-        "torch.full(..., dtype=s.dtype)) as getattr nodes; verify.single_user_chain counts them as "
-        "users of the scores: [scores_used_elsewhere]",
-}
-
 # Seeds that exposed bugs since fixed; they stay in every run.
 REGRESSIONS: dict = {
+    26: "symbolic_trace keeps scores.dtype / .device reads (.to(s.dtype), torch.full(..., "
+        "dtype=s.dtype)) as getattr nodes, which verify counted as users of the scores "
+        "(fixed: rewrite.fold_metadata_reads)",
     63: "gradient through a row masked everywhere by a finite masked_fill/where: eager passes no "
         "gradient to the filled scores; the rewrite added finfo.min as a bias and passed the uniform "
         "P's gradient back to q and k (fixed: the op's mask_fills)",
@@ -162,31 +158,23 @@ def _loss(outputs, seed):
     return total
 
 
-def _symbolic_trace(module, allow_metadata_reads=False):
+def _symbolic_trace(module):
     """The module as a torch.fx.symbolic_trace graph, or None where the generated code is not
-    symbolically traceable (torch.finfo(scores.dtype) of a Proxy) or reads ``.dtype`` /
-    ``.device`` of an intermediate: symbolic_trace keeps those as getattr nodes, which the pass
-    counts as users of the scores (a known false negative there, see KNOWN_FALSE_NEGATIVES;
-    Dynamo folds them to constants)."""
+    symbolically traceable (torch.finfo(scores.dtype) of a Proxy). Its ``.dtype`` / ``.device``
+    reads of intermediates stay getattr nodes, which the pass folds (rewrite.fold_metadata_reads)."""
     try:
-        gm = torch.fx.symbolic_trace(module)
+        return torch.fx.symbolic_trace(module)
     except Exception:  # noqa: BLE001 - any tracing failure: this case takes the Dynamo path
         return None
-    for node in gm.graph.nodes:
-        if (not allow_metadata_reads and node.op == "call_function" and node.target is getattr and node.args[1] in ("dtype", "device")
-                and node.args[0].op not in ("placeholder", "get_attr")):
-            return None
-    return gm
 
 
 def run_case(case: fuzz.Case, path: str = "compile") -> None:
     """path: "compile" (torch.compile with the backend by name) or "fx" (sdpa_pass.rewrite on
     a symbolic_trace graph: call_method / call_module spellings, and much faster than Dynamo;
-    cases that graph cannot take fall back to "compile"; "fx_any" never falls back for .dtype
-    reads)."""
+    cases that graph cannot take fall back to "compile")."""
     module = case.module()
     args = case.args(requires_grad=case.grads)
-    gm = _symbolic_trace(module, allow_metadata_reads=path == "fx_any") if path.startswith("fx") else None
+    gm = _symbolic_trace(module) if path == "fx" else None
     torch.manual_seed(case.seed)
     if gm is not None:
         report = sdpa_pass.rewrite(gm, example_inputs=args)
@@ -256,13 +244,6 @@ def test_fuzz_case(seed):
         raise AssertionError(f"fuzz case failed: {type(exc).__name__}: {exc}\n{case.describe()}\n"
                              f"--- sdpa_pass.explain (torch.compile) ---\n{_report(case)}") from exc
 
-
-@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed{s}", marks=pytest.mark.xfail(strict=True, reason=why))
-                                  for s, why in KNOWN_FALSE_NEGATIVES.items()])
-def test_fuzz_case_symbolic_trace_metadata_reads(seed):
-    case = fuzz.generate(seed)
-    with torch.no_grad() if not case.grads else torch.enable_grad():
-        run_case(case, "fx_any")
 
 
 def test_generator_is_deterministic_and_covers_the_grid():
