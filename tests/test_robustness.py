@@ -599,7 +599,9 @@ def test_float_mask_of_another_dtype(route, dtypes):
     mask[0, 0, 1, :4] = float("-inf")
     out = attention(q, k, v, mask)
     assert out.dtype == q_dtype
-    if (q_dtype, mask_dtype) == (torch.float16, torch.float32):  # the one pairing SDPA takes
+    # the one pairing SDPA takes; on CPU only: SDPA's CUDA backends are not the reference (its
+    # dispatch on an H200, torch 2.11, gave NaN rows here that eager does not)
+    if (q_dtype, mask_dtype) == (torch.float16, torch.float32) and q.device.type == "cpu":
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, mask),
                                    atol=2e-3, rtol=2e-3)
     ref, _ = reference_attention(q, k, v, mask)
