@@ -244,19 +244,22 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
     q, k, v = (torch.randn(shape.batch, shape.heads, shape.seqlen, shape.head_dim,
                            dtype=dtype, device=device, requires_grad=mode == "fwdbwd")
                for _ in range(3))
-    fns, outputs, errors = {}, {}, {}
+    fns, outputs, errors, first_call = {}, {}, {}, {}
 
     # First call of every peer, outside timing: compiles, autotunes and gives its output.
     for peer in peers:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
+                start = time.perf_counter()
                 with peer.context():
                     fn = peer.build(q, k, v, shape.causal)
                     if mode == "fwdbwd":
                         fn = with_backward(fn, q, k, v)
                     outputs[peer.name] = fn()
                     synchronize(device)
+                # compile + autotune + first run: what a user waits for on first use
+                first_call[peer.name] = time.perf_counter() - start
                 fns[peer.name] = fn
             except Skipped as exc:
                 errors[peer.name] = f"skipped: {exc}"
@@ -270,7 +273,7 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
     for peer in peers:
         name = peer.name
         row = dict(shape.fields(), impl=name, ms=None, tflops=None, rel_err=None, ref=None,
-                   error=errors.get(name))
+                   first_call_s=first_call.get(name), error=errors.get(name))
         if name in outputs and ref is not None and name != ref:
             row["rel_err"], row["ref"] = rel_err(outputs[name], outputs[ref]), ref
         if name in fns:
@@ -422,6 +425,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'Forward' if args.mode == 'fwd' else 'Forward+backward'} TFLOP/s, {args.dtype}, {meta['device']}; MISMATCH: relative error "
           f"> {MISMATCH_TOL:g} against {', '.join(refs) or 'no reference'}")
     print(format_text_table(*table(rows)))
+    firsts = {}
+    for r in rows:
+        if r.get("first_call_s") is not None:
+            firsts.setdefault(r["impl"], []).append(r["first_call_s"])
+    print("first call (compile, autotune, run), seconds, largest / smallest over the shapes: "
+          + ", ".join(f"{k} {max(v):.1f} / {min(v):.2f}" for k, v in firsts.items()))
     for note in error_notes(rows, max_len=160):
         print("  " + note)
 

@@ -1,6 +1,6 @@
 """Turn attention benchmark results (JSON from ``benchmarks/attention.py``) into BENCHMARKS.md.
 
-    python benchmarks/report.py                          # every benchmarks/results/*.json
+    python benchmarks/report.py                          # every benchmarks/results/attention_*.json
     python benchmarks/report.py a.json b.json --output /tmp/BENCH.md --plot /tmp/bench.png
 
 Each results file becomes one section: a heading naming the device, software versions, dtype
@@ -264,14 +264,14 @@ def plot(path: Path, results: list[tuple[Path, dict]], plt) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", type=Path,
-                        help=f"result JSON files (default: {DEFAULT_RESULTS}/*.json)")
+                        help=f"result JSON files (default: {DEFAULT_RESULTS}/attention_*.json)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="markdown file to write (default: BENCHMARKS.md at the repo root)")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="also write a bar chart PNG here (needs matplotlib)")
     args = parser.parse_args(argv)
 
-    paths = args.paths or sorted(DEFAULT_RESULTS.glob("*.json"))
+    paths = args.paths or sorted(DEFAULT_RESULTS.glob("attention_*.json"))
     if not paths:
         sys.exit(f"report.py: no result files given and none in {DEFAULT_RESULTS}")
     results = [(p, load(p)) for p in paths]
