@@ -1,5 +1,7 @@
-"""Model-level prefill: a Llama-style decoder (8 layers, hidden 2048, 16 query / 4 KV heads of
-128, bf16, random weights) run over a whole prompt, as a generate() prefill runs it.
+"""Model-level prefill and decode: a Llama-style decoder (8 layers, hidden 2048, 16 query / 4 KV
+heads of 128, bf16, random weights; ``--family qwen2`` the same sizes as Qwen2, with q/k/v
+biases) run over a whole prompt, as a generate() prefill runs it (``--mode prefill``), or
+generating tokens greedily with HF's default dynamic KV cache (``--mode decode``).
 
 Implementations, same weights, same run, same GPU:
 - ``eager``: ``attn_implementation="eager"`` (the hand-written attention the pass targets);
@@ -7,11 +9,15 @@ Implementations, same weights, same run, same GPU:
 - ``hf_sdpa``: ``attn_implementation="sdpa"`` (HF's own fused path), eager PyTorch around it;
 - ``optimize``: ``sdpa_pass.optimize(eager model)`` (the pass in front of Inductor).
 
-Per prompt length: median latency of the forward (``logits_to_keep=1``, no cache, as the
-prefill of a generation with its KV cache disabled), peak GPU memory above the weights, and
-the largest relative difference of the last-token logits against ``hf_sdpa``.
+Prefill, per prompt length: median latency of the forward (``logits_to_keep=1``, no cache, as
+the prefill of a generation with its KV cache disabled), peak GPU memory above the weights, and
+the relative difference of the last-token logits against ``hf_sdpa``.
+Decode: ``generate`` of ``--new-tokens`` tokens after a prompt of each length, batch
+``--batch``; tokens/s of the whole call (prefill included, once compiled: one warm-up call
+first), peak memory, and whether the tokens equal ``hf_sdpa``'s.
 
-Run: ``python benchmarks/model.py [--lengths 2048,8192] [--out DIR]``.
+Run: ``python benchmarks/model.py [--mode prefill|decode] [--family llama|qwen2]
+[--lengths 2048,8192] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -34,9 +40,13 @@ CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hi
               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384)
 
 
-def build(kind: str, base_state: dict) -> torch.nn.Module:
+FAMILIES = {"llama": (T.LlamaForCausalLM, T.LlamaConfig), "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config)}
+
+
+def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module:
     attn = "sdpa" if kind == "hf_sdpa" else "eager"
-    model = T.LlamaForCausalLM(T.LlamaConfig(**CONFIG, attn_implementation=attn))
+    model_class, config_class = FAMILIES[family]
+    model = model_class(config_class(**CONFIG, attn_implementation=attn))
     model.load_state_dict(base_state)
     model = model.to("cuda", torch.bfloat16).eval()
     if kind == "eager+inductor":
@@ -65,26 +75,59 @@ def measure(model, ids, runs: int = 10) -> tuple[float, float, torch.Tensor]:
     return statistics.median(times), peak / 2**30, logits.float()
 
 
+def measure_decode(model, ids, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model.generate(ids, **kwargs)  # compile (prefill, decode, dynamic decode), warm up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            tokens = model.generate(ids, **kwargs)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = torch.cuda.max_memory_allocated() - base
+    return statistics.median(times), peak / 2**30, tokens
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--impls", default="hf_sdpa,eager,eager+inductor,optimize")
+    parser.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    base_state = T.LlamaForCausalLM(T.LlamaConfig(**CONFIG)).state_dict()
-    meta = metadata(argparse.Namespace(mode="prefill", dtype="bf16", quick=False), torch.device("cuda"))
-    meta.update(benchmark="model_prefill", flops=None, model=CONFIG, timer="CUDA events, median of 10")
+    model_class, config_class = FAMILIES[args.family]
+    base_state = model_class(config_class(**CONFIG)).state_dict()
+    meta = metadata(argparse.Namespace(mode=args.mode, dtype="bf16", quick=False), torch.device("cuda"))
+    decode = args.mode == "decode"
+    meta.update(benchmark=f"model_{args.mode}", family=args.family, flops=None, model=CONFIG,
+                batch=args.batch, new_tokens=args.new_tokens if decode else None,
+                timer="CUDA events, median of " + ("3 generate calls" if decode else "10"))
     rows = []
     lengths = [int(n) for n in args.lengths.split(",")]
     for kind in args.impls.split(","):
-        model = build(kind, base_state)
+        model = build(kind, base_state, args.family)
         for n in lengths:
-            ids = torch.randint(0, CONFIG["vocab_size"], (1, n), device="cuda",
+            ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, n), device="cuda",
                                 generator=torch.Generator("cuda").manual_seed(n))
             row = dict(impl=kind, seq_len=n, ms=None, peak_gib=None, rel_err=None, error=None)
             try:
-                row["ms"], row["peak_gib"], logits = measure(model, ids)
+                if decode:
+                    row["ms"], row["peak_gib"], logits = measure_decode(model, ids, args.new_tokens)
+                    row["tokens_per_s"] = args.batch * args.new_tokens / (row["ms"] / 1e3)
+                else:
+                    row["ms"], row["peak_gib"], logits = measure(model, ids)
+                    row["tokens_per_s"] = args.batch * n / (row["ms"] / 1e3)
                 torch.save(logits.cpu(), f"/tmp/logits_{slug(kind)}_{n}.pt")
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a result
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -99,14 +142,20 @@ def main(argv=None) -> None:
         mine = Path(f"/tmp/logits_{slug(row['impl'])}_{row['seq_len']}.pt")
         if row["ms"] is not None and ref.exists() and row["impl"] != "hf_sdpa":
             a, b = torch.load(mine), torch.load(ref)
-            row["rel_err"] = ((a - b).norm() / b.norm()).item()
+            if decode:  # greedy tokens: the fraction that differ from hf_sdpa's
+                row["tokens_differ"] = (a != b).float().mean().item()
+            else:
+                row["rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
     meta["complete"] = True
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"model_prefill_bf16_{slug(meta['device'])}.json"
+    family = "" if args.family == "llama" else f"_{args.family}"
+    path = args.out / f"model_{args.mode}{family}_bf16_{slug(meta['device'])}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\nLlama-style prefill (8 layers, hidden 2048, 16/4 heads, bf16), {meta['device']}, "
-          f"torch {meta['torch']}, triton {meta['triton']}: ms (peak GiB above weights; "
-          "last-token logits vs hf_sdpa)\n")
+    what = (f"decode, batch {args.batch}, {args.new_tokens} new tokens: tokens/s (peak GiB above "
+            "weights; share of tokens unlike hf_sdpa's)" if decode else
+            "prefill: ms (peak GiB above weights; last-token logits vs hf_sdpa)")
+    print(f"\n{args.family}-style model (8 layers, hidden 2048, 16/4 heads, bf16) {what}; "
+          f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}\n")
     impls = args.impls.split(",")
     print("| tokens | " + " | ".join(impls) + " |")
     print("|---:|" + "---:|" * len(impls))
@@ -116,6 +165,9 @@ def main(argv=None) -> None:
             r = next(r for r in rows if r["impl"] == kind and r["seq_len"] == n)
             if r["ms"] is None:
                 cells.append("failed")
+            elif decode:
+                diff = "" if r.get("tokens_differ") is None else f", {r['tokens_differ']:.0%}"
+                cells.append(f"{r['tokens_per_s']:.0f} ({r['peak_gib']:.2f} GiB{diff})")
             else:
                 err = "" if r["rel_err"] is None else f", {r['rel_err']:.0e}"
                 cells.append(f"{r['ms']:.1f} ({r['peak_gib']:.2f} GiB{err})")

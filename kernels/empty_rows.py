@@ -13,6 +13,9 @@ turns them into eager's uniform rows here, in closed form, so nothing L x S is f
             dQ_i  = (scale/S) (dO_i Vᵀ K - (dO_i·v̄) Σ_j k_j)              (i ∈ E)
             dK_j += (scale/S) (v_j Σ_{i∈E} dO_iᵀ q_i - Σ_{i∈E} (dO_i·v̄) q_i)
 
+When the fill replaced the scores (``masked_fill`` / ``where`` on the scores: the op's
+``mask_fills``) a uniform row does not depend on q or k at all: only dV gets its term.
+
 GQA: the query heads of a group share K and V, so the sums over i run over the group's rows.
 Soft-capping and dropout make P or dS depend on (i, j); the op refuses them with this mode.
 """
@@ -46,6 +49,7 @@ def add_uniform_rows_grads(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
     shape: AttentionShape, scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     attn_mask: Optional[torch.Tensor], dmask: torch.Tensor, need_mask_grad: bool,
+    fills: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of the uniform rows (which the kernels skipped as empty) added to those
     of the other rows; in the inputs' dtypes."""
@@ -62,6 +66,8 @@ def add_uniform_rows_grads(
     do_vbar = do_g @ v_mean.transpose(-2, -1)                          # (B, Hkv, G*L, 1)
 
     dv_add = do_g.sum(dim=-2, keepdim=True) / S                        # (B, Hkv, 1, Dv)
+    if fills:  # the filled scores pass nothing back; a fill mask has no gradient
+        return dq, dk, (dv.float() + dv_add).to(dv.dtype), dmask
     dq_add = (do_g @ (vf.transpose(-2, -1) @ kf) - do_vbar * k_sum) * (scale / S)
     g1 = do_g.transpose(-2, -1) @ qe_g                                 # (B, Hkv, Dv, D)
     c = (do_vbar * qe_g).sum(dim=-2, keepdim=True)                     # (B, Hkv, 1, D)

@@ -163,7 +163,8 @@ def attention_backward(
     )
     if uniform_on_empty:
         dq, dk, dv, dmask = add_uniform_rows_grads(
-            grad_out, q, k, v, lse, shape, scale, dq, dk, dv, attn_mask, dmask, need_mask_grad)
+            grad_out, q, k, v, lse, shape, scale, dq, dk, dv, attn_mask, dmask, need_mask_grad,
+            fills=mask_fills)
     return dq, dk, dv, dmask
 
 

@@ -9,6 +9,7 @@ by what they do to the scores; the scale is the product of every scalar factor o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Optional
 
@@ -16,11 +17,13 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import canonical, constant_value, is_runtime_number, tensor_of
+from .masks import Lift, NotLiftable, lift_site
 from .match import Candidate, NotASite
 
 # A masked_fill value at or below this is a mask (eager's exp() of it underflows to 0 next to
 # any real score); a fill above it is a value the scores are set to, which we do not rewrite.
 MASK_FILL_THRESHOLD = -1.0e4
+log = logging.getLogger("sdpa_pass")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -62,6 +65,15 @@ class Plan:
     dtype: torch.dtype
     group: int
     dropout_p: float = 0.0     # an active dropout on the probabilities (training mode)
+    lift: Optional[Lift] = None          # the masks as kernel predicates (masks.py), if proven
+    lift_note: Optional[str] = None      # why the masks stay tensors, when they do
+
+    @property
+    def kernel_masks(self) -> list:
+        """The masks the kernel gets as tensors: all of them, or what lifting left."""
+        if self.lift is None:
+            return self.masks
+        return [Mask(kind, node) for kind, node in self.lift.residual]
 
 
 def _perm_of_permute(node, gm):
@@ -460,5 +472,15 @@ def analyse(cand: Candidate, gm) -> Plan:
     for mask, space in zip(masks, spaces):
         mask.space = space
         _place_mask(mask, lead)
+    lift, lift_note = None, None
+    if masks:
+        try:
+            lift = lift_site(masks, L, S, gm, allow_uniform=softcap == 0.0 and dropout_p == 0.0)
+            lift_note = "; ".join(dict.fromkeys(lift.notes)) or None
+        except NotLiftable as why:
+            lift_note = why.args[0]
+        except Exception as exc:  # noqa: BLE001  (a bug here must not stop the site's rewrite)
+            lift_note = f"mask analysis failed: {type(exc).__name__}: {exc}"
+            log.warning("sdpa_pass: %s", lift_note)
     return Plan(cand, q, k, v, float(scale), q_scale_nodes, softcap, masks, out_perm,
-                out_shape, dtype, group, dropout_p)
+                out_shape, dtype, group, dropout_p, lift, lift_note)

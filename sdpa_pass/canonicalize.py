@@ -319,16 +319,29 @@ _PURE_EXTRA = {torch.Tensor.detach, torch.detach, aten.detach.default,
                aten._assert_tensor_metadata.default}
 
 
+# what mask building calls (masks.py reads them), all pure
+_PURE_FUNCTIONS = {
+    torch.arange, torch.ones, torch.zeros, torch.full, torch.ones_like, torch.zeros_like,
+    torch.full_like, torch.tensor, torch.scalar_tensor, torch.tril, torch.triu, torch.finfo,
+    operator.eq, operator.ne, operator.le, operator.lt, operator.ge, operator.gt,
+    operator.and_, operator.or_, operator.floordiv, operator.mod, torch.eq, torch.ne, torch.le,
+    torch.lt, torch.ge, torch.gt, torch.logical_and, torch.logical_or, torch.bitwise_and,
+    torch.bitwise_or}
+_PURE_METHODS = {
+    "detach", "size", "dim", "tril", "triu", "bool", "long", "int", "new_ones", "new_zeros",
+    "new_full", "eq", "ne", "le", "lt", "ge", "gt", "__eq__", "__ne__", "__le__", "__lt__",
+    "__ge__", "__gt__", "__and__", "__or__", "logical_and", "logical_or", "bitwise_and",
+    "bitwise_or", "abs", "__floordiv__"}
+
+
 def removable_if_unused(node: fx.Node, gm=None) -> bool:
     """Dead-code elimination may drop ``node``: a pure op we know, never one that mutates."""
     if node.op not in ("call_function", "call_method") or node.users or mutates(node):
         return False
-    if node.op == "call_method" and node.target in ("detach", "size", "dim"):
+    if node.op == "call_method" and node.target in _PURE_METHODS:
         return True
-    return node.target in _PURE_EXTRA or canonical(node, gm) is not None or node.target in (
-        torch.arange, torch.ones, torch.zeros, torch.full, torch.tril, torch.triu, operator.eq,
-        operator.ne, operator.le, operator.lt, operator.ge, operator.gt, operator.and_,
-        operator.or_, torch.finfo)
+    return (node.target in _PURE_EXTRA or canonical(node, gm) is not None
+            or node.target in _PURE_FUNCTIONS)
 
 
 def is_runtime_number(x) -> bool:

@@ -15,14 +15,19 @@ class Site:
     source: str                      # "file.py:123" of the softmax in the user's code
     reason_code: Optional[str] = None
     reason: Optional[str] = None
-    mask: str = "none"               # e.g. "bool (2, 1, 1, 9)", "float (1, 1, 7, 9)"
-    causal: str = "none"
+    mask: str = "none"               # the mask tensor the kernel reads: "bool (2, 1, 1, 9)", ...
+    causal: str = "none"             # the predicate lifted from the masks: "bottom-right, window 4"
     gqa_group: int = 1
     dtype: str = ""
     scale: Optional[float] = None
     softcap: Optional[float] = None
     dropout: float = 0.0             # p of the in-kernel dropout (training mode)
     graph: int = 0                   # index of the graph in the report
+    mask_note: Optional[str] = None  # why a mask stayed a tensor instead of a predicate
+    # "none", "tensor" (what the kernel reads is a tensor), "predicate" (the masks became the
+    # kernel's causal / window parameters) or "predicate+tensor" (a part stays a tensor, e.g.
+    # a (B, 1, 1, S) padding mask)
+    mask_form: str = "none"
 
     @property
     def rewritten(self) -> bool:
@@ -70,7 +75,7 @@ class Report:
                          f"{s.gqa_group}:1" if s.gqa_group > 1 else "-", s.dtype,
                          "-" if s.scale is None else f"{s.scale:.4g}",
                          f"{s.dropout:g}" if s.dropout else "-",
-                         "" if s.reason is None else f"[{s.reason_code}] {s.reason}"])
+                         _reason(s)])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         widths[-1] = len(cols[-1])
         fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -78,6 +83,14 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _reason(s: Site) -> str:
+    if s.reason is not None:
+        return f"[{s.reason_code}] {s.reason}"
+    if s.rewritten and s.mask_note is not None and s.mask != "none":
+        return f"mask kept as a tensor: {s.mask_note}"
+    return ""
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')

@@ -74,8 +74,9 @@ def _broadcast_batch(graph, x: fx.Node, own_batch, batch, batch_src: fx.Node) ->
 
 
 def _build_mask(graph, plan: Plan):
-    """One bool or float mask tensor equivalent to the score chain's masks, or None."""
-    masks = plan.masks
+    """One bool or float mask tensor equivalent to the score chain's masks (those lifting
+    left as tensors), or None."""
+    masks = plan.kernel_masks
     if not masks:
         return None, "none"
     text = "+".join(shape_text(tensor_of(m.node)) for m in masks)
@@ -144,11 +145,20 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
             seed = _call(graph, aten.randint.low, 0, 1 << 32, [2], dtype=torch.int64,
                          device=tensor_of(plan.q.node).device)
             dropout = (plan.dropout_p, seed)
+        lift = plan.lift
+        causal = (lift.causal_align, lift.diagonal, lift.window) if lift else (0, 0, -1)
+        extra = {}
         # finite fills (masked_fill / where with finfo.min) replace scores: see mask_fills
-        fills = {"mask_fills": True} if any(m.kind.startswith("fill") for m in plan.masks) else {}
-        # The backward reads the forward's log-sum-exp; ask for it only where a gradient can flow.
-        call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, 0, 0, -1,
-                     plan.softcap, True, needs_grad(plan), *dropout, **fills)
+        if (lift.fills if lift else any(m.kind.startswith("fill") for m in plan.masks)):
+            extra["mask_fills"] = True
+        if lift and lift.uniform_on_empty:
+            extra["uniform_on_empty"] = True   # rows the predicates empty were uniform in eager
+        # The backward reads the forward's log-sum-exp; ask for it only where a gradient can
+        # flow (the example values say so), and always with uniform rows, whose gradients
+        # need it whatever the chunked path could recompute.
+        return_lse = needs_grad(plan) or bool(extra.get("uniform_on_empty"))
+        call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, *causal,
+                     plan.softcap, True, return_lse, *dropout, **extra)
         out = _to_output_shape(graph, _call(graph, operator.getitem, call, 0), plan)
     out.meta.update({k_: v_ for k_, v_ in cand.pv.meta.items() if k_ in ("example_value", "val", "stack_trace")})
     cand.pv.replace_all_uses_with(out)
@@ -156,6 +166,13 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
         if not node.users:
             graph.erase_node(node)
     return mask_text
+
+
+def _mask_form(plan: Plan, mask_text: str) -> str:
+    lifted = plan.lift is not None and plan.lift.causal_align != 0
+    if mask_text == "none":
+        return "predicate" if lifted else "none"
+    return "predicate+tensor" if lifted else "tensor"
 
 
 def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
@@ -198,7 +215,9 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
             continue
         sites.append(Site("rewritten", source, mask=mask_text, gqa_group=plan.group,
                           dtype=str(plan.dtype).replace("torch.", ""), scale=plan.scale,
-                          softcap=plan.softcap or None, dropout=plan.dropout_p))
+                          softcap=plan.softcap or None, dropout=plan.dropout_p,
+                          causal=plan.lift.text if plan.lift else "none",
+                          mask_note=plan.lift_note, mask_form=_mask_form(plan, mask_text)))
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
