@@ -31,6 +31,23 @@ from .checks import AttentionShape
 from .cpu import group_by_kv_head, ungroup
 
 
+def rows_may_be_empty(shape: AttentionShape, causal_align: int, diagonal: int, window: int,
+                      has_tensor_mask: bool) -> bool:
+    """Whether some query row may see no key. False only when the positional predicate alone
+    leaves every row a key: then the uniform rows' work (a pass over V, its host cost) is
+    skipped. Row i sees keys j in [max(0, i + off - W + 1), min(S - 1, i + off)] (off: the
+    causal offset; no upper bound without causal, no lower one without a window)."""
+    if has_tensor_mask or shape.kv_len == 0:
+        return True
+    if causal_align == 0:
+        return False
+    offset = diagonal + (shape.kv_len - shape.q_len if causal_align == 2 else 0)
+    if offset < 0:
+        return True   # row 0 sees no key (or, bottom-right, the rows above the diagonal)
+    # the last row's window must still reach a key below S
+    return window != -1 and shape.q_len - 1 + offset - window + 1 > shape.kv_len - 1
+
+
 def _empty(lse: torch.Tensor) -> torch.Tensor:
     return lse == float("-inf")
 
@@ -40,7 +57,7 @@ def fill_uniform_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor,
     """``out`` with every row whose LSE is -inf replaced by the mean of its group's values."""
     if shape.kv_len == 0:
         return out  # no key to average: the empty output eager gives
-    v_mean = v.float().mean(dim=-2, keepdim=True)                     # (B, Hkv, 1, Dv)
+    v_mean = v.mean(dim=-2, keepdim=True, dtype=torch.float32)         # (B, Hkv, 1, Dv)
     v_mean = v_mean.repeat_interleave(shape.group, dim=1)              # (B, Hq, 1, Dv)
     return torch.where(_empty(lse)[..., None], v_mean.to(out.dtype), out)
 

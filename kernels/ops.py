@@ -22,7 +22,7 @@ from .checks import check_attention_inputs
 from .backward import attention_backward_triton
 from .cpu import attention_backward_chunked, attention_forward_cpu
 from .decode import attention_decode_triton, sm_count, use_decode_kernel
-from .empty_rows import add_uniform_rows_grads, fill_uniform_rows
+from .empty_rows import add_uniform_rows_grads, fill_uniform_rows, rows_may_be_empty
 from .forward import attention_forward_triton, interpreter_active
 
 
@@ -72,9 +72,11 @@ def attention_forward(
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_uniform(uniform_on_empty, softcap, dropout_p)
+    uniform = uniform_on_empty and rows_may_be_empty(
+        shape, causal_align, diagonal, window, attn_mask is not None or key_padding_mask is not None)
     params = dict(scale=scale, causal_align=causal_align, diagonal=diagonal, window=window,
                   softcap=softcap, nan_on_empty=nan_on_empty,
-                  return_lse=return_lse or uniform_on_empty)
+                  return_lse=return_lse or uniform)
     if not _use_triton(q):
         out, lse = attention_forward_cpu(q, k, v, attn_mask, key_padding_mask, shape, **params,
                                          dropout_p=dropout_p, dropout_seed=dropout_seed)
@@ -84,7 +86,7 @@ def attention_forward(
     else:
         out, lse = attention_forward_triton(q, k, v, attn_mask, key_padding_mask, shape, **params,
                                             dropout_p=dropout_p, dropout_seed=dropout_seed)
-    if uniform_on_empty:
+    if uniform:
         out = fill_uniform_rows(out, lse, v, shape)
         if not return_lse:
             lse = lse.new_empty((0,))
@@ -153,7 +155,9 @@ def attention_backward(
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_mask_grad(attn_mask, need_mask_grad)
-    if uniform_on_empty and lse.numel() == 0:
+    uniform = uniform_on_empty and rows_may_be_empty(
+        shape, causal_align, diagonal, window, attn_mask is not None or key_padding_mask is not None)
+    if uniform and lse.numel() == 0:
         raise ValueError("uniform_on_empty gradients need the forward's LSE (return_lse=True)")
     dq, dk, dv, dmask = _backward_impl(
         grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
@@ -161,7 +165,7 @@ def attention_backward(
         need_mask_grad=need_mask_grad, grad_lse=grad_lse, dropout_p=dropout_p,
         dropout_seed=dropout_seed, mask_fills=mask_fills,
     )
-    if uniform_on_empty:
+    if uniform:
         dq, dk, dv, dmask = add_uniform_rows_grads(
             grad_out, q, k, v, lse, shape, scale, dq, dk, dv, attn_mask, dmask, need_mask_grad,
             fills=mask_fills)

@@ -86,3 +86,32 @@ def test_uniform_rows_refuse_softcap_and_dropout_and_need_lse():
     out, _ = _op(q, k, v, _padding(), 0, return_lse=False)
     with pytest.raises(ValueError, match="need the forward's LSE"):
         out.sum().backward()
+
+
+def test_rows_may_be_empty_agrees_with_the_visibility_it_describes():
+    """The op skips the uniform rows' work when the predicate alone leaves every row a key;
+    checked against the brute-force visibility over small sizes and every alignment."""
+    from sdpa_pass.kernels.checks import AttentionShape
+    from sdpa_pass.kernels.empty_rows import rows_may_be_empty
+
+    for L in range(0, 6):
+        for S in range(0, 6):
+            shape = AttentionShape(1, 1, 1, L, S, 4, 4)
+            for align in (0, 1, 2):
+                for d in (range(-3, 4) if align else [0]):
+                    for w in ([-1, 1, 2, 3, 5] if align else [-1]):
+                        off = d + (S - L if align == 2 else 0)
+                        i = torch.arange(L)[:, None]
+                        j = torch.arange(S)[None, :]
+                        vis = torch.ones(L, S, dtype=torch.bool)
+                        if align:
+                            vis &= j <= i + off
+                            if w != -1:
+                                vis &= j > i + off - w
+                        empty = bool((~vis.any(-1)).any()) if L else False
+                        claim = rows_may_be_empty(shape, align, d, w, False)
+                        # "may": never False when a row is empty
+                        assert claim or not empty, (L, S, align, d, w)
+                        if L and S and claim:
+                            assert empty, f"needless uniform work at {(L, S, align, d, w)}"
+            assert rows_may_be_empty(shape, 1, 0, -1, True)  # a tensor mask may hide anything

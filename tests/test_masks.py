@@ -249,6 +249,8 @@ def _lxs_nodes(gm, L, S):
 @pytest.mark.parametrize("name", CASES)
 def test_lifted_form_graph_and_values(name):
     fn, L, S, causal, form, lxs_allowed = CASES[name]
+    if isinstance(fn, torch.nn.Module):
+        fn = copy.deepcopy(fn).to(DEVICE)
     q, k, v, pad = _inputs(L, S)
     for t in (q, k, v):
         t.requires_grad_()
