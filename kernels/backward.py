@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .dropout import dropout_keep, keep_scale
+from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import LOG2E_C, interpreter_active, key_ranges, launch_params, masked_scores
 
 
@@ -137,11 +137,7 @@ def _bwd_dkdv_kernel(
         mid_hi = hi
 
     kpm_base = KPM + off_b * stride_pb
-    seed0 = 0
-    seed1 = 0
-    if DROPOUT:
-        seed0 = tl.load(SEED).to(tl.uint32)
-        seed1 = tl.load(SEED + 1).to(tl.uint32)
+    seed0, seed1 = load_seed(SEED, DROPOUT)
     for g in range(0, GROUP):
         # every query head of the GQA group adds into this K/V head's dK/dV, in registers
         off_h = off_hkv * GROUP + g
@@ -269,11 +265,7 @@ def _bwd_dq_kernel(
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_base = KPM + off_b * stride_pb
     ds_base = DS + off_b * stride_sb + off_h * stride_sh
-    seed0 = 0
-    seed1 = 0
-    if DROPOUT:
-        seed0 = tl.load(SEED).to(tl.uint32)
-        seed1 = tl.load(SEED + 1).to(tl.uint32)
+    seed0, seed1 = load_seed(SEED, DROPOUT)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
     # the forward's key ranges: only the first and last get the positional predicate

@@ -38,6 +38,16 @@ def keep_scale(p: float) -> float:
 
 
 @triton.jit
+def load_seed(SEED, DROPOUT: tl.constexpr):
+    """The (2,) int64 dropout key as the two uint32 words Philox takes (zeros without dropout;
+    then SEED is never read)."""
+    if DROPOUT:
+        return tl.load(SEED).to(tl.uint32), tl.load(SEED + 1).to(tl.uint32)
+    else:
+        return tl.full((), 0, tl.uint32), tl.full((), 0, tl.uint32)
+
+
+@triton.jit
 def dropout_keep(k0, k1, bh, rows, cols, p):
     """Bool tile: which probabilities of batch·head ``bh`` are kept, for query indices ``rows``
     and key indices ``cols`` given as broadcastable 2-D tensors (either orientation).

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .dropout import dropout_keep, keep_scale
+from .dropout import dropout_keep, keep_scale, load_seed
 
 LOG2E = 1.4426950408889634
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
@@ -219,11 +219,7 @@ def _attention_fwd_kernel(
     o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
     mask_base = MASK + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
     kpm_base = KPM + off_b64 * stride_pb
-    seed0 = 0
-    seed1 = 0
-    if DROPOUT:
-        seed0 = tl.load(SEED).to(tl.uint32)
-        seed1 = tl.load(SEED + 1).to(tl.uint32)
+    seed0, seed1 = load_seed(SEED, DROPOUT)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
