@@ -26,6 +26,7 @@ if __name__ != "sdpa_pass.kernels":
             sys.modules[__name__ + _name[len("sdpa_pass.kernels"):]] = _module
 
 from . import ops
+from . import sharding  # noqa: F401  (DTensor rules for the ops; no-op without torch.distributed)
 from .dropout import draw_seed
 from .checks import (
     CAUSAL_BOTTOM_RIGHT,

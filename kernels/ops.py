@@ -229,6 +229,10 @@ def _setup_context(ctx, inputs, output):
      _nan_on_empty, return_lse, dropout_p, dropout_seed, mask_fills, uniform_on_empty) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask, out, lse, dropout_seed)
+    # An output nobody differentiates (the LSE, mostly) gets None rather than zeros made by
+    # autograd: those zeros are plain tensors even when the inputs are DTensors, and the
+    # backward op would then mix the two.
+    ctx.set_materialize_grads(False)
     ctx.params = (scale, causal_align, diagonal, window, softcap)
     ctx.return_lse = return_lse
     ctx.dropout_p = dropout_p
@@ -238,6 +242,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, attn_mask, key_padding_mask, out, lse, dropout_seed = ctx.saved_tensors
+    if grad_out is None:  # only the LSE was differentiated
+        grad_out = torch.zeros_like(out)
     # Bool masks and key padding are not differentiable; a float mask gets a gradient only
     # when it asked for one, since reducing dS to its shape costs a pass over every score.
     need_mask_grad = (

@@ -48,6 +48,7 @@ class Mask:
     space: tuple = ()          # the shape of the scores view the mask is applied in
     expand: Optional[tuple] = None    # broadcast a run of batch dims before regrouping
     reshape: Optional[tuple] = None   # the mask regrouped onto the kernel's (B, H, L, S)
+    fill: Optional[float] = None      # the value a masked_fill / where writes ("fill" kinds)
 
 
 @dataclasses.dataclass
@@ -325,7 +326,7 @@ def _classify_masks(cand: Candidate, bias, gm) -> list:
             if v == float("-inf"):
                 masks.append(Mask("bool_masked" if masked_when else "bool_attend", cond))
             elif v <= MASK_FILL_THRESHOLD:
-                masks.append(Mask("fill_min" if masked_when else "fill_min_attend", cond))
+                masks.append(Mask("fill_min" if masked_when else "fill_min_attend", cond, fill=v))
             else:
                 raise NotASite("mask_not_provable",
                                f"masked_fill/where with {v!r} sets scores to a value; only -inf "

@@ -23,6 +23,14 @@ def _inner(backend: BackendLike) -> Callable:
     return lookup_backend(backend) if isinstance(backend, str) else backend
 
 
+def _is_inductor(backend: BackendLike, inner: Callable) -> bool:
+    if backend == "inductor":
+        return True
+    from torch._inductor.compile_fx import compile_fx
+
+    return inner is compile_fx
+
+
 def make_backend(backend: BackendLike = "inductor", on_report: Optional[Callable[[Report], Any]] = None,
                  **inner_options) -> Callable:
     """A Dynamo backend callable that runs the pass, reports, then compiles with ``backend``."""
@@ -33,6 +41,10 @@ def make_backend(backend: BackendLike = "inductor", on_report: Optional[Callable
         if on_report is not None:
             on_report(report)
         if inner_options:
+            if _is_inductor(backend, inner):
+                # Inductor's Dynamo entry (compile_fx) takes its config as config_patches, as
+                # torch.compile(backend="inductor", options=...) passes it
+                return inner(gm, example_inputs, config_patches=inner_options)
             return inner(gm, example_inputs, options=inner_options)
         return inner(gm, example_inputs)
 

@@ -789,7 +789,7 @@ def lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
 
 def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
     ev = Evaluator(gm)
-    classes, fill_kinds = set(), set()
+    classes, fill_kinds, fills = set(), set(), []
     atoms, residual = [], []
     for m in masks:
         if m.expand is not None or m.reshape is not None:
@@ -815,6 +815,7 @@ def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
                 raise NotLiftable("an additive mask whose values are not 0 and a fill")
             classes.add(_fill_class(float(fill)))
             fill_kinds.add("additive")
+            fills.append(("additive", float(fill)))
         else:
             cond = ev(m.node)
             if not isinstance(cond, Not):
@@ -823,6 +824,7 @@ def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
             classes.add("nan" if m.kind.startswith("bool") else "uniform")
             if m.kind.startswith("fill"):
                 fill_kinds.add("fill")
+                fills.append(("fill", m.fill))
         if isinstance(attend, Not):
             raise NotLiftable("the mask is a disjunction")
         if isinstance(attend, Const):
@@ -836,6 +838,10 @@ def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
                 atoms.append(a)
     if "uniform" in classes and len(classes) > 1:
         raise NotLiftable("finite fills mixed with -inf masks or float biases")
+    if "uniform" in classes and not _one_fill(fills):
+        # a row masked everywhere averages the keys holding the largest fill, not every key:
+        # -1e9 here and finfo.min there, or two finfo.min biases adding up to -inf
+        raise NotLiftable("several different finite fills on one site")
     if "uniform" in classes and not allow_uniform:
         raise NotLiftable("finite fills with soft-capping or dropout")
     causal, diagonal, window = _kernel_predicate(atoms, L, S)
@@ -846,6 +852,15 @@ def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
             notes.append(ev.why.get(node) or _outside(node))
     return Lift(causal, diagonal, window, residual, "uniform" in classes,
                 "uniform" in classes and fill_kinds == {"fill"}, notes)
+
+
+def _one_fill(fills) -> bool:
+    """Whether every masked position ends up holding one and the same value: masked_fill steps
+    that all write one value, or a single additive fill."""
+    kinds = {k for k, _ in fills}
+    if kinds == {"fill"}:
+        return len({v for _, v in fills}) == 1
+    return len(fills) <= 1
 
 
 def _describe(a: Ineq) -> str:

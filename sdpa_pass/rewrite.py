@@ -95,15 +95,19 @@ def _build_mask(graph, plan: Plan):
             attend = a if attend is None else _call(graph, aten.logical_and.default, attend, a)
         return attend, "bool " + text
     # Replay the masks in graph order on a float bias, as eager applies them to the scores.
-    # Finite fills become finfo(float32).min: the kernel adds the bias in fp32, where any score
-    # plus that value rounds back to it, so a row filled everywhere is a uniform average, as in
-    # eager; -inf fills stay -inf.
+    # Finite fills become values near finfo(float32).min: the kernel adds the bias in fp32,
+    # where any score plus such a value rounds back to it, so a row filled everywhere averages
+    # uniformly, as in eager; -inf fills stay -inf. Different fills keep their order (a row
+    # masked everywhere by -1e9 here and finfo.min there averages the -1e9 keys only), each
+    # 4x apart, so exp() of their difference is 0 as it is in eager.
+    finite = sorted({m.fill for m in masks if m.kind.startswith("fill")})
+    replace = {f: FP32_MIN / 4.0 ** rank for rank, f in enumerate(finite)}
     bias = None
     for m, node in zip(masks, nodes):
         if m.kind == "additive":
             bias = node if bias is None else _call(graph, aten.add.Tensor, bias, node)
             continue
-        fill = float("-inf") if m.kind.startswith("bool") else FP32_MIN
+        fill = float("-inf") if m.kind.startswith("bool") else replace[m.fill]
         masked_when_true = m.kind in ("bool_masked", "fill_min")
         if bias is None:
             bias = (_call(graph, aten.where.Scalar, node, fill, 0.0) if masked_when_true

@@ -409,10 +409,12 @@ class _Site:
             self.init.append(f"self.register_buffer('head_scale{self.i}', torch.linspace(0.5, 1.5, {H}).view({H}, 1, 1))")
             self.line(f"{s} = {s} * self.head_scale{self.i}" if r4 else
                       f"{s} = ({s}.view({B}, {H}, {L}, {S}) * self.head_scale{self.i}).view({B * H}, {L}, {S})")
-            if H > 1 or not r4:
+            if H > 1:
                 self.must_not()
             else:
-                self.may()   # one head: a (1, 1, 1) "per-head" scale is a scalar
+                # one head: a (1, 1, 1) "per-head" scale is a scalar; the pass may read it as
+                # one (a symbolic_trace get_attr of one element is) or not (a Dynamo input)
+                self.may()
 
         if r.random() < 0.1:
             cap = r.choice([1.5, 3.0])
@@ -697,11 +699,11 @@ class _Site:
                 self.line(f"{s} = {s}.masked_fill({m}, {neg})")
         elif kind == "causal_buffer":
             N = max(L, S) + 3
-            self.init.append(f"self.register_buffer('tril{j}', torch.tril(torch.ones({N}, {N})).view(1, 1, {N}, {N}))")
+            self.init.append(f"self.register_buffer('tril{self.i}_{j}', torch.tril(torch.ones({N}, {N})).view(1, 1, {N}, {N}))")
             if align == "bottom_right":
-                self.line(f"{s} = {s}.masked_fill(self.tril{j}[:, :, {S - L}:{S}, :{S}] == 0, {neg})")
+                self.line(f"{s} = {s}.masked_fill(self.tril{self.i}_{j}[:, :, {S - L}:{S}, :{S}] == 0, {neg})")
             else:
-                self.line(f"{s} = {s}.masked_fill(self.tril{j}[:, :, :{L}, :{S}] == 0, {neg})")
+                self.line(f"{s} = {s}.masked_fill(self.tril{self.i}_{j}[:, :, :{L}, :{S}] == 0, {neg})")
             self.feat(f"mask{j}_causal_buffer", "diagonal ignored (0)")
         elif kind == "transformer_triu_additive":
             self.line(f"{m} = torch.triu(torch.full(({L}, {S}), float('-inf'), dtype={s}.dtype, {dev}), diagonal={off + 1})")

@@ -55,6 +55,17 @@ REGRESSIONS: dict = {
           "(false negative; misplaced masks)",
     6: "bmm on merged heads viewed as (B, H, L, S), softmax(dim=3): analyse checked the dim against "
        "the rank-3 product, not the softmax input -> [softmax_not_over_keys] (false negative)",
+    12506: "masked_fill(-1e9) and masked_fill(finfo.min) on one site, rows masked everywhere: eager "
+           "averages only the -1e9 keys; the rewrite turned both fills into finfo.min and averaged "
+           "every key (wrong output, 0.11 relative; fixed: distinct fills keep their order in the "
+           "bias; masks.py refuses to lift several different finite fills)",
+    92: "uniform_on_empty without return_lse when gradients flow: the backward had no LSE (fixed: "
+        "the rewrite always asks for the LSE with uniform rows)",
+    10909: "two sites' tril buffers shared one name in the generated module (generator bug)",
+    10606: "per-head scale with one head in the merged layout is a scalar; the generator expected a "
+           "refusal (generator bug)",
+    11153: "gradients of a skipped site compared at fp32 tolerance where eager fp32 itself is off "
+           "(-1e4 fill, scale after the mask): now judged against eager's own error, as outputs are",
 }
 
 
@@ -135,18 +146,26 @@ def _assert_close(got, ref, eager, dtype, what):
     assert err <= abs_tol, f"{what}: max abs error {err:.3e} > {abs_tol:.1e} (eager's own: {abs_e:.3e})"
 
 
-def _assert_grad_close(got, ref, what):
-    """fp32 gradients against float64. The norm is measured against at least one per element:
-    where the true gradient is zero (L = 1 or S = 1, a single visible key) both sides are
-    rounding residue, and a relative error of residue against residue means nothing."""
+def _assert_grad_close(got, ref, eager, what):
+    """fp32 gradients against float64, or no worse than about eager fp32's (as outputs). The
+    norm is measured against at least one per element: where the true gradient is zero (L = 1
+    or S = 1, a single visible key) both sides are rounding residue, and a relative error of
+    residue against residue means nothing."""
     got_, ref_ = got.detach().double(), ref.detach().double()
     assert got_.shape == ref_.shape, f"{what}: shape {tuple(got_.shape)} != {tuple(ref_.shape)}"
     assert torch.equal(got_.isnan(), ref_.isnan()), f"{what}: NaN patterns differ"
-    rel, err = _errors(got, ref)
     scale = max(float(ref_.nan_to_num().norm()), ref_.numel() ** 0.5)
-    rel = rel * float(ref_.nan_to_num().norm()) / scale
-    assert rel <= REL_TOL[torch.float32], f"{what}: relative error {rel:.3e} > {REL_TOL[torch.float32]:.1e}"
-    assert err <= ABS_TOL[torch.float32], f"{what}: max abs error {err:.3e} > {ABS_TOL[torch.float32]:.1e}"
+
+    def errors(x):
+        rel, err = _errors(x, ref)
+        return rel * float(ref_.nan_to_num().norm()) / scale, err
+
+    rel, err = errors(got)
+    rel_e, abs_e = errors(eager)
+    rel_tol = max(REL_TOL[torch.float32], 2 * rel_e)
+    abs_tol = max(ABS_TOL[torch.float32], 2 * abs_e)
+    assert rel <= rel_tol, f"{what}: relative error {rel:.3e} > {rel_tol:.1e} (eager's own: {rel_e:.3e})"
+    assert err <= abs_tol, f"{what}: max abs error {err:.3e} > {abs_tol:.1e} (eager's own: {abs_e:.3e})"
 
 
 def _loss(outputs, seed):
@@ -220,9 +239,17 @@ def run_case(case: fuzz.Case, path: str = "compile") -> None:
         ref_leaves = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
         grads = torch.autograd.grad(_loss(got, case.seed), leaves)
         ref_grads = torch.autograd.grad(_loss(ref, case.seed), ref_leaves)
+        # eager fp32's own gradients: where eager itself is inexact (a row masked everywhere
+        # with -1e4, scaled after the mask), the compiled graph must match its precision
+        eager_args = case.args(requires_grad=True)
+        torch.manual_seed(case.seed)
+        eager_out = _outputs(module(*eager_args))
+        eager_grads = torch.autograd.grad(
+            _loss(eager_out, case.seed),
+            [a for a in eager_args if isinstance(a, torch.Tensor) and a.requires_grad])
         names = [s.name for s in case.inputs if s.kind == "randn" and s.name[0] in "qkv"]
-        for name, g, r in zip(names, grads, ref_grads, strict=True):
-            _assert_grad_close(g, r, what=f"d/d{name}")
+        for name, g, r, e in zip(names, grads, ref_grads, eager_grads, strict=True):
+            _assert_grad_close(g, r, e, what=f"d/d{name}")
 
 
 def _report(case: fuzz.Case) -> str:

@@ -254,3 +254,25 @@ def test_fill_and_additive_bias_on_one_site_need_no_gradient():
     report = sdpa_pass.explain(fill_and_bias, q.requires_grad_(), q, q, keep, bias)
     assert [s.reason_code for s in report.sites] == ["not_provable"], str(report)
     assert "finite fill and an additive bias" in report.sites[0].reason
+
+
+def test_inner_inductor_options_reach_inductor():
+    """options={"backend": "inductor", <Inductor config>}: the config reaches Inductor as its
+    config patches (as torch.compile(backend="inductor", options=...) passes them; this once
+    failed with compile_fx() got an unexpected keyword argument 'options')."""
+    seen = []
+
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
+
+    q = torch.randn(1, 2, 8, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="sdpa_pass",
+                             options={"backend": "inductor", "max_autotune": False,
+                                      "on_report": seen.append})
+    try:
+        out = compiled(q, q, q)
+    finally:
+        torch._dynamo.reset()
+    assert seen and seen[0].num_rewritten == 1, seen
+    assert_close_to_reference(out, attend(q.double(), q.double(), q.double()), torch.float32)
