@@ -72,8 +72,8 @@ def attention_forward(
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_uniform(uniform_on_empty, softcap, dropout_p)
-    uniform = uniform_on_empty and rows_may_be_empty(
-        shape, causal_align, diagonal, window, attn_mask is not None or key_padding_mask is not None)
+    uniform = _uniform_rows(uniform_on_empty, shape, causal_align, diagonal, window, attn_mask,
+                            key_padding_mask)
     params = dict(scale=scale, causal_align=causal_align, diagonal=diagonal, window=window,
                   softcap=softcap, nan_on_empty=nan_on_empty,
                   return_lse=return_lse or uniform)
@@ -91,6 +91,13 @@ def attention_forward(
         if not return_lse:
             lse = lse.new_empty((0,))
     return out, lse
+
+
+def _uniform_rows(uniform_on_empty, shape, causal_align, diagonal, window, attn_mask,
+                  key_padding_mask) -> bool:
+    """Whether this call has uniform-row work to do: asked for, and some row may see no key."""
+    return uniform_on_empty and rows_may_be_empty(
+        shape, causal_align, diagonal, window, attn_mask is not None or key_padding_mask is not None)
 
 
 def _check_uniform(uniform_on_empty: bool, softcap: float, dropout_p: float) -> None:
@@ -155,8 +162,8 @@ def attention_backward(
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     _check_mask_grad(attn_mask, need_mask_grad)
-    uniform = uniform_on_empty and rows_may_be_empty(
-        shape, causal_align, diagonal, window, attn_mask is not None or key_padding_mask is not None)
+    uniform = _uniform_rows(uniform_on_empty, shape, causal_align, diagonal, window, attn_mask,
+                            key_padding_mask)
     if uniform and lse.numel() == 0:
         raise ValueError("uniform_on_empty gradients need the forward's LSE (return_lse=True)")
     dq, dk, dv, dmask = _backward_impl(
