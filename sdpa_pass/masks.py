@@ -40,7 +40,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .canonicalize import canonical, tensor_of, value_of
+from sdpa_pass.kernels.checks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+
+from .canonicalize import canonical, mutates, tensor_of, value_of
 
 aten = torch.ops.aten
 
@@ -494,8 +496,7 @@ class Evaluator:
 
     def _view(self, node, c, shape):
         x = self(c.args[0])
-        src = c.args[0]
-        in_shape = x.shape if isinstance(x, (Idx, Pred, Const, Sel, Not)) else _shape(src)
+        in_shape = x.shape
         if isinstance(x, Const):
             return Const(shape, x.value)
         op = c.op
@@ -517,8 +518,6 @@ _FRESH = {"matmul", "baddbmm", "einsum", "mul", "div", "add", "sub", "masked_fil
 def _written_in_place(gm) -> set:
     """Nodes whose tensor an in-place op may change (the written tensor and everything it may
     be a view of). Conservative: through any op not known to return a fresh tensor."""
-    from .canonicalize import mutates
-
     written = set()
     for node in gm.graph.nodes:
         if not mutates(node) or not node.args or not isinstance(node.args[0], fx.Node):
@@ -740,7 +739,6 @@ def _remap(x, dims, in_shape, shape):
 
 # ----------------------------------------------------------------------------- sites
 
-CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 import sdpa_pass.kernels  # noqa: F401  (registers torch.ops.sdpa_pass, used below)
+from sdpa_pass.kernels.checks import CAUSAL_NONE
 
 from .analyse import Plan, analyse
 from .canonicalize import removable_if_unused, tensor_of
@@ -173,7 +174,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
 
 
 def _mask_form(plan: Plan, mask_text: str) -> str:
-    lifted = plan.lift is not None and plan.lift.causal_align != 0
+    lifted = plan.lift is not None and plan.lift.causal_align != CAUSAL_NONE
     if mask_text == "none":
         return "predicate" if lifted else "none"
     return "predicate+tensor" if lifted else "tensor"
