@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install sdpa_pass into a temp path, run the suite on the GPU, then benchmarks.
-# Usage: bash benchmarks/gpu_session.sh "<pytest args>" "<benchmark args>"
+# Usage: bash benchmarks/gpu_session.sh "<pytest args>" "<benchmark args>" ["<distributed args>"]
+# The third runs benchmarks/distributed.py (training step under DDP/FSDP2/TP) over every GPU.
+# tests/test_distributed.py runs on the GPUs (NCCL, bf16) when SDPA_PASS_DIST_DEVICE=cuda is set.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,4 +31,9 @@ if [ -n "${1:-}" ]; then
 fi
 if [ -n "${2:-}" ]; then
   timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/attention.py --out "$OUT" $2 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+if [ -n "${3:-}" ]; then
+  gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  timeout "${DIST_BENCH_TIMEOUT:-400}" python3 -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
+    benchmarks/distributed.py --out "$OUT" $3 2>&1 | tee "$OUT/dist_bench.log" | tail -30
 fi

@@ -7,7 +7,10 @@ Implementations, same weights, same run, same GPU:
 - ``eager``: ``attn_implementation="eager"`` (the hand-written attention the pass targets);
 - ``eager+inductor``: that model under ``torch.compile`` (Inductor, no pass);
 - ``hf_sdpa``: ``attn_implementation="sdpa"`` (HF's own fused path), eager PyTorch around it;
-- ``optimize``: ``sdpa_pass.optimize(eager model)`` (the pass in front of Inductor).
+- ``optimize``: ``sdpa_pass.optimize(eager model)`` (the pass in front of Inductor), its sites
+  on our Triton kernels; with ``--implementations triton,sdpa,math`` also ``optimize[sdpa]``
+  (the sites as exact ``F.scaled_dot_product_attention`` calls) and ``optimize[math]`` (the
+  float64 math reference, skipped above ``MATH_MAX_TOKENS``: it holds every score at once).
 
 Prefill, per prompt length: median latency of the forward (``logits_to_keep=1``, no cache, as
 the prefill of a generation with its KV cache disabled), peak GPU memory above the weights, and
@@ -17,7 +20,7 @@ Decode: ``generate`` of ``--new-tokens`` tokens after a prompt of each length, b
 first), peak memory, and whether the tokens equal ``hf_sdpa``'s.
 
 Run: ``python benchmarks/model.py [--mode prefill|decode] [--family llama|qwen2]
-[--lengths 2048,8192] [--out DIR]``.
+[--lengths 2048,8192] [--implementations triton,sdpa,math] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,29 @@ CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hi
 
 
 FAMILIES = {"llama": (T.LlamaForCausalLM, T.LlamaConfig), "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config)}
+# The float64 math reference materialises (B, H, L, S) float64 scores and probabilities per
+# layer: 8.6 GB each at 8192 tokens. Longer prompts are skipped for it.
+MATH_MAX_TOKENS = 4096
+
+
+def optimize_kind(implementation: str) -> str:
+    """The implementation column name: ``optimize`` (our kernels) or ``optimize[sdpa]``."""
+    return "optimize" if implementation == "triton" else f"optimize[{implementation}]"
+
+
+def implementation_of(kind: str):
+    """The implementation an ``optimize...`` column asks for, or None for other columns."""
+    if kind == "optimize":
+        return "triton"
+    if kind.startswith("optimize[") and kind.endswith("]"):
+        return kind[len("optimize["):-1]
+    return None
+
+
+def skip_reason(kind: str, tokens: int):
+    if implementation_of(kind) == "math" and tokens > MATH_MAX_TOKENS:
+        return f"skipped: too large for the float64 math reference (> {MATH_MAX_TOKENS} tokens)"
+    return None
 
 
 def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module:
@@ -51,8 +77,10 @@ def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module
     model = model.to("cuda", torch.bfloat16).eval()
     if kind == "eager+inductor":
         model.compile()
-    elif kind == "optimize":
-        sdpa_pass.optimize(model)
+    elif implementation_of(kind) is not None:
+        reports = []
+        sdpa_pass.optimize(model, implementation=implementation_of(kind), on_report=reports.append)
+        model.sdpa_pass_reports = reports   # what each compile's sites run, for the row
     return model
 
 
@@ -100,6 +128,9 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--impls", default="hf_sdpa,eager,eager+inductor,optimize")
+    parser.add_argument("--implementations", default="triton",
+                        help="what the optimize column's rewritten sites run, one column each: "
+                             "any of triton,sdpa,math (sdpa_pass.Implementation)")
     parser.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     parser.add_argument("--batch", type=int, default=1)
@@ -115,12 +146,22 @@ def main(argv=None) -> None:
                 timer="CUDA events, median of " + ("3 generate calls" if decode else "10"))
     rows = []
     lengths = [int(n) for n in args.lengths.split(",")]
+    choices = sdpa_pass.implementations.resolve(args.implementations.split(","))
+    impls = []
     for kind in args.impls.split(","):
+        impls += [optimize_kind(c.value) for c in choices] if kind == "optimize" else [kind]
+    meta["implementations"] = [c.value for c in choices]
+    for kind in impls:
         model = build(kind, base_state, args.family)
         for n in lengths:
             ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, n), device="cuda",
                                 generator=torch.Generator("cuda").manual_seed(n))
             row = dict(impl=kind, seq_len=n, ms=None, peak_gib=None, rel_err=None, error=None)
+            if skip_reason(kind, n):
+                row["error"] = skip_reason(kind, n)
+                rows.append(row)
+                print(row, flush=True)
+                continue
             try:
                 if decode:
                     row["ms"], row["peak_gib"], logits = measure_decode(model, ids, args.new_tokens)
@@ -132,6 +173,10 @@ def main(argv=None) -> None:
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a result
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 torch.cuda.empty_cache()
+            reports = getattr(model, "sdpa_pass_reports", None)
+            if reports:  # which implementation the sites ran (a fallback shows here)
+                ran = sorted({s.implementation or f"skipped:{s.reason_code}" for r in reports for s in r.sites})
+                row["sites_ran"] = ",".join(ran)
             rows.append(row)
             print(row, flush=True)
         del model
@@ -156,7 +201,6 @@ def main(argv=None) -> None:
             "prefill: ms (peak GiB above weights; last-token logits vs hf_sdpa)")
     print(f"\n{args.family}-style model (8 layers, hidden 2048, 16/4 heads, bf16) {what}; "
           f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}\n")
-    impls = args.impls.split(",")
     print("| tokens | " + " | ".join(impls) + " |")
     print("|---:|" + "---:|" * len(impls))
     for n in lengths:
@@ -164,7 +208,7 @@ def main(argv=None) -> None:
         for kind in impls:
             r = next(r for r in rows if r["impl"] == kind and r["seq_len"] == n)
             if r["ms"] is None:
-                cells.append("failed")
+                cells.append("skipped" if (r["error"] or "").startswith("skipped") else "failed")
             elif decode:
                 diff = "" if r.get("tokens_differ") is None else f", {r['tokens_differ']:.0%}"
                 cells.append(f"{r['tokens_per_s']:.0f} ({r['peak_gib']:.2f} GiB{diff})")
@@ -175,6 +219,8 @@ def main(argv=None) -> None:
     for r in rows:
         if r["error"]:
             print(f"  {r['impl']} {r['seq_len']}: {r['error']}")
+        if r.get("sites_ran") and r["sites_ran"] != (implementation_of(r["impl"]) or ""):
+            print(f"  {r['impl']} {r['seq_len']}: sites ran {r['sites_ran']}")
 
 
 if __name__ == "__main__":

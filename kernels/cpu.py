@@ -59,25 +59,32 @@ def score_chunks(
     q, k, attn_mask, key_padding_mask, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
     dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None, blocks_alive: int = 1,
+    compute_dtype: torch.dtype = torch.float32, whole: bool = False,
 ) -> Iterator[ScoreChunk]:
     """The attention scores, a block of query rows at a time, as the op's semantics define them.
 
     GQA without copies: the G query heads of a K/V head are reshaped into one (G*rows) matrix
     against that head's keys, so K is read once per K/V head, never repeated. A chunk has as
-    many rows as keep ``blocks_alive`` score-sized blocks within ``_CHUNK_ELEMENTS``.
+    many rows as keep ``blocks_alive`` score-sized blocks within ``_CHUNK_ELEMENTS``; ``whole``
+    yields every row in one chunk instead (the float64 reference of ``reference.py``, traced
+    with symbolic sizes, which a loop over the rows would specialise). The scores are
+    computed in ``compute_dtype``.
     """
     B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
-    kt = k.float().transpose(-2, -1)
+    kt = k.to(compute_dtype).transpose(-2, -1)
     offset = causal_offset(causal_align, diagonal, L, S)
     mask = None if attn_mask is None else attn_mask.expand(B, Hq, L, S)
     if dropout_p > 0.0:
         blocks_alive += _DROPOUT_BLOCKS
         batch_head = torch.arange(B * Hq, device=q.device).reshape(B, Hq, 1, 1)
-    rows = max(1, min(L, _CHUNK_ELEMENTS // (blocks_alive * max(1, B * Hq * S))))
+    if whole:
+        bounds = [(0, L)]
+    else:
+        rows = max(1, min(L, _CHUNK_ELEMENTS // (blocks_alive * max(1, B * Hq * S))))
+        bounds = [(start, min(L, start + rows)) for start in range(0, L, rows)]
     cols = torch.arange(S, device=q.device)
-    for start in range(0, L, rows):
-        stop = min(L, start + rows)
-        qc = group_by_kv_head(q[:, :, start:stop].float(), Hkv)
+    for start, stop in bounds:
+        qc = group_by_kv_head(q[:, :, start:stop].to(compute_dtype), Hkv)
         s = ungroup(qc @ kt, Hq) * scale
         capped = None
         if softcap > 0.0:
@@ -96,7 +103,7 @@ def score_chunks(
             if mc.dtype == torch.bool:
                 visible = visible & mc
             else:
-                s = s + mc.float()
+                s = s + mc.to(compute_dtype)
         dropout_scale = None
         if dropout_p > 0.0:
             i = torch.arange(start, stop, device=q.device)[:, None]

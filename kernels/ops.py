@@ -176,7 +176,9 @@ def attention_backward(
         dq, dk, dv, dmask = add_uniform_rows_grads(
             grad_out, q, k, v, lse, shape, scale, dq, dk, dv, attn_mask, dmask, need_mask_grad,
             fills=mask_fills)
-    return dq, dk, dv, dmask
+    # The fake promises contiguous gradients whatever the inputs' strides (HF's K/V are
+    # transposed views); Inductor checks real strides against it. Free when already so.
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
 
 def _backward_impl(

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch.fx as fx
 from torch._dynamo import lookup_backend, register_backend
 
+from .implementations import Choices, resolve
 from .report import Report
 from .rewrite import rewrite
 
@@ -32,12 +33,15 @@ def _is_inductor(backend: BackendLike, inner: Callable) -> bool:
 
 
 def make_backend(backend: BackendLike = "inductor", on_report: Optional[Callable[[Report], Any]] = None,
-                 **inner_options) -> Callable:
-    """A Dynamo backend callable that runs the pass, reports, then compiles with ``backend``."""
+                 implementation: Optional[Choices] = None, **inner_options) -> Callable:
+    """A Dynamo backend callable that runs the pass, reports, then compiles with ``backend``.
+    ``implementation``: what rewritten sites run (default: the enclosing
+    ``sdpa_pass.implementation(...)`` block's choice when a graph is compiled, else Triton)."""
     inner = _inner(backend)
+    choices = None if implementation is None else resolve(implementation)
 
     def compile_fn(gm: fx.GraphModule, example_inputs):
-        report = rewrite(gm)
+        report = rewrite(gm, implementation=choices)
         if on_report is not None:
             on_report(report)
         if inner_options:
@@ -54,7 +58,9 @@ def make_backend(backend: BackendLike = "inductor", on_report: Optional[Callable
 def sdpa_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
     """Entry point for ``torch.compile(..., backend="sdpa_pass", options={...})``.
 
-    options: ``backend`` names the inner compiler; other keys are passed to it as its
+    options: ``backend`` names the inner compiler; ``implementation`` says what rewritten
+    sites run (``"triton"``, ``"sdpa"``, ``"math"`` or an ordered list); ``on_report`` is
+    called with each graph's Report; other keys are passed to the inner compiler as its
     ``options`` (Inductor's config dict, for example).
     """
     options = dict(options or {})

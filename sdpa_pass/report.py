@@ -28,6 +28,8 @@ class Site:
     # kernel's causal / window parameters) or "predicate+tensor" (a part stays a tensor, e.g.
     # a (B, 1, 1, S) padding mask)
     mask_form: str = "none"
+    implementation: str = ""         # what the rewritten site runs: "triton", "sdpa", "math"
+    implementation_note: str = ""    # why: "first choice", or which choices could not serve
 
     @property
     def rewritten(self) -> bool:
@@ -67,11 +69,11 @@ class Report:
                 f"rewritten in {len(self.graphs)} graph(s), pass time {self.seconds * 1e3:.1f} ms")
         if not self.sites:
             return head + "\n(no softmax fed by a matrix product was found)"
-        cols = ["#", "source", "status", "mask", "causal", "GQA", "dtype", "scale", "dropout",
-                "reason"]
+        cols = ["#", "source", "status", "runs", "mask", "causal", "GQA", "dtype", "scale",
+                "dropout", "reason"]
         rows = []
         for i, s in enumerate(self.sites):
-            rows.append([str(i), s.source, s.status, s.mask, s.causal,
+            rows.append([str(i), s.source, s.status, s.implementation or "-", s.mask, s.causal,
                          f"{s.gqa_group}:1" if s.gqa_group > 1 else "-", s.dtype,
                          "-" if s.scale is None else f"{s.scale:.4g}",
                          f"{s.dropout:g}" if s.dropout else "-",
@@ -88,9 +90,12 @@ class Report:
 def _reason(s: Site) -> str:
     if s.reason is not None:
         return f"[{s.reason_code}] {s.reason}"
+    notes = []
+    if s.implementation_note and s.implementation_note != "first choice":
+        notes.append(s.implementation_note)
     if s.rewritten and s.mask_note is not None and s.mask != "none":
-        return f"mask kept as a tensor: {s.mask_note}"
-    return ""
+        notes.append(f"mask kept as a tensor: {s.mask_note}")
+    return "; ".join(notes)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')

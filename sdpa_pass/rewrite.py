@@ -1,5 +1,6 @@
-"""Step 5: replace each proven site with one ``torch.ops.sdpa_pass.attention_forward`` call,
-and the driver that runs steps 1-6 over a GraphModule.
+"""Step 5: replace each proven site with one ``torch.ops.sdpa_pass.attention_forward`` call
+(or, as ``implementations.py`` chooses, an exact ``aten.scaled_dot_product_attention`` call or
+the float64 math reference), and the driver that runs steps 1-6 over a GraphModule.
 
 New nodes are aten ops, which are valid both in Dynamo's torch-level graphs and in exported
 aten graphs. Masks keep their own (broadcast) shapes: a (B, 1, 1, S) padding mask stays that
@@ -11,15 +12,19 @@ from __future__ import annotations
 import logging
 import operator
 import time
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
-import sdpa_pass.kernels  # noqa: F401  (registers torch.ops.sdpa_pass, used below)
-from sdpa_pass.kernels.checks import CAUSAL_NONE
+# importing sdpa_pass.kernels registers torch.ops.sdpa_pass, used below
+from sdpa_pass.kernels.checks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from sdpa_pass.kernels.reference import attention_math
 
 from .analyse import Plan, analyse
 from .canonicalize import removable_if_unused, tensor_of
+from .implementations import (Choices, Implementation, causal_of, choose, current_implementations,
+                              resolve, rows_may_be_empty_for, sdpa_is_causal, uniform_rows)
 from .match import NotASite, candidate_nodes, find_softmaxes, match_softmax
 from .report import GraphRecord, Report, Site, shape_text, source_of
 from .verify import needs_grad, verify
@@ -120,7 +125,77 @@ def _build_mask(graph, plan: Plan):
     return bias, "float " + text
 
 
-def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
+def _dim(graph, node: fx.Node, size, dim: int):
+    """``size`` (the operand's length along ``dim``) usable as a graph argument."""
+    return size if isinstance(size, int) else _call(graph, aten.sym_size.int, node, dim)
+
+
+def _positional_mask(graph, plan: Plan, q: fx.Node, k: fx.Node) -> fx.Node:
+    """The lifted causal / window predicate as an (L, S) bool tensor, True = attend."""
+    causal_align, diagonal, window = causal_of(plan)
+    device = tensor_of(plan.q.node).device
+    rows = _call(graph, aten.arange.default, _dim(graph, q, plan.q.shape[2], 2),
+                 dtype=torch.int64, device=device)
+    cols = _call(graph, aten.arange.default, _dim(graph, k, plan.k.shape[2], 2),
+                 dtype=torch.int64, device=device)
+    if causal_align == CAUSAL_BOTTOM_RIGHT:
+        # counted from the last position: (L-1-i) - (S-1-j) = j - i - (S - L), with no
+        # arithmetic on (possibly symbolic) sizes
+        rows = _call(graph, aten.flip.default, rows, [0])
+        cols = _call(graph, aten.flip.default, cols, [0])
+        rel = _call(graph, aten.sub.Tensor, _call(graph, aten.unsqueeze.default, rows, 1),
+                    _call(graph, aten.unsqueeze.default, cols, 0))
+    else:
+        rel = _call(graph, aten.sub.Tensor, _call(graph, aten.unsqueeze.default, cols, 0),
+                    _call(graph, aten.unsqueeze.default, rows, 1))
+    visible = _call(graph, aten.le.Scalar, rel, diagonal)   # j <= i + offset
+    if window != -1:
+        visible = _call(graph, aten.logical_and.default, visible,
+                        _call(graph, aten.gt.Scalar, rel, diagonal - window))
+    return visible
+
+
+def _emit_sdpa(graph, plan: Plan, q, k, v, mask) -> fx.Node:
+    """``aten.scaled_dot_product_attention`` computing exactly the site (``can_serve`` said
+    it can): the predicate as is_causal or a materialised (L, S) mask. SDPA's backends give
+    zeros (or NaN) on rows with no visible key; those rows are set to what eager gives: NaN
+    (softmax over -inf), or the mean of V when the masks were finite fills (a uniform row)."""
+    is_bool = all(m.kind in ("bool_masked", "bool_attend") for m in plan.kernel_masks)
+    is_causal = sdpa_is_causal(plan)
+    if causal_of(plan)[0] != CAUSAL_NONE and not is_causal:
+        visible = _positional_mask(graph, plan, q, k)
+        if mask is None:
+            mask, is_bool = visible, True
+        elif is_bool:
+            mask = _call(graph, aten.logical_and.default, mask, visible)
+        else:
+            mask = _call(graph, aten.where.ScalarOther, visible, mask, float("-inf"))
+    # a Python bool: with symbolic head counts this guards on the group size being 1 or not
+    gqa = bool(plan.group != 1)
+    out = _call(graph, aten.scaled_dot_product_attention.default, q, k, v, mask, 0.0, is_causal,
+                scale=plan.scale, enable_gqa=gqa)
+    if mask is not None and rows_may_be_empty_for(plan):
+        if is_bool:
+            empty = _call(graph, aten.logical_not.default, _call(graph, aten.any.dim, mask, -1, True))
+        else:
+            empty = _call(graph, aten.all.dim,
+                          _call(graph, aten.eq.Scalar, mask, float("-inf")), -1, True)
+        if uniform_rows(plan):
+            v_mean = _call(graph, aten.mean.dim, v, [-2], True)     # (B, Hkv, 1, Dv)
+            if gqa:
+                group = plan.group
+                if not isinstance(group, int):
+                    group = _call(graph, operator.floordiv, _call(graph, aten.sym_size.int, q, 1),
+                                  _call(graph, aten.sym_size.int, v, 1))
+                v_mean = _call(graph, aten.repeat_interleave.self_int, v_mean, group, 1)
+            out = _call(graph, aten.where.self, empty, v_mean, out)
+        else:
+            out = _call(graph, aten.where.ScalarSelf, empty, float("nan"), out)
+    return out
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan,
+               implementation: Implementation = Implementation.TRITON) -> str:
     graph = gm.graph
     cand = plan.cand
     with graph.inserting_before(cand.pv):
@@ -162,9 +237,18 @@ def apply_plan(gm: fx.GraphModule, plan: Plan) -> str:
         # flow (the example values say so), and always with uniform rows, whose gradients
         # need it whatever the chunked path could recompute.
         return_lse = needs_grad(plan) or bool(extra.get("uniform_on_empty"))
-        call = _call(graph, ATTENTION_OP, q, k, v, mask, None, plan.scale, *causal,
-                     plan.softcap, True, return_lse, *dropout, **extra)
-        out = _to_output_shape(graph, _call(graph, operator.getitem, call, 0), plan)
+        if implementation is Implementation.SDPA:
+            out = _emit_sdpa(graph, plan, q, k, v, mask)
+        else:
+            if implementation is Implementation.MATH:
+                # its gradients come from autograd, which needs no LSE
+                target, return_lse = attention_math, False
+            else:
+                target = ATTENTION_OP
+            call = _call(graph, target, q, k, v, mask, None, plan.scale, *causal,
+                         plan.softcap, True, return_lse, *dropout, **extra)
+            out = _call(graph, operator.getitem, call, 0)
+        out = _to_output_shape(graph, out, plan)
     out.meta.update({k_: v_ for k_, v_ in cand.pv.meta.items() if k_ in ("example_value", "val", "stack_trace")})
     cand.pv.replace_all_uses_with(out)
     for node in reversed(candidate_nodes(cand)):
@@ -180,13 +264,19 @@ def _mask_form(plan: Plan, mask_text: str) -> str:
     return "predicate+tensor" if lifted else "tensor"
 
 
-def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
+def rewrite(gm: fx.GraphModule, example_inputs=None,
+            implementation: Optional[Choices] = None) -> Report:
     """Run the pass on ``gm`` in place; returns the Report of every candidate site.
 
     Graphs from Dynamo and ``torch.export`` carry the shapes the pass proves things from.
     For others (``torch.fx.symbolic_trace``) pass ``example_inputs``: their shapes are
     propagated with fake tensors first, and the proof holds for those shapes.
+    ``implementation``: what rewritten sites run (``implementations.py``); default the
+    choice of the enclosing ``sdpa_pass.implementation(...)`` block, else our Triton op.
+    The math reference is a Python function in the graph: fine for torch.compile, not for a
+    graph that must stay a ``torch.export`` program.
     """
+    choices = current_implementations() if implementation is None else resolve(implementation)
     start = time.perf_counter()
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
@@ -207,11 +297,12 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
         try:
             plan = analyse(found, gm)
             verify(plan)
+            impl, impl_note = choose(plan, choices)
         except NotASite as skip:
             sites.append(Site("skipped", source, skip.args[0], skip.args[1]))
             continue
         try:
-            mask_text = apply_plan(gm, plan)
+            mask_text = apply_plan(gm, plan, impl)
         except Exception as exc:  # noqa: BLE001
             # apply_plan replaces uses only as its last step: before that, what it inserted is
             # dead and removed below, and the site stays as the user wrote it.
@@ -222,7 +313,8 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
                           dtype=str(plan.dtype).replace("torch.", ""), scale=plan.scale,
                           softcap=plan.softcap or None, dropout=plan.dropout_p,
                           causal=plan.lift.text if plan.lift else "none",
-                          mask_note=plan.lift_note, mask_form=_mask_form(plan, mask_text)))
+                          mask_note=plan.lift_note, mask_form=_mask_form(plan, mask_text),
+                          implementation=impl.value, implementation_note=impl_note))
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
@@ -232,7 +324,8 @@ def rewrite(gm: fx.GraphModule, example_inputs=None) -> Report:
     report = Report(sites, [GraphRecord(before, after)], time.perf_counter() - start)
     for s in sites:
         if s.rewritten:
-            log.info("rewrote attention at %s (mask %s, GQA %d:1)", s.source, s.mask, s.gqa_group)
+            log.info("rewrote attention at %s (mask %s, GQA %d:1) to run %s (%s)", s.source, s.mask,
+                     s.gqa_group, s.implementation, s.implementation_note)
         else:
             log.info("left attention at %s: [%s] %s", s.source, s.reason_code, s.reason)
     _trace_artifacts(before, after)

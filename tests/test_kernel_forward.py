@@ -232,3 +232,58 @@ def test_finfo_min_rows_average_uniformly(dtype):
     assert_close_to_reference(out, ref, dtype)
     uniform = v.double().cpu().mean(dim=2)
     assert_close_to_reference(out[:, :, 4], uniform, dtype, what="row 4 (all finfo.min)")
+
+
+TMA_CASES = {
+    # name: (hq, hkv, L, S, extras); lengths cross tiles and stop mid-tile, so the copy
+    # engine's zero fill past L and S and its clipped stores are exercised
+    "plain": (4, 4, 19, 37, {}),
+    "causal_top_left": (4, 2, 37, 37, dict(is_causal=True)),
+    "causal_bottom_right_gqa": (4, 1, 19, 37, dict(causal="bottom_right")),
+    "window": (2, 2, 33, 33, dict(causal="top_left", window=7)),
+    "rows_past_keys": (2, 2, 37, 19, dict(causal="bottom_right")),
+    "decode_row": (4, 2, 1, 37, dict(causal="bottom_right")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TMA_CASES))
+def test_tensor_descriptor_path(case, monkeypatch):
+    """The Hopper copy-engine path (tensor descriptors for Q, K, V, O) against the reference.
+    On CPU it runs through the interpreter, forced by SDPA_PASS_TMA=1; on a GPU the same
+    variable forces it for non-causal inputs too. Strided (B, L, H, D) storage included."""
+    import sdpa_pass.kernels.forward as fwd
+
+    hq, hkv, ql, kl, extras = TMA_CASES[case]
+    monkeypatch.setenv("SDPA_PASS_TMA", "1")
+    chosen = []
+    real = fwd.use_tma
+    monkeypatch.setattr(fwd, "use_tma", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    dtype = torch.float16
+    q = randn(B, ql, hq, D, dtype=dtype).transpose(1, 2)
+    k, v = (randn(B, hkv, kl, D, dtype=dtype) for _ in range(2))
+    mask = torch.rand(B, 1, ql, kl, device=DEVICE) > 0.2
+    out, lse = attention(q, k, v, mask, enable_gqa=True, empty_rows="nan", return_lse=True, **extras)
+    assert chosen == [True]
+    ref, ref_lse = reference_attention(q, k, v, mask, empty_rows="nan", **extras)
+    assert_close_to_reference(out, ref, dtype)
+    finite = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite().cpu(), finite)
+    torch.testing.assert_close(lse.double().cpu()[finite], ref_lse[finite], rtol=1e-3, atol=1e-3)
+
+
+def test_tensor_descriptor_path_refused_for_layouts_the_copy_engine_cannot_read(monkeypatch):
+    """Broadcast (stride 0) K/V, a head dim that is not a whole tile, fp32: pointer path."""
+    import sdpa_pass.kernels.forward as fwd
+
+    monkeypatch.setenv("SDPA_PASS_TMA", "1")
+    h = torch.float16
+    q = randn(B, 4, 16, 32, dtype=h)
+    kv = randn(1, 4, 16, 32, dtype=h)
+    assert fwd.use_tma(q, kv, kv, q, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
+    wide = kv.expand(B, -1, -1, -1)
+    assert not fwd.use_tma(q, wide, wide, q, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
+    assert not fwd.use_tma(q, kv, kv, q, head_dims=(24, 24), block_dims=(32, 32), skips_tiles=True)
+    f = q.float()
+    assert not fwd.use_tma(f, f, f, f, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
+    monkeypatch.setenv("SDPA_PASS_TMA", "0")
+    assert not fwd.use_tma(q, kv, kv, q, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)

@@ -109,3 +109,25 @@ def test_loss_and_every_gradient_match_eager(case, attention_p):
             opt.step()
             opt.zero_grad()
     torch._dynamo.reset()
+
+
+def test_training_under_inductor_with_transposed_kv():
+    """The default inner backend. HF's K/V reach the op as transposed views; the backward op's
+    gradients must have the strides its fake declares, which Inductor checks (a mismatch was
+    an AssertionError in Inductor's stride check before the op made them contiguous)."""
+    case = next(c for c in CASES if c.name.startswith("llama"))
+    eager = _train_model(case, 0.0)
+    model = copy.deepcopy(eager)
+    input_ids, attention_mask = _batch()
+    torch._dynamo.reset()
+    compiled = sdpa_pass.optimize(model)
+    loss_eager = _loss(eager, input_ids, attention_mask, case.output)
+    loss = _loss(compiled, input_ids, attention_mask, case.output)
+    torch.testing.assert_close(loss, loss_eager, atol=LOSS_TOL, rtol=LOSS_TOL)
+    loss_eager.backward()
+    loss.backward()
+    for (name, p), p_eager in zip(model.named_parameters(), eager.parameters()):
+        if p_eager.grad is not None:
+            err = (p.grad - p_eager.grad).norm() / p_eager.grad.norm().clamp_min(1e-12)
+            assert err <= GRAD_REL_TOL, f"grad of {name}: relative error {err:.2e}"
+    torch._dynamo.reset()

@@ -1,0 +1,122 @@
+"""The forward kernel's two load paths side by side, and where the host time of one call goes.
+
+    python benchmarks/forward_variants.py --out DIR
+
+- Kernel time of the pointer path (SDPA_PASS_TMA=0) and the tensor-descriptor path
+  (SDPA_PASS_TMA=1) for the FlashAttention benchmark shapes (L = S = N, batch 16384 / N,
+  heads 2048 / D), causal and not, timed through CUDA graphs (``do_bench_cudagraph``) so the
+  host's launch cost is not in the number. This is the measurement behind ``use_tma``'s rule.
+- Host cost per call (no GPU wait) of each layer for a small causal call: the Triton launch
+  alone (fixed tiles), ``attention_forward_triton``, the ``torch.ops.sdpa_pass`` op, and the
+  public ``attention`` function.
+Writes ``forward_variants_<device>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+import sdpa_pass.kernels.forward as fwd
+from sdpa_pass.kernels import attention
+from sdpa_pass.kernels.checks import CAUSAL_TOP_LEFT, check_attention_inputs
+
+
+def kernel_tflops(B, H, N, D, causal, tma: str) -> dict:
+    os.environ["SDPA_PASS_TMA"] = tma
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = attention(q, k, v, is_causal=causal)  # compiles and autotunes outside the graph
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    ms = do_bench_cudagraph(lambda: attention(q, k, v, is_causal=causal), rep=100,
+                            return_mode="median")
+    flops = 4 * B * H * N * N * D / (2 if causal else 1)
+    return dict(B=B, H=H, N=N, D=D, causal=causal, path="tma" if tma == "1" else "pointer",
+                tflops=flops / ms / 1e9, rel_err=err)
+
+
+def host_us(fn, calls=300) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def host_costs(L=64) -> dict:
+    os.environ.pop("SDPA_PASS_TMA", None)
+    q, k, v = (torch.randn(1, 8, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    shape = check_attention_inputs(q, k, v, None, None, causal_align=CAUSAL_TOP_LEFT)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 8, L, device="cuda")
+    cfg = fwd._default_gpu_config(128, q.dtype)
+    scale = 128 ** -0.5
+
+    def launch():
+        grid = (triton_cdiv(L, cfg["BLOCK_M"]), 8)
+        fwd._attention_fwd_kernel[grid](
+            q, k, v, out, lse, q, q, q, scale * fwd.LOG2E, 0.0, 0.0, 1.0,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), 0, 0, 0, 0, 0, 0,
+            *lse.stride()[:2], 8, L, L, 1, 0, -1,
+            HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=0, HAS_KPM=False,
+            IS_CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=True,
+            STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
+            FOLD_SCALE=True, REVERSE=True, **cfg)
+
+    def triton_path():
+        return fwd.attention_forward_triton(
+            q, k, v, None, None, shape, scale=scale, causal_align=CAUSAL_TOP_LEFT, diagonal=0,
+            window=-1, softcap=0.0, nan_on_empty=True, return_lse=True)
+
+    def op():
+        return torch.ops.sdpa_pass.attention_forward(q, k, v, None, None, scale, CAUSAL_TOP_LEFT,
+                                                     0, -1, 0.0, True, True)
+
+    return dict(L=L, launch_only_fixed_tiles=host_us(launch), attention_forward_triton=host_us(triton_path),
+                op=host_us(op), attention=host_us(lambda: attention(q, k, v, is_causal=True)),
+                sdpa=host_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True)))
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    rows = []
+    for D in (128, 64):
+        for N in (1024, 4096, 16384):
+            for causal in (False, True):
+                for tma in ("0", "1"):
+                    rows.append(kernel_tflops(16384 // N, 2048 // D, N, D, causal, tma))
+                    print(rows[-1], flush=True)
+    host = host_costs()
+    device = torch.cuda.get_device_name()
+    meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"forward_variants_{device.lower().replace(' ', '-')}.json"
+    path.write_text(json.dumps(dict(meta=meta, kernel=rows, host_us=host), indent=1))
+    print(f"\n{device}, bf16, kernel time through CUDA graphs, TFLOP/s")
+    print("| shape | causal | pointer | tma | tma / pointer |\n|:---|:---|---:|---:|---:|")
+    for a, b in zip(rows[::2], rows[1::2]):
+        print(f"| B{a['B']} H{a['H']} N{a['N']} D{a['D']} | {'yes' if a['causal'] else 'no'} | "
+              f"{a['tflops']:.1f} | {b['tflops']:.1f} | {b['tflops'] / a['tflops']:.2f}x |")
+    print("\nhost microseconds per call (L=64, causal, no GPU wait):", {k: round(v, 1) if isinstance(v, float) else v for k, v in host.items()})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
