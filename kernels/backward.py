@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import LOG2E_C, interpreter_active, key_ranges, launch_params, masked_scores
+from .forward import (LOG2E_C, TunedKernel, interpreter_active, key_ranges, launch_params,
+                      masked_scores)
 
 
 @triton.jit
@@ -362,14 +363,26 @@ def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
+_DKDV = TunedKernel(_bwd_dkdv_autotuned, _bwd_dkdv_kernel)
+_DQ = TunedKernel(_bwd_dq_autotuned, _bwd_dq_kernel)
+
+
 def _kernels(head_dim_pad: int, dtype: torch.dtype):
-    """(dK/dV kernel, its fixed tiles, dQ kernel, its fixed tiles); tiles {} when autotuned."""
+    """(dK/dV kernel, its fixed tiles, dQ kernel, its fixed tiles); tiles None when tuned."""
     if interpreter_active():
         return _bwd_dkdv_kernel, _INTERPRETER_CONFIG, _bwd_dq_kernel, _INTERPRETER_CONFIG
     if os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         cfg = _fixed_config(head_dim_pad, dtype)
         return _bwd_dkdv_kernel, cfg, _bwd_dq_kernel, cfg
-    return _bwd_dkdv_autotuned, {}, _bwd_dq_autotuned, {}
+    return _DKDV, None, _DQ, None
+
+
+def _launch(kernel, tiles, grid, args, meta) -> None:
+    if tiles is None:  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
+        key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        kernel.launch(key, grid, *args, **meta)
+    else:
+        kernel[grid](*args, **meta, **tiles)
 
 
 def attention_backward_triton(
@@ -416,23 +429,21 @@ def attention_backward_triton(
     seed = dropout_seed if dropout_p > 0.0 else q
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    dkdv_kernel[dkdv_grid](
+    _launch(dkdv_kernel, dkdv_cfg, dkdv_grid, (
         q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mstrides, *pstrides, *lse.stride()[:2],
-        Hkv, L, S, shape.group, offset, window, **common, **dkdv_cfg,
-    )
+        Hkv, L, S, shape.group, offset, window), common)
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
     dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    dq_kernel[dq_grid](
+    _launch(dq_kernel, dq_cfg, dq_grid, (
         q, k, v, grad_out, lse, delta, dq, ds, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
         *mstrides, *pstrides, *lse.stride()[:2],
-        Hq, L, S, shape.group, offset, window, STORE_DS=need_mask_grad, **common, **dq_cfg,
-    )
+        Hq, L, S, shape.group, offset, window), {**common, "STORE_DS": need_mask_grad})
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims
         dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype)

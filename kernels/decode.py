@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .forward import LN2, interpreter_active, launch_params, masked_scores
+from .forward import LN2, interpreter_active, launch_params, masked_scores, next_pow2
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -308,7 +308,7 @@ def sm_count(device: torch.device) -> int:
 
 def _block_m(rows: int) -> int:
     # tl.dot needs at least 16 rows
-    return max(16, triton.next_power_of_2(rows))
+    return max(16, next_pow2(rows))
 
 
 def use_decode_kernel(shape: AttentionShape, device_props_or_sm_count) -> bool:
@@ -336,7 +336,7 @@ def use_decode_kernel(shape: AttentionShape, device_props_or_sm_count) -> bool:
     rows = shape.group * L
     if rows > MAX_DECODE_ROWS:
         return False
-    block_dv = max(16, triton.next_power_of_2(max(shape.head_dim, shape.v_head_dim)))
+    block_dv = max(16, next_pow2(max(shape.head_dim, shape.v_head_dim)))
     if _block_m(rows) * block_dv > MAX_ACC_ELEMENTS:
         return False
     if S < MIN_DECODE_KV_LEN:
@@ -450,7 +450,7 @@ def attention_decode_triton(
     if interpreting:
         merge_rows, merge_splits = 16, 2
     else:
-        merge_splits = min(triton.next_power_of_2(num_splits), max(_MERGE_TILE // block_dv, 1))
+        merge_splits = min(next_pow2(num_splits), max(_MERGE_TILE // block_dv, 1))
         merge_rows = max(_MERGE_TILE // (merge_splits * block_dv), 1)
     _decode_merge_kernel[(triton.cdiv(rows_total, merge_rows),)](
         acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits,

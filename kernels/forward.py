@@ -435,6 +435,37 @@ _attention_fwd_autotuned = triton.autotune(
 )(_attention_fwd_kernel)
 
 
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code: in triton 3.9 that is a constexpr_function
+    whose call wrapper costs ~15 us of host time per call, on every attention call."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class TunedKernel:
+    """An autotuned kernel whose choice is remembered per key, so a call after the first
+    launches the plain JIT kernel with the chosen config. Triton's ``Autotuner.run`` rebuilds
+    its key on every call with a list-membership scan over every argument name (60+ here):
+    ~40 us of host time per launch, which dominates short decode and prefill calls. ``key``
+    must determine what the autotuner's own key does (its key arguments and the dtypes)."""
+
+    def __init__(self, autotuned, kernel, pre_hook=None):
+        self.autotuned, self.kernel, self.pre_hook = autotuned, kernel, pre_hook
+        self.chosen: dict = {}
+
+    def launch(self, key, grid, *args, **kwargs) -> None:
+        config = self.chosen.get(key)
+        if config is None:
+            self.autotuned[grid](*args, **kwargs)  # tunes on its first call for this key
+            self.chosen[key] = self.autotuned.best_config.all_kwargs()
+            return
+        if self.pre_hook is not None:
+            self.pre_hook({**kwargs, **config, **dict(zip(self.kernel.arg_names, args))})
+        self.kernel[grid](*args, **kwargs, **config)
+
+
+_FORWARD = TunedKernel(_attention_fwd_autotuned, _attention_fwd_kernel, _set_tma_blocks)
+
+
 class LaunchParams(NamedTuple):
     """Host-side kernel arguments every attention kernel derives the same way from a call."""
 
@@ -465,8 +496,7 @@ def launch_params(q, attn_mask, key_padding_mask, shape: AttentionShape, scale: 
     else:
         qk_scale, softcap_log2 = scale * LOG2E, 0.0
     return LaunchParams(mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2,
-                        max(16, triton.next_power_of_2(shape.head_dim)),
-                        max(16, triton.next_power_of_2(shape.v_head_dim)))
+                        max(16, next_pow2(shape.head_dim)), max(16, next_pow2(shape.v_head_dim)))
 
 
 def attention_forward_triton(
@@ -507,13 +537,6 @@ def attention_forward_triton(
     dot_upcast = interpreter_active() and q.dtype == torch.bfloat16
     # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    if interpreter_active():
-        kernel, tuning = _attention_fwd_kernel, _INTERPRETER_CONFIG
-    elif os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
-        # Fixed tiles, no tuning runs: for test suites that compile many variants.
-        kernel, tuning = _attention_fwd_kernel, _default_gpu_config(max(block_d, block_dv), q.dtype)
-    else:
-        kernel, tuning = _attention_fwd_autotuned, {}
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     dropout = dropout_p > 0.0
     tma = use_tma(q, k, v, out, head_dims=(D, DV), block_dims=(block_d, block_dv),
@@ -521,16 +544,15 @@ def attention_forward_triton(
     operands = (q, k, v, out)
     if tma:
         operands = tuple(_descriptor(t) for t in operands)
-        if tuning:
-            _set_tma_blocks({"TMA": True, "Q": operands[0], "K": operands[1], "V": operands[2],
-                             "O": operands[3], "BLOCK_D": block_d, "BLOCK_DV": block_dv, **tuning})
-    kernel[grid](
+    args = (
         *operands, lse, mask, kpm, dropout_seed if dropout else q,
         qk_scale, softcap_log2, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *mstrides, *pstrides, *lstrides,
         Hq, L, S, shape.group,
         causal_offset(causal_align, diagonal, L, S), window,
+    )
+    meta = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1,
@@ -539,6 +561,16 @@ def attention_forward_triton(
         # positive scale, nothing added to the scores: see _attend_tiles
         TMA=tma, FOLD_SCALE=qk_scale > 0.0 and mask_kind != MASK_FLOAT and not has_softcap,
         REVERSE=causal_align != CAUSAL_NONE,
-        **tuning,
     )
+    if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
+        # Fixed tiles, no tuning runs: small ones in the interpreter, the defaults on a GPU
+        # (SDPA_PASS_AUTOTUNE=0, for test suites that compile many variants).
+        tuning = (_INTERPRETER_CONFIG if interpreter_active()
+                  else _default_gpu_config(max(block_d, block_dv), q.dtype))
+        if tma:
+            _set_tma_blocks({**dict(zip(_attention_fwd_kernel.arg_names, args)), **meta, **tuning})
+        _attention_fwd_kernel[grid](*args, **meta, **tuning)
+    else:
+        key = (*meta.values(), q.dtype, mask.dtype, kpm.dtype)
+        _FORWARD.launch(key, grid, *args, **meta)
     return out, lse

@@ -287,3 +287,36 @@ def test_tensor_descriptor_path_refused_for_layouts_the_copy_engine_cannot_read(
     assert not fwd.use_tma(f, f, f, f, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
     monkeypatch.setenv("SDPA_PASS_TMA", "0")
     assert not fwd.use_tma(q, kv, kv, q, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
+
+
+def test_tuned_kernel_tunes_once_per_key_then_launches_the_plain_kernel():
+    """TunedKernel (GPU launches): the first call of a key goes through triton's autotuner,
+    later ones launch the JIT kernel itself with the config the autotuner chose, after the
+    pre-hook (the descriptors' tile shapes). Stand-ins record the launches: the autotuner
+    needs a GPU to time configs."""
+    from types import SimpleNamespace
+
+    from sdpa_pass.kernels.forward import TunedKernel, next_pow2
+
+    launches = []
+
+    class Launcher:
+        def __init__(self, name, arg_names=("X", "n")):
+            self.name, self.arg_names = name, list(arg_names)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid, args, kwargs))
+
+    autotuned = Launcher("autotuner")
+    hooks = []
+    tuned = TunedKernel(autotuned, Launcher("kernel"), pre_hook=hooks.append)
+    chosen = {"BLOCK": 64, "num_warps": 4, "num_stages": 2}
+    autotuned.best_config = SimpleNamespace(all_kwargs=lambda: dict(chosen))
+    tuned.launch(("key", 1), "grid", "x", 3, FLAG=True)
+    tuned.launch(("key", 1), "grid", "y", 5, FLAG=True)
+    tuned.launch(("key", 2), "grid", "z", 7, FLAG=False)
+    assert [(name, args) for name, _, args, _ in launches] == [
+        ("autotuner", ("x", 3)), ("kernel", ("y", 5)), ("autotuner", ("z", 7))]
+    assert launches[1][3] == {"FLAG": True, **chosen}
+    assert hooks == [{"X": "y", "n": 5, "FLAG": True, **chosen}]
+    assert [next_pow2(n) for n in (0, 1, 2, 3, 16, 17, 96, 128, 129)] == [1, 1, 2, 4, 16, 32, 128, 128, 256]
