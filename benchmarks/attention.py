@@ -3,19 +3,43 @@
     python benchmarks/attention.py                        # bf16, every shape
     python benchmarks/attention.py --dtype fp16 --tag mybranch
     python benchmarks/attention.py --quick                # smoke run: two small shapes
+    python benchmarks/attention.py --matrix full --shard 0/5   # one fifth of the full matrix
     TRITON_INTERPRET=1 python benchmarks/attention.py --device cpu --quick --dtype fp16 --out /tmp/b
+    TRITON_INTERPRET=1 python benchmarks/attention.py --device cpu --matrix full --quick --dtype fp16 --out /tmp/b
 
 Shapes follow the FlashAttention benchmark convention: L = S = N, batch = 16384 // N and
 heads = 2048 // D, so every shape holds 16384 tokens of model width 2048. Each is run causal
 and non-causal.
 
-Peers: ours, SDPA pinned to one backend (flash, cuDNN, memory-efficient), flex attention under
-torch.compile, and eager attention (``softmax(q @ k^T * scale + mask) @ v`` in the input
-dtype). Each peer runs once before timing, which also compiles / autotunes it, and its output
-is compared with a reference (the first of REFERENCE_ORDER that ran). A peer that fails or is
-unavailable records its error string and the benchmark goes on.
+``--matrix full`` instead runs head dims 64, 128, 256 and N = 512 .. 32768 (doubling; batch at
+least 1), each in every variant of VARIANTS: causal, none, a bool mask, a float bias and GQA.
+Rows are ordered N, then head dim, then variant, so ``--shard i/5`` (every fifth row from row
+i) is exactly one variant: its 21 rows span every N, and ours autotunes only that variant's
+kernels. Each shard writes its own JSON (``..._shard{i}of{n}.json``); report.py merges them.
+``--resume`` keeps the rows already in the output file and measures only the missing ones.
+Expected time per shard of the full matrix on an H100/H200, from the first-call times in
+benchmarks/results/*.json (fwd, bf16): flex compiles every shape (1.3-5.7 s, median ~2 s),
+ours autotunes once per kernel key (11-19 s; one variant has 3-6 keys), Inductor compiles
+every shape (no GPU figure yet; ~3-6 s on CPU), cuDNN and eager start in < 0.1 s, and each
+measured peer costs ~0.2-1 s of do_bench. That is ~10-15 s a row, so ~4-5 min for a shard's
+21 rows plus ~1.5 min of autotuning and ~0.5 min of start-up: 6-7 min, inside a 10-minute call
+(shards of masked variants skip the largest rows of eager and Inductor and go faster).
+``--mode fwdbwd`` doubles the compile times (flex 3-9 s a shape): run it as --shard i/15.
 
-FLOPs count useful work only: 4 * B * H * L * S * D (two matmuls), halved for causal.
+Peers: ours, SDPA pinned to one backend (flash, cuDNN, memory-efficient), flex attention under
+torch.compile, eager attention (``softmax(q @ k^T * scale + mask) @ v`` in the input dtype,
+K/V repeated per query head as HF's ``repeat_kv`` does for GQA) and that same function under
+``torch.compile(backend="inductor")`` (compiled per shape). Inductor's fuse_attention pass may
+replace the eager spelling with SDPA; the row's ``note`` says when it did. Each peer runs once
+before timing, which also compiles / autotunes it (``first_call_s``), and its output is
+compared with a reference: the first of REFERENCE_ORDER that ran, where ``eager_fp32`` is the
+eager math on float32 copies of the inputs (forward only, while its scores fit
+EAGER_MAX_SCORE_BYTES). A peer that fails records its error string and the benchmark goes on;
+one that cannot express a variant, that SDPA refuses, or whose memory estimate is too large
+records ``skipped: <reason>``.
+
+FLOPs count useful work only: 4 * B * H * L * S * D (two matmuls, H = query heads), halved for
+causal; a bool mask or a bias counts the full matrix (the random mask leaves no tile empty).
 
 Results go to ``{out}/attention_fwd_{tag}_{device}.json`` (rewritten after every shape, so an
 interrupted run keeps what it measured) and to ``$OUT`` when that variable is set;
@@ -51,19 +75,40 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sdpa_pass.kernels import attention
 
 # report.py sits next to this file (sys.path[0] when run as a script) and needs no torch.
-from report import (MISMATCH_TOL, error_notes, format_text_table, format_tflops, shape_label,
-                    table)
+from report import (MISMATCH_TOL, error_notes, format_text_table, format_tflops, load,
+                    shape_key, shape_label, table)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Whose output the others are compared with: the first of these that ran for the shape.
-REFERENCE_ORDER = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "ours")
+# eager_fp32 is not a peer: the eager math on float32 copies, computed only when needed.
+REFERENCE_ORDER = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "eager_fp32", "ours")
 
 # Eager attention materialises the (B, H, L, S) scores (and a few temporaries of that size);
 # beyond this it is skipped rather than left to run out of memory.
 EAGER_MAX_SCORE_BYTES = 8 * 2**30
+# A materialised bias (1, H, N, N) is 2 * H GiB at N = 32k in bf16; past this a matrix row is
+# skipped for every peer (nobody builds such a tensor, and eager would need several of them).
+MASK_MAX_BYTES = 16 * 2**30
 
 DO_BENCH = dict(warmup=25, rep=100, return_mode="median")
+
+# --matrix full. The shard layout in the module docstring relies on N varying slowest and the
+# variant fastest (see make_matrix_shapes).
+MATRIX_HEAD_DIMS = (64, 128, 256)
+MATRIX_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+GQA_GROUP = 4
+BOOL_MASK_DENSITY = 0.8
+VARIANTS = {
+    "causal": "is_causal (top-left causal mask)",
+    "none": "no mask",
+    "bool": (f"random (N, N) bool attn_mask, ~{BOOL_MASK_DENSITY:.0%} True and the diagonal "
+             "always True (no empty row), broadcast over batch and heads"),
+    "bias": ("additive float attn_mask of shape (1, H, N, N) in the input dtype, broadcast over "
+             "batch: a materialised ALiBi bias -slope_h * |i - j| (the layout T5 / ALiBi / "
+             "relative-position models hand to SDPA)"),
+    "gqa": f"causal, {GQA_GROUP} query heads per K/V head (enable_gqa=True)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +118,8 @@ class Shape:
     seqlen: int
     head_dim: int
     causal: bool
+    variant: str | None = None  # --matrix rows only: a key of VARIANTS
+    kv_heads: int | None = None  # --matrix rows only
 
     @property
     def flops(self) -> float:
@@ -84,8 +131,11 @@ class Shape:
         return self.flops * (3.5 if mode == "fwdbwd" else 1.0)
 
     def fields(self) -> dict:
-        return dict(batch=self.batch, heads=self.heads, seqlen_q=self.seqlen,
-                    seqlen_kv=self.seqlen, head_dim=self.head_dim, causal=self.causal)
+        out = dict(batch=self.batch, heads=self.heads, seqlen_q=self.seqlen,
+                   seqlen_kv=self.seqlen, head_dim=self.head_dim, causal=self.causal)
+        if self.variant is not None:
+            out.update(variant=self.variant, kv_heads=self.kv_heads)
+        return out
 
 
 def make_shapes(quick: bool, device: torch.device, head_dims=(64, 128)) -> list[Shape]:
@@ -98,10 +148,89 @@ def make_shapes(quick: bool, device: torch.device, head_dims=(64, 128)) -> list[
     return [Shape(b, h, n, d, causal) for b, h, n, d in sizes for causal in (False, True)]
 
 
+def make_matrix_shapes(quick: bool, device: torch.device, head_dims=MATRIX_HEAD_DIMS) -> list[Shape]:
+    """Every variant of every (N, head dim); N outermost and the variant innermost, so that
+    --shard i/len(VARIANTS) is one variant over all sizes."""
+    if quick and device.type != "cuda":
+        # Tiny, for the interpreter; 4 heads so that GQA has a group of 4 over 1 K/V head.
+        sizes = [(1, 4, n, d) for n in (32, 64) for d in head_dims]
+    else:
+        seqlens = (1024,) if quick else MATRIX_SEQLENS
+        sizes = [(max(1, 16384 // n), 2048 // d, n, d) for n in seqlens for d in head_dims]
+    return [Shape(b, h, n, d, causal=variant in ("causal", "gqa"), variant=variant,
+                  kv_heads=h // GQA_GROUP if variant == "gqa" else h)
+            for b, h, n, d in sizes for variant in VARIANTS]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """One shape's tensors, as every peer receives them."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    attn_mask: torch.Tensor | None = None  # bool (N, N), True = attend; or float (1, H, N, N)
+    enable_gqa: bool = False
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+
+def too_large(nbytes: int, what: str, limit: int) -> None:
+    if nbytes > limit:
+        gib = nbytes / 2**30
+        raise Skipped(f"too large ({gib:.0f} GiB {what})" if gib >= 1 else
+                      f"too large ({gib:.2g} GiB {what})")
+
+
+def alibi_bias(heads: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, H, N, N) ALiBi bias -slope_h * |i - j| (symmetric: the bidirectional form), built
+    one head at a time so that no (H, N, N) float32 temporary is needed."""
+    pos = torch.arange(n, dtype=torch.float32, device=device)
+    distance = (pos[None, :] - pos[:, None]).abs_()
+    bias = torch.empty(1, heads, n, n, dtype=dtype, device=device)
+    for h in range(heads):
+        bias[0, h] = distance * -(2.0 ** (-8.0 * (h + 1) / heads))
+    return bias
+
+
+def random_bool_mask(n: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device).manual_seed(2)
+    mask = torch.rand(n, n, generator=gen, device=device) < BOOL_MASK_DENSITY
+    mask.diagonal().fill_(True)
+    return mask
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device,
+                requires_grad: bool) -> Inputs:
+    """Random normal inputs (zeros, or torch.empty garbage, would make every kernel look
+    right) and the variant's mask; Skipped when the mask alone would be too large."""
+    n = shape.seqlen
+    if shape.variant == "bool":
+        too_large(n * n, "bool mask", MASK_MAX_BYTES)
+    elif shape.variant == "bias":
+        too_large(shape.heads * n * n * dtype.itemsize, f"bias (1, {shape.heads}, {n}, {n})",
+                  MASK_MAX_BYTES)
+    torch.manual_seed(0)
+    q = torch.randn(shape.batch, shape.heads, n, shape.head_dim, dtype=dtype, device=device,
+                    requires_grad=requires_grad)
+    k, v = (torch.randn(shape.batch, shape.kv_heads or shape.heads, n, shape.head_dim,
+                        dtype=dtype, device=device, requires_grad=requires_grad)
+            for _ in range(2))
+    attn_mask = None
+    if shape.variant == "bool":
+        attn_mask = random_bool_mask(n, device)
+    elif shape.variant == "bias":
+        attn_mask = alibi_bias(shape.heads, n, dtype, device)
+    return Inputs(q, k, v, shape.causal, attn_mask, enable_gqa=shape.variant == "gqa")
+
+
 # --------------------------------------------------------------------------------------------
-# Peers. build(q, k, v, causal) returns a no-argument callable computing the attention output;
-# anything it needs besides the inputs (masks, compiled functions) is made there, outside
-# timing. context() wraps both the first call and the timed calls.
+# Peers. build(inputs) returns a no-argument callable computing the attention output; anything
+# it needs besides the inputs (masks, compiled functions) is made there, outside timing.
+# context() wraps both the first call and the timed calls. A callable may carry a ``note``
+# attribute (a string), copied into its row.
 # --------------------------------------------------------------------------------------------
 
 class Skipped(Exception):
@@ -111,67 +240,176 @@ class Skipped(Exception):
 @dataclasses.dataclass(frozen=True)
 class Peer:
     name: str
-    build: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Callable[[], torch.Tensor]]
+    build: Callable[[Inputs], Callable[[], torch.Tensor]]
     context: Callable[[], ContextManager] = contextlib.nullcontext
 
 
-def build_ours(q, k, v, causal):
-    return lambda: attention(q, k, v, is_causal=causal)
+def build_ours(x: Inputs):
+    return lambda: attention(x.q, x.k, x.v, attn_mask=x.attn_mask, is_causal=x.causal,
+                             enable_gqa=x.enable_gqa)
 
 
-def build_sdpa(q, k, v, causal):
-    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def build_sdpa(x: Inputs):
+    # only the arguments a variant needs, so a plain call is the plain call
+    extra = {}
+    if x.attn_mask is not None:
+        extra["attn_mask"] = x.attn_mask
+    if x.enable_gqa:
+        extra["enable_gqa"] = True
+    return lambda: F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=x.causal, **extra)
+
+
+def build_sdpa_flash(x: Inputs):
+    if x.attn_mask is not None:
+        raise Skipped("SDPA's flash backend takes no attn_mask")
+    return build_sdpa(x)
 
 
 def _causal_mask_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def build_flex(q, k, v, causal):
+def _tensor_mask_mod(mask: torch.Tensor):
+    """A bool (N, N) mask as flex's mask_mod: reads the tensor."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[q_idx, kv_idx]
+    return mask_mod
+
+
+def _tensor_bias_score_mod(bias: torch.Tensor):
+    """A (1, H, N, N) bias as flex's score_mod: reads the tensor."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[0, h, q_idx, kv_idx]
+    return score_mod
+
+
+def build_flex(x: Inputs):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    # Every shape compiles afresh. Without the reset, dynamo's recompile limit (8 per code
-    # object) would be reached within the shape sweep, after which it silently runs
-    # flex_attention eagerly, which materialises the scores.
-    torch._dynamo.reset()
-    block_mask = None
-    if causal:
-        block_mask = create_block_mask(_causal_mask_mod, None, None, q.shape[-2], k.shape[-2],
-                                       device=q.device)
+    # The block mask of a random bool mask skips no tile; flex still reads the mask per score.
+    mask_mod, extra = None, {}
+    if x.causal:
+        mask_mod = _causal_mask_mod
+    elif x.attn_mask is not None and x.attn_mask.dtype == torch.bool:
+        mask_mod = _tensor_mask_mod(x.attn_mask)
+    elif x.attn_mask is not None:
+        extra["score_mod"] = _tensor_bias_score_mod(x.attn_mask)
+    if x.enable_gqa:
+        extra["enable_gqa"] = True
+    block_mask = None if mask_mod is None else create_block_mask(
+        mask_mod, None, None, x.q.shape[-2], x.k.shape[-2], device=x.q.device)
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
-    return lambda: compiled(q, k, v, block_mask=block_mask)
+    return lambda: compiled(x.q, x.k, x.v, block_mask=block_mask, **extra)
 
 
-def build_eager(q, k, v, causal):
-    B, H, L, D = q.shape
-    S = k.shape[-2]
-    score_bytes = B * H * L * S * q.element_size()
-    if score_bytes > EAGER_MAX_SCORE_BYTES:
-        raise Skipped(f"too large ({score_bytes / 2**30:.0f} GiB score matrix)")
-    scale = 1.0 / math.sqrt(D)
-    # Additive mask, as hand-written attention usually has: 0 where visible, -inf above the
-    # diagonal.
-    mask = None
-    if causal:
-        mask = torch.full((L, S), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+def repeat_kv(kv: torch.Tensor, group: int) -> torch.Tensor:
+    """HF transformers' ``repeat_kv``: (B, Hkv, S, D) -> (B, Hkv * group, S, D), copied."""
+    if group == 1:
+        return kv
+    b, h, s, d = kv.shape
+    return kv[:, :, None].expand(b, h, group, s, d).reshape(b, h * group, s, d)
+
+
+def eager_attention(q, k, v, mask: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
+    """Attention as models hand-write it: repeat_kv, scaled scores plus an additive mask,
+    softmax, values. Also what Inductor compiles and, on float32 copies, a reference."""
+    k, v = repeat_kv(k, group), repeat_kv(v, group)
+    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def additive_mask(x: Inputs, dtype: torch.dtype) -> torch.Tensor | None:
+    """The shape's mask as hand-written attention adds it: 0 where visible, -inf elsewhere
+    (a causal mask above the diagonal), or the bias itself."""
+    L, S = x.q.shape[-2], x.k.shape[-2]
+    if x.causal:
+        return torch.full((L, S), float("-inf"), dtype=dtype, device=x.q.device).triu(1)
+    if x.attn_mask is None:
+        return None
+    if x.attn_mask.dtype == torch.bool:
+        return torch.zeros(x.attn_mask.shape, dtype=dtype,
+                           device=x.q.device).masked_fill_(~x.attn_mask, float("-inf"))
+    return x.attn_mask.to(dtype)
+
+
+def score_bytes(x: Inputs, element_size: int) -> int:
+    B, H, L, _ = x.q.shape
+    return B * H * L * x.k.shape[-2] * element_size
+
+
+def build_eager(x: Inputs):
+    too_large(score_bytes(x, x.q.element_size()), "score matrix", EAGER_MAX_SCORE_BYTES)
+    mask = additive_mask(x, x.q.dtype)
+    return lambda: eager_attention(x.q, x.k, x.v, mask, x.group)
+
+
+def runs_sdpa(fn: Callable[[], object]) -> bool:
+    """Whether a call of fn dispatches an SDPA kernel, from the profiler's op names (what ran,
+    unlike Inductor's fuse_attention counter, which a compile-cache hit does not bump)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("scaled_dot_product" in event.name for event in prof.events())
+
+
+def _inductor_compile(x: Inputs):
+    """eager_attention under Inductor for these inputs, compiled by a first call; returns the
+    callable and whether Inductor's fuse_attention pass replaced the pattern with SDPA."""
+    mask = additive_mask(x, x.q.dtype)
+    compiled = torch.compile(eager_attention, backend="inductor", dynamic=False, fullgraph=True)
 
     def run():
-        scores = q @ k.transpose(-2, -1) * scale
-        if mask is not None:
-            scores = scores + mask
-        return torch.softmax(scores, dim=-1) @ v
+        return compiled(x.q, x.k, x.v, mask, x.group)
 
+    run()
+    return run, runs_sdpa(run)
+
+
+_INDUCTOR_FUSES: dict[tuple, bool] = {}
+
+
+def inductor_fuses(x: Inputs, n: int = 128) -> bool:
+    """Whether Inductor replaces this kind of row with SDPA, learned by compiling a small slice
+    of it (same dtype, heads, head dim, mask kind, GQA); remembered per kind."""
+    key = (x.q.dtype, x.q.device, x.q.shape[1], x.k.shape[1], x.q.shape[-1], x.causal,
+           None if x.attn_mask is None else (x.attn_mask.dtype, x.attn_mask.dim()))
+    if key not in _INDUCTOR_FUSES:
+        def small(t):
+            return t[..., :n, :].detach().contiguous().requires_grad_(t.requires_grad)
+        mask = x.attn_mask
+        if mask is not None:
+            mask = mask[..., :n, :n].contiguous()
+        probe = Inputs(small(x.q[:1]), small(x.k[:1]), small(x.v[:1]), x.causal, mask,
+                       x.enable_gqa)
+        _INDUCTOR_FUSES[key] = _inductor_compile(probe)[1]
+    return _INDUCTOR_FUSES[key]
+
+
+def build_inductor(x: Inputs):
+    # Without fuse_attention Inductor materialises the scores as eager does (plus the mask
+    # added in); with it, SDPA runs and any size fits.
+    scores = score_bytes(x, x.q.element_size())
+    if scores > EAGER_MAX_SCORE_BYTES and not inductor_fuses(x):
+        too_large(scores, "score matrix; Inductor does not fuse this spelling into SDPA",
+                  EAGER_MAX_SCORE_BYTES)
+    run, fused = _inductor_compile(x)
+    if fused:
+        run.note = "Inductor's fuse_attention pass replaced the eager spelling with SDPA"
     return run
 
 
 PEERS = (
     Peer("ours", build_ours),
-    Peer("sdpa_flash", build_sdpa, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)),
+    Peer("sdpa_flash", build_sdpa_flash, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)),
     Peer("sdpa_cudnn", build_sdpa, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
     Peer("sdpa_efficient", build_sdpa, lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)),
     Peer("flex", build_flex),
     Peer("eager", build_eager),
+    Peer("inductor", build_inductor),
 )
+# The default (non-matrix) run keeps the peers it always had; --impls can add inductor.
+DEFAULT_IMPLS = ("ours", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager")
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +425,12 @@ def describe(exc: BaseException, caught: list, max_len: int = 300) -> str:
     if reasons:
         text += " [" + "; ".join(reasons) + "]"
     return text if len(text) <= max_len else text[: max_len - 3] + "..."
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """SDPA pinned to a backend that cannot take these inputs (CUDA's and CPU's wording)."""
+    return isinstance(exc, RuntimeError) and any(
+        text in str(exc) for text in ("No available kernel", "No viable backend"))
 
 
 def synchronize(device: torch.device) -> None:
@@ -237,14 +481,31 @@ def with_backward(fn: Callable[[], torch.Tensor], q, k, v) -> Callable[[], tuple
     return run
 
 
+def eager_fp32_reference(x: Inputs, mode: str) -> torch.Tensor | None:
+    """The eager math on float32 copies, while its scores fit; forward only (the backward's
+    random dO is drawn in the peers' dtype)."""
+    if mode != "fwd" or score_bytes(x, 4) > EAGER_MAX_SCORE_BYTES:
+        return None
+    with torch.no_grad():
+        return eager_attention(x.q.float(), x.k.float(), x.v.float(),
+                               additive_mask(x, torch.float32), x.group)
+
+
 def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
                 mode: str = "fwd") -> list[dict]:
-    torch.manual_seed(0)
-    # Random normal inputs: zeros (or torch.empty garbage) would make every kernel look right.
-    q, k, v = (torch.randn(shape.batch, shape.heads, shape.seqlen, shape.head_dim,
-                           dtype=dtype, device=device, requires_grad=mode == "fwdbwd")
-               for _ in range(3))
-    fns, outputs, errors, first_call = {}, {}, {}, {}
+    def row(name: str, **values) -> dict:
+        return dict(shape.fields(), impl=name, ms=None, tflops=None, rel_err=None, ref=None,
+                    first_call_s=None, error=None) | values
+
+    try:
+        x = make_inputs(shape, dtype, device, requires_grad=mode == "fwdbwd")
+    except Skipped as exc:  # the row is there, for every peer, with the reason
+        return [row(peer.name, error=f"skipped: {exc}") for peer in peers]
+    # Every shape compiles afresh. Without the reset, dynamo's recompile limit (8 per code
+    # object) would be reached within the shape sweep, after which it silently runs
+    # flex_attention (and the Inductor peer) eagerly, which materialises the scores.
+    torch._dynamo.reset()
+    fns, outputs, errors, first_call, notes = {}, {}, {}, {}, {}
 
     # First call of every peer, outside timing: compiles, autotunes and gives its output.
     for peer in peers:
@@ -253,9 +514,11 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
             try:
                 start = time.perf_counter()
                 with peer.context():
-                    fn = peer.build(q, k, v, shape.causal)
+                    fn = peer.build(x)
+                    if getattr(fn, "note", None):
+                        notes[peer.name] = fn.note
                     if mode == "fwdbwd":
-                        fn = with_backward(fn, q, k, v)
+                        fn = with_backward(fn, x.q, x.k, x.v)
                     outputs[peer.name] = fn()
                     synchronize(device)
                 # compile + autotune + first run: what a user waits for on first use
@@ -264,30 +527,40 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
             except Skipped as exc:
                 errors[peer.name] = f"skipped: {exc}"
             except Exception as exc:  # noqa: BLE001 - any failure of a peer is a result
-                errors[peer.name] = describe(exc, caught)
+                errors[peer.name] = (("skipped: SDPA refused: " if is_refusal(exc) else "")
+                                     + describe(exc, caught))
         if device.type == "cuda" and peer.name in errors:
             torch.cuda.empty_cache()  # e.g. after an out-of-memory
 
-    ref = next((name for name in REFERENCE_ORDER if name in outputs), None)
+    ref = None
+    for name in REFERENCE_ORDER:
+        if name == "eager_fp32" and name not in outputs:
+            reference = eager_fp32_reference(x, mode)
+            if reference is not None:
+                outputs[name] = reference
+        if name in outputs:
+            ref = name
+            break
     rows = []
     for peer in peers:
         name = peer.name
-        row = dict(shape.fields(), impl=name, ms=None, tflops=None, rel_err=None, ref=None,
-                   first_call_s=first_call.get(name), error=errors.get(name))
+        r = row(name, first_call_s=first_call.get(name), error=errors.get(name))
+        if name in notes:
+            r["note"] = notes[name]
         if name in outputs and ref is not None and name != ref:
-            row["rel_err"], row["ref"] = rel_err(outputs[name], outputs[ref]), ref
+            r["rel_err"], r["ref"] = rel_err(outputs[name], outputs[ref]), ref
         if name in fns:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
                     with peer.context():
                         ms = time_ms(fns[name], device)
-                    row["ms"], row["tflops"] = ms, shape.flops_for(mode) / (ms * 1e-3) / 1e12
+                    r["ms"], r["tflops"] = ms, shape.flops_for(mode) / (ms * 1e-3) / 1e12
                 except Exception as exc:  # noqa: BLE001
-                    row["error"] = describe(exc, caught)
-        rows.append(row)
+                    r["error"] = describe(exc, caught)
+        rows.append(r)
 
-    del q, k, v, fns, outputs
+    del x, fns, outputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -367,8 +640,16 @@ def progress(i: int, n: int, shape: Shape, rows: list[dict]) -> str:
         else:
             err = "" if r["rel_err"] is None else f" (err {r['rel_err']:.1e})"
             parts.append(f"{r['impl']} {format_tflops(r['tflops'])}{err}")
-    label = shape_label(shape.fields()) + (" causal" if shape.causal else "")
+    label = shape_label(shape.fields()) + (f" {shape.variant}" if shape.variant
+                                           else " causal" if shape.causal else "")
     return f"[{i}/{n}] {label}: " + " | ".join(parts)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: want i/n with 0 <= i < n, e.g. 0/5")
+    return int(match[1]), int(match[2])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,14 +658,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="directory for the result JSON (default: benchmarks/results)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--quick", action="store_true", help="a few small shapes, for a smoke run")
-    parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
+    parser.add_argument("--matrix", choices=("full",), default=None,
+                        help="head dims 64/128/256 x N 512..32k x every variant "
+                             f"({', '.join(VARIANTS)}), every peer including inductor")
+    parser.add_argument("--head-dims", default=None,
+                        help="comma-separated head dims (default: 64,128; with --matrix "
+                             "64,128,256, or 32,64 for --quick on CPU)")
+    parser.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                        help="run every N-th shape starting at shape I; the file name gets "
+                             "_shardIofN (with --matrix full, 5 shards are the 5 variants)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the shapes already in the output file; measure the others")
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd",
                         help="forward only, or forward + backward (dQ, dK, dV)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tag", default=None,
-                        help="put in the file name (default: the dtype, plus '-quick' for --quick)")
-    parser.add_argument("--impls", default=",".join(p.name for p in PEERS),
-                        help="comma-separated subset of: %(default)s")
+                        help="put in the file name (default: the dtype, plus '-matrix' for "
+                             "--matrix and '-quick' for --quick)")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated subset of: " + ",".join(p.name for p in PEERS)
+                             + " (default: all with --matrix, else all but inductor)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -394,22 +687,49 @@ def main(argv: list[str] | None = None) -> None:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # do_bench and triton launch on the current device
-    wanted = [name.strip() for name in args.impls.split(",") if name.strip()]
+    default_impls = [p.name for p in PEERS] if args.matrix else DEFAULT_IMPLS
+    wanted = [name.strip() for name in (args.impls or ",".join(default_impls)).split(",")
+              if name.strip()]
     unknown = set(wanted) - {p.name for p in PEERS}
     if unknown:
         parser.error(f"unknown --impls {sorted(unknown)}; choose from {[p.name for p in PEERS]}")
     peers = [p for p in PEERS if p.name in wanted]
 
     dtype = DTYPES[args.dtype]
-    tag = args.tag or (args.dtype + ("-quick" if args.quick else ""))
+    tag = args.tag or (args.dtype + ("-matrix" if args.matrix else "")
+                       + ("-quick" if args.quick else ""))
     meta = metadata(args, device)
+    if args.matrix:
+        tiny = args.quick and device.type != "cuda"
+        meta.update(matrix=args.matrix, variants=VARIANTS,
+                    shapes=("L = S = N, batch 1, 4 heads (CPU smoke sizes)" if tiny else
+                            "L = S = N, batch = max(1, 16384 // N), heads = 2048 // D"),
+                    eager_max_score_bytes=EAGER_MAX_SCORE_BYTES, mask_max_bytes=MASK_MAX_BYTES)
+    if args.shard:
+        meta["shard"] = list(args.shard)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention_{args.mode}_{slug(tag)}_{slug(meta['device'])}.json"
+    shard = f"_shard{args.shard[0]}of{args.shard[1]}" if args.shard else ""
+    path = args.out / f"attention_{args.mode}_{slug(tag)}_{slug(meta['device'])}{shard}.json"
 
     print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
           f"{args.dtype}", flush=True)
-    shapes = make_shapes(args.quick, device, tuple(int(d) for d in args.head_dims.split(",")))
+    if args.head_dims:
+        head_dims = tuple(int(d) for d in args.head_dims.split(","))
+    elif args.matrix:
+        head_dims = (32, 64) if args.quick and device.type != "cuda" else MATRIX_HEAD_DIMS
+    else:
+        head_dims = (64, 128)
+    shapes = (make_matrix_shapes if args.matrix else make_shapes)(args.quick, device, head_dims)
+    if args.shard:
+        shapes = shapes[args.shard[0]::args.shard[1]]
     rows: list[dict] = []
+    if args.resume and path.exists():
+        rows = load(path)["rows"]
+        done = {shape_key(r) for r in rows}
+        kept = len(shapes)
+        shapes = [shape for shape in shapes if shape_key(shape.fields()) not in done]
+        meta["resumed"] = True
+        print(f"resuming {path}: {kept - len(shapes)} shapes already measured", flush=True)
     for i, shape in enumerate(shapes, 1):
         shape_rows = bench_shape(shape, peers, dtype, device, args.mode)
         rows += shape_rows

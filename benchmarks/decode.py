@@ -13,15 +13,17 @@ Two timings per implementation: replayed from a CUDA graph (``do_bench_cudagraph
 time, from which GB/s is computed) and launched from Python (``do_bench``: what a step costs
 without CUDA graphs, host overhead included; a decode step of a small model is bound by it).
 
+Caches of 4k to 128k tokens at batch 16 and 1 (SHAPES); a peer whose temporaries would not fit
+the free GPU memory (eager's repeat_kv copies) records ``skipped: too large (...)``.
+
 Run: ``python benchmarks/decode.py [--out DIR]``; prints a markdown table and writes
-``decode_bf16_<device>.json``.
+``decode_bf16_<device>.json``. About 2 minutes on an H100/H200 (flex compiles per shape).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from pathlib import Path
 
@@ -31,15 +33,20 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import DO_BENCH, Skipped, describe, metadata, rel_err, save, slug, synchronize  # noqa: E402
+from attention import (DO_BENCH, Skipped, describe, eager_attention, metadata,  # noqa: E402
+                       rel_err, save, slug, synchronize)
 
 import sdpa_pass.kernels.ops as ops  # noqa: E402
 from sdpa_pass.kernels import attention  # noqa: E402
 
 # (batch, query heads, KV heads, head dim, cache length): the decode issue's shapes (batch 16,
-# 32/8 heads, hd128, 4k and 32k) plus batch 1 and a long cache.
-SHAPES = [(16, 32, 8, 128, 4096), (16, 32, 8, 128, 32768), (1, 32, 8, 128, 4096),
-          (1, 32, 8, 128, 32768), (1, 32, 8, 128, 131072)]
+# 32/8 heads, hd128, 4k and 32k), extended to 64k and 128k caches (issue 8), at batch 16 and 1.
+# Batch 16 at 128k holds 8 GiB of K/V; eager's repeat_kv copies 4x that.
+SHAPES = [(16, 32, 8, 128, 4096), (16, 32, 8, 128, 32768), (16, 32, 8, 128, 65536),
+          (16, 32, 8, 128, 131072), (1, 32, 8, 128, 4096), (1, 32, 8, 128, 32768),
+          (1, 32, 8, 128, 65536), (1, 32, 8, 128, 131072)]
+# Of the GPU memory free once the inputs exist, what a peer's own temporaries may take.
+FREE_MEMORY_SHARE = 0.8
 REFERENCE_ORDER = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "ours")
 
 
@@ -97,14 +104,14 @@ def build_flex(q, k, v):
 
 def build_eager(q, k, v):
     group = q.shape[1] // k.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1])
-
-    def run():
-        kr = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
-        vr = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
-        return torch.softmax(q @ kr.transpose(-2, -1) * scale, dim=-1) @ vr
-
-    return run
+    # repeat_kv copies K and V per query head; the scores (B, Hq, 1, S) are small beside them
+    copies = 2 * k.numel() * group * k.element_size()
+    if q.is_cuda:
+        free = torch.cuda.mem_get_info(q.device)[0]
+        if copies > FREE_MEMORY_SHARE * free:
+            raise Skipped(f"too large ({copies / 2**30:.0f} GiB of repeat_kv copies, "
+                          f"{free / 2**30:.0f} GiB free)")
+    return lambda: eager_attention(q, k, v, group=group)
 
 
 PEERS = {
@@ -134,6 +141,7 @@ def bench(shape: Shape, dtype, device) -> list[dict]:
             errors[name] = f"skipped: {exc}"
         except Exception as exc:  # noqa: BLE001 - a failing peer is a result
             errors[name] = describe(exc, [])
+            torch.cuda.empty_cache()  # e.g. after an out-of-memory
     ref = next((n for n in REFERENCE_ORDER if n in outputs), None)
     rows = []
     for name in PEERS:

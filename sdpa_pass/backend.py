@@ -8,6 +8,7 @@ after ``pip install`` without importing this package first.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional, Union
 
 import torch.fx as fx
@@ -18,6 +19,7 @@ from .report import Report
 from .rewrite import rewrite
 
 BackendLike = Union[str, Callable]
+log = logging.getLogger("sdpa_pass")
 
 
 def _inner(backend: BackendLike) -> Callable:
@@ -55,17 +57,34 @@ def make_backend(backend: BackendLike = "inductor", on_report: Optional[Callable
     return compile_fn
 
 
-def sdpa_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
-    """Entry point for ``torch.compile(..., backend="sdpa_pass", options={...})``.
+def sdpa_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None,
+                      mode: Optional[str] = None):
+    """Entry point for ``torch.compile(..., backend="sdpa_pass", mode=..., options={...})``.
 
     options: ``backend`` names the inner compiler; ``implementation`` says what rewritten
     sites run (``"triton"``, ``"sdpa"``, ``"math"`` or an ordered list); ``on_report`` is
     called with each graph's Report; other keys are passed to the inner compiler as its
-    ``options`` (Inductor's config dict, for example).
+    ``options`` (Inductor's config dict, for example). mode: ``torch.compile``'s mode
+    ("reduce-overhead", "max-autotune", ...), which torch passes to a backend named by string;
+    it means Inductor settings, so it becomes Inductor's config for that mode (explicit
+    options win) and, as Dynamo's own non-Inductor backends do, is ignored by other inner
+    compilers (with a warning).
     """
     options = dict(options or {})
     backend = options.pop("backend", "inductor")
+    if mode not in (None, "default"):
+        if _is_inductor(backend, _inner(backend)):
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(mode), **options}
+        elif mode not in _warned_modes:
+            _warned_modes.add(mode)
+            log.warning("sdpa_pass: mode=%r configures Inductor; the inner backend %r ignores it",
+                        mode, backend)
     return make_backend(backend, **options)(gm, example_inputs)
+
+
+_warned_modes: set = set()
 
 
 def _register() -> None:
