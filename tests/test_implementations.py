@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 import sdpa_pass
 import sdpa_pass.implementations as implementations
-from idioms import IDIOMS
+from idioms import CATALOGUE, IDIOMS
 from reference import assert_close_to_reference
 from sdpa_pass import Implementation
 from sdpa_pass.kernels.reference import attention_math
-from test_idioms import as_float64, assert_outputs_match, reference_output
+from test_idioms import DROPOUT_IDIOMS, as_float64, assert_outputs_match, reference_output
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -316,3 +316,31 @@ def forward(self, L_key_ : torch.Tensor, L_query_ : torch.Tensor, L_attention_ma
     transpose_1 = where_scalar_self.transpose(1, 2);  where_scalar_self = None
     contiguous = transpose_1.contiguous();  transpose_1 = None
     return (contiguous,)""")
+
+
+CATALOGUE_CASES = [pytest.param(choice, i, id=f"{choice}-{i.name}")
+                   for choice in ("sdpa", "math") for i in CATALOGUE
+                   # dropout sites fall back to our op under both (see can_serve), whose
+                   # draws tests/test_idioms.py checks against the kernels' own mask
+                   if i.name not in DROPOUT_IDIOMS]
+
+
+@pytest.mark.parametrize("choice,idiom", CATALOGUE_CASES)
+def test_whole_catalogue_equals_eager(choice, idiom):
+    """Every idiom of the catalogue under the sdpa and math choices, fp32 forward: the
+    compiled function equals eager float64, the catalogue's sites are rewritten, and each runs
+    the choice or names why it could not (then our op, which test_idioms checks)."""
+    fn, args = idiom.build(torch.float32)
+    expected = reference_output(fn, args)
+    reports = []
+    with torch.no_grad():
+        got = torch.compile(fn, backend="sdpa_pass", fullgraph=True,
+                            options={"backend": "eager", "implementation": choice,
+                                     "on_report": reports.append})(*args)
+    assert_outputs_match(idiom, got, expected, torch.float32)
+    rewritten = [s for r in reports for s in r.sites if s.rewritten]
+    assert len(rewritten) == idiom.expected_rewrites, "\n".join(map(str, reports))
+    for site in rewritten:
+        assert site.implementation == choice or (
+            site.implementation == "triton" and f"{choice} cannot serve" in site.implementation_note
+        ), f"{idiom.name}: runs {site.implementation} ({site.implementation_note})"
