@@ -6,7 +6,7 @@
   (SDPA_PASS_TMA=1) for the FlashAttention benchmark shapes (L = S = N, batch 16384 / N,
   heads 2048 / D), causal and not, timed through CUDA graphs (``do_bench_cudagraph``) so the
   host's launch cost is not in the number. This is the measurement behind ``use_tma``'s rule.
-- Host cost per call (no GPU wait) of each layer for a small causal call: the Triton launch
+- Host cost per call (no GPU wait; ``--host-only``: this alone) of each layer for a small causal call: the Triton launch
   alone (fixed tiles), ``attention_forward_triton``, the ``torch.ops.sdpa_pass`` op, and the
   public ``attention`` function.
 Writes ``forward_variants_<device>.json`` and prints a table.
@@ -95,9 +95,10 @@ def triton_cdiv(a, b):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--host-only", action="store_true", help="only the host cost per call")
     args = parser.parse_args()
     rows = []
-    for D in (128, 64):
+    for D in () if args.host_only else (128, 64):
         for N in (1024, 4096, 16384):
             for causal in (False, True):
                 for tma in ("0", "1"):
@@ -107,7 +108,8 @@ def main():
     device = torch.cuda.get_device_name()
     meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"forward_variants_{device.lower().replace(' ', '-')}.json"
+    name = "host_cost" if args.host_only else "forward_variants"
+    path = args.out / f"{name}_{device.lower().replace(' ', '-')}.json"
     path.write_text(json.dumps(dict(meta=meta, kernel=rows, host_us=host), indent=1))
     print(f"\n{device}, bf16, kernel time through CUDA graphs, TFLOP/s")
     print("| shape | causal | pointer | tma | tma / pointer |\n|:---|:---|---:|---:|---:|")

@@ -103,6 +103,22 @@ def measure(model, ids, runs: int = 10) -> tuple[float, float, torch.Tensor]:
     return statistics.median(times), peak / 2**30, logits.float()
 
 
+def profile(model, ids, path: Path) -> None:
+    """One more (warm) prefill under torch.profiler: the kernels and host ops by GPU time, and
+    by host time, written to ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(ids, use_cache=False, logits_to_keep=1)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table.table(sort_by="cuda_time_total", row_limit=30) + "\n\n"
+                    + table.table(sort_by="self_cpu_time_total", row_limit=30))
+
+
 def measure_decode(model, ids, new_tokens: int) -> tuple[float, float, torch.Tensor]:
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids))
@@ -135,6 +151,9 @@ def main(argv=None) -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true",
+                        help="prefill: also write each column's torch.profiler table per length "
+                             "(profile_<column>_<tokens>.txt in --out), to see where time goes")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model_class, config_class = FAMILIES[args.family]
@@ -169,6 +188,8 @@ def main(argv=None) -> None:
                 else:
                     row["ms"], row["peak_gib"], logits = measure(model, ids)
                     row["tokens_per_s"] = args.batch * n / (row["ms"] / 1e3)
+                    if args.profile:
+                        profile(model, ids, args.out / f"profile_{slug(kind)}_{n}.txt")
                 torch.save(logits.cpu(), f"/tmp/logits_{slug(kind)}_{n}.pt")
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a result
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
