@@ -1,13 +1,19 @@
 """Backward attention kernels in Triton (FlashAttention-2 style), from the forward's LSE.
 
-Two kernels after a preprocess step (delta_i = rowsum(dO_i * O_i)):
+Two kernels after a prep kernel:
 - dK/dV: one program per key tile of one K/V head. It walks the query tiles that can see its
   keys, for every query head of its GQA group, so the group's dK/dV are summed in registers:
   no atomics, no repeated K/V, and a deterministic order.
 - dQ: one program per query tile of one query head, walking the key tiles it can see (and,
   when a float mask needs its gradient, writing dS so the caller reduces it to the mask's
   broadcast shape).
-Both recompute P = exp(S - LSE) tile by tile; no L×S matrix is saved. As in the forward, the
+A prep kernel first forms delta_i = rowsum(dO_i * O_i) and each row's softmax statistics as
+two fp32 numbers, an offset m and the rest r (log2 units, P = exp2(S - m - r)): m = LSE and
+r = 0, except on rows whose every score is far below zero (a finite fill such as -1e9 or
+finfo.min everywhere), where the LSE's fp32 rounding loses log(n) and the prep kernel takes the
+row's max and log-sum from one more pass over its keys. All of this stays on the device: the
+backward decides nothing from GPU values on the host, so it can be captured in a CUDA graph.
+Both kernels recompute P tile by tile; no L×S matrix is saved. As in the forward, the
 tile loops are split so only tiles on the causal diagonal, a window edge or the sequence end
 evaluate the positional predicate. On GPUs the tile shapes are autotuned per kernel. Masks, causal offsets,
 windows, key padding and soft-capping come from the forward's ``masked_scores``, so they mean
@@ -23,21 +29,126 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
+from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, TunedKernel, interpreter_active, key_ranges, launch_params,
-                      masked_scores)
+from .forward import (LOG2E_C, MASK_FLOAT, TunedKernel, interpreter_active, key_ranges,
+                      launch_params, masked_scores)
+
+# Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
+# At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
+LSE_PRECISE_ABOVE: tl.constexpr = tl.constexpr(-100.0)
+FILL_THRESHOLD_C: tl.constexpr = tl.constexpr(FILL_THRESHOLD)
+
+
+@triton.jit
+def _unfilled(ds, mask_base, rows, cols, stride_mm, stride_mn, L, S, FILLS: tl.constexpr):
+    """dS with 0 where a mask_fills float mask replaced the score (value <= FILL_THRESHOLD):
+    eager's masked_fill passes nothing back there. Matters only on rows filled everywhere,
+    where P is not 0 at the filled keys."""
+    if FILLS:
+        bias = tl.load(mask_base + rows * stride_mm + cols * stride_mn,
+                       mask=(rows < L) & (cols < S), other=0.0).to(tl.float32)
+        ds = tl.where(bias <= FILL_THRESHOLD_C, 0.0, ds)
+    return ds
+
+
+@triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
+def _bwd_prep_kernel(
+    Q, K, O, DO, LSE, GRAD_LSE, MASK, KPM, DELTA, ROW_M, ROW_R,
+    qk_scale, softcap_log2,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    stride_lb, stride_lh, stride_lm,
+    stride_gb, stride_gh, stride_gm,
+    stride_rb, stride_rh,
+    H, L, S, GROUP, offset, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Per query row: delta = rowsum(dO * O) - grad_lse, and the statistics (m, r) the dK/dV and
+    dQ kernels compute P from; rows with no visible key get delta 0 and m = +inf (P = 0)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_in = offs_m < L
+    tile = rows_in[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=tile, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=tile, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_GRAD_LSE:
+        delta -= tl.load(GRAD_LSE + off_b * stride_gb + off_h * stride_gh + offs_m * stride_gm,
+                         mask=rows_in, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm,
+                  mask=rows_in, other=0.0)
+    # rows with no visible key: the output may be NaN (eager's softmax over nothing), which
+    # must not reach dS as 0 * NaN
+    empty = lse == float("-inf")
+    delta = tl.where(empty, 0.0, delta)
+    row_m = tl.where(empty, float("inf"), lse * LOG2E_C)
+    row_r = tl.zeros((BLOCK_M,), tl.float32)
+    imprecise = (lse < LSE_PRECISE_ABOVE) & (lse != float("-inf"))
+    if tl.sum(imprecise.to(tl.int32), 0) > 0:
+        # one more pass over the keys of these rows: the max and the log-sum apart
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd,
+                    mask=rows_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if DOT_UPCAST:
+            q = q.to(tl.float32)
+        k_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
+        mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+        kpm_base = KPM + off_b * stride_pb
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        lo, _mid_lo, _mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
+                                              BLOCK_M, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            if DOT_UPCAST:
+                kT = kT.to(tl.float32)
+            s, _t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None],
+                                  offs_n[None, :], mask_base, kpm_base, stride_mm, stride_mn,
+                                  stride_pn, L, S, offset, window, qk_scale, softcap_log2,
+                                  MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # rows with nothing visible so far stay at -inf; shift them by 0 (no -inf - -inf)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - shift) + tl.sum(tl.math.exp2(s - shift[:, None]), 1)
+            m_i = m_new
+        row_m = tl.where(imprecise, m_i, row_m)
+        row_r = tl.where(imprecise, tl.math.log2(l_i), row_r)
+    r_off = off_b * stride_rb + off_h * stride_rh + offs_m
+    tl.store(DELTA + r_off, delta, mask=rows_in)
+    tl.store(ROW_M + r_off, row_m, mask=rows_in)
+    tl.store(ROW_R + r_off, row_r, mask=rows_in)
 
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+    dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
     offs_n, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
     L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FILLS: tl.constexpr, BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK/dV contributions of query tiles [lo, hi) of one query head to one key tile.
 
@@ -53,16 +164,15 @@ def _dkdv_tiles(
         if DOT_UPCAST:
             qT = qT.to(tl.float32)
             do = do.to(tl.float32)
-        # rows past L: q = 0 and lse = +inf, so P = 0; rows with no visible key have
-        # lse = -inf, made +inf so their P is exactly 0 too
-        lse = tl.load(l_base + offs_m, mask=offs_m < L, other=float("inf")) * LOG2E_C
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        # rows past L, and rows with no visible key (the prep kernel's m), have m = +inf: P = 0
+        row_m = tl.load(m_base + offs_m, mask=offs_m < L, other=float("inf"))
+        row_r = tl.load(r_base + offs_m, mask=offs_m < L, other=0.0)
         delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
         sT, tT = masked_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), offs_m[None, :],
                                offs_n[:, None], mask_base, kpm_base, stride_mm, stride_mn,
                                stride_pn, L, S, offset, window, qk_scale, softcap_log2,
                                MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY)
-        pT = tl.math.exp2(sT - lse[None, :])                              # (N, M)
+        pT = tl.math.exp2((sT - row_m[None, :]) - row_r[None, :])         # (N, M)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)     # (N, M)
         if DROPOUT:
             # O = (P * Z) V with Z = keep / (1 - p): dV sees P * Z, dP is Z * dO Vᵀ
@@ -72,7 +182,8 @@ def _dkdv_tiles(
             dpT = tl.where(keep, dpT * dropout_scale, 0.0)
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
+        dsT = _unfilled(pT * (dpT - delta[None, :]), mask_base, offs_m[None, :], offs_n[:, None],
+                        stride_mm, stride_mn, L, S, FILLS)
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
@@ -81,7 +192,7 @@ def _dkdv_tiles(
 
 @triton.jit(do_not_specialize=["HKV", "L", "S", "GROUP", "offset", "window"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, SEED,
+    Q, K, V, DO, ROW_M, ROW_R, DELTA, DK, DV, MASK, KPM, SEED,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -96,7 +207,7 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -146,31 +257,32 @@ def _bwd_dkdv_kernel(
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-        l_base = LSE + off_b * stride_lb + off_h * stride_lh
+        m_base = ROW_M + off_b * stride_lb + off_h * stride_lh
+        r_base = ROW_R + off_b * stride_lb + off_h * stride_lh
         d_base = DELTA + off_b * stride_lb + off_h * stride_lh
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
             offs_n, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
+            HAS_SOFTCAP, DROPOUT, FILLS, True, DOT_UPCAST, DOT_PRECISION,
         )
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
             offs_n, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
+            HAS_SOFTCAP, DROPOUT, FILLS, False, DOT_UPCAST, DOT_PRECISION,
         )
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, kpm_base,
+            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
             offs_n, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
+            HAS_SOFTCAP, DROPOUT, FILLS, True, DOT_UPCAST, DOT_PRECISION,
         )
     dk = dk * sm_scale
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -181,7 +293,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+    dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
     offs_m, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_pn,
@@ -189,10 +301,11 @@ def _dq_tiles(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    STORE_DS: tl.constexpr, BOUNDARY: tl.constexpr,
+    STORE_DS: tl.constexpr, FILLS: tl.constexpr, BOUNDARY: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ contributions of key tiles [lo, hi) to one query tile (and dS when asked for)."""
+    """dQ contributions of key tiles [lo, hi) to one query tile (and dS when asked for),
+    from P' = exp2(S - m): the rows' factor exp2(-r) is applied to dQ (and dS) by the caller."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -206,15 +319,17 @@ def _dq_tiles(
                              offs_n[None, :], mask_base, kpm_base, stride_mm, stride_mn,
                              stride_pn, L, S, offset, window, qk_scale, softcap_log2, MASK_KIND,
                              HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY)
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2(s - row_m[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])        # gradient of the (scaled, biased) scores
+        # gradient of the (scaled, biased) scores, up to the row factor exp2(-r)
+        ds = _unfilled(p * (dp - delta[:, None]), mask_base, offs_m[:, None], offs_n[None, :],
+                       stride_mm, stride_mn, L, S, FILLS)
         if STORE_DS:
             tl.store(ds_base + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
-                     ds, mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+                     ds * row_scale[:, None], mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
@@ -223,7 +338,7 @@ def _dq_tiles(
 
 @triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DS, MASK, KPM, SEED,
+    Q, K, V, DO, ROW_M, ROW_R, DELTA, DQ, DS, MASK, KPM, SEED,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -238,7 +353,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -258,8 +373,11 @@ def _bwd_dq_kernel(
     if DOT_UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, mask=offs_m < L, other=float("inf")) * LOG2E_C
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    # P = exp2(S - m - r) = exp2(S - m) * exp2(-r): the row factor (1 but on rows of huge
+    # negative scores, see the prep kernel) is applied once to dQ, not to every score
+    row_m = tl.load(ROW_M + off_b * stride_lb + off_h * stride_lh + offs_m, mask=offs_m < L, other=float("inf"))
+    row_scale = tl.math.exp2(-tl.load(ROW_R + off_b * stride_lb + off_h * stride_lh + offs_m,
+                                      mask=offs_m < L, other=0.0))
     delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, mask=offs_m < L, other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
@@ -273,30 +391,30 @@ def _bwd_dq_kernel(
     lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
                                         BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+        dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
         offs_m, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, True, DOT_UPCAST, DOT_PRECISION,
+        DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
     )
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+        dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
         offs_m, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, False, DOT_UPCAST, DOT_PRECISION,
+        DROPOUT, STORE_DS, FILLS, False, DOT_UPCAST, DOT_PRECISION,
     )
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+        dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
         offs_m, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, True, DOT_UPCAST, DOT_PRECISION,
+        DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
     )
-    dq = dq * sm_scale
+    dq = dq * (sm_scale * row_scale[:, None])
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM))
 
@@ -389,11 +507,13 @@ def attention_backward_triton(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
     need_mask_grad: bool, grad_lse=None, dropout_p: float = 0.0, dropout_seed=None,
+    mask_fills: bool = False,
 ):
     """(dq, dk, dv, dmask) from the forward's output and natural-log LSE (B, Hq, L).
 
     ``grad_lse`` (or None): gradient of the LSE output. d lse_i / d s_ij = P_ij, so it only
-    shifts delta: dS = P * (dP - (rowsum(dO * O) - grad_lse))."""
+    shifts delta: dS = P * (dP - (rowsum(dO * O) - grad_lse)). ``mask_fills``: float-mask
+    values <= FILL_THRESHOLD replaced their scores (masked_fill): dS is 0 there."""
     B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
     D, DV = shape.head_dim, shape.v_head_dim
     dmask = q.new_empty((0,))
@@ -404,45 +524,48 @@ def attention_backward_triton(
     # every element is written by the kernels (dK/dV of keys no query sees as zeros);
     # contiguous whatever the inputs' layout, as the op's fake says
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    # preprocess: delta_i = rowsum(dO_i * O_i), fp32
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    # rows with no visible key (LSE -inf) get P = 0 in the kernels; their output may be NaN
-    # (eager's softmax over nothing), which must not reach dS as 0 * NaN
-    delta = delta.masked_fill(lse == float("-inf"), 0.0).contiguous()
-    lse = lse.contiguous()
+    # per query row, from the prep kernel: delta, and the statistics m and r of P
+    delta, row_m, row_r = torch.empty((3, B, Hq, L), dtype=torch.float32, device=q.device)
+    rstrides = delta.stride()[:2]
 
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
     dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype)
-    common = dict(
+    masks = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
-        DROPOUT=dropout_p > 0.0,
         DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+    common = dict(masks, DROPOUT=dropout_p > 0.0, FILLS=mask_fills and mask_kind == MASK_FLOAT)
     offset = causal_offset(causal_align, diagonal, L, S)
     seed = dropout_seed if dropout_p > 0.0 else q
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    glse = grad_lse if grad_lse is not None else lse
+    gstrides = grad_lse.stride() if grad_lse is not None else (0, 0, 0)
+    prep_tiles = _INTERPRETER_CONFIG if interpreter_active() else _fixed_config(max(block_d, block_dv), q.dtype)
+    _bwd_prep_kernel[(triton.cdiv(L, prep_tiles["BLOCK_M"]), B * Hq)](
+        q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale, softcap_log2,
+        *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *mstrides, *pstrides,
+        *lse.stride(), *gstrides, *rstrides, Hq, L, S, shape.group, offset, window,
+        HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _launch(dkdv_kernel, dkdv_cfg, dkdv_grid, (
-        q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed,
+        q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *mstrides, *pstrides, *lse.stride()[:2],
+        *mstrides, *pstrides, *rstrides,
         Hkv, L, S, shape.group, offset, window), common)
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
     dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     _launch(dq_kernel, dq_cfg, dq_grid, (
-        q, k, v, grad_out, lse, delta, dq, ds, mask, kpm, seed,
+        q, k, v, grad_out, row_m, row_r, delta, dq, ds, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
-        *mstrides, *pstrides, *lse.stride()[:2],
+        *mstrides, *pstrides, *rstrides,
         Hq, L, S, shape.group, offset, window), {**common, "STORE_DS": need_mask_grad})
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims

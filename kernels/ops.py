@@ -26,10 +26,6 @@ from .empty_rows import add_uniform_rows_grads, fill_uniform_rows, rows_may_be_e
 from .forward import attention_forward_triton, interpreter_active
 
 
-# natural-log LSE below which the Triton backward is not used (see attention_backward)
-_LSE_PRECISE_ABOVE = -100.0
-
-
 def _use_triton(q: torch.Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and interpreter_active())
 
@@ -185,21 +181,15 @@ def _backward_impl(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, *, scale, causal_align,
     diagonal, window, softcap, need_mask_grad, grad_lse, dropout_p, dropout_seed, mask_fills,
 ):
-    # A row whose every score is far below zero (masked everywhere by a finite fill such as
-    # HF's finfo.min padding, or -1e9) has an LSE so large in magnitude that log(n) is lost in
-    # its fp32 rounding, and exp(s - lse) would mis-weigh the keys (each 1 instead of 1/n at
-    # finfo.min). Until the forward saves the row max apart from the LSE, calls with such rows
-    # take the chunked path, which normalises each row by its own sum. At lse >= -100 the
-    # rounding of lse costs under 1e-5 relative in P, as for any row.
-    # (Rows with no visible key have LSE -inf; the kernels give them P = 0 exactly.)
-    imprecise = (lse < _LSE_PRECISE_ABOVE) & (lse != float("-inf"))
-    if _use_triton(q) and lse.numel() > 0 and not bool(imprecise.any()):
+    # The path is chosen from devices and shapes only, never from GPU values (no host sync):
+    # the Triton backward handles rows whose LSE lost precision on the device (backward.py).
+    if _use_triton(q) and lse.numel() > 0:
         return attention_backward_triton(
             grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape, scale=scale,
             causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
             need_mask_grad=need_mask_grad, grad_lse=grad_lse, dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-        )  # no row is filled everywhere here, so mask_fills changes nothing
+            dropout_seed=dropout_seed, mask_fills=mask_fills,
+        )
     # CPU tensors, or a forward run without its LSE: the chunked path, which recomputes each
     # row's max and sum itself.
     return attention_backward_chunked(

@@ -40,12 +40,17 @@ from __future__ import annotations
 import dataclasses
 import linecache
 import math
+import os
 import random
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Where cases run: SDPA_PASS_FUZZ_DEVICE=cuda puts modules and inputs on the GPU (the op then
+# runs its Triton kernels); inputs are drawn on the CPU first, so a seed is the same case anywhere.
+DEVICE = torch.device(os.environ.get("SDPA_PASS_FUZZ_DEVICE", "cpu"))
 
 FP32, FP16 = torch.float32, torch.float16
 
@@ -87,7 +92,8 @@ class Case:
 
     def module(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """A fresh instance of the generated module, in ``dtype`` (default the case's)."""
-        return self._mode(self._instantiate(self.source, self.filename).to(dtype or self.dtype))
+        module = self._instantiate(self.source, self.filename).to(DEVICE, dtype or self.dtype)
+        return self._mode(module)
 
     def _mode(self, mod):
         mod.train(self.train)
@@ -103,7 +109,7 @@ class Case:
         ref = self._mode(self._instantiate(source, self.filename + " float64"))
         for name, buf in module.named_buffers():
             ref.get_buffer(name).copy_(buf)
-        return ref.double()
+        return ref.to(DEVICE, torch.float64)
 
     @staticmethod
     def _instantiate(source, filename):
@@ -121,6 +127,7 @@ class Case:
         out = []
         for spec in self.inputs:
             x = _make_input(spec, gen, self.dtype, dtype)
+            x = x.to(DEVICE) if isinstance(x, torch.Tensor) else x
             if requires_grad and spec.kind == "randn" and spec.name[0] in "qkv":
                 x.requires_grad_(True)
             out.append(x)

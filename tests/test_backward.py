@@ -273,6 +273,52 @@ def test_mask_fills_pass_no_gradient_to_filled_scores(dtype):
     assert grads[2].abs().sum() > 0
 
 
+# Fills where fp32 and the float64 reference agree that a filled row is a uniform average (at
+# -1e9 fp32 rounds the scores' own part away while float64 keeps it, in eager as here).
+@pytest.mark.parametrize("fill", [-1e30, torch.finfo(torch.float32).min], ids=["minus_1e30", "finfo_min"])
+@pytest.mark.parametrize("mask_fills", [False, True], ids=["additive", "mask_fills"])
+def test_rows_of_huge_negative_scores_stay_on_the_kernels(request, monkeypatch, fill, mask_fills):
+    """Rows whose every score sits at a finite fill have an LSE whose fp32 rounding lost
+    log(n); the Triton backward (its prep kernel) recomputes their max and log-sum on the
+    device instead of handing the call to the chunked path after a host sync (which the
+    Triton run forbids here). Causal, GQA, the mask's own gradient, the LSE's gradient and
+    partly filled rows in one call."""
+    if request.node.callspec.params["_seed_and_small_chunks"] == "triton_backward":
+        def no_chunked(*args, **kwargs):
+            raise AssertionError("the backward left the Triton kernels")
+
+        monkeypatch.setattr(ops, "attention_backward_chunked", no_chunked)
+    q, k, v = leaves(*make_qkv(torch.float32, 4, 2, L=L, S=S, D=D))
+    filled = torch.zeros(B, 1, L, S, dtype=torch.bool)
+    filled[:, :, 4] = True          # every key it sees is filled
+    filled[1, :, 9, 3:] = True      # partly filled
+    filled[0, :, 11, :] = True
+    bias = randn(B, 1, L, S).cpu().masked_fill(filled, fill).to(DEVICE)
+    dout, dlse = randn(B, 4, L, D), randn(B, 4, L)
+    # not on the rows filled everywhere: the float64 reference's own logsumexp backward,
+    # exp(s - lse) at s ~ fill, has the very rounding problem this test is about
+    dlse[:, :, 4] = 0
+    dlse[0, :, 11] = 0
+    if mask_fills:
+        out, lse = FORWARD(q, k, v, bias, None, D**-0.5, 2, 0, -1, 0.0, False, True, 0.0, None, True)
+        grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+        # eager masked_fill: the filled scores take no gradient (their rows still average V)
+        qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+        kd_, vd_ = (t.repeat_interleave(2, dim=1) for t in (kd, vd))
+        keep = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+        scores = (qd @ kd_.transpose(-2, -1) * D**-0.5 + bias.cpu().double().masked_fill(filled, 0))
+        scores = scores.masked_fill(filled, fill).masked_fill(~keep, float("-inf"))
+        ref_lse = scores.logsumexp(-1)
+        ref_out = torch.softmax(scores, dim=-1) @ vd_
+        ref = torch.autograd.grad((ref_out, ref_lse), (qd, kd, vd), (dout.cpu().double(), dlse.cpu().double()))
+        assert grads[0][:, :, 4].abs().max() == 0
+    else:
+        bias.requires_grad_()
+        grads = op_grads(q, k, v, bias, dout, grad_lse=dlse, causal="bottom_right", enable_gqa=True)
+        ref = reference_grads(q, k, v, bias, dout, grad_lse=dlse, causal="bottom_right")
+    assert_grads_close(grads, ref, torch.float32)
+
+
 @pytest.mark.parametrize("route", ["sdpa", "chunked"])
 def test_pytorch_forward_path(monkeypatch, route):
     """The op on CPU tensors without the interpreter: the forward runs SDPA's CPU kernel

@@ -14,6 +14,8 @@ A failure prints the seed, the chosen features and the generated source; reprodu
 Modes:
 - default: a fixed list of seeds (``DEFAULT_CASES`` from 0), minus known bugs, plus those below;
 - long: ``SDPA_PASS_FUZZ_CASES=5000 [SDPA_PASS_FUZZ_SEED=10000]`` runs that many seeds from there.
+- on a GPU: ``SDPA_PASS_FUZZ_DEVICE=cuda`` (with either of the above) runs modules and inputs on
+  CUDA, so the rewritten sites run the Triton kernels; the float64 reference runs there too.
 
 The op runs on its non-interpreter CPU path (``TRITON_INTERPRET=0``, set per test): these
 tests are about the pass, the kernels have their own. ``SDPA_PASS_FUZZ_INTERPRET=1`` keeps the
@@ -172,7 +174,7 @@ def _loss(outputs, seed):
     gen = torch.Generator().manual_seed(seed + 1)
     total = 0
     for out in outputs:
-        w = torch.randn(out.shape, generator=gen).to(out.dtype)
+        w = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
         total = total + (out * w).sum()
     return total
 

@@ -639,3 +639,83 @@ def test_cuda_graphs_inference(padding):
     assert sum(r.num_rewritten for r in reports) == 2, str(reports[0])
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("padding", [False, True], ids=["unpadded", "left_padded"])
+def test_cuda_graphs_training(padding):
+    """Training under ``triton.cudagraphs``: the backward op picks its path from devices and
+    shapes only (rows of huge negative scores are handled on the device), so Inductor captures
+    the forward and the backward graphs; the replayed step's loss and gradients equal eager's."""
+    import transformers as T
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = T.LlamaModel(T.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).cuda()
+    eager = copy.deepcopy(model)
+    ids = torch.randint(1, 64, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[1, :3] = 0
+    reports = []
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="sdpa_pass", options={
+        "backend": "inductor", "triton.cudagraphs": True, "on_report": reports.append})
+    for _ in range(3):   # warm-up, record, replay
+        model.zero_grad(set_to_none=True)
+        loss = compiled(ids, attention_mask=mask).last_hidden_state.pow(2).mean()
+        loss.backward()
+    want = eager(ids, attention_mask=mask).last_hidden_state.pow(2).mean()
+    want.backward()
+    assert sum(r.num_rewritten for r in reports) == 2, str(reports[0])
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-4)
+    for (name, p), p_eager in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, p_eager.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_backward_of_filled_rows_syncs_nothing_and_captures():
+    """A float mask with rows filled everywhere by -1e9 (their LSE lost log(n) to rounding):
+    forward and backward run without a device-to-host sync and replay from a CUDA graph with
+    the gradients of an uncaptured call (the kernels are deterministic: equal bit for bit)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 80, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(2, 1, 80, 80, device="cuda")
+    bias[:, :, 5] = -1e9
+    bias[1, :, 40:60] = -1e9
+    dout = torch.randn(2, 4, 80, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return torch.autograd.grad(attention(q, k, v, bias), (q, k, v), dout)
+
+    want = step()   # compiles and tunes outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert torch.equal(g, w)
+    # a row filled everywhere averages V uniformly: with dO = 1 on that row alone, dV = 1 / S
+    dout_row = torch.zeros_like(dout)
+    dout_row[:, :, 5] = 1
+    (dv_row,) = torch.autograd.grad(attention(q, k, v, bias), v, dout_row)
+    torch.testing.assert_close(dv_row.float(), torch.full(dv_row.shape, 1 / 80, device="cuda"),
+                               atol=1e-4, rtol=0)
