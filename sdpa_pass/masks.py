@@ -266,11 +266,14 @@ class Evaluator:
             try:
                 self.memo[x] = self._eval(x)
             except NotLiftable as why:
-                if _dtype(x) == torch.bool:
+                if _dtype(x) != torch.bool:
+                    raise
+                folded = fold_input_free(x)
+                if folded is not None:
+                    self.memo[x] = Const(_shape(x), folded)
+                else:
                     self.memo[x] = Pred(_shape(x), (Opaque(x),))
                     self.why[x] = why.args[0]
-                else:
-                    raise
         return self.memo[x]
 
     # -- dispatch
@@ -335,9 +338,31 @@ class Evaluator:
             return self._where(self(c.args[0]), self(c.args[1]), self(c.args[2]), shape, dtype)
         if op == "masked_fill":
             return self._where(self(c.args[1]), self(c.args[2]), self(c.args[0]), shape, dtype)
+        if op == "getitem" and _tensor_indices(c.args[1]):
+            return self._gather(self(c.args[0]), c.args[1], shape)
         if op in ("expand", "reshape", "unsqueeze", "getitem", "permute"):
             return self._view(node, c, shape)
         raise NotLiftable(f"{node.name} ({op}) is not read")
+
+    def _gather(self, x, index, shape):
+        """x[I_0, ..., I_n-1], one integer index tensor per dim of x (HF's
+        ``position_ids[batch_idx, kv_idx]``): the indices' positions substituted into x's, where
+        every index provably stays inside its dim (eager would raise, or wrap a negative one)."""
+        if not isinstance(x, (Idx, Const)) or not _is_int(x) or len(index) != len(x.shape):
+            raise NotLiftable("indexing with tensors of a value that is not positions")
+        x_shape, x = x.shape, _as_idx(x, x.shape)
+        out = Idx(shape, x.const, ())
+        for d, node in enumerate(index):
+            i = self(node)
+            if not isinstance(i, (Idx, Const)) or not _is_int(i):
+                raise NotLiftable("an index tensor that is not positions")
+            i = _as_idx(i, shape)
+            if not _inside(i, x_shape[d]):
+                raise NotLiftable("an index tensor that may fall outside its dim")
+            coef = sum(t.coef for t in x.terms if t.dim == d - len(x_shape))
+            if coef:
+                out = _idx_add(out, _idx_scale(i, coef), shape)
+        return out
 
     # -- leaves
     def _arange(self, node, shape, dtype):
@@ -508,6 +533,84 @@ class Evaluator:
         return _remap(x, dims, in_shape, shape)
 
 
+# ----------------------------------------------------------------------------- constant folding
+
+# Ops whose result is not a function of their arguments (random draws, uninitialised memory).
+_NOT_A_FUNCTION = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson",
+                   "exponential", "geometric", "cauchy", "log_normal", "empty")
+# Largest tensor a fold computes (elements); beyond it the mask stays a tensor.
+FOLD_MAX_ELEMENTS = 1 << 26
+
+
+def _input_free_cone(node) -> Optional[list]:
+    """The nodes ``node`` is computed from, in graph order, when they are all calls on
+    constants (no graph input, parameter or buffer; no random or uninitialised op) with
+    static sizes no larger than FOLD_MAX_ELEMENTS; else None."""
+    cone, stack = {}, [node]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        if n.op not in ("call_function", "call_method"):
+            return None
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if any(word in name for word in _NOT_A_FUNCTION):
+            return None
+        v = value_of(n)
+        values = v if isinstance(v, (tuple, list)) else (v,)
+        for x in values:
+            if isinstance(x, torch.Tensor):
+                if not all(type(d) is int for d in x.shape) or x.numel() > FOLD_MAX_ELEMENTS:
+                    return None
+            elif isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) or x is None:
+                return None
+        cone[n] = None
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(cone, key=order.__getitem__)
+
+
+def fold_input_free(node) -> Optional[bool]:
+    """True (False) when the bool tensor ``node`` is computed from constants alone (see
+    _input_free_cone) and every element of it is True (False); else None.
+
+    Such a value is the same on every call of the compiled graph (its sizes are static, so
+    Dynamo's guards pin them), so computing it once here, on the CPU, is a proof. HF's
+    ``create_causal_mask`` needs this: without an attention mask it adds a packed-sequence
+    term, ``seq[b, q] == seq[b, kv]`` with ``seq = cumsum(diff(position_ids) != 1)``, and
+    position_ids = arange(L) makes it all True, which no symbolic rule reads."""
+    cone = _input_free_cone(node)
+    if cone is None:
+        return None
+    cpu = torch.device("cpu")
+
+    def on_cpu(x):
+        return cpu if isinstance(x, torch.device) else x
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    env = {}
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            for n in cone:
+                args = fx.node.map_aggregate(fx.node.map_arg(n.args, env.__getitem__), on_cpu)
+                kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, env.__getitem__), on_cpu)
+                if n.op == "call_method":
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                else:
+                    env[n] = n.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - an op that does not run here: the mask stays a tensor
+        return None
+    out = env[node]
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        return None
+    if bool(out.all()):
+        return True
+    if not bool(out.any()):
+        return False
+    return None
+
+
 # ----------------------------------------------------------------------------- helpers
 
 # ops whose output is a new tensor, never a view of an input
@@ -548,6 +651,25 @@ def _is_int(x) -> bool:
     if isinstance(x, Idx):
         return True
     return isinstance(x, Const) and isinstance(x.value, int) and not isinstance(x.value, bool)
+
+
+def _tensor_indices(index) -> bool:
+    """Whether a getitem index is a tuple of tensors only (advanced indexing of every dim)."""
+    return isinstance(index, tuple) and bool(index) and all(isinstance(i, fx.Node) for i in index)
+
+
+def _inside(i: Idx, length) -> bool:
+    """Whether every value of ``i`` is provably in [0, length)."""
+    lo = hi = i.const
+    for t in i.terms:
+        span = t.coef * (t.length - 1)
+        lo, hi = (lo, hi + span) if t.coef > 0 else (lo + span, hi)
+    return all(_nonnegative(e) for e in (lo, length - 1 - hi))
+
+
+def _nonnegative(e) -> bool:
+    e = _simplify(e)
+    return bool(e >= 0) if e.is_Integer else e.is_nonnegative is True
 
 
 def _as_idx(x, shape) -> Idx:
