@@ -469,6 +469,30 @@ def test_hf_model_masks_lifted(name):
     assert_close_to_reference(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_hf_decoder_without_a_mask_is_plain_causal(name):
+    """No attention mask and no cache (training, or a prefill with ``use_cache=False``):
+    transformers 5 builds causal from ``position_ids[b, kv] <= position_ids[b, q]`` and ANDs a
+    packed-sequence term ``seq[b, q] == seq[b, kv]`` over ``cumsum(diff(position_ids) != 1)``;
+    with position_ids an in-graph arange both are positions or all True, so the site is the
+    plain predicate with no tensor at all, and equals eager in float64."""
+    factory, causal, _ = HF_MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval().to(DEVICE)
+    n = 11
+    ids, _ = _hf_inputs(n)
+    compiled, graphs, reports = _compile(model)
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).last_hidden_state
+        ref = copy.deepcopy(model).double()(ids, use_cache=False).last_hidden_state
+    sites = [s for r in reports for s in r.sites]
+    assert len(sites) == 2 and all(s.rewritten for s in sites), str(reports[0])
+    assert {(s.causal, s.mask_form, s.mask) for s in sites} == {(causal, "predicate", "none")}, \
+        str(reports[0])
+    assert _lxs_nodes(graphs[0], n, n) == []
+    assert_close_to_reference(out, ref, torch.float32)
+
+
 def test_hf_llama_dynamic_lengths_one_graph():
     """``dynamic=True``: one rewritten graph serves prompts of 7, 10 and 13 tokens."""
     torch.manual_seed(0)
