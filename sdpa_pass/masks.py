@@ -268,7 +268,7 @@ class Evaluator:
             except NotLiftable as why:
                 if _dtype(x) != torch.bool:
                     raise
-                folded = fold_input_free(x)
+                folded = fold_input_free(x, self.written)
                 if folded is not None:
                     self.memo[x] = Const(_shape(x), folded)
                 else:
@@ -538,23 +538,27 @@ class Evaluator:
 # Ops whose result is not a function of their arguments (random draws, uninitialised memory).
 _NOT_A_FUNCTION = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson",
                    "exponential", "geometric", "cauchy", "log_normal", "empty")
+# Products a fold does not run: their cost grows faster than their size.
+_PRODUCTS = {"matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "linear",
+             "conv1d", "conv2d", "conv3d", "tensordot", "kron"}
 # Largest tensor a fold computes (elements); beyond it the mask stays a tensor.
 FOLD_MAX_ELEMENTS = 1 << 26
 
 
-def _input_free_cone(node) -> Optional[list]:
+def _input_free_cone(node, written) -> Optional[list]:
     """The nodes ``node`` is computed from, in graph order, when they are all calls on
-    constants (no graph input, parameter or buffer; no random or uninitialised op) with
-    static sizes no larger than FOLD_MAX_ELEMENTS; else None."""
+    constants (no graph input, parameter or buffer; no random or uninitialised op; none
+    written in place later, whose value the cone would not see) with static sizes no larger
+    than FOLD_MAX_ELEMENTS; else None."""
     cone, stack = {}, [node]
     while stack:
         n = stack.pop()
         if n in cone:
             continue
-        if n.op not in ("call_function", "call_method"):
+        if n.op not in ("call_function", "call_method") or n in written:
             return None
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if any(word in name for word in _NOT_A_FUNCTION):
+        if any(word in name for word in _NOT_A_FUNCTION) or name in _PRODUCTS:
             return None
         v = value_of(n)
         values = v if isinstance(v, (tuple, list)) else (v,)
@@ -570,7 +574,7 @@ def _input_free_cone(node) -> Optional[list]:
     return sorted(cone, key=order.__getitem__)
 
 
-def fold_input_free(node) -> Optional[bool]:
+def fold_input_free(node, written=frozenset()) -> Optional[bool]:
     """True (False) when the bool tensor ``node`` is computed from constants alone (see
     _input_free_cone) and every element of it is True (False); else None.
 
@@ -579,7 +583,7 @@ def fold_input_free(node) -> Optional[bool]:
     ``create_causal_mask`` needs this: without an attention mask it adds a packed-sequence
     term, ``seq[b, q] == seq[b, kv]`` with ``seq = cumsum(diff(position_ids) != 1)``, and
     position_ids = arange(L) makes it all True, which no symbolic rule reads."""
-    cone = _input_free_cone(node)
+    cone = _input_free_cone(node, written)
     if cone is None:
         return None
     cpu = torch.device("cpu")
@@ -668,8 +672,14 @@ def _inside(i: Idx, length) -> bool:
 
 
 def _nonnegative(e) -> bool:
-    e = _simplify(e)
-    return bool(e >= 0) if e.is_Integer else e.is_nonnegative is True
+    """Whether the size expression ``e`` is >= 0 for every size the graph may see."""
+    e = _simplify(sympy.sympify(e))
+    if e.is_Integer:
+        return bool(e >= 0)
+    if e.is_nonnegative:
+        return True
+    env = getattr(_env, "shape_env", None)
+    return env is not None and env._maybe_evaluate_static(sympy.Ge(e, 0)) == sympy.true
 
 
 def _as_idx(x, shape) -> Idx:
@@ -962,16 +972,22 @@ def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
         # a row masked everywhere averages the keys holding the largest fill, not every key:
         # -1e9 here and finfo.min there, or two finfo.min biases adding up to -inf
         raise NotLiftable("several different finite fills on one site")
-    if "uniform" in classes and not allow_uniform:
-        raise NotLiftable("finite fills with soft-capping or dropout")
     causal, diagonal, window = _kernel_predicate(atoms, L, S)
+    uniform = "uniform" in classes
+    if uniform and not allow_uniform:
+        # A row filled everywhere would average uniformly, which the op cannot do with
+        # soft-capping or dropout; with no such row the fills are exact zeros of P anyway.
+        if residual or not _every_row_sees_a_key(causal, diagonal, window, L, S):
+            raise NotLiftable("finite fills with soft-capping or dropout, on rows that may see "
+                              "no key")
+        uniform = False
     notes = []
     for _, node in residual:
         shape = _shape(node)
         if len(shape) >= 2 and shape[-1] != 1 and shape[-2] != 1:
             notes.append(ev.why.get(node) or _outside(node))
-    return Lift(causal, diagonal, window, residual, "uniform" in classes,
-                "uniform" in classes and fill_kinds == {"fill"}, notes)
+    return Lift(causal, diagonal, window, residual, uniform,
+                uniform and fill_kinds == {"fill"}, notes)
 
 
 def _one_fill(fills) -> bool:
@@ -1039,6 +1055,22 @@ def _kernel_predicate(atoms, L, S):
             raise NotLiftable("the window hides every key")
         window = w
     return causal, diagonal, window
+
+
+def _every_row_sees_a_key(causal, diagonal, window, L, S) -> bool:
+    """Whether the positional predicate alone leaves every query row a key, for every size the
+    graph may see: row i sees keys j in [max(0, i + off - window + 1), min(S - 1, i + off)]
+    (off the causal offset; no bounds without causal). The op's rows_may_be_empty decides the
+    same per call from concrete sizes."""
+    if not _nonnegative(S - 1):
+        return False
+    if causal == CAUSAL_NONE:
+        return True
+    offset = diagonal + (S - L if causal == CAUSAL_BOTTOM_RIGHT else 0)
+    if not _nonnegative(offset):      # row 0 sees no key
+        return False
+    # the last row's window must still reach a key below S
+    return window == -1 or _nonnegative(S - 1 - (L - 1 + offset - window + 1))
 
 
 def _always(a: Ineq, L, S) -> bool:

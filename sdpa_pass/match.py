@@ -96,6 +96,22 @@ def _score_operand(c: Call, gm):
     return None
 
 
+def _softcap(c: Call, node: fx.Node, gm):
+    """(the softcap step, the node before it) when ``node`` is cap * tanh(s / cap), the
+    product written either way round; else None."""
+    if c.op != "mul":
+        return None
+    for t, k in (c.args, reversed(c.args)):
+        tanh_call = canonical(t, gm) if isinstance(t, fx.Node) else None
+        cap = constant_value(k, gm)
+        if cap is None or tanh_call is None or tanh_call.op != "tanh":
+            continue
+        inner = canonical(tanh_call.args[0], gm)
+        if inner is not None and inner.op == "div" and constant_value(inner.args[1], gm) == cap:
+            return ("softcap", [tanh_call.args[0], t, node], cap), inner.args[0]
+    return None
+
+
 def _trace_scores(start: fx.Node, gm) -> tuple[fx.Node, Call, list]:
     steps: list = []
     node = start
@@ -115,14 +131,11 @@ def _trace_scores(start: fx.Node, gm) -> tuple[fx.Node, Call, list]:
             node = c.args[0]
         elif c.op in ("mul", "div"):
             a, b = c.args
-            tanh_call = canonical(a, gm) if isinstance(a, fx.Node) else None
-            cap = constant_value(b, gm)
-            if c.op == "mul" and cap is not None and tanh_call is not None and tanh_call.op == "tanh":
-                inner = canonical(tanh_call.args[0], gm)
-                if inner is not None and inner.op == "div" and constant_value(inner.args[1], gm) == cap:
-                    steps.append(("softcap", [tanh_call.args[0], a, node], cap))
-                    node = inner.args[0]
-                    continue
+            softcap = _softcap(c, node, gm)
+            if softcap is not None:
+                steps.append(softcap[0])
+                node = softcap[1]
+                continue
             if _is_scalar(b, gm):
                 steps.append(("scale", node, b, c.op))
                 node = a

@@ -150,6 +150,35 @@ def chunked_and_causal(q, k, v, pad):
     return _attend(_scores(q, k).masked_fill(~m, NEG_INF), v)
 
 
+def _softcapped_causal_fill_min(q, k, v, diagonal):
+    L, S = q.shape[-2], k.shape[-2]
+    m = torch.tril(torch.ones(L, S, dtype=torch.bool, device=q.device), diagonal=diagonal)
+    s = 5.0 * torch.tanh(_scores(q, k) / 5.0)
+    return _attend(s.masked_fill(~m, torch.finfo(s.dtype).min), v)
+
+
+def softcap_causal_fill_min(q, k, v, pad):
+    """Gemma 2: soft-capped scores, then a finfo.min causal fill. Every row sees its diagonal
+    key, so no row is filled everywhere and the predicate is exact with soft-capping too."""
+    return _softcapped_causal_fill_min(q, k, v, 0)
+
+
+def softcap_row_filled_everywhere(q, k, v, pad):
+    """The same with tril(diagonal=-1): row 0 is filled everywhere and averages uniformly in
+    eager, which the op cannot do with soft-capping; the mask stays a tensor."""
+    return _softcapped_causal_fill_min(q, k, v, -1)
+
+
+def constant_term_written_in_place(q, k, v, pad):
+    """A constant-looking term whose tensor an in-place op changes before it is read: the
+    zeros are not what the comparison sees, so the term must not be folded to all True."""
+    i, j, L, S = _positions(q, k)
+    parity = torch.zeros(S, dtype=torch.long, device=q.device)
+    parity.add_(j % 2)
+    m = (j[None, :] <= i[:, None]) & (parity[None, :] == 0)
+    return _attend(_scores(q, k).masked_fill(~m, NEG_INF), v)
+
+
 def _gather_indices(q, k):
     """HF 5's index-based mask: batch, query and key aranges as (B, 1, 1, 1), (1, 1, L, 1),
     (1, 1, 1, S) index tensors."""
@@ -247,6 +276,10 @@ CASES = {
     "hf_sliding_window_3": (hf_sliding, 7, 7, "top-left, window 3", "predicate+tensor", False),
     "bias_plus_causal": (bias_plus_causal, 6, 6, "top-left", "predicate+tensor", True),
     "chunked_and_causal": (chunked_and_causal, 6, 6, "top-left", "predicate+tensor", True),
+    "constant_term_written_in_place": (constant_term_written_in_place, 6, 6, "top-left",
+                                       "predicate+tensor", True),
+    "softcap_causal_fill_min": (softcap_causal_fill_min, 6, 6, "top-left", "predicate", False),
+    "softcap_row_filled_everywhere": (softcap_row_filled_everywhere, 6, 6, "none", "tensor", True),
     "positions_gathered_causal": (positions_gathered_causal, 6, 6, "top-left", "predicate", False),
     "positions_gathered_cache": (positions_gathered_causal, 3, 7, "bottom-right", "predicate", False),
     "packed_sequence_term": (packed_sequence_term, 6, 6, "top-left", "predicate", False),

@@ -608,6 +608,22 @@ def test_float_mask_of_another_dtype(route, dtypes):
     assert_close_to_reference(out, ref, q_dtype)
 
 
+def _tiny_llama_on_cuda(padding: bool):
+    """A 2-layer HF Llama (eager attention) on the GPU, token ids and an attention mask, the
+    second sequence left-padded by 3 when ``padding``."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.LlamaModel(T.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).cuda()
+    ids = torch.randint(1, 64, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[1, :3] = 0
+    return model, ids, mask
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("padding", [False, True], ids=["unpadded", "left_padded"])
 def test_cuda_graphs_inference(padding):
@@ -616,17 +632,10 @@ def test_cuda_graphs_inference(padding):
     reading the GPU, so nothing syncs during capture. Replays equal eager, and Inductor skipped
     no graph. (A backward whose rows are masked everywhere by a finite fill still syncs to pick
     its path: README, Limits.)"""
-    import transformers as T
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = T.LlamaModel(T.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).cuda().eval()
-    ids = torch.randint(1, 64, (2, 12), device="cuda")
-    mask = torch.ones_like(ids)
-    if padding:
-        mask[1, :3] = 0
+    model, ids, mask = _tiny_llama_on_cuda(padding)
+    model.eval()
     reports = []
     torch._dynamo.reset()
     counters.clear()
@@ -647,18 +656,10 @@ def test_cuda_graphs_training(padding):
     """Training under ``triton.cudagraphs``: the backward op picks its path from devices and
     shapes only (rows of huge negative scores are handled on the device), so Inductor captures
     the forward and the backward graphs; the replayed step's loss and gradients equal eager's."""
-    import transformers as T
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = T.LlamaModel(T.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).cuda()
+    model, ids, mask = _tiny_llama_on_cuda(padding)
     eager = copy.deepcopy(model)
-    ids = torch.randint(1, 64, (2, 12), device="cuda")
-    mask = torch.ones_like(ids)
-    if padding:
-        mask[1, :3] = 0
     reports = []
     torch._dynamo.reset()
     counters.clear()
