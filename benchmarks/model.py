@@ -7,10 +7,14 @@ Implementations, same weights, same run, same GPU:
 - ``eager``: ``attn_implementation="eager"`` (the hand-written attention the pass targets);
 - ``eager+inductor``: that model under ``torch.compile`` (Inductor, no pass);
 - ``hf_sdpa``: ``attn_implementation="sdpa"`` (HF's own fused path), eager PyTorch around it;
+- ``hf_sdpa+inductor``: the HF SDPA model under ``torch.compile`` (Inductor);
 - ``optimize``: ``sdpa_pass.optimize(eager model)`` (the pass in front of Inductor), its sites
   on our Triton kernels; with ``--implementations triton,sdpa,math`` also ``optimize[sdpa]``
   (the sites as exact ``F.scaled_dot_product_attention`` calls) and ``optimize[math]`` (the
   float64 math reference, skipped above ``MATH_MAX_TOKENS``: it holds every score at once).
+- any compiled column with ``+cudagraphs`` (``optimize+cudagraphs``,
+  ``hf_sdpa+inductor+cudagraphs``, ``eager+inductor+cudagraphs``): the same under Inductor's
+  CUDA graphs (``mode="reduce-overhead"``), which takes the host's launch cost out.
 
 Prefill, per prompt length: median latency of the forward (``logits_to_keep=1``, no cache, as
 the prefill of a generation with its KV cache disabled), peak GPU memory above the weights, and
@@ -49,13 +53,24 @@ FAMILIES = {"llama": (T.LlamaForCausalLM, T.LlamaConfig), "qwen2": (T.Qwen2ForCa
 MATH_MAX_TOKENS = 4096
 
 
-def optimize_kind(implementation: str) -> str:
+CUDAGRAPHS = "+cudagraphs"
+
+
+def optimize_kind(implementation: str, suffix: str = "") -> str:
     """The implementation column name: ``optimize`` (our kernels) or ``optimize[sdpa]``."""
-    return "optimize" if implementation == "triton" else f"optimize[{implementation}]"
+    return ("optimize" if implementation == "triton" else f"optimize[{implementation}]") + suffix
+
+
+def split_cudagraphs(kind: str) -> tuple[str, bool]:
+    """(the column without its ``+cudagraphs`` suffix, whether it had one)."""
+    if kind.endswith(CUDAGRAPHS):
+        return kind[:-len(CUDAGRAPHS)], True
+    return kind, False
 
 
 def implementation_of(kind: str):
     """The implementation an ``optimize...`` column asks for, or None for other columns."""
+    kind, _ = split_cudagraphs(kind)
     if kind == "optimize":
         return "triton"
     if kind.startswith("optimize[") and kind.endswith("]"):
@@ -70,16 +85,21 @@ def skip_reason(kind: str, tokens: int):
 
 
 def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module:
-    attn = "sdpa" if kind == "hf_sdpa" else "eager"
+    base, cudagraphs = split_cudagraphs(kind)
+    if cudagraphs and base in ("hf_sdpa", "eager"):
+        raise ValueError(f"{kind}: CUDA graphs come with a compiled column (+inductor, optimize)")
+    attn = "sdpa" if base.startswith("hf_sdpa") else "eager"
     model_class, config_class = FAMILIES[family]
     model = model_class(config_class(**CONFIG, attn_implementation=attn))
     model.load_state_dict(base_state)
     model = model.to("cuda", torch.bfloat16).eval()
-    if kind == "eager+inductor":
-        model.compile()
+    if base in ("eager+inductor", "hf_sdpa+inductor"):
+        model.compile(mode="reduce-overhead" if cudagraphs else None)
     elif implementation_of(kind) is not None:
         reports = []
-        sdpa_pass.optimize(model, implementation=implementation_of(kind), on_report=reports.append)
+        options = {"triton.cudagraphs": True} if cudagraphs else {}
+        sdpa_pass.optimize(model, implementation=implementation_of(kind), on_report=reports.append,
+                           **options)
         model.sdpa_pass_reports = reports   # what each compile's sites run, for the row
     return model
 
@@ -143,7 +163,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--impls", default="hf_sdpa,eager,eager+inductor,optimize")
+    parser.add_argument("--impls", default="hf_sdpa,eager,eager+inductor,optimize",
+                        help="columns: hf_sdpa, hf_sdpa+inductor, eager, eager+inductor, "
+                             "optimize, each compiled one also with +cudagraphs")
     parser.add_argument("--implementations", default="triton",
                         help="what the optimize column's rewritten sites run, one column each: "
                              "any of triton,sdpa,math (sdpa_pass.Implementation)")
@@ -168,7 +190,9 @@ def main(argv=None) -> None:
     choices = sdpa_pass.implementations.resolve(args.implementations.split(","))
     impls = []
     for kind in args.impls.split(","):
-        impls += [optimize_kind(c.value) for c in choices] if kind == "optimize" else [kind]
+        base, cudagraphs = split_cudagraphs(kind)
+        suffix = CUDAGRAPHS if cudagraphs else ""
+        impls += [optimize_kind(c.value, suffix) for c in choices] if base == "optimize" else [kind]
     meta["implementations"] = [c.value for c in choices]
     for kind in impls:
         model = build(kind, base_state, args.family)
