@@ -1,8 +1,10 @@
 """Step 3b: masks built in the graph become kernel predicates.
 
 A model that builds its mask in ``forward`` (HF ``create_causal_mask``: aranges, ``kv_idx <=
-q_idx``, ``padding_mask[batch_idx, kv_idx]``, ``where(mask, 0, finfo.min)``; ``tril`` / ``triu``
-of ``ones``; arange comparisons with a cache offset; sliding windows) hands the scores an L x S
+q_idx``, ``padding_mask[batch_idx, kv_idx]``, ``where(mask, 0, finfo.min)``; transformers 5's
+``position_ids[b, kv] <= position_ids[b, q]`` and packed-sequence test ``cumsum(diff(
+position_ids) != 1)``; ``tril`` / ``triu`` of ``ones``; arange comparisons with a cache offset;
+sliding windows) hands the scores an L x S
 tensor whose every element is a known function of its position. This module evaluates the
 mask's subgraph symbolically and, where it can prove the mask is
 
@@ -234,6 +236,8 @@ _CMP = {operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "g
 _CMP_METHODS = {"le": "le", "lt": "lt", "ge": "ge", "gt": "gt", "eq": "eq", "ne": "ne",
                 "__le__": "le", "__lt__": "lt", "__ge__": "ge", "__gt__": "gt", "__eq__": "eq",
                 "__ne__": "ne"}
+_DIFF = {torch.diff, aten.diff.default}
+_CUMSUM = {torch.cumsum, aten.cumsum.default}
 _AND = {operator.and_, torch.logical_and, torch.bitwise_and, aten.logical_and.default,
         aten.bitwise_and.Tensor}
 _AND_METHODS = {"__and__", "logical_and", "bitwise_and"}
@@ -268,12 +272,8 @@ class Evaluator:
             except NotLiftable as why:
                 if _dtype(x) != torch.bool:
                     raise
-                folded = fold_input_free(x, self.written)
-                if folded is not None:
-                    self.memo[x] = Const(_shape(x), folded)
-                else:
-                    self.memo[x] = Pred(_shape(x), (Opaque(x),))
-                    self.why[x] = why.args[0]
+                self.memo[x] = Pred(_shape(x), (Opaque(x),))
+                self.why[x] = why.args[0]
         return self.memo[x]
 
     # -- dispatch
@@ -308,6 +308,10 @@ class Evaluator:
             kind = t if method else _TRIL[t]
             d = a[1] if len(a) > 1 else kw.get("diagonal", 0)
             return self._tril(self(a[0]), kind, d, shape, dtype)
+        if (not method and t in _DIFF) or (method and t == "diff"):
+            return self._diff(node, shape)
+        if (not method and t in _CUMSUM) or (method and t == "cumsum"):
+            return self._cumsum(node, shape, dtype)
         cmp = _CMP_METHODS.get(t) if method else _CMP.get(t)
         if cmp is not None:
             return self._compare(cmp, self(a[0]), self(a[1]), shape)
@@ -405,10 +409,50 @@ class Evaluator:
         raise NotLiftable("tril/triu of a tensor that is not constant")
 
     # -- operations
+    def _diff(self, node, shape):
+        """torch.diff(x, prepend=p, dim=-1) of positions: constant when every step along the
+        last dim is the same and the first element minus ``p`` is that step too (HF's
+        packed-sequence test over arange positions: all ones)."""
+        a, kw = list(node.args), dict(node.kwargs)
+        names = ("input", "n", "dim", "prepend", "append")
+        args = {**dict(zip(names, a)), **kw}
+        n, dim = args.get("n", 1), args.get("dim", -1)
+        if n != 1 or args.get("append") is not None or args.get("prepend") is None \
+                or dim not in (-1, len(shape) - 1):
+            raise NotLiftable("a diff other than one step along the last dim after a prepend")
+        x, first = self(args["input"]), self(args["prepend"])
+        if not all(isinstance(v, (Idx, Const)) and _is_int(v) for v in (x, first)):
+            raise NotLiftable("a diff of values that are not positions")
+        x = _as_idx(x, shape)
+        step = sum(t.coef for t in x.terms if t.dim == -1)
+        rest = Idx(shape[:-1] + (1,), x.const, tuple(t for t in x.terms if t.dim != -1))
+        head = _idx_sub(rest, _as_idx(first, shape[:-1] + (1,)), shape[:-1] + (1,))
+        # a term along a dim of length 1 is position 0 there: a constant
+        if any(not same(t.length, 1) for t in head.terms) or constant_int(head.const) != step:
+            raise NotLiftable("a diff whose steps are not all the same")
+        return Const(shape, step)
+
+    def _cumsum(self, node, shape, dtype):
+        """cumsum of a constant c along a dim: c * (position + 1)."""
+        a, kw = node.args, node.kwargs
+        dim = a[1] if len(a) > 1 else kw.get("dim")
+        x = self(a[0])
+        if not isinstance(x, Const) or not isinstance(dim, int) or dtype.is_floating_point:
+            raise NotLiftable("a cumsum of values that are not one integer")
+        c = int(x.value)
+        if c == 0:
+            return Const(shape, 0)
+        d = dim - len(shape) if dim >= 0 else dim
+        return Idx(shape, sympy.Integer(c), (Term(d, c, shape[d]),))
+
     def _compare(self, op, x, y, shape):
         if isinstance(x, (Idx, Const)) and isinstance(y, (Idx, Const)) and \
                 _is_int(x) and _is_int(y):
             diff = _idx_sub(_as_idx(x, shape), _as_idx(y, shape), shape)   # x - y
+            c = constant_int(diff.const) if not diff.terms else None
+            if c is not None:   # the same number everywhere
+                return Const(shape, {"le": c <= 0, "lt": c < 0, "ge": c >= 0, "gt": c > 0,
+                                     "eq": c == 0, "ne": c != 0}[op])
             if op == "le":
                 return Pred(shape, (Ineq(diff.terms, diff.const),))
             if op == "lt":
@@ -531,88 +575,6 @@ class Evaluator:
         if dims is None:
             raise NotLiftable(f"a {op} view that is not read")
         return _remap(x, dims, in_shape, shape)
-
-
-# ----------------------------------------------------------------------------- constant folding
-
-# Ops whose result is not a function of their arguments (random draws, uninitialised memory).
-_NOT_A_FUNCTION = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson",
-                   "exponential", "geometric", "cauchy", "log_normal", "empty")
-# Products a fold does not run: their cost grows faster than their size.
-_PRODUCTS = {"matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum", "linear",
-             "conv1d", "conv2d", "conv3d", "tensordot", "kron"}
-# Largest tensor a fold computes (elements); beyond it the mask stays a tensor.
-FOLD_MAX_ELEMENTS = 1 << 26
-
-
-def _input_free_cone(node, written) -> Optional[list]:
-    """The nodes ``node`` is computed from, in graph order, when they are all calls on
-    constants (no graph input, parameter or buffer; no random or uninitialised op; none
-    written in place later, whose value the cone would not see) with static sizes no larger
-    than FOLD_MAX_ELEMENTS; else None."""
-    cone, stack = {}, [node]
-    while stack:
-        n = stack.pop()
-        if n in cone:
-            continue
-        if n.op not in ("call_function", "call_method") or n in written:
-            return None
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if any(word in name for word in _NOT_A_FUNCTION) or name in _PRODUCTS:
-            return None
-        v = value_of(n)
-        values = v if isinstance(v, (tuple, list)) else (v,)
-        for x in values:
-            if isinstance(x, torch.Tensor):
-                if not all(type(d) is int for d in x.shape) or x.numel() > FOLD_MAX_ELEMENTS:
-                    return None
-            elif isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) or x is None:
-                return None
-        cone[n] = None
-        stack.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return sorted(cone, key=order.__getitem__)
-
-
-def fold_input_free(node, written=frozenset()) -> Optional[bool]:
-    """True (False) when the bool tensor ``node`` is computed from constants alone (see
-    _input_free_cone) and every element of it is True (False); else None.
-
-    Such a value is the same on every call of the compiled graph (its sizes are static, so
-    Dynamo's guards pin them), so computing it once here, on the CPU, is a proof. HF's
-    ``create_causal_mask`` needs this: without an attention mask it adds a packed-sequence
-    term, ``seq[b, q] == seq[b, kv]`` with ``seq = cumsum(diff(position_ids) != 1)``, and
-    position_ids = arange(L) makes it all True, which no symbolic rule reads."""
-    cone = _input_free_cone(node, written)
-    if cone is None:
-        return None
-    cpu = torch.device("cpu")
-
-    def on_cpu(x):
-        return cpu if isinstance(x, torch.device) else x
-
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    env = {}
-    try:
-        with unset_fake_temporarily(), torch.no_grad():
-            for n in cone:
-                args = fx.node.map_aggregate(fx.node.map_arg(n.args, env.__getitem__), on_cpu)
-                kwargs = fx.node.map_aggregate(fx.node.map_arg(n.kwargs, env.__getitem__), on_cpu)
-                if n.op == "call_method":
-                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-                else:
-                    env[n] = n.target(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - an op that does not run here: the mask stays a tensor
-        return None
-    out = env[node]
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-        return None
-    if bool(out.all()):
-        return True
-    if not bool(out.any()):
-        return False
-    return None
 
 
 # ----------------------------------------------------------------------------- helpers
