@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .backward import _reduce_to
-from .checks import AttentionShape
+from .checks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, AttentionShape
 from .cpu import group_by_kv_head, ungroup
 
 
@@ -35,17 +35,26 @@ def rows_may_be_empty(shape: AttentionShape, causal_align: int, diagonal: int, w
                       has_tensor_mask: bool) -> bool:
     """Whether some query row may see no key. False only when the positional predicate alone
     leaves every row a key: then the uniform rows' work (a pass over V, its host cost) is
-    skipped. Row i sees keys j in [max(0, i + off - W + 1), min(S - 1, i + off)] (off: the
-    causal offset; no upper bound without causal, no lower one without a window)."""
-    if has_tensor_mask or shape.kv_len == 0:
-        return True
-    if causal_align == 0:
+    skipped."""
+    return has_tensor_mask or not every_row_sees_a_key(shape.q_len, shape.kv_len, causal_align,
+                                                       diagonal, window)
+
+
+def every_row_sees_a_key(q_len, kv_len, causal_align: int, diagonal, window: int,
+                         nonnegative=lambda e: e >= 0) -> bool:
+    """Whether the positional predicate alone leaves every query row a key. Row i sees keys j
+    in [max(0, i + off - W + 1), min(S - 1, i + off)] (off: the causal offset; no upper bound
+    without causal, no lower one without a window). Sizes are ints, or size expressions with a
+    ``nonnegative`` that proves e >= 0 for every size a graph may see (sdpa_pass/masks.py)."""
+    if not nonnegative(kv_len - 1):
         return False
-    offset = diagonal + (shape.kv_len - shape.q_len if causal_align == 2 else 0)
-    if offset < 0:
-        return True   # row 0 sees no key (or, bottom-right, the rows above the diagonal)
+    if causal_align == CAUSAL_NONE:
+        return True
+    offset = diagonal + (kv_len - q_len if causal_align == CAUSAL_BOTTOM_RIGHT else 0)
+    if not nonnegative(offset):
+        return False   # row 0 sees no key (or, bottom-right, the rows above the diagonal)
     # the last row's window must still reach a key below S
-    return window != -1 and shape.q_len - 1 + offset - window + 1 > shape.kv_len - 1
+    return window == -1 or nonnegative(kv_len - 1 - (q_len - 1 + offset - window + 1))
 
 
 def _empty(lse: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 
 from sdpa_pass.kernels.checks import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from sdpa_pass.kernels.empty_rows import every_row_sees_a_key
 
 from .canonicalize import canonical, mutates, tensor_of, value_of
 
@@ -939,7 +940,7 @@ def _lift_site(masks, L, S, gm, allow_uniform: bool) -> Lift:
     if uniform and not allow_uniform:
         # A row filled everywhere would average uniformly, which the op cannot do with
         # soft-capping or dropout; with no such row the fills are exact zeros of P anyway.
-        if residual or not _every_row_sees_a_key(causal, diagonal, window, L, S):
+        if residual or not every_row_sees_a_key(L, S, causal, diagonal, window, _nonnegative):
             raise NotLiftable("finite fills with soft-capping or dropout, on rows that may see "
                               "no key")
         uniform = False
@@ -1017,22 +1018,6 @@ def _kernel_predicate(atoms, L, S):
             raise NotLiftable("the window hides every key")
         window = w
     return causal, diagonal, window
-
-
-def _every_row_sees_a_key(causal, diagonal, window, L, S) -> bool:
-    """Whether the positional predicate alone leaves every query row a key, for every size the
-    graph may see: row i sees keys j in [max(0, i + off - window + 1), min(S - 1, i + off)]
-    (off the causal offset; no bounds without causal). The op's rows_may_be_empty decides the
-    same per call from concrete sizes."""
-    if not _nonnegative(S - 1):
-        return False
-    if causal == CAUSAL_NONE:
-        return True
-    offset = diagonal + (S - L if causal == CAUSAL_BOTTOM_RIGHT else 0)
-    if not _nonnegative(offset):      # row 0 sees no key
-        return False
-    # the last row's window must still reach a key below S
-    return window == -1 or _nonnegative(S - 1 - (L - 1 + offset - window + 1))
 
 
 def _always(a: Ineq, L, S) -> bool:
