@@ -630,8 +630,7 @@ def test_cuda_graphs_inference(padding):
     """``triton.cudagraphs`` (what ``mode="reduce-overhead"`` turns on) captures the rewritten
     forward: the op decides its routes (decode kernel, uniform rows) from shapes, never by
     reading the GPU, so nothing syncs during capture. Replays equal eager, and Inductor skipped
-    no graph. (A backward whose rows are masked everywhere by a finite fill still syncs to pick
-    its path: README, Limits.)"""
+    no graph. (Training: test_cuda_graphs_training.)"""
     from torch._dynamo.utils import counters
 
     model, ids, mask = _tiny_llama_on_cuda(padding)
