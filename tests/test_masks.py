@@ -207,6 +207,18 @@ def packed_sequence_term(q, k, v, pad):
     return _attend(_scores(q, k).masked_fill(~m, NEG_INF), v)
 
 
+def packed_two_sequences(q, k, v, pad):
+    """Two sequences packed in one row (positions restart at L // 2): the packed-sequence term
+    hides the first sequence's keys from the second's queries, so it is no constant and
+    stays a tensor next to the lifted causal part."""
+    b, i, j, L, S = _gather_indices(q, k)
+    half = torch.arange(L // 2, device=q.device)
+    pos = torch.cat([half, half])[None, :].expand(q.shape[0], -1)
+    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    m = (j <= i) & (seq[b, i] == seq[b, j])
+    return _attend(_scores(q, k).masked_fill(~m, NEG_INF), v)
+
+
 def positions_from_the_padding(q, k, v, pad):
     """position_ids from the caller's mask (HF's ``cumsum(mask) - 1``): a graph input's values,
     so the gathered comparison stays a tensor."""
@@ -283,6 +295,7 @@ CASES = {
     "positions_gathered_causal": (positions_gathered_causal, 6, 6, "top-left", "predicate", False),
     "positions_gathered_cache": (positions_gathered_causal, 3, 7, "bottom-right", "predicate", False),
     "packed_sequence_term": (packed_sequence_term, 6, 6, "top-left", "predicate", False),
+    "packed_two_sequences": (packed_two_sequences, 6, 6, "top-left", "predicate+tensor", True),
     "positions_from_the_padding": (positions_from_the_padding, 6, 6, "none", "tensor", True),
     "gather_index_may_wrap": (gather_index_may_wrap, 6, 6, "none", "tensor", True),
     "prefix_lm_disjunction": (prefix_lm_disjunction, 6, 6, "none", "tensor", True),
