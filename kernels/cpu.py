@@ -79,6 +79,8 @@ def score_chunks(
         batch_head = torch.arange(B * Hq, device=q.device).reshape(B, Hq, 1, 1)
     if whole:
         bounds = [(0, L)]
+    elif B == 0 or Hq == 0:
+        bounds = []  # no rows; grouping the heads by K/V head would divide by zero
     else:
         rows = max(1, min(L, _CHUNK_ELEMENTS // (blocks_alive * max(1, B * Hq * S))))
         bounds = [(start, min(L, start + rows)) for start in range(0, L, rows)]
@@ -152,6 +154,9 @@ def attention_forward_cpu(
         dropout_p == 0.0 and attn_mask is None and key_padding_mask is None and softcap == 0.0 and window == -1
         and (causal_align == CAUSAL_NONE or (causal_align == CAUSAL_TOP_LEFT and diagonal == 0))
         and not return_lse and shape.q_len > 0 and shape.kv_len > 0
+        # torch 2.11's CPU SDPA kernel dies with SIGFPE (integer division by zero) on an empty
+        # batch or no heads
+        and shape.batch > 0 and shape.q_heads > 0
         # SDPA's CPU kernel outputs zeros for a row whose scores are all NaN or -inf (a NaN or
         # inf in q or k), where eager softmax gives NaN
         and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())

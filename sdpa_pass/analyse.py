@@ -65,9 +65,18 @@ class Plan:
     out_shape: tuple           # shape of the value product the kernel output replaces
     dtype: torch.dtype
     group: int
-    dropout_p: float = 0.0     # an active dropout on the probabilities (training mode)
+    # p of an active dropout on the probabilities (training mode). Where p is known only at
+    # run time it is 1.0, its bound, so every decision taken from it here holds for any p,
+    # and dropout_node is the graph's number the op reads p from.
+    dropout_p: float = 0.0
     lift: Optional[Lift] = None          # the masks as kernel predicates (masks.py), if proven
     lift_note: Optional[str] = None      # why the masks stay tensors, when they do
+    dropout_node: Optional[fx.Node] = None
+
+    @property
+    def dropout_arg(self):
+        """The op's dropout_p argument: the constant, or the node computing it at run time."""
+        return self.dropout_node if self.dropout_node is not None else self.dropout_p
 
     @property
     def kernel_masks(self) -> list:
@@ -281,7 +290,13 @@ def _repeat_kv_source(node: fx.Node, gm):
         return None
     if c.op != "reshape":
         return None
-    e = canonical(c.args[0], gm)
+    expanded = c.args[0]
+    e = canonical(expanded, gm)
+    if e is not None and e.op == "contiguous":
+        # core ATen (run_decompositions) copies the expanded tensor before viewing it: a copy
+        # in another layout, the same values
+        expanded = e.args[0]
+        e = canonical(expanded, gm)
     if e is None or e.op != "expand":
         return None
     u = canonical(e.args[0], gm)
@@ -295,7 +310,7 @@ def _repeat_kv_source(node: fx.Node, gm):
         src = u.args[0]
     else:
         return None
-    t, te = tensor_of(src), tensor_of(c.args[0])
+    t, te = tensor_of(src), tensor_of(expanded)
     if t is None or te is None or out is None or t.dim() != 4 or te.dim() != 5:
         return None
     B, Hkv, S, D = t.shape
@@ -334,6 +349,36 @@ def _classify_masks(cand: Candidate, bias, gm) -> list:
     return masks
 
 
+def _active_dropout(cand: Candidate):
+    """(p, node) of the one dropout on the probabilities that may be active: p a constant, or,
+    when p is a number computed at run time (``nn.Dropout.p`` under ``dynamic=True``: Dynamo
+    passes it as a 0-d tensor and calls ``.item()``), 1.0, its bound, with the node the op
+    reads p from. (0.0, None) when none can be."""
+    dropout_p, dropout_node = 0.0, None
+    for p, training in cand.dropout:
+        if training is False:
+            continue  # identity whatever p is
+        if not isinstance(training, bool):
+            raise NotASite("not_provable", "dropout with a training flag known only at run time")
+        if is_runtime_number(p):
+            # the op checks that p is a probability when it runs, as eager's dropout does
+            active, node = 1.0, p
+        elif isinstance(p, (int, float)):
+            if not 0.0 <= p <= 1.0:
+                raise NotASite("not_provable", f"dropout p={p} is not a probability (eager raises)")
+            if p == 0:
+                continue
+            active, node = float(p), None
+        else:
+            raise NotASite("not_provable", "dropout with a p that is neither a constant nor a "
+                                           "number computed at run time")
+        if dropout_p > 0:
+            raise NotASite("not_provable", "two dropouts on the probabilities that may both "
+                                           "be active")
+        dropout_p, dropout_node = active, node
+    return dropout_p, dropout_node
+
+
 def analyse(cand: Candidate, gm) -> Plan:
     scores = tensor_of(cand.qk)
     if scores is None:
@@ -347,17 +392,7 @@ def analyse(cand: Candidate, gm) -> Plan:
         raise NotASite("softmax_not_over_keys",
                        f"softmax over dim {cand.dim} of rank-{r_softmax} scores; attention "
                        "normalises over the keys (the last dim)")
-    dropout_p = 0.0
-    for p, training in cand.dropout:
-        if training is False:
-            continue  # identity whatever p is (p may be symbolic under dynamic shapes)
-        if not isinstance(p, (int, float)) or not isinstance(training, bool):
-            raise NotASite("not_provable", "dropout with a non-constant p or training flag")
-        if not 0.0 <= p <= 1.0:
-            raise NotASite("not_provable", f"dropout p={p} is not a probability (eager raises)")
-        if p > 0 and dropout_p > 0:
-            raise NotASite("not_provable", "two active dropouts on the probabilities")
-        dropout_p = max(dropout_p, float(p))
+    dropout_p, dropout_node = _active_dropout(cand)
 
     q, k, qk_scale, bias, score_letters, key_scales = _analyse_qk(cand, gm)
 
@@ -484,4 +519,4 @@ def analyse(cand: Candidate, gm) -> Plan:
             lift_note = f"mask analysis failed: {type(exc).__name__}: {exc}"
             log.warning("sdpa_pass: %s", lift_note)
     return Plan(cand, q, k, v, float(scale), q_scale_nodes, softcap, masks, out_perm,
-                out_shape, dtype, group, dropout_p, lift, lift_note)
+                out_shape, dtype, group, dropout_p, lift, lift_note, dropout_node)

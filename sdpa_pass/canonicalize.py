@@ -7,7 +7,9 @@ modules) or ``torch.export`` (aten ops). ``canonical(node)`` reads any of them a
 ``Call(op, args, kwargs)`` without changing the graph, so the matcher is written once.
 
 Canonical ops and their arguments:
-  matmul(a, b)                      matmul / bmm / @
+  matmul(a, b)                      matmul / bmm / @, and torch.matmul as core ATen writes it
+                                    (expand, clone, view, bmm, view: see merged_matmul); that
+                                    spelling carries its bmm as kwargs["bmm"]
   baddbmm(input, a, b; beta, alpha)
   einsum(equation, a, b)
   permute(x, perm)                  transpose / permute / .mT / .T on rank 2
@@ -23,12 +25,14 @@ Canonical ops and their arguments:
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 aten = torch.ops.aten
 
@@ -181,7 +185,8 @@ def _function(node, t, a, kw) -> Optional[Call]:
     if t in _EXPAND:
         return Call("expand", (a[0],))
     if t in _RESHAPE:
-        return Call("reshape", (a[0],))
+        merged = merged_matmul(node)
+        return merged if isinstance(merged, Call) else Call("reshape", (a[0],))
     if t in _UNSQUEEZE:
         return Call("unsqueeze", (a[0], _arg(a, kw, 1, "dim")))
     if t is operator.getitem:
@@ -236,7 +241,8 @@ def _method(node, name, a, kw) -> Optional[Call]:
     if name == "expand":
         return Call("expand", (self,))
     if name in ("reshape", "view"):
-        return Call("reshape", (self,))
+        merged = merged_matmul(node)
+        return merged if isinstance(merged, Call) else Call("reshape", (self,))
     if name == "unsqueeze":
         return Call("unsqueeze", (self, _arg(rest, kw, 0, "dim")))
     if name == "repeat_interleave":
@@ -259,6 +265,96 @@ def _module(mod: torch.nn.Module, a, kw) -> Optional[Call]:
     if isinstance(mod, torch.nn.Identity):
         return Call("contiguous", (a[0],))
     return None
+
+
+# torch.matmul of tensors of rank >= 3 as its CompositeImplicit decomposition writes it, which
+# is what every core-ATen graph (torch.export(...).run_decompositions()) has:
+#   a.expand(batch + [n, m]) [.clone()] .view(prod(batch), n, m)    b likewise, to [m, p]
+#   bmm(a', b').view(batch + [n, p])
+# Read as matmul(a, b) at the last view, and only where each step is proven to be the step of
+# that decomposition it looks like; anything else would let a view that regroups rows (heads
+# split another way, a different broadcast) pass for attention over the wrong rows.
+
+
+def merged_matmul(node) -> Union[Call, str, None]:
+    """``node``, a view of a bmm, read as ``matmul(a, b)`` over the batch dims the bmm merged
+    (the Call's ``kwargs["bmm"]`` is the bmm). A reason instead when ``node`` has that shape
+    (a view of a bmm whose operands are views of expands) but a step is not proven; None when
+    it is not that spelling."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    bmm = node.args[0]
+    product = canonical(bmm)
+    if product is None or product.op != "matmul" or "bmm" in product.kwargs:
+        return None
+    merges = [_merged_operand(x) for x in product.args]
+    if None in merges:
+        return None
+    (a, expand_a, view_a), (b, expand_b, view_b) = merges
+    ta, tb, tea, teb, tva, tvb, tp, out = map(
+        tensor_of, (a, b, expand_a, expand_b, view_a, view_b, bmm, node))
+    if any(t is None for t in (ta, tb, tea, teb, tva, tvb, tp, out)):
+        return f"{node.name}: a bmm on merged batch dims whose shapes are not known"
+    if tea.dim() < 3 or tea.dim() != teb.dim() or not tva.dim() == tvb.dim() == tp.dim() == 3:
+        return (f"{bmm.name} multiplies {_text(tva.shape)} by {_text(tvb.shape)} merged from "
+                f"{_text(tea.shape)} and {_text(teb.shape)}: not one batch of matrices")
+    batch = tuple(tea.shape[:-2])
+    if not _known_equal(tuple(teb.shape[:-2]), batch):
+        return (f"{expand_a.name} and {expand_b.name} broadcast the operands of {bmm.name} to "
+                f"different batch dims, {_text(batch)} and {_text(teb.shape[:-2])}")
+    for src, t, te in ((a, ta, tea), (b, tb, teb)):
+        matrix, expanded = tuple(t.shape[-2:]), tuple(te.shape[-2:])
+        if not 2 <= t.dim() <= te.dim() or not _known_equal(matrix, expanded):
+            return (f"{src.name} {_text(t.shape)} is expanded to {_text(te.shape)}: not a "
+                    "broadcast of its batch dims only")
+    # expand lets each operand's size-1 dims grow to any size; matmul's broadcast grows them
+    # only to the other operand's size
+    for i in range(1, len(batch) + 1):
+        sizes = [t.shape[-2 - i] if t.dim() >= 2 + i else 1 for t in (ta, tb)]
+        if not any(_known_equal(x, batch[-i]) for x in (*sizes, 1)):
+            return (f"{expand_a.name} and {expand_b.name} broadcast {_text(ta.shape)} and "
+                    f"{_text(tb.shape)} to the batch dims {_text(batch)}, beyond their common "
+                    "broadcast")
+    merged = math.prod(batch)
+    for view, tv, te in ((view_a, tva, tea), (view_b, tvb, teb)):
+        if not _known_equal(tuple(tv.shape), (merged, *te.shape[-2:])):
+            return (f"{view.name} reshapes {_text(te.shape)} to {_text(tv.shape)}, not merging its "
+                    f"batch dims {_text(batch)} into one")
+    if not _known_equal(tuple(out.shape), (*batch, *tp.shape[-2:])):
+        return (f"{node.name} splits the product {bmm.name} {_text(tp.shape)} into "
+                f"{_text(out.shape)}, not back into the batch dims {_text(batch)} its operands "
+                "were merged from")
+    return Call("matmul", (a, b), {"bmm": bmm})
+
+
+def _merged_operand(view):
+    """(source, expand, view) for ``view(expand(source))``, a clone between allowed (a copy,
+    in whatever memory format: the same values); None for anything else."""
+    c = canonical(view)
+    if c is None or c.op != "reshape":
+        return None
+    expand = c.args[0]
+    inner = canonical(expand)
+    if inner is not None and inner.op == "contiguous":
+        expand = inner.args[0]
+        inner = canonical(expand)
+    if inner is None or inner.op != "expand":
+        return None
+    return inner.args[0], expand, view
+
+
+def _known_equal(x, y) -> bool:
+    """Sizes (or tuples of them) equal for every input the graph may see. Symbolic sizes that
+    are not provably equal count as different, and no guard is added for them."""
+    if isinstance(x, tuple):
+        return isinstance(y, tuple) and len(x) == len(y) and all(map(_known_equal, x, y))
+    if isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt) and x.node.expr == y.node.expr:
+        return True   # one expression (4*s0 and 4*s0), the common case: no need for the solver
+    return statically_known_true(sym_eq(x, y))
+
+
+def _text(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def constant_value(node: Any, gm: Optional[fx.GraphModule] = None):

@@ -16,7 +16,8 @@ import torch.fx as fx
 
 import torch
 
-from .canonicalize import Call, canonical, constant_value, is_runtime_number, tensor_of, value_of
+from .canonicalize import (Call, canonical, constant_value, is_runtime_number, merged_matmul,
+                           tensor_of, value_of)
 
 # Score-chain steps, in graph order (from the QK product towards softmax):
 #   ("cast", node)
@@ -41,7 +42,8 @@ class Candidate:
     qk: fx.Node                # the matmul / baddbmm / einsum producing the scores
     qk_call: Call
     score_steps: list          # Step tuples, graph order
-    prob_nodes: list           # nodes between softmax and the PV product (casts, dropout)
+    prob_nodes: list           # nodes between softmax and the PV product (casts, dropout; for
+                               # torch.matmul in core ATen the expand, views and the bmm)
     pv: fx.Node
     pv_call: Call
     dropout: list              # (p, training) of dropouts on the probabilities
@@ -121,12 +123,18 @@ def _trace_scores(start: fx.Node, gm) -> tuple[fx.Node, Call, list]:
             raise NotASite("not_attention", f"the softmax input comes from {_describe(node)}, "
                                             "not from a Q·Kᵀ product")
         if c.op in _PRODUCT_OPS:
+            bmm = c.kwargs.get("bmm")
+            if bmm is not None and len(bmm.users) != 1:
+                # the scores in their merged layout: the rewrite removes them with the site
+                others = ", ".join(u.name for u in bmm.users if u is not node)
+                raise NotASite("scores_used_elsewhere", f"{bmm.name} is also used by {others}")
             steps.reverse()
             return node, c, steps
         if c.op in ("cast", "contiguous"):
             steps.append(("cast", node))
             node = c.args[0]
         elif c.op == "reshape":
+            _refuse_unproven_merge(node)
             steps.append(("reshape", node))
             node = c.args[0]
         elif c.op in ("mul", "div"):
@@ -185,10 +193,36 @@ def _shape(node) -> str:
     return "?" if t is None else "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def _refuse_unproven_merge(view: fx.Node) -> None:
+    """A view of a bmm on merged batch dims that is not provably torch.matmul's decomposition
+    (canonicalize.merged_matmul says which step): the site is left alone with that reason,
+    not read as a bmm on heads merged by hand, which it is not either."""
+    why = merged_matmul(view)
+    if isinstance(why, str):
+        raise NotASite("not_provable", why)
+
+
+def _merged_value_product(bmm: fx.Node, probs: fx.Node, gm) -> tuple[fx.Node, Call]:
+    """The product with V when the probabilities were broadcast (expand) and merged into
+    ``bmm``: the bmm's view read as matmul(probs, v), torch.matmul as core ATen writes it.
+    Other readers of the bmm are left to verify (the bmm is one of the site's nodes)."""
+    for view in bmm.users:
+        c = canonical(view, gm)
+        if c is not None and c.op == "matmul" and c.kwargs.get("bmm") is bmm and c.args[0] is probs:
+            return view, c
+    for view in bmm.users:
+        c = canonical(view, gm)
+        if c is not None and c.op == "reshape":
+            _refuse_unproven_merge(view)
+    raise NotASite("no_value_matmul", f"the probabilities are expanded into {bmm.name}, whose "
+                                      "result is not viewed back as one batched product with V")
+
+
 def _trace_probs(softmax: fx.Node, gm) -> tuple[list, fx.Node, Call, list]:
     nodes: list = []
     dropouts: list = []
     node = softmax
+    broadcast_from = None   # the probabilities before an expand (torch.matmul in core ATen)
     for _ in range(16):
         users = list(node.users)
         if len(users) != 1:
@@ -201,12 +235,18 @@ def _trace_probs(softmax: fx.Node, gm) -> tuple[list, fx.Node, Call, list]:
             raise NotASite("no_value_matmul", f"the probabilities feed {_describe(user)}")
         if c.op in ("cast", "contiguous", "reshape"):
             nodes.append(user)
+        elif c.op == "expand" and broadcast_from is None:
+            nodes.append(user)
+            broadcast_from = node
         elif c.op == "dropout":
             nodes.append(user)
             dropouts.append((c.kwargs["p"], c.kwargs["training"]))
         elif c.op in ("matmul", "einsum") and (c.args[0] is node if c.op == "matmul" else c.args[1] is node):
             if c.op == "einsum" and c.args[2] is node:
                 raise NotASite("no_value_matmul", "the probabilities are the second einsum operand")
+            if broadcast_from is not None:
+                nodes.append(user)
+                user, c = _merged_value_product(user, broadcast_from, gm)
             return nodes, user, c, dropouts
         elif c.op in ("mul", "div", "add", "sub", "masked_fill", "where"):
             raise NotASite("probs_modified",

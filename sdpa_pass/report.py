@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
+from typing import Optional, Union
 
 import torch.fx as fx
 
@@ -21,7 +21,8 @@ class Site:
     dtype: str = ""
     scale: Optional[float] = None
     softcap: Optional[float] = None
-    dropout: float = 0.0             # p of the in-kernel dropout (training mode)
+    # p of the in-kernel dropout (training mode), or "symbolic" where p is read at run time
+    dropout: Union[float, str] = 0.0
     graph: int = 0                   # index of the graph in the report
     mask_note: Optional[str] = None  # why a mask stayed a tensor instead of a predicate
     # "none", "tensor" (what the kernel reads is a tensor), "predicate" (the masks became the
@@ -76,7 +77,7 @@ class Report:
             rows.append([str(i), s.source, s.status, s.implementation or "-", s.mask, s.causal,
                          f"{s.gqa_group}:1" if s.gqa_group > 1 else "-", s.dtype,
                          "-" if s.scale is None else f"{s.scale:.4g}",
-                         f"{s.dropout:g}" if s.dropout else "-",
+                         _dropout_text(s.dropout),
                          _reason(s)])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         widths[-1] = len(cols[-1])
@@ -85,6 +86,12 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _dropout_text(p: Union[float, str]) -> str:
+    if isinstance(p, str):
+        return p
+    return f"{p:g}" if p else "-"
 
 
 def _reason(s: Site) -> str:

@@ -79,9 +79,10 @@ def _broadcast_batch(graph, x: fx.Node, own_batch, batch, batch_src: fx.Node) ->
     return x
 
 
-def _build_mask(graph, plan: Plan):
+def _build_mask(graph, plan: Plan, for_sdpa: bool = False):
     """One bool or float mask tensor equivalent to the score chain's masks (those lifting
-    left as tensors), or None."""
+    left as tensors), or None. ``for_sdpa``: a float mask in the query's dtype, as SDPA takes
+    it."""
     masks = plan.kernel_masks
     if not masks:
         return None, "none"
@@ -105,12 +106,22 @@ def _build_mask(graph, plan: Plan):
     # where any score plus such a value rounds back to it, so a row filled everywhere averages
     # uniformly, as in eager; -inf fills stay -inf. Different fills keep their order (a row
     # masked everywhere by -1e9 here and finfo.min there averages the -1e9 keys only), each
-    # 4x apart, so exp() of their difference is 0 as it is in eager.
+    # 4x apart, so exp() of their difference is 0 as it is in eager. Beside an additive mask
+    # the fills are all <= FILL_THRESHOLD (verify.finite_fills_beside_additive_masks) and stay
+    # themselves, so the bias ranks them as eager does.
     finite = sorted({m.fill for m in masks if m.kind.startswith("fill")})
-    replace = {f: FP32_MIN / 4.0 ** rank for rank, f in enumerate(finite)}
+    if any(m.kind == "additive" for m in masks):
+        replace = {f: f for f in finite}
+    else:
+        replace = {f: FP32_MIN / 4.0 ** rank for rank, f in enumerate(finite)}
     bias = None
+    upcast = False
     for m, node in zip(masks, nodes):
         if m.kind == "additive":
+            if finite and tensor_of(m.node).dtype == torch.float16:
+                # those values overflow float16 (CUDA's where raises, CPU's makes -inf); the
+                # kernel adds the bias in float32 whatever its dtype
+                node, upcast = _call(graph, aten._to_copy.default, node, dtype=torch.float32), True
             bias = node if bias is None else _call(graph, aten.add.Tensor, bias, node)
             continue
         fill = float("-inf") if m.kind.startswith("bool") else replace[m.fill]
@@ -122,6 +133,8 @@ def _build_mask(graph, plan: Plan):
             bias = _call(graph, aten.where.ScalarSelf, node, fill, bias)
         else:
             bias = _call(graph, aten.where.ScalarOther, node, bias, fill)
+    if upcast and for_sdpa:
+        bias = _call(graph, aten._to_copy.default, bias, dtype=plan.dtype)
     return bias, "float " + text
 
 
@@ -216,7 +229,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan,
                     v = _call(graph, aten.expand.default, v, [-1, hk, -1, -1])
         k = _broadcast_batch(graph, k, plan.k.shape[0], B, q_src)
         v = _broadcast_batch(graph, v, plan.v.shape[0], B, q_src)
-        mask, mask_text = _build_mask(graph, plan)
+        mask, mask_text = _build_mask(graph, plan, for_sdpa=implementation is Implementation.SDPA)
         dropout = ()
         if plan.dropout_p > 0.0:
             # In-kernel dropout: the key is drawn in the graph from torch's generator, as
@@ -224,7 +237,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan,
             # AOTAutograd saves it for the backward, which regenerates the same mask.
             seed = _call(graph, aten.randint.low, 0, 1 << 32, [2], dtype=torch.int64,
                          device=tensor_of(plan.q.node).device)
-            dropout = (plan.dropout_p, seed)
+            dropout = (plan.dropout_arg, seed)
         lift = plan.lift
         causal = (lift.causal_align, lift.diagonal, lift.window) if lift else (0, 0, -1)
         extra = {}
@@ -311,7 +324,8 @@ def rewrite(gm: fx.GraphModule, example_inputs=None,
             continue
         sites.append(Site("rewritten", source, mask=mask_text, gqa_group=plan.group,
                           dtype=str(plan.dtype).replace("torch.", ""), scale=plan.scale,
-                          softcap=plan.softcap or None, dropout=plan.dropout_p,
+                          softcap=plan.softcap or None,
+                          dropout="symbolic" if plan.dropout_node is not None else plan.dropout_p,
                           causal=plan.lift.text if plan.lift else "none",
                           mask_note=plan.lift_note, mask_form=_mask_form(plan, mask_text),
                           implementation=impl.value, implementation_note=impl_note))

@@ -15,6 +15,8 @@ import math
 
 import torch.fx as fx
 
+from sdpa_pass.kernels.cpu import FILL_THRESHOLD
+
 from .analyse import Plan
 from .canonicalize import canonical, mutates, tensor_of
 from .match import NotASite, candidate_nodes
@@ -86,6 +88,24 @@ def fills_and_biases_apart_in_training(plan: Plan) -> None:
                                        "gradients: rows filled everywhere would get the wrong one")
 
 
+def finite_fills_beside_additive_masks(plan: Plan) -> None:
+    """A finite fill shares the kernel's one float mask with an additive mask only if the fill
+    is at most FILL_THRESHOLD (-1e30, e.g. finfo(float32).min): the mask then holds the fill
+    itself (plus what is added after it), which the kernel takes as the score, as eager does.
+    A weaker fill (-1e4, -1e9, float16's finfo.min) would have to become such a value, and
+    eager ranks it against the bias: ``masked_fill(c, -1e9)`` beside a finfo.min padding bias
+    averages the filled keys of a row whose other keys are padded, and ``+ bias`` after
+    ``masked_fill(c, -1e4)`` still ranks the filled keys (GPT-2's legacy ``where(causal, w,
+    finfo.min) + attention_mask`` in float16 on a left-padded row). One float mask cannot hold
+    that, so such a site stays as written."""
+    masks = plan.kernel_masks
+    weak = [m.fill for m in masks if m.kind.startswith("fill") and m.fill > FILL_THRESHOLD]
+    if weak and any(m.kind == "additive" for m in masks):
+        raise NotASite("mask_not_provable",
+                       f"a finite fill of {max(weak):g} beside an additive mask: eager ranks the "
+                       f"filled scores against the bias's, one float mask cannot")
+
+
 def needs_grad(plan: Plan) -> bool:
     """Whether a gradient can flow into the site (the graph's example values say which inputs
     require grad)."""
@@ -94,7 +114,7 @@ def needs_grad(plan: Plan) -> bool:
 
 
 CHECKS = (single_user_chain, scores_keep_their_shape, output_matches, no_mutation_inside,
-          fills_and_biases_apart_in_training)
+          fills_and_biases_apart_in_training, finite_fills_beside_additive_masks)
 
 
 def verify(plan: Plan) -> None:

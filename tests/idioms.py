@@ -388,8 +388,11 @@ class Gpt2EagerAttention(HFAttention):
 
 @idiom("transformers 4.x models/gpt2/modeling_gpt2.py: GPT2Attention._attn — bias[:, :, key_length - "
        "query_length : key_length, :key_length], torch.where(causal_mask, attn_weights, mask_value), "
-       "/ torch.full([], value.size(-1) ** 0.5)",
-       lambda dtype, L=L, S=S: (*qkv(dtype, L, S), extended_padding_mask(dtype, S)))
+       "/ torch.full([], value.size(-1) ** 0.5), then + attention_mask, left padding as in "
+       "generation (the bias after the fill still ranks the filled keys of a padded query row: "
+       "exact in float32, where the fill is finfo.min and the mask holds it; float16's -65504 "
+       "is refused, verify.finite_fills_beside_additive_masks)",
+       lambda dtype, L=L, S=S: (*qkv(dtype, L, S), hf_additive_mask(1, S, dtype, causal=False, left=True)))
 class Gpt2LegacyAttn(nn.Module):
     def __init__(self, max_positions=32):
         super().__init__()

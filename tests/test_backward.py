@@ -442,3 +442,26 @@ def test_deterministic_gradients():
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dims, lengths", [((40, 8), (130, 130)), ((24, 24), (130, 130)),
+                                           ((56, 8), (70, 200)), ((40, 8), (1, 200))], ids=str)
+@pytest.mark.parametrize("dtype", [t for t in DTYPES if t != torch.float32], ids=str)
+def test_narrow_value_heads_with_odd_head_dims(dtype, dims, lengths):
+    """Head dims that are not a multiple of 16 (24, 40, 56) with value head dims of 8 or 24,
+    over several key tiles, a float mask and causal: forward (the decode kernel at L = 1) and
+    gradients. Triton 3.6 on the H100 gave wrong outputs, NaN and illegal memory accesses
+    here with value tiles narrower than 64 (found by the GPU fuzzer, seeds 30512, 31728,
+    31866, 32001, 32620); launch_params widens them."""
+    (d, dv), (n_q, n_k) = dims, lengths
+    q, k, v = make_qkv(dtype, 2, 2, L=n_q, S=n_k, D=d, DV=dv)
+    bias = randn(1, 2, n_q, n_k, dtype=dtype)
+    causal = {} if n_q == 1 else {"causal": "bottom_right"}
+    out = attention(q, k, v, bias, **causal)
+    ref, _ = reference_attention(q, k, v, bias, **causal)
+    assert_close_to_reference(out, ref, dtype)
+    if n_q > 1:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        grad_out = randn(*out.shape, dtype=dtype)
+        assert_grads_close(op_grads(q, k, v, bias, grad_out, **causal),
+                           reference_grads(q, k, v, bias, grad_out, **causal), dtype)

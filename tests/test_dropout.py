@@ -7,6 +7,8 @@ of the generator, and check forward and gradients against the float64 reference 
 mask; that the mask the kernel used is exactly that one; that its rate and the output's mean
 match ``F.dropout``'s within statistical tolerance; and reproducibility. Gradient tests run both
 backward routes (Triton kernels and the chunked PyTorch code), as tests/test_backward.py does.
+The last tests take an ``nn.Dropout`` through the pass under ``dynamic=True``, where its p is a
+number the graph reads at run time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 
 import pytest
 import torch
+import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 import sdpa_pass.kernels.cpu as cpu_path
@@ -201,3 +205,122 @@ def test_opcheck_with_dropout():
     torch.library.opcheck(FORWARD, args, test_utils=(
         "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic",
     ))
+
+
+class TimmAttentionDropout(nn.Module):
+    """timm/models/vision_transformer.py Attention.forward (fused_attn=False) from the split heads
+    on: ``attn = self.attn_drop(attn)``. Under dynamic=True Dynamo does not specialise the float
+    ``attn_drop.p``: it passes it as a 0-d tensor input and reads it with ``.item()``."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.attn_drop = nn.Dropout(p)
+
+    def forward(self, q, k, v):
+        attn = (q @ k.transpose(-2, -1)) * D**-0.5
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        return attn @ v
+
+
+def _compile_dynamic(module):
+    """``module`` compiled through the pass with dynamic=True; the (graph, example inputs) the
+    inner backend receives, which runs the graph as it is, and the pass's Reports."""
+    graphs, reports = [], []
+
+    def inner(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    compiled = torch.compile(module, backend="sdpa_pass", dynamic=True, fullgraph=True,
+                             options={"backend": inner, "on_report": reports.append})
+    return compiled, graphs, reports
+
+
+def _op_reads_p_at_run_time(gm) -> bool:
+    """One op call in ``gm``, whose dropout_p is a node of the graph rather than a constant."""
+    calls = [n for n in gm.graph.nodes if n.target is FORWARD]
+    return len(calls) == 1 and isinstance(calls[0].args[12], fx.Node)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_module_p_read_at_run_time_one_graph_two_lengths():
+    """The site is rewritten with p a graph node; one graph serves both lengths (B=2, H=4,
+    D=16 and the lengths all differ, so each length is its own symbol), and its outputs and
+    gradients are the reference's under the kernel's own mask."""
+    p = 0.3
+    compiled, graphs, reports = _compile_dynamic(TimmAttentionDropout(p).train())
+    for seed, (l, s) in ((31, (7, 11)), (32, (9, 17))):
+        q, k, v = leaves(*make_qkv(torch.float32, 4, 4, L=l, S=s, D=D))
+        dout = randn(B, 4, l, D)
+        keep = _seeded_mask(seed, 4, p, L=l, S=s)
+        torch.manual_seed(seed)
+        out = compiled(q, k, v)
+        ref, _ = reference_attention(q, k, v, dropout_p=p, keep=keep)
+        assert_close_to_reference(out, ref, torch.float32)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        assert_grads_close(grads, reference_grads(q, k, v, None, dout, dropout_p=p, keep=keep),
+                           torch.float32)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the pass specialised on a sequence length"
+    assert _op_reads_p_at_run_time(graphs[0][0]), graphs[0][0].code
+    assert [site.dropout for site in reports[0].sites] == ["symbolic"], str(reports[0])
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_changed_module_p_is_honoured():
+    """Setting ``attn_drop.p`` between calls (Dynamo retraces or not; either way the output
+    follows the new p): 0 is attention without dropout, 1 drops everything as ``F.dropout``
+    does, and another p drops what the kernel's mask for it drops."""
+    module = TimmAttentionDropout(0.3).train()
+    compiled, graphs, _ = _compile_dynamic(module)
+    q, k, v = make_qkv(torch.float32, 4, 4, L=7, S=11, D=D)
+    compiled(q, k, v)
+    module.attn_drop.p = 0.0
+    assert_close_to_reference(compiled(q, k, v), reference_attention(q, k, v)[0], torch.float32)
+    module.attn_drop.p = 1.0
+    out = compiled(q, k, v)
+    assert torch.equal(out, torch.zeros_like(out))
+    module.attn_drop.p = 0.6
+    keep = _seeded_mask(41, 4, 0.6, L=7, S=11)
+    torch.manual_seed(41)
+    out = compiled(q, k, v)
+    assert_close_to_reference(out, reference_attention(q, k, v, dropout_p=0.6, keep=keep)[0],
+                              torch.float32)
+    assert graphs and all(_op_reads_p_at_run_time(gm) for gm, _ in graphs)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_p_read_at_run_time_out_of_range_raises():
+    """A compiled call never gets there (Dynamo traces F.dropout's own range check again for
+    each p), but the graph reads p when it runs: run with another p, the op checks it as
+    eager's dropout would, instead of scaling by 1 / (1 - p)."""
+    compiled, graphs, _ = _compile_dynamic(TimmAttentionDropout(0.3).train())
+    q, k, v = make_qkv(torch.float32, 4, 4, L=7, S=11, D=D)
+    compiled(q, k, v)
+    (gm, example_inputs), = graphs
+    assert _op_reads_p_at_run_time(gm), gm.code
+    for p in (1.5, -0.25):
+        inputs = [torch.tensor(p, dtype=x.dtype) if isinstance(x, torch.Tensor) and x.dim() == 0
+                  else x for x in example_inputs]
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+            gm(*inputs)
+
+
+class TwoDropouts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn_drop, self.second_drop = nn.Dropout(0.1), nn.Dropout(0.2)
+
+    def forward(self, q, k, v):
+        attn = ((q @ k.transpose(-2, -1)) * D**-0.5).softmax(dim=-1)
+        return self.second_drop(self.attn_drop(attn)) @ v
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_two_dropouts_read_at_run_time_are_left_to_eager():
+    """Two dropouts whose p the graph reads at run time may both be active, which one in-kernel
+    dropout cannot be: the site stays as written."""
+    compiled, graphs, reports = _compile_dynamic(TwoDropouts().train())
+    compiled(*make_qkv(torch.float32, 4, 4, L=7, S=11, D=D))
+    assert [(s.status, s.reason) for s in reports[-1].sites] == [
+        ("skipped", "two dropouts on the probabilities that may both be active")], str(reports[-1])

@@ -66,6 +66,22 @@ REGRESSIONS: dict = {
     10909: "two sites' tril buffers shared one name in the generated module (generator bug)",
     10606: "per-head scale with one head in the merged layout is a scalar; the generator expected a "
            "refusal (generator bug)",
+    31024: "masked_fill(c, -1e9) then + bias with finfo.min rows: the -1e9 fill became "
+           "finfo(float32).min in the kernel's mask and lost its rank against the bias (wrong output, "
+           "0.23 relative; fixed: verify.finite_fills_beside_additive_masks refuses fills above -1e30 "
+           "beside an additive mask)",
+    33462: "the same with masked_fill(c, -1e4) then + (1 - pad) * -1e4 (0.68 relative)",
+    31499: "the same in the other order: + bias (finfo.min rows) then masked_fill(causal, -1e9): "
+           "eager's row whose visible keys the bias hides averages its filled keys (0.18 relative)",
+    30907: "GPU: an fp16 additive mask replayed with a finite fill as finfo(float32).min: CUDA's where "
+           "raised 'value cannot be converted to type c10::Half without overflow' (fixed: the bias "
+           "is built in float32; also seeds 32607, 34263)",
+    31866: "GPU: head dim 40 with value head dim 8 in fp16: Triton 3.6 miscompiled the 16-wide "
+           "value tiles on the H100 (NaN; 30512, 32001: illegal memory access; 31728, 32620: NaN; "
+           "fixed: launch_params widens value tiles to 64 there, tests/test_backward.py "
+           "test_narrow_value_heads_with_odd_head_dims)",
+    30512: "GPU: see 31866 (illegal memory access)",
+    32620: "GPU: see 31866 (NaN)",
     11153: "gradients of a skipped site compared at fp32 tolerance where eager fp32 itself is off "
            "(-1e4 fill, scale after the mask): now judged against eager's own error, as outputs are",
 }

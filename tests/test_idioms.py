@@ -35,7 +35,7 @@ FP16_IDIOMS = [
     "nano_gpt_causal_self_attention",
     "llama_eager_attention",
     "gemma2_softcap_attention",
-    "gpt2_legacy_attn",
+    # not gpt2_legacy_attn: float16's finfo.min fill beside the additive mask is refused
     "whisper_cross_attention_split_scale",
     "diffusers_baddbmm_attention_mask",
     "bart_attention",

@@ -4,6 +4,7 @@ Pass level (the op on its PyTorch CPU path, ``TRITON_INTERPRET=0`` per test as i
 tests/test_fuzz.py: these tests are about the pass and torch.compile, the kernels have their own):
 - graph breaks between two attention sites; ``torch.no_grad`` / ``torch.inference_mode``;
 - ``torch.export``: rewrite an exported program, export it again, ``save``/``load`` round trip;
+  its core-ATen form (``run_decompositions``: matmul as expand/view/bmm/view);
 - Inductor's FX graph cache shared by two processes;
 - several models compiled in one process; deterministic training steps.
 
@@ -193,18 +194,131 @@ def test_export_save_after_rewrite_in_place(pytorch_op_path, tmp_path):
     assert_close_to_reference(loaded.module()(*args), _float64_output(model, *args), torch.float32)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core-ATen graphs (ep.run_decompositions()) are not matched: matmul is decomposed into "
-    "expand -> clone(contiguous) -> view(B*H, ...) -> bmm -> view, and match.py stops at the "
-    "probabilities' user: [no_value_matmul] 'the probabilities feed call_function "
-    "expand.default' (a false negative: the site is left alone, the result stays right)"))
-def test_export_core_aten_graph_is_rewritten(pytorch_op_path):
-    model, args = _export_cases()["nano_gpt"]
-    ep = torch.export.export(model, args).run_decompositions()
+def _core_aten(model, args, **export_options):
+    """The program as core ATen spells it (``run_decompositions``): torch.matmul of 4-D tensors
+    becomes expand -> clone -> view (B*H, ...) -> bmm -> view (B, H, ...)."""
+    return torch.export.export(model, args, **export_options).run_decompositions()
+
+
+@pytest.mark.parametrize("case", ["nano_gpt", "gqa_additive_mask"])
+def test_export_core_aten_graph_is_rewritten(pytorch_op_path, case):
+    """Both products read as the 4-D matmuls they decompose from; no softmax or bmm is left
+    behind (their merged views and expands go with them)."""
+    model, args = _export_cases()[case]
+    ep = _core_aten(model, args)
     report = sdpa_pass.rewrite(ep.graph_module)
     with torch.no_grad():  # whatever the pass did, the program still computes eager's output
         assert_close_to_reference(ep.module()(*args), _float64_output(model, *args), torch.float32)
     assert report.num_rewritten == 1, str(report)
+    assert _op_calls(ep.graph_module) == 1
+    assert not re.search(r"softmax|bmm", ep.graph_module.code), ep.graph_module.code
+
+
+def test_export_core_aten_repeat_kv_is_native_gqa(pytorch_op_path):
+    model, args = _export_cases()["gqa_additive_mask"]
+    ep = _core_aten(model, args)
+    report = sdpa_pass.rewrite(ep.graph_module)
+    assert report.num_rewritten == 1, str(report)
+    assert report.sites[0].gqa_group == idioms.H // idioms.HKV, str(report)
+    assert "expand" not in ep.graph_module.code, ep.graph_module.code
+
+
+def test_export_core_aten_graph_dynamic_shapes(pytorch_op_path):
+    """Batch and sequence symbolic: the merged batch (4*s0) is proved equal to the product of
+    the batch dims it came from, with no guard added, and the program serves another size."""
+    model, args = _export_cases()["nano_gpt"]
+    T, B = torch.export.Dim("T", min=2, max=31), torch.export.Dim("B", min=2, max=8)
+    ep = _core_aten(model, args, dynamic_shapes=({0: B, 1: T},))
+    assert sdpa_pass.rewrite(ep.graph_module).num_rewritten == 1
+    torch.manual_seed(2)
+    x = torch.randn(3, 7, idioms.C)
+    with torch.no_grad():
+        assert_close_to_reference(ep.module()(x), _float64_output(model, x), torch.float32)
+
+
+class MatmulsSpelledOut(nn.Module):
+    """Attention whose two products are written the way core ATen decomposes torch.matmul:
+    ``x.expand(B, H, ...).reshape(B * H, ...)``, ``torch.bmm``, ``.view(B, H, ...)``.
+    ``returns`` also returns one merged intermediate (a second user of it); ``scores_split``
+    views the (B*H, L, S) scores as (H, B, L, S) instead, the probabilities going back to
+    (B, H, L, S) before the product with V; ``batch`` expands batch-1 inputs to that batch,
+    further than torch.matmul would broadcast them."""
+
+    def __init__(self, returns=None, scores_split="BH", batch=None):
+        super().__init__()
+        self.returns, self.scores_split, self.batch = returns, scores_split, batch
+
+    def forward(self, q, k, v):
+        B, H, L, D = q.shape
+        B = self.batch or B
+        S = k.shape[2]
+        scores = torch.bmm(q.expand(B, H, L, D).reshape(B * H, L, D),
+                           k.transpose(2, 3).expand(B, H, D, S).reshape(B * H, D, S))
+        split = (B, H) if self.scores_split == "BH" else (H, B)
+        p = (scores.view(*split, L, S) * D ** -0.5).softmax(dim=-1).reshape(B, H, L, S)
+        probs = p.expand(B, H, L, S).reshape(B * H, L, S)
+        out = torch.bmm(probs, v.expand(B, H, S, D).reshape(B * H, S, D))
+        merged = {"scores": scores, "probs": probs, "output": out}
+        out_bhld = out.view(B, H, L, D)
+        return out_bhld if self.returns is None else (out_bhld, merged[self.returns])
+
+
+def _rewrite_core_aten(model, args):
+    """(report, expected outputs, outputs of the rewritten program) for ``model``'s core-ATen
+    program."""
+    ep = _core_aten(model, args)
+    report = sdpa_pass.rewrite(ep.graph_module)
+    with torch.no_grad():
+        expected = model(*(a.double() for a in args))
+        got = ep.module()(*args)
+    return report, expected, got
+
+
+def test_core_aten_spelling_written_by_hand_is_rewritten(pytorch_op_path):
+    """The negatives below differ from this positive in one place each."""
+    args = idioms.qkv(torch.float32)
+    report, expected, got = _rewrite_core_aten(MatmulsSpelledOut(), args)
+    assert report.num_rewritten == 1, str(report)
+    assert_close_to_reference(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("returns, reason_code, reason", [
+    # the (B*H, L, S) bmm of the scores
+    ("scores", "scores_used_elsewhere", "bmm is also used by output"),
+    # the probabilities viewed as (B*H, L, S): the walk from softmax or verify says so
+    ("probs", "probs_used_elsewhere", ""),
+    # the bmm with V, before its (B, H, L, D) view
+    ("output", "probs_used_elsewhere", "bmm_1 is also used by output"),
+])
+def test_core_aten_merged_intermediate_with_a_second_user(pytorch_op_path, returns, reason_code,
+                                                          reason):
+    """The nodes the rewrite removes include the merged views and bmms of the decomposed
+    matmuls: one of them read by something else keeps the site as it is."""
+    args = idioms.qkv(torch.float32)
+    report, expected, got = _rewrite_core_aten(MatmulsSpelledOut(returns=returns), args)
+    assert report.num_rewritten == 0, str(report)
+    site = report.sites[0]
+    assert site.reason_code == reason_code and reason in site.reason, str(report)
+    for g, e in zip(got, expected):
+        assert_close_to_reference(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("options, reason", [
+    # bmm's (B*H, L, S) viewed as (H, B, L, S)
+    ({"scores_split": "HB"}, "into (4, 2, 9, 13), not back into the batch dims (2, 4)"),
+    # q, k, v of batch 1 all expanded to batch 2: torch.matmul's broadcast would keep batch 1
+    ({"batch": 2}, "(1, 4, 9, 16) and (1, 4, 16, 13) to the batch dims (2, 4), beyond their "
+                   "common broadcast"),
+])
+def test_core_aten_spelling_that_is_not_a_matmul(pytorch_op_path, options, reason):
+    """One step differs from torch.matmul's decomposition: not read as one, the site is left
+    alone with the step named."""
+    args = tuple(x[:1] if "batch" in options else x for x in idioms.qkv(torch.float32))
+    report, expected, got = _rewrite_core_aten(MatmulsSpelledOut(**options), args)
+    assert report.num_rewritten == 0, str(report)
+    site = report.sites[0]
+    assert site.reason_code == "not_provable" and reason in site.reason, str(report)
+    assert_close_to_reference(got, expected, torch.float32)
 
 
 def test_export_function_calling_the_op(tmp_path):
@@ -429,11 +543,15 @@ def test_empty_sequences(route, lengths, is_causal):
 
 @pytest.mark.parametrize("shape", [(0, 2, 5, 8), (2, 0, 5, 8)], ids=["B0", "H0"])
 def test_empty_batch_or_heads(route, shape):
-    """No batch or no heads: the empty output SDPA gives (no heads once crashed the launch
-    with a ZeroDivisionError in AttentionShape.group)."""
-    q = torch.randn(shape, device=_device(route))
-    out = attention(q, q, q)
-    assert out.shape == F.scaled_dot_product_attention(q, q, q).shape == shape
+    """No batch or no heads: the empty output SDPA gives, and empty gradients (no heads once
+    crashed the launch with a ZeroDivisionError in AttentionShape.group, and the backward's
+    grouping by K/V head; torch 2.11's CPU SDPA kernel dies with SIGFPE on either, so the
+    PyTorch path must not call it)."""
+    q = torch.randn(shape, device=_device(route), requires_grad=True)
+    out = attention(q, q, q, is_causal=True)
+    assert out.shape == shape
+    (grad,) = torch.autograd.grad(out, q, torch.ones_like(out))
+    assert grad.shape == shape
 
 
 # NaN and inf. The reference is eager math as the pass sees it — masks applied with
