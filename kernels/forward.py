@@ -503,9 +503,10 @@ def launch_params(q, attn_mask, key_padding_mask, shape: AttentionShape, scale: 
     if q.dtype in (torch.float16, torch.bfloat16) and not interpreter_active():
         # Triton 3.6 on the H100 (tensor-core products) miscompiles value tiles narrower than
         # 64 when the head dim is not a multiple of 16 (24, 40, 56 with value head dims 8 or
-        # 24: wrong outputs, NaN, illegal memory accesses; found by the GPU fuzzer, measured
-        # with .diag-style probes over head dims 8-96 x 8-40). 64 wide tiles were right on
-        # every shape probed; the extra columns are masked loads of zeros.
+        # 24: wrong outputs, NaN, illegal memory accesses; found by the GPU fuzzer, then probed
+        # over head dims 8-96 x value head dims 8-40, forward, backward and decode). 64 wide
+        # tiles were right on every shape probed; the extra columns are masked loads of zeros.
+        # tests/test_backward.py test_narrow_value_heads_with_odd_head_dims keeps the shapes.
         block_dv = max(64, block_dv)
     return LaunchParams(mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2,
                         max(16, next_pow2(shape.head_dim)), block_dv)
