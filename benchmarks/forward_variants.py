@@ -6,6 +6,11 @@
   (SDPA_PASS_TMA=1) for the FlashAttention benchmark shapes (L = S = N, batch 16384 / N,
   heads 2048 / D), causal and not, timed through CUDA graphs (``do_bench_cudagraph``) so the
   host's launch cost is not in the number. This is the measurement behind ``use_tma``'s rule.
+- ``--masks``: kernel time of the two ways the forward reads attn_mask (SDPA_PASS_MASK_TMA=0:
+  pointer loads; =1: a tensor descriptor, copied ahead like K and V) for the benchmark
+  matrix's bool and float-bias inputs (``attention.py``'s random (N, N) bool mask and (1, H,
+  N, N) ALiBi bias), hd 64/128/256, beside flex attention reading the same tensor, all
+  through CUDA graphs. This is the measurement behind ``use_mask_tma``.
 - Host cost per call (no GPU wait; ``--host-only``: this alone) of each layer for a small causal call: the Triton launch
   alone (fixed tiles), ``attention_forward_triton``, the ``torch.ops.sdpa_pass`` op, and the
   public ``attention`` function.
@@ -41,6 +46,33 @@ def kernel_tflops(B, H, N, D, causal, tma: str) -> dict:
                 tflops=flops / ms / 1e9, rel_err=err)
 
 
+def mask_tflops(D: int, N: int, variant: str) -> list[dict]:
+    """Ours with either mask path, and flex, on one shape of the matrix's bool / bias rows."""
+    import attention as matrix  # benchmarks/attention.py: the matrix's inputs and flex peer
+
+    shape = matrix.Shape(batch=max(1, 16384 // N), heads=2048 // D, seqlen=N, head_dim=D,
+                         causal=False, variant=variant)
+    x = matrix.make_inputs(shape, torch.bfloat16, torch.device("cuda"), requires_grad=False)
+    ref = torch.nn.functional.scaled_dot_product_attention(x.q, x.k, x.v, attn_mask=x.attn_mask)
+    flops = shape.flops
+    rows = []
+    for path, run in (("pointer", "0"), ("descriptor", "1"), ("flex", None)):
+        if run is None:
+            torch._dynamo.reset()  # flex compiles per shape: past the recompile limit otherwise
+            fn = matrix.build_flex(x)
+        else:
+            os.environ["SDPA_PASS_MASK_TMA"] = run
+            fn = matrix.build_ours(x)
+        out = fn()  # compiles and autotunes outside the graph
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+        rows.append(dict(B=shape.batch, H=shape.heads, N=N, D=D, variant=variant, path=path,
+                         tflops=flops / ms / 1e9, rel_err=err))
+        print(rows[-1], flush=True)
+    os.environ.pop("SDPA_PASS_MASK_TMA", None)
+    return rows
+
+
 def host_us(fn, calls=300) -> float:
     for _ in range(20):
         fn()
@@ -71,7 +103,7 @@ def host_costs(L=64) -> dict:
             HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=0, HAS_KPM=False,
             IS_CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=True,
             STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
-            FOLD_SCALE=True, REVERSE=True, **cfg)
+            MASK_TMA=False, FOLD_SCALE=True, NATURAL=False, REVERSE=True, **cfg)
 
     def triton_path():
         return fwd.attention_forward_triton(
@@ -96,7 +128,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--host-only", action="store_true", help="only the host cost per call")
+    parser.add_argument("--masks", action="store_true",
+                        help="only the two attn_mask paths (pointer / descriptor) against flex")
+    parser.add_argument("--head-dims", default="64,128,256", help="--masks: head dims")
+    parser.add_argument("--lengths", default="1024,4096,8192", help="--masks: sequence lengths")
     args = parser.parse_args()
+    if args.masks:
+        return main_masks(args)
     rows = []
     for D in () if args.host_only else (128, 64):
         for N in (1024, 4096, 16384):
@@ -117,6 +155,29 @@ def main():
         print(f"| B{a['B']} H{a['H']} N{a['N']} D{a['D']} | {'yes' if a['causal'] else 'no'} | "
               f"{a['tflops']:.1f} | {b['tflops']:.1f} | {b['tflops'] / a['tflops']:.2f}x |")
     print("\nhost microseconds per call (L=64, causal, no GPU wait):", {k: round(v, 1) if isinstance(v, float) else v for k, v in host.items()})
+    print("wrote", path)
+
+
+def main_masks(args) -> None:
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    rows = []
+    for variant in ("bias", "bool"):
+        for D in (int(d) for d in args.head_dims.split(",")):
+            for N in (int(n) for n in args.lengths.split(",")):
+                rows += mask_tflops(D, N, variant)
+    device = torch.cuda.get_device_name()
+    meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"mask_paths_{device.lower().replace(' ', '-')}.json"
+    path.write_text(json.dumps(dict(meta=meta, kernel=rows), indent=1))
+    print(f"\n{device}, bf16, non-causal, kernel time through CUDA graphs, TFLOP/s")
+    print("| mask | shape | pointer | descriptor | flex | descriptor / pointer | descriptor / flex |")
+    print("|:---|:---|---:|---:|---:|---:|---:|")
+    for a, b, c in zip(rows[::3], rows[1::3], rows[2::3]):
+        print(f"| {a['variant']} | B{a['B']} H{a['H']} N{a['N']} D{a['D']} | {a['tflops']:.1f} | "
+              f"{b['tflops']:.1f} | {c['tflops']:.1f} | {b['tflops'] / a['tflops']:.2f}x | "
+              f"{b['tflops'] / c['tflops']:.2f}x |")
     print("wrote", path)
 
 

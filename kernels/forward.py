@@ -64,8 +64,31 @@ def masked_scores(
     backward kernels. ``rows`` / ``cols``: the tile's query and key indices as broadcastable
     2-D tensors, (M, 1) and (1, N) for a Q·Kᵀ tile or (1, M) and (N, 1) for the transposed
     K·Qᵀ tile of the dK/dV kernel. BOUNDARY tiles get the positional predicate (sequence end,
-    causal diagonal, window); interior tiles are known fully visible and skip it."""
-    # Scores in the log2 domain: exp2 is the native instruction.
+    causal diagonal, window); interior tiles are known fully visible and skip it. The mask
+    tile is read here through its strides; ``scores_with_mask_tile`` takes one already read."""
+    mask_tile = 0
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + rows * stride_mm + cols * stride_mn
+        mask_tile = tl.load(m_ptrs, mask=(rows < L) & (cols < S), other=0)
+    return scores_with_mask_tile(
+        qk, rows, cols, mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale,
+        softcap_log2, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
+
+
+@triton.jit
+def scores_with_mask_tile(
+    qk, rows, cols, mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale, softcap_log2,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDARY: tl.constexpr,
+    NATURAL: tl.constexpr,
+):
+    """``masked_scores`` given the tile of attn_mask as loaded (bool/uint8 or float values;
+    positions past the sequence ends may hold anything: the predicate or the caller's row
+    bounds hide them). NATURAL (a float mask, no soft-capping): the scores stay in natural-log
+    units, ``qk * qk_scale + bias`` with qk_scale the plain softmax scale, as eager adds them:
+    a finfo.min bias stays finite with no clamp, and the caller moves to log2 units after
+    subtracting the row max (``_attend_tiles``)."""
+    # Scores in the log2 domain (exp2 is the native instruction), except NATURAL's.
     t = qk * 0.0
     if HAS_SOFTCAP:
         t = _tanh(qk * qk_scale)
@@ -79,18 +102,17 @@ def masked_scores(
             visible = visible & (cols <= rows + offset)
         if HAS_WINDOW:
             visible = visible & (cols > rows + offset - window)
-    if MASK_KIND != 0:
-        m_ptrs = mask_base + rows * stride_mm + cols * stride_mn
-        in_bounds = (rows < L) & (cols < S)
-        if MASK_KIND == 1:
-            visible = visible & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
-        else:
-            bias = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-            # finfo(float32).min * log2(e) would overflow to -inf and turn a row that eager
-            # softmax averages uniformly (all keys at finfo.min) into an empty row; clamp
-            # finite biases to the fp32 range and keep only a true -inf as -inf.
-            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
-            qk = qk + bias
+    if MASK_KIND == 1:
+        visible = visible & (mask_tile != 0)
+    elif NATURAL:
+        qk = qk + mask_tile.to(tl.float32)
+    elif MASK_KIND == 2:
+        bias = mask_tile.to(tl.float32)
+        # finfo(float32).min * log2(e) would overflow to -inf and turn a row that eager
+        # softmax averages uniformly (all keys at finfo.min) into an empty row; clamp
+        # finite biases to the fp32 range and keep only a true -inf as -inf.
+        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, FP32_MIN_LN) * LOG2E_C)
+        qk = qk + bias
     if HAS_KPM:
         visible = visible & (tl.load(kpm_base + cols * stride_pn, mask=cols < S, other=0) != 0)
     if BOUNDARY or MASK_KIND == 1 or HAS_KPM:
@@ -134,14 +156,14 @@ def _attend_tiles(
     stride_kn, stride_kd, stride_vn, stride_vd,
     stride_mm, stride_mn, stride_pn,
     L, S, offset, window,
-    seed0, seed1, bh, dropout_p, dropout_scale, off_b, off_hkv,
+    seed0, seed1, bh, dropout_p, dropout_scale, off_b, off_hkv, mask_b, mask_h, start_m,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr,
     BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi).
 
@@ -151,7 +173,17 @@ def _attend_tiles(
     S with zeros (the predicate then hides them). FOLD_SCALE: the scale is positive and
     nothing is added to the scores, so the row max is taken on the raw products and
     the scale folds into the exponent's argument (one multiply-add per score instead of a
-    multiply and a subtract).
+    multiply and a subtract). MASK_TMA: mask_base is a tensor descriptor of attn_mask (its
+    broadcast batch / head dims of size 1, indexed by mask_b / mask_h), so the mask tile is
+    copied ahead like K and V. Read through pointers, it is not: Triton's software pipeliner
+    (3.6-3.9) only prefetches a pointer load that feeds a Hopper wgmma product if the load is
+    the product's operand in shared memory, and the mask reaches the P·V product through the
+    softmax; each key tile then waited for its mask tile (compiled for sm_90: the pointer
+    path's mask load stays a synchronous tt.load, the descriptor's is pipelined).
+    NATURAL (a float mask, no soft-capping): scores, m_i and the exponent's argument are in
+    natural-log units until after the max is subtracted, then scaled by log2(e): the bias needs
+    one add, where the log2 form needs a clamp (finfo.min · log2(e) overflows to -inf) and a
+    select to keep a true -inf (a clamp, a compare, a select and a multiply per score).
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -167,12 +199,18 @@ def _attend_tiles(
                 k = tl.load(k_ptrs)
         if DOT_UPCAST:
             k = k.to(tl.float32)
-        qk, _ = masked_scores(
+        if MASK_TMA:
+            mask_tile = mask_base.load([mask_b, mask_h, start_m, start_n]).reshape(BLOCK_M, BLOCK_N)
+        elif MASK_KIND != 0:
+            mask_tile = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                                mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
+        else:
+            mask_tile = 0
+        qk, _ = scores_with_mask_tile(
             tl.dot(q, k, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
-            mask_base, kpm_base,
-            stride_mm, stride_mn, stride_pn, L, S, offset, window,
+            mask_tile, kpm_base, stride_pn, S, offset, window,
             1.0 if FOLD_SCALE else qk_scale, softcap_log2,
-            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY,
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, NATURAL,
         )
 
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
@@ -181,11 +219,18 @@ def _attend_tiles(
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        elif NATURAL:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            # finfo.min - finfo.min is 0 here, where its log2 form would have overflowed
+            p = tl.math.exp2((qk - m_safe[:, None]) * LOG2E_C)
+            alpha = tl.math.exp2((m_i - m_safe) * LOG2E_C)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+            alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped keys too
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -228,8 +273,8 @@ def _attention_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     NAN_ON_EMPTY: tl.constexpr, STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, REVERSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
+    REVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -252,7 +297,15 @@ def _attention_fwd_kernel(
         k_base = K + off_b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
         v_base = V + off_b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
         o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
-    mask_base = MASK + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+    if MASK_TMA:
+        # a descriptor of the mask's own (unbroadcast) dims: index 0 where it broadcasts
+        mask_base = MASK
+        mask_b = tl.where(stride_mb == 0, 0, off_b)
+        mask_h = tl.where(stride_mh == 0, 0, off_h)
+    else:
+        mask_base = MASK + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+        mask_b = off_b
+        mask_h = off_h
     kpm_base = KPM + off_b64 * stride_pb
     seed0, seed1 = load_seed(SEED, DROPOUT)
 
@@ -281,27 +334,30 @@ def _attention_fwd_kernel(
         lo, mid_lo, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
+        mask_b, mask_h, start_m,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
         IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
-        TMA, FOLD_SCALE,
+        TMA, MASK_TMA, FOLD_SCALE, NATURAL,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         mid_lo, mid_hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
+        mask_b, mask_h, start_m,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
         IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
-        TMA, FOLD_SCALE,
+        TMA, MASK_TMA, FOLD_SCALE, NATURAL,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         mid_hi, hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, HAS_KPM,
+        mask_b, mask_h, start_m,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
         IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
-        TMA, FOLD_SCALE,
+        TMA, MASK_TMA, FOLD_SCALE, NATURAL,
     )
 
     empty = l_i == 0.0
@@ -320,7 +376,11 @@ def _attention_fwd_kernel(
                  mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
     if STORE_LSE:
         # natural-log LSE; -inf for rows with no visible key
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+        log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+        if NATURAL:
+            lse = tl.where(empty, float("-inf"), m_i + log2_l * LN2)
+        else:
+            lse = tl.where(empty, float("-inf"), (m_i + log2_l) * LN2)
         l_ptrs = LSE + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m
         tl.store(l_ptrs, lse, mask=offs_m < L)
 
@@ -347,10 +407,17 @@ def _prune_configs(configs, named_args, **kwargs):
     elem = _dtype_of(args["Q"]).itemsize
     d, dv = args["BLOCK_D"], args["BLOCK_DV"]
     # the copy engine's tiles need no staging registers, so deeper or wider stages fit there
-    smem_limit = (200 if args.get("TMA") else 160) * 1024
+    smem_limit = (200 if args.get("TMA") or args.get("MASK_TMA") else 160) * 1024
+    # mask tiles copied ahead by the copy engine: one buffer per stage in flight
+    mask_elem = _dtype_of(args["MASK"]).itemsize if args.get("MASK_TMA") else 0
+
+    def smem(c):
+        m, n, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        return elem * (m * d + st * n * (d + dv)) + mask_elem * (st - 1) * m * n
+
     kept = [
         c for c in configs
-        if elem * (c.kwargs["BLOCK_M"] * d + c.num_stages * c.kwargs["BLOCK_N"] * (d + dv)) <= smem_limit
+        if smem(c) <= smem_limit
         # fp32 accumulator registers per thread; past ~128 the kernel spills
         and c.kwargs["BLOCK_M"] * dv // (c.num_warps * 32) <= 128
     ]
@@ -385,6 +452,14 @@ def _set_tma_blocks(nargs) -> None:
     nargs["O"].block_shape = [1, 1, m, dv]
 
 
+def _set_descriptor_blocks(nargs) -> None:
+    """The autotuner's pre-hook: the tile shapes of the config about to run, for every
+    operand read through a tensor descriptor."""
+    _set_tma_blocks(nargs)
+    if nargs.get("MASK_TMA"):
+        nargs["MASK"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_N"]]
+
+
 def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tuple[int, int],
             skips_tiles: bool) -> bool:
     """Whether the forward reads Q/K/V and writes O through tensor descriptors (the Hopper copy
@@ -416,6 +491,46 @@ def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tupl
     return True
 
 
+def use_mask_tma(q: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether the forward reads attn_mask (the (B, Hq, L, S) broadcast view of launch_params)
+    through a tensor descriptor, so its tiles are copied ahead like K and V (see
+    ``_attend_tiles``). Needs compute capability 9+, rows and keys of its own (a padding mask
+    broadcast over rows stays on the pointer path: one row read per tile is cheap), the last
+    dim contiguous, base and strides 16-byte aligned, elements of 1, 2 or 4 bytes. Broadcast
+    batch and head dims become dims of size 1 of the descriptor. SDPA_PASS_MASK_TMA=1 forces
+    it where the layout allows (also under the interpreter, which is how the CPU tests run
+    it), =0 turns it off."""
+    setting = os.environ.get("SDPA_PASS_MASK_TMA", "")
+    if setting == "0" or TensorDescriptor is None:
+        return False
+    if interpreter_active():
+        if setting != "1":
+            return False
+    elif not (q.is_cuda and _capability(q.device) >= 9):
+        return False
+    _, _, rows, keys = mask.shape
+    stride_b, stride_h, stride_m, stride_n = mask.stride()
+    elem = mask.element_size()
+    return (elem in (1, 2, 4) and rows > 1 and keys > 1 and stride_n == 1 and stride_m != 0
+            and mask.data_ptr() % 16 == 0
+            and all(stride * elem % 16 == 0 for stride in (stride_b, stride_h, stride_m)))
+
+
+def _mask_descriptor(mask: torch.Tensor) -> TensorDescriptor:
+    """A descriptor of the mask's own dims: a broadcast (stride 0) batch or head dim becomes a
+    dim of size 1, which the kernel indexes at 0. Bool masks are read as bytes."""
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    unit = 16 // mask.element_size()
+    shape, strides = [], []
+    for size, stride in zip(mask.shape[:2], mask.stride()[:2]):
+        shape.append(size if stride else 1)
+        strides.append(stride if stride and size > 1 else unit)
+    shape += list(mask.shape[2:])
+    strides += list(mask.stride()[2:])
+    return TensorDescriptor(mask, shape, strides, [1, 1, 1, 1])
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
@@ -431,10 +546,11 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
 
 _attention_fwd_autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st,
-                           pre_hook=_set_tma_blocks)
+                           pre_hook=_set_descriptor_blocks)
              for m, n, w, st in _GPU_CONFIGS],
     key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
-         "HAS_SOFTCAP", "STORE_LSE", "DROPOUT", "TMA", "FOLD_SCALE", "REVERSE"],
+         "HAS_SOFTCAP", "STORE_LSE", "DROPOUT", "TMA", "MASK_TMA", "FOLD_SCALE", "NATURAL",
+         "REVERSE"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attention_fwd_kernel)
 
@@ -467,7 +583,7 @@ class TunedKernel:
         self.kernel[grid](*args, **kwargs, **config)
 
 
-_FORWARD = TunedKernel(_attention_fwd_autotuned, _attention_fwd_kernel, _set_tma_blocks)
+_FORWARD = TunedKernel(_attention_fwd_autotuned, _attention_fwd_kernel, _set_descriptor_blocks)
 
 
 class LaunchParams(NamedTuple):
@@ -557,9 +673,12 @@ def attention_forward_triton(
     operands = (q, k, v, out)
     if tma:
         operands = tuple(_descriptor(t) for t in operands)
+    mask_tma = mask_kind != MASK_NONE and use_mask_tma(q, mask)
+    natural = mask_kind == MASK_FLOAT and not has_softcap  # see _attend_tiles
     args = (
-        *operands, lse, mask, kpm, dropout_seed if dropout else q,
-        qk_scale, softcap_log2, dropout_p, keep_scale(dropout_p),
+        *operands, lse, _mask_descriptor(mask) if mask_tma else mask, kpm,
+        dropout_seed if dropout else q,
+        scale if natural else qk_scale, softcap_log2, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *mstrides, *pstrides, *lstrides,
         Hq, L, S, shape.group,
@@ -572,7 +691,8 @@ def attention_forward_triton(
         HAS_SOFTCAP=has_softcap, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, DROPOUT=dropout,
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
         # positive scale, nothing added to the scores: see _attend_tiles
-        TMA=tma, FOLD_SCALE=qk_scale > 0.0 and mask_kind != MASK_FLOAT and not has_softcap,
+        TMA=tma, MASK_TMA=mask_tma, FOLD_SCALE=qk_scale > 0.0 and mask_kind != MASK_FLOAT and not has_softcap,
+        NATURAL=natural,
         REVERSE=causal_align != CAUSAL_NONE,
     )
     if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
@@ -580,8 +700,8 @@ def attention_forward_triton(
         # (SDPA_PASS_AUTOTUNE=0, for test suites that compile many variants).
         tuning = (_INTERPRETER_CONFIG if interpreter_active()
                   else _default_gpu_config(max(block_d, block_dv), q.dtype))
-        if tma:
-            _set_tma_blocks({**dict(zip(_attention_fwd_kernel.arg_names, args)), **meta, **tuning})
+        if tma or mask_tma:
+            _set_descriptor_blocks({**dict(zip(_attention_fwd_kernel.arg_names, args)), **meta, **tuning})
         _attention_fwd_kernel[grid](*args, **meta, **tuning)
     else:
         key = (*meta.values(), q.dtype, mask.dtype, kpm.dtype)

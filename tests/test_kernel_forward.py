@@ -259,8 +259,11 @@ def test_tensor_descriptor_path(case, monkeypatch):
     real = fwd.use_tma
     monkeypatch.setattr(fwd, "use_tma", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
     dtype = torch.float16
-    q = randn(B, ql, hq, D, dtype=dtype).transpose(1, 2)
-    k, v = (randn(B, hkv, kl, D, dtype=dtype) for _ in range(2))
+    # on a GPU, half-precision value tiles are at least 64 wide (launch_params), and the
+    # descriptor path wants head dims that are whole tiles
+    d = 64 if DEVICE == "cuda" else D
+    q = randn(B, ql, hq, d, dtype=dtype).transpose(1, 2)
+    k, v = (randn(B, hkv, kl, d, dtype=dtype) for _ in range(2))
     mask = torch.rand(B, 1, ql, kl, device=DEVICE) > 0.2
     out, lse = attention(q, k, v, mask, enable_gqa=True, empty_rows="nan", return_lse=True, **extras)
     assert chosen == [True]
@@ -287,6 +290,79 @@ def test_tensor_descriptor_path_refused_for_layouts_the_copy_engine_cannot_read(
     assert not fwd.use_tma(f, f, f, f, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
     monkeypatch.setenv("SDPA_PASS_TMA", "0")
     assert not fwd.use_tma(q, kv, kv, q, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
+
+
+# (mask layout, dtype, causal, softcap, query heads, KV heads): the mask read through a tensor
+# descriptor. Lengths that are not whole tiles (L = 37, S = 48 against 16-wide interpreter
+# tiles for the bool masks: bytes need S % 16 == 0 for aligned rows; S = 40 for fp16).
+MASK_TMA_CASES = {
+    "bias_1HLS": ("float_1HLS", torch.float16, {}, 0.0, 4, 4),
+    "bias_B1LS_causal": ("float_B1LS", torch.float16, dict(is_causal=True), 0.0, 4, 2),
+    "bias_fp32_softcap_window": ("float32_1HLS", torch.float16,
+                                 dict(causal="bottom_right", window=9), 20.0, 4, 4),
+    "bool_LS": ("bool_LS", torch.float16, {}, 0.0, 4, 1),
+    "bool_full_bottom_right": ("bool_full", torch.float32, dict(causal="bottom_right"), 0.0, 4, 4),
+}
+
+
+def _mask_for_descriptor(kind, hq, L, S, dtype):
+    if kind == "float_1HLS":
+        return randn(1, hq, L, S, dtype=dtype)
+    if kind == "float32_1HLS":
+        return randn(1, hq, L, S, dtype=torch.float32)
+    if kind == "float_B1LS":  # HF's 4-D mask: finfo.min where hidden, left padding
+        keep = torch.ones(B, 1, L, S, dtype=torch.bool)
+        keep[0, ..., :5] = False
+        return torch.zeros(B, 1, L, S, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).to(DEVICE)
+    if kind == "bool_LS":
+        return (torch.rand(L, S) > 0.2).to(DEVICE)
+    if kind == "bool_full":
+        return (torch.rand(B, hq, L, S) > 0.2).to(DEVICE)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("case", sorted(MASK_TMA_CASES))
+def test_mask_descriptor_path(case, monkeypatch):
+    """attn_mask read through a tensor descriptor (so the Hopper pipeliner copies its tiles
+    ahead), with broadcast batch / head dims as descriptor dims of size 1, against the float64
+    reference. Forced by SDPA_PASS_MASK_TMA=1 under the interpreter."""
+    import sdpa_pass.kernels.forward as fwd
+
+    kind, dtype, extras, softcap, hq, hkv = MASK_TMA_CASES[case]
+    monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
+    chosen = []
+    real = fwd.use_mask_tma
+    monkeypatch.setattr(fwd, "use_mask_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    L, S = 37, 48 if kind.startswith("bool") else 40
+    q, k, v = make_qkv(dtype, hq=hq, hkv=hkv, L=L, S=S)
+    mask = _mask_for_descriptor(kind, hq, L, S, dtype)
+    if softcap:
+        extras = dict(extras, softcap=softcap)
+    out = attention(q, k, v, mask, enable_gqa=True, empty_rows="nan", **extras)
+    assert chosen == [True]
+    ref, _ = reference_attention(q, k, v, mask, empty_rows="nan", **extras)
+    assert_close_to_reference(out, ref, dtype)
+
+
+def test_mask_descriptor_refused_for_layouts_the_copy_engine_cannot_read(monkeypatch):
+    """Rows broadcast (a padding mask), keys not contiguous, rows not 16-byte aligned, 8-byte
+    elements, or turned off: the pointer path."""
+    from sdpa_pass.kernels.forward import use_mask_tma
+
+    monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
+    q = randn(B, 4, 16, 32, dtype=torch.float16)
+    ok = torch.zeros(1, 4, 16, 40, dtype=torch.float16, device=DEVICE).expand(B, 4, 16, 40)
+    assert use_mask_tma(q, ok)
+    assert use_mask_tma(q, torch.zeros(16, 48, dtype=torch.bool, device=DEVICE).expand(B, 4, 16, 48))
+    padding = torch.zeros(B, 1, 1, 40, dtype=torch.float16, device=DEVICE).expand(B, 4, 16, 40)
+    assert not use_mask_tma(q, padding)
+    keys_strided = torch.zeros(B, 4, 40, 16, dtype=torch.float16, device=DEVICE).transpose(-1, -2)
+    assert not use_mask_tma(q, keys_strided)
+    odd_rows = torch.zeros(B, 4, 16, 37, dtype=torch.float16, device=DEVICE)
+    assert not use_mask_tma(q, odd_rows)
+    assert not use_mask_tma(q, torch.zeros(B, 4, 16, 40, dtype=torch.float64, device=DEVICE))
+    monkeypatch.setenv("SDPA_PASS_MASK_TMA", "0")
+    assert not use_mask_tma(q, ok)
 
 
 def test_tuned_kernel_tunes_once_per_key_then_launches_the_plain_kernel():
