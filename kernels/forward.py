@@ -400,6 +400,14 @@ _GPU_CONFIGS = [
 ]
 
 
+# Mask tiles read through a descriptor need key tiles at least 64 wide: on the H100 (triton
+# 3.6) the (64, 32, 4 warps, 2 stages) tile with a descriptor-read bf16 bias faults at hd256
+# ("misaligned address" at N = 8192, illegal memory accesses at 12k and 16k; the same tile on
+# the pointer path, and (32, 32) and (64, 64) tiles with the descriptor, ran clean; each run
+# alone with CUDA_LAUNCH_BLOCKING=1). Narrow key tiles have faulted before (see _GPU_CONFIGS).
+MASK_TMA_MIN_BLOCK_N = 64
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tile shapes whose K/V stages would not fit in shared memory (about 227 KiB on
     Hopper, 100 KiB on consumer parts; keep a margin) before the autotuner compiles them."""
@@ -415,6 +423,8 @@ def _prune_configs(configs, named_args, **kwargs):
         m, n, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
         return elem * (m * d + st * n * (d + dv)) + mask_elem * (st - 1) * m * n
 
+    if args.get("MASK_TMA"):
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] >= MASK_TMA_MIN_BLOCK_N]
     kept = [
         c for c in configs
         if smem(c) <= smem_limit
@@ -499,7 +509,7 @@ def use_mask_tma(q: torch.Tensor, mask: torch.Tensor) -> bool:
     dim contiguous, base and strides 16-byte aligned, elements of 1, 2 or 4 bytes. Broadcast
     batch and head dims become dims of size 1 of the descriptor. SDPA_PASS_MASK_TMA=1 forces
     it where the layout allows (also under the interpreter, which is how the CPU tests run
-    it), =0 turns it off."""
+    it), =0 turns it off. Half-precision inputs only (see the comment in the body)."""
     setting = os.environ.get("SDPA_PASS_MASK_TMA", "")
     if setting == "0" or TensorDescriptor is None:
         return False
@@ -508,6 +518,8 @@ def use_mask_tma(q: torch.Tensor, mask: torch.Tensor) -> bool:
             return False
     elif not (q.is_cuda and _capability(q.device) >= 9):
         return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False  # fp32 products are not wgmma's, whose operands are what the pipeliner prefetches
     _, _, rows, keys = mask.shape
     stride_b, stride_h, stride_m, stride_n = mask.stride()
     elem = mask.element_size()
@@ -700,6 +712,8 @@ def attention_forward_triton(
         # (SDPA_PASS_AUTOTUNE=0, for test suites that compile many variants).
         tuning = (_INTERPRETER_CONFIG if interpreter_active()
                   else _default_gpu_config(max(block_d, block_dv), q.dtype))
+        if mask_tma and not interpreter_active():
+            tuning = dict(tuning, BLOCK_N=max(tuning["BLOCK_N"], MASK_TMA_MIN_BLOCK_N))
         if tma or mask_tma:
             _set_descriptor_blocks({**dict(zip(_attention_fwd_kernel.arg_names, args)), **meta, **tuning})
         _attention_fwd_kernel[grid](*args, **meta, **tuning)

@@ -301,7 +301,7 @@ MASK_TMA_CASES = {
     "bias_fp32_softcap_window": ("float32_1HLS", torch.float16,
                                  dict(causal="bottom_right", window=9), 20.0, 4, 4),
     "bool_LS": ("bool_LS", torch.float16, {}, 0.0, 4, 1),
-    "bool_full_bottom_right": ("bool_full", torch.float32, dict(causal="bottom_right"), 0.0, 4, 4),
+    "bool_full_bottom_right": ("bool_full", torch.float16, dict(causal="bottom_right"), 0.0, 4, 4),
 }
 
 
@@ -361,8 +361,27 @@ def test_mask_descriptor_refused_for_layouts_the_copy_engine_cannot_read(monkeyp
     odd_rows = torch.zeros(B, 4, 16, 37, dtype=torch.float16, device=DEVICE)
     assert not use_mask_tma(q, odd_rows)
     assert not use_mask_tma(q, torch.zeros(B, 4, 16, 40, dtype=torch.float64, device=DEVICE))
+    assert not use_mask_tma(q.float(), ok)  # fp32 inputs: products off the tensor-core path
     monkeypatch.setenv("SDPA_PASS_MASK_TMA", "0")
     assert not use_mask_tma(q, ok)
+
+
+def test_mask_descriptor_keeps_key_tiles_at_least_64_wide():
+    """With the mask read through a descriptor, the autotuner never tries key tiles narrower
+    than 64 (one faulted on the H100: forward.MASK_TMA_MIN_BLOCK_N); without it they stay."""
+    import triton
+
+    from sdpa_pass.kernels.forward import MASK_TMA_MIN_BLOCK_N, _GPU_CONFIGS, _prune_configs
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in _GPU_CONFIGS]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for d in (64, 128, 256):
+        args = dict(Q=q, MASK=q, BLOCK_D=d, BLOCK_DV=d, TMA=False)
+        described = _prune_configs(configs, dict(args, MASK_TMA=True))
+        assert described
+        assert all(c.kwargs["BLOCK_N"] >= MASK_TMA_MIN_BLOCK_N for c in described)
+        assert any(c.kwargs["BLOCK_N"] < 64 for c in _prune_configs(configs, dict(args, MASK_TMA=False)))
 
 
 def test_tuned_kernel_tunes_once_per_key_then_launches_the_plain_kernel():
