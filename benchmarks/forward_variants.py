@@ -130,14 +130,18 @@ def main():
     parser.add_argument("--host-only", action="store_true", help="only the host cost per call")
     parser.add_argument("--masks", action="store_true",
                         help="only the two attn_mask paths (pointer / descriptor) against flex")
-    parser.add_argument("--head-dims", default="64,128,256", help="--masks: head dims")
-    parser.add_argument("--lengths", default="1024,4096,8192", help="--masks: sequence lengths")
+    parser.add_argument("--head-dims", default=None,
+                        help="head dims (default: 128,64; with --masks 64,128,256)")
+    parser.add_argument("--lengths", default=None,
+                        help="sequence lengths (default: 1024,4096,16384; with --masks 1024,4096,8192)")
     args = parser.parse_args()
     if args.masks:
         return main_masks(args)
     rows = []
-    for D in () if args.host_only else (128, 64):
-        for N in (1024, 4096, 16384):
+    head_dims = [int(d) for d in (args.head_dims or "128,64").split(",")]
+    lengths = [int(n) for n in (args.lengths or "1024,4096,16384").split(",")]
+    for D in () if args.host_only else head_dims:
+        for N in lengths:
             for causal in (False, True):
                 for tma in ("0", "1"):
                     rows.append(kernel_tflops(16384 // N, 2048 // D, N, D, causal, tma))
@@ -163,8 +167,8 @@ def main_masks(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     rows = []
     for variant in ("bias", "bool"):
-        for D in (int(d) for d in args.head_dims.split(",")):
-            for N in (int(n) for n in args.lengths.split(",")):
+        for D in (int(d) for d in (args.head_dims or "64,128,256").split(",")):
+            for N in (int(n) for n in (args.lengths or "1024,4096,8192").split(",")):
                 rows += mask_tflops(D, N, variant)
     device = torch.cuda.get_device_name()
     meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__)

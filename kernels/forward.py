@@ -471,15 +471,18 @@ def _set_descriptor_blocks(nargs) -> None:
 
 
 def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tuple[int, int],
-            skips_tiles: bool) -> bool:
+            skips_tiles: bool, masked: bool = False) -> bool:
     """Whether the forward reads Q/K/V and writes O through tensor descriptors (the Hopper copy
     engine). Needs compute capability 9+, fp16/bf16, the hardware's layout rules (base and
     every stride but the last 16-byte aligned, the last dimension contiguous, no broadcast
     stride) and head dims that are whole tiles (the pointer path masks a 96-wide head in a
-    128-wide tile instead). Chosen by measurement (H200, triton 3.6, kernel time through CUDA
+    128-wide tile instead). Chosen by measurement (triton 3.6, kernel time through CUDA
     graphs): 4-15% faster for causal and windowed attention (``skips_tiles``) at every head dim
-    and length, 2-7% slower without them at N >= 4k, so only there. SDPA_PASS_TMA=1 forces it
-    (also under the interpreter, which is how the CPU tests run this path), =0 turns it off."""
+    and length (H200); with an attn_mask (``masked``) 6-13% faster at hd128 and 1.1-1.3x at
+    hd256 (H100, N = 4096, bool and float masks); head dims over 128 1.28-1.36x faster with no
+    mask at all (H100, N = 1k-16k); only hd <= 128 without masks or tile skipping is 2-7%
+    slower at N >= 4k (H200), so there it is not used. SDPA_PASS_TMA=1 forces it (also under
+    the interpreter, which is how the CPU tests run this path), =0 turns it off."""
     setting = os.environ.get("SDPA_PASS_TMA", "")
     if setting == "0" or TensorDescriptor is None or head_dims != block_dims:
         return False
@@ -489,7 +492,8 @@ def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tupl
     if interpreter_active():
         if setting != "1":
             return False
-    elif not (q.is_cuda and _capability(q.device) >= 9 and (skips_tiles or setting == "1")):
+    elif not (q.is_cuda and _capability(q.device) >= 9
+              and (skips_tiles or masked or block_dims[0] > 128 or setting == "1")):
         return False
     for t in tensors:
         elem = t.element_size()
@@ -681,11 +685,16 @@ def attention_forward_triton(
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     dropout = dropout_p > 0.0
     tma = use_tma(q, k, v, out, head_dims=(D, DV), block_dims=(block_d, block_dv),
-                  skips_tiles=causal_align != CAUSAL_NONE or window != -1)
+                  skips_tiles=causal_align != CAUSAL_NONE or window != -1,
+                  masked=mask_kind != MASK_NONE)
     operands = (q, k, v, out)
     if tma:
         operands = tuple(_descriptor(t) for t in operands)
-    mask_tma = mask_kind != MASK_NONE and use_mask_tma(q, mask)
+    # hd > 128 with K/V through descriptors: a float mask read through pointers measured 1.2x
+    # faster than through a descriptor (H100, N = 4096; the descriptor's 64-wide key tiles,
+    # MASK_TMA_MIN_BLOCK_N, are slow at hd256), a bool mask 1.5x slower, so only bool there
+    mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask)
+                and not (tma and mask_kind == MASK_FLOAT and block_d > 128))
     natural = mask_kind == MASK_FLOAT and not has_softcap  # see _attend_tiles
     args = (
         *operands, lse, _mask_descriptor(mask) if mask_tma else mask, kpm,
