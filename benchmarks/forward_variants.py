@@ -99,7 +99,7 @@ def host_costs(L=64) -> dict:
         fwd._attention_fwd_kernel[grid](
             q, k, v, out, lse, q, q, q, scale * fwd.LOG2E, 0.0, 0.0, 1.0,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), 0, 0, 0, 0, 0, 0,
-            *lse.stride()[:2], 8, L, L, 1, 0, -1,
+            *lse.stride()[:2], 8, L, L, 1, 0, -1, 0,
             HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=0, HAS_KPM=False,
             IS_CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=True,
             STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
