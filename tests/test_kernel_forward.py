@@ -226,12 +226,18 @@ def test_finfo_min_rows_average_uniformly(dtype):
     bias[:, :, 4] = torch.finfo(torch.float32).min
     bias[:, :, 6, :5] = torch.finfo(torch.float32).min
     bias = bias.to(DEVICE)
-    out = attention(q, k, v, bias, empty_rows="nan")
-    ref, _ = reference_attention(q, k, v, bias, empty_rows="nan")
+    out, lse = attention(q, k, v, bias, empty_rows="nan", return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, bias, empty_rows="nan")
     assert not out.isnan().any()
     assert_close_to_reference(out, ref, dtype)
     uniform = v.double().cpu().mean(dim=2)
     assert_close_to_reference(out[:, :, 4], uniform, dtype, what="row 4 (all finfo.min)")
+    # the LSE of that row is finfo.min + log(sum of exp(scores)), finite and that close to
+    # finfo.min (the kernel's natural-log scores keep it; log2 units would overflow there)
+    torch.testing.assert_close(lse.double().cpu()[:, :, 4], ref_lse[:, :, 4], rtol=1e-6, atol=0)
+    rest = torch.ones(L, dtype=torch.bool)
+    rest[4] = False
+    torch.testing.assert_close(lse.double().cpu()[:, :, rest], ref_lse[:, :, rest], rtol=1e-3, atol=1e-3)
 
 
 TMA_CASES = {
