@@ -283,6 +283,14 @@ def _tensor_bias_score_mod(bias: torch.Tensor):
     return score_mod
 
 
+# flex attention (torch 2.11) reading a bias tensor through score_mod faults with an illegal
+# memory access past 2**31 elements (H100: (1, 32, 16384, 16384) faulted run alone with
+# CUDA_LAUNCH_BLOCKING=1; (1, 8, 32768, 32768) faulted in the matrix, where every other peer
+# then ran clean without flex; (1, 8, 16384, 16384) = 2**31 ran). A fault poisons the
+# process's CUDA context, so the run would stop there.
+FLEX_MAX_BIAS_ELEMENTS = 2**31
+
+
 def build_flex(x: Inputs):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -293,6 +301,9 @@ def build_flex(x: Inputs):
     elif x.attn_mask is not None and x.attn_mask.dtype == torch.bool:
         mask_mod = _tensor_mask_mod(x.attn_mask)
     elif x.attn_mask is not None:
+        if x.attn_mask.numel() > FLEX_MAX_BIAS_ELEMENTS:
+            raise Skipped(f"a bias of {x.attn_mask.numel() / 2**30:.0f}G elements faults in flex's "
+                          "kernel (illegal memory access; > 2**31 elements)")
         extra["score_mod"] = _tensor_bias_score_mod(x.attn_mask)
     if x.enable_gqa:
         extra["enable_gqa"] = True
