@@ -1,0 +1,121 @@
+"""Compile the forward kernel for Hopper (sm_90) on a machine without a GPU and report what the
+compiler made of it: how many loads stayed synchronous, how many are copied ahead (cp.async
+or the TMA copy engine), registers per thread, spill stack and shared memory.
+
+    python benchmarks/sm90_compile.py --mask bias                    # mask read through pointers
+    python benchmarks/sm90_compile.py --mask bias --mask-tma         # ... through a descriptor
+    python benchmarks/sm90_compile.py --mask bool --tile 128,64,8,3 --head-dim 128
+    python benchmarks/sm90_compile.py --mask bias --log2 --ttgir /tmp/k.ttgir
+
+Needs the triton wheel's bundled ptxas and cuobjdump (triton 3.x ships them); no CUDA driver.
+The specialisations are those of a launch on contiguous (B, H, N, D) bf16 tensors with N a
+multiple of 16 (16-byte aligned pointers, unit strides as constants) and a (1, H, N, N) mask
+broadcast over the batch. This is how BENCHMARKS.md's statements about the pipelining of the
+mask tile were checked (session 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless it is set
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.forward import _attention_fwd_kernel  # noqa: E402
+
+MASK_KINDS = {"none": 0, "bool": 1, "bias": 2}
+SCALARS = ("qk_scale", "softcap_log2", "dropout_p", "dropout_scale")
+
+
+def signature(args) -> tuple[dict, dict, dict]:
+    """Triton's (signature, constexprs, attributes) for one launch of the forward kernel."""
+    d, n = args.head_dim, 4096
+    kind = MASK_KINDS[args.mask]
+    meta = dict(
+        HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=kind, HAS_KPM=False,
+        IS_CAUSAL=args.causal, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=False,
+        STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
+        MASK_TMA=args.mask_tma and kind != 0, FOLD_SCALE=kind != 2,
+        NATURAL=kind == 2 and not args.log2, REVERSE=args.causal,
+        BLOCK_M=args.tile[0], BLOCK_N=args.tile[1])
+    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
+                "MASK": "*i1" if kind == 1 else "*bf16", "KPM": "*bf16", "SEED": "*i64"}
+    if meta["MASK_TMA"]:
+        element = "u8" if kind == 1 else "bf16"
+        pointers["MASK"] = f"tensordesc<{element}[1, 1, {args.tile[0]}, {args.tile[1]}]>"
+    qkv = dict(b=16 * n * d, h=n * d, m=d, d=1)
+    strides = {f"stride_{t}{dim}": v for t in "qkvo" for dim, v in
+               zip("bhmd" if t in "qo" else "bhnd", qkv.values())}
+    strides.update(stride_mb=0, stride_mh=n * n, stride_mm=n, stride_mn=1,
+                   stride_pb=0, stride_pn=0, stride_lb=0, stride_lh=0)
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(_attention_fwd_kernel.arg_names):
+        if name in meta:
+            sig[name], consts[name] = "constexpr", meta[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
+            if not sig[name].startswith("tensordesc"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in SCALARS:
+            sig[name] = "fp32"
+        elif strides.get(name) == 1:  # triton specialises integers equal to 1 as constants
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if name in strides and strides[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def resources(cubin: bytes) -> dict:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    return {key.lower(): int(re.search(rf"{key}:(\d+)", text).group(1)) for key in ("REG", "STACK")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mask", choices=sorted(MASK_KINDS), default="bias")
+    parser.add_argument("--mask-tma", action="store_true", help="read the mask through a descriptor")
+    parser.add_argument("--log2", action="store_true",
+                        help="float mask in log2 units (the clamped form) instead of NATURAL")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tile", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
+    parser.add_argument("--ttgir", type=Path, help="also write the TTGIR here")
+    args = parser.parse_args(argv)
+    args.tile = tuple(int(x) for x in args.tile.split(","))
+    sig, consts, attrs = signature(args)
+    kernel = triton.compile(ASTSource(_attention_fwd_kernel, sig, consts, attrs),
+                            target=GPUTarget("cuda", 90, 128),
+                            options=dict(num_warps=args.tile[2], num_stages=args.tile[3]))
+    ttgir = kernel.asm["ttgir"]
+    if args.ttgir:
+        args.ttgir.write_text(ttgir)
+    counts = {op: len(re.findall(pattern, ttgir)) for op, pattern in (
+        ("synchronous loads (tt.load)", r"= tt\.load "),
+        ("cp.async copies", r"async_copy_global_to_local"),
+        ("TMA copies", r"async_tma_copy_global_to_local"))}
+    usage = resources(kernel.asm["cubin"])
+    print(", ".join(f"{k} {v}" for k, v in counts.items())
+          + f", registers {usage['reg']}, spill stack {usage['stack']} B,"
+            f" shared memory {kernel.metadata.shared} B")
+
+
+if __name__ == "__main__":
+    main()
