@@ -390,6 +390,30 @@ def test_mask_descriptor_keeps_key_tiles_at_least_64_wide():
         assert any(c.kwargs["BLOCK_N"] < 64 for c in _prune_configs(configs, dict(args, MASK_TMA=False)))
 
 
+def test_autotuning_key_has_a_length_class(monkeypatch):
+    """GPU launches are tuned per length class as well as per variant: rows of fewer than
+    LONG_ROWS keys and longer ones get their own tuning run (and the autotuner's own key has
+    the class too), lengths within a class share one. The launch is recorded, not run."""
+    import sdpa_pass.kernels.forward as fwd
+    from sdpa_pass.kernels.checks import CAUSAL_NONE, check_attention_inputs
+
+    keys = []
+    monkeypatch.setattr(fwd, "interpreter_active", lambda: False)
+    monkeypatch.setenv("SDPA_PASS_AUTOTUNE", "1")
+    monkeypatch.setattr(fwd._FORWARD, "launch", lambda key, grid, *args, **meta: keys.append(
+        (key, dict(zip(fwd._attention_fwd_kernel.arg_names, args))["len_class"])))
+    assert "len_class" in fwd._attention_fwd_autotuned.keys
+    for kv_len in (100, 2000, fwd.LONG_ROWS, 3 * fwd.LONG_ROWS):
+        q = torch.zeros(1, 2, 16, 32, dtype=torch.float16)
+        k = v = torch.zeros(1, 2, kv_len, 32, dtype=torch.float16)
+        shape = check_attention_inputs(q, k, v, None, None, causal_align=CAUSAL_NONE)
+        fwd.attention_forward_triton(q, k, v, None, None, shape, scale=0.1, causal_align=CAUSAL_NONE,
+                                     diagonal=0, window=-1, softcap=0.0, nan_on_empty=False,
+                                     return_lse=False)
+    assert [cls for _, cls in keys] == [0, 0, 1, 1]
+    assert keys[0][0] == keys[1][0] != keys[2][0] == keys[3][0]
+
+
 def test_tuned_kernel_tunes_once_per_key_then_launches_the_plain_kernel():
     """TunedKernel (GPU launches): the first call of a key goes through triton's autotuner,
     later ones launch the JIT kernel itself with the config the autotuner chose, after the
