@@ -350,6 +350,47 @@ def test_mask_descriptor_path(case, monkeypatch):
     assert_close_to_reference(out, ref, dtype)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_descriptor_paths_random_layouts(seed, monkeypatch):
+    """Q/K/V/O and the mask all through descriptors (forced), on random layouts the copy
+    engine can read: mask kinds and dtypes, every broadcast pattern, a mask sliced out of wider
+    storage, GQA, causal forms and windows, lengths off the tile grid; against float64."""
+    import sdpa_pass.kernels.forward as fwd
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    monkeypatch.setenv("SDPA_PASS_TMA", "1")
+    monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
+    chosen = []
+    real = fwd.use_mask_tma
+    monkeypatch.setattr(fwd, "use_mask_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    kind = pick(["bool", "float16", "float32"])
+    hq, hkv = pick([(4, 4), (4, 2), (4, 1)])
+    L = pick([5, 16, 23, 40])
+    S = pick([16, 32, 48]) if kind == "bool" else pick([8, 24, 40, 48])
+    dims = pick([(1, 1), (1, hq), (B, 1), (B, hq)])
+    extras = pick([{}, dict(is_causal=True), dict(causal="bottom_right"),
+                   dict(causal="bottom_right", window=6)])
+    dtype = torch.float16
+    q, k, v = make_qkv(dtype, hq=hq, hkv=hkv, L=L, S=S)
+    wide = S + pick([0, 16])  # a view of the first S keys of wider rows
+    if kind == "bool":
+        storage = torch.rand(*dims, L, wide, generator=gen) > 0.25
+    else:
+        storage = torch.randn(*dims, L, wide, generator=gen).to(getattr(torch, kind))
+        storage[..., 1] = torch.finfo(storage.dtype).min  # HF's fill, beside real scores
+    mask = storage.to(DEVICE)[..., :S]
+    if kind == "bool":
+        mask[..., 0] = True  # no empty row: its output is NaN under empty_rows="nan"
+    out = attention(q, k, v, mask, enable_gqa=True, empty_rows="nan", **extras)
+    assert chosen == [True], (kind, dims, L, S, wide)
+    ref, _ = reference_attention(q, k, v, mask, empty_rows="nan", **extras)
+    assert_close_to_reference(out, ref, dtype)
+
+
 def test_mask_descriptor_refused_for_layouts_the_copy_engine_cannot_read(monkeypatch):
     """Rows broadcast (a padding mask), keys not contiguous, rows not 16-byte aligned, 8-byte
     elements, or turned off: the pointer path."""
