@@ -68,11 +68,17 @@ def masked_scores(
     tile is read here through its strides; ``scores_with_mask_tile`` takes one already read."""
     mask_tile = 0
     if MASK_KIND != 0:
-        m_ptrs = mask_base + rows * stride_mm + cols * stride_mn
-        mask_tile = tl.load(m_ptrs, mask=(rows < L) & (cols < S), other=0)
+        mask_tile = load_mask_tile(mask_base, rows, cols, stride_mm, stride_mn, L, S)
     return scores_with_mask_tile(
         qk, rows, cols, mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale,
         softcap_log2, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
+
+
+@triton.jit
+def load_mask_tile(mask_base, rows, cols, stride_mm, stride_mn, L, S):
+    """attn_mask values of a tile through pointers; 0 past the sequence ends."""
+    return tl.load(mask_base + rows * stride_mm + cols * stride_mn,
+                   mask=(rows < L) & (cols < S), other=0)
 
 
 @triton.jit
@@ -202,8 +208,8 @@ def _attend_tiles(
         if MASK_TMA:
             mask_tile = mask_base.load([mask_b, mask_h, start_m, start_n]).reshape(BLOCK_M, BLOCK_N)
         elif MASK_KIND != 0:
-            mask_tile = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                                mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
+            mask_tile = load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :],
+                                       stride_mm, stride_mn, L, S)
         else:
             mask_tile = 0
         qk, _ = scores_with_mask_tile(
@@ -478,6 +484,20 @@ def _set_descriptor_blocks(nargs) -> None:
         nargs["MASK"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_N"]]
 
 
+def _descriptors_wanted(q: torch.Tensor, variable: str, measured_faster: bool) -> bool:
+    """The gate both descriptor paths share: ``variable`` =0 turns the path off, =1 forces it
+    (also under the interpreter, where it is otherwise off); on a GPU it needs compute
+    capability 9+ and is taken where measured faster. Half-precision inputs only: fp32 keeps
+    exact ("ieee") FMA products, which are not the wgmma operands the Hopper pipeliner and the
+    copy engine serve."""
+    setting = os.environ.get(variable, "")
+    if setting == "0" or TensorDescriptor is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if interpreter_active():
+        return setting == "1"
+    return q.is_cuda and _capability(q.device) >= 9 and (measured_faster or setting == "1")
+
+
 def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tuple[int, int],
             skips_tiles: bool, masked: bool = False) -> bool:
     """Whether the forward reads Q/K/V and writes O through tensor descriptors (the Hopper copy
@@ -491,17 +511,8 @@ def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tupl
     mask at all (H100, N = 1k-16k); only hd <= 128 without masks or tile skipping is 2-7%
     slower at N >= 4k (H200), so there it is not used. SDPA_PASS_TMA=1 forces it (also under
     the interpreter, which is how the CPU tests run this path), =0 turns it off."""
-    setting = os.environ.get("SDPA_PASS_TMA", "")
-    if setting == "0" or TensorDescriptor is None or head_dims != block_dims:
-        return False
-    q = tensors[0]
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return False  # fp32 keeps exact ("ieee") products on the pointer path
-    if interpreter_active():
-        if setting != "1":
-            return False
-    elif not (q.is_cuda and _capability(q.device) >= 9
-              and (skips_tiles or masked or block_dims[0] > 128 or setting == "1")):
+    if head_dims != block_dims or not _descriptors_wanted(
+            tensors[0], "SDPA_PASS_TMA", skips_tiles or masked or block_dims[0] > 128):
         return False
     for t in tensors:
         elem = t.element_size()
@@ -516,22 +527,15 @@ def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tupl
 def use_mask_tma(q: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether the forward reads attn_mask (the (B, Hq, L, S) broadcast view of launch_params)
     through a tensor descriptor, so its tiles are copied ahead like K and V (see
-    ``_attend_tiles``). Needs compute capability 9+, rows and keys of its own (a padding mask
-    broadcast over rows stays on the pointer path: one row read per tile is cheap), the last
-    dim contiguous, base and strides 16-byte aligned, elements of 1, 2 or 4 bytes. Broadcast
+    ``_attend_tiles``). Needs compute capability 9+, fp16/bf16 inputs, rows and keys of its
+    own (a padding mask broadcast over rows stays on the pointer path: one row read per tile
+    is cheap), the last dim contiguous, base and strides 16-byte aligned, elements of 1, 2 or
+    4 bytes. Broadcast
     batch and head dims become dims of size 1 of the descriptor. SDPA_PASS_MASK_TMA=1 forces
     it where the layout allows (also under the interpreter, which is how the CPU tests run
-    it), =0 turns it off. Half-precision inputs only (see the comment in the body)."""
-    setting = os.environ.get("SDPA_PASS_MASK_TMA", "")
-    if setting == "0" or TensorDescriptor is None:
+    it), =0 turns it off."""
+    if not _descriptors_wanted(q, "SDPA_PASS_MASK_TMA", measured_faster=True):
         return False
-    if interpreter_active():
-        if setting != "1":
-            return False
-    elif not (q.is_cuda and _capability(q.device) >= 9):
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return False  # fp32 products are not wgmma's, whose operands are what the pipeliner prefetches
     _, _, rows, keys = mask.shape
     stride_b, stride_h, stride_m, stride_n = mask.stride()
     elem = mask.element_size()
