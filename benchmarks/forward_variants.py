@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -163,15 +164,15 @@ def main():
 
 
 def main_masks(args) -> None:
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # for mask_tflops' attention.py
     rows = []
     for variant in ("bias", "bool"):
         for D in (int(d) for d in (args.head_dims or "64,128,256").split(",")):
             for N in (int(n) for n in (args.lengths or "1024,4096,8192").split(",")):
                 rows += mask_tflops(D, N, variant)
     device = torch.cuda.get_device_name()
-    meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__)
+    meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__,
+                settings={k: v for k, v in os.environ.items() if k.startswith("SDPA_PASS_")})
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"mask_paths_{device.lower().replace(' ', '-')}.json"
     path.write_text(json.dumps(dict(meta=meta, kernel=rows), indent=1))
