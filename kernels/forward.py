@@ -708,6 +708,7 @@ def attention_forward_triton(
     mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask)
                 and not (tma and mask_kind == MASK_FLOAT and block_d > 128))
     natural = mask_kind == MASK_FLOAT and not has_softcap  # see _attend_tiles
+    len_class = int(S >= LONG_ROWS)  # tuned apart, see LONG_ROWS
     args = (
         *operands, lse, _mask_descriptor(mask) if mask_tma else mask, kpm,
         dropout_seed if dropout else q,
@@ -715,7 +716,7 @@ def attention_forward_triton(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *mstrides, *pstrides, *lstrides,
         Hq, L, S, shape.group,
-        causal_offset(causal_align, diagonal, L, S), window, int(S >= LONG_ROWS),
+        causal_offset(causal_align, diagonal, L, S), window, len_class,
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -739,6 +740,6 @@ def attention_forward_triton(
             _set_descriptor_blocks({**dict(zip(_attention_fwd_kernel.arg_names, args)), **meta, **tuning})
         _attention_fwd_kernel[grid](*args, **meta, **tuning)
     else:
-        key = (*meta.values(), q.dtype, mask.dtype, kpm.dtype, S >= LONG_ROWS)
+        key = (*meta.values(), q.dtype, mask.dtype, kpm.dtype, len_class)
         _FORWARD.launch(key, grid, *args, **meta)
     return out, lse

@@ -240,6 +240,16 @@ def test_finfo_min_rows_average_uniformly(dtype):
     torch.testing.assert_close(lse.double().cpu()[:, :, rest], ref_lse[:, :, rest], rtol=1e-3, atol=1e-3)
 
 
+def record_choices(monkeypatch, name):
+    """Wrap the forward's path chooser ``name`` (use_tma, use_mask_tma) so each call's answer
+    is appended to the returned list."""
+    import sdpa_pass.kernels.forward as fwd
+
+    chosen, real = [], getattr(fwd, name)
+    monkeypatch.setattr(fwd, name, lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    return chosen
+
+
 TMA_CASES = {
     # name: (hq, hkv, L, S, extras); lengths cross tiles and stop mid-tile, so the copy
     # engine's zero fill past L and S and its clipped stores are exercised
@@ -257,13 +267,9 @@ def test_tensor_descriptor_path(case, monkeypatch):
     """The Hopper copy-engine path (tensor descriptors for Q, K, V, O) against the reference.
     On CPU it runs through the interpreter, forced by SDPA_PASS_TMA=1; on a GPU the same
     variable forces it for non-causal inputs too. Strided (B, L, H, D) storage included."""
-    import sdpa_pass.kernels.forward as fwd
-
     hq, hkv, ql, kl, extras = TMA_CASES[case]
     monkeypatch.setenv("SDPA_PASS_TMA", "1")
-    chosen = []
-    real = fwd.use_tma
-    monkeypatch.setattr(fwd, "use_tma", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    chosen = record_choices(monkeypatch, "use_tma")
     dtype = torch.float16
     # on a GPU, half-precision value tiles are at least 64 wide (launch_params), and the
     # descriptor path wants head dims that are whole tiles
@@ -312,18 +318,15 @@ MASK_TMA_CASES = {
 
 
 def _mask_for_descriptor(kind, hq, L, S, dtype):
-    if kind == "float_1HLS":
-        return randn(1, hq, L, S, dtype=dtype)
+    """make_mask's kinds, plus an fp32 bias beside half inputs and HF's (B, 1, L, S) mask."""
+    if kind in MASK_KINDS:
+        return make_mask(kind, hq, L, S, dtype)[0]
     if kind == "float32_1HLS":
         return randn(1, hq, L, S, dtype=torch.float32)
     if kind == "float_B1LS":  # HF's 4-D mask: finfo.min where hidden, left padding
         keep = torch.ones(B, 1, L, S, dtype=torch.bool)
         keep[0, ..., :5] = False
         return torch.zeros(B, 1, L, S, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).to(DEVICE)
-    if kind == "bool_LS":
-        return (torch.rand(L, S) > 0.2).to(DEVICE)
-    if kind == "bool_full":
-        return (torch.rand(B, hq, L, S) > 0.2).to(DEVICE)
     raise AssertionError(kind)
 
 
@@ -332,13 +335,9 @@ def test_mask_descriptor_path(case, monkeypatch):
     """attn_mask read through a tensor descriptor (so the Hopper pipeliner copies its tiles
     ahead), with broadcast batch / head dims as descriptor dims of size 1, against the float64
     reference. Forced by SDPA_PASS_MASK_TMA=1 under the interpreter."""
-    import sdpa_pass.kernels.forward as fwd
-
     kind, dtype, extras, softcap, hq, hkv = MASK_TMA_CASES[case]
     monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
-    chosen = []
-    real = fwd.use_mask_tma
-    monkeypatch.setattr(fwd, "use_mask_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    chosen = record_choices(monkeypatch, "use_mask_tma")
     L, S = 37, 48 if kind.startswith("bool") else 40
     q, k, v = make_qkv(dtype, hq=hq, hkv=hkv, L=L, S=S)
     mask = _mask_for_descriptor(kind, hq, L, S, dtype)
@@ -355,8 +354,6 @@ def test_descriptor_paths_random_layouts(seed, monkeypatch):
     """Q/K/V/O and the mask all through descriptors (forced), on random layouts the copy
     engine can read: mask kinds and dtypes, every broadcast pattern, a mask sliced out of wider
     storage, GQA, causal forms and windows, lengths off the tile grid; against float64."""
-    import sdpa_pass.kernels.forward as fwd
-
     gen = torch.Generator().manual_seed(seed)
 
     def pick(options):
@@ -364,9 +361,7 @@ def test_descriptor_paths_random_layouts(seed, monkeypatch):
 
     monkeypatch.setenv("SDPA_PASS_TMA", "1")
     monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
-    chosen = []
-    real = fwd.use_mask_tma
-    monkeypatch.setattr(fwd, "use_mask_tma", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    chosen = record_choices(monkeypatch, "use_mask_tma")
     kind = pick(["bool", "float16", "float32"])
     hq, hkv = pick([(4, 4), (4, 2), (4, 1)])
     L = pick([5, 16, 23, 40])
