@@ -31,8 +31,9 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, MASK_FLOAT, TunedKernel, interpreter_active, key_ranges,
-                      launch_params, masked_scores)
+from .forward import (LOG2E_C, MASK_FLOAT, TunedKernel, _descriptor, _descriptors_wanted, _dtype_of,
+                      descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
+                      masked_scores)
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -140,27 +141,39 @@ def _bwd_prep_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
+    dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
     offs_n, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
-    L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
+    L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, off_b, off_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    FILLS: tl.constexpr, BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    FILLS: tl.constexpr, BOUNDARY: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK/dV contributions of query tiles [lo, hi) of one query head to one key tile.
 
     Works on transposed tiles, K·Qᵀ (keys × queries), as Triton's fused-attention tutorial
     does: Pᵀ and dSᵀ come out of the dots in the layout the dK/dV products take, so nothing
-    computed is transposed; only the loaded Q and dO tiles are read transposed."""
+    computed is transposed; only the loaded Q and dO tiles are read transposed.
+
+    DQ_ATOMIC: also add this key tile's share of dQ, dS·K (unscaled, fp32), into the query
+    rows' accumulator at dq_base, so no second kernel recomputes S and dP for dQ.
+    TMA: q_base / do_base are tensor descriptors of the (B, Hq, L, D) tensors (rows past L
+    read as zeros); DQ_TMA_ADD: dq_base is one too, and the copy engine does the adds
+    (a reduce-add of the whole tile; rows past L are clipped)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                     mask=(offs_m[None, :] < L) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                     mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if TMA:
+            qT = tl.trans(q_base.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
+            do = do_base.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            qT = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=(offs_m[None, :] < L) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if DOT_UPCAST:
             qT = qT.to(tl.float32)
             do = do.to(tl.float32)
@@ -186,13 +199,25 @@ def _dkdv_tiles(
                         stride_mm, stride_mn, L, S, FILLS)
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+        dsT = dsT.to(qT.dtype)
+        dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:
+            # other key tiles add into the same rows; relaxed: only the sum is read, after
+            # the kernel ends (Triton's default acq_rel would fence every add)
+            dq_part = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)  # (M, D)
+            if DQ_TMA_ADD:
+                dq_base.atomic_add([off_b, off_h, start_m, 0],
+                                   dq_part.reshape(1, 1, BLOCK_M, BLOCK_D))
+            else:
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_am + offs_d[None, :], dq_part,
+                              mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM),
+                              sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["HKV", "L", "S", "GROUP", "offset", "window"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, ROW_M, ROW_R, DELTA, DK, DV, MASK, KPM, SEED,
+    Q, K, V, DO, ROW_M, ROW_R, DELTA, DK, DV, MASK, KPM, SEED, DQ_ACC,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -203,26 +228,34 @@ def _bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_lb, stride_lh,
+    stride_ab, stride_ah, stride_am,
     HKV, L, S, GROUP, offset, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FILLS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // HKV).to(tl.int64)
-    off_hkv = (pid_bh % HKV).to(tl.int64)
+    b32 = pid_bh // HKV  # descriptor indices; pointer offsets are 64-bit
+    hkv32 = pid_bh % HKV
+    off_b = b32.to(tl.int64)
+    off_hkv = hkv32.to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if TMA:  # descriptors of the 4-D tensors (see _dkdv_tiles)
+        k = K.load([b32, hkv32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([b32, hkv32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     if DOT_UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -253,37 +286,47 @@ def _bwd_dkdv_kernel(
     for g in range(0, GROUP):
         # every query head of the GQA group adds into this K/V head's dK/dV, in registers
         off_h = off_hkv * GROUP + g
+        h32 = hkv32 * GROUP + g
         bh = off_b * (HKV * GROUP) + off_h  # the forward's batch·query-head index
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        if TMA:
+            q_base = Q
+            do_base = DO
+        else:
+            q_base = Q + off_b * stride_qb + off_h * stride_qh
+            do_base = DO + off_b * stride_dob + off_h * stride_doh
+        if DQ_TMA_ADD:
+            dq_base = DQ_ACC
+        else:
+            dq_base = DQ_ACC + off_b * stride_ab + off_h * stride_ah
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         m_base = ROW_M + off_b * stride_lb + off_h * stride_lh
         r_base = ROW_R + off_b * stride_lb + off_h * stride_lh
         d_base = DELTA + off_b * stride_lb + off_h * stride_lh
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
+            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
             offs_n, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, FILLS, True, DOT_UPCAST, DOT_PRECISION,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
+            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, DOT_UPCAST, DOT_PRECISION,
         )
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
+            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
             offs_n, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, FILLS, False, DOT_UPCAST, DOT_PRECISION,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
+            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, FILLS, False, DQ_ATOMIC, TMA, DQ_TMA_ADD, DOT_UPCAST, DOT_PRECISION,
         )
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base,
-            offs_n, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, FILLS, True, DOT_UPCAST, DOT_PRECISION,
-        )
+        if HAS_WINDOW:  # [mid_hi, hi) is empty without a window
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
+                offs_n, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
+                L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+                HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, DOT_UPCAST, DOT_PRECISION,
+            )
     dk = dk * sm_scale
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
@@ -390,14 +433,15 @@ def _bwd_dq_kernel(
     # the forward's key ranges: only the first and last get the positional predicate
     lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
                                         BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(
-        dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
-        offs_m, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
-    )
+    if HAS_WINDOW:  # [lo, mid_lo) is empty without a window (see key_ranges)
+        dq = _dq_tiles(
+            dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
+            offs_m, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
+            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+            DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
+        )
     dq = _dq_tiles(
         dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
         offs_m, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
@@ -426,6 +470,7 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 _DKDV_CONFIGS = [
     (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 2),
     (64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2),
+    (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2),
 ]
 # Not (128, 32, 8, 3): with triton 3.6 on an H200 that dQ config faults with an illegal memory
 # access (hd128, no causal mask; every load and store of the kernel is masked, so it is a
@@ -442,7 +487,7 @@ def _fits(resident: int, streamed: int, accumulators: int):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        elem = args["Q"].element_size()
+        elem = _dtype_of(args["Q"]).itemsize
         d, dv = args["BLOCK_D"], args["BLOCK_DV"]
         width = {"d": d, "dv": dv, "d+dv": d + dv}
         kept = []
@@ -458,9 +503,23 @@ def _fits(resident: int, streamed: int, accumulators: int):
     return prune
 
 
-def _autotuned(kernel, configs, prune, extra_key=()):
+def _set_dkdv_blocks(nargs) -> None:
+    """Tile shapes for the dK/dV kernel's tensor descriptors (a config's pre-hook)."""
+    if not nargs.get("TMA"):
+        return
+    m, n, d, dv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
+    nargs["Q"].block_shape = [1, 1, m, d]
+    nargs["DO"].block_shape = [1, 1, m, dv]
+    nargs["K"].block_shape = [1, 1, n, d]
+    nargs["V"].block_shape = [1, 1, n, dv]
+    if nargs.get("DQ_TMA_ADD"):
+        nargs["DQ_ACC"].block_shape = [1, 1, m, d]
+
+
+def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
     return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st,
+                               pre_hook=pre_hook)
                  for m, n, w, st in configs],
         key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
              "HAS_SOFTCAP", "DROPOUT", *extra_key],
@@ -468,7 +527,22 @@ def _autotuned(kernel, configs, prune, extra_key=()):
     )(kernel)
 
 
-_bwd_dkdv_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"))
+_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD")
+_bwd_dkdv_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
+                                 _DKDV_KEY, pre_hook=_set_dkdv_blocks)
+
+
+def _tuning_dq_hook(nargs) -> None:
+    """The pre-hook of the dK/dV kernel that also adds dQ, while tuning: each timing run adds
+    into the accumulator, so it is zeroed before every run, the call's own launch included.
+    (Triton's reset_to_zero cannot take a tensor descriptor.)"""
+    _set_dkdv_blocks(nargs)
+    acc = nargs["DQ_ACC"]
+    (acc.base if nargs.get("DQ_TMA_ADD") else acc).zero_()
+
+
+_bwd_dkdv_dq_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
+                                    _DKDV_KEY, pre_hook=_tuning_dq_hook)
 _bwd_dq_autotuned = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _fits("m", "n", "d"), ("STORE_DS",))
 
 
@@ -481,26 +555,67 @@ def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-_DKDV = TunedKernel(_bwd_dkdv_autotuned, _bwd_dkdv_kernel)
+_DKDV = TunedKernel(_bwd_dkdv_autotuned, _bwd_dkdv_kernel, _set_dkdv_blocks)
+_DKDV_DQ = TunedKernel(_bwd_dkdv_dq_autotuned, _bwd_dkdv_kernel, _set_dkdv_blocks)
 _DQ = TunedKernel(_bwd_dq_autotuned, _bwd_dq_kernel)
 
 
-def _kernels(head_dim_pad: int, dtype: torch.dtype):
+def _kernels(head_dim_pad: int, dtype: torch.dtype, dq_atomic: bool):
     """(dK/dV kernel, its fixed tiles, dQ kernel, its fixed tiles); tiles None when tuned."""
     if interpreter_active():
         return _bwd_dkdv_kernel, _INTERPRETER_CONFIG, _bwd_dq_kernel, _INTERPRETER_CONFIG
     if os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         cfg = _fixed_config(head_dim_pad, dtype)
         return _bwd_dkdv_kernel, cfg, _bwd_dq_kernel, cfg
-    return _DKDV, None, _DQ, None
+    return _DKDV_DQ if dq_atomic else _DKDV, None, _DQ, None
 
 
-def _launch(kernel, tiles, grid, args, meta) -> None:
+def dq_by_atomics(need_mask_grad: bool, tma: bool) -> bool:
+    """Whether the dK/dV kernel also forms dQ, adding each key tile's share into an fp32
+    accumulator, instead of a second kernel that recomputes S and dP per query tile (7 matrix
+    products -> 5). Taken where it measured faster: with the descriptor loads (``tma``, so
+    hd128) on a GPU, where the copy engine does the adds (H100, bf16: backward 1.10-1.13x at
+    N = 16k, 1.05x at 4k non-causal, even at 4k causal); with pointer loads and atomic
+    instructions it measured 0.84-1.02x, so not there. Never when the mask's gradient is wanted (the dQ kernel writes
+    dS), nor under torch.use_deterministic_algorithms (the adds' order varies between runs, so
+    dQ may differ in its last bits). SDPA_PASS_BWD_DQ=atomic|split forces a path otherwise
+    (atomic under the interpreter: pointer atomics, which is how the CPU tests run it)."""
+    forced = os.environ.get("SDPA_PASS_BWD_DQ", "")
+    if forced not in ("", "atomic", "split"):
+        raise ValueError(f"SDPA_PASS_BWD_DQ must be 'atomic' or 'split', got {forced!r}")
+    if need_mask_grad or torch.are_deterministic_algorithms_enabled():
+        return False
+    if forced:
+        return forced == "atomic"
+    return tma and not interpreter_active()
+
+
+def _launch(kernel, tiles, grid, args, meta, pre_hook=None) -> None:
     if tiles is None:  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
         key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
         kernel.launch(key, grid, *args, **meta)
     else:
+        if pre_hook is not None:
+            pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **tiles})
         kernel[grid](*args, **meta, **tiles)
+
+
+# Head dims (block width) where the dK/dV kernel's descriptor loads and the atomic dQ path
+# were measured faster (H100, bf16, N = 4k and 16k, kernel time through CUDA graphs; see
+# BENCHMARKS.md, session 8). At hd64 the atomic path measured 0.77-0.86x the split one.
+BWD_DESCRIPTOR_HEAD_DIMS = (128,)
+
+
+def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv: int) -> bool:
+    """Whether the dK/dV kernel reads Q, dO, K and V through tensor descriptors (and, on a
+    GPU, adds dQ with the copy engine's reduce-add). The forward's conditions (compute
+    capability 9+, fp16/bf16, whole-tile head dims, the copy engine's layout rules), at the
+    head dims where it measured faster (1.01-1.07x with the split dQ path at hd128);
+    SDPA_PASS_BWD_TMA=1 forces it (also under the interpreter), =0 turns it off."""
+    return ((shape.head_dim, shape.v_head_dim) == (block_d, block_dv)
+            and _descriptors_wanted(q, "SDPA_PASS_BWD_TMA",
+                                    measured_faster=block_d in BWD_DESCRIPTOR_HEAD_DIMS)
+            and descriptor_layout_ok(q, k, v, grad_out))
 
 
 def attention_backward_triton(
@@ -531,7 +646,10 @@ def attention_backward_triton(
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
-    dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype)
+    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
+    dq_atomic = dq_by_atomics(need_mask_grad, tma)
+    dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype, dq_atomic)
     masks = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
@@ -542,7 +660,6 @@ def attention_backward_triton(
     common = dict(masks, DROPOUT=dropout_p > 0.0, FILLS=mask_fills and mask_kind == MASK_FLOAT)
     offset = causal_offset(causal_align, diagonal, L, S)
     seed = dropout_seed if dropout_p > 0.0 else q
-    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     glse = grad_lse if grad_lse is not None else lse
     gstrides = grad_lse.stride() if grad_lse is not None else (0, 0, 0)
     prep_tiles = _INTERPRETER_CONFIG if interpreter_active() else _fixed_config(max(block_d, block_dv), q.dtype)
@@ -551,13 +668,24 @@ def attention_backward_triton(
         *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *mstrides, *pstrides,
         *lse.stride(), *gstrides, *rstrides, Hq, L, S, shape.group, offset, window,
         HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
+    # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
+    dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_atomic else dq
+    astrides = dq_acc.stride()[:3] if dq_atomic else (0, 0, 0)
+    # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
+    tma_add = tma and dq_atomic and not interpreter_active()
+    operands = tuple(_descriptor(t) for t in (q, k, v, grad_out)) if tma else (q, k, v, grad_out)
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _launch(dkdv_kernel, dkdv_cfg, dkdv_grid, (
-        q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask, kpm, seed,
+        *operands, row_m, row_r, delta, dk, dv, mask, kpm, seed,
+        _descriptor(dq_acc) if tma_add else dq_acc,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *mstrides, *pstrides, *rstrides,
-        Hkv, L, S, shape.group, offset, window), common)
+        *mstrides, *pstrides, *rstrides, *astrides,
+        Hkv, L, S, shape.group, offset, window),
+        {**common, "DQ_ATOMIC": dq_atomic, "TMA": tma, "DQ_TMA_ADD": tma_add}, _set_dkdv_blocks)
+    if dq_atomic:
+        torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
+        return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
     dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731

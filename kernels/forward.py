@@ -511,9 +511,14 @@ def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tupl
     mask at all (H100, N = 1k-16k); only hd <= 128 without masks or tile skipping is 2-7%
     slower at N >= 4k (H200), so there it is not used. SDPA_PASS_TMA=1 forces it (also under
     the interpreter, which is how the CPU tests run this path), =0 turns it off."""
-    if head_dims != block_dims or not _descriptors_wanted(
-            tensors[0], "SDPA_PASS_TMA", skips_tiles or masked or block_dims[0] > 128):
-        return False
+    return (head_dims == block_dims and _descriptors_wanted(
+        tensors[0], "SDPA_PASS_TMA", skips_tiles or masked or block_dims[0] > 128)
+        and descriptor_layout_ok(*tensors))
+
+
+def descriptor_layout_ok(*tensors: torch.Tensor) -> bool:
+    """The copy engine's layout rules: base and every stride but the last 16-byte aligned,
+    the last dimension contiguous, no broadcast (stride 0) dimension."""
     for t in tensors:
         elem = t.element_size()
         if t.data_ptr() % 16 or t.stride(-1) != 1:

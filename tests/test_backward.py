@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import sdpa_pass.kernels.backward as bwd
 import sdpa_pass.kernels.cpu as cpu_path
 import sdpa_pass.kernels.ops as ops
 from sdpa_pass.kernels import attention
@@ -329,7 +330,7 @@ def test_pytorch_forward_path(monkeypatch, route):
     if route == "sdpa":
         bias, extras = None, dict(is_causal=True)
     else:
-        bias = torch.zeros(1, 1, L, S)
+        bias = torch.zeros(1, 1, L, S, device=DEVICE)
         bias[..., 6, :] = torch.finfo(torch.float32).min  # averaged, not summed (fixed bug)
         bias = bias.requires_grad_()
         extras = dict(causal="bottom_right", window=9, softcap=7.0)
@@ -356,7 +357,8 @@ def test_no_mask_grad_unless_asked(monkeypatch):
     spy_on("attention_backward_chunked")  # whichever implementation the op picks
     spy_on("attention_backward_triton")
     q, k, v = leaves(*make_qkv(torch.float32, 4, 4, L=L, S=S, D=D))
-    for mask in (randn(B, 1, 1, S), torch.rand(L, S) > 0.2, randn(B, 1, 1, S).requires_grad_()):
+    for mask in (randn(B, 1, 1, S), torch.rand(L, S, device=DEVICE) > 0.2,
+                 randn(B, 1, 1, S).requires_grad_()):
         attention(q, k, v, mask).sum().backward()
     assert seen == [False, False, True]
 
@@ -423,12 +425,15 @@ def test_compiles_fullgraph_with_backward():
         torch.testing.assert_close(g, e)
 
 
-def test_deterministic_gradients():
-    """No atomics anywhere: the GQA group's dK/dV are summed in one program's registers and
-    dQ by the program that owns the rows, so two runs give bitwise-identical gradients, also
-    with torch.use_deterministic_algorithms(True)."""
+@pytest.mark.parametrize("mask_grad", [True, False], ids=["mask_grad", "no_mask_grad"])
+def test_deterministic_gradients(monkeypatch, mask_grad):
+    """Under torch.use_deterministic_algorithms(True) the backward takes the path without
+    atomics, even when the atomic dQ path is asked for: the GQA group's dK/dV are summed in
+    one program's registers and dQ by the program that owns the rows, so two runs give
+    bitwise-identical gradients."""
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
     q, k, v = make_qkv(torch.float32, 4, 2, L=L, S=S, D=D)
-    bias = randn(B, 1, 1, S).requires_grad_()
+    bias = randn(B, 1, 1, S).requires_grad_(mask_grad)
     grad_out = randn(B, 4, L, D)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -437,7 +442,8 @@ def test_deterministic_gradients():
         for _ in range(2):
             leaves_ = [t.detach().requires_grad_() for t in (q, k, v)]
             out = attention(*leaves_, bias, causal="bottom_right", enable_gqa=True)
-            runs.append(torch.autograd.grad(out, [*leaves_, bias], grad_out))
+            runs.append(torch.autograd.grad(out, leaves_ + [bias] * mask_grad, grad_out))
+        assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True)
     finally:
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(*runs):

@@ -48,10 +48,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["triton_backward", "chunked_backward"])
+@pytest.fixture(params=["triton_backward", "triton_atomic_dq_backward", "chunked_backward"])
 def backward_route(request, monkeypatch):
-    """Gradient tests run through both backward implementations; the chunked one with chunks
-    of a few rows, so the dropout draws of several chunks are stitched together."""
+    """Gradient tests run through both backward implementations (the Triton one with either
+    dQ path); the chunked one with chunks of a few rows, so the dropout draws of several
+    chunks are stitched together."""
+    if request.param == "triton_atomic_dq_backward":
+        monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
     if request.param == "chunked_backward":
         monkeypatch.setattr(ops, "attention_backward_triton", _chunked_instead_of_triton)
         monkeypatch.setattr(cpu_path, "_CHUNK_ELEMENTS", 30 * 4 * B * 4 * S)

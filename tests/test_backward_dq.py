@@ -1,0 +1,85 @@
+"""The backward's atomic dQ path: the dK/dV kernel also forms dQ (SDPA_PASS_BWD_DQ=atomic).
+
+Apart from tests/test_backward.py, whose every test also runs through the chunked PyTorch
+backward: these test the Triton kernel's own path choice.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdpa_pass.kernels.backward as bwd
+from reference import randn
+from test_backward import L, S, D, assert_grads_close, leaves, op_grads, reference_grads
+from test_kernel_forward import B, CAUSAL_KINDS, HEADS, make_mask, make_qkv
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_dq_path_choice(monkeypatch):
+    """Atomic dQ only with the descriptor loads on a GPU unless forced; never when the mask's
+    gradient is wanted (only the dQ kernel writes dS); a bad setting is named."""
+    monkeypatch.setattr(bwd, "interpreter_active", lambda: False)
+    assert bwd.dq_by_atomics(need_mask_grad=False, tma=True)
+    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=False)
+    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True)
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
+    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True)
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
+    assert bwd.dq_by_atomics(need_mask_grad=False, tma=False)
+    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True)
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomics")
+    with pytest.raises(ValueError, match="SDPA_PASS_BWD_DQ must be 'atomic' or 'split'"):
+        bwd.dq_by_atomics(need_mask_grad=False, tma=True)
+
+
+# (dtype, loads): the dK/dV kernel adding dQ with pointer atomics, reading Q/dO/K/V through
+# pointers or through tensor descriptors (fp16 only, as on the GPU). The GPU's reduce-add of
+# the descriptor path has no interpreter form; tests/test_backward.py on a GPU runs it.
+ATOMIC_ROUTES = {"fp32_pointers": (torch.float32, "0"), "fp16_pointers": (torch.float16, "0"),
+                 "fp16_descriptors": (torch.float16, "1")}
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left", "window7_bottom_right"])
+@pytest.mark.parametrize("mask", ["none", "bool_LS", "float_1HLS", "padding"])
+@pytest.mark.parametrize("route", ATOMIC_ROUTES)
+def test_dq_added_by_the_dkdv_kernel(monkeypatch, route, mask, causal):
+    """The atomic dQ path (SDPA_PASS_BWD_DQ=atomic): one kernel forms dK, dV and dQ (GQA,
+    every mask kind that does not want its own gradient, causal and window tile ranges)."""
+    dtype, loads = ATOMIC_ROUTES[route]
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
+    monkeypatch.setenv("SDPA_PASS_BWD_TMA", loads)
+    launches = []
+    launch = bwd._launch
+    monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
+        launches.append(meta), launch(kernel, tiles, grid, args, meta, *rest))[1])
+    hq, hkv = HEADS["gqa2"]
+    # head dim 64: on a GPU, narrower value tiles are widened to 64 (launch_params), and
+    # descriptors need whole-tile head dims
+    q, k, v = leaves(*make_qkv(dtype, hq, hkv, L=L, S=S, D=64))
+    attn_mask, kpm = make_mask(mask, hq, L, S, dtype)
+    dout = randn(B, hq, L, 64, dtype=dtype)
+    extras = dict(key_padding_mask=kpm, **CAUSAL_KINDS[causal])
+    grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
+    assert [(m["DQ_ATOMIC"], m["TMA"]) for m in launches] == [(True, loads == "1")]
+    assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
+
+
+@pytest.mark.parametrize("extras", [dict(softcap=5.0, causal="bottom_right"),
+                                    dict(dropout_p=0.3, is_causal=True)], ids=["softcap", "dropout"])
+def test_dq_paths_agree(monkeypatch, extras):
+    """Soft-capping and dropout (same seed) through both dQ paths: the same gradients up to
+    the sums' order."""
+    q, k, v = leaves(*make_qkv(torch.float32, 4, 1, L=L, S=S, D=D))
+    dout = randn(B, 4, L, D)
+    runs = []
+    for path in ("split", "atomic"):
+        monkeypatch.setenv("SDPA_PASS_BWD_DQ", path)
+        torch.manual_seed(5)
+        runs.append(op_grads(q, k, v, None, dout, enable_gqa=True, **extras))
+    for name, a, b in zip(("dq", "dk", "dv"), *runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
