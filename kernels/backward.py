@@ -31,9 +31,10 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, MASK_FLOAT, TunedKernel, _descriptor, _descriptors_wanted, _dtype_of,
-                      descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
-                      masked_scores)
+from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
+                      _descriptors_wanted, _dtype_of, _mask_descriptor, descriptor_layout_ok,
+                      interpreter_active, key_ranges, launch_params, load_mask_tile,
+                      masked_scores, scores_with_mask_tile, use_mask_tma)
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -42,14 +43,12 @@ FILL_THRESHOLD_C: tl.constexpr = tl.constexpr(FILL_THRESHOLD)
 
 
 @triton.jit
-def _unfilled(ds, mask_base, rows, cols, stride_mm, stride_mn, L, S, FILLS: tl.constexpr):
+def _unfilled(ds, mask_tile, FILLS: tl.constexpr):
     """dS with 0 where a mask_fills float mask replaced the score (value <= FILL_THRESHOLD):
     eager's masked_fill passes nothing back there. Matters only on rows filled everywhere,
-    where P is not 0 at the filled keys."""
+    where P is not 0 at the filled keys. ``mask_tile``: the tile's mask values as loaded."""
     if FILLS:
-        bias = tl.load(mask_base + rows * stride_mm + cols * stride_mn,
-                       mask=(rows < L) & (cols < S), other=0.0).to(tl.float32)
-        ds = tl.where(bias <= FILL_THRESHOLD_C, 0.0, ds)
+        ds = tl.where(mask_tile.to(tl.float32) <= FILL_THRESHOLD_C, 0.0, ds)
     return ds
 
 
@@ -145,12 +144,13 @@ def _dkdv_tiles(
     offs_n, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
     L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, off_b, off_h,
+    start_n, mask_b, mask_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     FILLS: tl.constexpr, BOUNDARY: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
+    TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr, MASK_TMA: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK/dV contributions of query tiles [lo, hi) of one query head to one key tile.
@@ -163,7 +163,10 @@ def _dkdv_tiles(
     rows' accumulator at dq_base, so no second kernel recomputes S and dP for dQ.
     TMA: q_base / do_base are tensor descriptors of the (B, Hq, L, D) tensors (rows past L
     read as zeros); DQ_TMA_ADD: dq_base is one too, and the copy engine does the adds
-    (a reduce-add of the whole tile; rows past L are clipped)."""
+    (a reduce-add of the whole tile; rows past L are clipped). MASK_TMA: mask_base is a
+    tensor descriptor of attn_mask (broadcast dims of size 1, indexed by mask_b / mask_h), so
+    the mask tile is copied ahead like Q and dO instead of a synchronous pointer load (see
+    the forward's ``_attend_tiles``)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if TMA:
@@ -181,10 +184,18 @@ def _dkdv_tiles(
         row_m = tl.load(m_base + offs_m, mask=offs_m < L, other=float("inf"))
         row_r = tl.load(r_base + offs_m, mask=offs_m < L, other=0.0)
         delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
-        sT, tT = masked_scores(tl.dot(k, qT, input_precision=DOT_PRECISION), offs_m[None, :],
-                               offs_n[:, None], mask_base, kpm_base, stride_mm, stride_mn,
-                               stride_pn, L, S, offset, window, qk_scale, softcap_log2,
-                               MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY)
+        if MASK_TMA:
+            mask_tile = tl.trans(mask_base.load([mask_b, mask_h, start_m, start_n])
+                                 .reshape(BLOCK_M, BLOCK_N))                    # (N, M)
+        elif MASK_KIND != 0:
+            mask_tile = load_mask_tile(mask_base, offs_m[None, :], offs_n[:, None],
+                                       stride_mm, stride_mn, L, S)
+        else:
+            mask_tile = 0
+        sT, tT = scores_with_mask_tile(
+            tl.dot(k, qT, input_precision=DOT_PRECISION), offs_m[None, :], offs_n[:, None],
+            mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale, softcap_log2,
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
         pT = tl.math.exp2((sT - row_m[None, :]) - row_r[None, :])         # (N, M)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)     # (N, M)
         if DROPOUT:
@@ -195,8 +206,7 @@ def _dkdv_tiles(
             dpT = tl.where(keep, dpT * dropout_scale, 0.0)
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dsT = _unfilled(pT * (dpT - delta[None, :]), mask_base, offs_m[None, :], offs_n[:, None],
-                        stride_mm, stride_mn, L, S, FILLS)
+        dsT = _unfilled(pT * (dpT - delta[None, :]), mask_tile, FILLS)
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dsT = dsT.to(qT.dtype)
@@ -234,7 +244,7 @@ def _bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     FILLS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_TMA: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -298,7 +308,12 @@ def _bwd_dkdv_kernel(
             dq_base = DQ_ACC
         else:
             dq_base = DQ_ACC + off_b * stride_ab + off_h * stride_ah
-        mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+        if MASK_TMA:  # a descriptor of the mask's own dims: index 0 where it broadcasts
+            mask_base = MASK
+        else:
+            mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+        mask_b = tl.where(stride_mb == 0, 0, b32)
+        mask_h = tl.where(stride_mh == 0, 0, h32)
         m_base = ROW_M + off_b * stride_lb + off_h * stride_lh
         r_base = ROW_R + off_b * stride_lb + off_h * stride_lh
         d_base = DELTA + off_b * stride_lb + off_h * stride_lh
@@ -307,16 +322,18 @@ def _bwd_dkdv_kernel(
             offs_n, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, DOT_UPCAST, DOT_PRECISION,
+            start_n, mask_b, mask_h,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
             offs_n, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-            HAS_SOFTCAP, DROPOUT, FILLS, False, DQ_ATOMIC, TMA, DQ_TMA_ADD, DOT_UPCAST, DOT_PRECISION,
+            start_n, mask_b, mask_h,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, DROPOUT, FILLS, False, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
         )
         if HAS_WINDOW:  # [mid_hi, hi) is empty without a window
             dk, dv = _dkdv_tiles(
@@ -324,8 +341,10 @@ def _bwd_dkdv_kernel(
                 offs_n, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
                 L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
-                HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, DOT_UPCAST, DOT_PRECISION,
+                start_n, mask_b, mask_h,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
+                IS_CAUSAL, HAS_WINDOW,
+                HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
             )
     dk = dk * sm_scale
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -358,18 +377,21 @@ def _dq_tiles(
         if DOT_UPCAST:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
-        s, t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None],
-                             offs_n[None, :], mask_base, kpm_base, stride_mm, stride_mn,
-                             stride_pn, L, S, offset, window, qk_scale, softcap_log2, MASK_KIND,
-                             HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY)
+        mask_tile = 0
+        if MASK_KIND != 0:
+            mask_tile = load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :],
+                                       stride_mm, stride_mn, L, S)
+        s, t = scores_with_mask_tile(
+            tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
+            mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale, softcap_log2,
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
         p = tl.math.exp2(s - row_m[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # gradient of the (scaled, biased) scores, up to the row factor exp2(-r)
-        ds = _unfilled(p * (dp - delta[:, None]), mask_base, offs_m[:, None], offs_n[None, :],
-                       stride_mm, stride_mn, L, S, FILLS)
+        ds = _unfilled(p * (dp - delta[:, None]), mask_tile, FILLS)
         if STORE_DS:
             tl.store(ds_base + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
                      ds * row_scale[:, None], mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
@@ -505,7 +527,7 @@ def _fits(resident: int, streamed: int, accumulators: int):
 
 def _set_dkdv_blocks(nargs) -> None:
     """Tile shapes for the dK/dV kernel's tensor descriptors (a config's pre-hook)."""
-    if not nargs.get("TMA"):
+    if not nargs.get("TMA"):  # the mask descriptor comes only with the others
         return
     m, n, d, dv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
     nargs["Q"].block_shape = [1, 1, m, d]
@@ -514,6 +536,8 @@ def _set_dkdv_blocks(nargs) -> None:
     nargs["V"].block_shape = [1, 1, n, dv]
     if nargs.get("DQ_TMA_ADD"):
         nargs["DQ_ACC"].block_shape = [1, 1, m, d]
+    if nargs.get("MASK_TMA"):
+        nargs["MASK"].block_shape = [1, 1, m, n]
 
 
 def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
@@ -527,7 +551,7 @@ def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
     )(kernel)
 
 
-_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD")
+_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD", "MASK_TMA")
 _bwd_dkdv_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
                                  _DKDV_KEY, pre_hook=_set_dkdv_blocks)
 
@@ -674,15 +698,22 @@ def attention_backward_triton(
     # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
     tma_add = tma and dq_atomic and not interpreter_active()
     operands = tuple(_descriptor(t) for t in (q, k, v, grad_out)) if tma else (q, k, v, grad_out)
+    # A bool mask through a descriptor too where the forward would read it so: hd128 forward
+    # + backward 1.34-1.36x at N = 4k-32k (H100, bf16); a float mask measured 0.93-0.98x
+    # that way, so only SDPA_PASS_MASK_TMA=1 sends it there.
+    mask_tma = (tma and mask_kind != MASK_NONE and use_mask_tma(q, mask)
+                and (mask_kind == MASK_BOOL or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
     dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
     _launch(dkdv_kernel, dkdv_cfg, dkdv_grid, (
-        *operands, row_m, row_r, delta, dk, dv, mask, kpm, seed,
+        *operands, row_m, row_r, delta, dk, dv, _mask_descriptor(mask) if mask_tma else mask,
+        kpm, seed,
         _descriptor(dq_acc) if tma_add else dq_acc,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mstrides, *pstrides, *rstrides, *astrides,
         Hkv, L, S, shape.group, offset, window),
-        {**common, "DQ_ATOMIC": dq_atomic, "TMA": tma, "DQ_TMA_ADD": tma_add}, _set_dkdv_blocks)
+        {**common, "DQ_ATOMIC": dq_atomic, "TMA": tma, "DQ_TMA_ADD": tma_add,
+         "MASK_TMA": mask_tma}, _set_dkdv_blocks)
     if dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask

@@ -11,8 +11,12 @@ import torch
 
 import sdpa_pass.kernels.backward as bwd
 from reference import randn
-from test_backward import L, S, D, assert_grads_close, leaves, op_grads, reference_grads
+from test_backward import L, D, assert_grads_close, leaves, op_grads, reference_grads
 from test_kernel_forward import B, CAUSAL_KINDS, HEADS, make_mask, make_qkv
+
+
+# 32 keys: mask rows of 16-byte multiples, which a mask descriptor needs (bool masks too)
+S = 32
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +41,9 @@ def test_dq_path_choice(monkeypatch):
         bwd.dq_by_atomics(need_mask_grad=False, tma=True)
 
 
-# (dtype, loads): the dK/dV kernel adding dQ with pointer atomics, reading Q/dO/K/V through
-# pointers or through tensor descriptors (fp16 only, as on the GPU). The GPU's reduce-add of
-# the descriptor path has no interpreter form; tests/test_backward.py on a GPU runs it.
+# (dtype, loads): the dK/dV kernel adding dQ with pointer atomics, reading Q/dO/K/V and the
+# mask through pointers or through tensor descriptors (fp16 only, as on the GPU). The GPU's
+# reduce-add of the descriptor path has no interpreter form; this file on a GPU runs it.
 ATOMIC_ROUTES = {"fp32_pointers": (torch.float32, "0"), "fp16_pointers": (torch.float16, "0"),
                  "fp16_descriptors": (torch.float16, "1")}
 
@@ -53,6 +57,7 @@ def test_dq_added_by_the_dkdv_kernel(monkeypatch, route, mask, causal):
     dtype, loads = ATOMIC_ROUTES[route]
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
     monkeypatch.setenv("SDPA_PASS_BWD_TMA", loads)
+    monkeypatch.setenv("SDPA_PASS_MASK_TMA", loads)
     launches = []
     launch = bwd._launch
     monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
@@ -65,7 +70,9 @@ def test_dq_added_by_the_dkdv_kernel(monkeypatch, route, mask, causal):
     dout = randn(B, hq, L, 64, dtype=dtype)
     extras = dict(key_padding_mask=kpm, **CAUSAL_KINDS[causal])
     grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
-    assert [(m["DQ_ATOMIC"], m["TMA"]) for m in launches] == [(True, loads == "1")]
+    mask_descriptor = loads == "1" and mask in ("bool_LS", "float_1HLS")
+    assert [(m["DQ_ATOMIC"], m["TMA"], m["MASK_TMA"]) for m in launches] == [
+        (True, loads == "1", mask_descriptor)]
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
 
 
