@@ -1,4 +1,4 @@
-"""Compile the forward kernel for Hopper (sm_90) on a machine without a GPU and report what the
+"""Compile an attention kernel for Hopper (sm_90) on a machine without a GPU and report what the
 compiler made of it: how many loads stayed synchronous, how many are copied ahead (cp.async
 or the TMA copy engine), registers per thread, spill stack and shared memory.
 
@@ -6,14 +6,18 @@ or the TMA copy engine), registers per thread, spill stack and shared memory.
     python benchmarks/sm90_compile.py --mask bias --mask-tma         # ... through a descriptor
     python benchmarks/sm90_compile.py --mask bool --tile 128,64,8,3 --head-dim 128
     python benchmarks/sm90_compile.py --mask bias --log2 --ttgir /tmp/k.ttgir
+    python benchmarks/sm90_compile.py --kernel dkdv --mask none --causal --tile 64,128,8,3
+    python benchmarks/sm90_compile.py --kernel dkdv --dq-atomic --descriptors --tile 64,128,8,2
 
 Needs the triton wheel's bundled ptxas and cuobjdump (triton 3.x ships them); no CUDA driver.
 The specialisations are those of a launch on contiguous (B, H, N, D) bf16 tensors with N a
 multiple of 16 (16-byte aligned pointers, unit strides as constants) and a (1, H, N, N) mask
 broadcast over the batch. This is how BENCHMARKS.md's statements about the pipelining of the
-mask tile were checked (session 7).
+mask tile (session 7) and the backward's spills (session 8) were checked. ``--kernel dkdv``
+compiles the backward's dK/dV kernel: ``--dq-atomic`` with the dQ adds, ``--descriptors``
+with Q/dO/K/V (and, with --dq-atomic, the adds; with --mask-tma, the mask) through tensor
+descriptors.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -32,15 +36,16 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.backward import _bwd_dkdv_kernel  # noqa: E402
 from kernels.forward import _attention_fwd_kernel  # noqa: E402
 
 MASK_KINDS = {"none": 0, "bool": 1, "bias": 2}
-SCALARS = ("qk_scale", "softcap_log2", "dropout_p", "dropout_scale")
+SCALARS = ("qk_scale", "softcap_log2", "dropout_p", "dropout_scale", "sm_scale")
 
 
 def signature(args) -> tuple[dict, dict, dict]:
     """Triton's (signature, constexprs, attributes) for one launch of the forward kernel."""
-    d, n = args.head_dim, 4096
+    d, n = args.head_dim, N
     kind = MASK_KINDS[args.mask]
     meta = dict(
         HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=kind, HAS_KPM=False,
@@ -50,17 +55,59 @@ def signature(args) -> tuple[dict, dict, dict]:
         NATURAL=kind == 2 and not args.log2, REVERSE=args.causal,
         BLOCK_M=args.tile[0], BLOCK_N=args.tile[1])
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
-                "MASK": "*i1" if kind == 1 else "*bf16", "KPM": "*bf16", "SEED": "*i64"}
-    if meta["MASK_TMA"]:
-        element = "u8" if kind == 1 else "bf16"
-        pointers["MASK"] = f"tensordesc<{element}[1, 1, {args.tile[0]}, {args.tile[1]}]>"
-    qkv = dict(b=16 * n * d, h=n * d, m=d, d=1)
+                "MASK": _mask_type(kind, meta["MASK_TMA"], args.tile), "KPM": "*bf16",
+                "SEED": "*i64"}
     strides = {f"stride_{t}{dim}": v for t in "qkvo" for dim, v in
-               zip("bhmd" if t in "qo" else "bhnd", qkv.values())}
+               zip("bhmd" if t in "qo" else "bhnd", _bhnd_strides(d).values())}
     strides.update(stride_mb=0, stride_mh=n * n, stride_mm=n, stride_mn=1,
                    stride_pb=0, stride_pn=0, stride_lb=0, stride_lh=0)
+    return _specialise(_attention_fwd_kernel, meta, pointers, strides)
+
+
+def dkdv_signature(args) -> tuple[dict, dict, dict]:
+    """The same for the backward's dK/dV kernel."""
+    d, n = args.head_dim, N
+    kind = MASK_KINDS[args.mask]
+    m_tile, n_tile = args.tile[:2]
+    meta = dict(
+        HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=kind, HAS_KPM=False,
+        IS_CAUSAL=args.causal, HAS_WINDOW=False, HAS_SOFTCAP=False, DROPOUT=False,
+        FILLS=False, DQ_ATOMIC=args.dq_atomic, TMA=args.descriptors,
+        DQ_TMA_ADD=args.descriptors and args.dq_atomic,
+        MASK_TMA=args.descriptors and args.mask_tma and kind != 0,
+        DOT_UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=m_tile, BLOCK_N=n_tile)
+    pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA", "DQ_ACC")}
+    pointers.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DK", "DV", "KPM")},
+                    MASK=_mask_type(kind, meta["MASK_TMA"], args.tile), SEED="*i64")
+    if meta["TMA"]:
+        for name, rows in (("Q", m_tile), ("DO", m_tile), ("K", n_tile), ("V", n_tile)):
+            pointers[name] = f"tensordesc<bf16[1, 1, {rows}, {d}]>"
+    if meta["DQ_TMA_ADD"]:
+        pointers["DQ_ACC"] = f"tensordesc<fp32[1, 1, {m_tile}, {d}]>"
+    strides = {f"stride_{t}{dim}": v for t in ("q", "k", "v", "do", "dk", "dv") for dim, v in
+               zip("bhmd" if t in ("q", "do") else "bhnd", _bhnd_strides(d).values())}
+    strides.update(stride_mb=0, stride_mh=n * n, stride_mm=n, stride_mn=1, stride_pb=0,
+                   stride_pn=0, stride_lb=16 * n, stride_lh=n, stride_ab=16 * n * d,
+                   stride_ah=n * d, stride_am=d)
+    return _specialise(_bwd_dkdv_kernel, meta, pointers, strides)
+
+
+N = 4096  # keys and queries of the launch the specialisations describe
+
+
+def _bhnd_strides(d: int) -> dict:
+    return dict(b=16 * N * d, h=N * d, m=d, d=1)
+
+
+def _mask_type(kind: int, descriptor: bool, tile) -> str:
+    if descriptor:
+        return f"tensordesc<{'u8' if kind == 1 else 'bf16'}[1, 1, {tile[0]}, {tile[1]}]>"
+    return "*i1" if kind == 1 else "*bf16"
+
+
+def _specialise(kernel, meta, pointers, strides) -> tuple[dict, dict, dict]:
     sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(_attention_fwd_kernel.arg_names):
+    for i, name in enumerate(kernel.arg_names):
         if name in meta:
             sig[name], consts[name] = "constexpr", meta[name]
         elif name in pointers:
@@ -98,10 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tile", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--ttgir", type=Path, help="also write the TTGIR here")
+    parser.add_argument("--kernel", choices=("forward", "dkdv"), default="forward")
+    parser.add_argument("--dq-atomic", action="store_true", help="dkdv: it also adds dQ")
+    parser.add_argument("--descriptors", action="store_true",
+                        help="dkdv: Q/dO/K/V (and the dQ adds, the mask) through descriptors")
     args = parser.parse_args(argv)
     args.tile = tuple(int(x) for x in args.tile.split(","))
-    sig, consts, attrs = signature(args)
-    kernel = triton.compile(ASTSource(_attention_fwd_kernel, sig, consts, attrs),
+    fn = _attention_fwd_kernel if args.kernel == "forward" else _bwd_dkdv_kernel
+    sig, consts, attrs = (signature if args.kernel == "forward" else dkdv_signature)(args)
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs),
                             target=GPUTarget("cuda", 90, 128),
                             options=dict(num_warps=args.tile[2], num_stages=args.tile[3]))
     ttgir = kernel.asm["ttgir"]
@@ -110,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     counts = {op: len(re.findall(pattern, ttgir)) for op, pattern in (
         ("synchronous loads (tt.load)", r"= tt\.load "),
         ("cp.async copies", r"async_copy_global_to_local"),
-        ("TMA copies", r"async_tma_copy_global_to_local"))}
+        ("TMA copies", r"async_tma_copy_global_to_local"),
+        ("atomic adds", r"tt\.atomic_rmw"), ("TMA reduce-adds", r"async_tma_reduce"))}
     usage = resources(kernel.asm["cubin"])
     print(", ".join(f"{k} {v}" for k, v in counts.items())
           + f", registers {usage['reg']}, spill stack {usage['stack']} B,"

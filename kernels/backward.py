@@ -3,10 +3,14 @@
 Two kernels after a prep kernel:
 - dK/dV: one program per key tile of one K/V head. It walks the query tiles that can see its
   keys, for every query head of its GQA group, so the group's dK/dV are summed in registers:
-  no atomics, no repeated K/V, and a deterministic order.
+  no atomics for them, no repeated K/V, and a deterministic order.
 - dQ: one program per query tile of one query head, walking the key tiles it can see (and,
   when a float mask needs its gradient, writing dS so the caller reduces it to the mask's
   broadcast shape).
+Or, where it measured faster (``dq_by_atomics``: hd128 on Hopper), the dK/dV kernel alone: it
+also adds each key tile's dS·K into an fp32 dQ buffer (the copy engine's reduce-add), which
+saves the dQ kernel's recomputation of S and dP (5 matrix products per tile pair, not 7) at
+the price of a summation order that varies between runs; deterministic mode keeps the split.
 A prep kernel first forms delta_i = rowsum(dO_i * O_i) and each row's softmax statistics as
 two fp32 numbers, an offset m and the rest r (log2 units, P = exp2(S - m - r)): m = LSE and
 r = 0, except on rows whose every score is far below zero (a finite fill such as -1e9 or
@@ -600,9 +604,10 @@ def dq_by_atomics(need_mask_grad: bool, tma: bool) -> bool:
     products -> 5). Taken where it measured faster: with the descriptor loads (``tma``, so
     hd128) on a GPU, where the copy engine does the adds (H100, bf16: backward 1.10-1.13x at
     N = 16k, 1.05x at 4k non-causal, even at 4k causal); with pointer loads and atomic
-    instructions it measured 0.84-1.02x, so not there. Never when the mask's gradient is wanted (the dQ kernel writes
-    dS), nor under torch.use_deterministic_algorithms (the adds' order varies between runs, so
-    dQ may differ in its last bits). SDPA_PASS_BWD_DQ=atomic|split forces a path otherwise
+    instructions it measured 0.89-1.02x, so not there; at hd64 0.77-0.86x. Never when the
+    mask's gradient is wanted (the dQ kernel writes dS), nor under
+    torch.use_deterministic_algorithms (the adds' order varies between runs, so dQ may differ
+    in its last bits). SDPA_PASS_BWD_DQ=atomic|split forces a path otherwise
     (atomic under the interpreter: pointer atomics, which is how the CPU tests run it)."""
     forced = os.environ.get("SDPA_PASS_BWD_DQ", "")
     if forced not in ("", "atomic", "split"):
