@@ -598,11 +598,19 @@ def _kernels(head_dim_pad: int, dtype: torch.dtype, dq_atomic: bool):
     return _DKDV_DQ if dq_atomic else _DKDV, None, _DQ, None
 
 
-def dq_by_atomics(need_mask_grad: bool, tma: bool) -> bool:
+# Head dims (tile width) where the dK/dV kernel's descriptor loads, and where the atomic dQ
+# path, measured faster (H100, bf16, N = 4k and 16k, kernel time through CUDA graphs; see
+# BENCHMARKS.md, session 8). At hd64 the atomic path measured 0.77-0.86x the split one, and
+# the split one's descriptor loads 0.92-0.98x its pointer loads.
+BWD_DESCRIPTOR_HEAD_DIMS = (128,)
+ATOMIC_DQ_HEAD_DIMS = (128,)
+
+
+def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int) -> bool:
     """Whether the dK/dV kernel also forms dQ, adding each key tile's share into an fp32
     accumulator, instead of a second kernel that recomputes S and dP per query tile (7 matrix
-    products -> 5). Taken where it measured faster: with the descriptor loads (``tma``, so
-    hd128) on a GPU, where the copy engine does the adds (H100, bf16: backward 1.10-1.13x at
+    products -> 5). Taken where it measured faster: with the descriptor loads (``tma``) at
+    hd128 (``block_d``: the head dim's tile width) on a GPU, where the copy engine does the adds (H100, bf16: backward 1.10-1.13x at
     N = 16k, 1.05x at 4k non-causal, even at 4k causal); with pointer loads and atomic
     instructions it measured 0.89-1.02x, so not there; at hd64 0.77-0.86x. Never when the
     mask's gradient is wanted (the dQ kernel writes dS), nor under
@@ -616,7 +624,7 @@ def dq_by_atomics(need_mask_grad: bool, tma: bool) -> bool:
         return False
     if forced:
         return forced == "atomic"
-    return tma and not interpreter_active()
+    return tma and block_d in ATOMIC_DQ_HEAD_DIMS and not interpreter_active()
 
 
 def _launch(kernel, tiles, grid, args, meta, pre_hook=None) -> None:
@@ -629,10 +637,6 @@ def _launch(kernel, tiles, grid, args, meta, pre_hook=None) -> None:
         kernel[grid](*args, **meta, **tiles)
 
 
-# Head dims (block width) where the dK/dV kernel's descriptor loads and the atomic dQ path
-# were measured faster (H100, bf16, N = 4k and 16k, kernel time through CUDA graphs; see
-# BENCHMARKS.md, session 8). At hd64 the atomic path measured 0.77-0.86x the split one.
-BWD_DESCRIPTOR_HEAD_DIMS = (128,)
 
 
 def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv: int) -> bool:
@@ -677,7 +681,7 @@ def attention_backward_triton(
     has_softcap = softcap > 0.0
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
-    dq_atomic = dq_by_atomics(need_mask_grad, tma)
+    dq_atomic = dq_by_atomics(need_mask_grad, tma, block_d)
     dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype, dq_atomic)
     masks = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,

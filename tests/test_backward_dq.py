@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdpa_pass.kernels.backward as bwd
-from reference import randn
+from reference import DEVICE, randn
 from test_backward import L, D, assert_grads_close, leaves, op_grads, reference_grads
 from test_kernel_forward import B, CAUSAL_KINDS, HEADS, make_mask, make_qkv
 
@@ -28,17 +28,18 @@ def test_dq_path_choice(monkeypatch):
     """Atomic dQ only with the descriptor loads on a GPU unless forced; never when the mask's
     gradient is wanted (only the dQ kernel writes dS); a bad setting is named."""
     monkeypatch.setattr(bwd, "interpreter_active", lambda: False)
-    assert bwd.dq_by_atomics(need_mask_grad=False, tma=True)
-    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=False)
-    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True)
+    assert bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128)
+    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=False, block_d=128)
+    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=64)
+    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True, block_d=128)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
-    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True)
+    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
-    assert bwd.dq_by_atomics(need_mask_grad=False, tma=False)
-    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True)
+    assert bwd.dq_by_atomics(need_mask_grad=False, tma=False, block_d=128)
+    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True, block_d=128)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomics")
     with pytest.raises(ValueError, match="SDPA_PASS_BWD_DQ must be 'atomic' or 'split'"):
-        bwd.dq_by_atomics(need_mask_grad=False, tma=True)
+        bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128)
 
 
 # (dtype, loads): the dK/dV kernel adding dQ with pointer atomics, reading Q/dO/K/V and the
@@ -90,3 +91,25 @@ def test_dq_paths_agree(monkeypatch, extras):
         runs.append(op_grads(q, k, v, None, dout, enable_gqa=True, **extras))
     for name, a, b in zip(("dq", "dk", "dv"), *runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_default_path_at_head_dim_128(monkeypatch):
+    """hd128 with a bool mask, GQA and causal: on a GPU (Hopper, bf16) the default is the atomic
+    dQ path with every load through descriptors; the CPU interpreter takes it when asked."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    on_hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    if not on_hopper:
+        for name, value in (("SDPA_PASS_BWD_DQ", "atomic"), ("SDPA_PASS_BWD_TMA", "1"),
+                            ("SDPA_PASS_MASK_TMA", "1")):
+            monkeypatch.setenv(name, value)
+    launches = []
+    launch = bwd._launch
+    monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
+        launches.append(meta), launch(kernel, tiles, grid, args, meta, *rest))[1])
+    q, k, v = leaves(*make_qkv(dtype, 4, 2, L=L, S=S, D=128))
+    attn_mask, _ = make_mask("bool_LS", 4, L, S, dtype)
+    dout = randn(B, 4, L, 128, dtype=dtype)
+    extras = CAUSAL_KINDS["bottom_right"]
+    grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
+    assert [(m["DQ_ATOMIC"], m["TMA"], m["MASK_TMA"]) for m in launches] == [(True, True, True)]
+    assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
