@@ -24,6 +24,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The meta-parameters of every dK/dV and dQ kernel launch of the test, in order."""
+    seen = []
+    launch = bwd._launch
+    monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
+        seen.append(meta), launch(kernel, tiles, grid, args, meta, *rest))[1])
+    return seen
+
+
 def test_dq_path_choice(monkeypatch):
     """Atomic dQ only with the descriptor loads on a GPU unless forced; never when the mask's
     gradient is wanted (only the dQ kernel writes dS); a bad setting is named."""
@@ -52,17 +62,13 @@ ATOMIC_ROUTES = {"fp32_pointers": (torch.float32, "0"), "fp16_pointers": (torch.
 @pytest.mark.parametrize("causal", ["none", "top_left", "window7_bottom_right"])
 @pytest.mark.parametrize("mask", ["none", "bool_LS", "float_1HLS", "padding"])
 @pytest.mark.parametrize("route", ATOMIC_ROUTES)
-def test_dq_added_by_the_dkdv_kernel(monkeypatch, route, mask, causal):
+def test_dq_added_by_the_dkdv_kernel(monkeypatch, launches, route, mask, causal):
     """The atomic dQ path (SDPA_PASS_BWD_DQ=atomic): one kernel forms dK, dV and dQ (GQA,
     every mask kind that does not want its own gradient, causal and window tile ranges)."""
     dtype, loads = ATOMIC_ROUTES[route]
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
     monkeypatch.setenv("SDPA_PASS_BWD_TMA", loads)
     monkeypatch.setenv("SDPA_PASS_MASK_TMA", loads)
-    launches = []
-    launch = bwd._launch
-    monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
-        launches.append(meta), launch(kernel, tiles, grid, args, meta, *rest))[1])
     hq, hkv = HEADS["gqa2"]
     # head dim 64: on a GPU, narrower value tiles are widened to 64 (launch_params), and
     # descriptors need whole-tile head dims
@@ -93,7 +99,7 @@ def test_dq_paths_agree(monkeypatch, extras):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_default_path_at_head_dim_128(monkeypatch):
+def test_default_path_at_head_dim_128(monkeypatch, launches):
     """hd128 with a bool mask, GQA and causal: on a GPU (Hopper, bf16) the default is the atomic
     dQ path with every load through descriptors; the CPU interpreter takes it when asked."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
@@ -102,10 +108,6 @@ def test_default_path_at_head_dim_128(monkeypatch):
         for name, value in (("SDPA_PASS_BWD_DQ", "atomic"), ("SDPA_PASS_BWD_TMA", "1"),
                             ("SDPA_PASS_MASK_TMA", "1")):
             monkeypatch.setenv(name, value)
-    launches = []
-    launch = bwd._launch
-    monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
-        launches.append(meta), launch(kernel, tiles, grid, args, meta, *rest))[1])
     q, k, v = leaves(*make_qkv(dtype, 4, 2, L=L, S=S, D=128))
     attn_mask, _ = make_mask("bool_LS", 4, L, S, dtype)
     dout = randn(B, 4, L, 128, dtype=dtype)
