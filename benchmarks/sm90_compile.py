@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         ("TMA copies", r"async_tma_copy_global_to_local"),
         ("atomic adds", r"tt\.atomic_rmw"), ("TMA reduce-adds", r"async_tma_reduce"))}
     usage = resources(kernel.asm["cubin"])
+    # one line, "name value" pairs split by ", " (tests/test_sm90_compile.py reads it)
     print(", ".join(f"{k} {v}" for k, v in counts.items())
           + f", registers {usage['reg']}, spill stack {usage['stack']} B,"
             f" shared memory {kernel.metadata.shared} B")
