@@ -38,7 +38,8 @@ from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
                       _descriptors_wanted, _dtype_of, _mask_descriptor, descriptor_layout_ok,
                       interpreter_active, key_ranges, launch_params, load_mask_tile,
-                      masked_scores, scores_with_mask_tile, use_mask_tma)
+                      masked_scores, scores_with_mask_tile, set_descriptor_blocks,
+                      use_mask_tma)
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -529,19 +530,14 @@ def _fits(resident: int, streamed: int, accumulators: int):
     return prune
 
 
+_DKDV_TILES = {"Q": ("BLOCK_M", "BLOCK_D"), "DO": ("BLOCK_M", "BLOCK_DV"),
+               "K": ("BLOCK_N", "BLOCK_D"), "V": ("BLOCK_N", "BLOCK_DV"),
+               "DQ_ACC": ("BLOCK_M", "BLOCK_D"), "MASK": ("BLOCK_M", "BLOCK_N")}
+
+
 def _set_dkdv_blocks(nargs) -> None:
-    """Tile shapes for the dK/dV kernel's tensor descriptors (a config's pre-hook)."""
-    if not nargs.get("TMA"):  # the mask descriptor comes only with the others
-        return
-    m, n, d, dv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
-    nargs["Q"].block_shape = [1, 1, m, d]
-    nargs["DO"].block_shape = [1, 1, m, dv]
-    nargs["K"].block_shape = [1, 1, n, d]
-    nargs["V"].block_shape = [1, 1, n, dv]
-    if nargs.get("DQ_TMA_ADD"):
-        nargs["DQ_ACC"].block_shape = [1, 1, m, d]
-    if nargs.get("MASK_TMA"):
-        nargs["MASK"].block_shape = [1, 1, m, n]
+    """The dK/dV kernel's pre-hook: tile shapes for its tensor descriptors."""
+    set_descriptor_blocks(nargs, _DKDV_TILES)
 
 
 def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
@@ -610,9 +606,10 @@ def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int) -> bool:
     """Whether the dK/dV kernel also forms dQ, adding each key tile's share into an fp32
     accumulator, instead of a second kernel that recomputes S and dP per query tile (7 matrix
     products -> 5). Taken where it measured faster: with the descriptor loads (``tma``) at
-    hd128 (``block_d``: the head dim's tile width) on a GPU, where the copy engine does the adds (H100, bf16: backward 1.10-1.13x at
-    N = 16k, 1.05x at 4k non-causal, even at 4k causal); with pointer loads and atomic
-    instructions it measured 0.89-1.02x, so not there; at hd64 0.77-0.86x. Never when the
+    hd128 (``block_d``: the head dim's tile width) on a GPU, where the copy engine does the
+    adds (H100, bf16: backward 1.10-1.13x at N = 16k, 1.05x at 4k non-causal, even at 4k
+    causal); with pointer loads and atomic instructions it measured 0.89-1.02x, so not there;
+    at hd64 0.77-0.86x. Never when the
     mask's gradient is wanted (the dQ kernel writes dS), nor under
     torch.use_deterministic_algorithms (the adds' order varies between runs, so dQ may differ
     in its last bits). SDPA_PASS_BWD_DQ=atomic|split forces a path otherwise
@@ -635,8 +632,6 @@ def _launch(kernel, tiles, grid, args, meta, pre_hook=None) -> None:
         if pre_hook is not None:
             pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **tiles})
         kernel[grid](*args, **meta, **tiles)
-
-
 
 
 def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv: int) -> bool:

@@ -463,25 +463,25 @@ def _dtype_of(x) -> torch.dtype:
     return x.base.dtype if isinstance(x, TensorDescriptor) else x.dtype
 
 
-def _set_tma_blocks(nargs) -> None:
-    """Give the tensor descriptors the tile shapes of the config about to run (the autotuner
-    calls this before each config; fixed configs call it once)."""
-    if not nargs.get("TMA"):
-        return
-    m, n = nargs["BLOCK_M"], nargs["BLOCK_N"]
-    d, dv = nargs["BLOCK_D"], nargs["BLOCK_DV"]
-    nargs["Q"].block_shape = [1, 1, m, d]
-    nargs["K"].block_shape = [1, 1, n, d]
-    nargs["V"].block_shape = [1, 1, n, dv]
-    nargs["O"].block_shape = [1, 1, m, dv]
+def set_descriptor_blocks(nargs, tiles: dict) -> None:
+    """Give the tensor descriptors among a launch's arguments the tile shapes of the config
+    about to run (the autotuner calls this before each config; fixed configs call it once).
+    ``tiles`` maps an argument name to the meta-parameter names of its (rows, columns); an
+    argument passed as a plain tensor is left alone."""
+    for name, (rows, cols) in tiles.items():
+        arg = nargs.get(name)
+        if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+            arg.block_shape = [1, 1, nargs[rows], nargs[cols]]
+
+
+_FORWARD_TILES = {"Q": ("BLOCK_M", "BLOCK_D"), "K": ("BLOCK_N", "BLOCK_D"),
+                  "V": ("BLOCK_N", "BLOCK_DV"), "O": ("BLOCK_M", "BLOCK_DV"),
+                  "MASK": ("BLOCK_M", "BLOCK_N")}
 
 
 def _set_descriptor_blocks(nargs) -> None:
-    """The autotuner's pre-hook: the tile shapes of the config about to run, for every
-    operand read through a tensor descriptor."""
-    _set_tma_blocks(nargs)
-    if nargs.get("MASK_TMA"):
-        nargs["MASK"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_N"]]
+    """The forward's pre-hook: see ``set_descriptor_blocks``."""
+    set_descriptor_blocks(nargs, _FORWARD_TILES)
 
 
 def _descriptors_wanted(q: torch.Tensor, variable: str, measured_faster: bool) -> bool:
