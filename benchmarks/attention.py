@@ -680,6 +680,9 @@ def main(argv: list[str] | None = None) -> None:
                              "_shardIofN (with --matrix full, 5 shards are the 5 variants)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the shapes already in the output file; measure the others")
+    parser.add_argument("--remeasure", default=None, metavar="N,N,...",
+                        help="measure the rows of these sequence lengths again (every peer) "
+                             "and keep the output file's other rows; its meta records when")
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd",
                         help="forward only, or forward + backward (dQ, dK, dV)")
     parser.add_argument("--device", default="cuda")
@@ -734,7 +737,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard:
         shapes = shapes[args.shard[0]::args.shard[1]]
     rows: list[dict] = []
-    if args.resume and path.exists():
+    if args.remeasure:
+        if args.resume or not path.exists():
+            parser.error(f"--remeasure replaces rows of an existing {path}; not with --resume")
+        lengths = {int(n) for n in args.remeasure.split(",")}
+        old = load(path)
+        rows = [r for r in old["rows"] if r["seqlen_q"] not in lengths]
+        shapes = [shape for shape in shapes if shape.seqlen in lengths]
+        # The file keeps its first run's meta; this run is recorded beside it.
+        run = {key: meta[key] for key in ("date", "git", "torch", "triton") if key in meta}
+        meta = dict(old["meta"], remeasured=old["meta"].get("remeasured", [])
+                    + [dict(run, seqlens=sorted(lengths))])
+        print(f"re-measuring {len(shapes)} shapes of {path} (N in {sorted(lengths)})", flush=True)
+    elif args.resume and path.exists():
         rows = load(path)["rows"]
         done = {shape_key(r) for r in rows}
         kept = len(shapes)

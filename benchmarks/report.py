@@ -315,6 +315,13 @@ def matrix_section(parts: list[tuple[Path, dict]]) -> str:
         "",
     ]
     out += [f"- {name}: {text}" for name, text in meta.get("variants", {}).items()]
+    redone = sorted({(tuple(r["seqlens"]), r.get("date", "?")[:10], r.get("git") or "?")
+                     for m in metas for r in m.get("remeasured", [])})
+    if redone:
+        out += ["", "Rows measured again later, every peer in the same run (`--remeasure`): "
+                + "; ".join(f"N = {', '.join(map(str, n))} on {date}"
+                            + (f" (code `{git}`)" if git not in ("?", None) else "")
+                            for n, date, git in redone) + "."]
     head_dims, variants, cells = matrix_cells(rows)
     for variant in variants:
         for d in head_dims:

@@ -22,6 +22,8 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
+from .launch import (KernelCall, PlanCache, descriptor_template, environment_key, from_template,
+                     plans_enabled, tensor_key)
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -605,18 +607,27 @@ class TunedKernel:
         self.autotuned, self.kernel, self.pre_hook = autotuned, kernel, pre_hook
         self.chosen: dict = {}
 
-    def launch(self, key, grid, *args, **kwargs) -> None:
+    def launch(self, key, grid, *args, **kwargs) -> tuple:
+        """Launches; returns (the compiled kernel that ran, its config's keyword arguments)."""
         config = self.chosen.get(key)
         if config is None:
-            self.autotuned[grid](*args, **kwargs)  # tunes on its first call for this key
-            self.chosen[key] = self.autotuned.best_config.all_kwargs()
-            return
+            compiled = self.autotuned[grid](*args, **kwargs)  # tunes on its first call for this key
+            self.chosen[key] = config = self.autotuned.best_config.all_kwargs()
+            return compiled, config
         if self.pre_hook is not None:
             self.pre_hook({**kwargs, **config, **dict(zip(self.kernel.arg_names, args))})
-        self.kernel[grid](*args, **kwargs, **config)
+        return self.kernel[grid](*args, **kwargs, **config), config
 
 
 _FORWARD = TunedKernel(_attention_fwd_autotuned, _attention_fwd_kernel, _set_descriptor_blocks)
+
+
+def score_scales(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, softcap_log2): the scale into log2 units, or into tanh's argument with
+    soft-capping, whose cap then carries the log2 factor."""
+    if softcap > 0.0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
 
 
 class LaunchParams(NamedTuple):
@@ -644,10 +655,7 @@ def launch_params(q, attn_mask, key_padding_mask, shape: AttentionShape, scale: 
         mstrides = mask.stride()
     kpm = key_padding_mask if key_padding_mask is not None else q
     pstrides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    if softcap > 0.0:
-        qk_scale, softcap_log2 = scale / softcap, softcap * LOG2E
-    else:
-        qk_scale, softcap_log2 = scale * LOG2E, 0.0
+    qk_scale, softcap_log2 = score_scales(scale, softcap)
     block_dv = max(16, next_pow2(shape.v_head_dim))
     if q.dtype in (torch.float16, torch.bfloat16) and not interpreter_active():
         # Triton 3.6 on the H100 (tensor-core products) miscompiles value tiles narrower than
@@ -690,6 +698,19 @@ def attention_forward_triton(
         lse.fill_(float("-inf"))
         return out, lse
 
+    dropout = dropout_p > 0.0
+    plan_key = None
+    if plans_enabled():
+        plan_key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
+                    tensor_key(key_padding_mask), tensor_key(dropout_seed) if dropout else None,
+                    out.data_ptr() % 16 == 0, causal_align, diagonal, window, softcap > 0.0,
+                    scale > 0.0, nan_on_empty, return_lse, dropout, environment_key())
+        plan = _FORWARD_PLANS.get(plan_key)
+        if plan is not None:
+            plan(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,
+                 dropout_p)
+            return out, lse
+
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     lstrides = lse.stride()[:2] if return_lse else (0, 0)
@@ -700,7 +721,6 @@ def attention_forward_triton(
     # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    dropout = dropout_p > 0.0
     tma = use_tma(q, k, v, out, head_dims=(D, DV), block_dims=(block_d, block_dv),
                   skips_tiles=causal_align != CAUSAL_NONE or window != -1,
                   masked=mask_kind != MASK_NONE)
@@ -743,8 +763,54 @@ def attention_forward_triton(
             tuning = dict(tuning, BLOCK_N=max(tuning["BLOCK_N"], MASK_TMA_MIN_BLOCK_N))
         if tma or mask_tma:
             _set_descriptor_blocks({**dict(zip(_attention_fwd_kernel.arg_names, args)), **meta, **tuning})
-        _attention_fwd_kernel[grid](*args, **meta, **tuning)
+        compiled, config = _attention_fwd_kernel[grid](*args, **meta, **tuning), tuning
     else:
         key = (*meta.values(), q.dtype, mask.dtype, kpm.dtype, len_class)
-        _FORWARD.launch(key, grid, *args, **meta)
+        compiled, config = _FORWARD.launch(key, grid, *args, **meta)
+    if plan_key is not None:
+        call = KernelCall(_attention_fwd_kernel, compiled, grid(config), len(args),
+                          {**meta, **config})
+        _FORWARD_PLANS.add(plan_key, _ForwardPlan(call, args, natural, dropout))
     return out, lse
+
+
+# Launch plans of the forward kernel (kernels/launch.py), cleared by clear_launch_plans().
+_FORWARD_PLANS = PlanCache()
+
+
+class _ForwardPlan:
+    """A forward launch as ``attention_forward_triton`` decided it, for the next calls with
+    the same plan key: only the tensors and the float arguments change."""
+
+    # Argument positions of the forward kernel: Q, K, V, O, LSE, MASK, KPM, SEED, then four
+    # floats, then integers only (strides, sizes, offsets), which the plan key fixes.
+    _N_TENSORS, _N_FLOATS = 8, 4
+
+    def __init__(self, call: KernelCall, args: tuple, natural: bool, dropout: bool):
+        self.call, self.natural, self.dropout = call, natural, dropout
+        self.ints = args[self._N_TENSORS + self._N_FLOATS:]
+        first, mask = args[0], args[5]
+        self.operands = (tuple(descriptor_template(d) for d in args[:4])
+                         if isinstance(first, TensorDescriptor) else None)
+        self.mask = descriptor_template(mask) if isinstance(mask, TensorDescriptor) else None
+
+    def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
+        operands = (q, k, v, out)
+        if self.operands is not None:
+            operands = tuple(from_template(t, x) for t, x in zip(self.operands, operands))
+        if attn_mask is None:
+            mask = q
+        elif self.mask is None:
+            mask = attn_mask  # the (B, Hq, L, S) view the kernel reads starts at the same address
+        else:
+            mask = from_template(self.mask, attn_mask.view(torch.uint8)
+                                 if attn_mask.dtype == torch.bool else attn_mask)
+        qk_scale, softcap_log2 = score_scales(scale, softcap)
+        self.call((*operands, lse, mask, q if kpm is None else kpm, seed if self.dropout else q,
+                   scale if self.natural else qk_scale, softcap_log2, dropout_p,
+                   keep_scale(dropout_p), *self.ints))
+
+
+def clear_launch_plans() -> None:
+    """Forget every remembered forward launch (tests that swap kernel internals call this)."""
+    _FORWARD_PLANS.clear()

@@ -16,3 +16,12 @@ def fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """Every test starts without remembered forward launches (kernels/launch.py), so a test
+    that swaps a path chooser or a launch sees its own calls take the full path."""
+    from sdpa_pass.kernels.forward import clear_launch_plans
+
+    clear_launch_plans()

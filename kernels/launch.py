@@ -1,0 +1,137 @@
+"""Host-side launch plans: a call's launch decisions, remembered so the next call with the
+same layout only fills in its pointers and scalars.
+
+Why: on the H100 machine's host (torch 2.11, triton 3.6) one forward call spent ~80-140 us of
+host time in ``attention_forward_triton`` (measured, ``.diag``-style probe summarised in
+BENCHMARKS.md), of which ~35-50 us was Triton's ``JITFunction.run`` (binding and specializing
+43 arguments, building its cache key) and most of the rest our own per-call decisions (which
+load path, tensor descriptors, strides), against ~8-16 us for calling the compiled kernel's
+launcher directly. A 512-token prefill's kernel takes ~30 us, so the call was host-bound.
+
+Safety: a plan is keyed on everything the decisions and Triton's specialization read (shapes,
+strides, dtypes, device, 16-byte alignment of every pointer, the call's flags and integer
+arguments, the SDPA_PASS_* and TRITON_INTERPRET variables); floats (scale, soft-cap, dropout
+probability) are plain runtime arguments Triton does not specialize on. So the kernel Triton
+compiled for a plan's first call is the one it would select again, and ``KernelCall`` calls it
+directly. Where that would skip something Triton does (launch hooks, set by profilers such as
+proton; the interpreter, which has no compiled kernel) it goes through ``kernel[grid]``.
+``SDPA_PASS_LAUNCH_PLANS=0`` turns plans off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Hashable, Optional, Sequence
+
+from triton import knobs
+from triton.runtime.driver import driver
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - triton without host tensor descriptors
+    TensorDescriptor = None
+
+# The variables that change a launch's decisions; part of every plan key.
+_VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE")
+
+
+def plans_enabled() -> bool:
+    return os.environ.get("SDPA_PASS_LAUNCH_PLANS", "1") != "0"
+
+
+def environment_key() -> tuple:
+    get = os.environ.get
+    return tuple(get(name) for name in _VARIABLES)
+
+
+def tensor_key(t) -> Optional[tuple]:
+    """What a launch may depend on about one tensor argument: layout, dtype, device and
+    whether its address is 16-byte aligned (Triton specializes pointers on that)."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+class PlanCache:
+    """Plans by key, oldest dropped first past ``capacity`` (a decode loop with a growing
+    cache makes a new key every step)."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        self._plans: dict = {}
+        self.hits = 0
+
+    def get(self, key: Hashable):
+        plan = self._plans.get(key)
+        if plan is not None:
+            self.hits += 1
+        return plan
+
+    def add(self, key: Hashable, plan) -> None:
+        if len(self._plans) >= self.capacity:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+def descriptor_template(desc):
+    """A descriptor's fields without its tensor (a plan must not keep the first call's
+    tensors alive); ``from_template`` rebuilds one around a new tensor."""
+    fields = dict(vars(desc))
+    fields["base"] = None
+    return fields
+
+
+def from_template(fields: dict, base):
+    # TensorDescriptor's __post_init__ re-validates shape, strides and alignment on every
+    # construction (~3 us each, 4-5 per call); the plan key already fixes all three, so the
+    # fields are copied as they were validated on the plan's first call.
+    desc = object.__new__(TensorDescriptor)
+    vars(desc).update(fields)
+    desc.base = base
+    return desc
+
+
+def launch_hooks_set() -> bool:
+    """Whether a launch hook is installed. Triton 3.6-3.9 keep each hook as a ``HookChain``
+    (never None; empty unless a profiler added a function); a plain function assigned
+    instead counts too."""
+    runtime = knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class KernelCall:
+    """One kernel launch with everything but the leading per-call arguments fixed: ``tail``
+    is the values of the kernel's remaining parameters in order (constexprs included), as
+    Triton's own launch passes them."""
+
+    def __init__(self, kernel, compiled: Any, grid: Sequence[int], n_args: int, params: dict):
+        self.kernel = kernel
+        self.grid = tuple(grid)
+        self.kwargs = params  # meta-parameters and config, for the kernel[grid] route
+        names = kernel.arg_names[n_args:]
+        self.tail = tuple(params[name] for name in names)
+        g = tuple(grid) + (1, 1)
+        self._grid3 = g[:3]
+        self._run = None
+        if compiled is not None and hasattr(compiled, "packed_metadata"):
+            self._run = compiled.run  # a property: loads the module on first use
+            self._function, self._metadata = compiled.function, compiled.packed_metadata
+
+    def __call__(self, args: Sequence) -> None:
+        if self._run is None or launch_hooks_set():
+            self.kernel[self.grid](*args, **self.kwargs)
+            return
+        device = driver.active.get_current_device()
+        stream = driver.active.get_current_stream(device)
+        self._run(*self._grid3, stream, self._function, self._metadata, None, None, None,
+                  *args, *self.tail)

@@ -1,0 +1,212 @@
+"""Launch plans (kernels/launch.py): a forward call whose plan key was seen before reuses the
+first call's launch decisions and only passes its own tensors and floats.
+
+Each case runs a first call (which records the plan), a second call with new tensors of the
+same layout and different float arguments (scale, soft-cap, dropout probability), and that
+second call again with the plans cleared (the full path). The planned call must give bitwise
+the same output and LSE as the full path: same kernel, same config, same arguments. On CPU the
+kernel runs in the interpreter (the plan launches through ``kernel[grid]``); on a GPU the plan
+calls the compiled kernel's launcher directly, which the GPU-only test asserts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdpa_pass.kernels.forward as fwd
+from sdpa_pass.kernels import attention
+from sdpa_pass.kernels.launch import KernelCall, PlanCache
+from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+
+B, HQ, HKV, L, S, D = 2, 4, 2, 19, 37, 32
+
+
+def _bool_mask(S):
+    mask = torch.rand(L, S, device=DEVICE) > 0.3
+    mask[:, 0] = True
+    return mask
+
+
+def _padding(S):
+    kpm = torch.rand(B, S, device=DEVICE) > 0.3
+    kpm[:, 0] = True
+    return kpm
+
+
+# name: (per-call keyword arguments for call 1 and call 2, environment and shape overrides).
+# Descriptor cases: S = 48 (a mask descriptor needs 16-byte aligned rows, which 37 keys are
+# not) and D = 64 (on a GPU half-precision value tiles are at least 64 wide, and Q/K/V
+# descriptors need head dims that are whole tiles).
+CASES = {
+    "plain": ([dict(enable_gqa=True), dict(enable_gqa=True, scale=0.3)], {}),
+    "causal_gqa": ([dict(is_causal=True, enable_gqa=True),
+                    dict(is_causal=True, enable_gqa=True, scale=0.11)], {}),
+    "bottom_right_window": ([dict(causal="bottom_right", window=9, enable_gqa=True)] * 2, {}),
+    "bool_mask": ([dict(attn_mask="bool", enable_gqa=True), dict(attn_mask="bool", enable_gqa=True, scale=0.2)], {}),
+    "float_mask": ([dict(attn_mask="float", enable_gqa=True)] * 2, {}),
+    "padding": ([dict(key_padding_mask="kpm", enable_gqa=True)] * 2, {}),
+    "softcap": ([dict(softcap=5.0, enable_gqa=True), dict(softcap=2.0, enable_gqa=True)], {}),
+    "dropout": ([dict(dropout_p=0.2, enable_gqa=True), dict(dropout_p=0.4, enable_gqa=True)], {}),
+    "lse": ([dict(return_lse=True, is_causal=True, enable_gqa=True)] * 2, {}),
+    "descriptors_causal": ([dict(is_causal=True, enable_gqa=True),
+                            dict(is_causal=True, enable_gqa=True, scale=0.2)],
+                           {"SDPA_PASS_TMA": "1", "D": 64}),
+    "descriptors_bool_mask": ([dict(attn_mask="bool", enable_gqa=True)] * 2,
+                              {"SDPA_PASS_TMA": "1", "SDPA_PASS_MASK_TMA": "1", "S": 48, "D": 64}),
+    "mask_descriptor_float": ([dict(attn_mask="float", enable_gqa=True, scale=0.4)] * 2,
+                              {"SDPA_PASS_MASK_TMA": "1", "S": 48}),
+}
+
+
+def _inputs(dtype, S=S, D=D):
+    q = randn(B, HQ, L, D, dtype=dtype)
+    k = randn(B, HKV, S, D, dtype=dtype)
+    v = randn(B, HKV, S, D, dtype=dtype)
+    return q, k, v
+
+
+def _resolve(kwargs, dtype, S=S):
+    """Materialise the mask placeholders of a case with fresh values (same layout)."""
+    out = dict(kwargs)
+    if out.get("attn_mask") == "bool":
+        out["attn_mask"] = _bool_mask(S)
+    elif out.get("attn_mask") == "float":
+        out["attn_mask"] = randn(1, HQ, L, S, dtype=dtype)
+    if out.get("key_padding_mask") == "kpm":
+        out["key_padding_mask"] = _padding(S)
+    return out
+
+
+def _call(q, k, v, kwargs, seed):
+    torch.manual_seed(seed)  # dropout's key comes from the default generator
+    result = attention(q, k, v, **kwargs)
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_planned_call_matches_the_full_path(case, monkeypatch):
+    calls, env = CASES[case]
+    env = dict(env)
+    keys, dim = env.pop("S", S), env.pop("D", D)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    dtype = torch.float16
+    torch.manual_seed(0)
+    fwd.clear_launch_plans()
+    first = _resolve(calls[0], dtype, keys)
+    _call(*_inputs(dtype, keys, dim), first, seed=1)
+    assert len(fwd._FORWARD_PLANS) == 1 and fwd._FORWARD_PLANS.hits == 0
+    (plan,) = fwd._FORWARD_PLANS._plans.values()
+    assert (plan.operands is not None) == ("SDPA_PASS_TMA" in env)
+    assert (plan.mask is not None) == ("SDPA_PASS_MASK_TMA" in env)
+
+    q, k, v = _inputs(dtype, keys, dim)
+    second = _resolve(calls[1], dtype, keys)
+    planned = _call(q, k, v, second, seed=2)
+    assert fwd._FORWARD_PLANS.hits == 1, "the second call did not use the plan"
+    fwd.clear_launch_plans()
+    full = _call(q, k, v, second, seed=2)
+    for a, b in zip(planned, full):
+        assert torch.equal(a, b)
+    if not second.get("dropout_p"):
+        ref, _ = reference_attention(q, k, v, **{
+            k_: v_ for k_, v_ in second.items() if k_ not in ("return_lse", "enable_gqa")})
+        assert_close_to_reference(planned[0], ref, dtype)
+
+
+def test_plan_key_separates_layouts_and_settings(monkeypatch):
+    """A call differing in strides, alignment or a variable gets its own plan, and each
+    planned call is still right."""
+    monkeypatch.setenv("SDPA_PASS_TMA", "1")
+    dtype = torch.float16
+    torch.manual_seed(0)
+    fwd.clear_launch_plans()
+    q, k, v = _inputs(dtype, D=64)  # whole descriptor tiles on a GPU too (see CASES)
+    # same shape, (B, L, H, D) storage seen through a transpose
+    qt = randn(B, L, HQ, 64, dtype=dtype).transpose(1, 2)
+    # same shape and strides, base one element past a 16-byte boundary: no descriptors
+    buf = randn(q.numel() + 1, dtype=dtype)
+    qm = buf[1:].view(q.shape)
+    outs = []
+    for query in (q, qt, qm):
+        outs.append((query, attention(query, k, v, is_causal=True, enable_gqa=True)))
+    monkeypatch.setenv("SDPA_PASS_TMA", "0")
+    outs.append((q, attention(q, k, v, is_causal=True, enable_gqa=True)))
+    assert len(fwd._FORWARD_PLANS) == 4 and fwd._FORWARD_PLANS.hits == 0
+    for query, out in outs:
+        ref, _ = reference_attention(query, k, v, is_causal=True)
+        assert_close_to_reference(out, ref, dtype)
+
+
+def test_gradients_through_a_planned_forward():
+    dtype = torch.float32
+    torch.manual_seed(0)
+    fwd.clear_launch_plans()
+
+    def run():
+        q, k, v = (t.requires_grad_() for t in _inputs(dtype))
+        out = attention(q, k, v, is_causal=True, enable_gqa=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return out, grads, (q, k, v)
+
+    run()
+    out, grads, (q, k, v) = run()
+    assert fwd._FORWARD_PLANS.hits == 1
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference_attention(qd, kd, vd, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), torch.ones_like(ref))
+    assert_close_to_reference(out, ref, dtype)
+    for g, r in zip(grads, ref_grads):
+        assert_close_to_reference(g, r, dtype)
+
+
+def test_plans_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("SDPA_PASS_LAUNCH_PLANS", "0")
+    fwd.clear_launch_plans()
+    q, k, v = _inputs(torch.float16)
+    attention(q, k, v, enable_gqa=True)
+    attention(q, k, v, enable_gqa=True)
+    assert len(fwd._FORWARD_PLANS) == 0 and fwd._FORWARD_PLANS.hits == 0
+
+
+def test_plan_cache_drops_the_oldest_past_capacity():
+    cache = PlanCache(capacity=2)
+    for key in "abc":
+        cache.add(key, key.upper())
+    assert len(cache) == 2 and cache.get("a") is None
+    assert (cache.get("b"), cache.get("c"), cache.hits) == ("B", "C", 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+def test_gpu_plan_calls_the_compiled_kernel_unless_a_launch_hook_is_set(monkeypatch):
+    """On a GPU a planned call launches the compiled kernel itself, not through Triton's
+    ``JITFunction.run``; with a launch hook installed (a profiler) it goes through Triton's
+    launch, which calls the hook."""
+    from triton import knobs
+
+    q, k, v = _inputs(torch.bfloat16, D=64)
+    attention(q, k, v, is_causal=True, enable_gqa=True)
+    (plan,) = fwd._FORWARD_PLANS._plans.values()
+    assert isinstance(plan.call, KernelCall) and plan.call._run is not None
+
+    kernel, jit_runs = fwd._attention_fwd_kernel, []
+    real_run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **kw: jit_runs.append(1) or real_run(*a, **kw))
+    direct = attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert fwd._FORWARD_PLANS.hits == 1 and jit_runs == []
+
+    seen = []
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):  # triton's HookChain
+        chain.add(hook)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+    try:
+        hooked = attention(q, k, v, is_causal=True, enable_gqa=True)
+    finally:
+        if hasattr(chain, "remove"):
+            chain.remove(hook)
+    assert fwd._FORWARD_PLANS.hits == 2 and jit_runs == [1] and len(seen) == 1
+    assert torch.equal(direct, hooked)
