@@ -40,6 +40,7 @@ from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _d
                       interpreter_active, key_ranges, launch_params, load_mask_tile,
                       masked_scores, scores_with_mask_tile, set_descriptor_blocks,
                       use_mask_tma)
+from .launch import PlanCache, environment_key, launch_remembered, plans_enabled, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -624,14 +625,25 @@ def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int) -> bool:
     return tma and block_d in ATOMIC_DQ_HEAD_DIMS and not interpreter_active()
 
 
-def _launch(kernel, tiles, grid, args, meta, pre_hook=None) -> None:
-    if tiles is None:  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
-        key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        kernel.launch(key, grid, *args, **meta)
-    else:
-        if pre_hook is not None:
-            pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **tiles})
-        kernel[grid](*args, **meta, **tiles)
+def _launch(kernel, tiles, grid, args, meta, pre_hook=None, plan_key=None) -> None:
+    """One backward launch; with a ``plan_key`` (the call's and the site's) a later call with
+    the same key launches the compiled kernel directly (kernels/launch.py)."""
+    def first():
+        if tiles is None:  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
+            key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+            compiled, config = kernel.launch(key, grid, *args, **meta)
+            jit = kernel.kernel
+        else:
+            if pre_hook is not None:
+                pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **tiles})
+            compiled, config, jit = kernel[grid](*args, **meta, **tiles), tiles, kernel
+        return jit, compiled, grid(config) if callable(grid) else grid, {**meta, **config}
+
+    launch_remembered(_BACKWARD_CALLS, plan_key, args, first, pre_hook)
+
+
+# Compiled backward launches by (call key, launch site) (kernels/launch.py).
+_BACKWARD_CALLS = PlanCache()
 
 
 def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv: int) -> bool:
@@ -675,6 +687,16 @@ def attention_backward_triton(
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
+    # with it, a later call with the same key reuses the compiled kernels of this one.
+    plan = None
+    if plans_enabled():
+        plan = (tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
+                tensor_key(out), tensor_key(lse), tensor_key(grad_lse), tensor_key(attn_mask),
+                tensor_key(key_padding_mask),
+                tensor_key(dropout_seed) if dropout_p > 0.0 else None, scale > 0.0,
+                causal_align, diagonal, window, has_softcap, need_mask_grad, dropout_p > 0.0,
+                mask_fills, torch.are_deterministic_algorithms_enabled(), environment_key())
     tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
     dq_atomic = dq_by_atomics(need_mask_grad, tma, block_d)
     dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype, dq_atomic)
@@ -691,11 +713,15 @@ def attention_backward_triton(
     glse = grad_lse if grad_lse is not None else lse
     gstrides = grad_lse.stride() if grad_lse is not None else (0, 0, 0)
     prep_tiles = _INTERPRETER_CONFIG if interpreter_active() else _fixed_config(max(block_d, block_dv), q.dtype)
-    _bwd_prep_kernel[(triton.cdiv(L, prep_tiles["BLOCK_M"]), B * Hq)](
+    prep_args = (
         q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale, softcap_log2,
         *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *mstrides, *pstrides,
-        *lse.stride(), *gstrides, *rstrides, Hq, L, S, shape.group, offset, window,
-        HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
+        *lse.stride(), *gstrides, *rstrides, Hq, L, S, shape.group, offset, window)
+    prep_params = dict(HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
+    prep_grid = (triton.cdiv(L, prep_tiles["BLOCK_M"]), B * Hq)
+    launch_remembered(_BACKWARD_CALLS, plan and (plan, "prep"), prep_args, lambda: (
+        _bwd_prep_kernel, _bwd_prep_kernel[prep_grid](*prep_args, **prep_params), prep_grid,
+        prep_params))
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_atomic else dq
     astrides = dq_acc.stride()[:3] if dq_atomic else (0, 0, 0)
@@ -717,7 +743,7 @@ def attention_backward_triton(
         *mstrides, *pstrides, *rstrides, *astrides,
         Hkv, L, S, shape.group, offset, window),
         {**common, "DQ_ATOMIC": dq_atomic, "TMA": tma, "DQ_TMA_ADD": tma_add,
-         "MASK_TMA": mask_tma}, _set_dkdv_blocks)
+         "MASK_TMA": mask_tma}, _set_dkdv_blocks, plan and (plan, "dkdv"))
     if dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
@@ -729,7 +755,8 @@ def attention_backward_triton(
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
         *mstrides, *pstrides, *rstrides,
-        Hq, L, S, shape.group, offset, window), {**common, "STORE_DS": need_mask_grad})
+        Hq, L, S, shape.group, offset, window), {**common, "STORE_DS": need_mask_grad},
+        None, plan and (plan, "dq"))
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims
         dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype)

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .forward import LN2, interpreter_active, launch_params, masked_scores, next_pow2
+from .launch import PlanCache, environment_key, launch_remembered, plans_enabled, tensor_key
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -406,6 +407,13 @@ def attention_decode_triton(
 
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
+    # What the launches below decide from and Triton specializes on (kernels/launch.py): a
+    # later call with the same key launches the compiled kernels of this one directly.
+    plan = None
+    if plans_enabled():
+        plan = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
+                tensor_key(key_padding_mask), causal_align, diagonal, window, softcap > 0.0,
+                nan_on_empty, return_lse, num_splits, environment_key())
 
     has_softcap = softcap > 0.0
     interpreting = interpreter_active()
@@ -432,18 +440,21 @@ def attention_decode_triton(
     m_ws = torch.empty((num_splits, rows_total), dtype=torch.float32, device=q.device)
     l_ws = torch.empty((num_splits, rows_total), dtype=torch.float32, device=q.device)
 
-    _decode_split_kernel[(B * Hkv, num_splits)](
+    split_args = (
         q, k, v, mask, kpm, acc_ws, m_ws, l_ws,
         qk_scale, softcap_log2,
         *q.stride(), *k.stride(), *v.stride(), *mstrides, *pstrides,
         Hkv, L, S, shape.group, offset, window, rows_total,
-        kv_lo, mid_lo, mid_hi, kv_hi, chunk,
+        kv_lo, mid_lo, mid_hi, kv_hi, chunk)
+    split_params = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=is_causal, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
         BLOCK_M=_block_m(rows_per_group), **config,
     )
+    _launch(_decode_split_kernel, (B * Hkv, num_splits), split_args, split_params,
+            plan and (plan, "split"))
     # The merge loads (rows x splits x Dv) fp32 tiles of at most _MERGE_TILE elements: every
     # split at once where it fits. The interpreter takes 2 splits per step, so tests with 3+
     # splits cross a step.
@@ -452,9 +463,19 @@ def attention_decode_triton(
     else:
         merge_splits = min(next_pow2(num_splits), max(_MERGE_TILE // block_dv, 1))
         merge_rows = max(_MERGE_TILE // (merge_splits * block_dv), 1)
-    _decode_merge_kernel[(triton.cdiv(rows_total, merge_rows),)](
-        acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits,
-        HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows, BLOCK_S=merge_splits,
-        NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, num_warps=4,
-    )
+    _launch(_decode_merge_kernel, (triton.cdiv(rows_total, merge_rows),),
+            (acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits),
+            dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows, BLOCK_S=merge_splits,
+                 NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, num_warps=4),
+            plan and (plan, "merge"))
     return out, lse
+
+
+# Compiled decode launches by (call key, launch site) (kernels/launch.py).
+_DECODE_CALLS = PlanCache()
+
+
+def _launch(kernel, grid, args, params, plan_key) -> None:
+    launch_remembered(_DECODE_CALLS, plan_key, args,
+                      lambda: (kernel, kernel[grid](*args, **params), grid, params))
+

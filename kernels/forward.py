@@ -774,7 +774,7 @@ def attention_forward_triton(
     return out, lse
 
 
-# Launch plans of the forward kernel (kernels/launch.py), cleared by clear_launch_plans().
+# Launch plans of the forward kernel (kernels/launch.py).
 _FORWARD_PLANS = PlanCache()
 
 
@@ -810,7 +810,3 @@ class _ForwardPlan:
                    scale if self.natural else qk_scale, softcap_log2, dropout_p,
                    keep_scale(dropout_p), *self.ints))
 
-
-def clear_launch_plans() -> None:
-    """Forget every remembered forward launch (tests that swap kernel internals call this)."""
-    _FORWARD_PLANS.clear()

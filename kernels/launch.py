@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - triton without host tensor descriptors
     TensorDescriptor = None
 
 # The variables that change a launch's decisions; part of every plan key.
-_VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE")
+_VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE",
+              "SDPA_PASS_BWD_TMA", "SDPA_PASS_BWD_DQ")
 
 
 def plans_enabled() -> bool:
@@ -52,6 +53,15 @@ def tensor_key(t) -> Optional[tuple]:
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
 
 
+_CACHES: list = []
+
+
+def clear_plans() -> None:
+    """Forget every remembered launch (tests that swap kernel internals start with this)."""
+    for cache in _CACHES:
+        cache.clear()
+
+
 class PlanCache:
     """Plans by key, oldest dropped first past ``capacity`` (a decode loop with a growing
     cache makes a new key every step)."""
@@ -60,6 +70,7 @@ class PlanCache:
         self.capacity = capacity
         self._plans: dict = {}
         self.hits = 0
+        _CACHES.append(self)
 
     def get(self, key: Hashable):
         plan = self._plans.get(key)
@@ -135,3 +146,21 @@ class KernelCall:
         stream = driver.active.get_current_stream(device)
         self._run(*self._grid3, stream, self._function, self._metadata, None, None, None,
                   *args, *self.tail)
+
+
+def launch_remembered(calls: PlanCache, key: Optional[Hashable], args: Sequence, first,
+                      pre_hook=None) -> None:
+    """Launch ``args`` through the ``KernelCall`` remembered under ``key`` (a call key plus
+    the launch site). Without one, ``first()`` launches the Triton way and returns
+    (jit kernel, compiled kernel, grid, meta-parameters and config), remembered for the next
+    call; ``key`` None (plans off) always goes that way. ``pre_hook`` is the launch's
+    descriptor hook: the caller builds fresh descriptors every call, which need their tiles."""
+    call = calls.get(key) if key is not None else None
+    if call is not None:
+        if pre_hook is not None:
+            pre_hook({**dict(zip(call.kernel.arg_names, args)), **call.kwargs})
+        call(args)
+        return
+    kernel, compiled, grid, params = first()
+    if key is not None:
+        calls.add(key, KernelCall(kernel, compiled, grid, len(args), params))

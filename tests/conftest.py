@@ -20,8 +20,8 @@ def fresh_dynamo():
 
 @pytest.fixture(autouse=True)
 def _fresh_launch_plans():
-    """Every test starts without remembered forward launches (kernels/launch.py), so a test
-    that swaps a path chooser or a launch sees its own calls take the full path."""
-    from sdpa_pass.kernels.forward import clear_launch_plans
+    """Every test starts without remembered launches (kernels/launch.py), so a test that
+    swaps a path chooser or a launch sees its own calls take the full path."""
+    from sdpa_pass.kernels.launch import clear_plans
 
-    clear_launch_plans()
+    clear_plans()

@@ -16,7 +16,7 @@ import torch
 
 import sdpa_pass.kernels.forward as fwd
 from sdpa_pass.kernels import attention
-from sdpa_pass.kernels.launch import KernelCall, PlanCache
+from sdpa_pass.kernels.launch import KernelCall, PlanCache, clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 
 B, HQ, HKV, L, S, D = 2, 4, 2, 19, 37, 32
@@ -93,7 +93,7 @@ def test_planned_call_matches_the_full_path(case, monkeypatch):
         monkeypatch.setenv(name, value)
     dtype = torch.float16
     torch.manual_seed(0)
-    fwd.clear_launch_plans()
+    clear_plans()
     first = _resolve(calls[0], dtype, keys)
     _call(*_inputs(dtype, keys, dim), first, seed=1)
     assert len(fwd._FORWARD_PLANS) == 1 and fwd._FORWARD_PLANS.hits == 0
@@ -105,7 +105,7 @@ def test_planned_call_matches_the_full_path(case, monkeypatch):
     second = _resolve(calls[1], dtype, keys)
     planned = _call(q, k, v, second, seed=2)
     assert fwd._FORWARD_PLANS.hits == 1, "the second call did not use the plan"
-    fwd.clear_launch_plans()
+    clear_plans()
     full = _call(q, k, v, second, seed=2)
     for a, b in zip(planned, full):
         assert torch.equal(a, b)
@@ -121,7 +121,7 @@ def test_plan_key_separates_layouts_and_settings(monkeypatch):
     monkeypatch.setenv("SDPA_PASS_TMA", "1")
     dtype = torch.float16
     torch.manual_seed(0)
-    fwd.clear_launch_plans()
+    clear_plans()
     q, k, v = _inputs(dtype, D=64)  # whole descriptor tiles on a GPU too (see CASES)
     # same shape, (B, L, H, D) storage seen through a transpose
     qt = randn(B, L, HQ, 64, dtype=dtype).transpose(1, 2)
@@ -142,7 +142,7 @@ def test_plan_key_separates_layouts_and_settings(monkeypatch):
 def test_gradients_through_a_planned_forward():
     dtype = torch.float32
     torch.manual_seed(0)
-    fwd.clear_launch_plans()
+    clear_plans()
 
     def run():
         q, k, v = (t.requires_grad_() for t in _inputs(dtype))
@@ -163,7 +163,7 @@ def test_gradients_through_a_planned_forward():
 
 def test_plans_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("SDPA_PASS_LAUNCH_PLANS", "0")
-    fwd.clear_launch_plans()
+    clear_plans()
     q, k, v = _inputs(torch.float16)
     attention(q, k, v, enable_gqa=True)
     attention(q, k, v, enable_gqa=True)
@@ -210,3 +210,131 @@ def test_gpu_plan_calls_the_compiled_kernel_unless_a_launch_hook_is_set(monkeypa
             chain.remove(hook)
     assert fwd._FORWARD_PLANS.hits == 2 and jit_runs == [1] and len(seen) == 1
     assert torch.equal(direct, hooked)
+
+
+# Backward: (environment, forward keyword arguments, whether the dK/dV kernel adds dQ).
+BACKWARD_CASES = {
+    "split": ({}, dict(is_causal=True, enable_gqa=True), False),
+    "atomic_dq": ({"SDPA_PASS_BWD_DQ": "atomic"}, dict(is_causal=True, enable_gqa=True), True),
+    "bool_mask": ({}, dict(attn_mask="bool", enable_gqa=True), False),
+    "mask_gradient": ({}, dict(attn_mask="float_grad", enable_gqa=True), False),
+    "dropout": ({}, dict(dropout_p=0.3, enable_gqa=True), False),
+    "descriptors_atomic": ({"SDPA_PASS_BWD_TMA": "1", "SDPA_PASS_BWD_DQ": "atomic", "D": 64},
+                           dict(is_causal=True, enable_gqa=True), True),
+}
+
+
+def _grads(q, k, v, kwargs, grad_out, seed):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    kwargs = dict(kwargs)
+    wrt = [q, k, v]
+    if kwargs.get("attn_mask") is not None and kwargs["attn_mask"].is_floating_point():
+        kwargs["attn_mask"] = kwargs["attn_mask"].detach().requires_grad_()
+        wrt.append(kwargs["attn_mask"])
+    torch.manual_seed(seed)
+    out = attention(q, k, v, **kwargs)
+    return (out, *torch.autograd.grad(out, wrt, grad_out))
+
+
+@pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
+def test_planned_backward_matches_the_full_path(case, monkeypatch):
+    """The backward's launches (prep, dK/dV, dQ) reuse the first call's compiled kernels."""
+    import sdpa_pass.kernels.backward as bwd
+
+    env, kwargs, atomic = BACKWARD_CASES[case]
+    env = dict(env)
+    dim = env.pop("D", D)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    dtype = torch.float16
+    torch.manual_seed(0)
+
+    def call_inputs():
+        resolved = _resolve({**kwargs, "attn_mask": "float"} if kwargs.get("attn_mask") == "float_grad"
+                            else kwargs, dtype)
+        q, k, v = _inputs(dtype, D=dim)
+        return q, k, v, resolved, randn(B, HQ, L, dim, dtype=dtype)
+
+    q, k, v, first, grad_out = call_inputs()
+    _grads(q, k, v, first, grad_out, seed=1)
+    launches = 2 if atomic else 3
+    assert len(bwd._BACKWARD_CALLS) == launches and bwd._BACKWARD_CALLS.hits == 0
+
+    q, k, v, second, grad_out = call_inputs()
+    planned = _grads(q, k, v, second, grad_out, seed=2)
+    assert bwd._BACKWARD_CALLS.hits == launches
+    clear_plans()
+    full = _grads(q, k, v, second, grad_out, seed=2)
+    for a, b in zip(planned, full):
+        if atomic and DEVICE == "cuda":  # the adds' order varies between runs on a GPU
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_planned_decode_matches_the_full_path():
+    """The split-KV decode kernel's two launches reuse the first call's compiled kernels."""
+    import sdpa_pass.kernels.decode as dec
+    from sdpa_pass.kernels.checks import CAUSAL_BOTTOM_RIGHT, check_attention_inputs
+
+    dtype = torch.float16
+    torch.manual_seed(0)
+
+    def run(scale, mask):
+        q = randn(B, HQ, 1, D, dtype=dtype)
+        k, v = randn(B, HKV, 70, D, dtype=dtype), randn(B, HKV, 70, D, dtype=dtype)
+        shape = check_attention_inputs(q, k, v, mask, None, causal_align=CAUSAL_BOTTOM_RIGHT)
+        return q, k, v, lambda: dec.attention_decode_triton(
+            q, k, v, mask, None, shape, scale=scale, causal_align=CAUSAL_BOTTOM_RIGHT,
+            diagonal=0, window=-1, softcap=0.0, nan_on_empty=False, return_lse=True,
+            num_splits=3)
+
+    mask = torch.rand(1, 70, device=DEVICE) > 0.2
+    mask[:, -1] = True
+    run(0.2, mask)[3]()
+    assert len(dec._DECODE_CALLS) == 2 and dec._DECODE_CALLS.hits == 0
+    q, k, v, call = run(0.35, torch.rand(1, 70, device=DEVICE) > 0.5)
+    planned = call()
+    assert dec._DECODE_CALLS.hits == 2
+    clear_plans()
+    full = call()
+    for a, b in zip(planned, full):
+        assert torch.equal(a, b)
+
+
+def test_backward_keys_separate_mask_gradient_and_deterministic_mode(monkeypatch):
+    """Same layouts, different launches: a float mask's gradient adds a dS output to the dQ
+    kernel; deterministic mode turns the forced atomic dQ path into the split one."""
+    import sdpa_pass.kernels.backward as bwd
+
+    dtype = torch.float16
+    torch.manual_seed(0)
+    q, k, v = _inputs(dtype)
+    grad_out = randn(B, HQ, L, D, dtype=dtype)
+    bias = randn(1, HQ, L, S, dtype=dtype)
+    qg = q.detach().requires_grad_()
+    out = attention(qg, k, v, attn_mask=bias, enable_gqa=True)  # no mask gradient wanted
+    torch.autograd.grad(out, qg, grad_out)
+    out = attention(q, k, v, attn_mask=bias.requires_grad_(), enable_gqa=True)
+    planned = torch.autograd.grad(out, bias, grad_out)[0]
+    assert bwd._BACKWARD_CALLS.hits == 0 and len(bwd._BACKWARD_CALLS) == 6
+    clear_plans()
+    out = attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    assert torch.equal(planned, torch.autograd.grad(out, bias, grad_out)[0])
+
+    clear_plans()
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
+    _grads(q, k, v, dict(is_causal=True, enable_gqa=True), grad_out, seed=1)
+    assert len(bwd._BACKWARD_CALLS) == 2
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # reproducible gradients: no atomic adds
+    try:
+        planned = _grads(q, k, v, dict(is_causal=True, enable_gqa=True), grad_out, seed=1)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert bwd._BACKWARD_CALLS.hits == 0 and len(bwd._BACKWARD_CALLS) == 5  # a key of its own
+    monkeypatch.delenv("SDPA_PASS_BWD_DQ")
+    clear_plans()
+    full = _grads(q, k, v, dict(is_causal=True, enable_gqa=True), grad_out, seed=1)
+    for a, b in zip(planned, full):
+        assert torch.equal(a, b)
