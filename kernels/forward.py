@@ -789,10 +789,12 @@ class _ForwardPlan:
     def __init__(self, call: KernelCall, args: tuple, natural: bool, dropout: bool):
         self.call, self.natural, self.dropout = call, natural, dropout
         self.ints = args[self._N_TENSORS + self._N_FLOATS:]
-        first, mask = args[0], args[5]
+        def is_descriptor(arg):
+            return TensorDescriptor is not None and isinstance(arg, TensorDescriptor)
+
         self.operands = (tuple(descriptor_template(d) for d in args[:4])
-                         if isinstance(first, TensorDescriptor) else None)
-        self.mask = descriptor_template(mask) if isinstance(mask, TensorDescriptor) else None
+                         if is_descriptor(args[0]) else None)
+        self.mask = descriptor_template(args[5]) if is_descriptor(args[5]) else None
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
         operands = (q, k, v, out)
