@@ -2,11 +2,12 @@
 same layout only fills in its pointers and scalars.
 
 Why: on the H100 machine's host (torch 2.11, triton 3.6) one forward call spent ~80-140 us of
-host time in ``attention_forward_triton`` (measured, ``.diag``-style probe summarised in
-BENCHMARKS.md), of which ~35-50 us was Triton's ``JITFunction.run`` (binding and specializing
-43 arguments, building its cache key) and most of the rest our own per-call decisions (which
-load path, tensor descriptors, strides), against ~8-16 us for calling the compiled kernel's
-launcher directly. A 512-token prefill's kernel takes ~30 us, so the call was host-bound.
+host time in ``attention_forward_triton`` (measured; BENCHMARKS.md, session 9), of which
+~35-50 us was Triton's ``JITFunction.run`` (binding and specializing 43 arguments, building its
+cache key) and most of the rest our own per-call decisions (which load path, tensor
+descriptors, strides), against ~8-16 us for calling the compiled kernel's launcher directly.
+With the custom op's dispatch on top, calls whose kernels take ~100 us (N = 512 prefills,
+decode steps) were host-bound.
 
 Safety: a plan is keyed on everything the decisions and Triton's specialization read (shapes,
 strides, dtypes, device, 16-byte alignment of every pointer, the call's flags and integer
