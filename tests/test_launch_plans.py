@@ -1,5 +1,6 @@
 """Launch plans (kernels/launch.py): a forward call whose plan key was seen before reuses the
-first call's launch decisions and only passes its own tensors and floats.
+first call's launch decisions and only passes its own tensors and floats; the backward's and
+the decode kernel's launches reuse the first call's compiled kernels.
 
 Each case runs a first call (which records the plan), a second call with new tensors of the
 same layout and different float arguments (scale, soft-cap, dropout probability), and that
