@@ -115,11 +115,33 @@ def attention(
         scale = 1.0 / math.sqrt(query.shape[-1])
     # The backward kernels start from the forward's LSE: keep it whenever a gradient can flow.
     differentiable = [query, key, value] + ([attn_mask] if attn_mask is not None else [])
-    want_lse = return_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
-    out, lse = torch.ops.sdpa_pass.attention_forward(
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    args = (
         query, key, value, attn_mask, key_padding_mask, float(scale), causal_align,
         int(diagonal), -1 if window is None else int(window),
-        0.0 if softcap is None else float(softcap), empty_rows == "nan", want_lse,
-        float(dropout_p), seed,
+        0.0 if softcap is None else float(softcap), empty_rows == "nan", return_lse or want_grad,
+        float(dropout_p), seed, False, False,
     )
+    if want_grad and not torch.compiler.is_compiling():
+        out, lse = _EagerAttention.apply(*args)
+    else:
+        out, lse = torch.ops.sdpa_pass.attention_forward(*args)
     return (out, lse) if return_lse else out
+
+
+class _EagerAttention(torch.autograd.Function):
+    """An eager ``attention`` call that needs a gradient: the op's own autograd formula
+    (``ops._setup_context`` and ``ops._backward``, what ``register_autograd`` gave the op) as a
+    plain autograd.Function around the op. Hand-written because torch.library's autograd
+    wrapper calls ``torch._library.utils.fill_defaults`` on every forward, which re-reads
+    ``schema.arguments`` (a fresh pybind list) twice per argument: 128 us a call for this op's
+    16 arguments (torch 2.13, CPU), more than the kernel's launch. Inside ``forward`` grad mode
+    is off, so the op takes its no-grad route. Traced code (torch.compile) keeps calling the op,
+    whose registration AOTAutograd uses."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.sdpa_pass.attention_forward(*args)
+
+    setup_context = staticmethod(ops._setup_context)
+    backward = staticmethod(ops._backward)

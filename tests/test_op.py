@@ -78,3 +78,30 @@ def test_cpu_path(dtype, route):
     assert_close_to_reference(out, ref, dtype)
     if kw["lse"]:
         assert_close_to_reference(lse, ref_lse, torch.float32, what="lse")
+
+
+@pytest.mark.parametrize("mask", ["float", "bool"])
+def test_eager_attention_gradients_equal_the_ops_registered_autograd(mask):
+    """An eager ``attention()`` call that needs a gradient runs the op's autograd formula as a
+    plain autograd.Function (kernels/__init__.py, _EagerAttention); the gradients are bitwise
+    those of calling the op itself through its torch.library autograd registration, the float
+    mask's included."""
+    q, k, v, attn_mask, kpm, scale, causal_align, *_ = _args(mask=mask)
+    leaves = [q, k, v] + ([attn_mask] if mask == "float" else [])
+    grad_out = randn(2, 4, 9, 16)
+
+    def grads(via_op):
+        inputs = [t.detach().clone().requires_grad_() for t in leaves]
+        qq, kk, vv = inputs[:3]
+        m = inputs[3] if mask == "float" else attn_mask
+        if via_op:
+            out, _ = torch.ops.sdpa_pass.attention_forward(
+                qq, kk, vv, m, kpm, scale, causal_align, 0, -1, 0.0, False, True)
+        else:
+            out = attention(qq, kk, vv, m, scale=scale, causal="bottom_right", enable_gqa=True,
+                            key_padding_mask=kpm)
+            assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+        return torch.autograd.grad(out, inputs, grad_out)
+
+    for a, b in zip(grads(via_op=False), grads(via_op=True)):
+        assert torch.equal(a, b)
