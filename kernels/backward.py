@@ -40,7 +40,7 @@ from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _d
                       interpreter_active, key_ranges, launch_params, load_mask_tile,
                       masked_scores, scores_with_mask_tile, set_descriptor_blocks,
                       use_mask_tma)
-from .launch import PlanCache, environment_key, launch_remembered, plans_enabled, tensor_key
+from .launch import PlanCache, call_key, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -689,14 +689,12 @@ def attention_backward_triton(
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
     # with it, a later call with the same key reuses the compiled kernels of this one.
-    plan = None
-    if plans_enabled():
-        plan = (tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
-                tensor_key(out), tensor_key(lse), tensor_key(grad_lse), tensor_key(attn_mask),
-                tensor_key(key_padding_mask),
-                tensor_key(dropout_seed) if dropout_p > 0.0 else None, scale > 0.0,
-                causal_align, diagonal, window, has_softcap, need_mask_grad, dropout_p > 0.0,
-                mask_fills, torch.are_deterministic_algorithms_enabled(), environment_key())
+    plan = call_key(tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
+                    tensor_key(out), tensor_key(lse), tensor_key(grad_lse), tensor_key(attn_mask),
+                    tensor_key(key_padding_mask),
+                    tensor_key(dropout_seed) if dropout_p > 0.0 else None, scale > 0.0,
+                    causal_align, diagonal, window, has_softcap, need_mask_grad, dropout_p > 0.0,
+                    mask_fills, torch.are_deterministic_algorithms_enabled())
     tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
     dq_atomic = dq_by_atomics(need_mask_grad, tma, block_d)
     dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype, dq_atomic)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .forward import LN2, interpreter_active, launch_params, masked_scores, next_pow2
-from .launch import PlanCache, environment_key, launch_remembered, plans_enabled, tensor_key
+from .launch import PlanCache, call_key, launch_remembered, tensor_key
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -409,11 +409,9 @@ def attention_decode_triton(
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     # What the launches below decide from and Triton specializes on (kernels/launch.py): a
     # later call with the same key launches the compiled kernels of this one directly.
-    plan = None
-    if plans_enabled():
-        plan = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
-                tensor_key(key_padding_mask), causal_align, diagonal, window, softcap > 0.0,
-                nan_on_empty, return_lse, num_splits, environment_key())
+    plan = call_key(tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
+                    tensor_key(key_padding_mask), causal_align, diagonal, window, softcap > 0.0,
+                    nan_on_empty, return_lse, num_splits)
 
     has_softcap = softcap > 0.0
     interpreting = interpreter_active()

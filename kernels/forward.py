@@ -22,8 +22,8 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .launch import (KernelCall, PlanCache, descriptor_template, environment_key, from_template,
-                     plans_enabled, tensor_key)
+from .launch import (KernelCall, PlanCache, call_key, descriptor_template, from_template,
+                     tensor_key)
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -699,12 +699,11 @@ def attention_forward_triton(
         return out, lse
 
     dropout = dropout_p > 0.0
-    plan_key = None
-    if plans_enabled():
-        plan_key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
-                    tensor_key(key_padding_mask), tensor_key(dropout_seed) if dropout else None,
-                    out.data_ptr() % 16 == 0, causal_align, diagonal, window, softcap > 0.0,
-                    scale > 0.0, nan_on_empty, return_lse, dropout, environment_key())
+    plan_key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
+                        tensor_key(key_padding_mask), tensor_key(dropout_seed) if dropout else None,
+                        out.data_ptr() % 16 == 0, causal_align, diagonal, window, softcap > 0.0,
+                        scale > 0.0, nan_on_empty, return_lse, dropout)
+    if plan_key is not None:
         plan = _FORWARD_PLANS.get(plan_key)
         if plan is not None:
             plan(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,

@@ -37,13 +37,13 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
               "SDPA_PASS_BWD_TMA", "SDPA_PASS_BWD_DQ")
 
 
-def plans_enabled() -> bool:
-    return os.environ.get("SDPA_PASS_LAUNCH_PLANS", "1") != "0"
-
-
-def environment_key() -> tuple:
+def call_key(*parts) -> Optional[tuple]:
+    """A call's plan key: ``parts`` (what its launches decide from, ``tensor_key`` for each
+    tensor) plus the variables of _VARIABLES; None when SDPA_PASS_LAUNCH_PLANS=0."""
     get = os.environ.get
-    return tuple(get(name) for name in _VARIABLES)
+    if get("SDPA_PASS_LAUNCH_PLANS", "1") == "0":
+        return None
+    return (*parts, *(get(name) for name in _VARIABLES))
 
 
 def tensor_key(t) -> Optional[tuple]:
