@@ -75,7 +75,8 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
         FILLS=False, DQ_ATOMIC=args.dq_atomic, TMA=args.descriptors,
         DQ_TMA_ADD=args.descriptors and args.dq_atomic,
         MASK_TMA=args.descriptors and args.mask_tma and kind != 0,
-        DOT_UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=m_tile, BLOCK_N=n_tile)
+        DOT_UPCAST=False, DOT_PRECISION="tf32", NATURAL=kind == 2 and not args.log2,
+        BLOCK_M=m_tile, BLOCK_N=n_tile)
     pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA", "DQ_ACC")}
     pointers.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DK", "DV", "KPM")},
                     MASK=_mask_type(kind, meta["MASK_TMA"], args.tile), SEED="*i64")

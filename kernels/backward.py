@@ -58,6 +58,18 @@ def _unfilled(ds, mask_tile, FILLS: tl.constexpr):
     return ds
 
 
+@triton.jit
+def _p_from_scores(s, m, r, NATURAL: tl.constexpr):
+    """P = exp2(S - m - r) from scores and row statistics in log2 units; NATURAL (a float mask
+    without soft-capping, as in the forward's ``_attend_tiles``): S and m in natural-log units,
+    S = qk·scale + bias as eager adds them, moved to log2 units after m is subtracted. A bias
+    then costs one add per score, where log2 units need a clamp, a compare, a select and a
+    multiply (finfo.min · log2(e) overflows to -inf)."""
+    if NATURAL:
+        return tl.math.exp2((s - m) * LOG2E_C - r)
+    return tl.math.exp2((s - m) - r)
+
+
 @triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
 def _bwd_prep_kernel(
     Q, K, O, DO, LSE, GRAD_LSE, MASK, KPM, DELTA, ROW_M, ROW_R,
@@ -75,11 +87,12 @@ def _bwd_prep_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NATURAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per query row: delta = rowsum(dO * O) - grad_lse, and the statistics (m, r) the dK/dV and
-    dQ kernels compute P from; rows with no visible key get delta 0 and m = +inf (P = 0)."""
+    dQ kernels compute P from; rows with no visible key get delta 0 and m = +inf (P = 0).
+    NATURAL: m in natural-log units, as the scores are (``_p_from_scores``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -103,7 +116,7 @@ def _bwd_prep_kernel(
     # must not reach dS as 0 * NaN
     empty = lse == float("-inf")
     delta = tl.where(empty, 0.0, delta)
-    row_m = tl.where(empty, float("inf"), lse * LOG2E_C)
+    row_m = tl.where(empty, float("inf"), lse if NATURAL else lse * LOG2E_C)
     row_r = tl.zeros((BLOCK_M,), tl.float32)
     imprecise = (lse < LSE_PRECISE_ABOVE) & (lse != float("-inf"))
     if tl.sum(imprecise.to(tl.int32), 0) > 0:
@@ -117,6 +130,7 @@ def _bwd_prep_kernel(
         k_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         kpm_base = KPM + off_b * stride_pb
+        to_log2 = LOG2E_C if NATURAL else 1.0
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         lo, _mid_lo, _mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
@@ -130,11 +144,13 @@ def _bwd_prep_kernel(
             s, _t = masked_scores(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None],
                                   offs_n[None, :], mask_base, kpm_base, stride_mm, stride_mn,
                                   stride_pn, L, S, offset, window, qk_scale, softcap_log2,
-                                  MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True)
+                                  MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, True,
+                                  NATURAL)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows with nothing visible so far stay at -inf; shift them by 0 (no -inf - -inf)
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - shift) + tl.sum(tl.math.exp2(s - shift[:, None]), 1)
+            l_i = (l_i * tl.math.exp2((m_i - shift) * to_log2)
+                   + tl.sum(tl.math.exp2((s - shift[:, None]) * to_log2), 1))
             m_i = m_new
         row_m = tl.where(imprecise, m_i, row_m)
         row_r = tl.where(imprecise, tl.math.log2(l_i), row_r)
@@ -157,7 +173,7 @@ def _dkdv_tiles(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     FILLS: tl.constexpr, BOUNDARY: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr, MASK_TMA: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NATURAL: tl.constexpr,
 ):
     """dK/dV contributions of query tiles [lo, hi) of one query head to one key tile.
 
@@ -201,8 +217,8 @@ def _dkdv_tiles(
         sT, tT = scores_with_mask_tile(
             tl.dot(k, qT, input_precision=DOT_PRECISION), offs_m[None, :], offs_n[:, None],
             mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale, softcap_log2,
-            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
-        pT = tl.math.exp2((sT - row_m[None, :]) - row_r[None, :])         # (N, M)
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, NATURAL)
+        pT = _p_from_scores(sT, row_m[None, :], row_r[None, :], NATURAL)  # (N, M)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)     # (N, M)
         if DROPOUT:
             # O = (P * Z) V with Z = keep / (1 - p): dV sees P * Z, dP is Z * dO Vᵀ
@@ -251,7 +267,7 @@ def _bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     FILLS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
     MASK_TMA: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NATURAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -331,6 +347,7 @@ def _bwd_dkdv_kernel(
             start_n, mask_b, mask_h,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
+            NATURAL,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
@@ -340,6 +357,7 @@ def _bwd_dkdv_kernel(
             start_n, mask_b, mask_h,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, DROPOUT, FILLS, False, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
+            NATURAL,
         )
         if HAS_WINDOW:  # [mid_hi, hi) is empty without a window
             dk, dv = _dkdv_tiles(
@@ -351,6 +369,7 @@ def _bwd_dkdv_kernel(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
                 IS_CAUSAL, HAS_WINDOW,
                 HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
+                NATURAL,
             )
     dk = dk * sm_scale
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -370,7 +389,7 @@ def _dq_tiles(
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, FILLS: tl.constexpr, BOUNDARY: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NATURAL: tl.constexpr,
 ):
     """dQ contributions of key tiles [lo, hi) to one query tile (and dS when asked for),
     from P' = exp2(S - m): the rows' factor exp2(-r) is applied to dQ (and dS) by the caller."""
@@ -390,8 +409,8 @@ def _dq_tiles(
         s, t = scores_with_mask_tile(
             tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
             mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale, softcap_log2,
-            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
-        p = tl.math.exp2(s - row_m[:, None])
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, NATURAL)
+        p = _p_from_scores(s, row_m[:, None], 0.0, NATURAL)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
@@ -425,7 +444,7 @@ def _bwd_dq_kernel(
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
     FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NATURAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -468,7 +487,7 @@ def _bwd_dq_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
             L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-            DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
+            DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION, NATURAL,
         )
     dq = _dq_tiles(
         dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
@@ -476,7 +495,7 @@ def _bwd_dq_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, FILLS, False, DOT_UPCAST, DOT_PRECISION,
+        DROPOUT, STORE_DS, FILLS, False, DOT_UPCAST, DOT_PRECISION, NATURAL,
     )
     dq = _dq_tiles(
         dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
@@ -484,7 +503,7 @@ def _bwd_dq_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
         L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
+        DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION, NATURAL,
     )
     dq = dq * (sm_scale * row_scale[:, None])
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -686,6 +705,11 @@ def attention_backward_triton(
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
+    # a float mask without soft-capping: scores in natural-log units (_p_from_scores), so the
+    # kernels take the plain softmax scale
+    natural = mask_kind == MASK_FLOAT and not has_softcap
+    if natural:
+        qk_scale = scale
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
     # with it, a later call with the same key reuses the compiled kernels of this one.
@@ -703,7 +727,7 @@ def attention_backward_triton(
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
         DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NATURAL=natural,
     )
     common = dict(masks, DROPOUT=dropout_p > 0.0, FILLS=mask_fills and mask_kind == MASK_FLOAT)
     offset = causal_offset(causal_align, diagonal, L, S)

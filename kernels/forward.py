@@ -59,8 +59,10 @@ def masked_scores(
     L, S, offset, window, qk_scale, softcap_log2,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BOUNDARY: tl.constexpr,
+    NATURAL: tl.constexpr = False,
 ):
-    """A tile of raw products Q·Kᵀ as scores in log2 units with every mask applied (-inf where
+    """A tile of raw products Q·Kᵀ as scores in log2 units (NATURAL: natural-log units, see
+    ``scores_with_mask_tile``) with every mask applied (-inf where
     a key is not visible), and tanh of the soft-capped logits for the backward's chain rule
     (0 without soft-capping). The one definition of what the masks mean, for the forward and
     backward kernels. ``rows`` / ``cols``: the tile's query and key indices as broadcastable
@@ -73,7 +75,7 @@ def masked_scores(
         mask_tile = load_mask_tile(mask_base, rows, cols, stride_mm, stride_mn, L, S)
     return scores_with_mask_tile(
         qk, rows, cols, mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale,
-        softcap_log2, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, False)
+        softcap_log2, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, NATURAL)
 
 
 @triton.jit

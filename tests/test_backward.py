@@ -320,6 +320,26 @@ def test_rows_of_huge_negative_scores_stay_on_the_kernels(request, monkeypatch, 
     assert_grads_close(grads, ref, torch.float32)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["natural_log", "log2_softcap"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_mask_grad", "mask_grad"])
+def test_rows_far_below_zero_keep_their_spread(softcap, requires_grad):
+    """Rows whose float-mask scores all sit far below zero (LSE < -100, so the prep kernel
+    recomputes their max and log-sum) yet differ from key to key: their P keeps its spread.
+    With all-equal fills (the tests above) the base of that log-sum is invisible; here it is
+    not, for the natural-log scores of a plain float mask and the log2 ones of a soft-capped
+    call alike."""
+    q, k, v = leaves(*make_qkv(torch.float32, 4, 2, L=L, S=S, D=D))
+    bias = randn(B, 1, L, S).cpu()
+    bias[:, :, 4] = bias[:, :, 4] * 3 - 500
+    bias[1, :, 9] = bias[1, :, 9] * 2 - 250
+    bias = bias.to(DEVICE).requires_grad_(requires_grad)
+    dout, dlse = randn(B, 4, L, D), randn(B, 4, L)
+    kwargs = dict(causal="bottom_right", softcap=softcap)
+    grads = op_grads(q, k, v, bias, dout, grad_lse=dlse, enable_gqa=True, **kwargs)
+    assert_grads_close(grads, reference_grads(q, k, v, bias, dout, grad_lse=dlse, **kwargs),
+                       torch.float32)
+
+
 @pytest.mark.parametrize("route", ["sdpa", "chunked"])
 def test_pytorch_forward_path(monkeypatch, route):
     """The op on CPU tensors without the interpreter: the forward runs SDPA's CPU kernel
