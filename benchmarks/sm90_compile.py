@@ -1,6 +1,7 @@
 """Compile an attention kernel for Hopper (sm_90) on a machine without a GPU and report what the
 compiler made of it: how many loads stayed synchronous, how many are copied ahead (cp.async
-or the TMA copy engine), registers per thread, spill stack and shared memory.
+or the TMA copy engine), registers per thread, spill stack, shared memory and the number of
+machine (SASS) instructions.
 
     python benchmarks/sm90_compile.py --mask bias                    # mask read through pointers
     python benchmarks/sm90_compile.py --mask bias --mask-tma         # ... through a descriptor
@@ -126,14 +127,23 @@ def _specialise(kernel, meta, pointers, strides) -> tuple[dict, dict, dict]:
     return sig, consts, attrs
 
 
-def resources(cubin: bytes) -> dict:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name],
+        return subprocess.run([str(tool), flag, f.name],
                               capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> dict:
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     return {key.lower(): int(re.search(rf"{key}:(\d+)", text).group(1)) for key in ("REG", "STACK")}
+
+
+def sass_instructions(cubin: bytes) -> int:
+    """Machine instructions in the kernel (static count: each inlined tile loop once)."""
+    return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", _cuobjdump(cubin, "-sass")))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     # one line, "name value" pairs split by ", " (tests/test_sm90_compile.py reads it)
     print(", ".join(f"{k} {v}" for k, v in counts.items())
           + f", registers {usage['reg']}, spill stack {usage['stack']} B,"
-            f" shared memory {kernel.metadata.shared} B")
+            f" shared memory {kernel.metadata.shared} B,"
+            f" instructions {sass_instructions(kernel.asm['cubin'])}")
 
 
 if __name__ == "__main__":
