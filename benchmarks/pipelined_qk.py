@@ -1,23 +1,29 @@
-"""Can Triton overlap the forward's softmax with the next key tile's Q·Kᵀ? A probe.
+"""Can Triton overlap the forward's softmax with its matrix products on Hopper? A probe.
 
-FlashAttention-3 hides the softmax behind the tensor cores by issuing the next tile's Q·Kᵀ
-(an asynchronous wgmma on Hopper) before the current tile's softmax. Written as a
-software-pipelined loop in Triton (``PIPE``: the scores of tile j+1 are computed at the top of
-iteration j and carried to the next), the overlap happens only if the compiler leaves that
-product in flight across the softmax. Triton's Hopper pipeliner (WGMMAPipeline.cpp) keeps a
-wgmma in flight only when its result feeds another wgmma's accumulator (or is used under an
-``if``); a result the softmax reads gets ``warp_group_dot_wait {pendings = 0}`` right after the
-issue, which makes the rewrite moot.
+FlashAttention-3 hides the softmax behind the tensor cores: each warpgroup keeps a wgmma (an
+asynchronous product) in flight while it computes exponentials. Triton (3.6-3.9) decides
+where to wait for a wgmma itself (WGMMAPipeline.cpp): a product stays in flight only when
+its result feeds another product's accumulator, or is read under an ``if``. Two rewrites of
+the forward's key loop try to meet those rules (``PIPE``):
 
-    python benchmarks/pipelined_qk.py --compile     # no GPU: compile for sm_90, list the waits
-    python benchmarks/pipelined_qk.py               # on a GPU: time both loops, ours, cuDNN
+1. Q·Kᵀ ahead: the next tile's scores are computed at the top of the iteration and carried
+   to the next one. The softmax reads them, so the compiler waits for that product right
+   after issuing it (``warp_group_dot_wait {pendings = 0}``): no overlap.
+2. P·V ahead with a lazy rescale: this tile's P·V is issued before the next tile's softmax,
+   and the output is rescaled only when a row max grows by more than 2**8, under an ``if``.
+   Triton then keeps the product in flight, but reads its accumulator in the ``if`` without a
+   wait, and ptxas answers by serializing every wgmma of the kernel (a wait after each).
 
-``--compile`` prints, for the plain and the pipelined loop (hd128, bf16, 128x64 tile, 8
-warps, 3 stages, tensor descriptors), the registers and each wgmma wait's ``pendings``
-(compiled with the installed Triton's bundled ptxas; the kernel is a non-causal,
-mask-free reduction of ours). The GPU mode times both loops through CUDA graphs beside
-``sdpa_pass.kernels.attention`` and SDPA's cuDNN and flash backends, non-causal and causal,
-N = 4k-16k (batch 16384 / N, 16 heads), and checks each output against SDPA.
+    python benchmarks/pipelined_qk.py --compile     # no GPU: compile for sm_90, report
+    python benchmarks/pipelined_qk.py               # on a GPU: time the loops, ours, cuDNN
+
+``--compile`` prints, for the plain loop and both rewrites (hd128, bf16, 128x64 tile, 8
+warps, 3 stages, tensor descriptors; a non-causal, mask-free reduction of our kernel), the
+registers, the TTGIR waits with their ``pendings``, and the machine code's wgmma count
+(HGMMA) against its waits (WARPGROUP.DEPBAR), compiled with the installed Triton's ptxas. The
+GPU mode times each loop through CUDA graphs beside ``sdpa_pass.kernels.attention`` and
+SDPA's cuDNN and flash backends, non-causal and causal, N = 4k-16k (batch 16384 / N, 16
+heads), and checks each output against SDPA.
 """
 import argparse
 import os
@@ -33,6 +39,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 D = 128
+# the kernel's PIPE values
+LOOPS = {0: "plain", 1: "Q.K^T ahead", 2: "P.V ahead, lazy rescale"}
 
 
 @triton.jit
@@ -54,7 +62,34 @@ def _fwd(Qd, Kd, Vd, Od, scale_log2, H, N,
         hi_full = start_m  # tiles fully visible (BM multiple of BN)
     else:
         hi_full = N
-    if PIPE:
+    if PIPE == 2:
+        # P·V of tile j-1 issued before the softmax of tile j, rescaling only when a row max
+        # grows by more than 2**8 (under an ``if``, which the pipeliner lets wait on its own)
+        if hi_full > 0:  # causal: the first query tile has only its diagonal
+            k = Kd.load([off_b, off_h, 0, 0]).reshape(BN, D)
+            qk = tl.dot(q, tl.trans(k))
+            m_i = tl.max(qk, 1) * scale_log2
+            p = tl.math.exp2(qk * scale_log2 - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            for start_n in range(BN, hi_full, BN):
+                k = Kd.load([off_b, off_h, start_n, 0]).reshape(BN, D)
+                qk = tl.dot(q, tl.trans(k))
+                v = Vd.load([off_b, off_h, start_n - BN, 0]).reshape(BN, D)
+                # P crosses the iteration in fp32 registers: carried as bf16 it went through
+                # shared memory, which made this product wait at once
+                acc = tl.dot(p.to(v.dtype), v, acc)
+                m_tile = tl.max(qk, 1) * scale_log2
+                if tl.max(m_tile - m_i, 0) > 8.0:
+                    m_new = tl.maximum(m_i, m_tile)
+                    alpha = tl.math.exp2(m_i - m_new)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_new
+                p = tl.math.exp2(qk * scale_log2 - m_i[:, None])
+                l_i += tl.sum(p, 1)
+            v = Vd.load([off_b, off_h, hi_full - BN, 0]).reshape(BN, D)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    elif PIPE:
         k = Kd.load([off_b, off_h, 0, 0]).reshape(BN, D)
         qk = tl.dot(q, tl.trans(k))
         for start_n in range(BN, hi_full, BN):
@@ -126,9 +161,9 @@ def compile_only() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from benchmarks.sm90_compile import resources
+    from benchmarks.sm90_compile import _cuobjdump, resources
     bm, bn, warps, stages = 128, 64, 8, 3
-    for pipe in (False, True):
+    for pipe in (0, 1, 2):
         sig = {"Qd": f"tensordesc<bf16[1, 1, {bm}, {D}]>", "Kd": f"tensordesc<bf16[1, 1, {bn}, {D}]>",
                "Vd": f"tensordesc<bf16[1, 1, {bn}, {D}]>", "Od": f"tensordesc<bf16[1, 1, {bm}, {D}]>",
                "scale_log2": "fp32", "H": "i32", "N": "i32"}
@@ -144,8 +179,11 @@ def compile_only() -> None:
                 pendings = re.search(r"pendings = (\d+)", line).group(1)
                 waits.append(f"{name}: pendings {pendings}")
         usage = resources(kernel.asm["cubin"])
-        print(f"triton {triton.__version__}, {'pipelined' if pipe else 'plain'} loop: "
-              f"{usage['reg']} registers, spill {usage['stack']} B; waits: {'; '.join(waits)}")
+        sass = _cuobjdump(kernel.asm["cubin"], "-sass")
+        print(f"triton {triton.__version__}, {LOOPS[pipe]} loop: "
+              f"{usage['reg']} registers, spill {usage['stack']} B; TTGIR waits: "
+              f"{'; '.join(waits)}; SASS: {sass.count('HGMMA')} HGMMA,"
+              f" {sass.count('WARPGROUP.DEPBAR')} WARPGROUP.DEPBAR")
 
 
 def main() -> None:
@@ -178,9 +216,9 @@ def main() -> None:
                              ("sdpa_flash", lambda: sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal))):
                 fn()
                 print(f"  {name}: {flops / do_bench_cudagraph(fn, rep=200) / 1e9:.0f}", flush=True)
-            for pipe in (False, True):
+            for pipe in LOOPS:
                 for tile in tiles:
-                    label = f"{'pipelined' if pipe else 'plain'} {tile}"
+                    label = f"{LOOPS[pipe]} {tile}"
                     try:
                         err = (run(q, k, v, pipe, causal, *tile).float() - ref.float()).abs().max().item()
                         ms = do_bench_cudagraph(lambda: run(q, k, v, pipe, causal, *tile), rep=200)
