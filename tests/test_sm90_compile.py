@@ -63,7 +63,7 @@ def test_float_mask_backward_in_natural_log_units_is_shorter():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pipe", [0, 1, 2], ids=["plain", "qk_ahead", "pv_ahead"])
+@pytest.mark.parametrize("pipe", [0, 1, 2, 3], ids=["plain", "qk_ahead", "pv_lazy", "pv_deferred"])
 def test_pipelined_qk_probe_computes_attention(pipe, causal):
     """benchmarks/pipelined_qk.py times software-pipelined forward loops against the plain
     one; each must compute attention for that comparison to mean anything."""
