@@ -1,7 +1,7 @@
 """Compile an attention kernel for Hopper (sm_90) on a machine without a GPU and report what the
 compiler made of it: how many loads stayed synchronous, how many are copied ahead (cp.async
-or the TMA copy engine), registers per thread, spill stack, shared memory and the number of
-machine (SASS) instructions.
+or the TMA copy engine), registers per thread, spill stack, shared memory and machine (SASS)
+instruction counts: all, the wgmmas and the waits for them.
 
     python benchmarks/sm90_compile.py --mask bias                    # mask read through pointers
     python benchmarks/sm90_compile.py --mask bias --mask-tma         # ... through a descriptor
@@ -53,7 +53,7 @@ def signature(args) -> tuple[dict, dict, dict]:
         IS_CAUSAL=args.causal, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=False,
         STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
         MASK_TMA=args.mask_tma and kind != 0, FOLD_SCALE=kind != 2,
-        NATURAL=kind == 2 and not args.log2, REVERSE=args.causal,
+        NATURAL=kind == 2 and not args.log2, REVERSE=args.causal, PIPELINE=args.pipeline,
         BLOCK_M=args.tile[0], BLOCK_N=args.tile[1])
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
                 "MASK": _mask_type(kind, meta["MASK_TMA"], args.tile), "KPM": "*bf16",
@@ -141,9 +141,14 @@ def resources(cubin: bytes) -> dict:
     return {key.lower(): int(re.search(rf"{key}:(\d+)", text).group(1)) for key in ("REG", "STACK")}
 
 
-def sass_instructions(cubin: bytes) -> int:
-    """Machine instructions in the kernel (static count: each inlined tile loop once)."""
-    return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", _cuobjdump(cubin, "-sass")))
+def sass_counts(cubin: bytes) -> dict:
+    """Static counts in the machine code (each inlined tile loop once): all instructions,
+    the wgmma (HGMMA) instructions and the waits for them (WARPGROUP.DEPBAR; where ptxas
+    serializes the wgmmas there is one after each)."""
+    sass = _cuobjdump(cubin, "-sass")
+    return {"instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass)),
+            "wgmma instructions": sass.count("HGMMA"),
+            "wgmma waits": sass.count("WARPGROUP.DEPBAR")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log2", action="store_true",
                         help="float mask in log2 units (the clamped form) instead of NATURAL")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="forward: the software-pipelined interior loop (SDPA_PASS_FWD_PIPELINE=1)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tile", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--ttgir", type=Path, help="also write the TTGIR here")
@@ -179,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     # one line, "name value" pairs split by ", " (tests/test_sm90_compile.py reads it)
     print(", ".join(f"{k} {v}" for k, v in counts.items())
           + f", registers {usage['reg']}, spill stack {usage['stack']} B,"
-            f" shared memory {kernel.metadata.shared} B,"
-            f" instructions {sass_instructions(kernel.asm['cubin'])}")
+            f" shared memory {kernel.metadata.shared} B, "
+          + ", ".join(f"{k} {v}" for k, v in sass_counts(kernel.asm["cubin"]).items()))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,97 @@ def key_ranges(start_m, S, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: 
 
 
 @triton.jit
+def _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd, S,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Kᵀ of the key tile at start_n, (BLOCK_D, BLOCK_N)."""
+    if TMA:
+        k = tl.trans(k_base.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+    else:
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if BOUNDARY:
+            k = tl.load(k_ptrs, mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+    if DOT_UPCAST:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _value_tile(v_base, offs_n, offs_dv, start_n, off_b, off_hkv, stride_vn, stride_vd, S,
+                HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """V of the key tile at start_n, (BLOCK_N, BLOCK_DV)."""
+    if TMA:
+        v = v_base.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if BOUNDARY:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif BLOCK_DV != HEAD_DIM_V:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    if DOT_UPCAST:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _tile_probabilities(
+    qk, m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
+    stride_mm, stride_mn, stride_pn, L, S, offset, window,
+    seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, start_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
+):
+    """One key tile's step of the online softmax from its raw products Q·Kᵀ: (P, with
+    dropout applied, the tile's sum of P before dropout, alpha = the factor of what was
+    summed before, the new row max); see ``_attend_tiles`` for the units."""
+    if MASK_TMA:
+        mask_tile = mask_base.load([mask_b, mask_h, start_m, start_n]).reshape(BLOCK_M, BLOCK_N)
+    elif MASK_KIND != 0:
+        mask_tile = load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :],
+                                   stride_mm, stride_mn, L, S)
+    else:
+        mask_tile = 0
+    qk, _ = scores_with_mask_tile(
+        qk, offs_m[:, None], offs_n[None, :], mask_tile, kpm_base, stride_pn, S, offset, window,
+        1.0 if FOLD_SCALE else qk_scale, softcap_log2,
+        MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, NATURAL,
+    )
+    # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
+    # exp2(-inf - m) at 0 rather than NaN, so l stays 0 and the row is detected at the end.
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    elif NATURAL:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # finfo.min - finfo.min is 0 here, where its log2 form would have overflowed
+        p = tl.math.exp2((qk - m_safe[:, None]) * LOG2E_C)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E_C)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    p_sum = tl.sum(p, 1)  # the softmax normaliser counts dropped keys too
+    if DROPOUT:
+        keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    return p, p_sum, alpha, m_new
+
+
+@triton.jit
 def _attend_tiles(
     acc, l_i, m_i, q,
     k_base, v_base, mask_base, kpm_base,
@@ -197,69 +288,82 @@ def _attend_tiles(
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            k = tl.trans(k_base.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-        else:
-            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            if BOUNDARY:
-                k = tl.load(k_ptrs, mask=(offs_n[None, :] < S) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-        if DOT_UPCAST:
-            k = k.to(tl.float32)
-        if MASK_TMA:
-            mask_tile = mask_base.load([mask_b, mask_h, start_m, start_n]).reshape(BLOCK_M, BLOCK_N)
-        elif MASK_KIND != 0:
-            mask_tile = load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :],
-                                       stride_mm, stride_mn, L, S)
-        else:
-            mask_tile = 0
-        qk, _ = scores_with_mask_tile(
-            tl.dot(q, k, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
-            mask_tile, kpm_base, stride_pn, S, offset, window,
-            1.0 if FOLD_SCALE else qk_scale, softcap_log2,
-            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BOUNDARY, NATURAL,
-        )
-
-        # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
-        # exp2(-inf - m) at 0 rather than NaN, so l stays 0 and the row is detected at the end.
-        if FOLD_SCALE:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-        elif NATURAL:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            # finfo.min - finfo.min is 0 here, where its log2 form would have overflowed
-            p = tl.math.exp2((qk - m_safe[:, None]) * LOG2E_C)
-            alpha = tl.math.exp2((m_i - m_safe) * LOG2E_C)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped keys too
+        k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd, S,
+                      HEAD_DIM, BLOCK_D, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
+        p, p_sum, alpha, m_i = _tile_probabilities(
+            tl.dot(q, k, input_precision=DOT_PRECISION), m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
+            stride_mm, stride_mn, stride_pn, L, S, offset, window,
+            seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, start_n,
+            BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+            DROPOUT, BOUNDARY, DOT_PRECISION, MASK_TMA, FOLD_SCALE, NATURAL)
+        l_i = l_i * alpha + p_sum
         acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = dropout_keep(seed0, seed1, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        if TMA:
-            v = v_base.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        else:
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-            if BOUNDARY:
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            elif BLOCK_DV != HEAD_DIM_V:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-        if DOT_UPCAST:
-            v = v.to(tl.float32)
+        v = _value_tile(v_base, offs_n, offs_dv, start_n, off_b, off_hkv, stride_vn, stride_vd, S,
+                        HEAD_DIM_V, BLOCK_DV, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_tiles_pipelined(
+    acc, l_i, m_i, q,
+    k_base, v_base, mask_base, kpm_base,
+    offs_m, offs_d, offs_dv,
+    lo, hi,
+    qk_scale, softcap_log2,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_mm, stride_mn, stride_pn,
+    L, S, offset, window,
+    seed0, seed1, bh, dropout_p, dropout_scale, off_b, off_hkv, mask_b, mask_h, start_m,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
+):
+    """``_attend_tiles`` for interior tiles (no positional predicate), software-pipelined so
+    the softmax overlaps a matrix product on Hopper: each iteration computes this tile's
+    scores, then issues the previous tile's P·V, then this tile's softmax, whose exponentials
+    run while that product is in flight. The output's rescale for this tile's new max waits
+    for the next iteration, after the scores' wait has completed the P·V product: Triton
+    (3.6-3.9) keeps a product in flight only while nothing but the next product reads its
+    accumulator (benchmarks/pipelined_qk.py shows the compiled schedules). P crosses the
+    iteration in fp32 registers."""
+    if lo < hi:
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        k = _key_tile(k_base, offs_n, offs_d, lo, off_b, off_hkv, stride_kn, stride_kd, S,
+                      HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
+        p, p_sum, alpha, m_i = _tile_probabilities(
+            tl.dot(q, k, input_precision=DOT_PRECISION), m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
+            stride_mm, stride_mn, stride_pn, L, S, offset, window,
+            seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, lo,
+            BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+            DROPOUT, False, DOT_PRECISION, MASK_TMA, FOLD_SCALE, NATURAL)
+        l_i = l_i * alpha + p_sum
+        for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd,
+                          S, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
+            # the scores first: their wait is the one that completes the previous P·V
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            v = _value_tile(v_base, offs_n - BLOCK_N, offs_dv, start_n - BLOCK_N, off_b, off_hkv,
+                            stride_vn, stride_vd, S, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
+                            DOT_UPCAST, TMA)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            p, p_sum, alpha, m_i = _tile_probabilities(
+                qk, m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
+                stride_mm, stride_mn, stride_pn, L, S, offset, window,
+                seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, start_n,
+                BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                DROPOUT, False, DOT_PRECISION, MASK_TMA, FOLD_SCALE, NATURAL)
+            l_i = l_i * alpha + p_sum
+        last = lo + ((hi - lo - 1) // BLOCK_N) * BLOCK_N
+        v = _value_tile(v_base, last + tl.arange(0, BLOCK_N), offs_dv, last, off_b, off_hkv,
+                        stride_vn, stride_vd, S, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
+                        DOT_UPCAST, TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -285,7 +389,7 @@ def _attention_fwd_kernel(
     NAN_ON_EMPTY: tl.constexpr, STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
-    REVERSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REVERSE: tl.constexpr, PIPELINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -350,16 +454,28 @@ def _attention_fwd_kernel(
         IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
         TMA, MASK_TMA, FOLD_SCALE, NATURAL,
     )
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
-        mid_lo, mid_hi, qk_scale, softcap_log2,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
-        mask_b, mask_h, start_m,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
-        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
-        TMA, MASK_TMA, FOLD_SCALE, NATURAL,
-    )
+    if PIPELINE:
+        acc, l_i, m_i = _attend_tiles_pipelined(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
+            mid_lo, mid_hi, qk_scale, softcap_log2,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
+            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
+            mask_b, mask_h, start_m,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
+            TMA, MASK_TMA, FOLD_SCALE, NATURAL,
+        )
+    else:
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
+            mid_lo, mid_hi, qk_scale, softcap_log2,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
+            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
+            mask_b, mask_h, start_m,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
+            TMA, MASK_TMA, FOLD_SCALE, NATURAL,
+        )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         mid_hi, hi, qk_scale, softcap_log2,
@@ -587,7 +703,7 @@ _attention_fwd_autotuned = triton.autotune(
              for m, n, w, st in _GPU_CONFIGS],
     key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
          "HAS_SOFTCAP", "STORE_LSE", "DROPOUT", "TMA", "MASK_TMA", "FOLD_SCALE", "NATURAL",
-         "REVERSE", "len_class"],
+         "REVERSE", "PIPELINE", "len_class"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attention_fwd_kernel)
 
@@ -754,6 +870,7 @@ def attention_forward_triton(
         TMA=tma, MASK_TMA=mask_tma, FOLD_SCALE=qk_scale > 0.0 and mask_kind != MASK_FLOAT and not has_softcap,
         NATURAL=natural,
         REVERSE=causal_align != CAUSAL_NONE,
+        PIPELINE=os.environ.get("SDPA_PASS_FWD_PIPELINE") == "1",  # see _attend_tiles_pipelined
     )
     if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         # Fixed tiles, no tuning runs: small ones in the interpreter, the defaults on a GPU
