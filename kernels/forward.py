@@ -197,19 +197,11 @@ def _value_tile(v_base, offs_n, offs_dv, start_n, off_b, off_hkv, stride_vn, str
 
 
 @triton.jit
-def _tile_probabilities(
-    qk, m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
-    stride_mm, stride_mn, stride_pn, L, S, offset, window,
-    seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, start_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
-):
-    """One key tile's step of the online softmax from its raw products Q·Kᵀ: (P, with
-    dropout applied, the tile's sum of P before dropout, alpha = the factor of what was
-    summed before, the new row max); see ``_attend_tiles`` for the units."""
+def _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b, mask_h,
+               start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK_KIND: tl.constexpr, MASK_TMA: tl.constexpr):
+    """The attn_mask tile of a key tile (0 without a mask). Read before the tile's Q·Kᵀ: a
+    pointer load issued first overlaps the product, one issued after it waits in full."""
     if MASK_TMA:
         mask_tile = mask_base.load([mask_b, mask_h, start_m, start_n]).reshape(BLOCK_M, BLOCK_N)
     elif MASK_KIND != 0:
@@ -217,6 +209,21 @@ def _tile_probabilities(
                                    stride_mm, stride_mn, L, S)
     else:
         mask_tile = 0
+    return mask_tile
+
+
+@triton.jit
+def _tile_probabilities(
+    qk, mask_tile, m_i, kpm_base, offs_m, offs_n, qk_scale, softcap_log2, stride_pn, S,
+    offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
+):
+    """One key tile's step of the online softmax from its raw products Q·Kᵀ: (P, with
+    dropout applied, the tile's sum of P before dropout, alpha = the factor of what was
+    summed before, the new row max); see ``_attend_tiles`` for the units."""
     qk, _ = scores_with_mask_tile(
         qk, offs_m[:, None], offs_n[None, :], mask_tile, kpm_base, stride_pn, S, offset, window,
         1.0 if FOLD_SCALE else qk_scale, softcap_log2,
@@ -290,12 +297,13 @@ def _attend_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd, S,
                       HEAD_DIM, BLOCK_D, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
+        mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
+                               mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
         p, p_sum, alpha, m_i = _tile_probabilities(
-            tl.dot(q, k, input_precision=DOT_PRECISION), m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
-            stride_mm, stride_mn, stride_pn, L, S, offset, window,
-            seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, start_n,
-            BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-            DROPOUT, BOUNDARY, DOT_PRECISION, MASK_TMA, FOLD_SCALE, NATURAL)
+            tl.dot(q, k, input_precision=DOT_PRECISION), mask_tile, m_i, kpm_base, offs_m,
+            offs_n, qk_scale, softcap_log2, stride_pn, S, offset, window,
+            seed0, seed1, bh, dropout_p, dropout_scale, MASK_KIND, HAS_KPM, IS_CAUSAL,
+            HAS_WINDOW, HAS_SOFTCAP, DROPOUT, BOUNDARY, FOLD_SCALE, NATURAL)
         l_i = l_i * alpha + p_sum
         acc = acc * alpha[:, None]
         v = _value_tile(v_base, offs_n, offs_dv, start_n, off_b, off_hkv, stride_vn, stride_vd, S,
@@ -335,17 +343,21 @@ def _attend_tiles_pipelined(
         offs_n = lo + tl.arange(0, BLOCK_N)
         k = _key_tile(k_base, offs_n, offs_d, lo, off_b, off_hkv, stride_kn, stride_kd, S,
                       HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
+        mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
+                               mask_h, start_m, lo, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
         p, p_sum, alpha, m_i = _tile_probabilities(
-            tl.dot(q, k, input_precision=DOT_PRECISION), m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
-            stride_mm, stride_mn, stride_pn, L, S, offset, window,
-            seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, lo,
-            BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-            DROPOUT, False, DOT_PRECISION, MASK_TMA, FOLD_SCALE, NATURAL)
+            tl.dot(q, k, input_precision=DOT_PRECISION), mask_tile, m_i, kpm_base, offs_m,
+            offs_n, qk_scale, softcap_log2, stride_pn, S, offset, window,
+            seed0, seed1, bh, dropout_p, dropout_scale, MASK_KIND, HAS_KPM, IS_CAUSAL,
+            HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, FOLD_SCALE, NATURAL)
         l_i = l_i * alpha + p_sum
         for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd,
                           S, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
+            mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
+                                   mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND,
+                                   MASK_TMA)
             # the scores first: their wait is the one that completes the previous P·V
             qk = tl.dot(q, k, input_precision=DOT_PRECISION)
             v = _value_tile(v_base, offs_n - BLOCK_N, offs_dv, start_n - BLOCK_N, off_b, off_hkv,
@@ -353,11 +365,10 @@ def _attend_tiles_pipelined(
                             DOT_UPCAST, TMA)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             p, p_sum, alpha, m_i = _tile_probabilities(
-                qk, m_i, mask_base, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
-                stride_mm, stride_mn, stride_pn, L, S, offset, window,
-                seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m, start_n,
-                BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                DROPOUT, False, DOT_PRECISION, MASK_TMA, FOLD_SCALE, NATURAL)
+                qk, mask_tile, m_i, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
+                stride_pn, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+                MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False,
+                FOLD_SCALE, NATURAL)
             l_i = l_i * alpha + p_sum
         last = lo + ((hi - lo - 1) // BLOCK_N) * BLOCK_N
         v = _value_tile(v_base, last + tl.arange(0, BLOCK_N), offs_dv, last, off_b, off_hkv,
