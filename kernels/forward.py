@@ -272,6 +272,7 @@ def _attend_tiles(
     DROPOUT: tl.constexpr,
     BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi).
 
@@ -292,89 +293,70 @@ def _attend_tiles(
     natural-log units until after the max is subtracted, then scaled by log2(e): the bias needs
     one add, where the log2 form needs a clamp (finfo.min · log2(e) overflows to -inf) and a
     select to keep a true -inf (a clamp, a compare, a select and a multiply per score).
-    """
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd, S,
-                      HEAD_DIM, BLOCK_D, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
-        mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
-                               mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
-        p, p_sum, alpha, m_i = _tile_probabilities(
-            tl.dot(q, k, input_precision=DOT_PRECISION), mask_tile, m_i, kpm_base, offs_m,
-            offs_n, qk_scale, softcap_log2, stride_pn, S, offset, window,
-            seed0, seed1, bh, dropout_p, dropout_scale, MASK_KIND, HAS_KPM, IS_CAUSAL,
-            HAS_WINDOW, HAS_SOFTCAP, DROPOUT, BOUNDARY, FOLD_SCALE, NATURAL)
-        l_i = l_i * alpha + p_sum
-        acc = acc * alpha[:, None]
-        v = _value_tile(v_base, offs_n, offs_dv, start_n, off_b, off_hkv, stride_vn, stride_vd, S,
-                        HEAD_DIM_V, BLOCK_DV, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _attend_tiles_pipelined(
-    acc, l_i, m_i, q,
-    k_base, v_base, mask_base, kpm_base,
-    offs_m, offs_d, offs_dv,
-    lo, hi,
-    qk_scale, softcap_log2,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    stride_mm, stride_mn, stride_pn,
-    L, S, offset, window,
-    seed0, seed1, bh, dropout_p, dropout_scale, off_b, off_hkv, mask_b, mask_h, start_m,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BOUNDARY: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
-):
-    """``_attend_tiles`` for interior tiles (no positional predicate), software-pipelined so
+    PIPELINE (interior tiles only: no positional predicate): software-pipelined so
     the softmax overlaps a matrix product on Hopper: each iteration computes this tile's
     scores, then issues the previous tile's P·V, then this tile's softmax, whose exponentials
     run while that product is in flight. The output's rescale for this tile's new max waits
     for the next iteration, after the scores' wait has completed the P·V product: Triton
     (3.6-3.9) keeps a product in flight only while nothing but the next product reads its
     accumulator (benchmarks/pipelined_qk.py shows the compiled schedules). P crosses the
-    iteration in fp32 registers."""
-    if lo < hi:
-        offs_n = lo + tl.arange(0, BLOCK_N)
-        k = _key_tile(k_base, offs_n, offs_d, lo, off_b, off_hkv, stride_kn, stride_kd, S,
-                      HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
-        mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
-                               mask_h, start_m, lo, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
-        p, p_sum, alpha, m_i = _tile_probabilities(
-            tl.dot(q, k, input_precision=DOT_PRECISION), mask_tile, m_i, kpm_base, offs_m,
-            offs_n, qk_scale, softcap_log2, stride_pn, S, offset, window,
-            seed0, seed1, bh, dropout_p, dropout_scale, MASK_KIND, HAS_KPM, IS_CAUSAL,
-            HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, FOLD_SCALE, NATURAL)
-        l_i = l_i * alpha + p_sum
-        for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd,
-                          S, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
+    iteration in fp32 registers.
+    """
+    if PIPELINE:
+        tl.static_assert(not BOUNDARY, "the pipelined loop takes interior tiles only")
+        if lo < hi:
+            offs_n = lo + tl.arange(0, BLOCK_N)
+            k = _key_tile(k_base, offs_n, offs_d, lo, off_b, off_hkv, stride_kn, stride_kd, S,
+                          HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
             mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
-                                   mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND,
-                                   MASK_TMA)
-            # the scores first: their wait is the one that completes the previous P·V
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-            v = _value_tile(v_base, offs_n - BLOCK_N, offs_dv, start_n - BLOCK_N, off_b, off_hkv,
+                                   mask_h, start_m, lo, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
+            p, p_sum, alpha, m_i = _tile_probabilities(
+                tl.dot(q, k, input_precision=DOT_PRECISION), mask_tile, m_i, kpm_base, offs_m,
+                offs_n, qk_scale, softcap_log2, stride_pn, S, offset, window,
+                seed0, seed1, bh, dropout_p, dropout_scale, MASK_KIND, HAS_KPM, IS_CAUSAL,
+                HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, FOLD_SCALE, NATURAL)
+            l_i = l_i * alpha + p_sum
+            for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd,
+                              S, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_UPCAST, TMA)
+                mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
+                                       mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND,
+                                       MASK_TMA)
+                # the scores first: their wait is the one that completes the previous P·V
+                qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+                v = _value_tile(v_base, offs_n - BLOCK_N, offs_dv, start_n - BLOCK_N, off_b, off_hkv,
+                                stride_vn, stride_vd, S, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
+                                DOT_UPCAST, TMA)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+                p, p_sum, alpha, m_i = _tile_probabilities(
+                    qk, mask_tile, m_i, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
+                    stride_pn, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
+                    MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False,
+                    FOLD_SCALE, NATURAL)
+                l_i = l_i * alpha + p_sum
+            last = lo + ((hi - lo - 1) // BLOCK_N) * BLOCK_N
+            v = _value_tile(v_base, last + tl.arange(0, BLOCK_N), offs_dv, last, off_b, off_hkv,
                             stride_vn, stride_vd, S, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
                             DOT_UPCAST, TMA)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _key_tile(k_base, offs_n, offs_d, start_n, off_b, off_hkv, stride_kn, stride_kd, S,
+                          HEAD_DIM, BLOCK_D, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
+            mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
+                                   mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
             p, p_sum, alpha, m_i = _tile_probabilities(
-                qk, mask_tile, m_i, kpm_base, offs_m, offs_n, qk_scale, softcap_log2,
-                stride_pn, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
-                MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False,
-                FOLD_SCALE, NATURAL)
+                tl.dot(q, k, input_precision=DOT_PRECISION), mask_tile, m_i, kpm_base, offs_m,
+                offs_n, qk_scale, softcap_log2, stride_pn, S, offset, window,
+                seed0, seed1, bh, dropout_p, dropout_scale, MASK_KIND, HAS_KPM, IS_CAUSAL,
+                HAS_WINDOW, HAS_SOFTCAP, DROPOUT, BOUNDARY, FOLD_SCALE, NATURAL)
             l_i = l_i * alpha + p_sum
-        last = lo + ((hi - lo - 1) // BLOCK_N) * BLOCK_N
-        v = _value_tile(v_base, last + tl.arange(0, BLOCK_N), offs_dv, last, off_b, off_hkv,
-                        stride_vn, stride_vd, S, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False,
-                        DOT_UPCAST, TMA)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None]
+            v = _value_tile(v_base, offs_n, offs_dv, start_n, off_b, off_hkv, stride_vn, stride_vd, S,
+                            HEAD_DIM_V, BLOCK_DV, BLOCK_N, BOUNDARY, DOT_UPCAST, TMA)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -463,30 +445,18 @@ def _attention_fwd_kernel(
         mask_b, mask_h, start_m,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
         IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
-        TMA, MASK_TMA, FOLD_SCALE, NATURAL,
+        TMA, MASK_TMA, FOLD_SCALE, NATURAL, False,
     )
-    if PIPELINE:
-        acc, l_i, m_i = _attend_tiles_pipelined(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
-            mid_lo, mid_hi, qk_scale, softcap_log2,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
-            mask_b, mask_h, start_m,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
-            TMA, MASK_TMA, FOLD_SCALE, NATURAL,
-        )
-    else:
-        acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
-            mid_lo, mid_hi, qk_scale, softcap_log2,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
-            mask_b, mask_h, start_m,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
-            TMA, MASK_TMA, FOLD_SCALE, NATURAL,
-        )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
+        mid_lo, mid_hi, qk_scale, softcap_log2,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, stride_pn,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, off_b, off_hkv,
+        mask_b, mask_h, start_m,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
+        IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, False, DOT_UPCAST, DOT_PRECISION,
+        TMA, MASK_TMA, FOLD_SCALE, NATURAL, PIPELINE,
+    )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         mid_hi, hi, qk_scale, softcap_log2,
@@ -495,7 +465,7 @@ def _attention_fwd_kernel(
         mask_b, mask_h, start_m,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
         IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DROPOUT, True, DOT_UPCAST, DOT_PRECISION,
-        TMA, MASK_TMA, FOLD_SCALE, NATURAL,
+        TMA, MASK_TMA, FOLD_SCALE, NATURAL, False,
     )
 
     empty = l_i == 0.0
@@ -881,7 +851,7 @@ def attention_forward_triton(
         TMA=tma, MASK_TMA=mask_tma, FOLD_SCALE=qk_scale > 0.0 and mask_kind != MASK_FLOAT and not has_softcap,
         NATURAL=natural,
         REVERSE=causal_align != CAUSAL_NONE,
-        PIPELINE=os.environ.get("SDPA_PASS_FWD_PIPELINE") == "1",  # see _attend_tiles_pipelined
+        PIPELINE=os.environ.get("SDPA_PASS_FWD_PIPELINE") == "1",  # see _attend_tiles
     )
     if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         # Fixed tiles, no tuning runs: small ones in the interpreter, the defaults on a GPU

@@ -1,5 +1,5 @@
 """The forward's software-pipelined interior loop (SDPA_PASS_FWD_PIPELINE=1,
-``_attend_tiles_pipelined``): each key tile's P·V is issued one iteration late so the next
+``_attend_tiles(PIPELINE=True)``): each key tile's P·V is issued one iteration late so the next
 tile's softmax overlaps it on Hopper. It must compute what the plain loop computes: the same
 products and sums in the same order per row, so in the interpreter the outputs are bitwise
 those of the plain loop (on a GPU the two compiled kernels may contract differently, so
