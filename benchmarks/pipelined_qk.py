@@ -50,6 +50,15 @@ LOOPS = {0: "plain", 1: "Q.K^T ahead", 2: "P.V ahead, lazy rescale", 3: "P.V ahe
 
 
 @triton.jit
+def _softmax_step(qk, scale_log2, m_i, l_i):
+    """One key tile's online-softmax step on raw products: (P, alpha, new l, new m)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _fwd(Qd, Kd, Vd, Od, scale_log2, H, N,
          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PIPE: tl.constexpr,
          CAUSAL: tl.constexpr):
@@ -111,11 +120,7 @@ def _fwd(Qd, Kd, Vd, Od, scale_log2, H, N,
                 v = Vd.load([off_b, off_h, start_n - BN, 0]).reshape(BN, D)
                 acc = acc * alpha[:, None]
                 acc = tl.dot(p.to(v.dtype), v, acc)
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
+                p, alpha, l_i, m_i = _softmax_step(qk, scale_log2, m_i, l_i)
             v = Vd.load([off_b, off_h, hi_full - BN, 0]).reshape(BN, D)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     elif PIPE:
@@ -124,52 +129,32 @@ def _fwd(Qd, Kd, Vd, Od, scale_log2, H, N,
         for start_n in range(BN, hi_full, BN):
             k = Kd.load([off_b, off_h, start_n, 0]).reshape(BN, D)
             qk_next = tl.dot(q, tl.trans(k))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            p, alpha, l_i, m_i = _softmax_step(qk, scale_log2, m_i, l_i)
             v = Vd.load([off_b, off_h, start_n - BN, 0]).reshape(BN, D)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             qk = qk_next
         last = tl.maximum(hi_full - BN, 0)
         if hi_full > 0:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            p, alpha, l_i, m_i = _softmax_step(qk, scale_log2, m_i, l_i)
             v = Vd.load([off_b, off_h, last, 0]).reshape(BN, D)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     else:
         for start_n in range(0, hi_full, BN):
             k = Kd.load([off_b, off_h, start_n, 0]).reshape(BN, D)
             qk = tl.dot(q, tl.trans(k))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            p, alpha, l_i, m_i = _softmax_step(qk, scale_log2, m_i, l_i)
             v = Vd.load([off_b, off_h, start_n, 0]).reshape(BN, D)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     if CAUSAL:
         offs_m = start_m + tl.arange(0, BM)
         for start_n in range(start_m, start_m + BM, BN):
             offs_n = start_n + tl.arange(0, BN)
             k = Kd.load([off_b, off_h, start_n, 0]).reshape(BN, D)
             qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+            p, alpha, l_i, m_i = _softmax_step(qk, scale_log2, m_i, l_i)
             v = Vd.load([off_b, off_h, start_n, 0]).reshape(BN, D)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     out = acc / l_i[:, None]
     Od.store([off_b, off_h, start_m, 0], out.to(Od.dtype).reshape(1, 1, BM, D))
 
