@@ -40,7 +40,7 @@ from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _d
                       interpreter_active, key_ranges, launch_params, load_mask_tile,
                       masked_scores, scores_with_mask_tile, set_descriptor_blocks,
                       use_mask_tma)
-from .launch import PlanCache, call_key, launch_remembered, tensor_key
+from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -647,16 +647,14 @@ def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int) -> bool:
 def _launch(kernel, tiles, grid, args, meta, pre_hook=None, plan_key=None) -> None:
     """One backward launch; with a ``plan_key`` (the call's and the site's) a later call with
     the same key launches the compiled kernel directly (kernels/launch.py)."""
-    def first():
-        if tiles is None:  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
-            key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
-            compiled, config = kernel.launch(key, grid, *args, **meta)
-            jit = kernel.kernel
-        else:
-            if pre_hook is not None:
-                pre_hook({**dict(zip(kernel.arg_names, args)), **meta, **tiles})
-            compiled, config, jit = kernel[grid](*args, **meta, **tiles), tiles, kernel
-        return jit, compiled, grid(config) if callable(grid) else grid, {**meta, **config}
+    if tiles is not None:
+        launch_fixed(_BACKWARD_CALLS, plan_key, kernel, grid, args, {**meta, **tiles}, pre_hook)
+        return
+
+    def first():  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
+        key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        compiled, config = kernel.launch(key, grid, *args, **meta)
+        return kernel.kernel, compiled, grid(config), {**meta, **config}
 
     launch_remembered(_BACKWARD_CALLS, plan_key, args, first, pre_hook)
 
@@ -741,9 +739,8 @@ def attention_backward_triton(
         *lse.stride(), *gstrides, *rstrides, Hq, L, S, shape.group, offset, window)
     prep_params = dict(HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
     prep_grid = (triton.cdiv(L, prep_tiles["BLOCK_M"]), B * Hq)
-    launch_remembered(_BACKWARD_CALLS, plan and (plan, "prep"), prep_args, lambda: (
-        _bwd_prep_kernel, _bwd_prep_kernel[prep_grid](*prep_args, **prep_params), prep_grid,
-        prep_params))
+    launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, prep_grid,
+                 prep_args, prep_params)
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_atomic else dq
     astrides = dq_acc.stride()[:3] if dq_atomic else (0, 0, 0)

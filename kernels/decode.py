@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .forward import LN2, interpreter_active, launch_params, masked_scores, next_pow2
-from .launch import PlanCache, call_key, launch_remembered, tensor_key
+from .launch import PlanCache, call_key, launch_fixed, tensor_key
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -451,8 +451,8 @@ def attention_decode_triton(
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
         BLOCK_M=_block_m(rows_per_group), **config,
     )
-    _launch(_decode_split_kernel, (B * Hkv, num_splits), split_args, split_params,
-            plan and (plan, "split"))
+    launch_fixed(_DECODE_CALLS, plan and (plan, "split"), _decode_split_kernel,
+                 (B * Hkv, num_splits), split_args, split_params)
     # The merge loads (rows x splits x Dv) fp32 tiles of at most _MERGE_TILE elements: every
     # split at once where it fits. The interpreter takes 2 splits per step, so tests with 3+
     # splits cross a step.
@@ -461,19 +461,13 @@ def attention_decode_triton(
     else:
         merge_splits = min(next_pow2(num_splits), max(_MERGE_TILE // block_dv, 1))
         merge_rows = max(_MERGE_TILE // (merge_splits * block_dv), 1)
-    _launch(_decode_merge_kernel, (triton.cdiv(rows_total, merge_rows),),
-            (acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits),
-            dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows, BLOCK_S=merge_splits,
-                 NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, num_warps=4),
-            plan and (plan, "merge"))
+    launch_fixed(_DECODE_CALLS, plan and (plan, "merge"), _decode_merge_kernel,
+                 (triton.cdiv(rows_total, merge_rows),),
+                 (acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits),
+                 dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows, BLOCK_S=merge_splits,
+                      NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, num_warps=4))
     return out, lse
 
 
 # Compiled decode launches by (call key, launch site) (kernels/launch.py).
 _DECODE_CALLS = PlanCache()
-
-
-def _launch(kernel, grid, args, params, plan_key) -> None:
-    launch_remembered(_DECODE_CALLS, plan_key, args,
-                      lambda: (kernel, kernel[grid](*args, **params), grid, params))
-

@@ -165,3 +165,17 @@ def launch_remembered(calls: PlanCache, key: Optional[Hashable], args: Sequence,
     kernel, compiled, grid, params = first()
     if key is not None:
         calls.add(key, KernelCall(kernel, compiled, grid, len(args), params))
+
+
+def launch_fixed(calls: PlanCache, key: Optional[Hashable], kernel, grid, args: Sequence,
+                 params: dict, pre_hook=None) -> None:
+    """``launch_remembered`` for a kernel launched with fixed meta-parameters and tiles (no
+    autotuner): the first call goes through ``kernel[grid]``, after ``pre_hook`` if any;
+    ``grid`` may be a tuple or, as Triton takes it, a function of the meta-parameters."""
+    def first():
+        if pre_hook is not None:
+            pre_hook({**dict(zip(kernel.arg_names, args)), **params})
+        compiled = kernel[grid](*args, **params)
+        return kernel, compiled, grid(params) if callable(grid) else grid, params
+
+    launch_remembered(calls, key, args, first, pre_hook)
