@@ -15,6 +15,14 @@ causal and not, it times forward alone and forward + backward through CUDA graph
 TFLOP/s (its time is the difference; 2.5x the forward's matrix work, FlashAttention's
 convention) and forward + backward's, and the gradients' largest relative error against SDPA's
 (flash) gradients for the same inputs. Writes ``backward_variants_<device>.json``.
+
+- ``--masks none,bias,bool``: besides the unmasked calls (causal and not), the benchmark
+  matrix's masks (``attention.py``: a (1, H, N, N) ALiBi bias, a random (N, N) bool mask),
+  non-causal; the reference is SDPA's efficient backend there (flash takes no mask).
+- ``--flex``: flex attention on the same inputs (the mask read as ``attention.py`` has it
+  read), timed the same way, in the same row.
+- ``--profile``: for each row, the CUDA time of each kernel of one forward + backward call
+  (``torch.profiler``), ours and flex: where the backward's time goes.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ import os
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench_cudagraph
 
+import attention as bench  # benchmarks/attention.py: the matrix's masks and its flex peer
 import sdpa_pass.kernels.backward as bwd
 from sdpa_pass.kernels import attention
 
@@ -35,7 +45,33 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str) -> dict:
+def make_mask(kind: str, H: int, N: int) -> torch.Tensor | None:
+    if kind == "bias":
+        return bench.alibi_bias(H, N, torch.bfloat16, torch.device("cuda"))
+    if kind == "bool":
+        return bench.random_bool_mask(N, torch.device("cuda"))
+    return None
+
+
+def kernel_times(fn, calls: int = 3) -> dict[str, float]:
+    """Per-kernel CUDA time (ms per call) of ``fn``, from torch.profiler, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:60]
+            times[name] = times.get(name, 0.0) + event.device_time / 1e3 / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: str = "none",
+            flex: bool = False, profile: bool = False) -> dict:
     path, _, loads = variant.partition(":")
     os.environ["SDPA_PASS_BWD_DQ"] = path
     os.environ["SDPA_PASS_BWD_TMA"] = {"tma": "1", "ptr": "0", "": ""}[loads]
@@ -43,24 +79,38 @@ def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str) -> dict:
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     g = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
-    ref = torch.autograd.grad(
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), g)
+    attn_mask = make_mask(mask, H, N)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION if attn_mask is None
+                     else SDPBackend.EFFICIENT_ATTENTION):
+        ref = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal), (q, k, v), g)
 
     def fwd():
-        return attention(q, k, v, is_causal=causal)
+        return attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
 
     def fwd_bwd():
-        return torch.autograd.grad(attention(q, k, v, is_causal=causal), (q, k, v), g)
+        return torch.autograd.grad(fwd(), (q, k, v), g)
 
     ours = fwd_bwd()  # compiles and autotunes outside the graphs
     errs = [rel_err(a, b) for a, b in zip(ours, ref)]
-    ms_fwd = do_bench_cudagraph(fwd, rep=100, return_mode="median")
-    ms_all = do_bench_cudagraph(fwd_bwd, rep=100, return_mode="median")
     flops = 4 * B * H * N * N * D / (2 if causal else 1)
-    return dict(B=B, H=H, N=N, D=D, causal=causal, path=variant, ms_fwd=ms_fwd, ms_fwdbwd=ms_all,
-                bwd_tflops=2.5 * flops / (ms_all - ms_fwd) / 1e9,
-                fwdbwd_tflops=3.5 * flops / ms_all / 1e9,
-                rel_err_dq=errs[0], rel_err_dk=errs[1], rel_err_dv=errs[2])
+    row = dict(B=B, H=H, N=N, D=D, causal=causal, mask=mask, path=variant,
+               rel_err_dq=errs[0], rel_err_dk=errs[1], rel_err_dv=errs[2])
+    impls = {"ours": (fwd, fwd_bwd)}
+    if flex:
+        flex_fwd = bench.build_flex(bench.Inputs(q, k, v, causal, attn_mask))
+        impls["flex"] = (flex_fwd, lambda: torch.autograd.grad(flex_fwd(), (q, k, v), g))
+        impls["flex"][1]()
+    for name, (f, fb) in impls.items():
+        prefix = "" if name == "ours" else name + "_"
+        ms_fwd = do_bench_cudagraph(f, rep=100, return_mode="median")
+        ms_all = do_bench_cudagraph(fb, rep=100, return_mode="median")
+        row.update({prefix + "ms_fwd": ms_fwd, prefix + "ms_fwdbwd": ms_all,
+                    prefix + "bwd_tflops": 2.5 * flops / (ms_all - ms_fwd) / 1e9,
+                    prefix + "fwdbwd_tflops": 3.5 * flops / ms_all / 1e9})
+        if profile:
+            row[prefix + "kernels_ms"] = kernel_times(fb)
+    return row
 
 
 def main() -> None:
@@ -71,24 +121,37 @@ def main() -> None:
     parser.add_argument("--paths", default="split,atomic",
                         help="comma-separated dQ paths, each optionally with :tma or :ptr "
                              "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads")
+    parser.add_argument("--masks", default="none",
+                        help="comma-separated: none (causal and not), bias, bool (not causal)")
+    parser.add_argument("--flex", action="store_true", help="flex attention in the same rows")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel CUDA time of one forward + backward call")
     args = parser.parse_args()
     rows = []
     for D in map(int, args.head_dims.split(",")):
         for N in map(int, args.lengths.split(",")):
-            for causal in (False, True):
-                for path in args.paths.split(","):
-                    row = measure(max(1, 16384 // N), 2048 // D, N, D, causal, path)
-                    rows.append(row)
-                    print(f"D{D} N{N} {'causal' if causal else 'full  '} {path:10s} "
-                          f"bwd {row['bwd_tflops']:6.1f} fwd+bwd {row['fwdbwd_tflops']:6.1f} "
-                          f"TFLOP/s  err dq {row['rel_err_dq']:.1e} dk {row['rel_err_dk']:.1e} "
-                          f"dv {row['rel_err_dv']:.1e}", flush=True)
+            for mask in args.masks.split(","):
+                for causal in (False, True) if mask == "none" else (False,):
+                    for path in args.paths.split(","):
+                        row = measure(max(1, 16384 // N), 2048 // D, N, D, causal, path, mask,
+                                      args.flex, args.profile)
+                        rows.append(row)
+                        peer = (f" | flex bwd {row['flex_bwd_tflops']:6.1f} fwd+bwd "
+                                f"{row['flex_fwdbwd_tflops']:6.1f}" if args.flex else "")
+                        print(f"D{D} N{N} {'causal' if causal else mask:6s} {path:10s} "
+                              f"bwd {row['bwd_tflops']:6.1f} fwd+bwd {row['fwdbwd_tflops']:6.1f}"
+                              f"{peer} TFLOP/s  err dq {row['rel_err_dq']:.1e} dk "
+                              f"{row['rel_err_dk']:.1e} dv {row['rel_err_dv']:.1e}", flush=True)
+                        for key in ("kernels_ms", "flex_kernels_ms"):
+                            for kernel, ms in list(row.get(key, {}).items())[:6]:
+                                print(f"    {key[:-11] or 'ours'} {ms:8.3f} ms  {kernel}")
     chosen = {name: {str(key): cfg for key, cfg in kernel.chosen.items()}
               for name, kernel in (("dkdv", bwd._DKDV), ("dkdv_dq", bwd._DKDV_DQ),
                                    ("dq", bwd._DQ))}
     device = torch.cuda.get_device_name().lower().replace(" ", "-")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"backward_variants_{device}.json"
+    masks = "" if args.masks == "none" else "_" + args.masks.replace(",", "-")
+    out = args.out / f"backward_variants{masks}_{device}.json"
     out.write_text(json.dumps(dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         triton=__import__("triton").__version__, rows=rows, chosen=chosen), indent=1,

@@ -9,6 +9,7 @@ instruction counts: all, the wgmmas and the waits for them.
     python benchmarks/sm90_compile.py --mask bias --log2 --ttgir /tmp/k.ttgir
     python benchmarks/sm90_compile.py --kernel dkdv --mask none --causal --tile 64,128,8,3
     python benchmarks/sm90_compile.py --kernel dkdv --dq-atomic --descriptors --tile 64,128,8,2
+    python benchmarks/sm90_compile.py --kernel dkdv --descriptors --padded-rows --sass k.sass
 
 Needs the triton wheel's bundled ptxas and cuobjdump (triton 3.x ships them); no CUDA driver.
 The specialisations are those of a launch on contiguous (B, H, N, D) bf16 tensors with N a
@@ -77,7 +78,7 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
         DQ_TMA_ADD=args.descriptors and args.dq_atomic,
         MASK_TMA=args.descriptors and args.mask_tma and kind != 0,
         DOT_UPCAST=False, DOT_PRECISION="tf32", NATURAL=kind == 2 and not args.log2,
-        BLOCK_M=m_tile, BLOCK_N=n_tile)
+        PADDED_ROWS=args.padded_rows, BLOCK_M=m_tile, BLOCK_N=n_tile)
     pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA", "DQ_ACC")}
     pointers.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DK", "DV", "KPM")},
                     MASK=_mask_type(kind, meta["MASK_TMA"], args.tile), SEED="*i64")
@@ -163,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tile", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--ttgir", type=Path, help="also write the TTGIR here")
+    parser.add_argument("--sass", type=Path, help="also write the machine code (SASS) here")
     parser.add_argument("--kernel", choices=("forward", "dkdv"), default="forward")
     parser.add_argument("--dq-atomic", action="store_true", help="dkdv: it also adds dQ")
+    parser.add_argument("--padded-rows", action="store_true",
+                        help="dkdv: the row statistics m, r, delta padded to whole tiles and "
+                             "loaded unmasked (SDPA_PASS_BWD_PADDED_ROWS=1)")
     parser.add_argument("--descriptors", action="store_true",
                         help="dkdv: Q/dO/K/V (and the dQ adds, the mask) through descriptors")
     args = parser.parse_args(argv)
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     ttgir = kernel.asm["ttgir"]
     if args.ttgir:
         args.ttgir.write_text(ttgir)
+    if args.sass:
+        args.sass.write_text(_cuobjdump(kernel.asm["cubin"], "-sass"))
     counts = {op: len(re.findall(pattern, ttgir)) for op, pattern in (
         ("synchronous loads (tt.load)", r"= tt\.load "),
         ("cp.async copies", r"async_copy_global_to_local"),

@@ -83,7 +83,7 @@ def _bwd_prep_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_gb, stride_gh, stride_gm,
     stride_rb, stride_rh,
-    H, L, S, GROUP, offset, window,
+    H, L, LP, S, GROUP, offset, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
@@ -92,7 +92,9 @@ def _bwd_prep_kernel(
 ):
     """Per query row: delta = rowsum(dO * O) - grad_lse, and the statistics (m, r) the dK/dV and
     dQ kernels compute P from; rows with no visible key get delta 0 and m = +inf (P = 0).
-    NATURAL: m in natural-log units, as the scores are (``_p_from_scores``)."""
+    Rows L..LP (padding to whole tiles, which the dK/dV kernel then loads unmasked) are
+    written as such rows. NATURAL: m in natural-log units, as the scores are
+    (``_p_from_scores``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -111,9 +113,9 @@ def _bwd_prep_kernel(
         delta -= tl.load(GRAD_LSE + off_b * stride_gb + off_h * stride_gh + offs_m * stride_gm,
                          mask=rows_in, other=0.0).to(tl.float32)
     lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm,
-                  mask=rows_in, other=0.0)
-    # rows with no visible key: the output may be NaN (eager's softmax over nothing), which
-    # must not reach dS as 0 * NaN
+                  mask=rows_in, other=float("-inf"))
+    # rows with no visible key (and the padding past L): the output may be NaN (eager's
+    # softmax over nothing), which must not reach dS as 0 * NaN
     empty = lse == float("-inf")
     delta = tl.where(empty, 0.0, delta)
     row_m = tl.where(empty, float("inf"), lse if NATURAL else lse * LOG2E_C)
@@ -155,9 +157,10 @@ def _bwd_prep_kernel(
         row_m = tl.where(imprecise, m_i, row_m)
         row_r = tl.where(imprecise, tl.math.log2(l_i), row_r)
     r_off = off_b * stride_rb + off_h * stride_rh + offs_m
-    tl.store(DELTA + r_off, delta, mask=rows_in)
-    tl.store(ROW_M + r_off, row_m, mask=rows_in)
-    tl.store(ROW_R + r_off, row_r, mask=rows_in)
+    rows_out = offs_m < LP
+    tl.store(DELTA + r_off, delta, mask=rows_out)
+    tl.store(ROW_M + r_off, row_m, mask=rows_out)
+    tl.store(ROW_R + r_off, row_r, mask=rows_out)
 
 
 @triton.jit
@@ -174,6 +177,7 @@ def _dkdv_tiles(
     FILLS: tl.constexpr, BOUNDARY: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr, MASK_TMA: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NATURAL: tl.constexpr,
+    PADDED_ROWS: tl.constexpr,
 ):
     """dK/dV contributions of query tiles [lo, hi) of one query head to one key tile.
 
@@ -188,8 +192,22 @@ def _dkdv_tiles(
     (a reduce-add of the whole tile; rows past L are clipped). MASK_TMA: mask_base is a
     tensor descriptor of attn_mask (broadcast dims of size 1, indexed by mask_b / mask_h), so
     the mask tile is copied ahead like Q and dO instead of a synchronous pointer load (see
-    the forward's ``_attend_tiles``)."""
-    for start_m in range(lo, hi, BLOCK_M):
+    the forward's ``_attend_tiles``). PADDED_ROWS: the row statistics at m_base / r_base /
+    d_base are padded to whole tiles (attention_backward_triton), so they load unmasked."""
+    if PADDED_ROWS:
+        # The loop counts tiles, so the compiler knows each start is a multiple of BLOCK_M and
+        # loads the unmasked statistics as vectors ([lo, hi) is empty or lo is such a multiple)
+        first = lo // BLOCK_M
+        last = tl.where(lo < hi, (hi + BLOCK_M - 1) // BLOCK_M, first)
+        step: tl.constexpr = 1
+        rows: tl.constexpr = BLOCK_M
+    else:
+        first = lo
+        last = hi
+        step: tl.constexpr = BLOCK_M
+        rows: tl.constexpr = 1
+    for start in range(first, last, step):
+        start_m = start * rows
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if TMA:
             qT = tl.trans(q_base.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
@@ -203,9 +221,17 @@ def _dkdv_tiles(
             qT = qT.to(tl.float32)
             do = do.to(tl.float32)
         # rows past L, and rows with no visible key (the prep kernel's m), have m = +inf: P = 0
-        row_m = tl.load(m_base + offs_m, mask=offs_m < L, other=float("inf"))
-        row_r = tl.load(r_base + offs_m, mask=offs_m < L, other=0.0)
-        delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
+        if PADDED_ROWS:
+            # Masked, these loads are issued per thread per column it holds (the scores'
+            # column layout): 48 scalar cp.async and their address and predicate arithmetic
+            # per step at 64x128, 8 warps, a third of the loop's instructions (triton 3.6)
+            row_m = tl.load(m_base + offs_m)
+            row_r = tl.load(r_base + offs_m)
+            delta = tl.load(d_base + offs_m)
+        else:
+            row_m = tl.load(m_base + offs_m, mask=offs_m < L, other=float("inf"))
+            row_r = tl.load(r_base + offs_m, mask=offs_m < L, other=0.0)
+            delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
         if MASK_TMA:
             mask_tile = tl.trans(mask_base.load([mask_b, mask_h, start_m, start_n])
                                  .reshape(BLOCK_M, BLOCK_N))                    # (N, M)
@@ -267,7 +293,7 @@ def _bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     FILLS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
     MASK_TMA: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NATURAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NATURAL: tl.constexpr, PADDED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -347,7 +373,7 @@ def _bwd_dkdv_kernel(
             start_n, mask_b, mask_h,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
-            NATURAL,
+            NATURAL, PADDED_ROWS,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
@@ -357,7 +383,7 @@ def _bwd_dkdv_kernel(
             start_n, mask_b, mask_h,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW,
             HAS_SOFTCAP, DROPOUT, FILLS, False, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
-            NATURAL,
+            NATURAL, PADDED_ROWS,
         )
         if HAS_WINDOW:  # [mid_hi, hi) is empty without a window
             dk, dv = _dkdv_tiles(
@@ -369,7 +395,7 @@ def _bwd_dkdv_kernel(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM,
                 IS_CAUSAL, HAS_WINDOW,
                 HAS_SOFTCAP, DROPOUT, FILLS, True, DQ_ATOMIC, TMA, DQ_TMA_ADD, MASK_TMA, DOT_UPCAST, DOT_PRECISION,
-                NATURAL,
+                NATURAL, PADDED_ROWS,
             )
     dk = dk * sm_scale
     dk_ptrs = DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -553,6 +579,8 @@ def _fits(resident: int, streamed: int, accumulators: int):
 _DKDV_TILES = {"Q": ("BLOCK_M", "BLOCK_D"), "DO": ("BLOCK_M", "BLOCK_DV"),
                "K": ("BLOCK_N", "BLOCK_D"), "V": ("BLOCK_N", "BLOCK_DV"),
                "DQ_ACC": ("BLOCK_M", "BLOCK_D"), "MASK": ("BLOCK_M", "BLOCK_N")}
+# The row statistics' padding (attention_backward_triton): a multiple of every dK/dV BLOCK_M.
+ROW_PAD = 64
 
 
 def _set_dkdv_blocks(nargs) -> None:
@@ -571,7 +599,7 @@ def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
     )(kernel)
 
 
-_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD", "MASK_TMA")
+_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD", "MASK_TMA", "PADDED_ROWS")
 _bwd_dkdv_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
                                  _DKDV_KEY, pre_hook=_set_dkdv_blocks)
 
@@ -696,9 +724,6 @@ def attention_backward_triton(
     # every element is written by the kernels (dK/dV of keys no query sees as zeros);
     # contiguous whatever the inputs' layout, as the op's fake says
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    # per query row, from the prep kernel: delta, and the statistics m and r of P
-    delta, row_m, row_r = torch.empty((3, B, Hq, L), dtype=torch.float32, device=q.device)
-    rstrides = delta.stride()[:2]
 
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
@@ -709,6 +734,13 @@ def attention_backward_triton(
     if natural:
         qk_scale = scale
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    padded_rows = os.environ.get("SDPA_PASS_BWD_PADDED_ROWS") == "1"
+    # per query row, from the prep kernel: delta, and the statistics m and r of P; padded
+    # (padded_rows) to whole tiles of the dK/dV kernel (BLOCK_M divides ROW_PAD) with rows
+    # that see no key, so that kernel loads them unmasked
+    rows = triton.cdiv(L, ROW_PAD) * ROW_PAD if padded_rows else L
+    delta, row_m, row_r = torch.empty((3, B, Hq, rows), dtype=torch.float32, device=q.device)
+    rstrides = delta.stride()[:2]
     # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
     # with it, a later call with the same key reuses the compiled kernels of this one.
     plan = call_key(tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
@@ -736,9 +768,9 @@ def attention_backward_triton(
     prep_args = (
         q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale, softcap_log2,
         *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *mstrides, *pstrides,
-        *lse.stride(), *gstrides, *rstrides, Hq, L, S, shape.group, offset, window)
+        *lse.stride(), *gstrides, *rstrides, Hq, L, rows, S, shape.group, offset, window)
     prep_params = dict(HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
-    prep_grid = (triton.cdiv(L, prep_tiles["BLOCK_M"]), B * Hq)
+    prep_grid = (triton.cdiv(rows, prep_tiles["BLOCK_M"]), B * Hq)
     launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, prep_grid,
                  prep_args, prep_params)
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
@@ -762,7 +794,7 @@ def attention_backward_triton(
         *mstrides, *pstrides, *rstrides, *astrides,
         Hkv, L, S, shape.group, offset, window),
         {**common, "DQ_ATOMIC": dq_atomic, "TMA": tma, "DQ_TMA_ADD": tma_add,
-         "MASK_TMA": mask_tma}, _set_dkdv_blocks, plan and (plan, "dkdv"))
+         "MASK_TMA": mask_tma, "PADDED_ROWS": padded_rows}, _set_dkdv_blocks, plan and (plan, "dkdv"))
     if dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask

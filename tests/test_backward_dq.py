@@ -115,3 +115,39 @@ def test_default_path_at_head_dim_128(monkeypatch, launches):
     grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
     assert [(m["DQ_ATOMIC"], m["TMA"], m["MASK_TMA"]) for m in launches] == [(True, True, True)]
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
+
+
+# (dQ path, SDPA_PASS_BWD_TMA): the split path with pointer loads, the atomic one with descriptors
+PADDED_ROUTES = {"split_pointers": ("split", "0"), "atomic_descriptors": ("atomic", "1")}
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left", "window7_bottom_right"])
+@pytest.mark.parametrize("mask", ["none", "bool_LS", "float_1HLS", "padding"])
+@pytest.mark.parametrize("route", PADDED_ROUTES)
+def test_padded_row_statistics(monkeypatch, launches, route, mask, causal):
+    """SDPA_PASS_BWD_PADDED_ROWS=1: the dK/dV kernel loads the row statistics (m, r, delta)
+    unmasked from rows padded to whole tiles; L = %d is no multiple of the padding, so the
+    last query tile reads padded rows, which must act as rows that see no key (P = 0), as
+    the masked loads' fill values do.""" % L
+    path, loads = PADDED_ROUTES[route]
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", path)
+    monkeypatch.setenv("SDPA_PASS_BWD_TMA", loads)
+    monkeypatch.setenv("SDPA_PASS_BWD_PADDED_ROWS", "1")
+    hq, hkv = HEADS["gqa2"]
+    q, k, v = leaves(*make_qkv(torch.float16, hq, hkv, L=L, S=S, D=64))
+    attn_mask, kpm = make_mask(mask, hq, L, S, torch.float16)
+    dout = randn(B, hq, L, 64, dtype=torch.float16)
+    extras = dict(key_padding_mask=kpm, **CAUSAL_KINDS[causal])
+    grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
+    assert [(m["PADDED_ROWS"], m["TMA"]) for m in launches[:1]] == [(True, loads == "1")]
+    assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras),
+                       torch.float16)
+
+
+def test_row_padding_covers_every_dkdv_tile():
+    """The padding is a whole number of tiles for every tile the dK/dV kernel may run with
+    (tuned, fixed or interpreted), so its unmasked loads never pass the padded end."""
+    rows = [m for m, *_ in bwd._DKDV_CONFIGS] + [bwd._INTERPRETER_CONFIG["BLOCK_M"]] + [
+        bwd._fixed_config(d, dt)["BLOCK_M"] for d in (64, 128, 256)
+        for dt in (torch.float16, torch.float32)]
+    assert all(bwd.ROW_PAD % m == 0 for m in rows)
