@@ -8,6 +8,8 @@
   accumulator with atomics: 5 products, plus the adds' traffic to L2.
 - either with ``:tma`` / ``:ptr``: the dK/dV kernel's Q, dO, K, V loads (and dQ adds) through
   tensor descriptors or pointers (SDPA_PASS_BWD_TMA=1 / 0).
+- either with ``:pad``: the row statistics padded to whole query tiles and loaded unmasked
+  (SDPA_PASS_BWD_PADDED_ROWS=1). Flags combine: ``split:ptr:pad``.
 
 For the FlashAttention benchmark shapes (batch 16384 / N, heads 2048 / D, L = S = N, bf16),
 causal and not, it times forward alone and forward + backward through CUDA graphs
@@ -72,9 +74,13 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
 
 def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: str = "none",
             flex: bool = False, profile: bool = False) -> dict:
-    path, _, loads = variant.partition(":")
+    path, *flags = variant.split(":")
+    unknown = set(flags) - {"tma", "ptr", "pad"}
+    if unknown:
+        raise SystemExit(f"unknown path flag(s) {sorted(unknown)} in {variant!r}")
     os.environ["SDPA_PASS_BWD_DQ"] = path
-    os.environ["SDPA_PASS_BWD_TMA"] = {"tma": "1", "ptr": "0", "": ""}[loads]
+    os.environ["SDPA_PASS_BWD_TMA"] = "1" if "tma" in flags else "0" if "ptr" in flags else ""
+    os.environ["SDPA_PASS_BWD_PADDED_ROWS"] = "1" if "pad" in flags else "0"
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -120,7 +126,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--paths", default="split,atomic",
                         help="comma-separated dQ paths, each optionally with :tma or :ptr "
-                             "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads")
+                             "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads and "
+                             ":pad (SDPA_PASS_BWD_PADDED_ROWS=1)")
     parser.add_argument("--masks", default="none",
                         help="comma-separated: none (causal and not), bias, bool (not causal)")
     parser.add_argument("--flex", action="store_true", help="flex attention in the same rows")
@@ -138,7 +145,7 @@ def main() -> None:
                         rows.append(row)
                         peer = (f" | flex bwd {row['flex_bwd_tflops']:6.1f} fwd+bwd "
                                 f"{row['flex_fwdbwd_tflops']:6.1f}" if args.flex else "")
-                        print(f"D{D} N{N} {'causal' if causal else mask:6s} {path:10s} "
+                        print(f"D{D} N{N} {'causal' if causal else mask:6s} {path:14s} "
                               f"bwd {row['bwd_tflops']:6.1f} fwd+bwd {row['fwdbwd_tflops']:6.1f}"
                               f"{peer} TFLOP/s  err dq {row['rel_err_dq']:.1e} dk "
                               f"{row['rel_err_dk']:.1e} dv {row['rel_err_dv']:.1e}", flush=True)

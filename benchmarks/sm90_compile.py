@@ -9,7 +9,7 @@ instruction counts: all, the wgmmas and the waits for them.
     python benchmarks/sm90_compile.py --mask bias --log2 --ttgir /tmp/k.ttgir
     python benchmarks/sm90_compile.py --kernel dkdv --mask none --causal --tile 64,128,8,3
     python benchmarks/sm90_compile.py --kernel dkdv --dq-atomic --descriptors --tile 64,128,8,2
-    python benchmarks/sm90_compile.py --kernel dkdv --descriptors --padded-rows --sass k.sass
+    python benchmarks/sm90_compile.py --kernel dkdv --descriptors --masked-rows --sass k.sass
 
 Needs the triton wheel's bundled ptxas and cuobjdump (triton 3.x ships them); no CUDA driver.
 The specialisations are those of a launch on contiguous (B, H, N, D) bf16 tensors with N a
@@ -37,9 +37,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.backward import _bwd_dkdv_kernel  # noqa: E402
-from kernels.forward import _attention_fwd_kernel  # noqa: E402
+try:  # installed (sdpa_pass.kernels maps to the repository's kernels/), or a copy laid out so
+    from sdpa_pass.kernels.backward import _bwd_dkdv_kernel
+    from sdpa_pass.kernels.forward import _attention_fwd_kernel
+except ImportError:  # a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels.backward import _bwd_dkdv_kernel
+    from kernels.forward import _attention_fwd_kernel
 
 MASK_KINDS = {"none": 0, "bool": 1, "bias": 2}
 SCALARS = ("qk_scale", "softcap_log2", "dropout_p", "dropout_scale", "sm_scale")
@@ -167,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sass", type=Path, help="also write the machine code (SASS) here")
     parser.add_argument("--kernel", choices=("forward", "dkdv"), default="forward")
     parser.add_argument("--dq-atomic", action="store_true", help="dkdv: it also adds dQ")
-    parser.add_argument("--padded-rows", action="store_true",
-                        help="dkdv: the row statistics m, r, delta padded to whole tiles and "
-                             "loaded unmasked (SDPA_PASS_BWD_PADDED_ROWS=1)")
+    parser.add_argument("--masked-rows", dest="padded_rows", action="store_false",
+                        help="dkdv: the row statistics m, r, delta loaded masked from L rows "
+                             "(SDPA_PASS_BWD_PADDED_ROWS=0), not padded to whole tiles and "
+                             "loaded unmasked (the default)")
     parser.add_argument("--descriptors", action="store_true",
                         help="dkdv: Q/dO/K/V (and the dQ adds, the mask) through descriptors")
     args = parser.parse_args(argv)

@@ -7,10 +7,11 @@ Two kernels after a prep kernel:
 - dQ: one program per query tile of one query head, walking the key tiles it can see (and,
   when a float mask needs its gradient, writing dS so the caller reduces it to the mask's
   broadcast shape).
-Or, where it measured faster (``dq_by_atomics``: hd128 on Hopper), the dK/dV kernel alone: it
-also adds each key tile's dS·K into an fp32 dQ buffer (the copy engine's reduce-add), which
-saves the dQ kernel's recomputation of S and dP (5 matrix products per tile pair, not 7) at
-the price of a summation order that varies between runs; deterministic mode keeps the split.
+Or, where it measured faster (``dq_by_atomics``: hd128 with a mask on Hopper), the dK/dV
+kernel alone: it also adds each key tile's dS·K into an fp32 dQ buffer (the copy engine's
+reduce-add), which saves the dQ kernel's recomputation of S and dP (5 matrix products per
+tile pair, not 7) at the price of a summation order that varies between runs; deterministic
+mode keeps the split.
 A prep kernel first forms delta_i = rowsum(dO_i * O_i) and each row's softmax statistics as
 two fp32 numbers, an offset m and the rest r (log2 units, P = exp2(S - m - r)): m = LSE and
 r = 0, except on rows whose every score is far below zero (a finite fill such as -1e9 or
@@ -650,14 +651,18 @@ BWD_DESCRIPTOR_HEAD_DIMS = (128,)
 ATOMIC_DQ_HEAD_DIMS = (128,)
 
 
-def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int) -> bool:
+def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int, mask_tensor: bool) -> bool:
     """Whether the dK/dV kernel also forms dQ, adding each key tile's share into an fp32
     accumulator, instead of a second kernel that recomputes S and dP per query tile (7 matrix
     products -> 5). Taken where it measured faster: with the descriptor loads (``tma``) at
     hd128 (``block_d``: the head dim's tile width) on a GPU, where the copy engine does the
-    adds (H100, bf16: backward 1.10-1.13x at N = 16k, 1.05x at 4k non-causal, even at 4k
-    causal); with pointer loads and atomic instructions it measured 0.89-1.02x, so not there;
-    at hd64 0.77-0.86x. Never when the
+    adds, and only for calls that read a mask tensor (``mask_tensor``: a bool or float
+    attn_mask). With the padded row statistics (session 12, H100, bf16, backward TFLOP/s)
+    the split path's dK/dV kernel got 1.25-1.45x faster and the atomic one's 1.01-1.05x, so
+    without a mask the split path now wins (N = 1k 331 vs 266, 4k 380 vs 334, 16k 397 vs
+    349; causal 4k 339 vs 303, 16k 378 vs 369) and with one the atomic path still does (bias
+    4k 231 vs 225, 16k 243 vs 235; bool 4k 288 vs 266). With pointer loads and atomic
+    instructions it measured 0.89-1.02x, so not there; at hd64 0.77-0.86x. Never when the
     mask's gradient is wanted (the dQ kernel writes dS), nor under
     torch.use_deterministic_algorithms (the adds' order varies between runs, so dQ may differ
     in its last bits). SDPA_PASS_BWD_DQ=atomic|split forces a path otherwise
@@ -669,7 +674,8 @@ def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int) -> bool:
         return False
     if forced:
         return forced == "atomic"
-    return tma and block_d in ATOMIC_DQ_HEAD_DIMS and not interpreter_active()
+    return (tma and mask_tensor and block_d in ATOMIC_DQ_HEAD_DIMS
+            and not interpreter_active())
 
 
 def _launch(kernel, tiles, grid, args, meta, pre_hook=None, plan_key=None) -> None:
@@ -734,10 +740,12 @@ def attention_backward_triton(
     if natural:
         qk_scale = scale
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
-    padded_rows = os.environ.get("SDPA_PASS_BWD_PADDED_ROWS") == "1"
-    # per query row, from the prep kernel: delta, and the statistics m and r of P; padded
-    # (padded_rows) to whole tiles of the dK/dV kernel (BLOCK_M divides ROW_PAD) with rows
-    # that see no key, so that kernel loads them unmasked
+    # per query row, from the prep kernel: delta, and the statistics m and r of P; padded to
+    # whole tiles of the dK/dV kernel (BLOCK_M divides ROW_PAD) with rows that see no key, so
+    # that kernel loads them unmasked: the backward 1.15-1.19x faster (H100, bf16, hd64 and
+    # hd128, N = 4k; BENCHMARKS.md, session 12). SDPA_PASS_BWD_PADDED_ROWS=0 loads them
+    # masked from L rows.
+    padded_rows = os.environ.get("SDPA_PASS_BWD_PADDED_ROWS", "1") != "0"
     rows = triton.cdiv(L, ROW_PAD) * ROW_PAD if padded_rows else L
     delta, row_m, row_r = torch.empty((3, B, Hq, rows), dtype=torch.float32, device=q.device)
     rstrides = delta.stride()[:2]
@@ -750,7 +758,7 @@ def attention_backward_triton(
                     causal_align, diagonal, window, has_softcap, need_mask_grad, dropout_p > 0.0,
                     mask_fills, torch.are_deterministic_algorithms_enabled())
     tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
-    dq_atomic = dq_by_atomics(need_mask_grad, tma, block_d)
+    dq_atomic = dq_by_atomics(need_mask_grad, tma, block_d, mask_kind != MASK_NONE)
     dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype, dq_atomic)
     masks = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,

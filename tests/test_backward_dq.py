@@ -6,6 +6,8 @@ backward: these test the Triton kernel's own path choice.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -35,21 +37,25 @@ def launches(monkeypatch):
 
 
 def test_dq_path_choice(monkeypatch):
-    """Atomic dQ only with the descriptor loads on a GPU unless forced; never when the mask's
-    gradient is wanted (only the dQ kernel writes dS); a bad setting is named."""
+    """Atomic dQ only with the descriptor loads on a GPU, at hd128, for calls that read a mask
+    tensor, unless forced; never when the mask's gradient is wanted (only the dQ kernel writes
+    dS); a bad setting is named."""
     monkeypatch.setattr(bwd, "interpreter_active", lambda: False)
-    assert bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128)
-    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=False, block_d=128)
-    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=64)
-    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True, block_d=128)
+    choice = functools.partial(bwd.dq_by_atomics, need_mask_grad=False, tma=True, block_d=128,
+                               mask_tensor=True)
+    assert choice()
+    assert not choice(tma=False)
+    assert not choice(block_d=64)
+    assert not choice(mask_tensor=False)
+    assert not choice(need_mask_grad=True)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
-    assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128)
+    assert not choice()
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
-    assert bwd.dq_by_atomics(need_mask_grad=False, tma=False, block_d=128)
-    assert not bwd.dq_by_atomics(need_mask_grad=True, tma=True, block_d=128)
+    assert choice(tma=False, mask_tensor=False)
+    assert not choice(need_mask_grad=True)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomics")
     with pytest.raises(ValueError, match="SDPA_PASS_BWD_DQ must be 'atomic' or 'split'"):
-        bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128)
+        choice()
 
 
 # (dtype, loads): the dK/dV kernel adding dQ with pointer atomics, reading Q/dO/K/V and the
@@ -121,25 +127,30 @@ def test_default_path_at_head_dim_128(monkeypatch, launches):
 PADDED_ROUTES = {"split_pointers": ("split", "0"), "atomic_descriptors": ("atomic", "1")}
 
 
-@pytest.mark.parametrize("causal", ["none", "top_left", "window7_bottom_right"])
+@pytest.mark.parametrize("causal", ["none", "window7_bottom_right"])
 @pytest.mark.parametrize("mask", ["none", "bool_LS", "float_1HLS", "padding"])
 @pytest.mark.parametrize("route", PADDED_ROUTES)
-def test_padded_row_statistics(monkeypatch, launches, route, mask, causal):
-    """SDPA_PASS_BWD_PADDED_ROWS=1: the dK/dV kernel loads the row statistics (m, r, delta)
-    unmasked from rows padded to whole tiles; L = %d is no multiple of the padding, so the
-    last query tile reads padded rows, which must act as rows that see no key (P = 0), as
-    the masked loads' fill values do.""" % L
+@pytest.mark.parametrize("rows", ["padded", "masked"])
+def test_row_statistics_layouts(monkeypatch, launches, rows, route, mask, causal):
+    """By default the dK/dV kernel loads the row statistics (m, r, delta) unmasked from rows
+    padded to whole tiles; L = %d is no multiple of the padding, so the last query tile reads
+    padded rows, which must act as rows that see no key (P = 0), as the masked loads' fill
+    values do. SDPA_PASS_BWD_PADDED_ROWS=0 loads them masked from L rows.""" % L
     path, loads = PADDED_ROUTES[route]
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", path)
     monkeypatch.setenv("SDPA_PASS_BWD_TMA", loads)
-    monkeypatch.setenv("SDPA_PASS_BWD_PADDED_ROWS", "1")
+    if rows == "masked":
+        monkeypatch.setenv("SDPA_PASS_BWD_PADDED_ROWS", "0")
+    else:
+        monkeypatch.delenv("SDPA_PASS_BWD_PADDED_ROWS", raising=False)
     hq, hkv = HEADS["gqa2"]
     q, k, v = leaves(*make_qkv(torch.float16, hq, hkv, L=L, S=S, D=64))
     attn_mask, kpm = make_mask(mask, hq, L, S, torch.float16)
     dout = randn(B, hq, L, 64, dtype=torch.float16)
     extras = dict(key_padding_mask=kpm, **CAUSAL_KINDS[causal])
     grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
-    assert [(m["PADDED_ROWS"], m["TMA"]) for m in launches[:1]] == [(True, loads == "1")]
+    assert [(m["PADDED_ROWS"], m["TMA"]) for m in launches[:1]] == [
+        (rows == "padded", loads == "1")]
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras),
                        torch.float16)
 

@@ -63,15 +63,16 @@ def test_float_mask_backward_in_natural_log_units_is_shorter():
 
 
 def test_padded_row_statistics_compile():
-    """SDPA_PASS_BWD_PADDED_ROWS=1 compiles for sm_90 with every tile copied ahead. With
-    triton 3.6 (the GPU machines') it also drops the scalar, predicated cp.async of the row
-    statistics that the masked loads compile to: 3576 -> 2384 machine instructions at this
-    tile (BENCHMARKS.md, session 11); triton 3.9 compiles the masked loads well already."""
+    """The padded row statistics (the default) compile for sm_90 with every tile copied
+    ahead. With triton 3.6 (the GPU machines') they also drop the scalar, predicated cp.async
+    of the row statistics that the masked loads (SDPA_PASS_BWD_PADDED_ROWS=0) compile to:
+    3576 -> 2384 machine instructions at this tile (BENCHMARKS.md, session 11); triton 3.9
+    compiles the masked loads well already."""
     import triton
 
     args = ("--kernel", "dkdv", "--dq-atomic", "--descriptors", "--mask", "none",
             "--head-dim", "128", "--tile", "64,128,8,2")
-    masked, padded = compiled(*args), compiled(*args, "--padded-rows")
+    masked, padded = compiled(*args, "--masked-rows"), compiled(*args)
     assert padded["synchronous loads (tt.load)"] == 0
     assert padded["TMA copies"] == masked["TMA copies"]
     if triton.__version__.startswith("3.6."):
