@@ -709,6 +709,66 @@ def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv
             and descriptor_layout_ok(q, k, v, grad_out))
 
 
+class _BackwardDecisions:
+    """What ``attention_backward_triton`` decides from a call's plan key alone (layouts,
+    dtypes, flags, the SDPA_PASS_* variables): load paths, dQ path, kernels and tiles, the
+    meta-parameters and grids. Remembered per key (``_BACKWARD_DECISIONS``), so a later call
+    with the same key only allocates, builds its argument tuples and launches: these
+    decisions read ~15 environment variables and cost ~50 us of host time a call (CPU,
+    torch 2.13), on the H100 machine's slower host more, which at N <= 1024 is as long as
+    the kernels."""
+
+    def __init__(self, q, k, v, grad_out, mask, shape: AttentionShape, mask_kind: int,
+                 block_d: int, block_dv: int, has_kpm: bool, causal_align: int, diagonal: int,
+                 window: int, has_softcap: bool, need_mask_grad: bool, dropout: bool,
+                 mask_fills: bool, has_grad_lse: bool):
+        B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
+        # per query row, from the prep kernel: delta, and the statistics m and r of P; padded
+        # to whole tiles of the dK/dV kernel (BLOCK_M divides ROW_PAD) with rows that see no
+        # key, so that kernel loads them unmasked: the backward 1.15-1.19x faster (H100, bf16,
+        # hd64 and hd128, N = 4k; BENCHMARKS.md, session 12). SDPA_PASS_BWD_PADDED_ROWS=0
+        # loads them masked from L rows.
+        padded_rows = os.environ.get("SDPA_PASS_BWD_PADDED_ROWS", "1") != "0"
+        self.rows = -(-L // ROW_PAD) * ROW_PAD if padded_rows else L
+        self.offset = causal_offset(causal_align, diagonal, L, S)
+        self.tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
+        self.dq_atomic = dq_by_atomics(need_mask_grad, self.tma, block_d, mask_kind != MASK_NONE)
+        self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
+            max(block_d, block_dv), q.dtype, self.dq_atomic)
+        # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
+        natural = mask_kind == MASK_FLOAT and not has_softcap
+        masks = dict(
+            HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.v_head_dim, BLOCK_D=block_d,
+            BLOCK_DV=block_dv, MASK_KIND=mask_kind, HAS_KPM=has_kpm,
+            IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1,
+            HAS_SOFTCAP=has_softcap, DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NATURAL=natural,
+        )
+        common = dict(masks, DROPOUT=dropout, FILLS=mask_fills and mask_kind == MASK_FLOAT)
+        prep_tiles = (_INTERPRETER_CONFIG if interpreter_active()
+                      else _fixed_config(max(block_d, block_dv), q.dtype))
+        self.prep_params = dict(HAS_GRAD_LSE=has_grad_lse, **masks, **prep_tiles)
+        self.prep_grid = (-(-self.rows // prep_tiles["BLOCK_M"]), B * Hq)
+        # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
+        self.tma_add = self.tma and self.dq_atomic and not interpreter_active()
+        # A bool mask through a descriptor too where the forward would read it so: hd128
+        # forward + backward 1.34-1.36x at N = 4k-32k (H100, bf16); a float mask measured
+        # 0.93-0.98x that way, so only SDPA_PASS_MASK_TMA=1 sends it there.
+        self.mask_tma = (self.tma and mask_kind != MASK_NONE and use_mask_tma(q, mask)
+                         and (mask_kind == MASK_BOOL
+                              or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
+        self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
+                          "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
+                          "PADDED_ROWS": padded_rows}
+        self.dq_meta = {**common, "STORE_DS": need_mask_grad}
+        self.dkdv_grid = lambda meta: (-(-S // meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        self.dq_grid = lambda meta: (-(-L // meta["BLOCK_M"]), B * Hq)  # noqa: E731
+
+
+# Decisions of earlier backward calls by plan key (kernels/launch.py).
+_BACKWARD_DECISIONS = PlanCache()
+
+
 def attention_backward_triton(
     grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, shape: AttentionShape, *,
     scale: float, causal_align: int, diagonal: int, window: int, softcap: float,
@@ -721,7 +781,7 @@ def attention_backward_triton(
     shifts delta: dS = P * (dP - (rowsum(dO * O) - grad_lse)). ``mask_fills``: float-mask
     values <= FILL_THRESHOLD replaced their scores (masked_fill): dS is 0 there."""
     B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
-    D, DV = shape.head_dim, shape.v_head_dim
+    D = shape.head_dim
     dmask = q.new_empty((0,))
     if L == 0 or S == 0 or B * Hq == 0:
         if need_mask_grad:
@@ -734,88 +794,60 @@ def attention_backward_triton(
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
-    # a float mask without soft-capping: scores in natural-log units (_p_from_scores), so the
-    # kernels take the plain softmax scale
-    natural = mask_kind == MASK_FLOAT and not has_softcap
-    if natural:
-        qk_scale = scale
+    if mask_kind == MASK_FLOAT and not has_softcap:
+        qk_scale = scale  # natural-log scores: the kernels take the plain softmax scale
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
-    # per query row, from the prep kernel: delta, and the statistics m and r of P; padded to
-    # whole tiles of the dK/dV kernel (BLOCK_M divides ROW_PAD) with rows that see no key, so
-    # that kernel loads them unmasked: the backward 1.15-1.19x faster (H100, bf16, hd64 and
-    # hd128, N = 4k; BENCHMARKS.md, session 12). SDPA_PASS_BWD_PADDED_ROWS=0 loads them
-    # masked from L rows.
-    padded_rows = os.environ.get("SDPA_PASS_BWD_PADDED_ROWS", "1") != "0"
-    rows = triton.cdiv(L, ROW_PAD) * ROW_PAD if padded_rows else L
-    delta, row_m, row_r = torch.empty((3, B, Hq, rows), dtype=torch.float32, device=q.device)
-    rstrides = delta.stride()[:2]
     # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
-    # with it, a later call with the same key reuses the compiled kernels of this one.
+    # with it, a later call with the same key reuses this call's decisions and compiled kernels.
     plan = call_key(tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
                     tensor_key(out), tensor_key(lse), tensor_key(grad_lse), tensor_key(attn_mask),
                     tensor_key(key_padding_mask),
                     tensor_key(dropout_seed) if dropout_p > 0.0 else None, scale > 0.0,
                     causal_align, diagonal, window, has_softcap, need_mask_grad, dropout_p > 0.0,
                     mask_fills, torch.are_deterministic_algorithms_enabled())
-    tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
-    dq_atomic = dq_by_atomics(need_mask_grad, tma, block_d, mask_kind != MASK_NONE)
-    dkdv_kernel, dkdv_cfg, dq_kernel, dq_cfg = _kernels(max(block_d, block_dv), q.dtype, dq_atomic)
-    masks = dict(
-        HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
-        IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
-        DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NATURAL=natural,
-    )
-    common = dict(masks, DROPOUT=dropout_p > 0.0, FILLS=mask_fills and mask_kind == MASK_FLOAT)
-    offset = causal_offset(causal_align, diagonal, L, S)
+    d = _BACKWARD_DECISIONS.get(plan) if plan is not None else None
+    if d is None:
+        d = _BackwardDecisions(q, k, v, grad_out, mask, shape, mask_kind, block_d, block_dv,
+                               key_padding_mask is not None, causal_align, diagonal, window,
+                               has_softcap, need_mask_grad, dropout_p > 0.0, mask_fills,
+                               grad_lse is not None)
+        if plan is not None:
+            _BACKWARD_DECISIONS.add(plan, d)
+    delta, row_m, row_r = torch.empty((3, B, Hq, d.rows), dtype=torch.float32, device=q.device)
+    rstrides = delta.stride()[:2]
     seed = dropout_seed if dropout_p > 0.0 else q
     glse = grad_lse if grad_lse is not None else lse
     gstrides = grad_lse.stride() if grad_lse is not None else (0, 0, 0)
-    prep_tiles = _INTERPRETER_CONFIG if interpreter_active() else _fixed_config(max(block_d, block_dv), q.dtype)
     prep_args = (
         q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale, softcap_log2,
         *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *mstrides, *pstrides,
-        *lse.stride(), *gstrides, *rstrides, Hq, L, rows, S, shape.group, offset, window)
-    prep_params = dict(HAS_GRAD_LSE=grad_lse is not None, **masks, **prep_tiles)
-    prep_grid = (triton.cdiv(rows, prep_tiles["BLOCK_M"]), B * Hq)
-    launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, prep_grid,
-                 prep_args, prep_params)
+        *lse.stride(), *gstrides, *rstrides, Hq, L, d.rows, S, shape.group, d.offset, window)
+    launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, d.prep_grid,
+                 prep_args, d.prep_params)
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
-    dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_atomic else dq
-    astrides = dq_acc.stride()[:3] if dq_atomic else (0, 0, 0)
-    # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
-    tma_add = tma and dq_atomic and not interpreter_active()
-    operands = tuple(_descriptor(t) for t in (q, k, v, grad_out)) if tma else (q, k, v, grad_out)
-    # A bool mask through a descriptor too where the forward would read it so: hd128 forward
-    # + backward 1.34-1.36x at N = 4k-32k (H100, bf16); a float mask measured 0.93-0.98x
-    # that way, so only SDPA_PASS_MASK_TMA=1 sends it there.
-    mask_tma = (tma and mask_kind != MASK_NONE and use_mask_tma(q, mask)
-                and (mask_kind == MASK_BOOL or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
-    dkdv_grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _launch(dkdv_kernel, dkdv_cfg, dkdv_grid, (
-        *operands, row_m, row_r, delta, dk, dv, _mask_descriptor(mask) if mask_tma else mask,
+    dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
+    astrides = dq_acc.stride()[:3] if d.dq_atomic else (0, 0, 0)
+    operands = tuple(_descriptor(t) for t in (q, k, v, grad_out)) if d.tma else (q, k, v, grad_out)
+    _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
+        *operands, row_m, row_r, delta, dk, dv, _mask_descriptor(mask) if d.mask_tma else mask,
         kpm, seed,
-        _descriptor(dq_acc) if tma_add else dq_acc,
+        _descriptor(dq_acc) if d.tma_add else dq_acc,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mstrides, *pstrides, *rstrides, *astrides,
-        Hkv, L, S, shape.group, offset, window),
-        {**common, "DQ_ATOMIC": dq_atomic, "TMA": tma, "DQ_TMA_ADD": tma_add,
-         "MASK_TMA": mask_tma, "PADDED_ROWS": padded_rows}, _set_dkdv_blocks, plan and (plan, "dkdv"))
-    if dq_atomic:
+        Hkv, L, S, shape.group, d.offset, window), d.dkdv_meta,
+        _set_dkdv_blocks if d.tma or d.mask_tma else None, plan and (plan, "dkdv"))
+    if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
-    dq_grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    _launch(dq_kernel, dq_cfg, dq_grid, (
+    _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (
         q, k, v, grad_out, row_m, row_r, delta, dq, ds, mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
         *mstrides, *pstrides, *rstrides,
-        Hq, L, S, shape.group, offset, window), {**common, "STORE_DS": need_mask_grad},
-        None, plan and (plan, "dq"))
+        Hq, L, S, shape.group, d.offset, window), d.dq_meta, None, plan and (plan, "dq"))
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims
         dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype)

@@ -239,7 +239,8 @@ def _grads(q, k, v, kwargs, grad_out, seed):
 
 @pytest.mark.parametrize("case", sorted(BACKWARD_CASES))
 def test_planned_backward_matches_the_full_path(case, monkeypatch):
-    """The backward's launches (prep, dK/dV, dQ) reuse the first call's compiled kernels."""
+    """The backward's launches (prep, dK/dV, dQ) reuse the first call's decisions and
+    compiled kernels."""
     import sdpa_pass.kernels.backward as bwd
 
     env, kwargs, atomic = BACKWARD_CASES[case]
@@ -260,10 +261,11 @@ def test_planned_backward_matches_the_full_path(case, monkeypatch):
     _grads(q, k, v, first, grad_out, seed=1)
     launches = 2 if atomic else 3
     assert len(bwd._BACKWARD_CALLS) == launches and bwd._BACKWARD_CALLS.hits == 0
+    assert len(bwd._BACKWARD_DECISIONS) == 1 and bwd._BACKWARD_DECISIONS.hits == 0
 
     q, k, v, second, grad_out = call_inputs()
     planned = _grads(q, k, v, second, grad_out, seed=2)
-    assert bwd._BACKWARD_CALLS.hits == launches
+    assert bwd._BACKWARD_CALLS.hits == launches and bwd._BACKWARD_DECISIONS.hits == 1
     clear_plans()
     full = _grads(q, k, v, second, grad_out, seed=2)
     for a, b in zip(planned, full):
@@ -271,6 +273,30 @@ def test_planned_backward_matches_the_full_path(case, monkeypatch):
             torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
         else:
             assert torch.equal(a, b)
+
+
+def test_backward_decisions_follow_the_variables(monkeypatch):
+    """A remembered backward decision is keyed on the SDPA_PASS_* variables too: changing one
+    between two otherwise identical calls decides (and launches) afresh."""
+    import sdpa_pass.kernels.backward as bwd
+
+    seen = []
+    launch = bwd._launch
+    monkeypatch.setattr(bwd, "_launch", lambda kernel, tiles, grid, args, meta, *rest: (
+        seen.append(meta), launch(kernel, tiles, grid, args, meta, *rest))[1])
+    q, k, v = _inputs(torch.float16)
+    grad_out = randn(B, HQ, L, D, dtype=torch.float16)
+    kwargs = dict(is_causal=True, enable_gqa=True)
+    results = []
+    for padded in ("1", "0", "1"):
+        monkeypatch.setenv("SDPA_PASS_BWD_PADDED_ROWS", padded)
+        results.append(_grads(q, k, v, kwargs, grad_out, seed=1))
+    assert [m["PADDED_ROWS"] for m in seen[::2]] == [True, False, True]
+    assert len(bwd._BACKWARD_DECISIONS) == 2 and bwd._BACKWARD_DECISIONS.hits == 1
+    for a, b in zip(results[0], results[2]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
 def test_planned_decode_matches_the_full_path():
