@@ -9,7 +9,9 @@
 - either with ``:tma`` / ``:ptr``: the dK/dV kernel's Q, dO, K, V loads (and dQ adds) through
   tensor descriptors or pointers (SDPA_PASS_BWD_TMA=1 / 0).
 - either with ``:pad``: the row statistics padded to whole query tiles and loaded unmasked
-  (SDPA_PASS_BWD_PADDED_ROWS=1). Flags combine: ``split:ptr:pad``.
+  (SDPA_PASS_BWD_PADDED_ROWS=1, the library's default); a path without it runs the masked
+  loads (=0), so each path names one layout whatever the default. Flags combine:
+  ``split:ptr:pad``.
 
 For the FlashAttention benchmark shapes (batch 16384 / N, heads 2048 / D, L = S = N, bf16),
 causal and not, it times forward alone and forward + backward through CUDA graphs

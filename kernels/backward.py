@@ -736,7 +736,7 @@ class _BackwardDecisions:
         self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
             max(block_d, block_dv), q.dtype, self.dq_atomic)
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
-        natural = mask_kind == MASK_FLOAT and not has_softcap
+        self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
         masks = dict(
             HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.v_head_dim, BLOCK_D=block_d,
             BLOCK_DV=block_dv, MASK_KIND=mask_kind, HAS_KPM=has_kpm,
@@ -760,6 +760,8 @@ class _BackwardDecisions:
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
                           "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
                           "PADDED_ROWS": padded_rows}
+        # the descriptors' tile shapes, set before each launch that passes any
+        self.dkdv_hook = _set_dkdv_blocks if self.tma or self.mask_tma else None
         self.dq_meta = {**common, "STORE_DS": need_mask_grad}
         self.dkdv_grid = lambda meta: (-(-S // meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         self.dq_grid = lambda meta: (-(-L // meta["BLOCK_M"]), B * Hq)  # noqa: E731
@@ -794,8 +796,6 @@ def attention_backward_triton(
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
-    if mask_kind == MASK_FLOAT and not has_softcap:
-        qk_scale = scale  # natural-log scores: the kernels take the plain softmax scale
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
     # with it, a later call with the same key reuses this call's decisions and compiled kernels.
@@ -813,6 +813,8 @@ def attention_backward_triton(
                                grad_lse is not None)
         if plan is not None:
             _BACKWARD_DECISIONS.add(plan, d)
+    if d.natural:
+        qk_scale = scale  # natural-log scores: the kernels take the plain softmax scale
     delta, row_m, row_r = torch.empty((3, B, Hq, d.rows), dtype=torch.float32, device=q.device)
     rstrides = delta.stride()[:2]
     seed = dropout_seed if dropout_p > 0.0 else q
@@ -835,8 +837,8 @@ def attention_backward_triton(
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *mstrides, *pstrides, *rstrides, *astrides,
-        Hkv, L, S, shape.group, d.offset, window), d.dkdv_meta,
-        _set_dkdv_blocks if d.tma or d.mask_tma else None, plan and (plan, "dkdv"))
+        Hkv, L, S, shape.group, d.offset, window), d.dkdv_meta, d.dkdv_hook,
+        plan and (plan, "dkdv"))
     if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
