@@ -742,8 +742,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--remeasure replaces rows of an existing {path}; not with --resume")
         lengths = {int(n) for n in args.remeasure.split(",")}
         old = load(path)
-        rows = [r for r in old["rows"] if r["seqlen_q"] not in lengths]
         shapes = [shape for shape in shapes if shape.seqlen in lengths]
+        # only the rows of the shapes measured again (--head-dims may select fewer)
+        again = {shape_key(shape.fields()) for shape in shapes}
+        rows = [r for r in old["rows"] if shape_key(r) not in again]
         # The file keeps its first run's meta; this run is recorded beside it.
         run = {key: meta[key] for key in ("date", "git", "torch", "triton") if key in meta}
         meta = dict(old["meta"], remeasured=old["meta"].get("remeasured", [])

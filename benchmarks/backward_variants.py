@@ -10,8 +10,10 @@
   tensor descriptors or pointers (SDPA_PASS_BWD_TMA=1 / 0).
 - either with ``:pad``: the row statistics padded to whole query tiles and loaded unmasked
   (SDPA_PASS_BWD_PADDED_ROWS=1, the library's default); a path without it runs the masked
-  loads (=0), so each path names one layout whatever the default. Flags combine:
-  ``split:ptr:pad``.
+  loads (=0), so each path names one layout whatever the default.
+- either with ``:batch``: programs taken batch element first where the mask broadcasts over
+  the batch (SDPA_PASS_BATCH_INNER=1, the library's default; without it =0, the plain order).
+  Flags combine: ``split:ptr:pad:batch``.
 
 For the FlashAttention benchmark shapes (batch 16384 / N, heads 2048 / D, L = S = N, bf16),
 causal and not, it times forward alone and forward + backward through CUDA graphs
@@ -77,12 +79,13 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
 def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: str = "none",
             flex: bool = False, profile: bool = False) -> dict:
     path, *flags = variant.split(":")
-    unknown = set(flags) - {"tma", "ptr", "pad"}
+    unknown = set(flags) - {"tma", "ptr", "pad", "batch"}
     if unknown:
         raise SystemExit(f"unknown path flag(s) {sorted(unknown)} in {variant!r}")
     os.environ["SDPA_PASS_BWD_DQ"] = path
     os.environ["SDPA_PASS_BWD_TMA"] = "1" if "tma" in flags else "0" if "ptr" in flags else ""
     os.environ["SDPA_PASS_BWD_PADDED_ROWS"] = "1" if "pad" in flags else "0"
+    os.environ["SDPA_PASS_BATCH_INNER"] = "1" if "batch" in flags else "0"
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -114,6 +117,7 @@ def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: st
         ms_fwd = do_bench_cudagraph(f, rep=100, return_mode="median")
         ms_all = do_bench_cudagraph(fb, rep=100, return_mode="median")
         row.update({prefix + "ms_fwd": ms_fwd, prefix + "ms_fwdbwd": ms_all,
+                    prefix + "fwd_tflops": flops / ms_fwd / 1e9,
                     prefix + "bwd_tflops": 2.5 * flops / (ms_all - ms_fwd) / 1e9,
                     prefix + "fwdbwd_tflops": 3.5 * flops / ms_all / 1e9})
         if profile:
@@ -129,7 +133,7 @@ def main() -> None:
     parser.add_argument("--paths", default="split,atomic",
                         help="comma-separated dQ paths, each optionally with :tma or :ptr "
                              "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads and "
-                             ":pad (SDPA_PASS_BWD_PADDED_ROWS=1)")
+                             ":pad (SDPA_PASS_BWD_PADDED_ROWS=1) and :batch (SDPA_PASS_BATCH_INNER=1)")
     parser.add_argument("--masks", default="none",
                         help="comma-separated: none (causal and not), bias, bool (not causal)")
     parser.add_argument("--flex", action="store_true", help="flex attention in the same rows")
@@ -145,10 +149,11 @@ def main() -> None:
                         row = measure(max(1, 16384 // N), 2048 // D, N, D, causal, path, mask,
                                       args.flex, args.profile)
                         rows.append(row)
-                        peer = (f" | flex bwd {row['flex_bwd_tflops']:6.1f} fwd+bwd "
+                        peer = (f" | flex fwd {row['flex_fwd_tflops']:6.1f} bwd "
+                                f"{row['flex_bwd_tflops']:6.1f} fwd+bwd "
                                 f"{row['flex_fwdbwd_tflops']:6.1f}" if args.flex else "")
                         print(f"D{D} N{N} {'causal' if causal else mask:6s} {path:14s} "
-                              f"bwd {row['bwd_tflops']:6.1f} fwd+bwd {row['fwdbwd_tflops']:6.1f}"
+                              f"fwd {row['fwd_tflops']:6.1f} bwd {row['bwd_tflops']:6.1f} fwd+bwd {row['fwdbwd_tflops']:6.1f}"
                               f"{peer} TFLOP/s  err dq {row['rel_err_dq']:.1e} dk "
                               f"{row['rel_err_dk']:.1e} dv {row['rel_err_dv']:.1e}", flush=True)
                         for key in ("kernels_ms", "flex_kernels_ms"):

@@ -104,7 +104,8 @@ def host_costs(L=64) -> dict:
             HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128, MASK_KIND=0, HAS_KPM=False,
             IS_CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=True,
             STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
-            MASK_TMA=False, FOLD_SCALE=True, NATURAL=False, REVERSE=True, PIPELINE=False, **cfg)
+            MASK_TMA=False, FOLD_SCALE=True, NATURAL=False, REVERSE=True, PIPELINE=False,
+            BATCH_INNER=False, **cfg)
 
     def triton_path():
         return fwd.attention_forward_triton(

@@ -59,6 +59,7 @@ def signature(args) -> tuple[dict, dict, dict]:
         STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
         MASK_TMA=args.mask_tma and kind != 0, FOLD_SCALE=kind != 2,
         NATURAL=kind == 2 and not args.log2, REVERSE=args.causal, PIPELINE=args.pipeline,
+        BATCH_INNER=False,
         BLOCK_M=args.tile[0], BLOCK_N=args.tile[1])
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
                 "MASK": _mask_type(kind, meta["MASK_TMA"], args.tile), "KPM": "*bf16",
@@ -82,7 +83,7 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
         DQ_TMA_ADD=args.descriptors and args.dq_atomic,
         MASK_TMA=args.descriptors and args.mask_tma and kind != 0,
         DOT_UPCAST=False, DOT_PRECISION="tf32", NATURAL=kind == 2 and not args.log2,
-        PADDED_ROWS=args.padded_rows, BLOCK_M=m_tile, BLOCK_N=n_tile)
+        PADDED_ROWS=args.padded_rows, BATCH_INNER=False, BLOCK_M=m_tile, BLOCK_N=n_tile)
     pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA", "DQ_ACC")}
     pointers.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DK", "DV", "KPM")},
                     MASK=_mask_type(kind, meta["MASK_TMA"], args.tile), SEED="*i64")

@@ -7,11 +7,11 @@ Two kernels after a prep kernel:
 - dQ: one program per query tile of one query head, walking the key tiles it can see (and,
   when a float mask needs its gradient, writing dS so the caller reduces it to the mask's
   broadcast shape).
-Or, where it measured faster (``dq_by_atomics``: hd128 with a mask on Hopper), the dK/dV
-kernel alone: it also adds each key tile's dS·K into an fp32 dQ buffer (the copy engine's
-reduce-add), which saves the dQ kernel's recomputation of S and dP (5 matrix products per
-tile pair, not 7) at the price of a summation order that varies between runs; deterministic
-mode keeps the split.
+Or, when asked (``dq_by_atomics``, SDPA_PASS_BWD_DQ=atomic; it measured slower everywhere
+since sessions 12 and 13), the dK/dV kernel alone: it also adds each key tile's dS·K into an
+fp32 dQ buffer (on Hopper the copy engine's reduce-add), which saves the dQ kernel's
+recomputation of S and dP (5 matrix products per tile pair, not 7) at the price of a
+summation order that varies between runs; deterministic mode keeps the split.
 A prep kernel first forms delta_i = rowsum(dO_i * O_i) and each row's softmax statistics as
 two fp32 numbers, an offset m and the rest r (log2 units, P = exp2(S - m - r)): m = LSE and
 r = 0, except on rows whose every score is far below zero (a finite fill such as -1e9 or
@@ -37,10 +37,10 @@ from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
-                      _descriptors_wanted, _dtype_of, _mask_descriptor, descriptor_layout_ok,
-                      interpreter_active, key_ranges, launch_params, load_mask_tile,
-                      masked_scores, scores_with_mask_tile, set_descriptor_blocks,
-                      use_mask_tma)
+                      _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
+                      descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
+                      load_mask_tile, masked_scores, program_tile, scores_with_mask_tile,
+                      set_descriptor_blocks, use_mask_tma, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -294,10 +294,10 @@ def _bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     FILLS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
     MASK_TMA: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NATURAL: tl.constexpr, PADDED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NATURAL: tl.constexpr, PADDED_ROWS: tl.constexpr, BATCH_INNER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = program_tile(HKV, BATCH_INNER)
     b32 = pid_bh // HKV  # descriptor indices; pointer offsets are 64-bit
     hkv32 = pid_bh % HKV
     off_b = b32.to(tl.int64)
@@ -411,15 +411,17 @@ def _dq_tiles(
     offs_m, offs_d, offs_dv, lo, hi, qk_scale, softcap_log2,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn,
     stride_mm, stride_mn, stride_pn,
-    L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, mask_b, mask_h, start_m,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     STORE_DS: tl.constexpr, FILLS: tl.constexpr, BOUNDARY: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NATURAL: tl.constexpr,
+    MASK_TMA: tl.constexpr,
 ):
     """dQ contributions of key tiles [lo, hi) to one query tile (and dS when asked for),
-    from P' = exp2(S - m): the rows' factor exp2(-r) is applied to dQ (and dS) by the caller."""
+    from P' = exp2(S - m): the rows' factor exp2(-r) is applied to dQ (and dS) by the caller.
+    MASK_TMA: mask_base is a tensor descriptor, as in the forward (``_mask_tile``)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -429,10 +431,8 @@ def _dq_tiles(
         if DOT_UPCAST:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
-        mask_tile = 0
-        if MASK_KIND != 0:
-            mask_tile = load_mask_tile(mask_base, offs_m[:, None], offs_n[None, :],
-                                       stride_mm, stride_mn, L, S)
+        mask_tile = _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b,
+                               mask_h, start_m, start_n, BLOCK_M, BLOCK_N, MASK_KIND, MASK_TMA)
         s, t = scores_with_mask_tile(
             tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
             mask_tile, kpm_base, stride_pn, S, offset, window, qk_scale, softcap_log2,
@@ -471,10 +471,10 @@ def _bwd_dq_kernel(
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
     FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NATURAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NATURAL: tl.constexpr, BATCH_INNER: tl.constexpr, MASK_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = program_tile(H, BATCH_INNER)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = off_h // GROUP
@@ -498,7 +498,14 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, mask=offs_m < L, other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
-    mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    if MASK_TMA:  # a descriptor of the mask's own dims (see the forward kernel)
+        mask_base = MASK
+        mask_b = tl.where(stride_mb == 0, 0, off_b).to(tl.int32)
+        mask_h = tl.where(stride_mh == 0, 0, off_h).to(tl.int32)
+    else:
+        mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+        mask_b = off_b
+        mask_h = off_h
     kpm_base = KPM + off_b * stride_pb
     ds_base = DS + off_b * stride_sb + off_h * stride_sh
     seed0, seed1 = load_seed(SEED, DROPOUT)
@@ -512,25 +519,28 @@ def _bwd_dq_kernel(
             dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
             offs_m, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
-            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-            DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION, NATURAL,
+            L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, mask_b, mask_h,
+            start_m, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL,
+            HAS_WINDOW, HAS_SOFTCAP, DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
+            NATURAL, MASK_TMA,
         )
     dq = _dq_tiles(
         dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
         offs_m, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, FILLS, False, DOT_UPCAST, DOT_PRECISION, NATURAL,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, mask_b, mask_h,
+        start_m, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL,
+        HAS_WINDOW, HAS_SOFTCAP, DROPOUT, STORE_DS, FILLS, False, DOT_UPCAST, DOT_PRECISION,
+        NATURAL, MASK_TMA,
     )
     dq = _dq_tiles(
         dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
         offs_m, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_sm, stride_sn, stride_mm, stride_mn, stride_pn,
-        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-        DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION, NATURAL,
+        L, S, offset, window, seed0, seed1, pid_bh, dropout_p, dropout_scale, mask_b, mask_h,
+        start_m, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_KPM, IS_CAUSAL,
+        HAS_WINDOW, HAS_SOFTCAP, DROPOUT, STORE_DS, FILLS, True, DOT_UPCAST, DOT_PRECISION,
+        NATURAL, MASK_TMA,
     )
     dq = dq * (sm_scale * row_scale[:, None])
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -555,20 +565,27 @@ _DQ_CONFIGS = [
 ]
 
 
-def _fits(resident: int, streamed: int, accumulators: int):
+def _fits(resident: int, streamed: int, accumulators: int, mask_stages: bool = False):
     """A pruning rule for one kernel. resident/streamed: elements per row of the tile that
-    stays in shared memory / is loaded each stage; accumulators: fp32 accumulator columns."""
+    stays in shared memory / is loaded each stage; accumulators: fp32 accumulator columns;
+    mask_stages: a mask read through a descriptor (MASK_TMA) takes a tile per stage and key
+    tiles at least MASK_TMA_MIN_BLOCK_N wide (the forward's rule)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         elem = _dtype_of(args["Q"]).itemsize
         d, dv = args["BLOCK_D"], args["BLOCK_DV"]
         width = {"d": d, "dv": dv, "d+dv": d + dv}
+        mask_elem = 0
+        if mask_stages and args.get("MASK_TMA"):
+            mask_elem = _dtype_of(args["MASK"]).itemsize
+            configs = [c for c in configs if c.kwargs["BLOCK_N"] >= MASK_TMA_MIN_BLOCK_N]
         kept = []
         for c in configs:
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             own, other = (n, m) if resident == "n" else (m, n)
             smem = elem * (own * width["d+dv"] + c.num_stages * other * width["d+dv"])
+            smem += mask_elem * c.num_stages * m * n
             regs = own * width[accumulators] // (c.num_warps * 32)
             if smem <= 160 * 1024 and regs <= 128:
                 kept.append(c)
@@ -587,6 +604,11 @@ ROW_PAD = 64
 def _set_dkdv_blocks(nargs) -> None:
     """The dK/dV kernel's pre-hook: tile shapes for its tensor descriptors."""
     set_descriptor_blocks(nargs, _DKDV_TILES)
+
+
+def _set_dq_blocks(nargs) -> None:
+    """The dQ kernel's pre-hook: the mask descriptor's tile shape."""
+    set_descriptor_blocks(nargs, {"MASK": ("BLOCK_M", "BLOCK_N")})
 
 
 def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
@@ -616,7 +638,8 @@ def _tuning_dq_hook(nargs) -> None:
 
 _bwd_dkdv_dq_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
                                     _DKDV_KEY, pre_hook=_tuning_dq_hook)
-_bwd_dq_autotuned = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _fits("m", "n", "d"), ("STORE_DS",))
+_bwd_dq_autotuned = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _fits("m", "n", "d", mask_stages=True),
+                               ("STORE_DS", "MASK_TMA"), pre_hook=_set_dq_blocks)
 
 
 def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
@@ -630,7 +653,7 @@ def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
 
 _DKDV = TunedKernel(_bwd_dkdv_autotuned, _bwd_dkdv_kernel, _set_dkdv_blocks)
 _DKDV_DQ = TunedKernel(_bwd_dkdv_dq_autotuned, _bwd_dkdv_kernel, _set_dkdv_blocks)
-_DQ = TunedKernel(_bwd_dq_autotuned, _bwd_dq_kernel)
+_DQ = TunedKernel(_bwd_dq_autotuned, _bwd_dq_kernel, _set_dq_blocks)
 
 
 def _kernels(head_dim_pad: int, dtype: torch.dtype, dq_atomic: bool):
@@ -643,39 +666,32 @@ def _kernels(head_dim_pad: int, dtype: torch.dtype, dq_atomic: bool):
     return _DKDV_DQ if dq_atomic else _DKDV, None, _DQ, None
 
 
-# Head dims (tile width) where the dK/dV kernel's descriptor loads, and where the atomic dQ
-# path, measured faster (H100, bf16, N = 4k and 16k, kernel time through CUDA graphs; see
-# BENCHMARKS.md, session 8). At hd64 the atomic path measured 0.77-0.86x the split one, and
-# the split one's descriptor loads 0.92-0.98x its pointer loads.
+# Head dims (tile width) where the dK/dV kernel's descriptor loads measured faster (H100,
+# bf16, N = 4k and 16k, kernel time through CUDA graphs; see BENCHMARKS.md, session 8); at
+# hd64 the split path's descriptor loads measured 0.92-0.98x its pointer loads.
 BWD_DESCRIPTOR_HEAD_DIMS = (128,)
-ATOMIC_DQ_HEAD_DIMS = (128,)
 
 
-def dq_by_atomics(need_mask_grad: bool, tma: bool, block_d: int, mask_tensor: bool) -> bool:
+def dq_by_atomics(need_mask_grad: bool) -> bool:
     """Whether the dK/dV kernel also forms dQ, adding each key tile's share into an fp32
     accumulator, instead of a second kernel that recomputes S and dP per query tile (7 matrix
-    products -> 5). Taken where it measured faster: with the descriptor loads (``tma``) at
-    hd128 (``block_d``: the head dim's tile width) on a GPU, where the copy engine does the
-    adds, and only for calls that read a mask tensor (``mask_tensor``: a bool or float
-    attn_mask). With the padded row statistics (session 12, H100, bf16, backward TFLOP/s)
-    the split path's dK/dV kernel got 1.25-1.45x faster and the atomic one's 1.01-1.05x, so
-    without a mask the split path now wins (N = 1k 331 vs 266, 4k 380 vs 334, 16k 397 vs
-    349; causal 4k 339 vs 303, 16k 378 vs 369) and with one the atomic path still does (bias
-    4k 231 vs 225, 16k 243 vs 235; bool 4k 288 vs 266). With pointer loads and atomic
-    instructions it measured 0.89-1.02x, so not there; at hd64 0.77-0.86x. Never when the
-    mask's gradient is wanted (the dQ kernel writes dS), nor under
-    torch.use_deterministic_algorithms (the adds' order varies between runs, so dQ may differ
-    in its last bits). SDPA_PASS_BWD_DQ=atomic|split forces a path otherwise
-    (atomic under the interpreter: pointer atomics, which is how the CPU tests run it)."""
+    products -> 5). Only when asked (SDPA_PASS_BWD_DQ=atomic): it no longer measures faster
+    anywhere. History (H100, bf16, backward TFLOP/s, BENCHMARKS.md): it was the default at
+    hd128 with descriptor loads (the copy engine doing the adds) until the padded row
+    statistics (session 12) made the split path win without a mask (N = 1k 331 vs 266, 4k
+    380 vs 334, 16k 397 vs 349; causal 4k 339 vs 303), and until the dQ kernel read the mask
+    through a descriptor (session 13) made it win with one (bias N = 1k 216.5 vs 194.0, 4k
+    248.8 vs 234.7; bool 1k 252.6 vs 231.7, 4k 288.9 vs 283.8). With pointer loads and atomic
+    instructions it measured 0.89-1.02x, at hd64 0.77-0.86x. Never when the mask's gradient
+    is wanted (the dQ kernel writes dS), nor under torch.use_deterministic_algorithms (the
+    adds' order varies between runs, so dQ may differ in its last bits). Under the
+    interpreter the atomic path runs pointer atomics, which is how the CPU tests run it."""
     forced = os.environ.get("SDPA_PASS_BWD_DQ", "")
     if forced not in ("", "atomic", "split"):
         raise ValueError(f"SDPA_PASS_BWD_DQ must be 'atomic' or 'split', got {forced!r}")
     if need_mask_grad or torch.are_deterministic_algorithms_enabled():
         return False
-    if forced:
-        return forced == "atomic"
-    return (tma and mask_tensor and block_d in ATOMIC_DQ_HEAD_DIMS
-            and not interpreter_active())
+    return forced == "atomic"
 
 
 def _launch(kernel, tiles, grid, args, meta, pre_hook=None, plan_key=None) -> None:
@@ -732,7 +748,7 @@ class _BackwardDecisions:
         self.rows = -(-L // ROW_PAD) * ROW_PAD if padded_rows else L
         self.offset = causal_offset(causal_align, diagonal, L, S)
         self.tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
-        self.dq_atomic = dq_by_atomics(need_mask_grad, self.tma, block_d, mask_kind != MASK_NONE)
+        self.dq_atomic = dq_by_atomics(need_mask_grad)
         self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
             max(block_d, block_dv), q.dtype, self.dq_atomic)
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
@@ -744,7 +760,13 @@ class _BackwardDecisions:
             HAS_SOFTCAP=has_softcap, DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NATURAL=natural,
         )
-        common = dict(masks, DROPOUT=dropout, FILLS=mask_fills and mask_kind == MASK_FLOAT)
+        # Batch-first programs (the forward's order for a float mask shared by the batch):
+        # H100, hd128, ALiBi bias (1, H, N, N), B = 16 / 4 / 2 at N = 1k / 4k / 8k: split dQ
+        # path 1.03x / 1.02x / 1.00x, atomic path 0.93x / 0.96x / 0.95x (the Q, dO and dQ-sum
+        # tiles of B batch elements at once in L2 instead of one); a bool (N, N) mask at 4k
+        # 0.98x (BENCHMARKS.md, session 13). Off unless SDPA_PASS_BATCH_INNER=1.
+        common = dict(masks, DROPOUT=dropout, FILLS=mask_fills and mask_kind == MASK_FLOAT,
+                      BATCH_INNER=batch_inner(mask_kind, mask.stride(), B, measured_faster=False))
         prep_tiles = (_INTERPRETER_CONFIG if interpreter_active()
                       else _fixed_config(max(block_d, block_dv), q.dtype))
         self.prep_params = dict(HAS_GRAD_LSE=has_grad_lse, **masks, **prep_tiles)
@@ -762,7 +784,17 @@ class _BackwardDecisions:
                           "PADDED_ROWS": padded_rows}
         # the descriptors' tile shapes, set before each launch that passes any
         self.dkdv_hook = _set_dkdv_blocks if self.tma or self.mask_tma else None
-        self.dq_meta = {**common, "STORE_DS": need_mask_grad}
+        # The dQ kernel reads the mask tile as the forward does (same orientation), through a
+        # descriptor where the forward would at these head dims: the copy engine fetches it
+        # ahead instead of a pointer load the loop waits for. SDPA_PASS_MASK_TMA=0 / =1 as
+        # for the forward.
+        self.dq_mask_tma = (mask_kind != MASK_NONE and max(block_d, block_dv) <= 128
+                            and use_mask_tma(q, mask))
+        if self.dq_mask_tma and self.dq_cfg is not None and not interpreter_active():
+            self.dq_cfg = dict(self.dq_cfg,
+                               BLOCK_N=max(self.dq_cfg["BLOCK_N"], MASK_TMA_MIN_BLOCK_N))
+        self.dq_meta = {**common, "STORE_DS": need_mask_grad, "MASK_TMA": self.dq_mask_tma}
+        self.dq_hook = _set_dq_blocks if self.dq_mask_tma else None
         self.dkdv_grid = lambda meta: (-(-S // meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         self.dq_grid = lambda meta: (-(-L // meta["BLOCK_M"]), B * Hq)  # noqa: E731
 
@@ -845,11 +877,12 @@ def attention_backward_triton(
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (
-        q, k, v, grad_out, row_m, row_r, delta, dq, ds, mask, kpm, seed,
+        q, k, v, grad_out, row_m, row_r, delta, dq, ds,
+        _mask_descriptor(mask) if d.dq_mask_tma else mask, kpm, seed,
         qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
         *mstrides, *pstrides, *rstrides,
-        Hq, L, S, shape.group, d.offset, window), d.dq_meta, None, plan and (plan, "dq"))
+        Hq, L, S, shape.group, d.offset, window), d.dq_meta, d.dq_hook, plan and (plan, "dq"))
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims
         dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype)

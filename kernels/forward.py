@@ -131,6 +131,38 @@ def scores_with_mask_tile(
 
 
 @triton.jit
+def program_tile(H, BATCH_INNER: tl.constexpr):
+    """(tile, b * H + h) of this program in a grid of (tiles, B * H). The GPU starts programs
+    in order of their linear id, the first grid dim fastest: the tiles of one (b, h) run side
+    by side and share its K and V (or Q and dO) in L2. A mask broadcast over the batch is read
+    again by every batch element, B apart in that order; BATCH_INNER (see batch_inner) decodes
+    the linear id batch element first, so the B programs reading one mask tile run side by
+    side and all but the first find it in L2."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    if BATCH_INNER:
+        tiles = tl.num_programs(0)
+        batch = tl.num_programs(1) // H
+        lin = bh * tiles + tile
+        rest = lin // batch
+        bh = (lin % batch) * H + rest // tiles
+        tile = rest % tiles
+    return tile, bh
+
+
+def batch_inner(mask_kind: int, mask_strides: tuple, batch: int, measured_faster: bool) -> bool:
+    """Whether a kernel takes its programs batch element first (``program_tile``): only for an
+    attn_mask broadcast over a batch of more than one (a bias shared by the batch, as T5 and
+    ALiBi models build it; a causal or padding pattern without a batch dim), which every batch
+    element reads again, and where that ``measured_faster`` (the callers say where);
+    SDPA_PASS_BATCH_INNER=1 takes that order for every such mask, =0 for none."""
+    if mask_kind == MASK_NONE or batch == 1 or mask_strides[0] != 0:
+        return False
+    setting = os.environ.get("SDPA_PASS_BATCH_INNER")
+    return setting == "1" or (setting != "0" and measured_faster)
+
+
+@triton.jit
 def key_ranges(start_m, S, offset, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query tile at start_m: key tiles [lo, hi) hold every key a row can see, and
@@ -383,14 +415,14 @@ def _attention_fwd_kernel(
     NAN_ON_EMPTY: tl.constexpr, STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr, MASK_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr, NATURAL: tl.constexpr,
-    REVERSE: tl.constexpr, PIPELINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REVERSE: tl.constexpr, PIPELINE: tl.constexpr, BATCH_INNER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m, pid_bh = program_tile(H, BATCH_INNER)
     if REVERSE:
         # the longest rows first: a causal tile's work grows with its index, and starting the
         # short ones last keeps every multiprocessor busy until the end
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hkv = off_h // GROUP  # GQA/MQA: query heads of a group read one K/V head, no copies
@@ -853,6 +885,10 @@ def attention_forward_triton(
         NATURAL=natural,
         REVERSE=causal_align != CAUSAL_NONE,
         PIPELINE=os.environ.get("SDPA_PASS_FWD_PIPELINE") == "1",  # see _attend_tiles
+        # H100, hd128, (1, H, N, N) bf16 ALiBi bias, B = 16 / 4 / 2 at N = 1k / 4k / 8k: 1.05x /
+        # 1.05x / 1.02x; a random (N, N) bool mask (16 MB at 4k, in L2 either way) 0.97x at 4k
+        # (BENCHMARKS.md, session 13). So float masks only.
+        BATCH_INNER=batch_inner(mask_kind, mstrides, B, measured_faster=mask_kind == MASK_FLOAT),
     )
     if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         # Fixed tiles, no tuning runs: small ones in the interpreter, the defaults on a GPU

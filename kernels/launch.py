@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - triton without host tensor descriptors
 # The variables that change a launch's decisions; part of every plan key.
 _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE",
               "SDPA_PASS_BWD_TMA", "SDPA_PASS_BWD_DQ", "SDPA_PASS_FWD_PIPELINE",
-              "SDPA_PASS_BWD_PADDED_ROWS")
+              "SDPA_PASS_BWD_PADDED_ROWS", "SDPA_PASS_BATCH_INNER")
 
 
 def call_key(*parts) -> Optional[tuple]:

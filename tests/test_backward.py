@@ -463,8 +463,7 @@ def test_deterministic_gradients(monkeypatch, mask_grad):
             leaves_ = [t.detach().requires_grad_() for t in (q, k, v)]
             out = attention(*leaves_, bias, causal="bottom_right", enable_gqa=True)
             runs.append(torch.autograd.grad(out, leaves_ + [bias] * mask_grad, grad_out))
-        assert not bwd.dq_by_atomics(need_mask_grad=False, tma=True, block_d=128,
-                                     mask_tensor=True)
+        assert not bwd.dq_by_atomics(need_mask_grad=False)
     finally:
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(*runs):

@@ -1,12 +1,11 @@
-"""The backward's atomic dQ path: the dK/dV kernel also forms dQ (SDPA_PASS_BWD_DQ=atomic).
+"""The backward's dQ paths: the atomic one (the dK/dV kernel also forms dQ,
+SDPA_PASS_BWD_DQ=atomic), the split one's load paths, and which the kernel takes.
 
 Apart from tests/test_backward.py, whose every test also runs through the chunked PyTorch
 backward: these test the Triton kernel's own path choice.
 """
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
@@ -37,25 +36,19 @@ def launches(monkeypatch):
 
 
 def test_dq_path_choice(monkeypatch):
-    """Atomic dQ only with the descriptor loads on a GPU, at hd128, for calls that read a mask
-    tensor, unless forced; never when the mask's gradient is wanted (only the dQ kernel writes
-    dS); a bad setting is named."""
+    """Atomic dQ only when asked; never when the mask's gradient is wanted (only the dQ kernel
+    writes dS); a bad setting is named."""
     monkeypatch.setattr(bwd, "interpreter_active", lambda: False)
-    choice = functools.partial(bwd.dq_by_atomics, need_mask_grad=False, tma=True, block_d=128,
-                               mask_tensor=True)
-    assert choice()
-    assert not choice(tma=False)
-    assert not choice(block_d=64)
-    assert not choice(mask_tensor=False)
-    assert not choice(need_mask_grad=True)
+    monkeypatch.delenv("SDPA_PASS_BWD_DQ", raising=False)
+    assert not bwd.dq_by_atomics(need_mask_grad=False)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
-    assert not choice()
+    assert not bwd.dq_by_atomics(need_mask_grad=False)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
-    assert choice(tma=False, mask_tensor=False)
-    assert not choice(need_mask_grad=True)
+    assert bwd.dq_by_atomics(need_mask_grad=False)
+    assert not bwd.dq_by_atomics(need_mask_grad=True)
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomics")
     with pytest.raises(ValueError, match="SDPA_PASS_BWD_DQ must be 'atomic' or 'split'"):
-        choice()
+        bwd.dq_by_atomics(need_mask_grad=False)
 
 
 # (dtype, loads): the dK/dV kernel adding dQ with pointer atomics, reading Q/dO/K/V and the
@@ -89,6 +82,30 @@ def test_dq_added_by_the_dkdv_kernel(monkeypatch, launches, route, mask, causal)
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
 
 
+@pytest.mark.parametrize("causal", ["none", "window7_bottom_right"])
+@pytest.mark.parametrize("mask", ["bool_LS", "float_1HLS", "float_1HLS_grad", "float_B11S"])
+def test_dq_kernel_reads_the_mask_through_a_descriptor(monkeypatch, launches, mask, causal):
+    """The split path's dQ kernel reads the mask tile through a tensor descriptor as the
+    forward does (SDPA_PASS_MASK_TMA=1 here; by default on Hopper at head dims <= 128): GQA,
+    a mask broadcast over batch or heads, the float mask's own gradient (dS), a window. The
+    dK/dV kernel reads it through pointers (its Q/K/V loads are pointers here)."""
+    monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
+    monkeypatch.setenv("SDPA_PASS_BWD_TMA", "0")
+    monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
+    dtype = torch.float16
+    hq, hkv = HEADS["gqa2"]
+    q, k, v = leaves(*make_qkv(dtype, hq, hkv, L=L, S=S, D=64))
+    attn_mask, kpm = make_mask(mask.removesuffix("_grad"), hq, L, S, dtype)
+    if mask.endswith("_grad"):
+        attn_mask.requires_grad_()
+    dout = randn(B, hq, L, 64, dtype=dtype)
+    extras = CAUSAL_KINDS[causal]
+    grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
+    # a (B, 1, 1, S) padding bias broadcasts over rows: pointer loads (use_mask_tma)
+    assert [m["MASK_TMA"] for m in launches] == [False, mask != "float_B11S"]
+    assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
+
+
 @pytest.mark.parametrize("extras", [dict(softcap=5.0, causal="bottom_right"),
                                     dict(dropout_p=0.3, is_causal=True)], ids=["softcap", "dropout"])
 def test_dq_paths_agree(monkeypatch, extras):
@@ -106,20 +123,23 @@ def test_dq_paths_agree(monkeypatch, extras):
 
 
 def test_default_path_at_head_dim_128(monkeypatch, launches):
-    """hd128 with a bool mask, GQA and causal: on a GPU (Hopper, bf16) the default is the atomic
-    dQ path with every load through descriptors; the CPU interpreter takes it when asked."""
+    """hd128 with a bool mask, GQA and causal: on a GPU (Hopper, bf16) the default is the split
+    dQ path, the dK/dV kernel's loads (mask included) and the dQ kernel's mask through
+    descriptors; the CPU interpreter takes them when asked."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     on_hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    monkeypatch.delenv("SDPA_PASS_BWD_DQ", raising=False)
     if not on_hopper:
-        for name, value in (("SDPA_PASS_BWD_DQ", "atomic"), ("SDPA_PASS_BWD_TMA", "1"),
-                            ("SDPA_PASS_MASK_TMA", "1")):
-            monkeypatch.setenv(name, value)
+        for name in ("SDPA_PASS_BWD_TMA", "SDPA_PASS_MASK_TMA"):
+            monkeypatch.setenv(name, "1")
     q, k, v = leaves(*make_qkv(dtype, 4, 2, L=L, S=S, D=128))
     attn_mask, _ = make_mask("bool_LS", 4, L, S, dtype)
     dout = randn(B, 4, L, 128, dtype=dtype)
     extras = CAUSAL_KINDS["bottom_right"]
     grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
-    assert [(m["DQ_ATOMIC"], m["TMA"], m["MASK_TMA"]) for m in launches] == [(True, True, True)]
+    dkdv, dq = launches
+    assert (dkdv["DQ_ATOMIC"], dkdv["TMA"], dkdv["MASK_TMA"], dq["MASK_TMA"]) == (
+        False, True, True, True)
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
 
 

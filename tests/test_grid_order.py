@@ -1,0 +1,122 @@
+"""The order in which the kernels take their programs (``program_tile``, ``batch_inner``).
+
+A mask broadcast over the batch is read again by every batch element; the forward, dK/dV and
+dQ kernels can decode their program ids batch element first, so the programs reading one mask
+tile run side by side (and share it in L2): the forward does for float masks, the backward
+kernels only when asked (where it measured faster or slower, see the kernels). The order must
+not change what any program computes: outputs and gradients are bitwise those of the plain
+order, and right against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import sdpa_pass.kernels.backward as bwd
+import sdpa_pass.kernels.forward as fwd
+from sdpa_pass.kernels import attention
+from sdpa_pass.kernels.launch import clear_plans
+from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+from test_backward import assert_grads_close, reference_grads
+
+B, HQ, HKV, L, S, D = 3, 4, 2, 19, 37, 32
+
+
+@triton.jit
+def _record_order(OUT, H, BATCH_INNER: tl.constexpr):
+    tile, bh = fwd.program_tile(H, BATCH_INNER)
+    lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(OUT + 2 * lin, tile)
+    tl.store(OUT + 2 * lin + 1, bh)
+
+
+@pytest.mark.parametrize("batch_inner", [False, True])
+def test_program_order(batch_inner):
+    """Every (tile, b, h) exactly once; in launch order (the linear program id) the plain
+    order runs the tiles of one (b, h) together, the batch-inner order the batch elements
+    of one (tile, h)."""
+    tiles, batch, heads = 5, 3, 4
+    out = torch.full((tiles * batch * heads, 2), -1, dtype=torch.int32, device=DEVICE)
+    _record_order[(tiles, batch * heads)](out, heads, batch_inner)
+    got = [(t, bh // heads, bh % heads) for t, bh in out.tolist()]
+    assert sorted(got) == [(t, b, h) for t in range(tiles) for b in range(batch)
+                           for h in range(heads)]
+    if batch_inner:
+        want = [(t, b, h) for h in range(heads) for t in range(tiles) for b in range(batch)]
+    else:
+        want = [(t, b, h) for b in range(batch) for h in range(heads) for t in range(tiles)]
+    assert got == want
+
+
+MASKS = {
+    # name: (mask maker, whether it broadcasts over the batch)
+    "float_1HLS": (lambda dtype: randn(1, HQ, L, S, dtype=dtype), True),
+    "bool_LS": (lambda dtype: torch.rand(L, S, device=DEVICE) > 0.3, True),
+    "float_BHLS": (lambda dtype: randn(B, HQ, L, S, dtype=dtype), False),
+    "none": (lambda dtype: None, False),
+}
+
+
+def _forward_meta():
+    (plan,) = fwd._FORWARD_PLANS._plans.values()
+    return plan.call.kwargs
+
+
+def _backward_meta():
+    (decisions,) = bwd._BACKWARD_DECISIONS._plans.values()
+    return decisions.dkdv_meta, decisions.dq_meta
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", MASKS)
+def test_batch_inner_order_gives_the_same_results(monkeypatch, mask, causal):
+    """Batch-first only where the mask broadcasts over a batch of more than one: by default in
+    the forward for a float mask (where it measured faster), everywhere with
+    SDPA_PASS_BATCH_INNER=1, nowhere with =0. Outputs and gradients (GQA, the split dQ path, a
+    float mask's gradient) are bitwise the same in every order and right against the float64
+    reference."""
+    make, broadcast = MASKS[mask]
+    monkeypatch.setenv("SDPA_PASS_AUTOTUNE", "0")  # on a GPU: the same tiles for every order
+    dtype = torch.float16
+    torch.manual_seed(0)
+    q, k, v = (randn(B, h, n, D, dtype=dtype) for h, n in ((HQ, L), (HKV, S), (HKV, S)))
+    attn_mask = make(dtype)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask.requires_grad_()
+    grad_out = randn(B, HQ, L, D, dtype=dtype)
+    kwargs = dict(is_causal=causal, enable_gqa=True)
+    # setting: (forward batch-first, backward batch-first)
+    expected = {None: (broadcast and mask.startswith("float"), False),
+                "1": (broadcast, broadcast), "0": (False, False)}
+    results = []
+    for setting, (forward_order, backward_order) in expected.items():
+        if setting is None:
+            monkeypatch.delenv("SDPA_PASS_BATCH_INNER", raising=False)
+        else:
+            monkeypatch.setenv("SDPA_PASS_BATCH_INNER", setting)
+        clear_plans()
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        inputs = leaves + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
+        out = attention(*leaves, attn_mask, **kwargs)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        assert _forward_meta()["BATCH_INNER"] is forward_order
+        assert [m["BATCH_INNER"] for m in _backward_meta()] == [backward_order] * 2
+        results.append((out, *grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    ref, _ = reference_attention(q, k, v, attn_mask, is_causal=causal)
+    assert_close_to_reference(results[0][0], ref, dtype)
+    assert_grads_close(results[0][1:], reference_grads(q, k, v, attn_mask, grad_out,
+                                                       is_causal=causal), dtype)
+
+
+def test_batch_of_one_keeps_the_plain_order(monkeypatch):
+    monkeypatch.setenv("SDPA_PASS_BATCH_INNER", "1")
+    clear_plans()
+    q, k, v = (randn(1, HQ, n, D, dtype=torch.float16) for n in (L, S, S))
+    attention(q, k, v, randn(1, HQ, L, S, dtype=torch.float16))
+    assert _forward_meta()["BATCH_INNER"] is False
