@@ -36,7 +36,7 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, MASK_BOOL, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
+from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
                       _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
                       load_mask_tile, masked_scores, program_tile, scores_with_mask_tile,
@@ -773,12 +773,11 @@ class _BackwardDecisions:
         self.prep_grid = (-(-self.rows // prep_tiles["BLOCK_M"]), B * Hq)
         # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
         self.tma_add = self.tma and self.dq_atomic and not interpreter_active()
-        # A bool mask through a descriptor too where the forward would read it so: hd128
-        # forward + backward 1.34-1.36x at N = 4k-32k (H100, bf16); a float mask measured
-        # 0.93-0.98x that way, so only SDPA_PASS_MASK_TMA=1 sends it there.
-        self.mask_tma = (self.tma and mask_kind != MASK_NONE and use_mask_tma(q, mask)
-                         and (mask_kind == MASK_BOOL
-                              or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
+        # The mask through a descriptor too where the forward would read it so (H100, bf16,
+        # hd128): a bool mask forward + backward 1.34-1.36x at N = 4k-32k (session 7); a float
+        # mask 0.93-0.98x then, but with the padded row statistics and the split dQ path the
+        # backward 1.13x at N = 4k (251.2 -> 284.4 TFLOP/s, session 13).
+        self.mask_tma = self.tma and mask_kind != MASK_NONE and use_mask_tma(q, mask)
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
                           "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
                           "PADDED_ROWS": padded_rows}

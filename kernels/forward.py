@@ -886,9 +886,12 @@ def attention_forward_triton(
         REVERSE=causal_align != CAUSAL_NONE,
         PIPELINE=os.environ.get("SDPA_PASS_FWD_PIPELINE") == "1",  # see _attend_tiles
         # H100, hd128, (1, H, N, N) bf16 ALiBi bias, B = 16 / 4 / 2 at N = 1k / 4k / 8k: 1.05x /
-        # 1.05x / 1.02x; a random (N, N) bool mask (16 MB at 4k, in L2 either way) 0.97x at 4k
-        # (BENCHMARKS.md, session 13). So float masks only.
-        BATCH_INNER=batch_inner(mask_kind, mstrides, B, measured_faster=mask_kind == MASK_FLOAT),
+        # 1.05x / 1.02x (kernel time); in the matrix (every peer, N = 512-8k) hd64 1.03-1.14x,
+        # hd256 (its float mask through pointers) 0.97-0.98x; a random (N, N) bool mask (16 MB
+        # at 4k, in L2 either way) 0.97x at 4k (BENCHMARKS.md, session 13). So float masks at
+        # head dims up to 128.
+        BATCH_INNER=batch_inner(mask_kind, mstrides, B,
+                                measured_faster=mask_kind == MASK_FLOAT and block_d <= 128),
     )
     if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         # Fixed tiles, no tuning runs: small ones in the interpreter, the defaults on a GPU

@@ -82,15 +82,18 @@ def test_dq_added_by_the_dkdv_kernel(monkeypatch, launches, route, mask, causal)
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
 
 
+@pytest.mark.parametrize("dkdv_loads", ["pointers", "descriptors"])
 @pytest.mark.parametrize("causal", ["none", "window7_bottom_right"])
 @pytest.mark.parametrize("mask", ["bool_LS", "float_1HLS", "float_1HLS_grad", "float_B11S"])
-def test_dq_kernel_reads_the_mask_through_a_descriptor(monkeypatch, launches, mask, causal):
+def test_split_path_reads_the_mask_through_descriptors(monkeypatch, launches, mask, causal,
+                                                       dkdv_loads):
     """The split path's dQ kernel reads the mask tile through a tensor descriptor as the
-    forward does (SDPA_PASS_MASK_TMA=1 here; by default on Hopper at head dims <= 128): GQA,
-    a mask broadcast over batch or heads, the float mask's own gradient (dS), a window. The
-    dK/dV kernel reads it through pointers (its Q/K/V loads are pointers here)."""
+    forward does (SDPA_PASS_MASK_TMA=1 here; by default on Hopper at head dims <= 128), and
+    the dK/dV kernel does when its Q/dO/K/V loads are descriptors too (SDPA_PASS_BWD_TMA=1;
+    by default at hd128): GQA, a mask broadcast over batch or heads, the float mask's own
+    gradient (dS), a window."""
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
-    monkeypatch.setenv("SDPA_PASS_BWD_TMA", "0")
+    monkeypatch.setenv("SDPA_PASS_BWD_TMA", "1" if dkdv_loads == "descriptors" else "0")
     monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
     dtype = torch.float16
     hq, hkv = HEADS["gqa2"]
@@ -102,7 +105,9 @@ def test_dq_kernel_reads_the_mask_through_a_descriptor(monkeypatch, launches, ma
     extras = CAUSAL_KINDS[causal]
     grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
     # a (B, 1, 1, S) padding bias broadcasts over rows: pointer loads (use_mask_tma)
-    assert [m["MASK_TMA"] for m in launches] == [False, mask != "float_B11S"]
+    descriptor = mask != "float_B11S"
+    assert [m["MASK_TMA"] for m in launches] == [descriptor and dkdv_loads == "descriptors",
+                                                 descriptor]
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
 
 

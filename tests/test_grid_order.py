@@ -120,3 +120,20 @@ def test_batch_of_one_keeps_the_plain_order(monkeypatch):
     q, k, v = (randn(1, HQ, n, D, dtype=torch.float16) for n in (L, S, S))
     attention(q, k, v, randn(1, HQ, L, S, dtype=torch.float16))
     assert _forward_meta()["BATCH_INNER"] is False
+
+
+def test_wide_heads_keep_the_plain_order(monkeypatch):
+    """At head dims past 128 the forward keeps the plain order for a shared float mask (where
+    batch-first measured slower) unless SDPA_PASS_BATCH_INNER=1 asks for it."""
+    q, k, v = (randn(B, HQ, n, 256, dtype=torch.float16) for n in (L, S, S))
+    bias = randn(1, HQ, L, S, dtype=torch.float16)
+    for setting, expected in ((None, False), ("1", True)):
+        if setting is None:
+            monkeypatch.delenv("SDPA_PASS_BATCH_INNER", raising=False)
+        else:
+            monkeypatch.setenv("SDPA_PASS_BATCH_INNER", setting)
+        clear_plans()
+        out = attention(q, k, v, bias)
+        assert _forward_meta()["BATCH_INNER"] is expected
+    ref, _ = reference_attention(q, k, v, bias)
+    assert_close_to_reference(out, ref, torch.float16)
