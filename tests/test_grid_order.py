@@ -22,7 +22,7 @@ from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from test_backward import assert_grads_close, reference_grads
 
-B, HQ, HKV, L, S, D = 3, 4, 2, 19, 37, 32
+B, HQ, HKV, L, S, D = 2, 4, 2, 19, 37, 32
 
 
 @triton.jit
@@ -51,12 +51,11 @@ def test_program_order(batch_inner):
     assert got == want
 
 
-MASKS = {
-    # name: (mask maker, whether it broadcasts over the batch)
-    "float_1HLS": (lambda dtype: randn(1, HQ, L, S, dtype=dtype), True),
-    "bool_LS": (lambda dtype: torch.rand(L, S, device=DEVICE) > 0.3, True),
-    "float_BHLS": (lambda dtype: randn(B, HQ, L, S, dtype=dtype), False),
-    "none": (lambda dtype: None, False),
+# name: (mask maker, is_causal); each broadcasts over the batch
+SHARED_MASKS = {
+    "float_1HLS": (lambda dtype: randn(1, HQ, L, S, dtype=dtype), False),
+    "float_1HLS_causal": (lambda dtype: randn(1, HQ, L, S, dtype=dtype), True),
+    "bool_LS_causal": (lambda dtype: torch.rand(L, S, device=DEVICE) > 0.3, True),
 }
 
 
@@ -70,27 +69,24 @@ def _backward_meta():
     return decisions.dkdv_meta, decisions.dq_meta
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("mask", MASKS)
-def test_batch_inner_order_gives_the_same_results(monkeypatch, mask, causal):
-    """Batch-first only where the mask broadcasts over a batch of more than one: by default in
-    the forward for a float mask (where it measured faster), everywhere with
-    SDPA_PASS_BATCH_INNER=1, nowhere with =0. Outputs and gradients (GQA, the split dQ path, a
-    float mask's gradient) are bitwise the same in every order and right against the float64
-    reference."""
-    make, broadcast = MASKS[mask]
+@pytest.mark.parametrize("mask", SHARED_MASKS)
+def test_batch_inner_order_gives_the_same_results(monkeypatch, mask):
+    """A mask shared by the batch: by default the forward takes its programs batch first for a
+    float mask (where it measured faster), SDPA_PASS_BATCH_INNER=1 every kernel for every
+    mask, =0 none. Outputs and gradients (GQA, the split dQ path, a float mask's gradient) are
+    bitwise the same in every order and right against the float64 reference."""
+    make, causal = SHARED_MASKS[mask]
     monkeypatch.setenv("SDPA_PASS_AUTOTUNE", "0")  # on a GPU: the same tiles for every order
     dtype = torch.float16
     torch.manual_seed(0)
     q, k, v = (randn(B, h, n, D, dtype=dtype) for h, n in ((HQ, L), (HKV, S), (HKV, S)))
     attn_mask = make(dtype)
-    if attn_mask is not None and attn_mask.is_floating_point():
+    if attn_mask.is_floating_point():
         attn_mask.requires_grad_()
     grad_out = randn(B, HQ, L, D, dtype=dtype)
     kwargs = dict(is_causal=causal, enable_gqa=True)
     # setting: (forward batch-first, backward batch-first)
-    expected = {None: (broadcast and mask.startswith("float"), False),
-                "1": (broadcast, broadcast), "0": (False, False)}
+    expected = {None: (mask.startswith("float"), False), "1": (True, True), "0": (False, False)}
     results = []
     for setting, (forward_order, backward_order) in expected.items():
         if setting is None:
@@ -99,7 +95,7 @@ def test_batch_inner_order_gives_the_same_results(monkeypatch, mask, causal):
             monkeypatch.setenv("SDPA_PASS_BATCH_INNER", setting)
         clear_plans()
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        inputs = leaves + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
+        inputs = leaves + ([attn_mask] if attn_mask.requires_grad else [])
         out = attention(*leaves, attn_mask, **kwargs)
         grads = torch.autograd.grad(out, inputs, grad_out)
         assert _forward_meta()["BATCH_INNER"] is forward_order
@@ -112,6 +108,26 @@ def test_batch_inner_order_gives_the_same_results(monkeypatch, mask, causal):
     assert_close_to_reference(results[0][0], ref, dtype)
     assert_grads_close(results[0][1:], reference_grads(q, k, v, attn_mask, grad_out,
                                                        is_causal=causal), dtype)
+
+
+def test_batch_first_needs_a_mask_shared_by_a_batch(monkeypatch):
+    """Only a mask with a broadcast (stride 0) batch dim and a batch of more than one: a mask
+    of every batch element, no mask, or one batch element keep the plain order, whatever the
+    setting."""
+    shared, own = (0, 4 * L * S, S, 1), (4 * L * S, L * S, S, 1)
+    decide = fwd.batch_inner
+    for setting in (None, "1"):
+        if setting is None:
+            monkeypatch.delenv("SDPA_PASS_BATCH_INNER", raising=False)
+        else:
+            monkeypatch.setenv("SDPA_PASS_BATCH_INNER", setting)
+        assert decide(fwd.MASK_FLOAT, shared, 3, measured_faster=True)
+        assert decide(fwd.MASK_BOOL, shared, 3, measured_faster=False) == (setting == "1")
+        assert not decide(fwd.MASK_FLOAT, own, 3, measured_faster=True)
+        assert not decide(fwd.MASK_NONE, (0, 0, 0, 0), 3, measured_faster=True)
+        assert not decide(fwd.MASK_FLOAT, shared, 1, measured_faster=True)
+    monkeypatch.setenv("SDPA_PASS_BATCH_INNER", "0")
+    assert not decide(fwd.MASK_FLOAT, shared, 3, measured_faster=True)
 
 
 def test_batch_of_one_keeps_the_plain_order(monkeypatch):
