@@ -2,10 +2,10 @@
 
 A mask broadcast over the batch is read again by every batch element; the forward, dK/dV and
 dQ kernels can decode their program ids batch element first, so the programs reading one mask
-tile run side by side (and share it in L2): the forward does for float masks, the backward
-kernels only when asked (where it measured faster or slower, see the kernels). The order must
-not change what any program computes: outputs and gradients are bitwise those of the plain
-order, and right against the float64 reference.
+tile run side by side (and share it in L2). By default the forward does for float masks at
+head dims up to 128, the backward kernels only when asked (the kernels' comments give the
+measurements). The order must not change what any program computes: outputs and gradients
+are bitwise those of the plain order, and right against the float64 reference.
 """
 
 from __future__ import annotations
