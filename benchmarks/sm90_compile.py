@@ -17,8 +17,8 @@ multiple of 16 (16-byte aligned pointers, unit strides as constants) and a (1, H
 broadcast over the batch. This is how BENCHMARKS.md's statements about the pipelining of the
 mask tile (session 7) and the backward's spills (session 8) were checked. ``--kernel dkdv``
 compiles the backward's dK/dV kernel: ``--dq-atomic`` with the dQ adds, ``--descriptors``
-with Q/dO/K/V (and, with --dq-atomic, the adds; with --mask-tma, the mask) through tensor
-descriptors.
+with Q/dO/K/V (and, with --dq-atomic, the adds) through tensor descriptors, ``--mask-tma``
+the mask tile through one (with or without --descriptors).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
         IS_CAUSAL=args.causal, HAS_WINDOW=False, HAS_SOFTCAP=False, DROPOUT=False,
         FILLS=False, DQ_ATOMIC=args.dq_atomic, TMA=args.descriptors,
         DQ_TMA_ADD=args.descriptors and args.dq_atomic,
-        MASK_TMA=args.descriptors and args.mask_tma and kind != 0,
+        MASK_TMA=args.mask_tma and kind != 0,
         DOT_UPCAST=False, DOT_PRECISION="tf32", NATURAL=kind == 2 and not args.log2,
         PADDED_ROWS=args.padded_rows, BATCH_INNER=False, BLOCK_M=m_tile, BLOCK_N=n_tile)
     pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA", "DQ_ACC")}
