@@ -776,8 +776,10 @@ class _BackwardDecisions:
         # The mask through a descriptor too where the forward would read it so (H100, bf16,
         # hd128): a bool mask forward + backward 1.34-1.36x at N = 4k-32k (session 7); a float
         # mask 0.93-0.98x then, but with the padded row statistics and the split dQ path the
-        # backward 1.13x at N = 4k (251.2 -> 284.4 TFLOP/s, session 13).
-        self.mask_tma = self.tma and mask_kind != MASK_NONE and use_mask_tma(q, mask)
+        # backward 1.13x at N = 4k (251.2 -> 284.4 TFLOP/s, session 13). With pointer loads of
+        # Q/dO/K/V (hd64 by default) only when SDPA_PASS_MASK_TMA=1 asks: not timed there yet.
+        self.mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask)
+                         and (self.tma or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
                           "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
                           "PADDED_ROWS": padded_rows}

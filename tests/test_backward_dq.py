@@ -87,11 +87,11 @@ def test_dq_added_by_the_dkdv_kernel(monkeypatch, launches, route, mask, causal)
 @pytest.mark.parametrize("mask", ["bool_LS", "float_1HLS", "float_1HLS_grad", "float_B11S"])
 def test_split_path_reads_the_mask_through_descriptors(monkeypatch, launches, mask, causal,
                                                        dkdv_loads):
-    """The split path's dQ kernel reads the mask tile through a tensor descriptor as the
-    forward does (SDPA_PASS_MASK_TMA=1 here; by default on Hopper at head dims <= 128), and
-    the dK/dV kernel does when its Q/dO/K/V loads are descriptors too (SDPA_PASS_BWD_TMA=1;
-    by default at hd128): GQA, a mask broadcast over batch or heads, the float mask's own
-    gradient (dS), a window."""
+    """The split path's kernels read the mask tile through a tensor descriptor
+    (SDPA_PASS_MASK_TMA=1 here; by default on Hopper the dQ kernel at head dims <= 128 and the
+    dK/dV kernel where its Q/dO/K/V loads are descriptors too, hd128), the dK/dV kernel with
+    its other loads through pointers or descriptors: GQA, a mask broadcast over batch or
+    heads, the float mask's own gradient (dS), a window."""
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")
     monkeypatch.setenv("SDPA_PASS_BWD_TMA", "1" if dkdv_loads == "descriptors" else "0")
     monkeypatch.setenv("SDPA_PASS_MASK_TMA", "1")
@@ -106,8 +106,8 @@ def test_split_path_reads_the_mask_through_descriptors(monkeypatch, launches, ma
     grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
     # a (B, 1, 1, S) padding bias broadcasts over rows: pointer loads (use_mask_tma)
     descriptor = mask != "float_B11S"
-    assert [m["MASK_TMA"] for m in launches] == [descriptor and dkdv_loads == "descriptors",
-                                                 descriptor]
+    assert [(m["MASK_TMA"], m.get("TMA")) for m in launches] == [
+        (descriptor, dkdv_loads == "descriptors"), (descriptor, None)]
     assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
 
 
