@@ -39,7 +39,7 @@ from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
                       _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
-                      load_mask_tile, masked_scores, program_tile, scores_with_mask_tile,
+                      load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       set_descriptor_blocks, use_mask_tma, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
@@ -357,12 +357,7 @@ def _bwd_dkdv_kernel(
             dq_base = DQ_ACC
         else:
             dq_base = DQ_ACC + off_b * stride_ab + off_h * stride_ah
-        if MASK_TMA:  # a descriptor of the mask's own dims: index 0 where it broadcasts
-            mask_base = MASK
-        else:
-            mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-        mask_b = tl.where(stride_mb == 0, 0, b32)
-        mask_h = tl.where(stride_mh == 0, 0, h32)
+        mask_base, mask_b, mask_h = mask_origin(MASK, b32, h32, stride_mb, stride_mh, MASK_TMA)
         m_base = ROW_M + off_b * stride_lb + off_h * stride_lh
         r_base = ROW_R + off_b * stride_lb + off_h * stride_lh
         d_base = DELTA + off_b * stride_lb + off_h * stride_lh
@@ -498,14 +493,7 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, mask=offs_m < L, other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
-    if MASK_TMA:  # a descriptor of the mask's own dims (see the forward kernel)
-        mask_base = MASK
-        mask_b = tl.where(stride_mb == 0, 0, off_b).to(tl.int32)
-        mask_h = tl.where(stride_mh == 0, 0, off_h).to(tl.int32)
-    else:
-        mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-        mask_b = off_b
-        mask_h = off_h
+    mask_base, mask_b, mask_h = mask_origin(MASK, off_b, off_h, stride_mb, stride_mh, MASK_TMA)
     kpm_base = KPM + off_b * stride_pb
     ds_base = DS + off_b * stride_sb + off_h * stride_sh
     seed0, seed1 = load_seed(SEED, DROPOUT)

@@ -245,6 +245,23 @@ def _mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, L, S, mask_b, ma
 
 
 @triton.jit
+def mask_origin(MASK, off_b, off_h, stride_mb, stride_mh, MASK_TMA: tl.constexpr):
+    """Where the attn_mask of batch element off_b, head off_h starts, as ``_mask_tile`` takes
+    it: MASK_TMA, the descriptor of the mask's own (unbroadcast) dims and the int32 indices
+    into them (0 where the mask broadcasts); else a pointer to its (L, S) plane (64-bit
+    offsets) and the indices as given."""
+    if MASK_TMA:
+        base = MASK
+        mask_b = tl.where(stride_mb == 0, 0, off_b).to(tl.int32)
+        mask_h = tl.where(stride_mh == 0, 0, off_h).to(tl.int32)
+    else:
+        base = MASK + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+        mask_b = off_b
+        mask_h = off_h
+    return base, mask_b, mask_h
+
+
+@triton.jit
 def _tile_probabilities(
     qk, mask_tile, m_i, kpm_base, offs_m, offs_n, qk_scale, softcap_log2, stride_pn, S,
     offset, window, seed0, seed1, bh, dropout_p, dropout_scale,
@@ -438,15 +455,7 @@ def _attention_fwd_kernel(
         k_base = K + off_b64 * stride_kb + off_hkv.to(tl.int64) * stride_kh
         v_base = V + off_b64 * stride_vb + off_hkv.to(tl.int64) * stride_vh
         o_base = O + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
-    if MASK_TMA:
-        # a descriptor of the mask's own (unbroadcast) dims: index 0 where it broadcasts
-        mask_base = MASK
-        mask_b = tl.where(stride_mb == 0, 0, off_b)
-        mask_h = tl.where(stride_mh == 0, 0, off_h)
-    else:
-        mask_base = MASK + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
-        mask_b = off_b
-        mask_h = off_h
+    mask_base, mask_b, mask_h = mask_origin(MASK, off_b, off_h, stride_mb, stride_mh, MASK_TMA)
     kpm_base = KPM + off_b64 * stride_pb
     seed0, seed1 = load_seed(SEED, DROPOUT)
 
