@@ -3,7 +3,8 @@
     python benchmarks/host_time.py --label new --out DIR
 
 For a few shapes (tiny ones, where only the host counts, and N = 512 / 1024 at hd128, where
-the host can be as long as the kernels), the best of 5 loops of 200 calls issued without
+the host can be as long as the kernels; without a mask, with a float bias or a bool mask, and
+GQA), the best of 5 loops of 200 calls issued without
 synchronizing (the host's time per call when it is the bottleneck), then ``do_bench`` (host
 included) and ``do_bench_cudagraph`` (kernels only) of forward + backward. Where the two
 differ, the host is what ``attention.py``'s numbers measure. Run it with
@@ -25,9 +26,13 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from sdpa_pass.kernels import attention
 
-# (B, H, N, D, causal)
-SHAPES = ((1, 1, 128, 128, True), (1, 1, 128, 64, False), (16, 16, 1024, 128, True),
-          (16, 16, 1024, 128, False), (32, 16, 512, 128, True))
+# (B, H, H_kv, N, D, causal, mask): mask None, "bias" (a (1, H, N, N) float bias) or "bool"
+# (an (N, N) bool mask); H_kv < H is grouped-query attention.
+SHAPES = ((1, 1, 1, 128, 128, True, None), (1, 1, 1, 128, 64, False, None),
+          (1, 2, 2, 128, 128, False, "bias"), (1, 2, 2, 128, 64, False, "bool"),
+          (16, 16, 16, 1024, 128, True, None), (16, 16, 16, 1024, 128, False, None),
+          (32, 16, 16, 512, 128, True, None), (32, 16, 16, 512, 128, False, "bias"),
+          (16, 32, 8, 1024, 128, True, None))
 
 
 def host_ms(fn, loops: int = 5, calls: int = 200) -> float:
@@ -42,14 +47,20 @@ def host_ms(fn, loops: int = 5, calls: int = 200) -> float:
     return best * 1e3
 
 
-def measure(B: int, H: int, N: int, D: int, causal: bool) -> dict:
+def measure(B: int, H: int, Hkv: int, N: int, D: int, causal: bool, mask) -> dict:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
     g = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    attn_mask = None
+    if mask == "bias":
+        attn_mask = torch.randn(1, H, N, N, device="cuda", dtype=torch.bfloat16)
+    elif mask == "bool":
+        attn_mask = torch.rand(N, N, device="cuda") > 0.2
 
     def fwd():
-        return attention(q, k, v, is_causal=causal)
+        return attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=H != Hkv)
 
     def fwd_bwd():
         return torch.autograd.grad(fwd(), (q, k, v), g)
@@ -58,7 +69,7 @@ def measure(B: int, H: int, N: int, D: int, causal: bool) -> dict:
     fwd_bwd()  # compiled, and the launch plans made
     ms, ms_graph = do_bench(fwd_bwd, warmup=25, rep=200), do_bench_cudagraph(fwd_bwd, rep=100)
     flops = 3.5 * 4 * B * H * N * N * D / (2 if causal else 1)
-    return dict(B=B, H=H, N=N, D=D, causal=causal, host_fwd_ms=host_ms(fwd),
+    return dict(B=B, H=H, H_kv=Hkv, N=N, D=D, causal=causal, mask=mask, host_fwd_ms=host_ms(fwd),
                 host_fwdbwd_ms=host_ms(fwd_bwd), do_bench_ms=ms, cudagraph_ms=ms_graph,
                 do_bench_tflops=flops / ms / 1e9, cudagraph_tflops=flops / ms_graph / 1e9)
 

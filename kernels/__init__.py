@@ -122,10 +122,12 @@ def attention(
         0.0 if softcap is None else float(softcap), empty_rows == "nan", return_lse or want_grad,
         float(dropout_p), seed, False, False,
     )
-    if want_grad and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        out, lse = torch.ops.sdpa_pass.attention_forward(*args)
+    elif want_grad:
         out, lse = _EagerAttention.apply(*args)
     else:
-        out, lse = torch.ops.sdpa_pass.attention_forward(*args)
+        out, lse = ops.forward_eager(*args)  # the op's implementation where nothing needs dispatch
     return (out, lse) if return_lse else out
 
 
@@ -145,7 +147,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        output = torch.ops.sdpa_pass.attention_forward(*args)
+        output = ops.forward_eager(*args)
         ops._setup_context(ctx, args, output)
         return output
 

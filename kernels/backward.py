@@ -36,11 +36,12 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, TunedKernel, _descriptor,
+from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _descriptor,
                       _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
-                      set_descriptor_blocks, use_mask_tma, MASK_TMA_MIN_BLOCK_N, _mask_tile)
+                      score_scales, set_descriptor_blocks, use_mask_tma, MASK_TMA_MIN_BLOCK_N,
+                      _mask_tile)
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -682,19 +683,22 @@ def dq_by_atomics(need_mask_grad: bool) -> bool:
     return forced == "atomic"
 
 
-def _launch(kernel, tiles, grid, args, meta, pre_hook=None, plan_key=None) -> None:
+def _launch(kernel, tiles, grid, args, meta, pre_hook=None, descriptors=None,
+            plan_key=None) -> None:
     """One backward launch; with a ``plan_key`` (the call's and the site's) a later call with
-    the same key launches the compiled kernel directly (kernels/launch.py)."""
+    the same key launches the compiled kernel directly (kernels/launch.py). ``descriptors``:
+    {argument position: maker} for the tensors the kernel takes as tensor descriptors."""
     if tiles is not None:
-        launch_fixed(_BACKWARD_CALLS, plan_key, kernel, grid, args, {**meta, **tiles}, pre_hook)
+        launch_fixed(_BACKWARD_CALLS, plan_key, kernel, grid, args, {**meta, **tiles}, pre_hook,
+                     descriptors)
         return
 
-    def first():  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
-        key = (*meta.values(), *(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        compiled, config = kernel.launch(key, grid, *args, **meta)
+    def first(launched):  # a TunedKernel: its key is the autotuner's (meta values and dtypes)
+        key = (*meta.values(), *(a.dtype for a in launched if isinstance(a, torch.Tensor)))
+        compiled, config = kernel.launch(key, grid, *launched, **meta)
         return kernel.kernel, compiled, grid(config), {**meta, **config}
 
-    launch_remembered(_BACKWARD_CALLS, plan_key, args, first, pre_hook)
+    launch_remembered(_BACKWARD_CALLS, plan_key, args, first, descriptors)
 
 
 # Compiled backward launches by (call key, launch site) (kernels/launch.py).
@@ -716,17 +720,19 @@ def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv
 class _BackwardDecisions:
     """What ``attention_backward_triton`` decides from a call's plan key alone (layouts,
     dtypes, flags, the SDPA_PASS_* variables): load paths, dQ path, kernels and tiles, the
-    meta-parameters and grids. Remembered per key (``_BACKWARD_DECISIONS``), so a later call
+    meta-parameters, grids and integer arguments. Remembered per key (``_BACKWARD_DECISIONS``), so a later call
     with the same key only allocates, builds its argument tuples and launches: these
     decisions read ~15 environment variables and cost ~50 us of host time a call (CPU,
     torch 2.13), on the H100 machine's slower host more, which at N <= 1024 is as long as
     the kernels."""
 
-    def __init__(self, q, k, v, grad_out, mask, shape: AttentionShape, mask_kind: int,
-                 block_d: int, block_dv: int, has_kpm: bool, causal_align: int, diagonal: int,
-                 window: int, has_softcap: bool, need_mask_grad: bool, dropout: bool,
-                 mask_fills: bool, has_grad_lse: bool):
+    def __init__(self, grad_out, q, k, v, out, lse, grad_lse, lp: LaunchParams,
+                 shape: AttentionShape, causal_align: int, diagonal: int, window: int,
+                 has_softcap: bool, need_mask_grad: bool, dropout: bool, mask_fills: bool):
         B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
+        mask_kind, mask, block_d, block_dv = lp.mask_kind, lp.mask, lp.block_d, lp.block_dv
+        has_kpm = lp.kpm is not q  # launch_params passes q as the dummy pointer
+        has_grad_lse = grad_lse is not None
         # per query row, from the prep kernel: delta, and the statistics m and r of P; padded
         # to whole tiles of the dK/dV kernel (BLOCK_M divides ROW_PAD) with rows that see no
         # key, so that kernel loads them unmasked: the backward 1.15-1.19x faster (H100, bf16,
@@ -765,9 +771,12 @@ class _BackwardDecisions:
         # hd128): a bool mask forward + backward 1.34-1.36x at N = 4k-32k (session 7); a float
         # mask 0.93-0.98x then, but with the padded row statistics and the split dQ path the
         # backward 1.13x at N = 4k (251.2 -> 284.4 TFLOP/s, session 13). With pointer loads of
-        # Q/dO/K/V (hd64 by default) only when SDPA_PASS_MASK_TMA=1 asks: not timed there yet.
+        # Q/dO/K/V (hd64 by default) as well: the backward 1.20x / 1.21x with a float bias and
+        # 1.31x / 1.29x with a bool mask at N = 1k / 4k (split path, session 14). Head dims
+        # over 128 (pointer loads, not timed) only when SDPA_PASS_MASK_TMA=1 asks.
         self.mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask)
-                         and (self.tma or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
+                         and (self.tma or max(block_d, block_dv) <= 128
+                              or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
                           "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
                           "PADDED_ROWS": padded_rows}
@@ -784,8 +793,51 @@ class _BackwardDecisions:
                                BLOCK_N=max(self.dq_cfg["BLOCK_N"], MASK_TMA_MIN_BLOCK_N))
         self.dq_meta = {**common, "STORE_DS": need_mask_grad, "MASK_TMA": self.dq_mask_tma}
         self.dq_hook = _set_dq_blocks if self.dq_mask_tma else None
+        # {argument position: descriptor maker} of each kernel (see the launches)
+        def mask_descriptor(t):
+            return _mask_descriptor(t.expand(B, Hq, L, S))
+
+        mask_slot = {9: mask_descriptor}
+        self.dkdv_descriptors = {
+            **({i: _descriptor for i in range(4)} if self.tma else {}),
+            **(mask_slot if self.mask_tma else {}),
+            **({12: _descriptor} if self.tma_add else {})}
+        self.dq_descriptors = mask_slot if self.dq_mask_tma else {}
         self.dkdv_grid = lambda meta: (-(-S // meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         self.dq_grid = lambda meta: (-(-L // meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        # The launches' integer arguments (strides, sizes, offsets), all fixed by the plan
+        # key; the gradients, the row statistics and the dQ/dS sums are allocated contiguous.
+        D = shape.head_dim
+        rstrides = (Hq * self.rows, self.rows)
+        gstrides = grad_lse.stride() if has_grad_lse else (0, 0, 0)
+        inputs = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+        masks = (*lp.mask_strides, *lp.kpm_strides)
+        self.prep_ints = (
+            *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *masks, *lse.stride(),
+            *gstrides, *rstrides, Hq, L, self.rows, S, shape.group, self.offset, window)
+        astrides = _contiguous((B, Hq, L, D))[:3] if self.dq_atomic else (0, 0, 0)
+        self.dkdv_ints = (
+            *inputs, *_contiguous(k.shape), *_contiguous(v.shape), *masks, *rstrides, *astrides,
+            Hkv, L, S, shape.group, self.offset, window)
+        sstrides = _contiguous((B, Hq, L, S)) if need_mask_grad else (0, 0, 0, 0)
+        self.dq_ints = (
+            *inputs, *_contiguous(q.shape), *sstrides, *masks, *rstrides,
+            Hq, L, S, shape.group, self.offset, window)
+
+
+def _bytes_if(descriptor: bool, mask: torch.Tensor) -> torch.Tensor:
+    """The mask argument of a kernel: a bool mask read through a descriptor is read as bytes
+    (``_mask_descriptor``); a later call's descriptor is made around this tensor."""
+    return mask.view(torch.uint8) if descriptor and mask.dtype == torch.bool else mask
+
+
+def _contiguous(shape) -> tuple:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 # Decisions of earlier backward calls by plan key (kernels/launch.py).
@@ -803,7 +855,7 @@ def attention_backward_triton(
     ``grad_lse`` (or None): gradient of the LSE output. d lse_i / d s_ij = P_ij, so it only
     shifts delta: dS = P * (dP - (rowsum(dO * O) - grad_lse)). ``mask_fills``: float-mask
     values <= FILL_THRESHOLD replaced their scores (masked_fill): dS is 0 there."""
-    B, Hq, Hkv, L, S = shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len
+    B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D = shape.head_dim
     dmask = q.new_empty((0,))
     if L == 0 or S == 0 or B * Hq == 0:
@@ -814,12 +866,11 @@ def attention_backward_triton(
     # contiguous whatever the inputs' layout, as the op's fake says
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
-    mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
-        launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     has_softcap = softcap > 0.0
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
     # Everything the launches below decide from and Triton specializes on (kernels/launch.py):
-    # with it, a later call with the same key reuses this call's decisions and compiled kernels.
+    # with it, a later call with the same key reuses this call's decisions, integer arguments
+    # and compiled kernels, and passes only its tensors and floats.
     plan = call_key(tensor_key(grad_out), tensor_key(q), tensor_key(k), tensor_key(v),
                     tensor_key(out), tensor_key(lse), tensor_key(grad_lse), tensor_key(attn_mask),
                     tensor_key(key_padding_mask),
@@ -828,50 +879,39 @@ def attention_backward_triton(
                     mask_fills, torch.are_deterministic_algorithms_enabled())
     d = _BACKWARD_DECISIONS.get(plan) if plan is not None else None
     if d is None:
-        d = _BackwardDecisions(q, k, v, grad_out, mask, shape, mask_kind, block_d, block_dv,
-                               key_padding_mask is not None, causal_align, diagonal, window,
-                               has_softcap, need_mask_grad, dropout_p > 0.0, mask_fills,
-                               grad_lse is not None)
+        lp = launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap)
+        d = _BackwardDecisions(grad_out, q, k, v, out, lse, grad_lse, lp, shape, causal_align,
+                               diagonal, window, has_softcap, need_mask_grad, dropout_p > 0.0,
+                               mask_fills)
         if plan is not None:
             _BACKWARD_DECISIONS.add(plan, d)
+    qk_scale, softcap_log2 = score_scales(scale, softcap)
     if d.natural:
         qk_scale = scale  # natural-log scores: the kernels take the plain softmax scale
+    # Pointer arguments: the kernels read attn_mask through its (B, Hq, L, S) broadcast view,
+    # which starts at the same address; dummies where there is none.
+    mask = attn_mask if attn_mask is not None else q
+    kpm = key_padding_mask if key_padding_mask is not None else q
     delta, row_m, row_r = torch.empty((3, B, Hq, d.rows), dtype=torch.float32, device=q.device)
-    rstrides = delta.stride()[:2]
     seed = dropout_seed if dropout_p > 0.0 else q
     glse = grad_lse if grad_lse is not None else lse
-    gstrides = grad_lse.stride() if grad_lse is not None else (0, 0, 0)
-    prep_args = (
-        q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale, softcap_log2,
-        *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *mstrides, *pstrides,
-        *lse.stride(), *gstrides, *rstrides, Hq, L, d.rows, S, shape.group, d.offset, window)
     launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, d.prep_grid,
-                 prep_args, d.prep_params)
+                 (q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale,
+                  softcap_log2, *d.prep_ints), d.prep_params)
+    floats = (qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p))
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
-    astrides = dq_acc.stride()[:3] if d.dq_atomic else (0, 0, 0)
-    operands = tuple(_descriptor(t) for t in (q, k, v, grad_out)) if d.tma else (q, k, v, grad_out)
     _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
-        *operands, row_m, row_r, delta, dk, dv, _mask_descriptor(mask) if d.mask_tma else mask,
-        kpm, seed,
-        _descriptor(dq_acc) if d.tma_add else dq_acc,
-        qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *mstrides, *pstrides, *rstrides, *astrides,
-        Hkv, L, S, shape.group, d.offset, window), d.dkdv_meta, d.dkdv_hook,
+        q, k, v, grad_out, row_m, row_r, delta, dk, dv, _bytes_if(d.mask_tma, mask), kpm, seed,
+        dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook, d.dkdv_descriptors,
         plan and (plan, "dkdv"))
     if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
-    sstrides = ds.stride() if need_mask_grad else (0, 0, 0, 0)
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (
-        q, k, v, grad_out, row_m, row_r, delta, dq, ds,
-        _mask_descriptor(mask) if d.dq_mask_tma else mask, kpm, seed,
-        qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sstrides,
-        *mstrides, *pstrides, *rstrides,
-        Hq, L, S, shape.group, d.offset, window), d.dq_meta, d.dq_hook, plan and (plan, "dq"))
+        q, k, v, grad_out, row_m, row_r, delta, dq, ds, _bytes_if(d.dq_mask_tma, mask), kpm, seed,
+        *floats, *d.dq_ints), d.dq_meta, d.dq_hook, d.dq_descriptors, plan and (plan, "dq"))
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims
         dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .launch import (KernelCall, PlanCache, call_key, descriptor_template, from_template,
+from .launch import (KernelCall, PlanCache, call_key,
                      tensor_key)
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
@@ -916,9 +916,9 @@ def attention_forward_triton(
         key = (*meta.values(), q.dtype, mask.dtype, kpm.dtype, len_class)
         compiled, config = _FORWARD.launch(key, grid, *args, **meta)
     if plan_key is not None:
-        call = KernelCall(_attention_fwd_kernel, compiled, grid(config), len(args),
+        call = KernelCall(_attention_fwd_kernel, compiled, grid(config), args,
                           {**meta, **config})
-        _FORWARD_PLANS.add(plan_key, _ForwardPlan(call, args, natural, dropout))
+        _FORWARD_PLANS.add(plan_key, _ForwardPlan(call, args, natural, dropout, mask_tma))
     return out, lse
 
 
@@ -928,35 +928,27 @@ _FORWARD_PLANS = PlanCache()
 
 class _ForwardPlan:
     """A forward launch as ``attention_forward_triton`` decided it, for the next calls with
-    the same plan key: only the tensors and the float arguments change."""
+    the same plan key: only the tensors and the float arguments change (``KernelCall`` makes
+    the tensor descriptors)."""
 
     # Argument positions of the forward kernel: Q, K, V, O, LSE, MASK, KPM, SEED, then four
     # floats, then integers only (strides, sizes, offsets), which the plan key fixes.
-    _N_TENSORS, _N_FLOATS = 8, 4
+    LEADING = 8 + 4
 
-    def __init__(self, call: KernelCall, args: tuple, natural: bool, dropout: bool):
+    def __init__(self, call: KernelCall, args: tuple, natural: bool, dropout: bool,
+                 mask_bytes: bool):
         self.call, self.natural, self.dropout = call, natural, dropout
-        self.ints = args[self._N_TENSORS + self._N_FLOATS:]
-        def is_descriptor(arg):
-            return TensorDescriptor is not None and isinstance(arg, TensorDescriptor)
-
-        self.operands = (tuple(descriptor_template(d) for d in args[:4])
-                         if is_descriptor(args[0]) else None)
-        self.mask = descriptor_template(args[5]) if is_descriptor(args[5]) else None
+        self.ints = args[self.LEADING:]
+        self.mask_bytes = mask_bytes  # a bool mask's descriptor reads it as bytes
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
-        operands = (q, k, v, out)
-        if self.operands is not None:
-            operands = tuple(from_template(t, x) for t, x in zip(self.operands, operands))
         if attn_mask is None:
             mask = q
-        elif self.mask is None:
-            mask = attn_mask  # the (B, Hq, L, S) view the kernel reads starts at the same address
+        elif self.mask_bytes and attn_mask.dtype == torch.bool:
+            mask = attn_mask.view(torch.uint8)
         else:
-            mask = from_template(self.mask, attn_mask.view(torch.uint8)
-                                 if attn_mask.dtype == torch.bool else attn_mask)
+            mask = attn_mask  # the (B, Hq, L, S) view the kernel reads starts at the same address
         qk_scale, softcap_log2 = score_scales(scale, softcap)
-        self.call((*operands, lse, mask, q if kpm is None else kpm, seed if self.dropout else q,
+        self.call((q, k, v, out, lse, mask, q if kpm is None else kpm, seed if self.dropout else q,
                    scale if self.natural else qk_scale, softcap_log2, dropout_p,
                    keep_scale(dropout_p), *self.ints))
-

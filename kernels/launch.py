@@ -122,17 +122,30 @@ def launch_hooks_set() -> bool:
     return False
 
 
+def descriptor_templates(args: Sequence) -> dict:
+    """{position: descriptor_template} for the tensor descriptors among a launch's arguments."""
+    if TensorDescriptor is None:
+        return {}
+    return {i: descriptor_template(a) for i, a in enumerate(args) if isinstance(a, TensorDescriptor)}
+
+
 class KernelCall:
     """One kernel launch with everything but the leading per-call arguments fixed: ``tail``
     is the values of the kernel's remaining parameters in order (constexprs included), as
-    Triton's own launch passes them."""
+    Triton's own launch passes them.
 
-    def __init__(self, kernel, compiled: Any, grid: Sequence[int], n_args: int, params: dict):
+    ``launched``: the first launch's positional arguments, after its pre-hook gave its tensor
+    descriptors their config's tiles. A later call passes plain tensors in those positions and
+    gets descriptors made from the first launch's (``from_template``: same shape, strides and
+    tiles, so neither re-validated nor given to the pre-hook again)."""
+
+    def __init__(self, kernel, compiled: Any, grid: Sequence[int], launched: Sequence, params: dict):
         self.kernel = kernel
         self.grid = tuple(grid)
         self.kwargs = params  # meta-parameters and config, for the kernel[grid] route
-        names = kernel.arg_names[n_args:]
+        names = kernel.arg_names[len(launched):]
         self.tail = tuple(params[name] for name in names)
+        self.templates = tuple(descriptor_templates(launched).items())
         g = tuple(grid) + (1, 1)
         self._grid3 = g[:3]
         self._run = None
@@ -141,6 +154,10 @@ class KernelCall:
             self._function, self._metadata = compiled.function, compiled.packed_metadata
 
     def __call__(self, args: Sequence) -> None:
+        if self.templates:
+            args = list(args)
+            for i, fields in self.templates:
+                args[i] = from_template(fields, args[i])
         if self._run is None or launch_hooks_set():
             self.kernel[self.grid](*args, **self.kwargs)
             return
@@ -150,33 +167,40 @@ class KernelCall:
                   *args, *self.tail)
 
 
+def _with_descriptors(args: Sequence, descriptors: Optional[dict]) -> Sequence:
+    if not descriptors:
+        return args
+    return tuple(descriptors[i](a) if i in descriptors else a for i, a in enumerate(args))
+
+
 def launch_remembered(calls: PlanCache, key: Optional[Hashable], args: Sequence, first,
-                      pre_hook=None) -> None:
+                      descriptors: Optional[dict] = None) -> None:
     """Launch ``args`` through the ``KernelCall`` remembered under ``key`` (a call key plus
-    the launch site). Without one, ``first()`` launches the Triton way and returns
+    the launch site). Without one, ``first(launched)`` launches the Triton way and returns
     (jit kernel, compiled kernel, grid, meta-parameters and config), remembered for the next
-    call; ``key`` None (plans off) always goes that way. ``pre_hook`` is the launch's
-    descriptor hook: the caller builds fresh descriptors every call, which need their tiles."""
+    call; ``key`` None (plans off) always goes that way. ``descriptors``: {position: maker}
+    for the arguments the kernel takes as tensor descriptors; ``args`` holds their tensors,
+    which the first launch wraps with the makers and later ones with the remembered
+    templates (``KernelCall``)."""
     call = calls.get(key) if key is not None else None
     if call is not None:
-        if pre_hook is not None:
-            pre_hook({**dict(zip(call.kernel.arg_names, args)), **call.kwargs})
         call(args)
         return
-    kernel, compiled, grid, params = first()
+    launched = _with_descriptors(args, descriptors)
+    kernel, compiled, grid, params = first(launched)
     if key is not None:
-        calls.add(key, KernelCall(kernel, compiled, grid, len(args), params))
+        calls.add(key, KernelCall(kernel, compiled, grid, launched, params))
 
 
 def launch_fixed(calls: PlanCache, key: Optional[Hashable], kernel, grid, args: Sequence,
-                 params: dict, pre_hook=None) -> None:
+                 params: dict, pre_hook=None, descriptors: Optional[dict] = None) -> None:
     """``launch_remembered`` for a kernel launched with fixed meta-parameters and tiles (no
     autotuner): the first call goes through ``kernel[grid]``, after ``pre_hook`` if any;
     ``grid`` may be a tuple or, as Triton takes it, a function of the meta-parameters."""
-    def first():
+    def first(launched):
         if pre_hook is not None:
-            pre_hook({**dict(zip(kernel.arg_names, args)), **params})
-        compiled = kernel[grid](*args, **params)
+            pre_hook({**dict(zip(kernel.arg_names, launched)), **params})
+        compiled = kernel[grid](*launched, **params)
         return kernel, compiled, grid(params) if callable(grid) else grid, params
 
-    launch_remembered(calls, key, args, first, pre_hook)
+    launch_remembered(calls, key, args, first, descriptors)

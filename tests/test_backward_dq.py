@@ -88,8 +88,8 @@ def test_dq_added_by_the_dkdv_kernel(monkeypatch, launches, route, mask, causal)
 def test_split_path_reads_the_mask_through_descriptors(monkeypatch, launches, mask, causal,
                                                        dkdv_loads):
     """The split path's kernels read the mask tile through a tensor descriptor
-    (SDPA_PASS_MASK_TMA=1 here; by default on Hopper the dQ kernel at head dims <= 128 and the
-    dK/dV kernel where its Q/dO/K/V loads are descriptors too, hd128), the dK/dV kernel with
+    (SDPA_PASS_MASK_TMA=1 here; by default on Hopper both kernels at head dims <= 128, and
+    the dK/dV kernel wherever its Q/dO/K/V loads are descriptors too), the dK/dV kernel with
     its other loads through pointers or descriptors: GQA, a mask broadcast over batch or
     heads, the float mask's own gradient (dS), a window."""
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "split")

@@ -99,8 +99,10 @@ def test_planned_call_matches_the_full_path(case, monkeypatch):
     _call(*_inputs(dtype, keys, dim), first, seed=1)
     assert len(fwd._FORWARD_PLANS) == 1 and fwd._FORWARD_PLANS.hits == 0
     (plan,) = fwd._FORWARD_PLANS._plans.values()
-    assert (plan.operands is not None) == ("SDPA_PASS_TMA" in env)
-    assert (plan.mask is not None) == ("SDPA_PASS_MASK_TMA" in env)
+    # the argument positions the plan wraps in descriptors: Q, K, V, O and the mask
+    descriptors = {i for i, _ in plan.call.templates}
+    assert descriptors == ({0, 1, 2, 3} if "SDPA_PASS_TMA" in env else set()) | (
+        {5} if "SDPA_PASS_MASK_TMA" in env else set())
 
     q, k, v = _inputs(dtype, keys, dim)
     second = _resolve(calls[1], dtype, keys)
@@ -222,6 +224,17 @@ BACKWARD_CASES = {
     "dropout": ({}, dict(dropout_p=0.3, enable_gqa=True), False),
     "descriptors_atomic": ({"SDPA_PASS_BWD_TMA": "1", "SDPA_PASS_BWD_DQ": "atomic", "D": 64},
                            dict(is_causal=True, enable_gqa=True), True),
+    "mask_descriptors": ({"SDPA_PASS_BWD_TMA": "1", "SDPA_PASS_MASK_TMA": "1", "D": 64, "S": 48},
+                         dict(attn_mask="bool", enable_gqa=True), False),
+    "float_mask_descriptors": ({"SDPA_PASS_MASK_TMA": "1", "S": 48},
+                               dict(attn_mask="float_grad", enable_gqa=True), False),
+}
+# The argument positions each launch wraps in tensor descriptors (dK/dV: Q, K, V, dO, the
+# mask and, on a GPU, the dQ sums it adds with the copy engine; dQ: the mask), by case.
+BACKWARD_DESCRIPTORS = {
+    "descriptors_atomic": {"dkdv": {0, 1, 2, 3} | ({12} if DEVICE == "cuda" else set())},
+    "mask_descriptors": {"dkdv": {0, 1, 2, 3, 9}, "dq": {9}},
+    "float_mask_descriptors": {"dkdv": {9}, "dq": {9}},
 }
 
 
@@ -245,7 +258,7 @@ def test_planned_backward_matches_the_full_path(case, monkeypatch):
 
     env, kwargs, atomic = BACKWARD_CASES[case]
     env = dict(env)
-    dim = env.pop("D", D)
+    dim, keys = env.pop("D", D), env.pop("S", S)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     dtype = torch.float16
@@ -253,14 +266,18 @@ def test_planned_backward_matches_the_full_path(case, monkeypatch):
 
     def call_inputs():
         resolved = _resolve({**kwargs, "attn_mask": "float"} if kwargs.get("attn_mask") == "float_grad"
-                            else kwargs, dtype)
-        q, k, v = _inputs(dtype, D=dim)
+                            else kwargs, dtype, keys)
+        q, k, v = _inputs(dtype, keys, dim)
         return q, k, v, resolved, randn(B, HQ, L, dim, dtype=dtype)
 
     q, k, v, first, grad_out = call_inputs()
     _grads(q, k, v, first, grad_out, seed=1)
     launches = 2 if atomic else 3
     assert len(bwd._BACKWARD_CALLS) == launches and bwd._BACKWARD_CALLS.hits == 0
+    descriptors = {site: {i for i, _ in call.templates}
+                   for (_, site), call in bwd._BACKWARD_CALLS._plans.items()}
+    assert descriptors == {"prep": set(), "dkdv": set(), **({} if atomic else {"dq": set()}),
+                           **BACKWARD_DESCRIPTORS.get(case, {})}
     assert len(bwd._BACKWARD_DECISIONS) == 1 and bwd._BACKWARD_DECISIONS.hits == 0
 
     q, k, v, second, grad_out = call_inputs()

@@ -105,3 +105,60 @@ def test_eager_attention_gradients_equal_the_ops_registered_autograd(mask):
 
     for a, b in zip(grads(via_op=False), grads(via_op=True)):
         assert torch.equal(a, b)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher's Python mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_needs_it(monkeypatch):
+    """A plain eager forward + backward, or forward without grad, runs the ops'
+    implementations directly (ops.dispatch_free); under a dispatch mode, the profiler, or for a backward that builds
+    its own graph (create_graph=True), the calls go through torch.ops so the mode sees them,
+    the profiler names them and the op's missing derivative is reported. The gradients are
+    the same either way."""
+    import sdpa_pass.kernels.ops as ops
+
+    q, k, v, attn_mask, kpm, scale, *_ = _args(mask="float")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    grad_out = randn(2, 4, 9, 16)
+    direct = []
+    for name in ("_attention_forward", "_attention_backward"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: (
+            direct.append(_name), _real(*a))[1])
+
+    def grads():
+        out = attention(*leaves, attn_mask, scale=scale, enable_gqa=True, key_padding_mask=kpm)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    plain = grads()
+    assert direct == ["_attention_forward", "_attention_backward"]
+    with torch.no_grad():
+        attention(*leaves, attn_mask, scale=scale, enable_gqa=True, key_padding_mask=kpm)
+    assert direct == ["_attention_forward", "_attention_backward", "_attention_forward"]
+    direct.clear()
+    with _OpNames() as mode:
+        moded = grads()
+    assert "sdpa_pass.attention_forward" in mode.names
+    assert "sdpa_pass.attention_backward" in mode.names
+    with torch.profiler.profile() as prof:
+        profiled = grads()
+    names = {event.name for event in prof.events()}
+    assert {"sdpa_pass::attention_forward", "sdpa_pass::attention_backward"} <= names
+    assert direct == []  # the op's registration called its implementation, not this module
+    for a, b, c in zip(plain, moded, profiled):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    direct.clear()
+    out = attention(*leaves, attn_mask, scale=scale, enable_gqa=True, key_padding_mask=kpm)
+    (dq,) = torch.autograd.grad(out, leaves[0], grad_out, create_graph=True)
+    assert direct == ["_attention_forward"]
+    assert dq.requires_grad  # through the op's autograd registration, not the plain function
