@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._prims_common import make_contiguous_strides_for as contiguous_strides
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
@@ -40,8 +41,8 @@ from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel,
                       _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
-                      score_scales, set_descriptor_blocks, use_mask_tma, MASK_TMA_MIN_BLOCK_N,
-                      _mask_tile)
+                      mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
+                      MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -720,8 +721,9 @@ def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv
 class _BackwardDecisions:
     """What ``attention_backward_triton`` decides from a call's plan key alone (layouts,
     dtypes, flags, the SDPA_PASS_* variables): load paths, dQ path, kernels and tiles, the
-    meta-parameters, grids and integer arguments. Remembered per key (``_BACKWARD_DECISIONS``), so a later call
-    with the same key only allocates, builds its argument tuples and launches: these
+    meta-parameters, grids and integer arguments. Remembered per key
+    (``_BACKWARD_DECISIONS``), so a later call with the same key only allocates, builds its
+    argument tuples from its tensors and floats and launches: these
     decisions read ~15 environment variables and cost ~50 us of host time a call (CPU,
     torch 2.13), on the H100 machine's slower host more, which at N <= 1024 is as long as
     the kernels."""
@@ -815,29 +817,15 @@ class _BackwardDecisions:
         self.prep_ints = (
             *q.stride(), *k.stride(), *out.stride(), *grad_out.stride(), *masks, *lse.stride(),
             *gstrides, *rstrides, Hq, L, self.rows, S, shape.group, self.offset, window)
-        astrides = _contiguous((B, Hq, L, D))[:3] if self.dq_atomic else (0, 0, 0)
+        astrides = contiguous_strides((B, Hq, L, D))[:3] if self.dq_atomic else (0, 0, 0)
         self.dkdv_ints = (
-            *inputs, *_contiguous(k.shape), *_contiguous(v.shape), *masks, *rstrides, *astrides,
+            *inputs, *contiguous_strides(k.shape), *contiguous_strides(v.shape), *masks,
+            *rstrides, *astrides,
             Hkv, L, S, shape.group, self.offset, window)
-        sstrides = _contiguous((B, Hq, L, S)) if need_mask_grad else (0, 0, 0, 0)
+        sstrides = contiguous_strides((B, Hq, L, S)) if need_mask_grad else (0, 0, 0, 0)
         self.dq_ints = (
-            *inputs, *_contiguous(q.shape), *sstrides, *masks, *rstrides,
+            *inputs, *contiguous_strides(q.shape), *sstrides, *masks, *rstrides,
             Hq, L, S, shape.group, self.offset, window)
-
-
-def _bytes_if(descriptor: bool, mask: torch.Tensor) -> torch.Tensor:
-    """The mask argument of a kernel: a bool mask read through a descriptor is read as bytes
-    (``_mask_descriptor``); a later call's descriptor is made around this tensor."""
-    return mask.view(torch.uint8) if descriptor and mask.dtype == torch.bool else mask
-
-
-def _contiguous(shape) -> tuple:
-    """The strides of a contiguous tensor of ``shape``."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 # Decisions of earlier backward calls by plan key (kernels/launch.py).
@@ -902,16 +890,16 @@ def attention_backward_triton(
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
     _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
-        q, k, v, grad_out, row_m, row_r, delta, dk, dv, _bytes_if(d.mask_tma, mask), kpm, seed,
-        dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook, d.dkdv_descriptors,
+        q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask), kpm,
+        seed, dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook, d.dkdv_descriptors,
         plan and (plan, "dkdv"))
     if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (
-        q, k, v, grad_out, row_m, row_r, delta, dq, ds, _bytes_if(d.dq_mask_tma, mask), kpm, seed,
-        *floats, *d.dq_ints), d.dq_meta, d.dq_hook, d.dq_descriptors, plan and (plan, "dq"))
+        q, k, v, grad_out, row_m, row_r, delta, dq, ds, mask_argument(d.dq_mask_tma, mask), kpm,
+        seed, *floats, *d.dq_ints), d.dq_meta, d.dq_hook, d.dq_descriptors, plan and (plan, "dq"))
     if need_mask_grad:
         # dS is zero where the kernels skipped tiles; sum it over the mask's broadcast dims
         dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype)

@@ -712,6 +712,14 @@ def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
+def mask_argument(descriptor: bool, mask: torch.Tensor) -> torch.Tensor:
+    """A kernel's mask tensor on a call that reuses a plan: a bool mask read through a
+    descriptor is read as bytes (``_mask_descriptor``), the view the plan's descriptor was
+    made around; else the mask itself, whose (B, Hq, L, S) broadcast view the kernel reads
+    starts at the same address."""
+    return mask.view(torch.uint8) if descriptor and mask.dtype == torch.bool else mask
+
+
 def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     # size-1 dimensions may carry any stride (torch does not normalise them); the copy engine
     # still wants 16-byte multiples there
@@ -936,18 +944,12 @@ class _ForwardPlan:
     LEADING = 8 + 4
 
     def __init__(self, call: KernelCall, args: tuple, natural: bool, dropout: bool,
-                 mask_bytes: bool):
-        self.call, self.natural, self.dropout = call, natural, dropout
+                 mask_tma: bool):
+        self.call, self.natural, self.dropout, self.mask_tma = call, natural, dropout, mask_tma
         self.ints = args[self.LEADING:]
-        self.mask_bytes = mask_bytes  # a bool mask's descriptor reads it as bytes
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
-        if attn_mask is None:
-            mask = q
-        elif self.mask_bytes and attn_mask.dtype == torch.bool:
-            mask = attn_mask.view(torch.uint8)
-        else:
-            mask = attn_mask  # the (B, Hq, L, S) view the kernel reads starts at the same address
+        mask = q if attn_mask is None else mask_argument(self.mask_tma, attn_mask)
         qk_scale, softcap_log2 = score_scales(scale, softcap)
         self.call((q, k, v, out, lse, mask, q if kpm is None else kpm, seed if self.dropout else q,
                    scale if self.natural else qk_scale, softcap_log2, dropout_p,
