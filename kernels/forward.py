@@ -22,8 +22,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .launch import (KernelCall, PlanCache, call_key,
-                     tensor_key)
+from .launch import KernelCall, PlanCache, call_key, tensor_key
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -126,7 +126,8 @@ def descriptor_templates(args: Sequence) -> dict:
     """{position: descriptor_template} for the tensor descriptors among a launch's arguments."""
     if TensorDescriptor is None:
         return {}
-    return {i: descriptor_template(a) for i, a in enumerate(args) if isinstance(a, TensorDescriptor)}
+    return {i: descriptor_template(a) for i, a in enumerate(args)
+            if isinstance(a, TensorDescriptor)}
 
 
 class KernelCall:
@@ -139,7 +140,8 @@ class KernelCall:
     gets descriptors made from the first launch's (``from_template``: same shape, strides and
     tiles, so neither re-validated nor given to the pre-hook again)."""
 
-    def __init__(self, kernel, compiled: Any, grid: Sequence[int], launched: Sequence, params: dict):
+    def __init__(self, kernel, compiled: Any, grid: Sequence[int], launched: Sequence,
+                 params: dict):
         self.kernel = kernel
         self.grid = tuple(grid)
         self.kwargs = params  # meta-parameters and config, for the kernel[grid] route

@@ -200,7 +200,7 @@ def dispatch_free(*tensors) -> bool:
 
 
 def forward_eager(*args):
-    """``attention_forward(*args)`` from eager code (``attention``'s autograd.Function)."""
+    """``attention_forward(*args)`` from eager code (``attention``, its autograd.Function)."""
     if dispatch_free(*args[:5], args[13]):
         return _attention_forward(*args)
     return torch.ops.sdpa_pass.attention_forward(*args)
