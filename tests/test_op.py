@@ -162,3 +162,28 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_needs_it(monkeypatch)
     (dq,) = torch.autograd.grad(out, leaves[0], grad_out, create_graph=True)
     assert direct == ["_attention_forward"]
     assert dq.requires_grad  # through the op's autograd registration, not the plain function
+
+
+def test_dispatch_free_refuses_what_the_dispatcher_must_see():
+    """ops.dispatch_free: plain tensors with nothing active only; a tensor subclass, a
+    torch-function mode (``torch.device`` as a context is one), a dispatch mode, a functorch
+    transform or the profiler each send the call through torch.ops."""
+    from sdpa_pass.kernels.ops import dispatch_free
+
+    x = torch.zeros(2)
+    assert dispatch_free(x, None, x)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not dispatch_free(x, x.as_subclass(Sub))
+    with torch.device("cpu"):
+        assert not dispatch_free(x)
+    with _OpNames():
+        assert not dispatch_free(x)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(dispatch_free(x)) or t)(torch.zeros(3, 2))
+    assert seen == [False]
+    with torch.profiler.profile():
+        assert not dispatch_free(x)
+    assert dispatch_free(x)
