@@ -39,7 +39,7 @@ from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _descriptor,
                       _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
-                      descriptor_layout_ok, interpreter_active, key_ranges, launch_params,
+                      descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       MASK_TMA_MIN_BLOCK_N, _mask_tile)
@@ -710,11 +710,13 @@ def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv
     """Whether the dK/dV kernel reads Q, dO, K and V through tensor descriptors (and, on a
     GPU, adds dQ with the copy engine's reduce-add). The forward's conditions (compute
     capability 9+, fp16/bf16, whole-tile head dims, the copy engine's layout rules), at the
-    head dims where it measured faster (1.01-1.07x with the split dQ path at hd128);
+    head dims where it measured faster (1.01-1.07x with the split dQ path at hd128), except
+    for calls too small to repay the descriptors' host time (``host_bound``);
     SDPA_PASS_BWD_TMA=1 forces it (also under the interpreter), =0 turns it off."""
     return ((shape.head_dim, shape.v_head_dim) == (block_d, block_dv)
             and _descriptors_wanted(q, "SDPA_PASS_BWD_TMA",
-                                    measured_faster=block_d in BWD_DESCRIPTOR_HEAD_DIMS)
+                                    measured_faster=block_d in BWD_DESCRIPTOR_HEAD_DIMS
+                                    and not host_bound(shape))
             and descriptor_layout_ok(q, k, v, grad_out))
 
 
@@ -743,6 +745,7 @@ class _BackwardDecisions:
         padded_rows = os.environ.get("SDPA_PASS_BWD_PADDED_ROWS", "1") != "0"
         self.rows = -(-L // ROW_PAD) * ROW_PAD if padded_rows else L
         self.offset = causal_offset(causal_align, diagonal, L, S)
+        small = host_bound(shape)
         self.tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
         self.dq_atomic = dq_by_atomics(need_mask_grad)
         self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
@@ -776,7 +779,7 @@ class _BackwardDecisions:
         # Q/dO/K/V (hd64 by default) as well: the backward 1.20x / 1.21x with a float bias and
         # 1.31x / 1.29x with a bool mask at N = 1k / 4k (split path, session 14). Head dims
         # over 128 (pointer loads, not timed) only when SDPA_PASS_MASK_TMA=1 asks.
-        self.mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask)
+        self.mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask, small)
                          and (self.tma or max(block_d, block_dv) <= 128
                               or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
@@ -789,7 +792,7 @@ class _BackwardDecisions:
         # ahead instead of a pointer load the loop waits for. SDPA_PASS_MASK_TMA=0 / =1 as
         # for the forward.
         self.dq_mask_tma = (mask_kind != MASK_NONE and max(block_d, block_dv) <= 128
-                            and use_mask_tma(q, mask))
+                            and use_mask_tma(q, mask, small))
         if self.dq_mask_tma and self.dq_cfg is not None and not interpreter_active():
             self.dq_cfg = dict(self.dq_cfg,
                                BLOCK_N=max(self.dq_cfg["BLOCK_N"], MASK_TMA_MIN_BLOCK_N))

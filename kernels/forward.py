@@ -626,6 +626,25 @@ def _set_descriptor_blocks(nargs) -> None:
     set_descriptor_blocks(nargs, _FORWARD_TILES)
 
 
+# Below this much work (B·Hq·L·S·max(D, Dv)) a call's kernels take less GPU time than the host
+# spends launching them, so the work the copy engine saves the GPU is not what the call waits
+# for, while handing tensor descriptors to Triton's launcher costs host time on every call:
+# H100 host, eager forward + backward, tiny to N = 1024 shapes, defaults against every
+# descriptor path off (two alternating rounds): host time per call 0.58-0.66 ms against
+# 0.48-0.50 ms (BENCHMARKS.md, session 15). Calls this small take pointer loads by default.
+# 2**30 stays far below the smallest shapes where the kernels measured longer than the host
+# (B32 H16 N512 D128, 2**34: 1.0-1.6 ms of kernels against ~0.6 ms of host time).
+HOST_BOUND_WORK = 1 << 30
+
+
+def host_bound(shape: AttentionShape) -> bool:
+    """Whether a call is small enough that its host time, not its kernels, sets its speed
+    (``HOST_BOUND_WORK``); the descriptor paths are then not taken unless forced."""
+    work = (shape.batch * shape.q_heads * shape.q_len * shape.kv_len
+            * max(shape.head_dim, shape.v_head_dim))
+    return work < HOST_BOUND_WORK
+
+
 def _descriptors_wanted(q: torch.Tensor, variable: str, measured_faster: bool) -> bool:
     """The gate both descriptor paths share: ``variable`` =0 turns the path off, =1 forces it
     (also under the interpreter, where it is otherwise off); on a GPU it needs compute
@@ -641,7 +660,7 @@ def _descriptors_wanted(q: torch.Tensor, variable: str, measured_faster: bool) -
 
 
 def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tuple[int, int],
-            skips_tiles: bool, masked: bool = False) -> bool:
+            skips_tiles: bool, masked: bool = False, small: bool = False) -> bool:
     """Whether the forward reads Q/K/V and writes O through tensor descriptors (the Hopper copy
     engine). Needs compute capability 9+, fp16/bf16, the hardware's layout rules (base and
     every stride but the last 16-byte aligned, the last dimension contiguous, no broadcast
@@ -651,10 +670,11 @@ def use_tma(*tensors: torch.Tensor, head_dims: tuple[int, int], block_dims: tupl
     and length (H200); with an attn_mask (``masked``) 6-13% faster at hd128 and 1.1-1.3x at
     hd256 (H100, N = 4096, bool and float masks); head dims over 128 1.28-1.36x faster with no
     mask at all (H100, N = 1k-16k); only hd <= 128 without masks or tile skipping is 2-7%
-    slower at N >= 4k (H200), so there it is not used. SDPA_PASS_TMA=1 forces it (also under
-    the interpreter, which is how the CPU tests run this path), =0 turns it off."""
+    slower at N >= 4k (H200), so there it is not used; nor for ``small`` (``host_bound``)
+    calls. SDPA_PASS_TMA=1 forces it (also under the interpreter, which is how the CPU tests
+    run this path), =0 turns it off."""
     return (head_dims == block_dims and _descriptors_wanted(
-        tensors[0], "SDPA_PASS_TMA", skips_tiles or masked or block_dims[0] > 128)
+        tensors[0], "SDPA_PASS_TMA", (skips_tiles or masked or block_dims[0] > 128) and not small)
         and descriptor_layout_ok(*tensors))
 
 
@@ -671,17 +691,17 @@ def descriptor_layout_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def use_mask_tma(q: torch.Tensor, mask: torch.Tensor) -> bool:
+def use_mask_tma(q: torch.Tensor, mask: torch.Tensor, small: bool = False) -> bool:
     """Whether the forward reads attn_mask (the (B, Hq, L, S) broadcast view of launch_params)
     through a tensor descriptor, so its tiles are copied ahead like K and V (see
     ``_attend_tiles``). Needs compute capability 9+, fp16/bf16 inputs, rows and keys of its
     own (a padding mask broadcast over rows stays on the pointer path: one row read per tile
     is cheap), the last dim contiguous, base and strides 16-byte aligned, elements of 1, 2 or
     4 bytes. Broadcast
-    batch and head dims become dims of size 1 of the descriptor. SDPA_PASS_MASK_TMA=1 forces
-    it where the layout allows (also under the interpreter, which is how the CPU tests run
-    it), =0 turns it off."""
-    if not _descriptors_wanted(q, "SDPA_PASS_MASK_TMA", measured_faster=True):
+    batch and head dims become dims of size 1 of the descriptor. Not for ``small``
+    (``host_bound``) calls unless forced: SDPA_PASS_MASK_TMA=1 forces it where the layout
+    allows (also under the interpreter, which is how the CPU tests run it), =0 turns it off."""
+    if not _descriptors_wanted(q, "SDPA_PASS_MASK_TMA", measured_faster=not small):
         return False
     _, _, rows, keys = mask.shape
     stride_b, stride_h, stride_m, stride_n = mask.stride()
@@ -868,16 +888,17 @@ def attention_forward_triton(
     # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    small = host_bound(shape)
     tma = use_tma(q, k, v, out, head_dims=(D, DV), block_dims=(block_d, block_dv),
                   skips_tiles=causal_align != CAUSAL_NONE or window != -1,
-                  masked=mask_kind != MASK_NONE)
+                  masked=mask_kind != MASK_NONE, small=small)
     operands = (q, k, v, out)
     if tma:
         operands = tuple(_descriptor(t) for t in operands)
     # hd > 128 with K/V through descriptors: a float mask read through pointers measured 1.2x
     # faster than through a descriptor (H100, N = 4096; the descriptor's 64-wide key tiles,
     # MASK_TMA_MIN_BLOCK_N, are slow at hd256), a bool mask 1.5x slower, so only bool there
-    mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask)
+    mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask, small)
                 and not (tma and mask_kind == MASK_FLOAT and block_d > 128))
     natural = mask_kind == MASK_FLOAT and not has_softcap  # see _attend_tiles
     len_class = int(S >= LONG_ROWS)  # tuned apart, see LONG_ROWS

@@ -304,6 +304,42 @@ def test_tensor_descriptor_path_refused_for_layouts_the_copy_engine_cannot_read(
     assert not fwd.use_tma(q, kv, kv, q, head_dims=(32, 32), block_dims=(32, 32), skips_tiles=True)
 
 
+def test_descriptor_paths_not_chosen_for_host_bound_calls(monkeypatch):
+    """Below HOST_BOUND_WORK a call's host time, not its kernels, sets its speed: every
+    descriptor path of the forward and the backward (Q/K/V/O, dK/dV operands, the mask in
+    both) is asked with measured_faster=False, so only a forcing variable takes it (the forced
+    small calls of test_tensor_descriptor_path still do). The rule's threshold against the
+    matrix's smallest shape (B32 H16 N512 D128, kernels longer than the host)."""
+    import sdpa_pass.kernels.backward as bwd
+    import sdpa_pass.kernels.forward as fwd
+    from sdpa_pass.kernels.checks import AttentionShape
+
+    assert fwd.host_bound(AttentionShape(1, 2, 2, 128, 128, 128, 128))
+    assert fwd.host_bound(AttentionShape(4, 4, 1, 19, 37, 32, 64))
+    assert not fwd.host_bound(AttentionShape(32, 16, 16, 512, 512, 128, 128))
+    assert not fwd.host_bound(AttentionShape(1, 1, 1, 1 << 10, 1 << 10, 64, 1 << 10))  # 2**30
+    assert fwd.host_bound(AttentionShape(1, 1, 1, 1 << 10, (1 << 10) - 1, 64, 1 << 10))
+
+    asked = []
+    real = fwd._descriptors_wanted
+
+    def recording(q, variable, measured_faster):
+        asked.append((variable, measured_faster))
+        return real(q, variable, measured_faster)
+
+    monkeypatch.setattr(fwd, "_descriptors_wanted", recording)
+    monkeypatch.setattr(bwd, "_descriptors_wanted", recording)
+    # on a GPU half-precision tiles are at least 64 wide: a head dim of 64 is a whole tile
+    d = 64 if DEVICE == "cuda" else D
+    q, k, v = (t.requires_grad_() for t in make_qkv(torch.float16, hq=4, hkv=2, D=d))
+    bias = randn(1, 4, L, S, dtype=torch.float16)
+    out = attention(q, k, v, bias, is_causal=True, enable_gqa=True)
+    out.sum().backward()
+    variables = {variable for variable, _ in asked}
+    assert {"SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_BWD_TMA"} <= variables
+    assert not any(measured for _, measured in asked)
+
+
 # (mask layout, dtype, causal, softcap, query heads, KV heads): the mask read through a tensor
 # descriptor. Lengths that are not whole tiles (L = 37, S = 48 against 16-wide interpreter
 # tiles for the bool masks: bytes need S % 16 == 0 for aligned rows; S = 40 for fp16).
