@@ -46,6 +46,7 @@ Variants (``VARIANTS``: kernel, query rows a CTA, key tile, ring depth, warps):
 * ``ws_nopingpong``: ``pingpong`` without the turns (the two consumers issue freely).
 
     python benchmarks/gluon_fwd_probe.py --compile   # no GPU: compile for sm_90, report
+    python benchmarks/gluon_fwd_probe.py --compile --product bf16   # the library's kernel
     python benchmarks/gluon_fwd_probe.py             # on an H100: check and time
 
 ``--compile`` compiles each variant for sm_90 with the installed Triton's ptxas (triton 3.6:
@@ -492,8 +493,36 @@ def _ptxas_log(ptx: str) -> str:
         return out.stdout + out.stderr
 
 
+def compile_product(dtype: str = "bf16"):
+    """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
+    GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    try:
+        from sdpa_pass.kernels import gluon_forward as product
+    except ImportError:  # a checkout that is not installed
+        from kernels import gluon_forward as product
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+    rows = product.BLOCK_M // 2
+
+    def desc(block_rows):
+        layout = product._layout([block_rows, product.HEAD_DIM], gdt)
+        return f"tensordesc<{dtype}[{block_rows}, {product.HEAD_DIM}],{layout!r}>"
+
+    sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
+           "o_desc": desc(rows), "lse_ptr": "*fp32", "qk_scale": "fp32", "Hq": "i32", "L": "i32",
+           "S": "i32", "group": "i32"}
+    consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=product.HEAD_DIM,
+                  STAGES=product.STAGES, STORE_LSE=True, CONSUMER_REGS=product.CONSUMER_REGS,
+                  num_warps=4)
+    sig.update({key: "constexpr" for key in consts})
+    return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
 def compile_report(name: str) -> dict:
-    kernel = compile_variant(name)
+    kernel = compile_product(name.split(":")[1]) if name.startswith("product:") else compile_variant(name)
     cubin = kernel.asm["cubin"]
     res = _dump(cubin, "--dump-resource-usage")
     sass = _dump(cubin, "-sass")
@@ -602,7 +631,13 @@ def main() -> None:
                              "of one name a process keep the others' results")
     parser.add_argument("--lengths", default="4096,8192,16384", help="N values, comma-separated")
     parser.add_argument("--label", default="", help="added to the JSON file's name")
+    parser.add_argument("--product", choices=("bf16", "fp16"), default=None,
+                        help="with --compile: the library's kernel instead of the variants, "
+                             "its report as one JSON line (tests/test_gluon_forward.py)")
     args = parser.parse_args()
+    if args.compile and args.product:
+        print(json.dumps(compile_report(f"product:{args.product}")))
+        return
     if args.compile:
         compile_only()
         return

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
+from .gluon_forward import attention_forward_gluon, gluon_forward_refusal
 from .launch import KernelCall, PlanCache, call_key, tensor_key
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
@@ -866,6 +867,14 @@ def attention_forward_triton(
         lse.fill_(float("-inf"))
         return out, lse
 
+    small = host_bound(shape)
+    if q.is_cuda and not small and gluon_forward_refusal(
+            q, k, v, shape, scale=scale, masked=attn_mask is not None or key_padding_mask is not None,
+            causal_align=causal_align, window=window, softcap=softcap, dropout_p=dropout_p,
+            capability=_capability(q.device)) is None:
+        attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse)
+        return out, lse
+
     dropout = dropout_p > 0.0
     plan_key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
                         tensor_key(key_padding_mask), tensor_key(dropout_seed) if dropout else None,
@@ -888,7 +897,6 @@ def attention_forward_triton(
     # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
-    small = host_bound(shape)
     tma = use_tma(q, k, v, out, head_dims=(D, DV), block_dims=(block_d, block_dv),
                   skips_tiles=causal_align != CAUSAL_NONE or window != -1,
                   masked=mask_kind != MASK_NONE, small=small)

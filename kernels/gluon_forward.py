@@ -1,0 +1,264 @@
+"""The Hopper forward in Gluon: FlashAttention-3's warp-specialized schedule.
+
+Triton decides where a kernel waits for its wgmma products, and on Hopper it waits for the
+scores right after issuing them, so the softmax never runs under the tensor cores (BENCHMARKS.md,
+sessions 10-11: ~480 TFLOP/s at hd128 against cuDNN's ~600). Gluon
+(``triton.experimental.gluon``) leaves those choices to the kernel. This one, per CTA of 128
+query rows:
+
+- a one-warp producer partition copies Q once and K/V tiles into a two-slot shared-memory
+  ring with the copy engine (TMA), each slot with a "ready" mbarrier (bytes arrived) and an
+  "empty" one (both consumers done with it);
+- two consumer warpgroups (setmaxnreg: 240 registers each, 24 for the producer), each owning
+  64 query rows, run the key loop FlashAttention-3 calls intra-warpgroup overlap: issue
+  S_j = Q K_jᵀ, apply tile j-1's deferred rescale, issue O += P_{j-1} V_{j-1}, wait for S_j
+  only, then tile j's softmax while the P·V product is still on the tensor cores.
+
+Measured (H100, bf16, hd128, non-causal, kernel time through CUDA graphs, session 15's probe
+``benchmarks/gluon_fwd_probe.py``): 577 / 611 TFLOP/s at N = 4k / 16k where the Triton kernel
+gives 466 / 489 and SDPA's cuDNN backend 591 / 611. The two warpgroups taking turns on the
+tensor cores (FA3's ping-pong, mbarrier turns) measured 570 / 598, so they run freely here.
+
+Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
+capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
+128 for Q, K and V; no attn_mask, padding mask, causal mask, window, soft-capping or dropout;
+a positive scale; L and S multiples of 128 (whole tiles: the flattened descriptors below would
+otherwise read and write the next head's rows); Q, K and V contiguous (B, H, N, D); not a
+host-bound call (``forward.host_bound``). Everything else runs the Triton kernel
+(kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel serves every call
+    gluon = None
+
+from .checks import CAUSAL_NONE, AttentionShape
+
+HEAD_DIM = 128
+BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
+BLOCK_N = 128  # keys a tile
+STAGES = 2  # K/V ring slots
+CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if gluon is not None:
+    # triton 3.6's names; later releases renamed them
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _LN2 = gl.constexpr(LN2)
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
+                  k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
+                  BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
+        """The copy partition: both consumers' Q tiles once, then K_j and V_j into slot
+        j % STAGES as soon as both consumers have released it."""
+        tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
+        mbarrier.expect(q_bar, 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
+        _tma_load(q_desc, [q_row0, 0], q_bar, q_smem0)
+        _tma_load(q_desc, [q_row0 + BMW, 0], q_bar, q_smem1)
+        for j in range(n_tiles):
+            slot = j % STAGES
+            phase = ((j // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
+            mbarrier.wait(k_empty.index(slot), phase)
+            mbarrier.expect(k_ready.index(slot), tile_bytes)
+            _tma_load(k_desc, [kv_row0 + j * BN, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase)
+            mbarrier.expect(v_ready.index(slot), tile_bytes)
+            _tma_load(v_desc, [kv_row0 + j * BN, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
+                  v_empty, o_row0, n_tiles, qk_scale,
+                  BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
+                  STORE_LSE: gl.constexpr):
+        """One warpgroup's 64 query rows: the key loop, then O / l through a TMA store and the
+        natural-log LSE through pointers."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
+        o = gl.zeros([BMW, HEAD], gl.float32, layout=o_layout)
+        mbarrier.wait(q_bar, 0)
+
+        # key tile 0: its scores and softmax, nothing in flight to hide them under
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0))
+        m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, 1)
+        alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+        mbarrier.wait(v_ready.index(0), 0)
+
+        for j in range(1, n_tiles):
+            sk = j % STAGES
+            sv = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            # S_j = Q K_j^T on the tensor cores ...
+            s_tok = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            # ... tile j-1's deferred rescale under it (O is not in flight here) ...
+            o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            # ... and O += P_{j-1} V_{j-1} queued behind it (V_{j-1} waited for last iteration)
+            o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
+            mbarrier.arrive(k_empty.index(sk))
+            # tile j's softmax: its exponentials run under the P.V product
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            # V_j for the next iteration. This wait (a try-wait loop, so a new basic block)
+            # sits between the softmax and the next wgmma wait on purpose: with both waits and
+            # the softmax in one block, ptxas moves the second wait up behind the first, ahead
+            # of every exponential, and nothing overlaps (the probe's intra_hoisted variant)
+            mbarrier.wait(v_ready.index(sk), (j // STAGES) & 1)
+            o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
+            mbarrier.arrive(v_empty.index(sv))
+
+        # the last tile's P.V (its V waited for above)
+        sv_last = (n_tiles - 1) % STAGES
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(sv_last), o, is_async=True)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
+        mbarrier.arrive(v_empty.index(sv_last))
+
+        l_o = gl.convert_layout(l_i, row_o)
+        o = o / gl.expand_dims(l_o, 1)
+        if STORE_LSE:
+            rows = o_row0 + gl.arange(0, BMW, layout=row_o)
+            lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
+            gl.store(lse_ptr + rows, lse)
+        q_smem.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(o_desc, [o_row0, 0], q_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, Hq, L, S, group,
+                          BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                          STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (L / BM, B * Hq); Q, O (B*Hq*L, D) and K, V (B*Hkv*S, D) flattened, with
+        L % BM == 0 and S % BN == 0 (``gluon_forward_refusal``). The LSE (B, Hq, L)."""
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        BMW: gl.constexpr = BM // 2
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        kv_row0 = (b * (Hq // group) + h // group) * S
+        q_row0 = pid_bh * L + pid_m * BM
+        n_tiles = S // BN
+
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem0 = gl.allocate_shared_memory(dtype, [BMW, HEAD], q_desc.layout)
+        q_smem1 = gl.allocate_shared_memory(dtype, [BMW, HEAD], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            # one arrive per consumer warpgroup (Gluon arrives once per partition)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        # (the mbarriers are not invalidated at the end: a partition may still wait on one)
+
+        gl.warp_specialize([
+            (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready,
+                         k_empty, v_empty, q_row0, n_tiles, qk_scale,
+                         BMW, BN, HEAD, STAGES, STORE_LSE)),
+            (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready,
+                         k_empty, v_empty, q_row0 + BMW, n_tiles, qk_scale,
+                         BMW, BN, HEAD, STAGES, STORE_LSE)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
+                         k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
+                         BMW, BN, HEAD, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          shape: AttentionShape, *, scale: float, masked: bool,
+                          causal_align: int, window: int, softcap: float, dropout_p: float,
+                          capability: int | None) -> str | None:
+    """Why this call does not take the Gluon kernel, or None when it does. ``capability``:
+    the device's compute capability major (None off a CUDA device)."""
+    if gluon is None:
+        return "this Triton has no Gluon Hopper API"
+    if os.environ.get("SDPA_PASS_GLUON", "") == "0":
+        return "SDPA_PASS_GLUON=0"
+    if capability != 9:
+        return "not a Hopper GPU (compute capability 9.x)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16 / bf16 only)"
+    if (shape.head_dim, shape.v_head_dim) != (HEAD_DIM, HEAD_DIM):
+        return f"head dims {shape.head_dim} / {shape.v_head_dim} (128 only)"
+    if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
+        return f"scale {scale} (positive only)"
+    if masked or causal_align != CAUSAL_NONE or window != -1 or softcap > 0.0 or dropout_p > 0.0:
+        return "a mask, causal mask, window, soft-capping or dropout"
+    if shape.q_len % BLOCK_M or shape.kv_len % BLOCK_N:
+        return f"L = {shape.q_len}, S = {shape.kv_len} not multiples of {BLOCK_M}"
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
+        return "Q, K or V not contiguous (B, H, N, D)"
+    return None
+
+
+def _layout(block, dtype):
+    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+
+
+_GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                            lse: torch.Tensor, shape: AttentionShape, scale: float,
+                            return_lse: bool) -> None:
+    """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
+    ``gluon_forward_refusal`` accepted. ``out`` is contiguous (attention_forward_triton
+    allocates it)."""
+    B, Hq, L, S, D = shape.batch, shape.q_heads, shape.q_len, shape.kv_len, shape.head_dim
+    dtype = getattr(gl, _GL_DTYPES[q.dtype])
+    rows = BLOCK_M // 2
+    q2, o2 = q.view(B * Hq * L, D), out.view(B * Hq * L, D)
+    k2, v2 = k.view(-1, D), v.view(-1, D)
+    q_desc = TensorDescriptor.from_tensor(q2, [rows, D], _layout([rows, D], dtype))
+    o_desc = TensorDescriptor.from_tensor(o2, [rows, D], _layout([rows, D], dtype))
+    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], _layout([BLOCK_N, D], dtype))
+    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], _layout([BLOCK_N, D], dtype))
+    _attention_fwd_ws[(L // BLOCK_M, B * Hq)](
+        q_desc, k_desc, v_desc, o_desc, lse if return_lse else out, scale * LOG2E,
+        Hq, L, S, shape.group,
+        BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4)

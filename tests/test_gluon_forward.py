@@ -1,0 +1,148 @@
+"""The Hopper forward in Gluon (kernels/gluon_forward.py).
+
+Gluon kernels do not run in the interpreter, so on a machine without a Hopper GPU these tests
+check which calls the path takes (``gluon_forward_refusal``) and what the compiler makes of the
+kernel for sm_90 (the installed Triton's own ptxas, in a subprocess without TRITON_INTERPRET):
+no spill, the register split between the copy partition and the two consumer warpgroups, and
+the softmax's exponentials issued while the P·V product is in flight (the overlap the kernel
+exists for). On a Hopper GPU the kernel's output, LSE and the gradients of the backward that
+uses that LSE are compared with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpa_pass.kernels import CAUSAL_NONE, CAUSAL_TOP_LEFT, attention
+from sdpa_pass.kernels import forward as fwd
+from sdpa_pass.kernels import gluon_forward as gfwd
+from sdpa_pass.kernels.checks import AttentionShape
+from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(gfwd.gluon is None, reason="this Triton has no Gluon Hopper API")
+needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,
+                                  reason="the Gluon kernel runs on a Hopper GPU only")
+
+
+def refusal(q, k, v, shape=None, **overrides):
+    B, H, L, D = q.shape
+    shape = shape or AttentionShape(B, H, k.shape[1], L, k.shape[2], D, v.shape[-1])
+    kwargs = dict(scale=D ** -0.5, masked=False, causal_align=CAUSAL_NONE, window=-1,
+                  softcap=0.0, dropout_p=0.0, capability=9)
+    kwargs.update(overrides)
+    return gfwd.gluon_forward_refusal(q, k, v, shape, **kwargs)
+
+
+@needs_gluon
+def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
+    h = torch.bfloat16
+    q = torch.zeros(2, 4, 256, 128, dtype=h)
+    kv = torch.zeros(2, 2, 384, 128, dtype=h)
+    assert refusal(q, kv, kv) is None  # GQA, L != S, whole tiles
+    assert "Hopper" in refusal(q, kv, kv, capability=8)
+    assert "Hopper" in refusal(q, kv, kv, capability=None)
+    assert "dtype" in refusal(q.float(), kv.float(), kv.float())
+    q64, kv64 = torch.zeros(2, 4, 256, 64, dtype=h), torch.zeros(2, 2, 384, 64, dtype=h)
+    assert "head dims" in refusal(q64, kv64, kv64)
+    for flags in (dict(masked=True), dict(causal_align=CAUSAL_TOP_LEFT), dict(window=16),
+                  dict(softcap=30.0), dict(dropout_p=0.1)):
+        assert "mask" in refusal(q, kv, kv, **flags), flags
+    assert "scale" in refusal(q, kv, kv, scale=-0.1)
+    assert "multiples" in refusal(q[:, :, :200], kv, kv)
+    assert "multiples" in refusal(q, kv[:, :, :300], kv[:, :, :300])
+    strided = torch.zeros(2, 256, 4, 128, dtype=h).transpose(1, 2)  # (B, L, H, D) storage
+    assert "contiguous" in refusal(strided, kv, kv)
+    monkeypatch.setenv("SDPA_PASS_GLUON", "0")
+    assert "SDPA_PASS_GLUON" in refusal(q, kv, kv)
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype):
+    """Compiled for sm_90: no spill, 240 registers for each consumer warpgroup and 24 for the
+    copy warp (setmaxnreg), the wgmmas not serialized by ptxas, and in each consumer's key
+    loop the tile's exponentials (64, plus the rescale's) between the wait that leaves the
+    P·V product in flight and the wait for it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
+         "--product", dtype], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["stack_bytes"] == 0
+    assert {24, gfwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
+    assert not report["wgmma serialized (ptxas C7514)"]
+    overlapped = report["EX2 between W1 and W0"]
+    assert len(overlapped) == 2 and min(overlapped) >= 64, report["loop window"]
+
+
+def record_gluon_calls(monkeypatch):
+    calls, real = [], fwd.attention_forward_gluon
+    monkeypatch.setattr(fwd, "attention_forward_gluon",
+                        lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    return calls
+
+
+# (B, Hq, Hkv, L, S, dtype, scale): none host-bound (B·Hq·L·S·128 >= 2**30)
+GPU_CASES = {
+    "mha_bf16": (1, 8, 8, 1024, 1024, torch.bfloat16, None),
+    "gqa_fp16_keys_longer": (1, 8, 2, 512, 2048, torch.float16, None),
+    "rows_longer_scale": (2, 4, 4, 2048, 512, torch.bfloat16, 0.3),
+}
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gluon_forward_matches_the_reference(case, monkeypatch):
+    B, Hq, Hkv, L, S, dtype, scale = GPU_CASES[case]
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, Hq, L, 128, dtype=dtype)
+    k, v = (randn(B, Hkv, S, 128, dtype=dtype) for _ in range(2))
+    out, lse = attention(q, k, v, scale=scale, enable_gqa=True, return_lse=True)
+    assert len(calls) == 1
+    ref, ref_lse = reference_attention(q, k, v, scale=scale)
+    assert_close_to_reference(out, ref, dtype)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=1e-3)
+
+
+@needs_hopper
+def test_gradients_through_the_gluon_forward(monkeypatch):
+    """The backward (Triton kernels) runs on the LSE the Gluon kernel wrote."""
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
+    k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(1, 8, 1024, 128, dtype=dtype)
+    out = attention(q, k, v, enable_gqa=True)
+    assert len(calls) == 1
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs)
+    assert_close_to_reference(out, ref, dtype)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
+def test_refused_calls_take_the_triton_kernel(monkeypatch):
+    """A (B, L, H, D) layout and a causal call: the Triton kernel, same answers."""
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    q = randn(1, 1024, 8, 128, dtype=dtype).transpose(1, 2)
+    k, v = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(2))
+    out = attention(q, k, v)
+    causal = attention(q.contiguous(), k, v, is_causal=True)
+    assert calls == []
+    assert_close_to_reference(out, reference_attention(q, k, v)[0], dtype)
+    assert_close_to_reference(causal, reference_attention(q, k, v, is_causal=True)[0], dtype)
