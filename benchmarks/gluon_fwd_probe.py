@@ -493,7 +493,7 @@ def _ptxas_log(ptx: str) -> str:
         return out.stdout + out.stderr
 
 
-def compile_product(dtype: str = "bf16"):
+def compile_product(dtype: str = "bf16", causal: bool = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -507,22 +507,26 @@ def compile_product(dtype: str = "bf16"):
     rows = product.BLOCK_M // 2
 
     def desc(block_rows):
-        layout = product._layout([block_rows, product.HEAD_DIM], gdt)
+        layout = product._layout((block_rows, product.HEAD_DIM), gdt)
         return f"tensordesc<{dtype}[{block_rows}, {product.HEAD_DIM}],{layout!r}>"
 
     sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
            "o_desc": desc(rows), "lse_ptr": "*fp32", "qk_scale": "fp32", "Hq": "i32", "L": "i32",
-           "S": "i32", "group": "i32"}
+           "S": "i32", "group": "i32", "offset": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=product.HEAD_DIM,
-                  STAGES=product.STAGES, STORE_LSE=True, CONSUMER_REGS=product.CONSUMER_REGS,
-                  num_warps=4)
+                  STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal,
+                  CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def compile_report(name: str) -> dict:
-    kernel = compile_product(name.split(":")[1]) if name.startswith("product:") else compile_variant(name)
+    if name.startswith("product:"):
+        _, dtype, causal = name.split(":")
+        kernel = compile_product(dtype, causal == "causal")
+    else:
+        kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
     res = _dump(cubin, "--dump-resource-usage")
     sass = _dump(cubin, "-sass")
@@ -634,9 +638,10 @@ def main() -> None:
     parser.add_argument("--product", choices=("bf16", "fp16"), default=None,
                         help="with --compile: the library's kernel instead of the variants, "
                              "its report as one JSON line (tests/test_gluon_forward.py)")
+    parser.add_argument("--causal", action="store_true", help="with --product: the causal kernel")
     args = parser.parse_args()
     if args.compile and args.product:
-        print(json.dumps(compile_report(f"product:{args.product}")))
+        print(json.dumps(compile_report(f"product:{args.product}:{'causal' if args.causal else ''}")))
         return
     if args.compile:
         compile_only()

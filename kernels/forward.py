@@ -870,9 +870,10 @@ def attention_forward_triton(
     small = host_bound(shape)
     if q.is_cuda and not small and gluon_forward_refusal(
             q, k, v, shape, scale=scale, masked=attn_mask is not None or key_padding_mask is not None,
-            causal_align=causal_align, window=window, softcap=softcap, dropout_p=dropout_p,
-            capability=_capability(q.device)) is None:
-        attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse)
+            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
+            dropout_p=dropout_p, capability=_capability(q.device)) is None:
+        attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse, causal_align,
+                                diagonal)
         return out, lse
 
     dropout = dropout_p > 0.0

@@ -30,6 +30,7 @@ host-bound call (``forward.host_bound``). Everything else runs the Triton kernel
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,7 +44,8 @@ try:
 except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel serves every call
     gluon = None
 
-from .checks import CAUSAL_NONE, AttentionShape
+from .checks import CAUSAL_NONE, AttentionShape, causal_offset
+from .launch import PlanCache, call_key, launch_fixed, tensor_key
 
 HEAD_DIM = 128
 BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
@@ -81,12 +83,21 @@ if gluon is not None:
             _tma_load(v_desc, [kv_row0 + j * BN, 0], v_ready.index(slot), v_smem.index(slot))
 
     @gluon.jit
+    def _causal_mask(s, j, row0, offset, BMW: gl.constexpr, BN: gl.constexpr,
+                     s_layout: gl.constexpr):
+        """Key tile j's scores with the keys a row may not see (j > i + offset) at -inf."""
+        rows = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
+        keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        return gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
+
+    @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                  v_empty, o_row0, n_tiles, qk_scale,
+                  v_empty, o_row0, row0, offset, n_tiles, full_tiles, qk_scale,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                   STORE_LSE: gl.constexpr):
-        """One warpgroup's 64 query rows: the key loop, then O / l through a TMA store and the
-        natural-log LSE through pointers."""
+        """One warpgroup's 64 query rows (row0 on, within the head): the key loop, then O / l
+        through a TMA store and the natural-log LSE through pointers. Key tiles from
+        ``full_tiles`` on are causally masked (every row sees key 0, so no row is empty)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -104,6 +115,8 @@ if gluon is not None:
                               is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0))
+        if full_tiles == 0:
+            s = _causal_mask(s, 0, row0, offset, BMW, BN, s_layout)
         m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
@@ -124,6 +137,8 @@ if gluon is not None:
             o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             mbarrier.arrive(k_empty.index(sk))
+            if j >= full_tiles:  # a diagonal tile of a causal call
+                s = _causal_mask(s, j, row0, offset, BMW, BN, s_layout)
             # tile j's softmax: its exponentials run under the P.V product
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
@@ -160,11 +175,13 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, Hq, L, S, group,
-                          BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                          offset, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          IS_CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                          num_warps: gl.constexpr):
         """Grid (L / BM, B * Hq); Q, O (B*Hq*L, D) and K, V (B*Hkv*S, D) flattened, with
-        L % BM == 0 and S % BN == 0 (``gluon_forward_refusal``). The LSE (B, Hq, L)."""
+        L % BM == 0 and S % BN == 0 (``gluon_forward_refusal``). The LSE (B, Hq, L).
+        IS_CAUSAL: query i sees key j iff j <= i + offset (offset >= 0)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -172,8 +189,17 @@ if gluon is not None:
         b = pid_bh // Hq
         h = pid_bh % Hq
         kv_row0 = (b * (Hq // group) + h // group) * S
-        q_row0 = pid_bh * L + pid_m * BM
-        n_tiles = S // BN
+        if IS_CAUSAL:
+            # longest query tiles first: the last CTAs to start are the short ones
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        start_m = pid_m * BM
+        q_row0 = pid_bh * L + start_m
+        if IS_CAUSAL:
+            n_tiles = (gl.minimum(S, start_m + BM + offset) + BN - 1) // BN
+            full_tiles = gl.minimum((start_m + offset + 1) // BN, n_tiles)
+        else:
+            n_tiles = S // BN
+            full_tiles = n_tiles
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem0 = gl.allocate_shared_memory(dtype, [BMW, HEAD], q_desc.layout)
@@ -197,11 +223,11 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready,
-                         k_empty, v_empty, q_row0, n_tiles, qk_scale,
-                         BMW, BN, HEAD, STAGES, STORE_LSE)),
+                         k_empty, v_empty, q_row0, start_m, offset, n_tiles, full_tiles,
+                         qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready,
-                         k_empty, v_empty, q_row0 + BMW, n_tiles, qk_scale,
-                         BMW, BN, HEAD, STAGES, STORE_LSE)),
+                         k_empty, v_empty, q_row0 + BMW, start_m + BMW, offset, n_tiles,
+                         full_tiles, qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE)),
             (_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
                          k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
                          BMW, BN, HEAD, STAGES)),
@@ -210,8 +236,8 @@ if gluon is not None:
 
 def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           shape: AttentionShape, *, scale: float, masked: bool,
-                          causal_align: int, window: int, softcap: float, dropout_p: float,
-                          capability: int | None) -> str | None:
+                          causal_align: int, diagonal: int, window: int, softcap: float,
+                          dropout_p: float, capability: int | None) -> str | None:
     """Why this call does not take the Gluon kernel, or None when it does. ``capability``:
     the device's compute capability major (None off a CUDA device)."""
     if gluon is None:
@@ -226,8 +252,11 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"head dims {shape.head_dim} / {shape.v_head_dim} (128 only)"
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
-    if masked or causal_align != CAUSAL_NONE or window != -1 or softcap > 0.0 or dropout_p > 0.0:
-        return "a mask, causal mask, window, soft-capping or dropout"
+    if masked or window != -1 or softcap > 0.0 or dropout_p > 0.0:
+        return "an attn_mask, padding mask, window, soft-capping or dropout"
+    if (causal_align != CAUSAL_NONE
+            and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
+        return "a causal diagonal that leaves rows without keys"
     if shape.q_len % BLOCK_M or shape.kv_len % BLOCK_N:
         return f"L = {shape.q_len}, S = {shape.kv_len} not multiples of {BLOCK_M}"
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
@@ -235,30 +264,45 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None
 
 
-def _layout(block, dtype):
-    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+@functools.lru_cache(maxsize=None)
+def _layout(block: tuple, dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 _GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _descriptor_maker(rows: int):
+    """A maker of the descriptor of a flattened (rows of HEAD_DIM) tensor, tiles of ``rows``."""
+    def make(t: torch.Tensor):
+        layout = _layout((rows, HEAD_DIM), getattr(gl, _GL_DTYPES[t.dtype]))
+        return TensorDescriptor.from_tensor(t, [rows, HEAD_DIM], layout)
+    return make
+
+
+# Compiled launches by call key (kernels/launch.py): Gluon's launch path binds and specializes
+# every argument in Python, which measured as long as a short kernel (H100: B32 H16 N512,
+# causal, 239.5 TFLOP/s with the host in the time against 266.7 under CUDA graphs; B64 H16
+# N256 91.6 against 305.8), so later calls launch the compiled kernel directly.
+_GLUON_CALLS = PlanCache()
+
+
 def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             lse: torch.Tensor, shape: AttentionShape, scale: float,
-                            return_lse: bool) -> None:
+                            return_lse: bool, causal_align: int, diagonal: int) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted. ``out`` is contiguous (attention_forward_triton
     allocates it)."""
     B, Hq, L, S, D = shape.batch, shape.q_heads, shape.q_len, shape.kv_len, shape.head_dim
-    dtype = getattr(gl, _GL_DTYPES[q.dtype])
-    rows = BLOCK_M // 2
-    q2, o2 = q.view(B * Hq * L, D), out.view(B * Hq * L, D)
-    k2, v2 = k.view(-1, D), v.view(-1, D)
-    q_desc = TensorDescriptor.from_tensor(q2, [rows, D], _layout([rows, D], dtype))
-    o_desc = TensorDescriptor.from_tensor(o2, [rows, D], _layout([rows, D], dtype))
-    k_desc = TensorDescriptor.from_tensor(k2, [BLOCK_N, D], _layout([BLOCK_N, D], dtype))
-    v_desc = TensorDescriptor.from_tensor(v2, [BLOCK_N, D], _layout([BLOCK_N, D], dtype))
-    _attention_fwd_ws[(L // BLOCK_M, B * Hq)](
-        q_desc, k_desc, v_desc, o_desc, lse if return_lse else out, scale * LOG2E,
-        Hq, L, S, shape.group,
-        BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+    is_causal = causal_align != CAUSAL_NONE
+    # Q, K, V, O flattened to rows of D (contiguous: gluon_forward_refusal); the descriptors'
+    # tensors, wrapped by the makers on a plan's first call and by its templates after
+    args = (q.view(-1, D), k.view(-1, D), v.view(-1, D), out.view(-1, D),
+            lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
+            causal_offset(causal_align, diagonal, L, S))
+    key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), return_lse, is_causal)
+    q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2), _descriptor_maker(BLOCK_N)
+    launch_fixed(_GLUON_CALLS, key, _attention_fwd_ws, (L // BLOCK_M, B * Hq), args,
+                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
+                      IS_CAUSAL=is_causal, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                 descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})

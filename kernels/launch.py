@@ -31,6 +31,11 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - triton without host tensor descriptors
     TensorDescriptor = None
+try:  # Gluon kernels take their own descriptor class (it carries the shared-memory layout)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:  # pragma: no cover - triton without Gluon's Hopper API
+    GluonTensorDescriptor = None
+_DESCRIPTOR_TYPES = tuple(t for t in (TensorDescriptor, GluonTensorDescriptor) if t is not None)
 
 # The variables that change a launch's decisions; part of every plan key.
 _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE",
@@ -93,19 +98,20 @@ class PlanCache:
         return len(self._plans)
 
 
-def descriptor_template(desc):
-    """A descriptor's fields without its tensor (a plan must not keep the first call's
-    tensors alive); ``from_template`` rebuilds one around a new tensor."""
+def descriptor_template(desc) -> tuple:
+    """A descriptor's class and fields without its tensor (a plan must not keep the first
+    call's tensors alive); ``from_template`` rebuilds one around a new tensor."""
     fields = dict(vars(desc))
     fields["base"] = None
-    return fields
+    return type(desc), fields
 
 
-def from_template(fields: dict, base):
-    # TensorDescriptor's __post_init__ re-validates shape, strides and alignment on every
+def from_template(template: tuple, base):
+    # A TensorDescriptor's __post_init__ re-validates shape, strides and alignment on every
     # construction (~3 us each, 4-5 per call); the plan key already fixes all three, so the
     # fields are copied as they were validated on the plan's first call.
-    desc = object.__new__(TensorDescriptor)
+    cls, fields = template
+    desc = object.__new__(cls)
     vars(desc).update(fields)
     desc.base = base
     return desc
@@ -124,10 +130,10 @@ def launch_hooks_set() -> bool:
 
 def descriptor_templates(args: Sequence) -> dict:
     """{position: descriptor_template} for the tensor descriptors among a launch's arguments."""
-    if TensorDescriptor is None:
+    if not _DESCRIPTOR_TYPES:
         return {}
     return {i: descriptor_template(a) for i, a in enumerate(args)
-            if isinstance(a, TensorDescriptor)}
+            if isinstance(a, _DESCRIPTOR_TYPES)}
 
 
 class KernelCall:
@@ -158,8 +164,8 @@ class KernelCall:
     def __call__(self, args: Sequence) -> None:
         if self.templates:
             args = list(args)
-            for i, fields in self.templates:
-                args[i] = from_template(fields, args[i])
+            for i, template in self.templates:
+                args[i] = from_template(template, args[i])
         if self._run is None or launch_hooks_set():
             self.kernel[self.grid](*args, **self.kwargs)
             return

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpa_pass.kernels import CAUSAL_NONE, CAUSAL_TOP_LEFT, attention
+from sdpa_pass.kernels import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attention
 from sdpa_pass.kernels import forward as fwd
 from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
@@ -36,8 +36,8 @@ needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,
 def refusal(q, k, v, shape=None, **overrides):
     B, H, L, D = q.shape
     shape = shape or AttentionShape(B, H, k.shape[1], L, k.shape[2], D, v.shape[-1])
-    kwargs = dict(scale=D ** -0.5, masked=False, causal_align=CAUSAL_NONE, window=-1,
-                  softcap=0.0, dropout_p=0.0, capability=9)
+    kwargs = dict(scale=D ** -0.5, masked=False, causal_align=CAUSAL_NONE, diagonal=0,
+                  window=-1, softcap=0.0, dropout_p=0.0, capability=9)
     kwargs.update(overrides)
     return gfwd.gluon_forward_refusal(q, k, v, shape, **kwargs)
 
@@ -53,9 +53,13 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert "dtype" in refusal(q.float(), kv.float(), kv.float())
     q64, kv64 = torch.zeros(2, 4, 256, 64, dtype=h), torch.zeros(2, 2, 384, 64, dtype=h)
     assert "head dims" in refusal(q64, kv64, kv64)
-    for flags in (dict(masked=True), dict(causal_align=CAUSAL_TOP_LEFT), dict(window=16),
-                  dict(softcap=30.0), dict(dropout_p=0.1)):
+    for flags in (dict(masked=True), dict(window=16), dict(softcap=30.0), dict(dropout_p=0.1)):
         assert "mask" in refusal(q, kv, kv, **flags), flags
+    # causal: taken while every row sees a key (diagonal offset >= 0)
+    assert refusal(q, kv, kv, causal_align=CAUSAL_TOP_LEFT) is None
+    assert refusal(q, kv, kv, causal_align=CAUSAL_BOTTOM_RIGHT) is None  # L < S: offset 128
+    assert "without keys" in refusal(q, kv, kv, causal_align=CAUSAL_TOP_LEFT, diagonal=-1)
+    assert "without keys" in refusal(kv, q, q, causal_align=CAUSAL_BOTTOM_RIGHT)  # L > S
     assert "scale" in refusal(q, kv, kv, scale=-0.1)
     assert "multiples" in refusal(q[:, :, :200], kv, kv)
     assert "multiples" in refusal(q, kv[:, :, :300], kv[:, :, :300])
@@ -66,9 +70,9 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
 
 
 @needs_gluon
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype):
-    """Compiled for sm_90: no spill, 240 registers for each consumer warpgroup and 24 for the
+@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal):
+    """Compiled for sm_90: at most a few bytes of spill (none without the causal mask), 240 registers for each consumer warpgroup and 24 for the
     copy warp (setmaxnreg), the wgmmas not serialized by ptxas, and in each consumer's key
     loop the tile's exponentials (64, plus the rescale's) between the wait that leaves the
     P·V product in flight and the wait for it."""
@@ -76,10 +80,10 @@ def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-         "--product", dtype], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+         "--product", dtype, *(["--causal"] if causal else [])], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["stack_bytes"] == 0
+    assert report["stack_bytes"] <= (16 if causal else 0)
     assert {24, gfwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
     assert not report["wgmma serialized (ptxas C7514)"]
     overlapped = report["EX2 between W1 and W0"]
@@ -93,41 +97,48 @@ def record_gluon_calls(monkeypatch):
     return calls
 
 
-# (B, Hq, Hkv, L, S, dtype, scale): none host-bound (B·Hq·L·S·128 >= 2**30)
+# (B, Hq, Hkv, L, S, dtype, scale, causal extras): none host-bound (B·Hq·L·S·128 >= 2**30)
 GPU_CASES = {
-    "mha_bf16": (1, 8, 8, 1024, 1024, torch.bfloat16, None),
-    "gqa_fp16_keys_longer": (1, 8, 2, 512, 2048, torch.float16, None),
-    "rows_longer_scale": (2, 4, 4, 2048, 512, torch.bfloat16, 0.3),
+    "mha_bf16": (1, 8, 8, 1024, 1024, torch.bfloat16, None, {}),
+    "gqa_fp16_keys_longer": (1, 8, 2, 512, 2048, torch.float16, None, {}),
+    "rows_longer_scale": (2, 4, 4, 2048, 512, torch.bfloat16, 0.3, {}),
+    "causal_top_left": (1, 8, 8, 1024, 1024, torch.bfloat16, None, dict(is_causal=True)),
+    "causal_top_left_keys_longer": (1, 8, 4, 512, 2048, torch.float16, None, dict(is_causal=True)),
+    "causal_bottom_right_gqa": (1, 8, 2, 512, 2048, torch.bfloat16, None,
+                                dict(causal="bottom_right")),
+    "causal_diagonal_64": (2, 4, 4, 1024, 1024, torch.float16, 0.2,
+                           dict(causal="top_left", diagonal=64)),
 }
 
 
 @needs_hopper
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_gluon_forward_matches_the_reference(case, monkeypatch):
-    B, Hq, Hkv, L, S, dtype, scale = GPU_CASES[case]
+    B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
     calls = record_gluon_calls(monkeypatch)
     q = randn(B, Hq, L, 128, dtype=dtype)
     k, v = (randn(B, Hkv, S, 128, dtype=dtype) for _ in range(2))
-    out, lse = attention(q, k, v, scale=scale, enable_gqa=True, return_lse=True)
+    out, lse = attention(q, k, v, scale=scale, enable_gqa=True, return_lse=True, **extras)
     assert len(calls) == 1
-    ref, ref_lse = reference_attention(q, k, v, scale=scale)
+    ref, ref_lse = reference_attention(q, k, v, scale=scale, **extras)
     assert_close_to_reference(out, ref, dtype)
     torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=1e-3)
 
 
 @needs_hopper
-def test_gradients_through_the_gluon_forward(monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_through_the_gluon_forward(causal, monkeypatch):
     """The backward (Triton kernels) runs on the LSE the Gluon kernel wrote."""
     calls = record_gluon_calls(monkeypatch)
     dtype = torch.bfloat16
     q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
     k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
     grad = randn(1, 8, 1024, 128, dtype=dtype)
-    out = attention(q, k, v, enable_gqa=True)
+    out = attention(q, k, v, is_causal=causal, enable_gqa=True)
     assert len(calls) == 1
     grads = torch.autograd.grad(out, (q, k, v), grad)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference_attention(*refs)
+    ref, _ = reference_attention(*refs, is_causal=causal)
     assert_close_to_reference(out, ref, dtype)
     ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
     for name, g, r in zip("qkv", grads, ref_grads):
@@ -136,13 +147,30 @@ def test_gradients_through_the_gluon_forward(monkeypatch):
 
 @needs_hopper
 def test_refused_calls_take_the_triton_kernel(monkeypatch):
-    """A (B, L, H, D) layout and a causal call: the Triton kernel, same answers."""
+    """A (B, L, H, D) layout and a bottom-right causal call with rows past the keys: the
+    Triton kernel, same answers."""
     calls = record_gluon_calls(monkeypatch)
     dtype = torch.bfloat16
     q = randn(1, 1024, 8, 128, dtype=dtype).transpose(1, 2)
     k, v = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(2))
     out = attention(q, k, v)
-    causal = attention(q.contiguous(), k, v, is_causal=True)
+    short_k, short_v = k[:, :, :512].contiguous(), v[:, :, :512].contiguous()
+    causal = attention(q.contiguous(), short_k, short_v, causal="bottom_right")
     assert calls == []
     assert_close_to_reference(out, reference_attention(q, k, v)[0], dtype)
-    assert_close_to_reference(causal, reference_attention(q, k, v, is_causal=True)[0], dtype)
+    ref = reference_attention(q, short_k, short_v, causal="bottom_right")[0]
+    assert_close_to_reference(causal, ref, dtype)
+
+
+@needs_hopper
+def test_a_later_call_launches_the_remembered_kernel():
+    """The second call with the same layouts launches the compiled kernel directly, its
+    descriptors rebuilt from the first call's around the new tensors."""
+    dtype = torch.bfloat16
+    q, k, v = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(3))
+    attention(q, k, v, is_causal=True)
+    hits = gfwd._GLUON_CALLS.hits
+    q2, k2, v2 = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(3))
+    out = attention(q2, k2, v2, is_causal=True)
+    assert gfwd._GLUON_CALLS.hits == hits + 1
+    assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
