@@ -507,14 +507,15 @@ def compile_product(dtype: str = "bf16", causal: bool = False):
     rows = product.BLOCK_M // 2
 
     def desc(block_rows):
-        layout = product._layout((block_rows, product.HEAD_DIM), gdt)
-        return f"tensordesc<{dtype}[{block_rows}, {product.HEAD_DIM}],{layout!r}>"
+        block = (1, 1, block_rows, product.HEAD_DIM)
+        layout = product._layout(block, gdt)
+        return f"tensordesc<{dtype}[1, 1, {block_rows}, {product.HEAD_DIM}],{layout!r}>"
 
     sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
            "o_desc": desc(rows), "lse_ptr": "*fp32", "qk_scale": "fp32", "Hq": "i32", "L": "i32",
            "S": "i32", "group": "i32", "offset": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=product.HEAD_DIM,
-                  STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal,
+                  STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
                   CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),

@@ -22,9 +22,11 @@ tensor cores (FA3's ping-pong, mbarrier turns) measured 570 / 598, so they run f
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
 128 for Q, K and V; no attn_mask, padding mask, causal mask, window, soft-capping or dropout;
-a positive scale; L and S multiples of 128 (whole tiles: the flattened descriptors below would
-otherwise read and write the next head's rows); Q, K and V contiguous (B, H, N, D); not a
-host-bound call (``forward.host_bound``). Everything else runs the Triton kernel
+a positive scale; Q, K and V in any (B, H, N, D) strides the copy engine can read (16-byte
+aligned, no broadcast dim; contiguous or the (B, N, H, D) storage models transpose from), any
+L and S (the copy engine zero-fills past them, the last key tile is masked, stores are
+clipped); a causal diagonal that leaves no row without keys; not a host-bound call
+(``forward.host_bound``). Everything else runs the Triton kernel
 (kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off.
 """
 
@@ -64,40 +66,50 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                  k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
+                  k_ready, v_ready, k_empty, v_empty, b, h, h_kv, start_m, n_tiles,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
         """The copy partition: both consumers' Q tiles once, then K_j and V_j into slot
-        j % STAGES as soon as both consumers have released it."""
+        j % STAGES as soon as both consumers have released it. Rows past L and keys past S
+        arrive as zeros (the copy engine's bounds are the tensors' own)."""
         tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         mbarrier.expect(q_bar, 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
-        _tma_load(q_desc, [q_row0, 0], q_bar, q_smem0)
-        _tma_load(q_desc, [q_row0 + BMW, 0], q_bar, q_smem1)
+        _tma_load(q_desc, [b, h, start_m, 0], q_bar, q_smem0)
+        _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar, q_smem1)
         for j in range(n_tiles):
             slot = j % STAGES
             phase = ((j // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
             mbarrier.wait(k_empty.index(slot), phase)
             mbarrier.expect(k_ready.index(slot), tile_bytes)
-            _tma_load(k_desc, [kv_row0 + j * BN, 0], k_ready.index(slot), k_smem.index(slot))
+            _tma_load(k_desc, [b, h_kv, j * BN, 0], k_ready.index(slot), k_smem.index(slot))
             mbarrier.wait(v_empty.index(slot), phase)
             mbarrier.expect(v_ready.index(slot), tile_bytes)
-            _tma_load(v_desc, [kv_row0 + j * BN, 0], v_ready.index(slot), v_smem.index(slot))
+            _tma_load(v_desc, [b, h_kv, j * BN, 0], v_ready.index(slot), v_smem.index(slot))
 
     @gluon.jit
-    def _causal_mask(s, j, row0, offset, BMW: gl.constexpr, BN: gl.constexpr,
-                     s_layout: gl.constexpr):
-        """Key tile j's scores with the keys a row may not see (j > i + offset) at -inf."""
+    def _tile_mask(s, j, row0, offset, S, BMW: gl.constexpr, BN: gl.constexpr,
+                   s_layout: gl.constexpr, IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr):
+        """Key tile j's scores with the keys a row may not see at -inf: with RAGGED_KEYS keys
+        past S, with IS_CAUSAL keys past i + offset."""
+        keys = gl.expand_dims(j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)), 0)
         rows = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
-        keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-        return gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
+        if IS_CAUSAL:
+            visible = keys <= gl.expand_dims(rows, 1)
+            if RAGGED_KEYS:
+                visible = visible & (keys < S)
+        else:
+            visible = (keys < S) & (gl.expand_dims(rows, 1) >= 0)
+        return gl.where(visible, s, float("-inf"))
 
     @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                  v_empty, o_row0, row0, offset, n_tiles, full_tiles, qk_scale,
+                  v_empty, b, h, row0, L, S, offset, n_tiles, full_tiles, lse_row0, qk_scale,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                  STORE_LSE: gl.constexpr):
+                  STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                  RAGGED_KEYS: gl.constexpr):
         """One warpgroup's 64 query rows (row0 on, within the head): the key loop, then O / l
-        through a TMA store and the natural-log LSE through pointers. Key tiles from
-        ``full_tiles`` on are causally masked (every row sees key 0, so no row is empty)."""
+        through a TMA store (clipped at L) and the natural-log LSE through pointers. Key
+        tiles from ``full_tiles`` on are masked (``_tile_mask``); every row sees key 0, so
+        no row is empty."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -105,18 +117,20 @@ if gluon is not None:
                                                            instr_shape=[16, HEAD, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_tile = q_smem.reshape([BMW, HEAD])
         s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
         o = gl.zeros([BMW, HEAD], gl.float32, layout=o_layout)
         mbarrier.wait(q_bar, 0)
 
         # key tile 0: its scores and softmax, nothing in flight to hide them under
         mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
+                              s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0))
-        if full_tiles == 0:
-            s = _causal_mask(s, 0, row0, offset, BMW, BN, s_layout)
+        if IS_CAUSAL or RAGGED_KEYS:  # (compiled only where a tile can need it)
+            if full_tiles == 0:
+                s = _tile_mask(s, 0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL, RAGGED_KEYS)
         m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
@@ -129,16 +143,18 @@ if gluon is not None:
             mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             # S_j = Q K_j^T on the tensor cores ...
-            s_tok = warpgroup_mma(q_smem, k_smem.index(sk).permute((1, 0)), s_zero,
-                                  use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q_tile, k_smem.index(sk).reshape([BN, HEAD]).permute((1, 0)),
+                                  s_zero, use_acc=False, is_async=True)
             # ... tile j-1's deferred rescale under it (O is not in flight here) ...
             o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             # ... and O += P_{j-1} V_{j-1} queued behind it (V_{j-1} waited for last iteration)
-            o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
+            o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             mbarrier.arrive(k_empty.index(sk))
-            if j >= full_tiles:  # a diagonal tile of a causal call
-                s = _causal_mask(s, j, row0, offset, BMW, BN, s_layout)
+            if IS_CAUSAL or RAGGED_KEYS:
+                if j >= full_tiles:  # a diagonal tile of a causal call, or the keys' last tile
+                    s = _tile_mask(s, j, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
+                                   RAGGED_KEYS)
             # tile j's softmax: its exponentials run under the P.V product
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             alpha = gl.exp2(m_i - m_new)
@@ -157,55 +173,55 @@ if gluon is not None:
         sv_last = (n_tiles - 1) % STAGES
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(sv_last), o, is_async=True)
+        o_tok = warpgroup_mma(p_op, v_smem.index(sv_last).reshape([BN, HEAD]), o, is_async=True)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
         mbarrier.arrive(v_empty.index(sv_last))
 
         l_o = gl.convert_layout(l_i, row_o)
         o = o / gl.expand_dims(l_o, 1)
         if STORE_LSE:
-            rows = o_row0 + gl.arange(0, BMW, layout=row_o)
+            rows = row0 + gl.arange(0, BMW, layout=row_o)
             lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
-            gl.store(lse_ptr + rows, lse)
-        q_smem.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
+            gl.store(lse_ptr + lse_row0 + rows, lse, mask=rows < L)
+        q_tile.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
         fence_async_shared()
         _cta_barrier()
-        _tma_store(o_desc, [o_row0, 0], q_smem)
+        _tma_store(o_desc, [b, h, row0, 0], q_smem)  # rows past L are not written
         tma.store_wait(0)
 
     @gluon.jit
     def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, Hq, L, S, group,
                           offset, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
-                          IS_CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                          num_warps: gl.constexpr):
-        """Grid (L / BM, B * Hq); Q, O (B*Hq*L, D) and K, V (B*Hkv*S, D) flattened, with
-        L % BM == 0 and S % BN == 0 (``gluon_forward_refusal``). The LSE (B, Hq, L).
-        IS_CAUSAL: query i sees key j iff j <= i + offset (offset >= 0)."""
+                          IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (cdiv(L, BM), B * Hq). Q, O (B, Hq, L, D) and K, V (B, Hkv, S, D) through 4-d
+        descriptors with their own strides (tiles of one head; rows past L and keys past S
+        are the copy engine's zeros, masked or not stored). The LSE (B, Hq, L) contiguous.
+        IS_CAUSAL: query i sees key j iff j <= i + offset (offset >= 0). RAGGED_KEYS: S is not
+        a multiple of BN (without it the keys' mask is not compiled)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         b = pid_bh // Hq
         h = pid_bh % Hq
-        kv_row0 = (b * (Hq // group) + h // group) * S
         if IS_CAUSAL:
             # longest query tiles first: the last CTAs to start are the short ones
             pid_m = gl.num_programs(0) - 1 - pid_m
         start_m = pid_m * BM
-        q_row0 = pid_bh * L + start_m
+        full_tiles = S // BN
         if IS_CAUSAL:
             n_tiles = (gl.minimum(S, start_m + BM + offset) + BN - 1) // BN
-            full_tiles = gl.minimum((start_m + offset + 1) // BN, n_tiles)
+            full_tiles = gl.minimum(full_tiles, (start_m + offset + 1) // BN)
         else:
-            n_tiles = S // BN
-            full_tiles = n_tiles
+            n_tiles = (S + BN - 1) // BN
 
         dtype: gl.constexpr = q_desc.dtype
-        q_smem0 = gl.allocate_shared_memory(dtype, [BMW, HEAD], q_desc.layout)
-        q_smem1 = gl.allocate_shared_memory(dtype, [BMW, HEAD], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD], v_desc.layout)
+        q_smem0 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], q_desc.layout)
+        q_smem1 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -223,13 +239,15 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready,
-                         k_empty, v_empty, q_row0, start_m, offset, n_tiles, full_tiles,
-                         qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE)),
+                         k_empty, v_empty, b, h, start_m, L, S, offset, n_tiles, full_tiles,
+                         pid_bh * L, qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL,
+                         RAGGED_KEYS)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready,
-                         k_empty, v_empty, q_row0 + BMW, start_m + BMW, offset, n_tiles,
-                         full_tiles, qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE)),
+                         k_empty, v_empty, b, h, start_m + BMW, L, S, offset, n_tiles,
+                         full_tiles, pid_bh * L, qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE,
+                         IS_CAUSAL, RAGGED_KEYS)),
             (_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                         k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
+                         k_ready, v_ready, k_empty, v_empty, b, h, h // group, start_m, n_tiles,
                          BMW, BN, HEAD, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
@@ -257,11 +275,19 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (causal_align != CAUSAL_NONE
             and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
         return "a causal diagonal that leaves rows without keys"
-    if shape.q_len % BLOCK_M or shape.kv_len % BLOCK_N:
-        return f"L = {shape.q_len}, S = {shape.kv_len} not multiples of {BLOCK_M}"
-    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
-        return "Q, K or V not contiguous (B, H, N, D)"
+    for name, t in (("Q", q), ("K", k), ("V", v)):
+        if not _copy_engine_layout(t):
+            return (f"{name}'s layout (strides {tuple(t.stride())}): the copy engine needs a "
+                    "16-byte aligned base and strides and a contiguous last dim")
     return None
+
+
+def _copy_engine_layout(t: torch.Tensor) -> bool:
+    """A 4-d tensor descriptor's rules: base and every stride but the last 16-byte aligned and
+    nonzero (no broadcast dim), the last dim contiguous."""
+    elem = t.element_size()
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(stride > 0 and stride * elem % 16 == 0 for stride in t.stride()[:-1]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,10 +299,13 @@ _GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _descriptor_maker(rows: int):
-    """A maker of the descriptor of a flattened (rows of HEAD_DIM) tensor, tiles of ``rows``."""
+    """A maker of the descriptor of a (B, H, N, HEAD_DIM) tensor with its own strides, tiles of
+    ``rows`` rows of one head."""
+    block = (1, 1, rows, HEAD_DIM)
+
     def make(t: torch.Tensor):
-        layout = _layout((rows, HEAD_DIM), getattr(gl, _GL_DTYPES[t.dtype]))
-        return TensorDescriptor.from_tensor(t, [rows, HEAD_DIM], layout)
+        return TensorDescriptor.from_tensor(t, list(block),
+                                            _layout(block, getattr(gl, _GL_DTYPES[t.dtype])))
     return make
 
 
@@ -291,18 +320,18 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             lse: torch.Tensor, shape: AttentionShape, scale: float,
                             return_lse: bool, causal_align: int, diagonal: int) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
-    ``gluon_forward_refusal`` accepted. ``out`` is contiguous (attention_forward_triton
-    allocates it)."""
-    B, Hq, L, S, D = shape.batch, shape.q_heads, shape.q_len, shape.kv_len, shape.head_dim
+    ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
+    allocates them: contiguous)."""
+    B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
-    # Q, K, V, O flattened to rows of D (contiguous: gluon_forward_refusal); the descriptors'
-    # tensors, wrapped by the makers on a plan's first call and by its templates after
-    args = (q.view(-1, D), k.view(-1, D), v.view(-1, D), out.view(-1, D),
-            lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
+    # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
+    # templates after (the plan key fixes their shapes and strides)
+    args = (q, k, v, out, lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
             causal_offset(causal_align, diagonal, L, S))
-    key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), return_lse, is_causal)
+    key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), return_lse, is_causal)  # S in k's
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2), _descriptor_maker(BLOCK_N)
-    launch_fixed(_GLUON_CALLS, key, _attention_fwd_ws, (L // BLOCK_M, B * Hq), args,
-                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
-                      IS_CAUSAL=is_causal, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+    launch_fixed(_GLUON_CALLS, key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
+                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=HEAD_DIM, STAGES=STAGES, STORE_LSE=return_lse,
+                      IS_CAUSAL=is_causal, RAGGED_KEYS=S % BLOCK_N != 0,
+                      CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})

@@ -61,16 +61,22 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert "without keys" in refusal(q, kv, kv, causal_align=CAUSAL_TOP_LEFT, diagonal=-1)
     assert "without keys" in refusal(kv, q, q, causal_align=CAUSAL_BOTTOM_RIGHT)  # L > S
     assert "scale" in refusal(q, kv, kv, scale=-0.1)
-    assert "multiples" in refusal(q[:, :, :200], kv, kv)
-    assert "multiples" in refusal(q, kv[:, :, :300], kv[:, :, :300])
-    strided = torch.zeros(2, 256, 4, 128, dtype=h).transpose(1, 2)  # (B, L, H, D) storage
-    assert "contiguous" in refusal(strided, kv, kv)
+    # any lengths, and the (B, L, H, D) storage models transpose from
+    assert refusal(q[:, :, :200], kv[:, :, :300], kv[:, :, :300]) is None
+    strided = torch.zeros(2, 256, 4, 128, dtype=h).transpose(1, 2)
+    assert refusal(strided, kv, kv) is None
+    broadcast = kv[:, :1].expand(2, 2, 384, 128)  # stride 0: no descriptor dim for it
+    assert "layout" in refusal(q, broadcast, kv)
+    odd_rows = torch.zeros(2, 2, 384, 136, dtype=h)[..., :128]  # rows 272 bytes apart
+    assert refusal(q, odd_rows, kv) is None
+    misaligned = torch.zeros(2, 2, 384, 132, dtype=h)[..., :128]  # rows 264 bytes apart
+    assert "layout" in refusal(q, kv, misaligned)
     monkeypatch.setenv("SDPA_PASS_GLUON", "0")
     assert "SDPA_PASS_GLUON" in refusal(q, kv, kv)
 
 
 @needs_gluon
-@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", False), ("bf16", True)])
+@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", True)])
 def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal):
     """Compiled for sm_90: at most a few bytes of spill (none without the causal mask), 240 registers for each consumer warpgroup and 24 for the
     copy warp (setmaxnreg), the wgmmas not serialized by ptxas, and in each consumer's key
@@ -108,6 +114,11 @@ GPU_CASES = {
                                 dict(causal="bottom_right")),
     "causal_diagonal_64": (2, 4, 4, 1024, 1024, torch.float16, 0.2,
                            dict(causal="top_left", diagonal=64)),
+    # lengths that are not whole tiles: zero-filled rows and keys past L and S
+    "ragged_lengths": (1, 8, 8, 1000, 1100, torch.bfloat16, None, {}),
+    "ragged_causal_bottom_right": (1, 8, 2, 900, 1300, torch.float16, None,
+                                   dict(causal="bottom_right")),
+    "ragged_causal_top_left": (2, 8, 4, 1000, 1000, torch.bfloat16, None, dict(is_causal=True)),
 }
 
 
@@ -116,7 +127,7 @@ GPU_CASES = {
 def test_gluon_forward_matches_the_reference(case, monkeypatch):
     B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
     calls = record_gluon_calls(monkeypatch)
-    q = randn(B, Hq, L, 128, dtype=dtype)
+    q = randn(B, L, Hq, 128, dtype=dtype).transpose(1, 2)  # the storage models transpose from
     k, v = (randn(B, Hkv, S, 128, dtype=dtype) for _ in range(2))
     out, lse = attention(q, k, v, scale=scale, enable_gqa=True, return_lse=True, **extras)
     assert len(calls) == 1
@@ -147,15 +158,15 @@ def test_gradients_through_the_gluon_forward(causal, monkeypatch):
 
 @needs_hopper
 def test_refused_calls_take_the_triton_kernel(monkeypatch):
-    """A (B, L, H, D) layout and a bottom-right causal call with rows past the keys: the
-    Triton kernel, same answers."""
+    """K and V broadcast over heads (stride 0) and a bottom-right causal call with rows past
+    the keys: the Triton kernel, same answers."""
     calls = record_gluon_calls(monkeypatch)
     dtype = torch.bfloat16
-    q = randn(1, 1024, 8, 128, dtype=dtype).transpose(1, 2)
-    k, v = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(2))
+    q = randn(1, 8, 1024, 128, dtype=dtype)
+    k, v = (randn(1, 1, 1024, 128, dtype=dtype).expand(1, 8, 1024, 128) for _ in range(2))
     out = attention(q, k, v)
     short_k, short_v = k[:, :, :512].contiguous(), v[:, :, :512].contiguous()
-    causal = attention(q.contiguous(), short_k, short_v, causal="bottom_right")
+    causal = attention(q, short_k, short_v, causal="bottom_right")
     assert calls == []
     assert_close_to_reference(out, reference_attention(q, k, v)[0], dtype)
     ref = reference_attention(q, short_k, short_v, causal="bottom_right")[0]
