@@ -18,16 +18,18 @@ Measured (H100, bf16, hd128, non-causal, kernel time through CUDA graphs, sessio
 ``benchmarks/gluon_fwd_probe.py``): 577 / 611 TFLOP/s at N = 4k / 16k where the Triton kernel
 gives 466 / 489 and SDPA's cuDNN backend 591 / 611. The two warpgroups taking turns on the
 tensor cores (FA3's ping-pong, mbarrier turns) measured 570 / 598, so they run freely here.
+In the benchmark matrix (every peer in one run, BENCHMARKS.md): 1.02-1.06x cuDNN without a
+mask and 1.05-1.10x causal at N >= 4k.
 
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
-128 for Q, K and V; no attn_mask, padding mask, causal mask, window, soft-capping or dropout;
-a positive scale; Q, K and V in any (B, H, N, D) strides the copy engine can read (16-byte
-aligned, no broadcast dim; contiguous or the (B, N, H, D) storage models transpose from), any
-L and S (the copy engine zero-fills past them, the last key tile is masked, stores are
-clipped); a causal diagonal that leaves no row without keys; not a host-bound call
-(``forward.host_bound``). Everything else runs the Triton kernel
-(kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off.
+128 for Q, K and V; no attn_mask, padding mask, window, soft-capping or dropout; no causal
+mask or one whose diagonal leaves no row without keys (diagonal tiles masked, the longest
+query tiles first); GQA; a positive scale; Q, K and V in any (B, H, N, D) strides the copy
+engine can read (16-byte aligned, no broadcast dim: contiguous, or the (B, N, H, D) storage
+models transpose from); any L and S (the copy engine zero-fills past them, the last key tile
+is masked, stores are clipped); not a host-bound call (``forward.host_bound``). Everything
+else runs the Triton kernel (kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off.
 """
 
 from __future__ import annotations
@@ -328,7 +330,8 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     # templates after (the plan key fixes their shapes and strides)
     args = (q, k, v, out, lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
             causal_offset(causal_align, diagonal, L, S))
-    key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), return_lse, is_causal)  # S in k's
+    # (the grid and RAGGED_KEYS follow from q's and k's shapes, which the key holds)
+    key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), return_lse, is_causal)
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2), _descriptor_maker(BLOCK_N)
     launch_fixed(_GLUON_CALLS, key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
                  dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=HEAD_DIM, STAGES=STAGES, STORE_LSE=return_lse,
