@@ -706,17 +706,18 @@ def _launch(kernel, tiles, grid, args, meta, pre_hook=None, descriptors=None,
 _BACKWARD_CALLS = PlanCache()
 
 
-def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv: int) -> bool:
+def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv: int,
+                small: bool) -> bool:
     """Whether the dK/dV kernel reads Q, dO, K and V through tensor descriptors (and, on a
     GPU, adds dQ with the copy engine's reduce-add). The forward's conditions (compute
     capability 9+, fp16/bf16, whole-tile head dims, the copy engine's layout rules), at the
     head dims where it measured faster (1.01-1.07x with the split dQ path at hd128), except
-    for calls too small to repay the descriptors' host time (``host_bound``);
+    for calls too small to repay the descriptors' host time (``small``: ``host_bound``);
     SDPA_PASS_BWD_TMA=1 forces it (also under the interpreter), =0 turns it off."""
     return ((shape.head_dim, shape.v_head_dim) == (block_d, block_dv)
             and _descriptors_wanted(q, "SDPA_PASS_BWD_TMA",
                                     measured_faster=block_d in BWD_DESCRIPTOR_HEAD_DIMS
-                                    and not host_bound(shape))
+                                    and not small)
             and descriptor_layout_ok(q, k, v, grad_out))
 
 
@@ -746,7 +747,7 @@ class _BackwardDecisions:
         self.rows = -(-L // ROW_PAD) * ROW_PAD if padded_rows else L
         self.offset = causal_offset(causal_align, diagonal, L, S)
         small = host_bound(shape)
-        self.tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv)
+        self.tma = use_bwd_tma(q, k, v, grad_out, shape, block_d, block_dv, small)
         self.dq_atomic = dq_by_atomics(need_mask_grad)
         self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
             max(block_d, block_dv), q.dtype, self.dq_atomic)

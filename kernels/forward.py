@@ -867,15 +867,6 @@ def attention_forward_triton(
         lse.fill_(float("-inf"))
         return out, lse
 
-    small = host_bound(shape)
-    if q.is_cuda and not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale, masked=attn_mask is not None or key_padding_mask is not None,
-            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
-            dropout_p=dropout_p, capability=_capability(q.device)) is None:
-        attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse, causal_align,
-                                diagonal)
-        return out, lse
-
     dropout = dropout_p > 0.0
     plan_key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
                         tensor_key(key_padding_mask), tensor_key(dropout_seed) if dropout else None,
@@ -887,6 +878,17 @@ def attention_forward_triton(
             plan(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,
                  dropout_p)
             return out, lse
+
+    small = host_bound(shape)
+    if not small and gluon_forward_refusal(
+            q, k, v, shape, scale=scale, masked=attn_mask is not None or key_padding_mask is not None,
+            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
+            dropout_p=dropout_p, capability=_capability(q.device) if q.is_cuda else None) is None:
+        attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse, causal_align,
+                                diagonal)
+        if plan_key is not None:
+            _FORWARD_PLANS.add(plan_key, _GluonPlan(shape, return_lse, causal_align, diagonal))
+        return out, lse
 
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
@@ -961,6 +963,22 @@ def attention_forward_triton(
 
 # Launch plans of the forward kernel (kernels/launch.py).
 _FORWARD_PLANS = PlanCache()
+
+
+class _GluonPlan:
+    """A forward the Gluon kernel serves, for the next calls with the same plan key, which
+    fixes everything ``gluon_forward_refusal`` reads (layouts, dtype, device, the masks'
+    absence, causal form, window, soft-capping, dropout, the sign of the scale, the variables
+    of launch.py's _VARIABLES) and the shape ``host_bound`` reads."""
+
+    def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
+                 diagonal: int):
+        self.shape, self.return_lse = shape, return_lse
+        self.causal_align, self.diagonal = causal_align, diagonal
+
+    def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
+        attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
+                                self.causal_align, self.diagonal)
 
 
 class _ForwardPlan:

@@ -96,6 +96,38 @@ def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal):
     assert len(overlapped) == 2 and min(overlapped) >= 64, report["loop window"]
 
 
+def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
+    """(Any device: the refusal and the kernel replaced.) A call the Gluon kernel took is
+    remembered under the forward's plan key: the next call with the same layouts skips
+    ``gluon_forward_refusal`` and reaches the kernel with the same fixed arguments and its own
+    tensors and scale; a call with another layout is decided afresh."""
+    checks, launches = [], []
+    monkeypatch.setattr(fwd, "host_bound", lambda shape: False)
+    monkeypatch.setattr(fwd, "gluon_forward_refusal", lambda *a, **k: checks.append(a[3]))
+
+    def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal):
+        launches.append((shape, scale, return_lse, causal_align, diagonal))
+        out.copy_(q * scale)
+
+    monkeypatch.setattr(fwd, "attention_forward_gluon", kernel)
+
+    def call(q, scale):
+        shape = AttentionShape(*q.shape[:2], 2, q.shape[2], 32, 32, 32)
+        kv = randn(2, 2, 32, 32, dtype=q.dtype)
+        return fwd.attention_forward_triton(
+            q, kv, kv, None, None, shape, scale=scale, causal_align=CAUSAL_BOTTOM_RIGHT,
+            diagonal=0, window=-1, softcap=0.0, nan_on_empty=False, return_lse=True)
+
+    q = randn(2, 4, 16, 32, dtype=torch.float16)
+    call(q, 0.5)
+    out, _ = call(q + 1, 0.25)
+    assert len(checks) == 1 and len(launches) == 2
+    assert launches[0][0] == launches[1][0] and launches[1][1:] == (0.25, True, CAUSAL_BOTTOM_RIGHT, 0)
+    torch.testing.assert_close(out, (q + 1) * 0.25)
+    call(q[:, :, :8], 0.5)  # another plan key
+    assert len(checks) == 2 and len(launches) == 3
+
+
 def record_gluon_calls(monkeypatch):
     calls, real = [], fwd.attention_forward_gluon
     monkeypatch.setattr(fwd, "attention_forward_gluon",
@@ -175,13 +207,14 @@ def test_refused_calls_take_the_triton_kernel(monkeypatch):
 
 @needs_hopper
 def test_a_later_call_launches_the_remembered_kernel():
-    """The second call with the same layouts launches the compiled kernel directly, its
-    descriptors rebuilt from the first call's around the new tensors."""
+    """The second call with the same layouts takes the forward's plan (no refusal checks)
+    and launches the compiled kernel directly, its descriptors rebuilt from the first call's
+    around the new tensors."""
     dtype = torch.bfloat16
     q, k, v = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(3))
     attention(q, k, v, is_causal=True)
-    hits = gfwd._GLUON_CALLS.hits
+    hits, plan_hits = gfwd._GLUON_CALLS.hits, fwd._FORWARD_PLANS.hits
     q2, k2, v2 = (randn(1, 8, 1024, 128, dtype=dtype) for _ in range(3))
     out = attention(q2, k2, v2, is_causal=True)
-    assert gfwd._GLUON_CALLS.hits == hits + 1
+    assert (gfwd._GLUON_CALLS.hits, fwd._FORWARD_PLANS.hits) == (hits + 1, plan_hits + 1)
     assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
