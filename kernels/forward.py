@@ -885,9 +885,10 @@ def attention_forward_triton(
             causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
             dropout_p=dropout_p, capability=_capability(q.device) if q.is_cuda else None) is None:
         attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse, causal_align,
-                                diagonal)
+                                diagonal, plan_key)
         if plan_key is not None:
-            _FORWARD_PLANS.add(plan_key, _GluonPlan(shape, return_lse, causal_align, diagonal))
+            _FORWARD_PLANS.add(plan_key, _GluonPlan(shape, return_lse, causal_align, diagonal,
+                                                    plan_key))
         return out, lse
 
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
@@ -969,16 +970,17 @@ class _GluonPlan:
     """A forward the Gluon kernel serves, for the next calls with the same plan key, which
     fixes everything ``gluon_forward_refusal`` reads (layouts, dtype, device, the masks'
     absence, causal form, window, soft-capping, dropout, the sign of the scale, the variables
-    of launch.py's _VARIABLES) and the shape ``host_bound`` reads."""
+    of launch.py's _VARIABLES) and the shape ``host_bound`` reads; the Gluon kernel's
+    compiled launch is remembered under the same key."""
 
     def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
-                 diagonal: int):
+                 diagonal: int, plan_key):
         self.shape, self.return_lse = shape, return_lse
-        self.causal_align, self.diagonal = causal_align, diagonal
+        self.causal_align, self.diagonal, self.plan_key = causal_align, diagonal, plan_key
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
         attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
-                                self.causal_align, self.diagonal)
+                                self.causal_align, self.diagonal, self.plan_key)
 
 
 class _ForwardPlan:

@@ -49,7 +49,7 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel se
     gluon = None
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .launch import PlanCache, call_key, launch_fixed, tensor_key
+from .launch import PlanCache, launch_fixed
 
 HEAD_DIM = 128
 BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
@@ -99,6 +99,7 @@ if gluon is not None:
             if RAGGED_KEYS:
                 visible = visible & (keys < S)
         else:
+            # (rows >= 0 always holds: it gives the keys' test the tile's 2-d shape)
             visible = (keys < S) & (gl.expand_dims(rows, 1) >= 0)
         return gl.where(visible, s, float("-inf"))
 
@@ -320,20 +321,21 @@ _GLUON_CALLS = PlanCache()
 
 def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             lse: torch.Tensor, shape: AttentionShape, scale: float,
-                            return_lse: bool, causal_align: int, diagonal: int) -> None:
+                            return_lse: bool, causal_align: int, diagonal: int,
+                            plan_key) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
-    allocates them: contiguous)."""
+    allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
+    which fixes Q's, K's and V's layouts, return_lse and the causal form, so the compiled launch
+    is remembered under it (the grid and RAGGED_KEYS follow from the shapes); None: no plan."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
     args = (q, k, v, out, lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
             causal_offset(causal_align, diagonal, L, S))
-    # (the grid and RAGGED_KEYS follow from q's and k's shapes, which the key holds)
-    key = call_key(tensor_key(q), tensor_key(k), tensor_key(v), return_lse, is_causal)
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2), _descriptor_maker(BLOCK_N)
-    launch_fixed(_GLUON_CALLS, key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
+    launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
                  dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=HEAD_DIM, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, RAGGED_KEYS=S % BLOCK_N != 0,
                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4),

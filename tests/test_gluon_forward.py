@@ -105,8 +105,9 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     monkeypatch.setattr(fwd, "host_bound", lambda shape: False)
     monkeypatch.setattr(fwd, "gluon_forward_refusal", lambda *a, **k: checks.append(a[3]))
 
-    def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal):
-        launches.append((shape, scale, return_lse, causal_align, diagonal))
+    def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key):
+        assert plan_key is not None  # the forward's key, under which the launch is remembered
+        launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key))
         out.copy_(q * scale)
 
     monkeypatch.setattr(fwd, "attention_forward_gluon", kernel)
@@ -122,7 +123,8 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     call(q, 0.5)
     out, _ = call(q + 1, 0.25)
     assert len(checks) == 1 and len(launches) == 2
-    assert launches[0][0] == launches[1][0] and launches[1][1:] == (0.25, True, CAUSAL_BOTTOM_RIGHT, 0)
+    assert launches[0][0] == launches[1][0] and launches[0][5] == launches[1][5]
+    assert launches[1][1:5] == (0.25, True, CAUSAL_BOTTOM_RIGHT, 0)
     torch.testing.assert_close(out, (q + 1) * 0.25)
     call(q[:, :, :8], 0.5)  # another plan key
     assert len(checks) == 2 and len(launches) == 3
