@@ -37,12 +37,13 @@ from torch._prims_common import make_contiguous_strides_for as contiguous_stride
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _descriptor,
-                      _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
+from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _capability,
+                      _descriptor, _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       MASK_TMA_MIN_BLOCK_N, _mask_tile)
+from .gluon_backward import attention_dkdv_gluon, gluon_backward_refusal
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -469,9 +470,11 @@ def _bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
     FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NATURAL: tl.constexpr, BATCH_INNER: tl.constexpr, MASK_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = program_tile(H, BATCH_INNER)
+    if LONGEST_FIRST:  # causal: a query tile's work grows with its index (as in the forward)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = off_h // GROUP
@@ -629,7 +632,7 @@ def _tuning_dq_hook(nargs) -> None:
 _bwd_dkdv_dq_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
                                     _DKDV_KEY, pre_hook=_tuning_dq_hook)
 _bwd_dq_autotuned = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _fits("m", "n", "d", mask_stages=True),
-                               ("STORE_DS", "MASK_TMA"), pre_hook=_set_dq_blocks)
+                               ("STORE_DS", "MASK_TMA", "LONGEST_FIRST"), pre_hook=_set_dq_blocks)
 
 
 def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
@@ -751,6 +754,13 @@ class _BackwardDecisions:
         self.dq_atomic = dq_by_atomics(need_mask_grad)
         self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
             max(block_d, block_dv), q.dtype, self.dq_atomic)
+        # The dK/dV kernel in Gluon on Hopper where it applies (gluon_backward.py); None or
+        # the reason it does not
+        self.gluon_refusal = gluon_backward_refusal(
+            q, k, v, grad_out, shape, masked=mask_kind != MASK_NONE or has_kpm, window=window,
+            softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
+            padded_rows=padded_rows, rows=self.rows, small=small,
+            capability=_capability(q.device) if q.is_cuda else None)
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
         self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
         masks = dict(
@@ -797,7 +807,12 @@ class _BackwardDecisions:
         if self.dq_mask_tma and self.dq_cfg is not None and not interpreter_active():
             self.dq_cfg = dict(self.dq_cfg,
                                BLOCK_N=max(self.dq_cfg["BLOCK_N"], MASK_TMA_MIN_BLOCK_N))
-        self.dq_meta = {**common, "STORE_DS": need_mask_grad, "MASK_TMA": self.dq_mask_tma}
+        # Causal without a window: the longest query tiles first, so the short ones fill the
+        # end; SDPA_PASS_DQ_ORDER=tiles keeps the tiles' order.
+        longest_first = (causal_align != CAUSAL_NONE and window == -1
+                         and os.environ.get("SDPA_PASS_DQ_ORDER", "") != "tiles")
+        self.dq_meta = {**common, "STORE_DS": need_mask_grad, "MASK_TMA": self.dq_mask_tma,
+                        "LONGEST_FIRST": longest_first}
         self.dq_hook = _set_dq_blocks if self.dq_mask_tma else None
         # {argument position: descriptor maker} of each kernel (see the launches)
         def mask_descriptor(t):
@@ -884,7 +899,8 @@ def attention_backward_triton(
     # which starts at the same address; dummies where there is none.
     mask = attn_mask if attn_mask is not None else q
     kpm = key_padding_mask if key_padding_mask is not None else q
-    delta, row_m, row_r = torch.empty((3, B, Hq, d.rows), dtype=torch.float32, device=q.device)
+    stats = torch.empty((3, B, Hq, d.rows), dtype=torch.float32, device=q.device)
+    delta, row_m, row_r = stats
     seed = dropout_seed if dropout_p > 0.0 else q
     glse = grad_lse if grad_lse is not None else lse
     launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, d.prep_grid,
@@ -893,10 +909,15 @@ def attention_backward_triton(
     floats = (qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p))
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
-    _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
-        q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask), kpm,
-        seed, dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook, d.dkdv_descriptors,
-        plan and (plan, "dkdv"))
+    if d.gluon_refusal is None:
+        attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
+                             qk_scale=qk_scale, causal_align=causal_align, offset=d.offset,
+                             rows=d.rows, plan_key=plan and (plan, "gluon_dkdv"))
+    else:
+        _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
+            q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),
+            kpm, seed, dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook,
+            d.dkdv_descriptors, plan and (plan, "dkdv"))
     if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask

@@ -40,7 +40,8 @@ _DESCRIPTOR_TYPES = tuple(t for t in (TensorDescriptor, GluonTensorDescriptor) i
 # The variables that change a launch's decisions; part of every plan key.
 _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE",
               "SDPA_PASS_BWD_TMA", "SDPA_PASS_BWD_DQ", "SDPA_PASS_FWD_PIPELINE",
-              "SDPA_PASS_BWD_PADDED_ROWS", "SDPA_PASS_BATCH_INNER", "SDPA_PASS_GLUON")
+              "SDPA_PASS_BWD_PADDED_ROWS", "SDPA_PASS_BATCH_INNER", "SDPA_PASS_GLUON",
+              "SDPA_PASS_GLUON_BWD", "SDPA_PASS_GLUON_BWD_ORDER", "SDPA_PASS_DQ_ORDER")
 
 
 def call_key(*parts) -> Optional[tuple]:

@@ -1,0 +1,304 @@
+"""The Hopper backward's dK/dV kernel in Gluon: FlashAttention-3's backward schedule.
+
+Our Triton dK/dV kernel (kernels/backward.py) measured ~430-560 TFLOP/s of its four matrix
+products at hd128 (H100, bf16, N = 4k / 16k) and spilled registers at every tile that large;
+as in the forward, Triton waits for each wgmma product right after issuing it. This kernel
+places its own waits. Per CTA of 128 keys of one K/V head:
+
+- a one-warp producer partition copies K and V once (a 64-key half for each consumer), then,
+  for every query head of the GQA group and every query tile i (64 rows) that sees some of
+  the keys, Q_i with its rows' statistics (m, r) and dO_i with delta into a two-slot ring
+  ("ready": bytes arrived, "empty": both consumers done with the slot);
+- two consumer warpgroups (setmaxnreg: 240 registers each, 24 for the producer) each hold
+  dK and dV of their 64 keys in registers (fp32) and per query tile run
+
+      issue Sᵀ = K_w Q_iᵀ and dPᵀ = V_w dO_iᵀ           (both 64 x 64, on the tensor cores)
+      wait for Sᵀ only; Pᵀ = exp2(Sᵀ·scale·log2e - m - r)   (the exponentials under dPᵀ)
+      issue dV += Pᵀ dO_i                                    (Pᵀ from registers)
+      wait for dPᵀ; dSᵀ = Pᵀ ∘ (dPᵀ - delta)                  (under dV's product)
+      issue dK += dSᵀ Q_i; wait for both; release the slot
+
+  Each wait is pinned by the data the next issue needs, so ptxas cannot hoist one above the
+  exponentials (the forward's problem, gluon_forward.py). At the end dK·scale and dV leave
+  through the shared memory that held the warpgroup's K and V halves (TMA stores, clipped
+  at S).
+
+The prep kernel (delta and the row statistics, padded to whole 64-row tiles with rows that
+see no key: m = +inf, delta = 0) and the dQ kernel stay Triton's; their tiles do not need the
+overlap as much (the dQ kernel measured ~630 TFLOP/s of its three products at N = 16k).
+
+Measured (H100, bf16, hd128, kernel time through CUDA graphs, session 16's probe): the four
+products at 642 / 680 TFLOP/s (N = 4k / 16k), causal 574 / 679, where the Triton kernel gave
+559 / 560 and 428 / 502; a dQ added by fp32 atomics from the consumers (FA3 gives that to a
+separate warp and the copy engine) measured slower than the separate dQ kernel (392 vs ~450
+backward TFLOP/s at 4k).
+
+Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
+Hopper API, fp16 / bf16, head dim 128, no attn_mask, padding mask, window, soft-capping or
+dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal with any diagonal
+(rows without keys have m = +inf, so P = 0), GQA, any L and S; the split dQ path with padded
+row statistics (not SDPA_PASS_BWD_DQ=atomic nor SDPA_PASS_BWD_PADDED_ROWS=0). SDPA_PASS_GLUON=0
+turns off both Gluon kernels, SDPA_PASS_GLUON_BWD=0 this one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checks import CAUSAL_NONE, AttentionShape
+from .gluon_forward import HEAD_DIM, _copy_engine_layout, _descriptor_maker, _layout, gluon
+from .launch import PlanCache, launch_fixed
+
+BLOCK_M = 64  # query rows a tile
+BLOCK_N = 128  # keys a CTA, 64 a consumer warpgroup
+STAGES = 2  # Q / dO ring slots
+CONSUMER_REGS = 240
+LOG2E = 1.4426950408889634
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .gluon_forward import _cta_barrier, _tma_load, _tma_store
+
+    @gluon.jit
+    def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem, q_smem,
+                      do_smem, m_smem, r_smem, delta_smem, kv_bar, q_ready, do_ready, empty,
+                      b, h_kv, Hq, start_n, first_m, n_q, group, rows, stats_stride,
+                      BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """The copy partition: K and V once, then for it = g * n_q + i (query head g of the
+        group, its i-th query tile from first_m) Q_i with m_i and r_i into q slot it % STAGES
+        and dO_i with delta_i into the dO slot, once both consumers released the slot. Rows
+        past L and keys past S arrive as zeros; the statistics are padded to whole tiles."""
+        half: gl.constexpr = BN // 2
+        elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
+        mbarrier.expect(kv_bar, 2 * BN * HEAD * elem)
+        _tma_load(k_desc, [b, h_kv, start_n, 0], kv_bar, k_smem.index(0))
+        _tma_load(k_desc, [b, h_kv, start_n + half, 0], kv_bar, k_smem.index(1))
+        _tma_load(v_desc, [b, h_kv, start_n, 0], kv_bar, v_smem.index(0))
+        _tma_load(v_desc, [b, h_kv, start_n + half, 0], kv_bar, v_smem.index(1))
+        tile_bytes: gl.constexpr = BM * HEAD * elem
+        for it in range(group * n_q):
+            slot = it % STAGES
+            phase = ((it // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
+            g = it // n_q
+            h = h_kv * group + g
+            m0 = (first_m + it - g * n_q) * BM
+            row = (b * Hq + h) * rows + m0  # in each of the (delta, m, r) blocks of stats
+            mbarrier.wait(empty.index(slot), phase)
+            mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4)
+            _tma_load(q_desc, [b, h, m0, 0], q_ready.index(slot), q_smem.index(slot))
+            _tma_load(stats_desc, [stats_stride + row], q_ready.index(slot), m_smem.index(slot))
+            _tma_load(stats_desc, [2 * stats_stride + row], q_ready.index(slot),
+                      r_smem.index(slot))
+            mbarrier.expect(do_ready.index(slot), tile_bytes + BM * 4)
+            _tma_load(do_desc, [b, h, m0, 0], do_ready.index(slot), do_smem.index(slot))
+            _tma_load(stats_desc, [row], do_ready.index(slot), delta_smem.index(slot))
+
+    @gluon.jit
+    def _bwd_consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
+                      delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
+                      n_q, group, offset, qk_scale, sm_scale,
+                      W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                      STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
+        docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
+        a pair that may not see each other evaluate it."""
+        dtype: gl.constexpr = q_smem.dtype
+        half: gl.constexpr = BN // 2
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_st: gl.constexpr = gl.SliceLayout(0, st_layout)  # a query row of Sᵀ
+        k_w = k_smem.index(W).reshape([half, HEAD])
+        v_w = v_smem.index(W).reshape([half, HEAD])
+        st_zero = gl.zeros([half, BM], gl.float32, layout=st_layout)
+        dv = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
+        dk = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        for it in range(group * n_q):
+            slot = it % STAGES
+            phase = (it // STAGES) & 1
+            mbarrier.wait(q_ready.index(slot), phase)
+            q_t = q_smem.index(slot).reshape([BM, HEAD])
+            st_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), st_zero, use_acc=False,
+                                   is_async=True)
+            mbarrier.wait(do_ready.index(slot), phase)
+            do_t = do_smem.index(slot).reshape([BM, HEAD])
+            dpt_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), st_zero, use_acc=False,
+                                    is_async=True)
+            m = m_smem.index(slot).load(col_st)
+            r = r_smem.index(slot).load(col_st)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=[st_tok])  # Sᵀ done, dPᵀ in flight
+            if IS_CAUSAL:
+                m0 = (first_m + it % n_q) * BM
+                if m0 + offset < start_n + BN - 1:  # some key of the tile is past a row's
+                    keys = start_n + W * half + gl.arange(0, half,
+                                                          layout=gl.SliceLayout(1, st_layout))
+                    last = m0 + offset + gl.arange(0, BM, layout=col_st)
+                    st = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(last, 0), st,
+                                  float("-inf"))
+            # the backward kernels' P (backward._p_from_scores): m first, then the small r
+            pt = gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
+            pt_op = gl.convert_layout(pt.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(pt_op, do_t, dv, is_async=True)
+            delta = delta_smem.index(slot).load(col_st)
+            dpt, dv_tok, pt_op = warpgroup_mma_wait(num_outstanding=1,
+                                                    deps=[dpt_tok, dv_tok, pt_op])
+            ds_op = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+            dv, dk, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, dk_tok, ds_op])
+            mbarrier.arrive(empty.index(slot))
+        # only this warpgroup read its K and V halves: dK and dV leave through them
+        k_w.store((dk * sm_scale).to(dtype))
+        v_w.store(dv.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(dk_desc, [b, h_kv, start_n + W * half, 0], k_smem.index(W))  # clipped at S
+        _tma_store(dv_desc, [b, h_kv, start_n + W * half, 0], v_smem.index(W))
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attention_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dk_desc, dv_desc,
+                               qk_scale, sm_scale, Hkv, L, group, offset, rows, stats_stride,
+                               BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                               STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                               HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               num_warps: gl.constexpr):
+        """Grid (cdiv(S, BN), B * Hkv), or with HEADS_FIRST (B * Hkv, cdiv(S, BN)). Q, dO
+        (B, Hq, L, D), K, V, dK, dV (B, Hkv, S, D) through 4-d descriptors of 64-row tiles of
+        one head; ``stats``: the prep kernel's (delta, m, r), each (B, Hq, rows) fp32, flat
+        through one 1-d descriptor (blocks of BM; ``stats_stride`` = B * Hq * rows apart,
+        rows a multiple of BM)."""
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
+        if HEADS_FIRST:
+            pid_bh = gl.program_id(0)
+            pid_n = gl.program_id(1)
+        else:
+            pid_n = gl.program_id(0)
+            pid_bh = gl.program_id(1)
+        b = pid_bh // Hkv
+        h_kv = pid_bh % Hkv
+        start_n = pid_n * BN
+        if IS_CAUSAL:  # the first query tile with a row that sees one of the keys
+            first_m = gl.maximum(start_n - offset, 0) // BM
+        else:
+            first_m = pid_n * 0
+        n_q = gl.maximum((L + BM - 1) // BM - first_m, 0)
+
+        dtype: gl.constexpr = q_desc.dtype
+        half: gl.constexpr = BN // 2
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, half, HEAD], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, half, HEAD], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BM, HEAD], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BM, HEAD], do_desc.layout)
+        m_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
+        r_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
+                             delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n,
+                             first_m, n_q, group, offset, qk_scale, sm_scale, 0, BM, BN, HEAD,
+                             STAGES, IS_CAUSAL)),
+            (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
+                             delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n,
+                             first_m, n_q, group, offset, qk_scale, sm_scale, 1, BM, BN, HEAD,
+                             STAGES, IS_CAUSAL)),
+            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem,
+                             q_smem, do_smem, m_smem, r_smem, delta_smem, kv_bar, q_ready,
+                             do_ready, empty, b, h_kv, Hkv * group, start_n, first_m, n_q, group,
+                             rows, stats_stride, BM, BN, HEAD, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           grad_out: torch.Tensor, shape: AttentionShape, *, masked: bool,
+                           window: int, softcapped: bool, dropout: bool, dq_atomic: bool,
+                           padded_rows: bool, rows: int, small: bool,
+                           capability: int | None) -> str | None:
+    """Why the backward of this call does not take the Gluon dK/dV kernel, or None when it
+    does. ``rows``: the row statistics' padded length; ``small``: ``forward.host_bound``;
+    ``capability``: the device's compute capability major (None off a CUDA device)."""
+    if gluon is None:
+        return "this Triton has no Gluon Hopper API"
+    for name in ("SDPA_PASS_GLUON", "SDPA_PASS_GLUON_BWD"):
+        if os.environ.get(name, "") == "0":
+            return f"{name}=0"
+    if capability != 9:
+        return "not a Hopper GPU (compute capability 9.x)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16 / bf16 only)"
+    if (shape.head_dim, shape.v_head_dim) != (HEAD_DIM, HEAD_DIM):
+        return f"head dims {shape.head_dim} / {shape.v_head_dim} (128 only)"
+    if masked or window != -1 or softcapped or dropout:
+        return "an attn_mask, padding mask, window, soft-capping or dropout"
+    if dq_atomic:
+        return "SDPA_PASS_BWD_DQ=atomic (the Triton dK/dV kernel adds dQ)"
+    if not padded_rows or rows % BLOCK_M:
+        return "row statistics not padded to whole tiles (SDPA_PASS_BWD_PADDED_ROWS=0)"
+    if 3 * shape.batch * shape.q_heads * rows >= 2**31:
+        return "row statistics past 2**31 elements (one 1-d descriptor holds them)"
+    if small:
+        return "a host-bound call (forward.host_bound)"
+    for name, t in (("Q", q), ("K", k), ("V", v), ("dO", grad_out)):
+        if not _copy_engine_layout(t):
+            return (f"{name}'s layout (strides {tuple(t.stride())}): the copy engine needs a "
+                    "16-byte aligned base and strides and a contiguous last dim")
+    return None
+
+
+def _stats_descriptor(t: torch.Tensor):
+    """The (delta, m, r) row statistics, flat fp32, in tiles of BLOCK_M."""
+    return TensorDescriptor.from_tensor(t, [BLOCK_M], _layout((BLOCK_M,), gl.float32))
+
+
+# Compiled launches by (the backward's plan key, "gluon_dkdv") (kernels/launch.py; Gluon's own
+# launch path costs as much as a short kernel, gluon_forward._GLUON_CALLS).
+_GLUON_BWD_CALLS = PlanCache()
+
+
+def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape, *,
+                         scale: float, qk_scale: float, causal_align: int, offset: int,
+                         rows: int, plan_key) -> None:
+    """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
+    ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
+    delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
+    (checks.causal_offset). ``plan_key``: the backward's, which fixes every layout and the
+    causal form (or None: no plan)."""
+    B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
+    is_causal = causal_align != CAUSAL_NONE
+    # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
+    # order of their linear id, takes every head's first key tile first and the short tiles
+    # fill the end (longest first); the heads' Q and dO are then read by programs far apart,
+    # from memory rather than L2. SDPA_PASS_GLUON_BWD_ORDER=tiles keeps the tiles of one head
+    # side by side (the order without a causal mask), =heads asks for heads first always.
+    order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
+    heads_first = order == "heads" or (is_causal and order != "tiles")
+    grid = (B * Hkv, -(-S // BLOCK_N)) if heads_first else (-(-S // BLOCK_N), B * Hkv)
+    rows_maker = _descriptor_maker(BLOCK_M)
+    args = (q, k, v, grad_out, stats.view(-1), dk, dv, qk_scale, scale, Hkv, L, shape.group,
+            offset, rows, B * shape.q_heads * rows)
+    launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
+                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=HEAD_DIM, STAGES=STAGES, IS_CAUSAL=is_causal,
+                      HEADS_FIRST=heads_first, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                 descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
+                              4: _stats_descriptor, 5: rows_maker, 6: rows_maker})

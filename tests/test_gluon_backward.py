@@ -1,0 +1,251 @@
+"""The Hopper backward's dK/dV kernel in Gluon (kernels/gluon_backward.py).
+
+Gluon kernels do not run in the interpreter, so on a machine without a Hopper GPU these tests
+check which calls take the kernel (``gluon_backward_refusal``), what the compiler makes of it
+for sm_90 (no spill without the causal mask, the register split, the exponentials issued while
+the dPᵀ product is in flight), and the contract between the backward and the kernel: the
+prep kernel's statistics (delta, m, r) in the order and units the kernel reads them, the
+causal offset and the plan, with the kernel replaced by the same arithmetic in torch. On a
+Hopper GPU the gradients are compared with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpa_pass.kernels import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attention
+from sdpa_pass.kernels import backward as bwd
+from sdpa_pass.kernels import gluon_backward as gbwd
+from sdpa_pass.kernels.checks import AttentionShape
+from sdpa_pass.kernels.launch import clear_plans
+from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(gbwd.gluon is None, reason="this Triton has no Gluon Hopper API")
+needs_hopper = pytest.mark.skipif(not HOPPER or gbwd.gluon is None,
+                                  reason="the Gluon kernel runs on a Hopper GPU only")
+
+
+def refusal(q, k, v, do=None, **overrides):
+    B, H, L, D = q.shape
+    shape = AttentionShape(B, H, k.shape[1], L, k.shape[2], D, v.shape[-1])
+    kwargs = dict(masked=False, window=-1, softcapped=False, dropout=False, dq_atomic=False,
+                  padded_rows=True, rows=-(-L // 64) * 64, small=False, capability=9)
+    kwargs.update(overrides)
+    return gbwd.gluon_backward_refusal(q, k, v, q if do is None else do, shape, **kwargs)
+
+
+@needs_gluon
+def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
+    h = torch.bfloat16
+    q = torch.zeros(2, 4, 200, 128, dtype=h)
+    kv = torch.zeros(2, 2, 300, 128, dtype=h)
+    assert refusal(q, kv, kv) is None  # GQA, ragged lengths
+    assert refusal(torch.zeros(2, 200, 4, 128, dtype=h).transpose(1, 2), kv, kv) is None
+    assert "Hopper" in refusal(q, kv, kv, capability=8)
+    assert "Hopper" in refusal(q, kv, kv, capability=None)
+    assert "dtype" in refusal(q.float(), kv.float(), kv.float())
+    q80, kv80 = torch.zeros(2, 4, 200, 80, dtype=h), torch.zeros(2, 2, 300, 80, dtype=h)
+    assert "head dims" in refusal(q80, kv80, kv80)
+    for flags in (dict(masked=True), dict(window=16), dict(softcapped=True), dict(dropout=True)):
+        assert "mask" in refusal(q, kv, kv, **flags), flags
+    assert "atomic" in refusal(q, kv, kv, dq_atomic=True)
+    assert "padded" in refusal(q, kv, kv, padded_rows=False)
+    assert "padded" in refusal(q, kv, kv, rows=200)
+    assert "host-bound" in refusal(q, kv, kv, small=True)
+    expanded = torch.zeros(1, 1, 1, 128, dtype=h).expand(2, 4, 200, 128)  # d(sum) -> stride 0
+    assert "dO's layout" in refusal(q, kv, kv, do=expanded)
+    misaligned = torch.zeros(2, 2, 300, 132, dtype=h)[..., :128]  # rows 264 bytes apart
+    assert "V's layout" in refusal(q, kv, misaligned)
+    for name in ("SDPA_PASS_GLUON", "SDPA_PASS_GLUON_BWD"):
+        with monkeypatch.context() as m:
+            m.setenv(name, "0")
+            assert name in refusal(q, kv, kv)
+
+
+def compile_report(dtype: str, causal: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
+         "--product", dtype, *(["--causal-product"] if causal else [])],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", True)])
+def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, causal):
+    """Compiled for sm_90: little spill (without the causal mask none under triton 3.9, 8
+    bytes of stack under 3.6; with it 136 bytes under 3.9: a bound that catches a kernel
+    spilling its tiles, kilobytes), 240 registers for each consumer warpgroup and 24 for the copy warp, the wgmmas not
+    serialized by ptxas, and in each consumer's loop the tile's 32 exponentials a thread
+    between the wait that leaves dPᵀ in flight and the next wait."""
+    report = compile_report(dtype, causal)
+    assert report["stack_bytes"] <= (256 if causal else 16), report
+    assert {24, gbwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
+    assert not report["wgmma serialized (ptxas C7514)"]
+    events = report["events"].split()
+    after_first_wait = []
+    for i, e in enumerate(events):
+        if e == "W1" and (i == 0 or not events[i - 1].startswith("A")):
+            nxt = events[i + 1] if i + 1 < len(events) else ""
+            if nxt.startswith("E"):
+                after_first_wait.append(int(nxt.split("x")[1]) if "x" in nxt else 1)
+    assert after_first_wait == [32, 32], report["events"]
+
+
+def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, causal_align, offset,
+               rows, plan_key):
+    """The Gluon kernel's arithmetic in torch, from the same arguments (the CPU stand-in)."""
+    L, S, group = shape.q_len, shape.kv_len, shape.group
+    assert stats.shape == (3, shape.batch, shape.q_heads, rows) and rows % gbwd.BLOCK_M == 0
+    delta, m, r = (t[..., :L, None] for t in stats)
+    kk, vv = (t.float().repeat_interleave(group, 1) for t in (k, v))
+    s = q.float() @ kk.transpose(-2, -1)
+    if causal_align != CAUSAL_NONE:
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        s = s.masked_fill(j > i + offset, float("-inf"))
+    p = torch.exp2((s * qk_scale - m) - r)
+    dp = grad_out.float() @ vv.transpose(-2, -1)
+    ds = p * (dp - delta)
+    B, Hkv = shape.batch, shape.kv_heads
+    dv.copy_((p.transpose(-2, -1) @ grad_out.float()).view(B, Hkv, group, S, -1).sum(2))
+    dk.copy_((ds.transpose(-2, -1) @ q.float()).view(B, Hkv, group, S, -1).sum(2) * scale)
+
+
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
+def test_the_backward_hands_the_kernel_its_statistics_and_plan(causal, monkeypatch):
+    """(Any device: the refusal and the kernel replaced by ``torch_dkdv``.) A backward the
+    kernel takes gives it the prep kernel's statistics as the kernel reads them, the causal
+    offset and the backward's plan key; gradients match the float64 reference (so the order
+    delta, m, r and their units hold), rows past the keys included (bottom-right, L > S).
+    A later call with the same layouts reuses the decision without asking again."""
+    clear_plans()
+    checks, launches = [], []
+    monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: checks.append(1))
+
+    def kernel(*args, **kwargs):
+        assert kwargs["plan_key"] is not None
+        launches.append(kwargs["offset"])
+        torch_dkdv(*args, **kwargs)
+
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon", kernel)
+    dtype = torch.float32
+    for L, S in ((40, 24), (40, 24), (24, 40)):
+        q = randn(1, 4, L, 16, dtype=dtype).requires_grad_()
+        k, v = (randn(1, 2, S, 16, dtype=dtype).requires_grad_() for _ in range(2))
+        grad = randn(1, 4, L, 16, dtype=dtype)
+        extras = dict(causal=causal) if causal else {}
+        out = attention(q, k, v, enable_gqa=True, **extras)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+        ref, _ = reference_attention(*refs, **extras)
+        ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+        for name, g, rg in zip("qkv", grads, ref_grads):
+            assert_close_to_reference(g, rg, dtype, what=f"d{name}")
+    assert len(checks) == 2 and len(launches) == 3  # the second (40, 24) call: its plan
+    if causal == "bottom_right":
+        assert launches == [-16, -16, 16]
+    elif causal == "top_left":
+        assert launches == [0, 0, 0]
+
+
+def record_gluon_calls(monkeypatch):
+    calls, real = [], bwd.attention_dkdv_gluon
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon",
+                        lambda *a, **k: calls.append(k["offset"]) or real(*a, **k))
+    return calls
+
+
+# (B, Hq, Hkv, L, S, dtype, scale, causal extras): none host-bound (B·Hq·L·S·128 >= 2**30)
+GPU_CASES = {
+    "mha_bf16": (1, 8, 8, 1024, 1024, torch.bfloat16, None, {}),
+    "gqa_fp16_keys_longer": (1, 8, 2, 512, 2048, torch.float16, None, {}),
+    # (a scale of 0.3 puts bf16's rounding of dS in the dQ kernel at the tolerance's edge)
+    "rows_longer_scale": (2, 4, 4, 2048, 512, torch.bfloat16, 0.2, {}),
+    "causal_top_left": (1, 8, 8, 1024, 1024, torch.bfloat16, None, dict(is_causal=True)),
+    "causal_top_left_keys_longer": (1, 8, 4, 512, 2048, torch.float16, None, dict(is_causal=True)),
+    "causal_bottom_right_gqa": (1, 8, 2, 512, 2048, torch.bfloat16, None,
+                                dict(causal="bottom_right")),
+    # rows before the diagonal's first key see nothing: m = +inf, so P = 0 there
+    "causal_bottom_right_rows_past_keys": (1, 8, 8, 2048, 512, torch.bfloat16, None,
+                                           dict(causal="bottom_right")),
+    "causal_diagonal_64": (2, 4, 4, 1024, 1024, torch.float16, 0.2,
+                           dict(causal="top_left", diagonal=64)),
+    # lengths that are not whole tiles: zero-filled rows and keys past L and S
+    "ragged_lengths": (1, 8, 8, 1000, 1100, torch.bfloat16, None, {}),
+    "ragged_causal_bottom_right": (1, 8, 2, 900, 1300, torch.float16, None,
+                                   dict(causal="bottom_right")),
+    "ragged_causal_top_left": (2, 8, 4, 1000, 1000, torch.bfloat16, None, dict(is_causal=True)),
+}
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_gluon_backward_matches_the_reference(case, monkeypatch):
+    B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, L, Hq, 128, dtype=dtype).transpose(1, 2).requires_grad_()  # HF's storage
+    k, v = (randn(B, Hkv, S, 128, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, 128, dtype=dtype)
+    out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert len(calls) == 1
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs, scale=scale, **extras)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
+def test_refused_backwards_take_the_triton_kernel(monkeypatch):
+    """K's rows 264 bytes apart (no descriptor for it) and a bool mask: the Triton dK/dV
+    kernel, same answers."""
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    q, v = (randn(1, 8, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
+    k_storage = randn(1, 8, 1024, 132, dtype=dtype).requires_grad_()
+    k = k_storage[..., :128]
+    mask = torch.rand(1024, 1024, device=DEVICE) > 0.2
+    grad = randn(1, 8, 1024, 128, dtype=dtype)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    for kwargs in (dict(), dict(attn_mask=mask)):
+        grads = torch.autograd.grad(attention(q, k, v, **kwargs), (q, k, v), grad)
+        ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
+                                        grad.double().cpu())
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    assert calls == []
+
+
+@needs_hopper
+def test_a_later_backward_launches_the_remembered_kernel():
+    dtype = torch.bfloat16
+
+    def step():
+        q, k, v = (randn(1, 8, 1024, 128, dtype=dtype).requires_grad_() for _ in range(3))
+        grad = randn(1, 8, 1024, 128, dtype=dtype)
+        return (q, k, v), grad, torch.autograd.grad(attention(q, k, v, is_causal=True),
+                                                    (q, k, v), grad)
+
+    step()
+    hits = gbwd._GLUON_BWD_CALLS.hits
+    inputs, grad, grads = step()
+    assert gbwd._GLUON_BWD_CALLS.hits == hits + 1
+    refs = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, is_causal=True)[0], refs,
+                                    grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
