@@ -27,11 +27,12 @@ The prep kernel (delta and the row statistics, padded to whole 64-row tiles with
 see no key: m = +inf, delta = 0) and the dQ kernel stay Triton's; their tiles do not need the
 overlap as much (the dQ kernel measured ~630 TFLOP/s of its three products at N = 16k).
 
-Measured (H100, bf16, hd128, kernel time through CUDA graphs, session 16's probe): the four
-products at 642 / 680 TFLOP/s (N = 4k / 16k), causal 574 / 679, where the Triton kernel gave
-559 / 560 and 428 / 502; a dQ added by fp32 atomics from the consumers (FA3 gives that to a
-separate warp and the copy engine) measured slower than the separate dQ kernel (392 vs ~450
-backward TFLOP/s at 4k).
+Measured (H100, bf16, hd128, B = 16384 / N, 16 heads, profiler kernel time, BENCHMARKS.md
+session 16): the four products at 705 / 674 TFLOP/s (N = 4k / 16k) where the Triton dK/dV
+kernel gives 575 / 561, causal 1.043 / 3.388 ms against 1.283 / 4.409 (1.20-1.30x). The
+probe it came from (``benchmarks/gluon_bwd_probe.py``) also tried dQ added by fp32 atomics
+from the consumers (FA3 gives those adds to a separate warp and the copy engine): slower than
+the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
 Hopper API, fp16 / bf16, head dim 128, no attn_mask, padding mask, window, soft-capping or
