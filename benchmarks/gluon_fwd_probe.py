@@ -493,7 +493,7 @@ def _ptxas_log(ptx: str) -> str:
         return out.stdout + out.stderr
 
 
-def compile_product(dtype: str = "bf16", causal: bool = False):
+def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -507,14 +507,14 @@ def compile_product(dtype: str = "bf16", causal: bool = False):
     rows = product.BLOCK_M // 2
 
     def desc(block_rows):
-        block = (1, 1, block_rows, product.HEAD_DIM)
+        block = (1, 1, block_rows, head_dim)
         layout = product._layout(block, gdt)
-        return f"tensordesc<{dtype}[1, 1, {block_rows}, {product.HEAD_DIM}],{layout!r}>"
+        return f"tensordesc<{dtype}[1, 1, {block_rows}, {head_dim}],{layout!r}>"
 
     sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
            "o_desc": desc(rows), "lse_ptr": "*fp32", "qk_scale": "fp32", "Hq": "i32", "L": "i32",
            "S": "i32", "group": "i32", "offset": "i32"}
-    consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=product.HEAD_DIM,
+    consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
                   CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     sig.update({key: "constexpr" for key in consts})
@@ -524,8 +524,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False):
 
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
-        _, dtype, causal = name.split(":")
-        kernel = compile_product(dtype, causal == "causal")
+        _, dtype, causal, head_dim = name.split(":")
+        kernel = compile_product(dtype, causal == "causal", int(head_dim))
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -640,9 +640,11 @@ def main() -> None:
                         help="with --compile: the library's kernel instead of the variants, "
                              "its report as one JSON line (tests/test_gluon_forward.py)")
     parser.add_argument("--causal", action="store_true", help="with --product: the causal kernel")
+    parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
     args = parser.parse_args()
     if args.compile and args.product:
-        print(json.dumps(compile_report(f"product:{args.product}:{'causal' if args.causal else ''}")))
+        print(json.dumps(compile_report(
+            f"product:{args.product}:{'causal' if args.causal else ''}:{args.head_dim}")))
         return
     if args.compile:
         compile_only()

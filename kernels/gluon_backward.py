@@ -35,7 +35,8 @@ from the consumers (FA3 gives those adds to a separate warp and the copy engine)
 the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
-Hopper API, fp16 / bf16, head dim 128, no attn_mask, padding mask, window, soft-capping or
+Hopper API, fp16 / bf16, head dim 64 or 128 (at 64 every length: measured no slower at N =
+1k, where the forward keeps the Triton kernel), no attn_mask, padding mask, window, soft-capping or
 dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal with any diagonal
 (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split dQ path with padded
 row statistics (not SDPA_PASS_BWD_DQ=atomic nor SDPA_PASS_BWD_PADDED_ROWS=0). SDPA_PASS_GLUON=0
@@ -49,7 +50,7 @@ import os
 import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
-from .gluon_forward import HEAD_DIM, _copy_engine_layout, _descriptor_maker, _layout, gluon
+from .gluon_forward import HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -248,8 +249,8 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "not a Hopper GPU (compute capability 9.x)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (fp16 / bf16 only)"
-    if (shape.head_dim, shape.v_head_dim) != (HEAD_DIM, HEAD_DIM):
-        return f"head dims {shape.head_dim} / {shape.v_head_dim} (128 only)"
+    if shape.head_dim != shape.v_head_dim or shape.head_dim not in HEAD_DIMS:
+        return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
     if masked or window != -1 or softcapped or dropout:
         return "an attn_mask, padding mask, window, soft-capping or dropout"
     if dq_atomic:
@@ -295,11 +296,11 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
     heads_first = order == "heads" or (is_causal and order != "tiles")
     grid = (B * Hkv, -(-S // BLOCK_N)) if heads_first else (-(-S // BLOCK_N), B * Hkv)
-    rows_maker = _descriptor_maker(BLOCK_M)
+    rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv, qk_scale, scale, Hkv, L, shape.group,
             offset, rows, B * shape.q_heads * rows)
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
-                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=HEAD_DIM, STAGES=STAGES, IS_CAUSAL=is_causal,
+                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES, IS_CAUSAL=is_causal,
                       HEADS_FIRST=heads_first, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker})

@@ -23,7 +23,7 @@ mask and 1.05-1.10x causal at N >= 4k.
 
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
-128 for Q, K and V; no attn_mask, padding mask, window, soft-capping or dropout; no causal
+128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys; no attn_mask, padding mask, window, soft-capping or dropout; no causal
 mask or one whose diagonal leaves no row without keys (diagonal tiles masked, the longest
 query tiles first); GQA; a positive scale; Q, K and V in any (B, H, N, D) strides the copy
 engine can read (16-byte aligned, no broadcast dim: contiguous, or the (B, N, H, D) storage
@@ -51,7 +51,13 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel se
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .launch import PlanCache, launch_fixed
 
-HEAD_DIM = 128
+# Head dims the kernels are built for, the same for Q, K and V (64 from session 16)
+HEAD_DIMS = (64, 128)
+# Keys below which the forward at head dim 64 stays on the Triton kernel: on an H100 (bf16,
+# B·H·N = 2**19, BENCHMARKS.md session 16) the Gluon kernel gave 1.02-1.08x at N = 4k and 16k
+# but 0.92x / 0.85x (causal) at N = 1k, where the key loop is 8 tiles and the autotuned
+# Triton tiles win; 2k was not measured.
+HD64_MIN_KEYS = 4096
 BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
 BLOCK_N = 128  # keys a tile
 STAGES = 2  # K/V ring slots
@@ -269,8 +275,11 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "not a Hopper GPU (compute capability 9.x)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (fp16 / bf16 only)"
-    if (shape.head_dim, shape.v_head_dim) != (HEAD_DIM, HEAD_DIM):
-        return f"head dims {shape.head_dim} / {shape.v_head_dim} (128 only)"
+    if shape.head_dim != shape.v_head_dim or shape.head_dim not in HEAD_DIMS:
+        return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
+    if shape.head_dim == 64 and shape.kv_len < HD64_MIN_KEYS:
+        return (f"head dim 64 with {shape.kv_len} keys (under {HD64_MIN_KEYS} the Triton kernel "
+                "measured faster)")
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     if masked or window != -1 or softcap > 0.0 or dropout_p > 0.0:
@@ -301,10 +310,10 @@ def _layout(block: tuple, dtype):
 _GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _descriptor_maker(rows: int):
-    """A maker of the descriptor of a (B, H, N, HEAD_DIM) tensor with its own strides, tiles of
+def _descriptor_maker(rows: int, head_dim: int):
+    """A maker of the descriptor of a (B, H, N, head_dim) tensor with its own strides, tiles of
     ``rows`` rows of one head."""
-    block = (1, 1, rows, HEAD_DIM)
+    block = (1, 1, rows, head_dim)
 
     def make(t: torch.Tensor):
         return TensorDescriptor.from_tensor(t, list(block),
@@ -334,9 +343,10 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     # templates after (the plan key fixes their shapes and strides)
     args = (q, k, v, out, lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
             causal_offset(causal_align, diagonal, L, S))
-    q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2), _descriptor_maker(BLOCK_N)
+    D = shape.head_dim
+    q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(BLOCK_N, D)
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
-                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=HEAD_DIM, STAGES=STAGES, STORE_LSE=return_lse,
+                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, RAGGED_KEYS=S % BLOCK_N != 0,
                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})

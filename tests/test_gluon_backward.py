@@ -53,8 +53,11 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
     assert "Hopper" in refusal(q, kv, kv, capability=8)
     assert "Hopper" in refusal(q, kv, kv, capability=None)
     assert "dtype" in refusal(q.float(), kv.float(), kv.float())
+    q64, kv64 = torch.zeros(2, 4, 200, 64, dtype=h), torch.zeros(2, 2, 300, 64, dtype=h)
+    assert refusal(q64, kv64, kv64) is None
     q80, kv80 = torch.zeros(2, 4, 200, 80, dtype=h), torch.zeros(2, 2, 300, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
+    assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
     for flags in (dict(masked=True), dict(window=16), dict(softcapped=True), dict(dropout=True)):
         assert "mask" in refusal(q, kv, kv, **flags), flags
     assert "atomic" in refusal(q, kv, kv, dq_atomic=True)
@@ -71,26 +74,28 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
             assert name in refusal(q, kv, kv)
 
 
-def compile_report(dtype: str, causal: bool) -> dict:
+def compile_report(dtype: str, causal: bool, head_dim: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
-         "--product", dtype, *(["--causal-product"] if causal else [])],
+         "--product", dtype, "--head-dim", str(head_dim),
+         *(["--causal-product"] if causal else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @needs_gluon
-@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", True)])
-def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, causal):
+@pytest.mark.parametrize("dtype, causal, head_dim", [("bf16", False, 128), ("fp16", True, 128),
+                                                     ("bf16", True, 64)])
+def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, causal, head_dim):
     """Compiled for sm_90: little spill (without the causal mask none under triton 3.9, 8
     bytes of stack under 3.6; with it 136 bytes under 3.9: a bound that catches a kernel
     spilling its tiles, kilobytes), 240 registers for each consumer warpgroup and 24 for the copy warp, the wgmmas not
     serialized by ptxas, and in each consumer's loop the tile's 32 exponentials a thread
     between the wait that leaves dPᵀ in flight and the next wait."""
-    report = compile_report(dtype, causal)
+    report = compile_report(dtype, causal, head_dim)
     assert report["stack_bytes"] <= (256 if causal else 16), report
     assert {24, gbwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
     assert not report["wgmma serialized (ptxas C7514)"]
@@ -188,6 +193,10 @@ GPU_CASES = {
     "ragged_causal_bottom_right": (1, 8, 2, 900, 1300, torch.float16, None,
                                    dict(causal="bottom_right")),
     "ragged_causal_top_left": (2, 8, 4, 1000, 1000, torch.bfloat16, None, dict(is_causal=True)),
+    # head dim 64 (B·Hq·L·S >= 2**24)
+    "hd64_gqa": (1, 8, 2, 2048, 1024, torch.bfloat16, None, dict(head_dim=64)),
+    "hd64_ragged_causal_bottom_right": (2, 8, 4, 1000, 1300, torch.float16, None,
+                                        dict(causal="bottom_right", head_dim=64)),
 }
 
 
@@ -195,10 +204,12 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_gluon_backward_matches_the_reference(case, monkeypatch):
     B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
+    extras = dict(extras)
+    D = extras.pop("head_dim", 128)
     calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, 128, dtype=dtype).transpose(1, 2).requires_grad_()  # HF's storage
-    k, v = (randn(B, Hkv, S, 128, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(B, Hq, L, 128, dtype=dtype)
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()  # HF's storage
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
     out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     assert len(calls) == 1

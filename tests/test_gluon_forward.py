@@ -52,7 +52,12 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert "Hopper" in refusal(q, kv, kv, capability=None)
     assert "dtype" in refusal(q.float(), kv.float(), kv.float())
     q64, kv64 = torch.zeros(2, 4, 256, 64, dtype=h), torch.zeros(2, 2, 384, 64, dtype=h)
-    assert "head dims" in refusal(q64, kv64, kv64)
+    assert "keys" in refusal(q64, kv64, kv64)  # hd64: from HD64_MIN_KEYS keys on
+    long64 = torch.zeros(1, 2, gfwd.HD64_MIN_KEYS, 64, dtype=h)
+    assert refusal(q64, long64, long64) is None
+    q80, kv80 = torch.zeros(2, 4, 256, 80, dtype=h), torch.zeros(2, 2, 384, 80, dtype=h)
+    assert "head dims" in refusal(q80, kv80, kv80)
+    assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
     for flags in (dict(masked=True), dict(window=16), dict(softcap=30.0), dict(dropout_p=0.1)):
         assert "mask" in refusal(q, kv, kv, **flags), flags
     # causal: taken while every row sees a key (diagonal offset >= 0)
@@ -76,8 +81,9 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
 
 
 @needs_gluon
-@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", True)])
-def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal):
+@pytest.mark.parametrize("dtype, causal, head_dim", [("bf16", False, 128), ("fp16", True, 128),
+                                                     ("bf16", True, 64)])
+def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal, head_dim):
     """Compiled for sm_90: at most a few bytes of spill (none without the causal mask), 240 registers for each consumer warpgroup and 24 for the
     copy warp (setmaxnreg), the wgmmas not serialized by ptxas, and in each consumer's key
     loop the tile's exponentials (64, plus the rescale's) between the wait that leaves the
@@ -86,7 +92,7 @@ def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-         "--product", dtype, *(["--causal"] if causal else [])], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+         "--product", dtype, "--head-dim", str(head_dim), *(["--causal"] if causal else [])], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["stack_bytes"] <= (16 if causal else 0)
@@ -153,6 +159,10 @@ GPU_CASES = {
     "ragged_causal_bottom_right": (1, 8, 2, 900, 1300, torch.float16, None,
                                    dict(causal="bottom_right")),
     "ragged_causal_top_left": (2, 8, 4, 1000, 1000, torch.bfloat16, None, dict(is_causal=True)),
+    # head dim 64 (B·Hq·L·S >= 2**24, S >= HD64_MIN_KEYS)
+    "hd64_gqa": (1, 8, 2, 512, 4096, torch.bfloat16, None, dict(head_dim=64)),
+    "hd64_ragged_causal_bottom_right": (2, 8, 4, 600, 4100, torch.float16, None,
+                                        dict(causal="bottom_right", head_dim=64)),
 }
 
 
@@ -160,9 +170,11 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_gluon_forward_matches_the_reference(case, monkeypatch):
     B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
+    extras = dict(extras)
+    D = extras.pop("head_dim", 128)
     calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, 128, dtype=dtype).transpose(1, 2)  # the storage models transpose from
-    k, v = (randn(B, Hkv, S, 128, dtype=dtype) for _ in range(2))
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2)  # the storage models transpose from
+    k, v = (randn(B, Hkv, S, D, dtype=dtype) for _ in range(2))
     out, lse = attention(q, k, v, scale=scale, enable_gqa=True, return_lse=True, **extras)
     assert len(calls) == 1
     ref, ref_lse = reference_attention(q, k, v, scale=scale, **extras)
