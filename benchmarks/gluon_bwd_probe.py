@@ -60,7 +60,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -70,6 +69,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# the forward probe's compile and error helpers (this file runs as a script from benchmarks/)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gluon_fwd_probe import _compress, _dump, _ptxas_log, _rel_err  # noqa: E402
 
 D = 128
 BLOCK_N = 128  # keys a CTA (64 a consumer warpgroup)
@@ -315,18 +318,6 @@ def run(name, q, k, v, do, lse, delta):
 # ---------------------------------------------------------------------------------------------
 # compile mode
 # ---------------------------------------------------------------------------------------------
-def _tool(name: str) -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-def _dump(cubin: bytes, *flags: str, tool: str = "cuobjdump") -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([_tool(tool), *flags, f.name], capture_output=True, text=True,
-                              check=True).stdout
-
-
 def _sass_events(sass: str) -> list[str]:
     events = []
     for ln in sass.splitlines():
@@ -344,26 +335,6 @@ def _sass_events(sass: str) -> list[str]:
         elif re.search(r"\b(RED|ATOM|ATOMG|REDG)\.", ln):
             events.append("R")
     return events
-
-
-def _compress(events: list[str]) -> str:
-    out = []
-    for e in events:
-        if out and out[-1][0] == e:
-            out[-1][1] += 1
-        else:
-            out.append([e, 1])
-    return " ".join(f"{e}x{n}" if n > 1 else e for e, n in out)
-
-
-def _ptxas_log(ptx: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-        out = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", str(src), "-o",
-                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-        return out.stdout + out.stderr
 
 
 def compile_variant(name: str):
@@ -482,10 +453,6 @@ def compile_only(names, sass_dir, in_process: bool) -> None:
 # GPU mode
 # ---------------------------------------------------------------------------------------------
 PEERS = ("ours_bwd", "ours_dkdv_kernel", "sdpa_cudnn")
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm()).item()
 
 
 def _kernel_times(fn, calls: int = 3) -> dict:

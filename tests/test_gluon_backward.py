@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpa_pass.kernels import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, attention
+from sdpa_pass.kernels import CAUSAL_NONE, attention
 from sdpa_pass.kernels import backward as bwd
 from sdpa_pass.kernels import gluon_backward as gbwd
 from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+from test_gluon_forward import GPU_CASES as FORWARD_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -173,30 +174,18 @@ def record_gluon_calls(monkeypatch):
     return calls
 
 
-# (B, Hq, Hkv, L, S, dtype, scale, causal extras): none host-bound (B·Hq·L·S·128 >= 2**30)
+# The forward's cases (B, Hq, Hkv, L, S, dtype, scale, extras), with these changes
 GPU_CASES = {
-    "mha_bf16": (1, 8, 8, 1024, 1024, torch.bfloat16, None, {}),
-    "gqa_fp16_keys_longer": (1, 8, 2, 512, 2048, torch.float16, None, {}),
+    **FORWARD_CASES,
     # (a scale of 0.3 puts bf16's rounding of dS in the dQ kernel at the tolerance's edge)
     "rows_longer_scale": (2, 4, 4, 2048, 512, torch.bfloat16, 0.2, {}),
-    "causal_top_left": (1, 8, 8, 1024, 1024, torch.bfloat16, None, dict(is_causal=True)),
-    "causal_top_left_keys_longer": (1, 8, 4, 512, 2048, torch.float16, None, dict(is_causal=True)),
-    "causal_bottom_right_gqa": (1, 8, 2, 512, 2048, torch.bfloat16, None,
-                                dict(causal="bottom_right")),
     # rows before the diagonal's first key see nothing: m = +inf, so P = 0 there
     "causal_bottom_right_rows_past_keys": (1, 8, 8, 2048, 512, torch.bfloat16, None,
                                            dict(causal="bottom_right")),
-    "causal_diagonal_64": (2, 4, 4, 1024, 1024, torch.float16, 0.2,
-                           dict(causal="top_left", diagonal=64)),
-    # lengths that are not whole tiles: zero-filled rows and keys past L and S
-    "ragged_lengths": (1, 8, 8, 1000, 1100, torch.bfloat16, None, {}),
-    "ragged_causal_bottom_right": (1, 8, 2, 900, 1300, torch.float16, None,
-                                   dict(causal="bottom_right")),
-    "ragged_causal_top_left": (2, 8, 4, 1000, 1000, torch.bfloat16, None, dict(is_causal=True)),
-    # head dim 64 (B·Hq·L·S >= 2**24)
-    "hd64_gqa": (1, 8, 2, 2048, 1024, torch.bfloat16, None, dict(head_dim=64)),
-    "hd64_ragged_causal_bottom_right": (2, 8, 4, 1000, 1300, torch.float16, None,
-                                        dict(causal="bottom_right", head_dim=64)),
+    # the dK/dV kernel takes hd64 at every length (the forward from HD64_MIN_KEYS keys)
+    "hd64_short_keys": (1, 8, 2, 2048, 1024, torch.bfloat16, None, dict(head_dim=64)),
+    "hd64_short_keys_ragged_bottom_right": (2, 8, 4, 1000, 1300, torch.float16, None,
+                                            dict(causal="bottom_right", head_dim=64)),
 }
 
 
