@@ -35,12 +35,13 @@ from the consumers (FA3 gives those adds to a separate warp and the copy engine)
 the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
-Hopper API, fp16 / bf16, head dim 64 or 128 (at 64 every length: measured no slower at N =
-1k, where the forward keeps the Triton kernel), no attn_mask, padding mask, window, soft-capping or
-dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal with any diagonal
-(rows without keys have m = +inf, so P = 0), GQA, any L and S; the split dQ path with padded
-row statistics (not SDPA_PASS_BWD_DQ=atomic nor SDPA_PASS_BWD_PADDED_ROWS=0). SDPA_PASS_GLUON=0
-turns off both Gluon kernels, SDPA_PASS_GLUON_BWD=0 this one.
+Hopper API, fp16 / bf16, head dim 64 or 128 (at 64 every length: measured no slower at
+N = 1k, where the forward keeps the Triton kernel), no attn_mask, padding mask, window,
+soft-capping or dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal
+with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
+dQ path with padded row statistics (not SDPA_PASS_BWD_DQ=atomic nor
+SDPA_PASS_BWD_PADDED_ROWS=0). SDPA_PASS_GLUON=0 turns off both Gluon kernels,
+SDPA_PASS_GLUON_BWD=0 this one.
 """
 
 from __future__ import annotations
@@ -300,7 +301,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     args = (q, k, v, grad_out, stats.view(-1), dk, dv, qk_scale, scale, Hkv, L, shape.group,
             offset, rows, B * shape.q_heads * rows)
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
-                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES, IS_CAUSAL=is_causal,
-                      HEADS_FIRST=heads_first, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES,
+                      IS_CAUSAL=is_causal, HEADS_FIRST=heads_first,
+                      CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker})

@@ -23,13 +23,14 @@ mask and 1.05-1.10x causal at N >= 4k.
 
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
-128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys; no attn_mask, padding mask, window, soft-capping or dropout; no causal
-mask or one whose diagonal leaves no row without keys (diagonal tiles masked, the longest
-query tiles first); GQA; a positive scale; Q, K and V in any (B, H, N, D) strides the copy
-engine can read (16-byte aligned, no broadcast dim: contiguous, or the (B, N, H, D) storage
-models transpose from); any L and S (the copy engine zero-fills past them, the last key tile
-is masked, stores are clipped); not a host-bound call (``forward.host_bound``). Everything
-else runs the Triton kernel (kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off.
+128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys; no attn_mask, padding mask,
+window, soft-capping or dropout; no causal mask or one whose diagonal leaves no row without
+keys (diagonal tiles masked, the longest query tiles first); GQA; a positive scale; Q, K
+and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no broadcast
+dim: contiguous, or the (B, N, H, D) storage models transpose from); any L and S (the copy
+engine zero-fills past them, the last key tile is masked, stores are clipped); not a
+host-bound call (``forward.host_bound``). Everything else runs the Triton kernel
+(kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off.
 """
 
 from __future__ import annotations
