@@ -72,7 +72,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # the forward probe's compile and error helpers (this file runs as a script from benchmarks/)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gluon_fwd_probe import _compress, _dump, _ptxas_log, _rel_err  # noqa: E402
+from gluon_fwd_probe import _compress, _dump, _ptxas_log, _rel_err, _sass_events  # noqa: E402
 
 D = 128
 BLOCK_N = 128  # keys a CTA (64 a consumer warpgroup)
@@ -318,23 +318,8 @@ def run(name, q, k, v, do, lse, delta):
 # ---------------------------------------------------------------------------------------------
 # compile mode
 # ---------------------------------------------------------------------------------------------
-def _sass_events(sass: str) -> list[str]:
-    events = []
-    for ln in sass.splitlines():
-        if "HGMMA" in ln:
-            events.append("H")
-        elif "WARPGROUP.DEPBAR" in ln:
-            n = re.search(r"DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", ln)
-            events.append(f"W{int(n.group(1), 16) if n else '?'}")
-        elif "WARPGROUP.ARRIVE" in ln:
-            events.append("A")
-        elif "MUFU.EX2" in ln:
-            events.append("E")
-        elif "BAR.SYNC" in ln or "BAR.ARV" in ln:
-            events.append("S")
-        elif re.search(r"\b(RED|ATOM|ATOMG|REDG)\.", ln):
-            events.append("R")
-    return events
+# S = BAR.SYNC / BAR.ARV, R = RED / ATOM (the atomic dQ variants), after the wgmma events
+BWD_EVENTS = (("S", r"BAR\.(SYNC|ARV)"), ("R", r"\b(RED|ATOM|ATOMG|REDG)\."))
 
 
 def compile_variant(name: str):
@@ -404,7 +389,7 @@ def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     log = _ptxas_log(ptx)
     spill = re.search(r"(\d+) bytes spill stores", log)
     spill_ld = re.search(r"(\d+) bytes spill loads", log)
-    events = _sass_events(sass)
+    events = _sass_events(sass, BWD_EVENTS)
     return {
         "registers": int(re.search(r"REG:(\d+)", res).group(1)),
         "stack_bytes": int(re.search(r"STACK:(\d+)", res).group(1)),

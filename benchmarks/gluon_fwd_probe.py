@@ -410,10 +410,14 @@ def _dump(cubin: bytes, *flags: str, tool: str = "cuobjdump") -> str:
                               check=True).stdout
 
 
-def _sass_events(sass: str) -> list[str]:
+# the events besides the wgmma ones and MUFU.EX2, tried in order: (letter, SASS pattern)
+FWD_EVENTS = (("F", r"SHFL"), ("S", r"BAR\.SYNC"))
+
+
+def _sass_events(sass: str, others=FWD_EVENTS) -> list[str]:
     """The machine code's wgmma-related events in order: A = WARPGROUP.ARRIVE, H = HGMMA,
     W<n> = WARPGROUP.DEPBAR.LE gsb0 n (wait until at most n wgmma groups are in flight),
-    E = MUFU.EX2, F = SHFL, S = BAR.SYNC (CTA or named barrier)."""
+    E = MUFU.EX2, then ``others`` (here F = SHFL, S = BAR.SYNC, a CTA or named barrier)."""
     events = []
     for ln in sass.splitlines():
         if "HGMMA" in ln:
@@ -425,10 +429,11 @@ def _sass_events(sass: str) -> list[str]:
             events.append("A")
         elif "MUFU.EX2" in ln:
             events.append("E")
-        elif "SHFL" in ln:
-            events.append("F")
-        elif "BAR.SYNC" in ln:
-            events.append("S")
+        else:
+            for letter, pattern in others:
+                if re.search(pattern, ln):
+                    events.append(letter)
+                    break
     return events
 
 
