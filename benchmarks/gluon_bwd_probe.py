@@ -72,7 +72,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # the forward probe's compile and error helpers (this file runs as a script from benchmarks/)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gluon_fwd_probe import _compress, _dump, _ptxas_log, _rel_err, _sass_events  # noqa: E402
+from gluon_fwd_probe import (_compress, _dump, _ptxas_log, _rel_err, _sass_events,  # noqa: E402
+                             write_result)
 
 D = 128
 BLOCK_N = 128  # keys a CTA (64 a consumer warpgroup)
@@ -565,11 +566,7 @@ def gpu_main(out_dir: Path, names: list[str], lengths: list[int], causal_modes, 
                 result["rows"].append(row)
             del ref
             torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = out_dir / f"gluon_bwd_probe{'_' + label if label else ''}_{slug}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(out_dir, "gluon_bwd_probe", label, device, result)
 
 
 def main() -> None:

@@ -623,9 +623,14 @@ def gpu_main(out_dir: Path, names: list[str], lengths: list[int], label: str) ->
                 print(f"  {name:>14}: failed: {row['error']}", flush=True)
                 torch.cuda.synchronize()
             result["rows"].append(row)
+    write_result(out_dir, "gluon_fwd_probe", label, device, result)
+
+
+def write_result(out_dir: Path, stem: str, label: str, device: str, result: dict) -> None:
+    """``result`` as ``<stem>[_<label>]_<device slug>.json`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = out_dir / f"gluon_fwd_probe{'_' + label if label else ''}_{slug}.json"
+    path = out_dir / f"{stem}{'_' + label if label else ''}_{slug}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 
