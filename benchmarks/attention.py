@@ -737,6 +737,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard:
         shapes = shapes[args.shard[0]::args.shard[1]]
     rows: list[dict] = []
+    # rows are kept in the sweep's order, so re-measured shapes replace theirs in place
+    sweep_order = {shape_key(shape.fields()): i for i, shape in enumerate(shapes)}
     if args.remeasure:
         if args.resume or not path.exists():
             parser.error(f"--remeasure replaces rows of an existing {path}; not with --resume")
@@ -761,6 +763,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, shape in enumerate(shapes, 1):
         shape_rows = bench_shape(shape, peers, dtype, device, args.mode)
         rows += shape_rows
+        rows.sort(key=lambda r: sweep_order.get(shape_key(r), len(sweep_order)))  # stable
         save(path, meta, rows)
         print(progress(i, len(shapes), shape, shape_rows), flush=True)
     meta["complete"] = True

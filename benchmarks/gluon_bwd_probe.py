@@ -345,10 +345,12 @@ def compile_variant(name: str):
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128):
-    """The library's kernel (kernels/gluon_backward.py: this probe's ``dkdv_only`` schedule
-    with GQA, any lengths and causal offsets, 4-d descriptors, fp16 / bf16) compiled for sm_90
-    as a launch on contiguous tensors makes it."""
+def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
+                    kernel: str = "dkdv"):
+    """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
+    contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
+    lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
+    over query rows)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -358,25 +360,36 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         from kernels import gluon_backward as product
     from_forward = sys.modules[product.__name__.rsplit(".", 1)[0] + ".gluon_forward"]
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
-    block = (1, 1, product.BLOCK_M, head_dim)
+    block = (1, 1, product.BLOCK_M, head_dim)  # both kernels' tiles are 64 rows
     tile = f"tensordesc<{dtype}[{', '.join(map(str, block))}],{from_forward._layout(block, gdt)!r}>"
     stats = f"tensordesc<fp32[{product.BLOCK_M}],{from_forward._layout((product.BLOCK_M,), gl.float32)!r}>"
-    sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile, "stats_desc": stats,
-           "dk_desc": tile, "dv_desc": tile, "qk_scale": "fp32", "sm_scale": "fp32", "Hkv": "i32",
-           "L": "i32", "group": "i32", "offset": "i32", "rows": "i32", "stats_stride": "i32"}
-    consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
-                  STAGES=product.STAGES, IS_CAUSAL=causal, HEADS_FIRST=causal,
-                  CONSUMER_REGS=product.CONSUMER_REGS,
-                  num_warps=4)
+    if kernel == "dq":
+        fn = product._attention_bwd_dq_ws
+        sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
+               "stats_desc": stats, "dq_desc": tile, "qk_scale": "fp32", "sm_scale": "fp32",
+               "Hq": "i32", "S": "i32", "group": "i32", "offset": "i32", "rows": "i32",
+               "stats_stride": "i32"}
+        consts = dict(BM=product.DQ_BLOCK_M, BN=product.DQ_BLOCK_N, HEAD=head_dim,
+                      STAGES=product.STAGES, IS_CAUSAL=causal,
+                      CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+    else:
+        fn = product._attention_bwd_dkdv_ws
+        sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
+               "stats_desc": stats, "dk_desc": tile, "dv_desc": tile, "qk_scale": "fp32",
+               "sm_scale": "fp32", "Hkv": "i32", "L": "i32", "group": "i32", "offset": "i32",
+               "rows": "i32", "stats_stride": "i32"}
+        consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
+                      STAGES=product.STAGES, IS_CAUSAL=causal, HEADS_FIRST=causal,
+                      CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     sig.update({key: "constexpr" for key in consts})
-    return triton.compile(GluonASTSource(product._attention_bwd_dkdv_ws, sig, consts, {}),
+    return triton.compile(GluonASTSource(fn, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
-        _, dtype, causal, head_dim = name.split(":")
-        kernel = compile_product(dtype, causal == "causal", int(head_dim))
+        _, which, dtype, causal, head_dim = name.split(":")
+        kernel = compile_product(dtype, causal == "causal", int(head_dim), which)
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -590,10 +603,12 @@ def main() -> None:
     parser.add_argument("--causal-product", action="store_true",
                         help="with --product: the causal kernel")
     parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
+    parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
+                        help="with --product: which of the library's two kernels")
     args = parser.parse_args()
     if args.compile and args.product:
-        rep = compile_report(f"product:{args.product}:{'causal' if args.causal_product else ''}"
-                             f":{args.head_dim}")
+        rep = compile_report(f"product:{args.product_kernel}:{args.product}:"
+                             f"{'causal' if args.causal_product else ''}:{args.head_dim}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

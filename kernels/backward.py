@@ -44,8 +44,9 @@ from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel,
                       descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
-                      MASK_TMA_MIN_BLOCK_N, _mask_tile)
-from .gluon_backward import attention_dkdv_gluon, gluon_backward_refusal
+                      LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
+from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, gluon_backward_refusal,
+                             gluon_dq_refusal)
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -279,7 +280,8 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["HKV", "L", "S", "GROUP", "offset", "window"])
+# len_class (both kernels): unused by the kernel; in the autotuner's key (see _autotuned).
+@triton.jit(do_not_specialize=["HKV", "L", "S", "GROUP", "offset", "window", "len_class"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, ROW_M, ROW_R, DELTA, DK, DV, MASK, KPM, SEED, DQ_ACC,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
@@ -293,7 +295,7 @@ def _bwd_dkdv_kernel(
     stride_pb, stride_pn,
     stride_lb, stride_lh,
     stride_ab, stride_ah, stride_am,
-    HKV, L, S, GROUP, offset, window,
+    HKV, L, S, GROUP, offset, window, len_class,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
@@ -453,7 +455,7 @@ def _dq_tiles(
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
+@triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window", "len_class"])
 def _bwd_dq_kernel(
     Q, K, V, DO, ROW_M, ROW_R, DELTA, DQ, DS, MASK, KPM, SEED,
     qk_scale, softcap_log2, sm_scale, dropout_p, dropout_scale,
@@ -466,7 +468,7 @@ def _bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_lb, stride_lh,
-    H, L, S, GROUP, offset, window,
+    H, L, S, GROUP, offset, window, len_class,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
@@ -607,12 +609,15 @@ def _set_dq_blocks(nargs) -> None:
 
 
 def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
+    # len_class: short and long loops tuned apart, as the forward's (forward.LONG_ROWS). Without
+    # it the first call's length chose the tiles of every later one: a benchmark sweep that
+    # starts at N = 512 kept N = 512's dQ tiles at N = 4k and 16k.
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st,
                                pre_hook=pre_hook)
                  for m, n, w, st in configs],
         key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_KPM", "IS_CAUSAL", "HAS_WINDOW",
-             "HAS_SOFTCAP", "DROPOUT", *extra_key],
+             "HAS_SOFTCAP", "DROPOUT", "len_class", *extra_key],
         prune_configs_by={"early_config_prune": prune},
     )(kernel)
 
@@ -763,6 +768,8 @@ class _BackwardDecisions:
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
             capability=_capability(q.device) if q.is_cuda else None)
+        # and the dQ kernel in Gluon where it measured faster (hd128)
+        self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
         self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
         masks = dict(
@@ -797,7 +804,7 @@ class _BackwardDecisions:
                               or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
                           "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
-                          "PADDED_ROWS": padded_rows}
+                          "PADDED_ROWS": padded_rows, "len_class": int(L >= LONG_ROWS)}
         # the descriptors' tile shapes, set before each launch that passes any
         self.dkdv_hook = _set_dkdv_blocks if self.tma or self.mask_tma else None
         # The dQ kernel reads the mask tile as the forward does (same orientation), through a
@@ -814,7 +821,7 @@ class _BackwardDecisions:
         longest_first = (causal_align != CAUSAL_NONE and window == -1
                          and os.environ.get("SDPA_PASS_DQ_ORDER", "") != "tiles")
         self.dq_meta = {**common, "STORE_DS": need_mask_grad, "MASK_TMA": self.dq_mask_tma,
-                        "LONGEST_FIRST": longest_first}
+                        "LONGEST_FIRST": longest_first, "len_class": int(S >= LONG_ROWS)}
         self.dq_hook = _set_dq_blocks if self.dq_mask_tma else None
         # {argument position: descriptor maker} of each kernel (see the launches)
         def mask_descriptor(t):
@@ -922,6 +929,11 @@ def attention_backward_triton(
             d.dkdv_descriptors, plan and (plan, "dkdv"))
     if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
+        return dq, dk, dv, dmask
+    if d.gluon_dq_refusal is None:  # (never with a mask, so never with its gradient)
+        attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale, qk_scale=qk_scale,
+                           causal_align=causal_align, offset=d.offset, rows=d.rows,
+                           plan_key=plan and (plan, "gluon_dq"))
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (

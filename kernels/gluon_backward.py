@@ -1,4 +1,4 @@
-"""The Hopper backward's dK/dV kernel in Gluon: FlashAttention-3's backward schedule.
+"""The Hopper backward's dK/dV and dQ kernels in Gluon: FlashAttention-3's backward schedule.
 
 Our Triton dK/dV kernel (kernels/backward.py) measured ~430-560 TFLOP/s of its four matrix
 products at hd128 (H100, bf16, N = 4k / 16k) and spilled registers at every tile that large;
@@ -23,9 +23,19 @@ places its own waits. Per CTA of 128 keys of one K/V head:
   through the shared memory that held the warpgroup's K and V halves (TMA stores, clipped
   at S).
 
+dQ: the same schedule over query rows (``_attention_bwd_dq_ws``, hd128 only): one CTA per
+128 query rows of one query head; the producer copies Q, dO and their statistics once, then
+K_j and V_j (64 keys) into a two-slot ring; each consumer warpgroup owns 64 rows and per key
+tile issues S = Q Kᵀ and dP = dO Vᵀ, waits for S (and the previous tile's dQ product) only,
+runs P = exp2(S·scale·log2e - m - r) under dP, then dS = P ∘ (dP - delta) and issues
+dQ += dS K_j, left in flight into the next tile. Keys past S arrive as zeros (their dS meets
+a zero K row); causal tiles past the diagonal's first are masked, the longest query tiles
+start first. Measured (H100, bf16, profiler, session 17): 1.04-1.08x the Triton dQ kernel
+without a mask at N = 1k / 4k, 1.06x GQA causal 4k, equal on the other causal shapes; at hd64
+0.84-0.93x, so there the Triton kernel stays.
+
 The prep kernel (delta and the row statistics, padded to whole 64-row tiles with rows that
-see no key: m = +inf, delta = 0) and the dQ kernel stay Triton's; their tiles do not need the
-overlap as much (the dQ kernel measured ~630 TFLOP/s of its three products at N = 16k).
+see no key: m = +inf, delta = 0) stays Triton's.
 
 Measured (H100, bf16, hd128, B = 16384 / N, 16 heads, profiler kernel time, BENCHMARKS.md
 session 16): the four products at 705 / 674 TFLOP/s (N = 4k / 16k) where the Triton dK/dV
@@ -40,8 +50,9 @@ N = 1k, where the forward keeps the Triton kernel), no attn_mask, padding mask, 
 soft-capping or dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal
 with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
 dQ path with padded row statistics (not SDPA_PASS_BWD_DQ=atomic nor
-SDPA_PASS_BWD_PADDED_ROWS=0). SDPA_PASS_GLUON=0 turns off both Gluon kernels,
-SDPA_PASS_GLUON_BWD=0 this one.
+SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128 (``gluon_dq_refusal``).
+SDPA_PASS_GLUON=0 turns off every Gluon kernel, SDPA_PASS_GLUON_BWD=0 both backward ones,
+SDPA_PASS_GLUON_DQ=0 the dQ one.
 """
 
 from __future__ import annotations
@@ -58,6 +69,11 @@ BLOCK_M = 64  # query rows a tile
 BLOCK_N = 128  # keys a CTA, 64 a consumer warpgroup
 STAGES = 2  # Q / dO ring slots
 CONSUMER_REGS = 240
+DQ_BLOCK_M = 128  # query rows a dQ CTA, 64 a consumer warpgroup
+DQ_BLOCK_N = 64  # keys a tile of the dQ kernel's ring (STAGES slots)
+# Head dims of the dQ kernel: at 64 the Triton dQ kernel measured faster (H100, bf16, N = 4k /
+# 16k: 0.91-0.93x for the Gluon one, causal 0.84-0.87x; BENCHMARKS.md, session 17)
+DQ_HEAD_DIMS = (128,)
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -232,6 +248,174 @@ if gluon is not None:
                              rows, stats_stride, BM, BN, HEAD, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
+    # ---- the dQ kernel: the same schedule over query rows (module docstring, "dQ") ----
+
+    @gluon.jit
+    def _dq_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
+                     k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, b, h, h_kv,
+                     start_m, row, stats_stride, n_tiles, BMW: gl.constexpr, BN: gl.constexpr,
+                     HEAD: gl.constexpr, STAGES: gl.constexpr):
+        """Q, dO and the six 64-row statistics blocks (delta, m, r of each half) once, then K_j
+        and V_j into slot j % STAGES once both consumers released it."""
+        elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
+        mbarrier.expect(q_bar, 4 * BMW * HEAD * elem + 6 * BMW * 4)
+        for w in gl.static_range(2):
+            _tma_load(q_desc, [b, h, start_m + w * BMW, 0], q_bar, q_smem.index(w))
+            _tma_load(do_desc, [b, h, start_m + w * BMW, 0], q_bar, do_smem.index(w))
+            for s in gl.static_range(3):  # delta, m, r
+                _tma_load(stats_desc, [s * stats_stride + row + w * BMW], q_bar,
+                          st_smem.index(3 * w + s))
+        tile_bytes: gl.constexpr = BN * HEAD * elem
+        for j in range(n_tiles):
+            slot = j % STAGES
+            phase = ((j // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(slot), phase)
+            mbarrier.expect(k_ready.index(slot), tile_bytes)
+            _tma_load(k_desc, [b, h_kv, j * BN, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase)
+            mbarrier.expect(v_ready.index(slot), tile_bytes)
+            _tma_load(v_desc, [b, h_kv, j * BN, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
+                 qk_scale, dtype: gl.constexpr, a_layout: gl.constexpr, s_layout: gl.constexpr,
+                 BMW: gl.constexpr, BN: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
+        its dP (in flight): the exponentials run before the wait for dP."""
+        if IS_CAUSAL:
+            if j >= full_tiles:
+                keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+                last = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
+                s = gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(last, 1), s,
+                             float("-inf"))
+        p = gl.exp2((s * qk_scale - m) - r)
+        # A wait on Q's barrier, whose only phase is long complete (so it passes at once): a
+        # try-wait loop, so a new basic block between the exponentials and the wait for dP,
+        # which ptxas would otherwise move above them (as in gluon_forward's consumer loop)
+        mbarrier.wait(q_bar, 0)
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp_tok])
+        mbarrier.arrive(v_empty.index(slot))
+        return gl.convert_layout((p * (dp - delta)).to(dtype), a_layout)
+
+    @gluon.jit
+    def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                     k_empty, v_empty, b, h, row0, offset, n_tiles, full_tiles, qk_scale,
+                     sm_scale, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
+                     HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """Consumer W: rows row0 .. row0 + 64 (module docstring). ``n_tiles`` >= 1: a CTA whose
+        rows see no key runs key tile 0 fully masked (m = +inf there besides), so dQ's product
+        can stay in flight across iterations with the first tile peeled off the loop."""
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
+                                                     k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        q_w = q_smem.index(W).reshape([BMW, HEAD])
+        do_w = do_smem.index(W).reshape([BMW, HEAD])
+        s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+        delta = gl.expand_dims(st_smem.index(3 * W).load(row_s), 1)
+        m = gl.expand_dims(st_smem.index(3 * W + 1).load(row_s), 1)
+        r = gl.expand_dims(st_smem.index(3 * W + 2).load(row_s), 1)
+
+        # key tile 0
+        mbarrier.wait(k_ready.index(0), 0)
+        k_j = k_smem.index(0).reshape([BN, HEAD])
+        s_tok = warpgroup_mma(q_w, k_j.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(0), 0)
+        dp_tok = warpgroup_mma(do_w, v_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
+                               s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+        ds_op = _ds_tile(s, dp_tok, 0, 0, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
+                         qk_scale, dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL)
+        dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
+                               use_acc=False, is_async=True)
+        for j in range(1, n_tiles):
+            slot = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(slot), phase)
+            k_j = k_smem.index(slot).reshape([BN, HEAD])
+            s_tok = warpgroup_mma(q_w, k_j.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(slot), phase)
+            dp_tok = warpgroup_mma(do_w, v_smem.index(slot).reshape([BN, HEAD]).permute((1, 0)),
+                                   s_zero, use_acc=False, is_async=True)
+            # the previous tile's dQ product (issued first) and S done; dP in flight
+            s, dq, ds_op = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok, dq_tok, ds_op])
+            mbarrier.arrive(k_empty.index((j - 1) % STAGES))
+            ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset,
+                             full_tiles, qk_scale, dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL)
+            dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
+        dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
+        mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
+        q_w.store((dq * sm_scale).to(dtype))  # Q's rows are not read again
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(dq_desc, [b, h, row0, 0], q_smem.index(W))  # rows past L are not written
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, qk_scale,
+                             sm_scale, Hq, S, group, offset, rows, stats_stride,
+                             BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                             STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                             CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D), K, V (B, Hkv, S, D) through 4-d
+        descriptors of 64-row tiles; the statistics as for the dK/dV kernel, in blocks of 64
+        rows (a CTA's second half may read the next head's: only on rows past L, whose dQ is
+        not stored)."""
+        gl.static_assert(BM == 2 * 64 and BN == 64, "two consumer warpgroups of 64 rows")
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        BMW: gl.constexpr = BM // 2
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        if IS_CAUSAL:
+            pid_m = gl.num_programs(0) - 1 - pid_m  # longest first
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        start_m = pid_m * BM
+        full_tiles = S // BN
+        if IS_CAUSAL:
+            # at least one tile: rows that see no key run tile 0 masked (_dq_consumer)
+            n_tiles = gl.maximum(gl.minimum(S, start_m + BM + offset), 1)
+            n_tiles = (n_tiles + BN - 1) // BN
+            full_tiles = gl.maximum(gl.minimum(full_tiles, (start_m + offset + 1) // BN), 0)
+        else:
+            n_tiles = (S + BN - 1) // BN
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], do_desc.layout)
+        st_smem = gl.allocate_shared_memory(gl.float32, [6, BMW], stats_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        row = pid_bh * rows + start_m
+        gl.warp_specialize([
+            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, b, h, start_m, offset, n_tiles, full_tiles,
+                            qk_scale, sm_scale, 0, BMW, BN, HEAD, STAGES, IS_CAUSAL)),
+            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
+                            v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, n_tiles,
+                            full_tiles, qk_scale, sm_scale, 1, BMW, BN, HEAD, STAGES, IS_CAUSAL)),
+            (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
+                            k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, b, h,
+                            h // group, start_m, row, stats_stride, n_tiles, BMW, BN, HEAD,
+                            STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
 
 def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            grad_out: torch.Tensor, shape: AttentionShape, *, masked: bool,
@@ -306,3 +490,34 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker})
+
+
+def gluon_dq_refusal(dkdv_refusal: str | None, head_dim: int) -> str | None:
+    """Why the backward's dQ stays on the Triton kernel, or None when the Gluon dQ kernel takes
+    it: the dK/dV kernel's scope (``dkdv_refusal``, its reason) at the head dims where it
+    measured faster (``DQ_HEAD_DIMS``); SDPA_PASS_GLUON_DQ=0 turns it off alone."""
+    if dkdv_refusal is not None:
+        return dkdv_refusal
+    if os.environ.get("SDPA_PASS_GLUON_DQ", "") == "0":
+        return "SDPA_PASS_GLUON_DQ=0"
+    if head_dim not in DQ_HEAD_DIMS:
+        return (f"head dim {head_dim}: the Triton dQ kernel measured faster (the Gluon one's: "
+                f"{DQ_HEAD_DIMS})")
+    return None
+
+
+def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, scale: float,
+                       qk_scale: float, causal_align: int, offset: int, rows: int,
+                       plan_key) -> None:
+    """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
+    the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
+    B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
+    rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)  # every operand in 64-row tiles
+    args = (q, k, v, grad_out, stats.view(-1), dq, qk_scale, scale, Hq, S, shape.group, offset,
+            rows, B * Hq * rows)
+    launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
+                 args, dict(BM=DQ_BLOCK_M, BN=DQ_BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES,
+                            IS_CAUSAL=causal_align != CAUSAL_NONE, CONSUMER_REGS=CONSUMER_REGS,
+                            num_warps=4),
+                 descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
+                              4: _stats_descriptor, 5: rows_maker})

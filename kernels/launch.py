@@ -41,7 +41,8 @@ _DESCRIPTOR_TYPES = tuple(t for t in (TensorDescriptor, GluonTensorDescriptor) i
 _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_PASS_AUTOTUNE",
               "SDPA_PASS_BWD_TMA", "SDPA_PASS_BWD_DQ", "SDPA_PASS_FWD_PIPELINE",
               "SDPA_PASS_BWD_PADDED_ROWS", "SDPA_PASS_BATCH_INNER", "SDPA_PASS_GLUON",
-              "SDPA_PASS_GLUON_BWD", "SDPA_PASS_GLUON_BWD_ORDER", "SDPA_PASS_DQ_ORDER")
+              "SDPA_PASS_GLUON_BWD", "SDPA_PASS_GLUON_BWD_ORDER", "SDPA_PASS_DQ_ORDER",
+              "SDPA_PASS_GLUON_DQ")
 
 
 def call_key(*parts) -> Optional[tuple]:

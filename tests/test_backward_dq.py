@@ -189,3 +189,43 @@ def test_row_padding_covers_every_dkdv_tile():
         bwd._fixed_config(d, dt)["BLOCK_M"] for d in (64, 128, 256)
         for dt in (torch.float16, torch.float32)]
     assert all(bwd.ROW_PAD % m == 0 for m in rows)
+
+
+def test_autotuning_key_has_a_length_class(monkeypatch):
+    """GPU launches of both backward kernels are tuned per length class of their loop (the dK/dV
+    kernel's over queries, the dQ kernel's over keys), as the forward's: a sweep's first
+    length no longer chooses the tiles of every later one. The launches are recorded, not run
+    (the autotuner needs a GPU to time configs); the prep kernel runs."""
+    from sdpa_pass.kernels.checks import CAUSAL_NONE, check_attention_inputs
+    from sdpa_pass.kernels.forward import LONG_ROWS
+
+    keys = []
+
+    def record(tuned):
+        def launch(key, grid, *args, **meta):
+            keys.append((tuned, key, meta["len_class"]))
+            return None, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return launch
+
+    monkeypatch.setattr(bwd, "interpreter_active", lambda: False)
+    monkeypatch.setenv("SDPA_PASS_AUTOTUNE", "1")
+    monkeypatch.setenv("SDPA_PASS_LAUNCH_PLANS", "0")  # the stand-ins launch nothing to plan
+    monkeypatch.setattr(bwd._DKDV, "launch", record("dkdv"))
+    monkeypatch.setattr(bwd._DQ, "launch", record("dq"))
+    for tuned in (bwd._bwd_dkdv_autotuned, bwd._bwd_dq_autotuned):
+        assert "len_class" in tuned.keys
+    lengths = [(16, 100), (16, LONG_ROWS - 1), (16, LONG_ROWS), (LONG_ROWS, 16)]
+    for q_len, kv_len in lengths:
+        q, out, grad_out = (randn(1, 2, q_len, 32, dtype=torch.float16) for _ in range(3))
+        k, v = (randn(1, 2, kv_len, 32, dtype=torch.float16) for _ in range(2))
+        lse = torch.zeros(1, 2, q_len, device=q.device)
+        shape = check_attention_inputs(q, k, v, None, None, causal_align=CAUSAL_NONE)
+        bwd.attention_backward_triton(
+            grad_out, q, k, v, None, None, out, lse, shape, scale=0.1, causal_align=CAUSAL_NONE,
+            diagonal=0, window=-1, softcap=0.0, need_mask_grad=False)
+    dkdv = [(key, cls) for tuned, key, cls in keys if tuned == "dkdv"]
+    dq = [(key, cls) for tuned, key, cls in keys if tuned == "dq"]
+    assert [cls for _, cls in dkdv] == [0, 0, 0, 1]  # queries
+    assert [cls for _, cls in dq] == [0, 0, 1, 0]  # keys
+    assert dq[0][0] == dq[1][0] != dq[2][0]
+    assert dkdv[0][0] == dkdv[2][0] != dkdv[3][0]

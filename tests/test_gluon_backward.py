@@ -75,12 +75,28 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
             assert name in refusal(q, kv, kv)
 
 
-def compile_report(dtype: str, causal: bool, head_dim: int) -> dict:
+
+@needs_gluon
+def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch):
+    """The Gluon dQ kernel: the dK/dV kernel's scope (its reason passed on) at hd128 only."""
+    h = torch.bfloat16
+    q, kv = torch.zeros(2, 4, 200, 128, dtype=h), torch.zeros(2, 2, 300, 128, dtype=h)
+    assert gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128) is None
+    reason = refusal(q, kv, kv, masked=True)
+    assert gbwd.gluon_dq_refusal(reason, 128) == reason
+    q64, kv64 = torch.zeros(2, 4, 200, 64, dtype=h), torch.zeros(2, 2, 300, 64, dtype=h)
+    assert refusal(q64, kv64, kv64) is None  # dK/dV in Gluon, dQ not
+    assert "head dim 64" in gbwd.gluon_dq_refusal(refusal(q64, kv64, kv64), 64)
+    monkeypatch.setenv("SDPA_PASS_GLUON_DQ", "0")
+    assert refusal(q, kv, kv) is None
+    assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
+
+def compile_report(dtype: str, causal: bool, head_dim: int, kernel: str = "dkdv") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
-         "--product", dtype, "--head-dim", str(head_dim),
+         "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
          *(["--causal-product"] if causal else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,11 +107,12 @@ def compile_report(dtype: str, causal: bool, head_dim: int) -> dict:
 @pytest.mark.parametrize("dtype, causal, head_dim", [("bf16", False, 128), ("fp16", True, 128),
                                                      ("bf16", True, 64)])
 def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, causal, head_dim):
-    """Compiled for sm_90: little spill (without the causal mask none under triton 3.9, 8
-    bytes of stack under 3.6; with it 136 bytes under 3.9: a bound that catches a kernel
-    spilling its tiles, kilobytes), 240 registers for each consumer warpgroup and 24 for the copy warp, the wgmmas not
-    serialized by ptxas, and in each consumer's loop the tile's 32 exponentials a thread
-    between the wait that leaves dPᵀ in flight and the next wait."""
+    """The dK/dV kernel compiled for sm_90: little spill (without the causal mask none under
+    triton 3.9, 8 bytes of stack under 3.6; with it 136 bytes under 3.9: a bound that catches
+    a kernel spilling its tiles, kilobytes), 240 registers for each consumer warpgroup and 24
+    for the copy warp, the wgmmas not serialized by ptxas, and in each consumer's loop the
+    tile's 32 exponentials a thread between the wait that leaves dPᵀ in flight and the next
+    wait."""
     report = compile_report(dtype, causal, head_dim)
     assert report["stack_bytes"] <= (256 if causal else 16), report
     assert {24, gbwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
@@ -110,9 +127,38 @@ def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, caus
     assert after_first_wait == [32, 32], report["events"]
 
 
-def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, causal_align, offset,
-               rows, plan_key):
-    """The Gluon kernel's arithmetic in torch, from the same arguments (the CPU stand-in)."""
+
+def exponentials_between_waits(events: str) -> list[int]:
+    """For each wait that leaves one product in flight (W1), the exponentials (E) before the
+    next wait."""
+    counts, current = [], None
+    for e in events.split():
+        if e.startswith("W"):
+            if current is not None:
+                counts.append(current)
+            current = 0 if e == "W1" else None
+        elif e.startswith("E") and current is not None:
+            current += int(e.split("x")[1]) if "x" in e else 1
+    return counts
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype, causal", [("bf16", False), ("fp16", True)])
+def test_dq_kernel_compiled_for_sm90_runs_the_exponentials_under_the_dp_product(dtype, causal):
+    """The dQ kernel for sm_90 (hd128): no spill, the consumers' and the copy warp's register
+    split, the wgmmas not serialized, and in each consumer's loop the key tile's 32
+    exponentials a thread between the wait that leaves dP in flight and the wait for dP
+    (before the first tile's, peeled off the loop, ptxas may put a few after it)."""
+    report = compile_report(dtype, causal, 128, kernel="dq")
+    assert report["stack_bytes"] == 0, report
+    assert {24, gbwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
+    assert not report["wgmma serialized (ptxas C7514)"]
+    counts = exponentials_between_waits(report["events"])
+    assert counts.count(32) == 2 and len(counts) == 4, report["events"]
+
+def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset, rows):
+    """P and dS of the Gluon kernels, in torch from their arguments, with the group's K and V
+    repeated for each query head."""
     L, S, group = shape.q_len, shape.kv_len, shape.group
     assert stats.shape == (3, shape.batch, shape.q_heads, rows) and rows % gbwd.BLOCK_M == 0
     delta, m, r = (t[..., :L, None] for t in stats)
@@ -124,29 +170,50 @@ def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, caus
         s = s.masked_fill(j > i + offset, float("-inf"))
     p = torch.exp2((s * qk_scale - m) - r)
     dp = grad_out.float() @ vv.transpose(-2, -1)
-    ds = p * (dp - delta)
-    B, Hkv = shape.batch, shape.kv_heads
+    return p, p * (dp - delta), kk
+
+
+def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, causal_align, offset,
+               rows, plan_key):
+    """The Gluon dK/dV kernel's arithmetic in torch, from the same arguments (the CPU
+    stand-in)."""
+    p, ds, _ = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
+                               rows)
+    B, Hkv, S, group = shape.batch, shape.kv_heads, shape.kv_len, shape.group
     dv.copy_((p.transpose(-2, -1) @ grad_out.float()).view(B, Hkv, group, S, -1).sum(2))
     dk.copy_((ds.transpose(-2, -1) @ q.float()).view(B, Hkv, group, S, -1).sum(2) * scale)
 
 
+def torch_dq(q, k, v, grad_out, stats, dq, shape, *, scale, qk_scale, causal_align, offset, rows,
+             plan_key):
+    """The Gluon dQ kernel's arithmetic in torch (the CPU stand-in)."""
+    _, ds, kk = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
+                                rows)
+    dq.copy_(ds @ kk * scale)
+
+
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
 def test_the_backward_hands_the_kernel_its_statistics_and_plan(causal, monkeypatch):
-    """(Any device: the refusal and the kernel replaced by ``torch_dkdv``.) A backward the
-    kernel takes gives it the prep kernel's statistics as the kernel reads them, the causal
-    offset and the backward's plan key; gradients match the float64 reference (so the order
-    delta, m, r and their units hold), rows past the keys included (bottom-right, L > S).
-    A later call with the same layouts reuses the decision without asking again."""
+    """(Any device: the refusals and the kernels replaced by ``torch_dkdv`` / ``torch_dq``.) A
+    backward the kernels take gives them the prep kernel's statistics as they read them, the
+    causal offset and the backward's plan key (each its own launch site); gradients match the
+    float64 reference (so the order delta, m, r and their units hold), rows past the keys
+    included (bottom-right, L > S). A later call with the same layouts reuses the decisions
+    without asking again."""
     clear_plans()
     checks, launches = [], []
     monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: checks.append(1))
+    monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: checks.append(2))
 
-    def kernel(*args, **kwargs):
-        assert kwargs["plan_key"] is not None
-        launches.append(kwargs["offset"])
-        torch_dkdv(*args, **kwargs)
+    def stand_in(name, fn):
+        def kernel(*args, **kwargs):
+            assert kwargs["plan_key"][-1] == f"gluon_{name}"
+            launches.append((name, kwargs["offset"]))
+            fn(*args, **kwargs)
+        return kernel
 
-    monkeypatch.setattr(bwd, "attention_dkdv_gluon", kernel)
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon", stand_in("dkdv", torch_dkdv))
+    monkeypatch.setattr(bwd, "attention_dq_gluon", stand_in("dq", torch_dq))
     dtype = torch.float32
     for L, S in ((40, 24), (40, 24), (24, 40)):
         q = randn(1, 4, L, 16, dtype=dtype).requires_grad_()
@@ -160,17 +227,20 @@ def test_the_backward_hands_the_kernel_its_statistics_and_plan(causal, monkeypat
         ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
         for name, g, rg in zip("qkv", grads, ref_grads):
             assert_close_to_reference(g, rg, dtype, what=f"d{name}")
-    assert len(checks) == 2 and len(launches) == 3  # the second (40, 24) call: its plan
-    if causal == "bottom_right":
-        assert launches == [-16, -16, 16]
-    elif causal == "top_left":
-        assert launches == [0, 0, 0]
+    assert checks == [1, 2] * 2  # the second (40, 24) call: its plan
+    assert [name for name, _ in launches] == ["dkdv", "dq"] * 3
+    if causal:
+        offsets = {"bottom_right": [-16, -16, 16], "top_left": [0, 0, 0]}[causal]
+        assert [o for _, o in launches] == [o for o in offsets for _ in range(2)]
 
 
 def record_gluon_calls(monkeypatch):
-    calls, real = [], bwd.attention_dkdv_gluon
-    monkeypatch.setattr(bwd, "attention_dkdv_gluon",
-                        lambda *a, **k: calls.append(k["offset"]) or real(*a, **k))
+    """The launches of the two Gluon kernels, by name (dkdv, dq), in order."""
+    calls = []
+    for name in ("dkdv", "dq"):
+        real = getattr(bwd, f"attention_{name}_gluon")
+        monkeypatch.setattr(bwd, f"attention_{name}_gluon",
+                            lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
     return calls
 
 
@@ -201,7 +271,7 @@ def test_gluon_backward_matches_the_reference(case, monkeypatch):
     grad = randn(B, Hq, L, D, dtype=dtype)
     out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
     grads = torch.autograd.grad(out, (q, k, v), grad)
-    assert len(calls) == 1
+    assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref, _ = reference_attention(*refs, scale=scale, **extras)
     ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
@@ -243,7 +313,7 @@ def test_a_later_backward_launches_the_remembered_kernel():
     step()
     hits = gbwd._GLUON_BWD_CALLS.hits
     inputs, grad, grads = step()
-    assert gbwd._GLUON_BWD_CALLS.hits == hits + 1
+    assert gbwd._GLUON_BWD_CALLS.hits == hits + 2  # dK/dV and dQ
     refs = [t.detach().double().cpu().requires_grad_() for t in inputs]
     ref_grads = torch.autograd.grad(reference_attention(*refs, is_causal=True)[0], refs,
                                     grad.double().cpu())
