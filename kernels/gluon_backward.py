@@ -82,7 +82,7 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import _cta_barrier, _tma_load, _tma_store
+    from .gluon_forward import _cta_barrier, _kv_ring_barriers, _tma_load, _tma_store
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem, q_smem,
@@ -390,18 +390,7 @@ if gluon is not None:
         st_smem = gl.allocate_shared_memory(gl.float32, [6, BMW], stats_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
-        fence_async_shared()
+        q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
         row = pid_bh * rows + start_m
         gl.warp_specialize([
             (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,

@@ -200,6 +200,27 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _kv_ring_barriers(STAGES: gl.constexpr):
+        """The mbarriers of a one-time Q load and a K / V ring of STAGES slots shared by two
+        consumer warpgroups (this forward's and the backward's dQ kernel): q_bar, then for each
+        slot K / V ready (the copy's bytes arrived) and K / V empty (both consumers done with
+        it), initialised and fenced."""
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            # one arrive per consumer warpgroup (Gluon arrives once per partition)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        return q_bar, k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
     def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, Hq, L, S, group,
                           offset, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
@@ -232,19 +253,7 @@ if gluon is not None:
         q_smem1 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            # one arrive per consumer warpgroup (Gluon arrives once per partition)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
-        fence_async_shared()
+        q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
         # (the mbarriers are not invalidated at the end: a partition may still wait on one)
 
         gl.warp_specialize([
