@@ -369,7 +369,10 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                "stats_desc": stats, "dq_desc": tile, "qk_scale": "fp32", "sm_scale": "fp32",
                "Hq": "i32", "S": "i32", "group": "i32", "offset": "i32", "rows": "i32",
                "stats_stride": "i32"}
-        consts = dict(BM=product.DQ_BLOCK_M, BN=product.DQ_BLOCK_N, HEAD=head_dim,
+        kv_block = (1, 1, product.dq_block_n(head_dim), head_dim)
+        sig["k_desc"] = sig["v_desc"] = (f"tensordesc<{dtype}[{', '.join(map(str, kv_block))}],"
+                                         f"{from_forward._layout(kv_block, gdt)!r}>")
+        consts = dict(BM=product.DQ_BLOCK_M, BN=product.dq_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal,
                       CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     else:

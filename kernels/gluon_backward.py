@@ -70,9 +70,12 @@ BLOCK_N = 128  # keys a CTA, 64 a consumer warpgroup
 STAGES = 2  # Q / dO ring slots
 CONSUMER_REGS = 240
 DQ_BLOCK_M = 128  # query rows a dQ CTA, 64 a consumer warpgroup
-DQ_BLOCK_N = 64  # keys a tile of the dQ kernel's ring (STAGES slots)
-# Head dims of the dQ kernel: at 64 the Triton dQ kernel measured faster (H100, bf16, N = 4k /
-# 16k: 0.91-0.93x for the Gluon one, causal 0.84-0.87x; BENCHMARKS.md, session 17)
+# Keys a tile of the dQ kernel's K / V ring, by head dim (at 128, 128-key tiles serialize the
+# wgmmas: ptxas runs out of registers for the S, dP and dQ tiles in flight)
+DQ_BLOCK_N = {64: 128, 128: 64}
+# Head dims the dQ kernel takes: at 64 the Triton dQ kernel measured faster (H100, bf16; the
+# Gluon one 0.84-0.93x with 64-key tiles, 0.80-0.97x with 128-key tiles but for 1.02-1.05x at
+# N = 16k without a mask; BENCHMARKS.md, session 17)
 DQ_HEAD_DIMS = (128,)
 LOG2E = 1.4426950408889634
 
@@ -366,7 +369,7 @@ if gluon is not None:
         descriptors of 64-row tiles; the statistics as for the dK/dV kernel, in blocks of 64
         rows (a CTA's second half may read the next head's: only on rows past L, whose dQ is
         not stored)."""
-        gl.static_assert(BM == 2 * 64 and BN == 64, "two consumer warpgroups of 64 rows")
+        gl.static_assert(BM == 2 * 64, "two consumer warpgroups of 64 rows")
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -481,6 +484,11 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker})
 
 
+def dq_block_n(head_dim: int) -> int:
+    """Keys a tile of the dQ kernel's K / V ring (STAGES slots) at this head dim."""
+    return DQ_BLOCK_N[head_dim]
+
+
 def gluon_dq_refusal(dkdv_refusal: str | None, head_dim: int) -> str | None:
     """Why the backward's dQ stays on the Triton kernel, or None when the Gluon dQ kernel takes
     it: the dK/dV kernel's scope (``dkdv_refusal``, its reason) at the head dims where it
@@ -501,12 +509,13 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
-    rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)  # every operand in 64-row tiles
+    D, bn = shape.head_dim, dq_block_n(shape.head_dim)
+    rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
     args = (q, k, v, grad_out, stats.view(-1), dq, qk_scale, scale, Hq, S, shape.group, offset,
             rows, B * Hq * rows)
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
-                 args, dict(BM=DQ_BLOCK_M, BN=DQ_BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES,
+                 args, dict(BM=DQ_BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, CONSUMER_REGS=CONSUMER_REGS,
                             num_warps=4),
-                 descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
+                 descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker})
