@@ -365,10 +365,10 @@ if gluon is not None:
                              BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D), K, V (B, Hkv, S, D) through 4-d
-        descriptors of 64-row tiles; the statistics as for the dK/dV kernel, in blocks of 64
-        rows (a CTA's second half may read the next head's: only on rows past L, whose dQ is
-        not stored)."""
+        """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D) through 4-d descriptors of
+        64-row tiles, K, V (B, Hkv, S, D) of BN-row tiles; the statistics as for the dK/dV
+        kernel, in blocks of 64 rows (a CTA's second half may read the next head's: only on
+        rows past L, whose dQ is not stored)."""
         gl.static_assert(BM == 2 * 64, "two consumer warpgroups of 64 rows")
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
