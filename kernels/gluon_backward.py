@@ -85,7 +85,8 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import _cta_barrier, _kv_ring_barriers, _tma_load, _tma_store
+    from .gluon_forward import (_cta_barrier, _kv_ring_barriers, _kv_ring_fill, _tma_load,
+                                _tma_store)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem, q_smem,
@@ -268,16 +269,8 @@ if gluon is not None:
             for s in gl.static_range(3):  # delta, m, r
                 _tma_load(stats_desc, [s * stats_stride + row + w * BMW], q_bar,
                           st_smem.index(3 * w + s))
-        tile_bytes: gl.constexpr = BN * HEAD * elem
-        for j in range(n_tiles):
-            slot = j % STAGES
-            phase = ((j // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(slot), phase)
-            mbarrier.expect(k_ready.index(slot), tile_bytes)
-            _tma_load(k_desc, [b, h_kv, j * BN, 0], k_ready.index(slot), k_smem.index(slot))
-            mbarrier.wait(v_empty.index(slot), phase)
-            mbarrier.expect(v_ready.index(slot), tile_bytes)
-            _tma_load(v_desc, [b, h_kv, j * BN, 0], v_ready.index(slot), v_smem.index(slot))
+        _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
+                      h_kv, n_tiles, BN, HEAD, STAGES)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,

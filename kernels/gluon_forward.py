@@ -80,10 +80,19 @@ if gluon is not None:
         """The copy partition: both consumers' Q tiles once, then K_j and V_j into slot
         j % STAGES as soon as both consumers have released it. Rows past L and keys past S
         arrive as zeros (the copy engine's bounds are the tensors' own)."""
-        tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         mbarrier.expect(q_bar, 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
         _tma_load(q_desc, [b, h, start_m, 0], q_bar, q_smem0)
         _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar, q_smem1)
+        _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
+                      h_kv, n_tiles, BN, HEAD, STAGES)
+
+    @gluon.jit
+    def _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
+                      h_kv, n_tiles, BN: gl.constexpr, HEAD: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K_j and
+        V_j of head h_kv into slot j % STAGES as soon as both consumers have released it."""
+        tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         for j in range(n_tiles):
             slot = j % STAGES
             phase = ((j // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
