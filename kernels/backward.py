@@ -18,8 +18,9 @@ r = 0, except on rows whose every score is far below zero (a finite fill such as
 finfo.min everywhere), where the LSE's fp32 rounding loses log(n) and the prep kernel takes the
 row's max and log-sum from one more pass over its keys. All of this stays on the device: the
 backward decides nothing from GPU values on the host, so it can be captured in a CUDA graph.
-On Hopper at head dim 128 without a mask the dK/dV kernel is the Gluon one of
-gluon_backward.py (``gluon_backward_refusal`` says where), on the same row statistics.
+On Hopper without a mask the dK/dV kernel (head dims 64 and 128) and the dQ kernel (128) are
+the Gluon ones of gluon_backward.py (``gluon_backward_refusal`` and ``gluon_dq_refusal`` say
+where), on the same row statistics.
 Both kernels recompute P tile by tile; no L×S matrix is saved. As in the forward, the
 tile loops are split so only tiles on the causal diagonal, a window edge or the sequence end
 evaluate the positional predicate. On GPUs the tile shapes are autotuned per kernel. Masks, causal offsets,
