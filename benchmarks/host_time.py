@@ -32,7 +32,9 @@ SHAPES = ((1, 1, 1, 128, 128, True, None), (1, 1, 1, 128, 64, False, None),
           (1, 2, 2, 128, 128, False, "bias"), (1, 2, 2, 128, 64, False, "bool"),
           (16, 16, 16, 1024, 128, True, None), (16, 16, 16, 1024, 128, False, None),
           (32, 16, 16, 512, 128, True, None), (32, 16, 16, 512, 128, False, "bias"),
-          (16, 32, 8, 1024, 128, True, None))
+          (16, 32, 8, 1024, 128, True, None),
+          # the forward + backward matrix's GQA row at N = 512 (host-bound there)
+          (32, 16, 4, 512, 128, True, None))
 
 
 def host_ms(fn, loops: int = 5, calls: int = 200) -> float:

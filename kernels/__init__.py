@@ -106,7 +106,7 @@ def attention(
     # The op checks again (it is also called directly by rewritten graphs); here first so the
     # default scale reads a valid head dim and enable_gqa, which the op does not take, is honoured.
     seed = draw_seed(query.device) if dropout_p > 0.0 and isinstance(query, torch.Tensor) else None
-    check_attention_inputs(
+    shape = check_attention_inputs(
         query, key, value, attn_mask, key_padding_mask, enable_gqa=enable_gqa,
         causal_align=causal_align, window=-1 if window is None else window, dropout_p=dropout_p,
         dropout_seed=seed,
@@ -125,9 +125,10 @@ def attention(
     if torch.compiler.is_compiling():
         out, lse = torch.ops.sdpa_pass.attention_forward(*args)
     elif want_grad:
-        out, lse = _EagerAttention.apply(*args)
+        out, lse = _EagerAttention.apply(*args, shape)
     else:
-        out, lse = ops.forward_eager(*args)  # the op's implementation where nothing needs dispatch
+        # the op's implementation where nothing needs dispatch
+        out, lse = ops.forward_eager(shape, *args)
     return (out, lse) if return_lse else out
 
 
@@ -146,9 +147,15 @@ class _EagerAttention(torch.autograd.Function):
     call (torch 2.11-2.13), ~30 us of host time here for nothing (this path is never traced)."""
 
     @staticmethod
-    def forward(ctx, *args):
-        output = ops.forward_eager(*args)
+    def forward(ctx, *args_and_shape):
+        # the op's arguments, then check_attention_inputs' result for them (last, so that
+        # ctx.needs_input_grad keeps the op's argument positions), kept for ops._backward
+        *args, shape = args_and_shape
+        output = ops.forward_eager(shape, *args)
         ops._setup_context(ctx, args, output)
+        ctx.shape = shape
         return output
 
-    backward = staticmethod(ops._backward)
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return (*ops._backward(ctx, grad_out, grad_lse), None)

@@ -66,6 +66,15 @@ def _attention_forward(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
+    return _forward_checked(shape, q, k, v, attn_mask, key_padding_mask, scale, causal_align,
+                            diagonal, window, softcap, nan_on_empty, return_lse, dropout_p,
+                            dropout_seed, mask_fills, uniform_on_empty)
+
+
+def _forward_checked(shape, q, k, v, attn_mask, key_padding_mask, scale, causal_align, diagonal,
+                     window, softcap, nan_on_empty, return_lse, dropout_p, dropout_seed,
+                     mask_fills, uniform_on_empty):
+    """``_attention_forward`` after ``check_attention_inputs`` gave ``shape``."""
     _check_uniform(uniform_on_empty, softcap, dropout_p)
     uniform = _uniform_rows(uniform_on_empty, shape, causal_align, diagonal, window, attn_mask,
                             key_padding_mask)
@@ -159,6 +168,15 @@ def _attention_backward(
         q, k, v, attn_mask, key_padding_mask, causal_align=causal_align, window=window,
         softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
+    return _backward_checked(shape, grad_out, q, k, v, attn_mask, key_padding_mask, out, lse,
+                             scale, causal_align, diagonal, window, softcap, need_mask_grad,
+                             grad_lse, dropout_p, dropout_seed, mask_fills, uniform_on_empty)
+
+
+def _backward_checked(shape, grad_out, q, k, v, attn_mask, key_padding_mask, out, lse, scale,
+                      causal_align, diagonal, window, softcap, need_mask_grad, grad_lse,
+                      dropout_p, dropout_seed, mask_fills, uniform_on_empty):
+    """``_attention_backward`` after ``check_attention_inputs`` gave ``shape``."""
     _check_mask_grad(attn_mask, need_mask_grad)
     uniform = _uniform_rows(uniform_on_empty, shape, causal_align, diagonal, window, attn_mask,
                             key_padding_mask)
@@ -199,10 +217,12 @@ def dispatch_free(*tensors) -> bool:
             and all(t is None or type(t) is torch.Tensor for t in tensors))
 
 
-def forward_eager(*args):
-    """``attention_forward(*args)`` from eager code (``attention``, its autograd.Function)."""
+def forward_eager(shape, *args):
+    """``attention_forward(*args)`` from eager code (``attention``, its autograd.Function),
+    which validated ``args`` already: ``shape`` is what ``check_attention_inputs`` returned
+    (the op's own implementation checks them again, for callers that did not)."""
     if dispatch_free(*args[:5], args[13]):
-        return _attention_forward(*args)
+        return _forward_checked(shape, *args)
     return torch.ops.sdpa_pass.attention_forward(*args)
 
 
@@ -283,10 +303,14 @@ def _backward(ctx, grad_out, grad_lse):
     # Eager (not traced) and without a graph of the backward itself (the op has no derivative,
     # so create_graph=True goes through it to be refused): the implementation, see
     # dispatch_free. AOTAutograd traces this function with fake tensors: the op.
+    # The inputs were validated by the forward (an eager call's shape is on ctx; autograd
+    # gives grad_out the output's shape), so the implementation skips the check.
+    shape = getattr(ctx, "shape", None)
     if not torch.is_grad_enabled() and dispatch_free(grad_out, q, k, v, attn_mask,
                                                       key_padding_mask, out, lse, grad_lse,
                                                       dropout_seed):
-        dq, dk, dv, dmask = _attention_backward(*args)
+        dq, dk, dv, dmask = (_backward_checked(shape, *args) if shape is not None
+                             else _attention_backward(*args))
     else:
         dq, dk, dv, dmask = torch.ops.sdpa_pass.attention_backward(*args)
     return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 12

@@ -130,37 +130,45 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_needs_it(monkeypatch)
     q, k, v, attn_mask, kpm, scale, *_ = _args(mask="float")
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     grad_out = randn(2, 4, 9, 16)
+    # The implementations after the inputs' check (which ``attention`` ran already), and the
+    # check inside the ops module: only the op's implementations (the dispatcher's route) run
+    # it again.
     direct = []
-    for name in ("_attention_forward", "_attention_backward"):
+    for name in ("_forward_checked", "_backward_checked", "check_attention_inputs"):
         real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: (
-            direct.append(_name), _real(*a))[1])
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: (
+            direct.append(_name), _real(*a, **kw))[1])
+    implementations = ["_forward_checked", "_backward_checked"]
+    through_ops = ["check_attention_inputs", "_forward_checked",
+                   "check_attention_inputs", "_backward_checked"]
 
     def grads():
         out = attention(*leaves, attn_mask, scale=scale, enable_gqa=True, key_padding_mask=kpm)
         return torch.autograd.grad(out, leaves, grad_out)
 
     plain = grads()
-    assert direct == ["_attention_forward", "_attention_backward"]
+    assert direct == implementations
     with torch.no_grad():
         attention(*leaves, attn_mask, scale=scale, enable_gqa=True, key_padding_mask=kpm)
-    assert direct == ["_attention_forward", "_attention_backward", "_attention_forward"]
+    assert direct == implementations + ["_forward_checked"]
     direct.clear()
     with _OpNames() as mode:
         moded = grads()
     assert "sdpa_pass.attention_forward" in mode.names
     assert "sdpa_pass.attention_backward" in mode.names
+    assert direct == through_ops
+    direct.clear()
     with torch.profiler.profile() as prof:
         profiled = grads()
     names = {event.name for event in prof.events()}
     assert {"sdpa_pass::attention_forward", "sdpa_pass::attention_backward"} <= names
-    assert direct == []  # the op's registration called its implementation, not this module
+    assert direct == through_ops  # the op's registration ran its implementation, once
     for a, b, c in zip(plain, moded, profiled):
         assert torch.equal(a, b) and torch.equal(a, c)
     direct.clear()
     out = attention(*leaves, attn_mask, scale=scale, enable_gqa=True, key_padding_mask=kpm)
     (dq,) = torch.autograd.grad(out, leaves[0], grad_out, create_graph=True)
-    assert direct == ["_attention_forward"]
+    assert direct == ["_forward_checked"] + through_ops[2:]
     assert dq.requires_grad  # through the op's autograd registration, not the plain function
 
 
