@@ -75,8 +75,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sdpa_pass.kernels import attention
 
 # report.py sits next to this file (sys.path[0] when run as a script) and needs no torch.
-from report import (MISMATCH_TOL, error_notes, format_text_table, format_tflops, load,
-                    shape_key, shape_label, table)
+from report import (FIRST_CALLS, MISMATCH_TOL, error_notes, first_calls, format_text_table,
+                    format_tflops, load, shape_key, shape_label, table)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -776,12 +776,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'Forward' if args.mode == 'fwd' else 'Forward+backward'} TFLOP/s, {args.dtype}, {meta['device']}; MISMATCH: relative error "
           f"> {MISMATCH_TOL:g} against {', '.join(refs) or 'no reference'}")
     print(format_text_table(*table(rows)))
-    firsts = {}
-    for r in rows:
-        if r.get("first_call_s") is not None:
-            firsts.setdefault(r["impl"], []).append(r["first_call_s"])
-    print("first call (compile, autotune, run), seconds, largest / smallest over the shapes: "
-          + ", ".join(f"{k} {max(v):.1f} / {min(v):.2f}" for k, v in firsts.items()))
+    print(f"{FIRST_CALLS} over the shapes: {first_calls(rows)}")
     for note in error_notes(rows, max_len=160):
         print("  " + note)
 

@@ -177,6 +177,22 @@ def worst_errors(rows: list[dict]) -> dict[str, float]:
     return worst
 
 
+# What ``first_calls`` reports: the autotuner's choice and the compiled kernels are kept per
+# process, so a later shape of the same kernel variant (or a row re-measured after others)
+# shows ~0 for ours, while peers that compile per shape (flex, Inductor) pay on every row.
+FIRST_CALLS = "First call (compile, autotune, first run), seconds, largest / smallest"
+
+
+def first_calls(rows: list[dict]) -> str:
+    """Each implementation's first call (compile, autotune, run) over ``rows``, in seconds:
+    "ours 7.6 / 0.00, flex 6.7 / 5.36" (largest / smallest), or "" when none was recorded."""
+    firsts: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("first_call_s") is not None:
+            firsts.setdefault(r["impl"], []).append(r["first_call_s"])
+    return ", ".join(f"{k} {max(v):.1f} / {min(v):.2f}" for k, v in firsts.items())
+
+
 # --------------------------------------------------------------------------------------------
 # Markdown report
 # --------------------------------------------------------------------------------------------
@@ -211,6 +227,8 @@ def section(path: Path, data: dict) -> str:
         refs = sorted({r["ref"] for r in rows if r.get("ref")})
         out += ["", f"Largest relative error against the reference ({', '.join(refs)}): "
                 + ", ".join(f"{impl} {err:.1e}" for impl, err in worst.items()) + "."]
+    if first_calls(rows):
+        out += ["", f"{FIRST_CALLS}: {first_calls(rows)}."]
     notes = error_notes(rows)
     if notes:
         out += ["", "Not measured:", ""] + [f"- {n}" for n in notes]
@@ -334,6 +352,9 @@ def matrix_section(parts: list[tuple[Path, dict]]) -> str:
                 refs = sorted({r["ref"] for r in part if r.get("ref")})
                 out += ["", f"Largest relative error against {', '.join(refs)}: "
                         + ", ".join(f"{impl} {err:.1e}" for impl, err in worst.items()) + "."]
+            if first_calls(part):
+                out += ["", f"{FIRST_CALLS} (in the run that gave each row): "
+                        f"{first_calls(part)}."]
     notes = [f"{impl} ({', '.join(vs)}): {note}" for (impl, note), vs in row_notes(rows).items()]
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
