@@ -553,6 +553,7 @@ _DKDV_CONFIGS = [
     (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 2),
     (64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2),
     (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2), (32, 128, 8, 2),
+    (64, 64, 8, 1),
 ]
 # Not (128, 32, 8, 3): with triton 3.6 on an H200 that dQ config faults with an illegal memory
 # access (hd128, no causal mask; every load and store of the kernel is masked, so it is a
@@ -560,7 +561,16 @@ _DKDV_CONFIGS = [
 _DQ_CONFIGS = [
     (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
     (64, 32, 4, 3), (128, 128, 8, 2), (64, 16, 4, 2),
+    (128, 32, 8, 1),
 ]
+# Tried only where Q/K and V rows together are wider than 256 (head dims over 128): there
+# the other tiles leave the tensor cores short (a dK/dV tile of 16-32 query rows, a dQ tile of
+# 16 keys) or do not fit. H100, bf16, hd256, B4 H8 N4096, backward alone (session 18, each
+# pair fixed in turn): dK/dV (64, 64, 8, 1) with dQ (128, 32, 8, 1) 158.9 TFLOP/s with a
+# float bias, 191.3 without a mask, where the tuned (32, 64, 8, 2) / (64, 16, 4, 2) gave
+# 145.5 / 190.7; with dQ (64, 32, 4, 3) 141.4 / 205.8. Not timed at smaller head dims, where
+# the autotuner would otherwise compile and time them too.
+_WIDE_ONLY = {(64, 64, 8, 1), (128, 32, 8, 1)}
 
 
 def _fits(resident: int, streamed: int, accumulators: int, mask_stages: bool = False):
@@ -581,6 +591,8 @@ def _fits(resident: int, streamed: int, accumulators: int, mask_stages: bool = F
         kept = []
         for c in configs:
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if d + dv <= 256 and (m, n, c.num_warps, c.num_stages) in _WIDE_ONLY:
+                continue
             own, other = (n, m) if resident == "n" else (m, n)
             smem = elem * (own * width["d+dv"] + c.num_stages * other * width["d+dv"])
             smem += mask_elem * c.num_stages * m * n

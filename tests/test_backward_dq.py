@@ -229,3 +229,51 @@ def test_autotuning_key_has_a_length_class(monkeypatch):
     assert [cls for _, cls in dq] == [0, 0, 1, 0]  # keys
     assert dq[0][0] == dq[1][0] != dq[2][0]
     assert dkdv[0][0] == dkdv[2][0] != dkdv[3][0]
+
+
+def test_wide_head_tiles_are_tried_only_at_wide_heads():
+    """The tiles measured faster at head dim 256 (backward._WIDE_ONLY) are among the autotuner's
+    candidates there, fit its shared-memory and register rule, and are not compiled and timed
+    at head dims up to 128."""
+    import triton
+
+    def kept(prune, configs, d):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in configs]
+        q = torch.empty(1, 1, 1, d, dtype=torch.bfloat16)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in prune(configs, {"Q": q, "BLOCK_D": d, "BLOCK_DV": d})}
+
+    dkdv = (bwd._fits("n", "m", "d+dv"), bwd._DKDV_CONFIGS)
+    dq = (bwd._fits("m", "n", "d", mask_stages=True), bwd._DQ_CONFIGS)
+    for wide, (prune, configs) in zip(((64, 64, 8, 1), (128, 32, 8, 1)), (dkdv, dq)):
+        assert wide in bwd._WIDE_ONLY and wide in configs
+        assert wide in kept(prune, configs, 256)
+        for d in (64, 128):
+            assert wide not in kept(prune, configs, d)
+            assert kept(prune, configs, d)  # the other tiles remain
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled tiles need a GPU")
+@pytest.mark.parametrize("mask", ["none", "float"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_wide_head_tiles_match_reference(monkeypatch, mask, causal):
+    """The hd256 tiles of backward._WIDE_ONLY (dK/dV 64 x 64, 8 warps, 1 stage; dQ 128 x 32,
+    8 warps, 1 stage), forced in place of whatever the autotuner would pick: gradients against
+    float64 on a ragged GQA shape, bf16."""
+    from sdpa_pass.kernels.launch import clear_plans
+
+    def tiles(m, n, w, s):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+    monkeypatch.setattr(bwd, "_kernels", lambda *_: (
+        bwd._bwd_dkdv_kernel, tiles(64, 64, 8, 1), bwd._bwd_dq_kernel, tiles(128, 32, 8, 1)))
+    clear_plans()
+    dtype = torch.bfloat16
+    q, k, v = leaves(*make_qkv(dtype, 4, 2, L=200, S=333, D=256))
+    attn_mask = randn(1, 4, 200, 333, dtype=dtype) if mask == "float" else None
+    dout = randn(B, 4, 200, 256, dtype=dtype)
+    extras = dict(causal="bottom_right") if causal else {}
+    grads = op_grads(q, k, v, attn_mask, dout, enable_gqa=True, **extras)
+    clear_plans()
+    assert_grads_close(grads, reference_grads(q, k, v, attn_mask, dout, **extras), dtype)
