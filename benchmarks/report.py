@@ -227,8 +227,9 @@ def section(path: Path, data: dict) -> str:
         refs = sorted({r["ref"] for r in rows if r.get("ref")})
         out += ["", f"Largest relative error against the reference ({', '.join(refs)}): "
                 + ", ".join(f"{impl} {err:.1e}" for impl, err in worst.items()) + "."]
-    if first_calls(rows):
-        out += ["", f"{FIRST_CALLS}: {first_calls(rows)}."]
+    firsts = first_calls(rows)
+    if firsts:
+        out += ["", f"{FIRST_CALLS}: {firsts}."]
     notes = error_notes(rows)
     if notes:
         out += ["", "Not measured:", ""] + [f"- {n}" for n in notes]
@@ -352,9 +353,9 @@ def matrix_section(parts: list[tuple[Path, dict]]) -> str:
                 refs = sorted({r["ref"] for r in part if r.get("ref")})
                 out += ["", f"Largest relative error against {', '.join(refs)}: "
                         + ", ".join(f"{impl} {err:.1e}" for impl, err in worst.items()) + "."]
-            if first_calls(part):
-                out += ["", f"{FIRST_CALLS} (in the run that gave each row): "
-                        f"{first_calls(part)}."]
+            firsts = first_calls(part)
+            if firsts:
+                out += ["", f"{FIRST_CALLS} (in the run that gave each row): {firsts}."]
     notes = [f"{impl} ({', '.join(vs)}): {note}" for (impl, note), vs in row_notes(rows).items()]
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in notes]

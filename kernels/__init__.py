@@ -103,8 +103,9 @@ def attention(
         raise ValueError("diagonal shifts a causal mask; pass is_causal=True or causal=...")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
-    # The op checks again (it is also called directly by rewritten graphs); here first so the
-    # default scale reads a valid head dim and enable_gqa, which the op does not take, is honoured.
+    # Checked here, once for an eager call (its shape goes on to the op's implementation), so
+    # the default scale reads a valid head dim and enable_gqa, which the op does not take, is
+    # honoured; the op checks for itself when traced code or the dispatcher calls it.
     seed = draw_seed(query.device) if dropout_p > 0.0 and isinstance(query, torch.Tensor) else None
     shape = check_attention_inputs(
         query, key, value, attn_mask, key_padding_mask, enable_gqa=enable_gqa,
