@@ -76,7 +76,7 @@ from sdpa_pass.kernels import attention
 
 # report.py sits next to this file (sys.path[0] when run as a script) and needs no torch.
 from report import (FIRST_CALLS, MISMATCH_TOL, error_notes, first_calls, format_text_table,
-                    format_tflops, load, shape_key, shape_label, table)
+                    format_tflops, load, shape_key, shape_label, table, worst_errors)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -474,6 +474,12 @@ def rel_err(a, b) -> float:
         return max(rel_err(x, y) for x, y in zip(a, b))
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
+
+
+def largest_errors(rows: list[dict]) -> str:
+    """'largest relative error: impl e, ...' over the rows that have one (report.worst_errors)."""
+    return "largest relative error: " + ", ".join(
+        f"{impl} {err:.1e}" for impl, err in worst_errors(rows).items())
 
 
 def with_backward(fn: Callable[[], torch.Tensor], q, k, v) -> Callable[[], tuple]:

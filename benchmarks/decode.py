@@ -33,8 +33,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import (DO_BENCH, Skipped, describe, eager_attention, metadata,  # noqa: E402
-                       rel_err, save, slug, synchronize)
+from attention import (DO_BENCH, Skipped, describe, eager_attention,  # noqa: E402
+                       largest_errors, metadata, rel_err, save, slug, synchronize)
 
 import sdpa_pass.kernels.ops as ops  # noqa: E402
 from sdpa_pass.kernels import attention  # noqa: E402
@@ -196,11 +196,7 @@ def main(argv=None) -> None:
                 else:
                     cells.append("n/a")
         print(f"| {shape.label()} | " + " | ".join(cells) + " |")
-    worst = {}
-    for r in rows:
-        if r["rel_err"] is not None:
-            worst[r["impl"]] = max(worst.get(r["impl"], 0.0), r["rel_err"])
-    print("\nlargest relative error: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    print("\n" + largest_errors(rows))
     for r in rows:
         if r["error"]:
             print(f"  {r['impl']} {Shape(r['batch'], r['q_heads'], r['kv_heads'], r['head_dim'], r['cache']).label()}: {r['error'][:160]}")

@@ -7,6 +7,7 @@ instruction counts: all, the wgmmas and the waits for them.
     python benchmarks/sm90_compile.py --mask bias --mask-tma         # ... through a descriptor
     python benchmarks/sm90_compile.py --mask bool --tile 128,64,8,3 --head-dim 128
     python benchmarks/sm90_compile.py --mask bias --log2 --ttgir /tmp/k.ttgir
+    python benchmarks/sm90_compile.py --mask row [--no-span]         # a (B, 1, 1, N) padding mask
     python benchmarks/sm90_compile.py --kernel dkdv --mask none --causal --tile 64,128,8,3
     python benchmarks/sm90_compile.py --kernel dkdv --dq-atomic --descriptors --tile 64,128,8,2
     python benchmarks/sm90_compile.py --kernel dkdv --descriptors --masked-rows --sass k.sass
@@ -45,7 +46,7 @@ except ImportError:  # a checkout that is not installed
     from kernels.backward import _bwd_dkdv_kernel
     from kernels.forward import _attention_fwd_kernel
 
-MASK_KINDS = {"none": 0, "bool": 1, "bias": 2}
+MASK_KINDS = {"none": 0, "bool": 1, "bias": 2, "row": 3}  # row: a (B, 1, 1, N) padding mask
 SCALARS = ("qk_scale", "softcap_log2", "dropout_p", "dropout_scale", "sm_scale")
 
 
@@ -59,14 +60,14 @@ def signature(args) -> tuple[dict, dict, dict]:
         STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
         MASK_TMA=args.mask_tma and kind != 0, FOLD_SCALE=kind != 2,
         NATURAL=kind == 2 and not args.log2, REVERSE=args.causal, PIPELINE=args.pipeline,
-        BATCH_INNER=False,
+        BATCH_INNER=False, KEY_SPAN=2 if kind == 3 and args.span else 0,
         BLOCK_M=args.tile[0], BLOCK_N=args.tile[1])
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
                 "MASK": _mask_type(kind, meta["MASK_TMA"], args.tile), "KPM": "*bf16",
                 "SEED": "*i64"}
     strides = {f"stride_{t}{dim}": v for t in "qkvo" for dim, v in
                zip("bhmd" if t in "qo" else "bhnd", _bhnd_strides(d).values())}
-    strides.update(stride_mb=0, stride_mh=n * n, stride_mm=n, stride_mn=1,
+    strides.update(stride_mb=0, stride_mh=n * n, stride_mm=0 if kind == 3 else n, stride_mn=1,
                    stride_pb=0, stride_pn=0, stride_lb=0, stride_lh=0)
     return _specialise(_attention_fwd_kernel, meta, pointers, strides)
 
@@ -83,7 +84,8 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
         DQ_TMA_ADD=args.descriptors and args.dq_atomic,
         MASK_TMA=args.mask_tma and kind != 0,
         DOT_UPCAST=False, DOT_PRECISION="tf32", NATURAL=kind == 2 and not args.log2,
-        PADDED_ROWS=args.padded_rows, BATCH_INNER=False, BLOCK_M=m_tile, BLOCK_N=n_tile)
+        PADDED_ROWS=args.padded_rows, BATCH_INNER=False, KEY_SPAN=2 if kind == 3 and args.span else 0,
+        BLOCK_M=m_tile, BLOCK_N=n_tile)
     pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA", "DQ_ACC")}
     pointers.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DK", "DV", "KPM")},
                     MASK=_mask_type(kind, meta["MASK_TMA"], args.tile), SEED="*i64")
@@ -94,7 +96,7 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
         pointers["DQ_ACC"] = f"tensordesc<fp32[1, 1, {m_tile}, {d}]>"
     strides = {f"stride_{t}{dim}": v for t in ("q", "k", "v", "do", "dk", "dv") for dim, v in
                zip("bhmd" if t in ("q", "do") else "bhnd", _bhnd_strides(d).values())}
-    strides.update(stride_mb=0, stride_mh=n * n, stride_mm=n, stride_mn=1, stride_pb=0,
+    strides.update(stride_mb=0, stride_mh=n * n, stride_mm=0 if kind == 3 else n, stride_mn=1, stride_pb=0,
                    stride_pn=0, stride_lb=16 * n, stride_lh=n, stride_ab=16 * n * d,
                    stride_ah=n * d, stride_am=d)
     return _specialise(_bwd_dkdv_kernel, meta, pointers, strides)
@@ -110,7 +112,7 @@ def _bhnd_strides(d: int) -> dict:
 def _mask_type(kind: int, descriptor: bool, tile) -> str:
     if descriptor:
         return f"tensordesc<{'u8' if kind == 1 else 'bf16'}[1, 1, {tile[0]}, {tile[1]}]>"
-    return "*i1" if kind == 1 else "*bf16"
+    return "*i1" if kind in (1, 3) else "*bf16"
 
 
 def _specialise(kernel, meta, pointers, strides) -> tuple[dict, dict, dict]:
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log2", action="store_true",
                         help="float mask in log2 units (the clamped form) instead of NATURAL")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--no-span", dest="span", action="store_false",
+                        help="--mask row: visit every key tile (KEY_SPAN=0)")
     parser.add_argument("--pipeline", action="store_true",
                         help="forward: the software-pipelined interior loop (SDPA_PASS_FWD_PIPELINE=1)")
     parser.add_argument("--head-dim", type=int, default=128)

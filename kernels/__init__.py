@@ -84,7 +84,9 @@ def attention(
         KV-cache / chunked-prefill alignment). ``is_causal=True`` means ``"top_left"``.
       diagonal: shifts the causal diagonal as ``torch.tril(..., diagonal=d)`` does.
       window: sliding window; a query sees only the ``window`` keys ending at its diagonal.
-      key_padding_mask: (B, S) bool, True = attend.
+      key_padding_mask: (B, S) bool, True = attend. The key tiles before a batch element's
+        first and after its last visible key are skipped (as are those of a bool ``attn_mask``
+        that is one row of keys, e.g. (B, 1, 1, S)); ``SDPA_PASS_KEY_SPAN=0`` visits them.
       softcap: logit soft-capping ``cap * tanh(s / cap)`` applied before any mask (Gemma 2).
       empty_rows: a row where every key is masked gives ``"zero"`` (SDPA) or ``"nan"`` (eager
         ``softmax`` over ``-inf``).

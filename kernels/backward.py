@@ -40,9 +40,10 @@ from torch._prims_common import make_contiguous_strides_for as contiguous_stride
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .cpu import FILL_THRESHOLD
 from .dropout import dropout_keep, keep_scale, load_seed
-from .forward import (LOG2E_C, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _capability,
+from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _capability,
                       _descriptor, _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
+                      clamp_to_span, key_span, mask_kind_of, tile_sees_a_key, visible_key_span,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
@@ -245,7 +246,7 @@ def _dkdv_tiles(
                                  .reshape(BLOCK_M, BLOCK_N))                    # (N, M)
         elif MASK_KIND != 0:
             mask_tile = load_mask_tile(mask_base, offs_m[None, :], offs_n[:, None],
-                                       stride_mm, stride_mn, L, S)
+                                       stride_mm, stride_mn, L, S, MASK_KIND == 3)
         else:
             mask_tile = 0
         sT, tT = scores_with_mask_tile(
@@ -303,7 +304,7 @@ def _bwd_dkdv_kernel(
     FILLS: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, DQ_TMA_ADD: tl.constexpr,
     MASK_TMA: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NATURAL: tl.constexpr, PADDED_ROWS: tl.constexpr, BATCH_INNER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_SPAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_bh = program_tile(HKV, BATCH_INNER)
     b32 = pid_bh // HKV  # descriptor indices; pointer offsets are 64-bit
@@ -369,9 +370,18 @@ def _bwd_dkdv_kernel(
         m_base = ROW_M + off_b * stride_lb + off_h * stride_lh
         r_base = ROW_R + off_b * stride_lb + off_h * stride_lh
         d_base = DELTA + off_b * stride_lb + off_h * stride_lh
+        g_mid_lo = mid_lo
+        g_mid_hi = mid_hi
+        g_hi = hi
+        if KEY_SPAN != 0:
+            # padding: a key tile the pattern hides in full gets no gradient from this head
+            sees = tile_sees_a_key(kpm_base, stride_pn, mask_base, stride_mn, offs_n, S, KEY_SPAN)
+            g_mid_lo = tl.where(sees, mid_lo, lo)
+            g_mid_hi = tl.where(sees, mid_hi, lo)
+            g_hi = tl.where(sees, hi, lo)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
-            offs_n, offs_d, offs_dv, lo, mid_lo, qk_scale, softcap_log2,
+            offs_n, offs_d, offs_dv, lo, g_mid_lo, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
             start_n, mask_b, mask_h,
@@ -381,7 +391,7 @@ def _bwd_dkdv_kernel(
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
-            offs_n, offs_d, offs_dv, mid_lo, mid_hi, qk_scale, softcap_log2,
+            offs_n, offs_d, offs_dv, g_mid_lo, g_mid_hi, qk_scale, softcap_log2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
             L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
             start_n, mask_b, mask_h,
@@ -392,7 +402,7 @@ def _bwd_dkdv_kernel(
         if HAS_WINDOW:  # [mid_hi, hi) is empty without a window
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, q_base, do_base, m_base, r_base, d_base, mask_base, kpm_base, dq_base,
-                offs_n, offs_d, offs_dv, mid_hi, hi, qk_scale, softcap_log2,
+                offs_n, offs_d, offs_dv, g_mid_hi, g_hi, qk_scale, softcap_log2,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_pn, stride_am,
                 L, S, offset, window, seed0, seed1, bh, dropout_p, dropout_scale, b32, h32,
                 start_n, mask_b, mask_h,
@@ -475,7 +485,8 @@ def _bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
     FILLS: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NATURAL: tl.constexpr, BATCH_INNER: tl.constexpr, MASK_TMA: tl.constexpr,
-    LONGEST_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr, KEY_SPAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = program_tile(H, BATCH_INNER)
     if LONGEST_FIRST:  # causal: a query tile's work grows with its index (as in the forward)
@@ -512,6 +523,10 @@ def _bwd_dq_kernel(
     # the forward's key ranges: only the first and last get the positional predicate
     lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
                                         BLOCK_M, BLOCK_N)
+    if KEY_SPAN != 0:  # padding: as the forward, the key tiles outside the visible span
+        first, end = visible_key_span(kpm_base, stride_pn, mask_base, stride_mn, lo, hi,
+                                      KEY_SPAN)
+        lo, mid_lo, mid_hi, hi = clamp_to_span(lo, mid_lo, mid_hi, hi, first, end, BLOCK_N)
     if HAS_WINDOW:  # [lo, mid_lo) is empty without a window (see key_ranges)
         dq = _dq_tiles(
             dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,
@@ -635,7 +650,7 @@ def _autotuned(kernel, configs, prune, extra_key=(), pre_hook=None):
     )(kernel)
 
 
-_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD", "MASK_TMA", "PADDED_ROWS")
+_DKDV_KEY = ("DQ_ATOMIC", "TMA", "DQ_TMA_ADD", "MASK_TMA", "PADDED_ROWS", "KEY_SPAN")
 _bwd_dkdv_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
                                  _DKDV_KEY, pre_hook=_set_dkdv_blocks)
 
@@ -652,7 +667,8 @@ def _tuning_dq_hook(nargs) -> None:
 _bwd_dkdv_dq_autotuned = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _fits("n", "m", "d+dv"),
                                     _DKDV_KEY, pre_hook=_tuning_dq_hook)
 _bwd_dq_autotuned = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _fits("m", "n", "d", mask_stages=True),
-                               ("STORE_DS", "MASK_TMA", "LONGEST_FIRST"), pre_hook=_set_dq_blocks)
+                               ("STORE_DS", "MASK_TMA", "LONGEST_FIRST", "KEY_SPAN"),
+                               pre_hook=_set_dq_blocks)
 
 
 def _fixed_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
@@ -785,9 +801,13 @@ class _BackwardDecisions:
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
         self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
+        # a bool mask of one row of keys: read as such, and its padding skipped by whole key
+        # tiles (the dK/dV kernel gives a tile it hides no work, dQ's loop skips it)
+        kernel_mask = mask_kind_of(mask_kind, lp.mask_strides, L)
+        span = key_span(kernel_mask == MASK_BOOL_ROW, has_kpm)
         masks = dict(
             HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.v_head_dim, BLOCK_D=block_d,
-            BLOCK_DV=block_dv, MASK_KIND=mask_kind, HAS_KPM=has_kpm,
+            BLOCK_DV=block_dv, MASK_KIND=kernel_mask, HAS_KPM=has_kpm,
             IS_CAUSAL=causal_align != CAUSAL_NONE, HAS_WINDOW=window != -1,
             HAS_SOFTCAP=has_softcap, DOT_UPCAST=interpreter_active() and q.dtype == torch.bfloat16,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NATURAL=natural,
@@ -817,7 +837,8 @@ class _BackwardDecisions:
                               or os.environ.get("SDPA_PASS_MASK_TMA") == "1"))
         self.dkdv_meta = {**common, "DQ_ATOMIC": self.dq_atomic, "TMA": self.tma,
                           "DQ_TMA_ADD": self.tma_add, "MASK_TMA": self.mask_tma,
-                          "PADDED_ROWS": padded_rows, "len_class": int(L >= LONG_ROWS)}
+                          "PADDED_ROWS": padded_rows, "len_class": int(L >= LONG_ROWS),
+                          "KEY_SPAN": span}
         # the descriptors' tile shapes, set before each launch that passes any
         self.dkdv_hook = _set_dkdv_blocks if self.tma or self.mask_tma else None
         # The dQ kernel reads the mask tile as the forward does (same orientation), through a
@@ -834,7 +855,8 @@ class _BackwardDecisions:
         longest_first = (causal_align != CAUSAL_NONE and window == -1
                          and os.environ.get("SDPA_PASS_DQ_ORDER", "") != "tiles")
         self.dq_meta = {**common, "STORE_DS": need_mask_grad, "MASK_TMA": self.dq_mask_tma,
-                        "LONGEST_FIRST": longest_first, "len_class": int(S >= LONG_ROWS)}
+                        "LONGEST_FIRST": longest_first, "len_class": int(S >= LONG_ROWS),
+                        "KEY_SPAN": span}
         self.dq_hook = _set_dq_blocks if self.dq_mask_tma else None
         # {argument position: descriptor maker} of each kernel (see the launches)
         def mask_descriptor(t):

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .forward import LN2, interpreter_active, launch_params, masked_scores, next_pow2
+from .forward import (LN2, MASK_BOOL_ROW, clamp_to_span, interpreter_active, key_span,
+                      launch_params, mask_kind_of, masked_scores, next_pow2, visible_key_span)
 from .launch import PlanCache, call_key, launch_fixed, tensor_key
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
@@ -133,7 +134,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_SPAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # (B·Hkv) on grid axis 0, whose limit is 2**31 - 1; splits (at most MAX_SPLITS) on axis 1.
@@ -176,6 +177,13 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + chunk, kv_hi)
     band_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
     band_hi = tl.minimum(tl.maximum(mid_hi, band_lo), hi)
+    if KEY_SPAN != 0:
+        # padding: the split's tiles outside its visible keys are skipped (the host passes a
+        # mask here only where every stacked row reads the same row of keys: the first head's)
+        mask_row = MASK + off_b * stride_mb + (off_hkv * GROUP) * stride_mh
+        first, end = visible_key_span(kpm_base, stride_pn, mask_row, stride_mn, lo, hi,
+                                      KEY_SPAN)
+        lo, band_lo, band_hi, hi = clamp_to_span(lo, band_lo, band_hi, hi, first, end, BLOCK_N)
     acc, l_i, m_i = _decode_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
         lo, band_lo, qk_scale, softcap_log2,
@@ -449,6 +457,11 @@ def attention_decode_triton(
         MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=is_causal, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
+        # a bool mask's one row serves every stacked row only if the group's heads share it
+        # (the mask is read as a tile here: each stacked row has its own base)
+        KEY_SPAN=key_span(mask_kind_of(mask_kind, mstrides, L) == MASK_BOOL_ROW
+                          and (mstrides[1] == 0 or shape.group == 1),
+                          key_padding_mask is not None),
         BLOCK_M=_block_m(rows_per_group), **config,
     )
     launch_fixed(_DECODE_CALLS, plan and (plan, "split"), _decode_split_kernel,

@@ -42,11 +42,11 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
               "SDPA_PASS_BWD_TMA", "SDPA_PASS_BWD_DQ", "SDPA_PASS_FWD_PIPELINE",
               "SDPA_PASS_BWD_PADDED_ROWS", "SDPA_PASS_BATCH_INNER", "SDPA_PASS_GLUON",
               "SDPA_PASS_GLUON_BWD", "SDPA_PASS_GLUON_BWD_ORDER", "SDPA_PASS_DQ_ORDER",
-              "SDPA_PASS_GLUON_DQ")
+              "SDPA_PASS_GLUON_DQ", "SDPA_PASS_KEY_SPAN")
 
 
 # os.environ.get costs ~1 us a name (CPython's Mapping.get -> __getitem__ -> key encoding and
-# value decoding), ~15 us for the 15 names a plan key reads, twice per eager forward +
+# value decoding), ~16 us for the 16 names a plan key reads, twice per eager forward +
 # backward: ~30 us of host time on CPU (torch 2.13), about twice that on the H100 machine.
 # os.environ keeps the encoded mapping in ``_data`` (every CPython since 3.2; os.putenv and
 # monkeypatch.setenv go through os.environ, which updates it), so the same values are read
