@@ -17,6 +17,8 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import sdpa_pass
+import sdpa_pass.kernels.forward as forward_kernels
+from sdpa_pass.kernels.forward import MASK_BOOL_ROW, mask_kind_of
 
 VOCAB, SEQ, PAD = 64, 10, 3
 
@@ -103,3 +105,24 @@ def test_compiled_model_matches_eager(case):
         got = getattr(compiled(input_ids, attention_mask=attention_mask), case.output)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_padding_reaches_the_kernels_as_a_key_row(case, monkeypatch):
+    """What the rewritten graph hands the kernels for HF's padding is a bool mask that is one
+    row of keys per batch element, which they read as a vector of keys and skip the padded
+    key tiles of (``MASK_BOOL_ROW``, ``KEY_SPAN``: tests/test_padding_span.py), not a mask
+    with rows of its own."""
+    monkeypatch.setenv("SDPA_PASS_LAUNCH_PLANS", "0")  # decide every call afresh
+    kinds = []
+
+    def recorded(*args):
+        kinds.append(mask_kind_of(*args))
+        return kinds[-1]
+
+    monkeypatch.setattr(forward_kernels, "mask_kind_of", recorded)
+    model, input_ids, attention_mask = build(case)
+    compiled = torch.compile(model, backend="sdpa_pass", options={"backend": "eager"})
+    with torch.no_grad():
+        compiled(input_ids, attention_mask=attention_mask)
+    assert len(kinds) == 2 and set(kinds) == {MASK_BOOL_ROW}, kinds
