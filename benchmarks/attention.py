@@ -476,10 +476,13 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def largest_errors(rows: list[dict]) -> str:
-    """'largest relative error: impl e, ...' over the rows that have one (report.worst_errors)."""
-    return "largest relative error: " + ", ".join(
-        f"{impl} {err:.1e}" for impl, err in worst_errors(rows).items())
+def error_summary(rows: list[dict], label: Callable[[dict], str]) -> str:
+    """The largest relative error of each implementation (report.worst_errors), then each row's
+    error or skip reason, the row named by ``label(row)``."""
+    lines = ["largest relative error: " + ", ".join(
+        f"{impl} {err:.1e}" for impl, err in worst_errors(rows).items())]
+    lines += [f"  {r['impl']} {label(r)}: {r['error'][:160]}" for r in rows if r["error"]]
+    return "\n".join(lines)
 
 
 def with_backward(fn: Callable[[], torch.Tensor], q, k, v) -> Callable[[], tuple]:

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import (DO_BENCH, Skipped, describe, eager_attention,  # noqa: E402
-                       largest_errors, metadata, rel_err, save, slug, synchronize)
+                       error_summary, metadata, rel_err, save, slug, synchronize)
 
 import sdpa_pass.kernels.ops as ops  # noqa: E402
 from sdpa_pass.kernels import attention  # noqa: E402
@@ -196,10 +196,8 @@ def main(argv=None) -> None:
                 else:
                     cells.append("n/a")
         print(f"| {shape.label()} | " + " | ".join(cells) + " |")
-    print("\n" + largest_errors(rows))
-    for r in rows:
-        if r["error"]:
-            print(f"  {r['impl']} {Shape(r['batch'], r['q_heads'], r['kv_heads'], r['head_dim'], r['cache']).label()}: {r['error'][:160]}")
+    print("\n" + error_summary(rows, lambda r: Shape(r["batch"], r["q_heads"], r["kv_heads"],
+                                                      r["head_dim"], r["cache"]).label()))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import (DO_BENCH, Skipped, describe, eager_attention, is_refusal,  # noqa: E402
-                       largest_errors, metadata, rel_err, save, slug, synchronize,
+                       error_summary, metadata, rel_err, save, slug, synchronize,
                        with_backward)
 
 from sdpa_pass.kernels import attention  # noqa: E402
@@ -253,10 +253,7 @@ def main(argv=None) -> None:
                  f"N{r0['seqlen']} B{r0['batch']} {r0['padding']} ({r0['kept']:.0%} kept)")
         cells = [f"{r['rate']:.1f} ({r['ms']:.3f})" if r["rate"] else "n/a" for r in rows[i:i + len(names)]]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    print("\n" + largest_errors(rows))
-    for r in rows:
-        if r["error"]:
-            print(f"  {r['impl']} {r['kind']} {r['mode']} N{r['seqlen']}: {r['error'][:160]}")
+    print("\n" + error_summary(rows, lambda r: f"{r['kind']} {r['mode']} N{r['seqlen']}"))
 
 
 if __name__ == "__main__":
