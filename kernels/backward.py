@@ -43,7 +43,7 @@ from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _capability,
                       _descriptor, _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
-                      clamp_to_span, key_span, mask_kind_of, tile_sees_a_key, visible_key_span,
+                      key_span, mask_kind_of, tile_sees_a_key, visible_key_ranges,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
@@ -520,13 +520,11 @@ def _bwd_dq_kernel(
     seed0, seed1 = load_seed(SEED, DROPOUT)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
-    # the forward's key ranges: only the first and last get the positional predicate
-    lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
-                                        BLOCK_M, BLOCK_N)
-    if KEY_SPAN != 0:  # padding: as the forward, the key tiles outside the visible span
-        first, end = visible_key_span(kpm_base, stride_pn, mask_base, stride_mn, lo, hi,
-                                      KEY_SPAN)
-        lo, mid_lo, mid_hi, hi = clamp_to_span(lo, mid_lo, mid_hi, hi, first, end, BLOCK_N)
+    # the forward's key ranges (less padded tiles): only the first and last get the
+    # positional predicate
+    lo, mid_lo, mid_hi, hi = visible_key_ranges(
+        start_m, S, offset, window, kpm_base, stride_pn, mask_base, stride_mn, IS_CAUSAL,
+        HAS_WINDOW, KEY_SPAN, BLOCK_M, BLOCK_N)
     if HAS_WINDOW:  # [lo, mid_lo) is empty without a window (see key_ranges)
         dq = _dq_tiles(
             dq, q, do, row_m, row_scale, delta, k_base, v_base, mask_base, kpm_base, ds_base,

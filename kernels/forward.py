@@ -285,6 +285,21 @@ def clamp_to_span(lo, mid_lo, mid_hi, hi, first, end, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def visible_key_ranges(start_m, S, offset, window, kpm_base, stride_pn, mask_row, stride_mn,
+                       IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       KEY_SPAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``key_ranges`` for the query tile at start_m, less the key tiles outside the span a
+    padding pattern leaves visible (KEY_SPAN; the forward's and dQ's key loops)."""
+    lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
+                                        BLOCK_M, BLOCK_N)
+    if KEY_SPAN != 0:  # padding: the key tiles outside the visible span hold no visible key
+        first, end = visible_key_span(kpm_base, stride_pn, mask_row, stride_mn, lo, hi,
+                                      KEY_SPAN)
+        lo, mid_lo, mid_hi, hi = clamp_to_span(lo, mid_lo, mid_hi, hi, first, end, BLOCK_N)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
 def tile_sees_a_key(kpm_base, stride_pn, mask_row, stride_mn, offs_n, S, KEY_SPAN: tl.constexpr):
     """Whether some key of the tile ``offs_n`` is visible under the padding pattern(s) of
     KEY_SPAN (the dK/dV kernel's test: a tile with none gets no gradient)."""
@@ -580,12 +595,9 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
 
-    lo, mid_lo, mid_hi, hi = key_ranges(start_m, S, offset, window, IS_CAUSAL, HAS_WINDOW,
-                                        BLOCK_M, BLOCK_N)
-    if KEY_SPAN != 0:  # padding: the key tiles outside the visible span hold no visible key
-        first, end = visible_key_span(kpm_base, stride_pn, mask_base, stride_mn, lo, hi,
-                                      KEY_SPAN)
-        lo, mid_lo, mid_hi, hi = clamp_to_span(lo, mid_lo, mid_hi, hi, first, end, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = visible_key_ranges(
+        start_m, S, offset, window, kpm_base, stride_pn, mask_base, stride_mn, IS_CAUSAL,
+        HAS_WINDOW, KEY_SPAN, BLOCK_M, BLOCK_N)
 
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, offs_m, offs_d, offs_dv,
