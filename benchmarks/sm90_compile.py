@@ -57,7 +57,8 @@ def signature(args) -> tuple[dict, dict, dict]:
     meta = dict(
         HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=kind, HAS_KPM=False,
         IS_CAUSAL=args.causal, HAS_WINDOW=False, HAS_SOFTCAP=False, NAN_ON_EMPTY=False,
-        STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32", TMA=False,
+        STORE_LSE=True, DROPOUT=False, DOT_UPCAST=False, DOT_PRECISION="tf32",
+        TMA=args.descriptors,
         MASK_TMA=args.mask_tma and kind != 0, FOLD_SCALE=kind != 2,
         NATURAL=kind == 2 and not args.log2, REVERSE=args.causal, PIPELINE=args.pipeline,
         BATCH_INNER=False, KEY_SPAN=2 if kind == 3 and args.span else 0,
@@ -65,6 +66,10 @@ def signature(args) -> tuple[dict, dict, dict]:
     pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32",
                 "MASK": _mask_type(kind, meta["MASK_TMA"], args.tile), "KPM": "*bf16",
                 "SEED": "*i64"}
+    if meta["TMA"]:
+        for name, rows in (("Q", args.tile[0]), ("O", args.tile[0]), ("K", args.tile[1]),
+                           ("V", args.tile[1])):
+            pointers[name] = f"tensordesc<bf16[1, 1, {rows}, {d}]>"
     strides = {f"stride_{t}{dim}": v for t in "qkvo" for dim, v in
                zip("bhmd" if t in "qo" else "bhnd", _bhnd_strides(d).values())}
     strides.update(stride_mb=0, stride_mh=n * n, stride_mm=0 if kind == 3 else n, stride_mn=1,
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(SDPA_PASS_BWD_PADDED_ROWS=0), not padded to whole tiles and "
                              "loaded unmasked (the default)")
     parser.add_argument("--descriptors", action="store_true",
-                        help="dkdv: Q/dO/K/V (and the dQ adds, the mask) through descriptors")
+                        help="Q/K/V/O (dkdv: Q/dO/K/V and the dQ adds) through descriptors")
     args = parser.parse_args(argv)
     args.tile = tuple(int(x) for x in args.tile.split(","))
     fn = _attention_fwd_kernel if args.kernel == "forward" else _bwd_dkdv_kernel

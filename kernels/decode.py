@@ -160,9 +160,16 @@ def _decode_split_kernel(
         q = q.to(tl.float32)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
-    # A column of per-row bases: masked_scores adds offs_m·stride_mm + offs_n·stride_mn to it,
-    # so each stacked row reads the mask of its own head through the mask's own strides.
-    mask_base = (MASK + off_b * stride_mb + off_h * stride_mh)[:, None]
+    # The first head of the group's row of the mask: the row every stacked row reads where
+    # the host passes MASK_BOOL_ROW (one row of keys that the group's heads share), loaded once
+    # per key tile as a vector.
+    mask_row = MASK + off_b * stride_mb + (off_hkv * GROUP) * stride_mh
+    if MASK_KIND == 3:
+        mask_base = mask_row
+    else:
+        # A column of per-row bases: masked_scores adds offs_m·stride_mm + offs_n·stride_mn
+        # to it, so each stacked row reads the mask of its own head through its own strides.
+        mask_base = (MASK + off_b * stride_mb + off_h * stride_mh)[:, None]
     kpm_base = KPM + off_b * stride_pb
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -178,9 +185,8 @@ def _decode_split_kernel(
     band_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
     band_hi = tl.minimum(tl.maximum(mid_hi, band_lo), hi)
     if KEY_SPAN != 0:
-        # padding: the split's tiles outside its visible keys are skipped (the host passes a
+        # padding: the split's tiles outside its visible keys are skipped (the host flags a
         # mask here only where every stacked row reads the same row of keys: the first head's)
-        mask_row = MASK + off_b * stride_mb + (off_hkv * GROUP) * stride_mh
         first, end = visible_key_span(kpm_base, stride_pn, mask_row, stride_mn, lo, hi,
                                       KEY_SPAN)
         lo, band_lo, band_hi, hi = clamp_to_span(lo, band_lo, band_hi, hi, first, end, BLOCK_N)
@@ -446,6 +452,12 @@ def attention_decode_triton(
     m_ws = torch.empty((num_splits, rows_total), dtype=torch.float32, device=q.device)
     l_ws = torch.empty((num_splits, rows_total), dtype=torch.float32, device=q.device)
 
+    # A bool mask that is one row of keys is read as that row (a vector per key tile) and
+    # bounds the split's visible keys, but only where it serves every stacked row: the group's
+    # query heads share it. Otherwise each stacked row reads its own head's mask as a tile.
+    kernel_mask = mask_kind_of(mask_kind, mstrides, L)
+    if kernel_mask == MASK_BOOL_ROW and not (mstrides[1] == 0 or shape.group == 1):
+        kernel_mask = mask_kind
     split_args = (
         q, k, v, mask, kpm, acc_ws, m_ws, l_ws,
         qk_scale, softcap_log2,
@@ -454,14 +466,10 @@ def attention_decode_triton(
         kv_lo, mid_lo, mid_hi, kv_hi, chunk)
     split_params = dict(
         HEAD_DIM=D, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
+        MASK_KIND=kernel_mask, HAS_KPM=key_padding_mask is not None,
         IS_CAUSAL=is_causal, HAS_WINDOW=window != -1, HAS_SOFTCAP=has_softcap,
         DOT_UPCAST=dot_upcast, DOT_PRECISION=dot_precision,
-        # a bool mask's one row serves every stacked row only if the group's heads share it
-        # (the mask is read as a tile here: each stacked row has its own base)
-        KEY_SPAN=key_span(mask_kind_of(mask_kind, mstrides, L) == MASK_BOOL_ROW
-                          and (mstrides[1] == 0 or shape.group == 1),
-                          key_padding_mask is not None),
+        KEY_SPAN=key_span(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None),
         BLOCK_M=_block_m(rows_per_group), **config,
     )
     launch_fixed(_DECODE_CALLS, plan and (plan, "split"), _decode_split_kernel,

@@ -71,6 +71,10 @@ def make_mask(kind, hq, L, S, dtype):
         return bias.to(DEVICE, dtype), None
     if kind == "float_1HLS":  # learned relative-position bias per query head (ALiBi/T5 style)
         return randn(1, hq, L, S, dtype=dtype), None
+    if kind == "bool_B11S":  # HF's padding mask: one row of keys the group's heads share
+        return kpm[:, None, None, :].to(DEVICE), None
+    if kind == "bool_BH1S":  # one row of keys per query head: a GQA group's heads differ
+        return (torch.rand(B, hq, 1, S) > 0.3).to(DEVICE), None
     if kind == "bool_and_padding":
         return (torch.rand(B, 1, 1, S) > 0.2).to(DEVICE), kpm.to(DEVICE)
     raise AssertionError(kind)
@@ -93,6 +97,11 @@ CASES = {
     "L5_gqa4_rows20_bool_and_padding_auto_splits": (5, 130, 8, 2, 64, 64, torch.float32,
                                                     "bool_and_padding",
                                                     {"causal": "bottom_right"}, None),
+    # one query row: a bool mask is one row of keys, read as a vector where the group's heads
+    # share it and as a tile per stacked row where they do not
+    "L1_gqa4_bool_shared_row_bottom_right": (1, 77, 8, 2, 64, 64, torch.float16, "bool_B11S",
+                                             {"causal": "bottom_right"}, 3),
+    "L1_gqa4_bool_row_per_head": (1, 77, 8, 2, 64, 64, torch.float32, "bool_BH1S", {}, 3),
     "L3_speculative_window5_more_splits_than_tiles": (3, 61, 4, 2, 64, 64, torch.float16,
                                                       "float_1HLS",
                                                       {"causal": "bottom_right", "window": 5}, 6),

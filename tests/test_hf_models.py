@@ -17,8 +17,11 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import sdpa_pass
+import sdpa_pass.kernels.backward as backward_kernels
+import sdpa_pass.kernels.decode as decode_kernels
 import sdpa_pass.kernels.forward as forward_kernels
 from sdpa_pass.kernels.forward import MASK_BOOL_ROW, mask_kind_of
+from reference import DEVICE
 
 VOCAB, SEQ, PAD = 64, 10, 3
 
@@ -120,8 +123,12 @@ def test_padding_reaches_the_kernels_as_a_key_row(case, monkeypatch):
         kinds.append(mask_kind_of(*args))
         return kinds[-1]
 
-    monkeypatch.setattr(forward_kernels, "mask_kind_of", recorded)
-    model, input_ids, attention_mask = build(case)
+    # every kernel family that reads a mask decides its kind here (on a GPU these short
+    # GQA rows go to the split-KV decode kernel, in the interpreter to the forward)
+    for module in (forward_kernels, backward_kernels, decode_kernels):
+        monkeypatch.setattr(module, "mask_kind_of", recorded)
+    # on the kernels' device: CPU tensors outside the interpreter take the torch fallback
+    model, input_ids, attention_mask = (t.to(DEVICE) for t in build(case))
     compiled = torch.compile(model, backend="sdpa_pass", options={"backend": "eager"})
     with torch.no_grad():
         compiled(input_ids, attention_mask=attention_mask)
