@@ -63,10 +63,21 @@ CAUSAL_KINDS = {
 HEADS = {"mha": (4, 4), "gqa2": (4, 2), "mqa": (4, 1)}
 
 
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("causal", CAUSAL_KINDS)
-@pytest.mark.parametrize("mask", MASK_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def forward_grid():
+    """(dtype, mask, causal form, heads): the whole grid in fp32 and on a GPU. In the
+    interpreter (CI's time is mostly its) the half types take each (mask, causal form) pair
+    once, with the heads layouts in turn, so any two values of any two axes still meet: the
+    mask, causal and GQA logic does not depend on the dtype, and what does (the casts, the
+    products' precision, the float masks' dtype) meets every value of the other axes."""
+    return [(dtype, mask, causal, heads)
+            for dtype in DTYPES
+            for i, mask in enumerate(MASK_KINDS)
+            for j, causal in enumerate(CAUSAL_KINDS)
+            for k, heads in enumerate(HEADS)
+            if dtype == torch.float32 or DEVICE == "cuda" or (i + j) % len(HEADS) == k]
+
+
+@pytest.mark.parametrize("dtype, mask, causal, heads", forward_grid(), ids=str)
 def test_matches_reference(dtype, mask, causal, heads):
     hq, hkv = HEADS[heads]
     q, k, v = make_qkv(dtype, hq, hkv)
