@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -888,6 +889,36 @@ _attention_fwd_autotuned = triton.autotune(
 )(_attention_fwd_kernel)
 
 
+# SDPA_PASS_FWD_PIPELINE=1 (the pipelined interior loop, _attend_tiles) compiles for GPUs from
+# this Triton on: Triton 3.6's ptxas dies (SIGSEGV) compiling it for sm_90a without a mask at
+# head dim 32 (tests/test_fwd_pipeline.py's plain, causal and LSE cases on an H100, session 20;
+# its masked, windowed, soft-capped, dropout and descriptor cases compiled). Triton 3.9
+# compiles it (tests/test_sm90_compile.py); 3.7 and 3.8 are untried.
+PIPELINE_MIN_TRITON = (3, 7)
+
+
+def pipeline_supported(version: str = triton.__version__, interpreting: bool | None = None) -> bool:
+    """Whether the pipelined interior loop can be compiled here (the interpreter runs it
+    whatever the version)."""
+    if interpreter_active() if interpreting is None else interpreting:
+        return True
+    return tuple(int(part) for part in version.split(".")[:2]) >= PIPELINE_MIN_TRITON
+
+
+def pipeline_requested() -> bool:
+    """SDPA_PASS_FWD_PIPELINE=1 where the loop compiles; where it does not, a warning and the
+    plain loop rather than a compiler crash."""
+    if os.environ.get("SDPA_PASS_FWD_PIPELINE") != "1":
+        return False
+    if pipeline_supported():
+        return True
+    warnings.warn(
+        f"SDPA_PASS_FWD_PIPELINE=1 is ignored with triton {triton.__version__}: its ptxas "
+        "crashes compiling the pipelined loop; it needs triton >= "
+        f"{'.'.join(map(str, PIPELINE_MIN_TRITON))}", stacklevel=3)
+    return False
+
+
 def next_pow2(n: int) -> int:
     """``triton.next_power_of_2`` for host code: in triton 3.9 that is a constexpr_function
     whose call wrapper costs ~15 us of host time per call, on every attention call."""
@@ -1063,7 +1094,7 @@ def attention_forward_triton(
         TMA=tma, MASK_TMA=mask_tma, FOLD_SCALE=qk_scale > 0.0 and mask_kind != MASK_FLOAT and not has_softcap,
         NATURAL=natural,
         REVERSE=causal_align != CAUSAL_NONE,
-        PIPELINE=os.environ.get("SDPA_PASS_FWD_PIPELINE") == "1",  # see _attend_tiles
+        PIPELINE=pipeline_requested(),  # see _attend_tiles
         # H100, hd128, (1, H, N, N) bf16 ALiBi bias, B = 16 / 4 / 2 at N = 1k / 4k / 8k: 1.05x /
         # 1.05x / 1.02x (kernel time); in the matrix (every peer, N = 512-8k) hd64 1.03-1.14x,
         # hd256 (its float mask through pointers) 0.97-0.98x; a random (N, N) bool mask (16 MB

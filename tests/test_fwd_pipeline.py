@@ -16,7 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpa_pass.kernels.forward import interpreter_active
+from sdpa_pass.kernels import forward as fwd
+from sdpa_pass.kernels.forward import interpreter_active, pipeline_supported
 from sdpa_pass.kernels.launch import clear_plans
 from reference import assert_close_to_reference, reference_attention
 from test_launch_plans import CASES, D, S, _call, _inputs, _resolve
@@ -27,6 +28,23 @@ from test_launch_plans import CASES, D, S, _call, _inputs, _resolve
 LENGTHS = {"short": (19, S), "long_keys": (40, 112)}
 
 
+def test_the_variable_is_ignored_with_a_warning_where_the_loop_does_not_compile(monkeypatch):
+    assert pipeline_supported("3.6.0", interpreting=True)
+    assert not pipeline_supported("3.6.0", interpreting=False)
+    assert pipeline_supported("3.9.0", interpreting=False)
+    assert pipeline_supported("3.10.1+gitabc", interpreting=False)
+    monkeypatch.setenv("SDPA_PASS_FWD_PIPELINE", "1")
+    assert fwd.pipeline_requested() == pipeline_supported()
+    monkeypatch.setattr(fwd, "pipeline_supported", lambda: False)
+    with pytest.warns(UserWarning, match="SDPA_PASS_FWD_PIPELINE=1 is ignored"):
+        assert not fwd.pipeline_requested()
+    monkeypatch.setenv("SDPA_PASS_FWD_PIPELINE", "0")
+    assert not fwd.pipeline_requested()
+
+
+@pytest.mark.skipif(not pipeline_supported(), reason=(
+    "this Triton's ptxas crashes compiling the pipelined loop, so SDPA_PASS_FWD_PIPELINE=1 is "
+    "ignored here (kernels/forward.py, PIPELINE_MIN_TRITON)"))
 @pytest.mark.parametrize("lengths", sorted(LENGTHS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pipelined_interior_loop_matches_the_plain_one(case, lengths, monkeypatch):
