@@ -10,7 +10,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
 # sdpa_pass.kernels maps to the repository's kernels/ folder; mirror that layout without pip.
 # Run from that copy so the repository's own sdpa_pass/ (without kernels/) is not on sys.path.
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r sdpa_pass tests benchmarks examples /tmp/pkg/ \
+# pyproject.toml: tests/test_dynamo_backend.py reads the entry point it declares.
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r sdpa_pass tests benchmarks examples pyproject.toml /tmp/pkg/ \
   && cp -r kernels /tmp/pkg/sdpa_pass/kernels && { [ -d .whl ] && cp -r .whl /tmp/pkg/; true; }
 cd /tmp/pkg
 export PYTHONPATH=/tmp/pkg
