@@ -39,11 +39,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 try:  # installed (sdpa_pass.kernels maps to the repository's kernels/), or a copy laid out so
-    from sdpa_pass.kernels.backward import _bwd_dkdv_kernel
+    from sdpa_pass.kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel
     from sdpa_pass.kernels.forward import _attention_fwd_kernel
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels.backward import _bwd_dkdv_kernel
+    from kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel
     from kernels.forward import _attention_fwd_kernel
 
 MASK_KINDS = {"none": 0, "bool": 1, "bias": 2, "row": 3}  # row: a (B, 1, 1, N) padding mask
@@ -107,6 +107,29 @@ def dkdv_signature(args) -> tuple[dict, dict, dict]:
     return _specialise(_bwd_dkdv_kernel, meta, pointers, strides)
 
 
+def dq_signature(args) -> tuple[dict, dict, dict]:
+    """The same for the backward's dQ kernel (the split path: dQ from its own key loop)."""
+    d, n = args.head_dim, N
+    kind = MASK_KINDS[args.mask]
+    meta = dict(
+        HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=kind, HAS_KPM=False,
+        IS_CAUSAL=args.causal, HAS_WINDOW=False, HAS_SOFTCAP=False, DROPOUT=False,
+        STORE_DS=False, FILLS=False, DOT_UPCAST=False, DOT_PRECISION="tf32",
+        NATURAL=kind == 2 and not args.log2, BATCH_INNER=False,
+        MASK_TMA=args.mask_tma and kind != 0, LONGEST_FIRST=args.causal,
+        KEY_SPAN=2 if kind == 3 and args.span else 0,
+        BLOCK_M=args.tile[0], BLOCK_N=args.tile[1])
+    pointers = {name: "*fp32" for name in ("ROW_M", "ROW_R", "DELTA")}
+    pointers.update({name: "*bf16" for name in ("Q", "K", "V", "DO", "DQ", "DS", "KPM")},
+                    MASK=_mask_type(kind, meta["MASK_TMA"], args.tile), SEED="*i64")
+    strides = {f"stride_{t}{dim}": v for t in ("q", "k", "v", "do", "dq") for dim, v in
+               zip("bhmd" if t in ("q", "do", "dq") else "bhnd", _bhnd_strides(d).values())}
+    strides.update(stride_sb=0, stride_sh=0, stride_sm=0, stride_sn=0, stride_mb=0,
+                   stride_mh=n * n, stride_mm=0 if kind == 3 else n, stride_mn=1, stride_pb=0,
+                   stride_pn=0, stride_lb=16 * n, stride_lh=n)
+    return _specialise(_bwd_dq_kernel, meta, pointers, strides)
+
+
 N = 4096  # keys and queries of the launch the specialisations describe
 
 
@@ -161,7 +184,23 @@ def sass_counts(cubin: bytes) -> dict:
     sass = _cuobjdump(cubin, "-sass")
     return {"instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass)),
             "wgmma instructions": sass.count("HGMMA"),
-            "wgmma waits": sass.count("WARPGROUP.DEPBAR")}
+            "wgmma waits": sass.count("WARPGROUP.DEPBAR"),
+            "key loop instructions": _shortest_wgmma_loop(sass)}
+
+
+def _shortest_wgmma_loop(sass: str) -> int:
+    """Instructions in the shortest loop that issues wgmmas (a backward branch's body): a
+    kernel's interior tile loop, the one that runs for all but a few tiles. 0 without one."""
+    code = [(int(addr, 16), text) for addr, text in
+            re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            body = [t for a, t in code if int(branch.group(1), 16) <= a <= addr]
+            if any("HGMMA" in t for t in body):
+                loops.append(len(body))
+    return min(loops, default=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile", default="128,64,8,3", help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--ttgir", type=Path, help="also write the TTGIR here")
     parser.add_argument("--sass", type=Path, help="also write the machine code (SASS) here")
-    parser.add_argument("--kernel", choices=("forward", "dkdv"), default="forward")
+    parser.add_argument("--kernel", choices=("forward", "dkdv", "dq"), default="forward")
     parser.add_argument("--dq-atomic", action="store_true", help="dkdv: it also adds dQ")
     parser.add_argument("--masked-rows", dest="padded_rows", action="store_false",
                         help="dkdv: the row statistics m, r, delta loaded masked from L rows "
@@ -189,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="Q/K/V/O (dkdv: Q/dO/K/V and the dQ adds) through descriptors")
     args = parser.parse_args(argv)
     args.tile = tuple(int(x) for x in args.tile.split(","))
-    fn = _attention_fwd_kernel if args.kernel == "forward" else _bwd_dkdv_kernel
-    sig, consts, attrs = (signature if args.kernel == "forward" else dkdv_signature)(args)
+    fn, build = {"forward": (_attention_fwd_kernel, signature),
+                 "dkdv": (_bwd_dkdv_kernel, dkdv_signature),
+                 "dq": (_bwd_dq_kernel, dq_signature)}[args.kernel]
+    sig, consts, attrs = build(args)
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs),
                             target=GPUTarget("cuda", 90, 128),
                             options=dict(num_warps=args.tile[2], num_stages=args.tile[3]))
