@@ -892,8 +892,10 @@ _attention_fwd_autotuned = triton.autotune(
 # SDPA_PASS_FWD_PIPELINE=1 (the pipelined interior loop, _attend_tiles) compiles for GPUs from
 # this Triton on: Triton 3.6's ptxas dies (SIGSEGV) compiling it for sm_90a without a mask at
 # head dim 32 (tests/test_fwd_pipeline.py's plain, causal and LSE cases on an H100, session 20;
-# its masked, windowed, soft-capped, dropout and descriptor cases compiled). Triton 3.9
-# compiles it (tests/test_sm90_compile.py); 3.7 and 3.8 are untried.
+# its masked, windowed, soft-capped, dropout and descriptor cases compiled). Triton 3.9 (its
+# ptxas 12.9) compiles those same launches for sm_90a (`benchmarks/sm90_compile.py --mask none
+# --pipeline --head-dim 32 [--causal] --tile 128,64,4,3`: the fp16 default tile, no spill);
+# 3.7 and 3.8 are untried.
 PIPELINE_MIN_TRITON = (3, 7)
 
 
