@@ -189,13 +189,17 @@ def sass_counts(cubin: bytes) -> dict:
 
 
 def _shortest_wgmma_loop(sass: str) -> int:
-    """Instructions in the shortest loop that issues wgmmas (a backward branch's body): a
-    kernel's interior tile loop, the one that runs for all but a few tiles. 0 without one."""
+    """Instructions in the shortest loop that issues wgmmas (the body of a predicated
+    backward branch): a kernel's interior tile loop, the one that runs for all but a few
+    tiles. 0 without one. Unpredicated backward branches are not loops here: ptxas puts the
+    retry paths of the copy engine's barrier waits after the kernel's end, and each jumps back
+    into the code it left (with descriptors those made a 603-instruction "loop" of the
+    forward's 822-instruction interior one)."""
     code = [(int(addr, 16), text) for addr, text in
             re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)]
     loops = []
     for addr, text in code:
-        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        branch = re.search(r"^@!?U?P\w+\s+BRA\b.*?0x([0-9a-f]+)", text.strip())
         if branch and int(branch.group(1), 16) < addr:
             body = [t for a, t in code if int(branch.group(1), 16) <= a <= addr]
             if any("HGMMA" in t for t in body):
