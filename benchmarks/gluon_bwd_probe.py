@@ -346,11 +346,12 @@ def compile_variant(name: str):
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    kernel: str = "dkdv"):
+                    kernel: str = "dkdv", padding: int = 0):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
-    over query rows)."""
+    over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
+    mask)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -363,26 +364,30 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     block = (1, 1, product.BLOCK_M, head_dim)  # both kernels' tiles are 64 rows
     tile = f"tensordesc<{dtype}[{', '.join(map(str, block))}],{from_forward._layout(block, gdt)!r}>"
     stats = f"tensordesc<fp32[{product.BLOCK_M}],{from_forward._layout((product.BLOCK_M,), gl.float32)!r}>"
+    padding_sig = {name: "i32" for name in ("stride_pb", "stride_pn", "stride_mb", "stride_mh",
+                                            "stride_mn")}
     if kernel == "dq":
         fn = product._attention_bwd_dq_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
                "stats_desc": stats, "dq_desc": tile, "qk_scale": "fp32", "sm_scale": "fp32",
-               "Hq": "i32", "S": "i32", "group": "i32", "offset": "i32", "rows": "i32",
-               "stats_stride": "i32"}
+               "kpm_ptr": "*i1", "mask_ptr": "*i1", "Hq": "i32", "S": "i32", "group": "i32",
+               "offset": "i32", "rows": "i32", "stats_stride": "i32", **padding_sig}
         kv_block = (1, 1, product.dq_block_n(head_dim), head_dim)
         sig["k_desc"] = sig["v_desc"] = (f"tensordesc<{dtype}[{', '.join(map(str, kv_block))}],"
                                          f"{from_forward._layout(kv_block, gdt)!r}>")
         consts = dict(BM=product.DQ_BLOCK_M, BN=product.dq_block_n(head_dim), HEAD=head_dim,
-                      STAGES=product.STAGES, IS_CAUSAL=causal,
+                      STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
                       CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     else:
         fn = product._attention_bwd_dkdv_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
-               "stats_desc": stats, "dk_desc": tile, "dv_desc": tile, "qk_scale": "fp32",
-               "sm_scale": "fp32", "Hkv": "i32", "L": "i32", "group": "i32", "offset": "i32",
-               "rows": "i32", "stats_stride": "i32"}
+               "stats_desc": stats, "dk_desc": tile, "dv_desc": tile, "kpm_ptr": "*i1",
+               "mask_ptr": "*i1", "qk_scale": "fp32", "sm_scale": "fp32", "Hkv": "i32",
+               "L": "i32", "S": "i32", "group": "i32", "offset": "i32", "rows": "i32",
+               "stats_stride": "i32", **padding_sig}
         consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
-                      STAGES=product.STAGES, IS_CAUSAL=causal, HEADS_FIRST=causal,
+                      STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
+                      ROW_PER_HEAD=False, HEADS_FIRST=causal,
                       CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(fn, sig, consts, {}),
@@ -391,8 +396,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
-        _, which, dtype, causal, head_dim = name.split(":")
-        kernel = compile_product(dtype, causal == "causal", int(head_dim), which)
+        _, which, dtype, causal, head_dim, padding = (name.split(":") + ["0"])[:6]
+        kernel = compile_product(dtype, causal == "causal", int(head_dim), which, int(padding))
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -608,10 +613,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
     parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
                         help="with --product: which of the library's two kernels")
+    parser.add_argument("--padding", type=int, default=0,
+                        help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
     args = parser.parse_args()
     if args.compile and args.product:
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:"
-                             f"{'causal' if args.causal_product else ''}:{args.head_dim}")
+                             f"{'causal' if args.causal_product else ''}:{args.head_dim}:"
+                             f"{args.padding}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

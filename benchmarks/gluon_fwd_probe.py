@@ -498,9 +498,11 @@ def _ptxas_log(ptx: str) -> str:
         return out.stdout + out.stderr
 
 
-def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128):
+def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
+                    padding: int = 0):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
-    GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it."""
+    GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
+    ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -517,11 +519,14 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         return f"tensordesc<{dtype}[1, 1, {block_rows}, {head_dim}],{layout!r}>"
 
     sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
-           "o_desc": desc(rows), "lse_ptr": "*fp32", "qk_scale": "fp32", "Hq": "i32", "L": "i32",
-           "S": "i32", "group": "i32", "offset": "i32"}
+           "o_desc": desc(rows), "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
+           "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
+           "offset": "i32", "stride_pb": "i32", "stride_pn": "i32", "stride_mb": "i32",
+           "stride_mh": "i32", "stride_mn": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
-                  CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+                  KEY_SPAN=padding, NAN_ON_EMPTY=False, CONSUMER_REGS=product.CONSUMER_REGS,
+                  num_warps=4)
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -529,8 +534,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
-        _, dtype, causal, head_dim = name.split(":")
-        kernel = compile_product(dtype, causal == "causal", int(head_dim))
+        _, dtype, causal, head_dim, padding = (name.split(":") + ["0"])[:5]
+        kernel = compile_product(dtype, causal == "causal", int(head_dim), int(padding))
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -651,10 +656,13 @@ def main() -> None:
                              "its report as one JSON line (tests/test_gluon_forward.py)")
     parser.add_argument("--causal", action="store_true", help="with --product: the causal kernel")
     parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
+    parser.add_argument("--padding", type=int, default=0,
+                        help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
     args = parser.parse_args()
     if args.compile and args.product:
         print(json.dumps(compile_report(
-            f"product:{args.product}:{'causal' if args.causal else ''}:{args.head_dim}")))
+            f"product:{args.product}:{'causal' if args.causal else ''}:{args.head_dim}:"
+            f"{args.padding}")))
         return
     if args.compile:
         compile_only()

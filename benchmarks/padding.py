@@ -9,9 +9,10 @@ get the (B, 1, N, N) bool / additive mask HF builds for them, and ours and flex 
 row plus their own causal predicate. One row per shape with no key padded ("full") prices
 the span scan where there is nothing to skip.
 
-Peers: ours (``sdpa_pass.kernels.attention``); ours_no_span, the same with
-``SDPA_PASS_KEY_SPAN=0`` (every key tile visited, the padding applied per element: what the
-span skipping buys); SDPA's cuDNN and memory-efficient backends (flash takes no mask); flex
+Peers: ours (``sdpa_pass.kernels.attention``); ours_triton, the same with
+``SDPA_PASS_GLUON_PADDING=0`` (the Triton kernels where the Gluon ones read the padding row on
+a Hopper GPU); ours_no_span, with ``SDPA_PASS_KEY_SPAN=0`` (the Triton kernels, every key tile
+visited, the padding applied per element: what the span skipping buys); SDPA's cuDNN and memory-efficient backends (flash takes no mask); flex
 attention, compiled, with a block mask built from the same padding (flex skips the padded
 blocks too); eager and Inductor on the hand-written spelling.
 
@@ -71,16 +72,17 @@ def keep_mask(lens: torch.Tensor, n: int, left: bool, device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def no_span():
-    old = os.environ.get("SDPA_PASS_KEY_SPAN")
-    os.environ["SDPA_PASS_KEY_SPAN"] = "0"
+def setting(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` inside the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["SDPA_PASS_KEY_SPAN"]
+            del os.environ[name]
         else:
-            os.environ["SDPA_PASS_KEY_SPAN"] = old
+            os.environ[name] = old
 
 
 def peers(q, k, v, keep, causal: bool, gqa: bool):
@@ -128,7 +130,8 @@ def peers(q, k, v, keep, causal: bool, gqa: bool):
     null = contextlib.nullcontext
     return {
         "ours": (null, ours),
-        "ours_no_span": (no_span, ours),
+        "ours_triton": (lambda: setting("SDPA_PASS_GLUON_PADDING", "0"), ours),
+        "ours_no_span": (lambda: setting("SDPA_PASS_KEY_SPAN", "0"), ours),
         "sdpa_cudnn": (lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION), sdpa),
         "sdpa_efficient": (lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), sdpa),
         "flex": (null, flex),
@@ -191,7 +194,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--impls", default=None,
-                        help="comma-separated subset of: ours, ours_no_span, sdpa_cudnn, "
+                        help="comma-separated subset of: ours, ours_triton, ours_no_span, sdpa_cudnn, "
                              "sdpa_efficient, flex, eager, inductor (default: all)")
     parser.add_argument("--tag", default="bf16", help="put in the file name")
     args = parser.parse_args(argv)
@@ -206,7 +209,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"padding_{args.tag}_{slug(meta['device'])}.json"
     rows = []
-    width = 7 if impls is None else len(impls)  # rows per shape
+    width = 8 if impls is None else len(impls)  # rows per shape
     for mode, causal, n, padded in PREFILL:
         batch = max(1, 32768 // n)
         lens = lengths(batch, n, padded)

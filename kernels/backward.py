@@ -49,6 +49,7 @@ from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParam
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, gluon_backward_refusal,
                              gluon_dq_refusal)
+from .gluon_forward import padding_flags
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -788,10 +789,19 @@ class _BackwardDecisions:
         self.dq_atomic = dq_by_atomics(need_mask_grad)
         self.dkdv_kernel, self.dkdv_cfg, self.dq_kernel, self.dq_cfg = _kernels(
             max(block_d, block_dv), q.dtype, self.dq_atomic)
+        # a bool mask of one row of keys: read as such, and its padding skipped by whole key
+        # tiles (the dK/dV kernel gives a tile it hides no work, dQ's loop skips it)
+        kernel_mask = mask_kind_of(mask_kind, lp.mask_strides, L)
+        span = key_span(kernel_mask == MASK_BOOL_ROW, has_kpm)
         # The dK/dV kernel in Gluon on Hopper where it applies (gluon_backward.py); None or
-        # the reason it does not
+        # the reason it does not. It reads the padding rows (``padding``) as the forward's
+        # Gluon kernel does.
+        self.padding = padding_flags(kernel_mask == MASK_BOOL_ROW, has_kpm, span)
+        self.kpm_strides, self.mask_strides = lp.kpm_strides, lp.mask_strides
         self.gluon_refusal = gluon_backward_refusal(
-            q, k, v, grad_out, shape, masked=mask_kind != MASK_NONE or has_kpm, window=window,
+            q, k, v, grad_out, shape,
+            masked=mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW,
+            padding=self.padding, window=window,
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
             capability=_capability(q.device) if q.is_cuda else None)
@@ -799,10 +809,6 @@ class _BackwardDecisions:
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
         self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
-        # a bool mask of one row of keys: read as such, and its padding skipped by whole key
-        # tiles (the dK/dV kernel gives a tile it hides no work, dQ's loop skips it)
-        kernel_mask = mask_kind_of(mask_kind, lp.mask_strides, L)
-        span = key_span(kernel_mask == MASK_BOOL_ROW, has_kpm)
         masks = dict(
             HEAD_DIM=shape.head_dim, HEAD_DIM_V=shape.v_head_dim, BLOCK_D=block_d,
             BLOCK_DV=block_dv, MASK_KIND=kernel_mask, HAS_KPM=has_kpm,
@@ -951,10 +957,13 @@ def attention_backward_triton(
     floats = (qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p))
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
+    # the Gluon kernels' padding rows (see _BackwardDecisions.padding)
+    padding = dict(padding=d.padding, kpm=key_padding_mask, kpm_strides=d.kpm_strides,
+                   mask=attn_mask, mask_strides=d.mask_strides) if d.padding > 0 else {}
     if d.gluon_refusal is None:
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
                              qk_scale=qk_scale, causal_align=causal_align, offset=d.offset,
-                             rows=d.rows, plan_key=plan and (plan, "gluon_dkdv"))
+                             rows=d.rows, plan_key=plan and (plan, "gluon_dkdv"), **padding)
     else:
         _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
             q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),
@@ -963,10 +972,10 @@ def attention_backward_triton(
     if d.dq_atomic:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
-    if d.gluon_dq_refusal is None:  # (never with a mask, so never with its gradient)
+    if d.gluon_dq_refusal is None:  # (never with a mask's gradient: bool masks have none)
         attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale, qk_scale=qk_scale,
                            causal_align=causal_align, offset=d.offset, rows=d.rows,
-                           plan_key=plan and (plan, "gluon_dq"))
+                           plan_key=plan and (plan, "gluon_dq"), **padding)
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .gluon_forward import attention_forward_gluon, gluon_forward_refusal
+from .gluon_forward import attention_forward_gluon, gluon_forward_refusal, padding_flags
 from .launch import KernelCall, PlanCache, call_key, tensor_key
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
@@ -1042,19 +1042,25 @@ def attention_forward_triton(
             return out, lse
 
     small = host_bound(shape)
-    if not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale, masked=attn_mask is not None or key_padding_mask is not None,
-            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
-            dropout_p=dropout_p, capability=_capability(q.device) if q.is_cuda else None) is None:
-        attention_forward_gluon(q, k, v, out, lse, shape, scale, return_lse, causal_align,
-                                diagonal, plan_key)
-        if plan_key is not None:
-            _FORWARD_PLANS.add(plan_key, _GluonPlan(shape, return_lse, causal_align, diagonal,
-                                                    plan_key))
-        return out, lse
-
     mask_kind, mask, mstrides, kpm, pstrides, qk_scale, softcap_log2, block_d, block_dv = (
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
+    kernel_mask = mask_kind_of(mask_kind, mstrides, L)
+    span = key_span(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None)
+    padding = padding_flags(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None, span)
+    if not small and gluon_forward_refusal(
+            q, k, v, shape, scale=scale,
+            masked=mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW, padding=padding,
+            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
+            dropout_p=dropout_p, capability=_capability(q.device) if q.is_cuda else None) is None:
+        gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,
+                           pstrides if key_padding_mask is not None else (0, 0), mstrides,
+                           nan_on_empty)
+        gluon(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,
+              dropout_p)
+        if plan_key is not None:
+            _FORWARD_PLANS.add(plan_key, gluon)
+        return out, lse
+
     lstrides = lse.stride()[:2] if return_lse else (0, 0)
     has_softcap = softcap > 0.0
     # The interpreter's tl.dot gives wrong results on bf16 operands (triton 3.9); upcasting to
@@ -1075,7 +1081,6 @@ def attention_forward_triton(
     mask_tma = (mask_kind != MASK_NONE and use_mask_tma(q, mask, small)
                 and not (tma and mask_kind == MASK_FLOAT and block_d > 128))
     natural = mask_kind == MASK_FLOAT and not has_softcap  # see _attend_tiles
-    kernel_mask = mask_kind_of(mask_kind, mstrides, L)
     len_class = int(S >= LONG_ROWS)  # tuned apart, see LONG_ROWS
     args = (
         *operands, lse, _mask_descriptor(mask) if mask_tma else mask, kpm,
@@ -1104,7 +1109,7 @@ def attention_forward_triton(
         # head dims up to 128.
         BATCH_INNER=batch_inner(mask_kind, mstrides, B,
                                 measured_faster=mask_kind == MASK_FLOAT and block_d <= 128),
-        KEY_SPAN=key_span(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None),
+        KEY_SPAN=span,
     )
     if interpreter_active() or os.environ.get("SDPA_PASS_AUTOTUNE", "1") == "0":
         # Fixed tiles, no tuning runs: small ones in the interpreter, the defaults on a GPU
@@ -1133,18 +1138,23 @@ _FORWARD_PLANS = PlanCache()
 class _GluonPlan:
     """A forward the Gluon kernel serves, for the next calls with the same plan key, which
     fixes everything ``gluon_forward_refusal`` reads (layouts, dtype, device, the masks'
-    absence, causal form, window, soft-capping, dropout, the sign of the scale, the variables
+    kinds and layouts, causal form, window, soft-capping, dropout, the sign of the scale, the variables
     of launch.py's _VARIABLES) and the shape ``host_bound`` reads; the Gluon kernel's
     compiled launch is remembered under the same key."""
 
     def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
-                 diagonal: int, plan_key):
+                 diagonal: int, plan_key, padding: int, kpm_strides: tuple, mask_strides: tuple,
+                 nan_on_empty: bool):
         self.shape, self.return_lse = shape, return_lse
         self.causal_align, self.diagonal, self.plan_key = causal_align, diagonal, plan_key
+        self.padding, self.kpm_strides, self.mask_strides = padding, kpm_strides, mask_strides
+        self.nan_on_empty = nan_on_empty
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
         attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
-                                self.causal_align, self.diagonal, self.plan_key)
+                                self.causal_align, self.diagonal, self.plan_key, self.padding,
+                                kpm, self.kpm_strides, attn_mask, self.mask_strides,
+                                self.nan_on_empty)
 
 
 class _ForwardPlan:

@@ -62,7 +62,8 @@ import os
 import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
-from .gluon_forward import HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon
+from .gluon_forward import (HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon,
+                            gluon_padding_refusal)
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -85,8 +86,8 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import (_cta_barrier, _kv_ring_barriers, _kv_ring_fill, _tma_load,
-                                _tma_store)
+    from .gluon_forward import (_SPAN_CHUNK, _cta_barrier, _kv_ring_barriers, _kv_ring_fill,
+                                _tma_load, _tma_store, row_visible, span_tiles, visible_span)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem, q_smem,
@@ -126,12 +127,17 @@ if gluon is not None:
     @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                       delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
-                      n_q, group, offset, qk_scale, sm_scale,
+                      n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr, stride_pb, stride_pn,
+                      mask_ptr, stride_mb, stride_mh, stride_mn,
                       W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-                      STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+                      STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                      ROW_PER_HEAD: gl.constexpr):
         """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
         docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
-        a pair that may not see each other evaluate it."""
+        a pair that may not see each other evaluate it. With KEY_SPAN (a padding row of keys,
+        gluon_forward.row_visible) Sᵀ's rows of hidden keys are masked: the row is read once
+        and applied only if it hides one of the 64 keys, or with ROW_PER_HEAD (query heads of
+        the group with rows of their own) read and applied for each query tile."""
         dtype: gl.constexpr = q_smem.dtype
         half: gl.constexpr = BN // 2
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -140,15 +146,28 @@ if gluon is not None:
                                                              instr_shape=[16, HEAD, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         col_st: gl.constexpr = gl.SliceLayout(0, st_layout)  # a query row of Sᵀ
+        row_st: gl.constexpr = gl.SliceLayout(1, st_layout)  # a key column of Sᵀ
         k_w = k_smem.index(W).reshape([half, HEAD])
         v_w = v_smem.index(W).reshape([half, HEAD])
         st_zero = gl.zeros([half, BM], gl.float32, layout=st_layout)
         dv = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
         dk = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
+        if KEY_SPAN != 0:
+            keys = start_n + W * half + gl.arange(0, half, layout=row_st)
+            if not ROW_PER_HEAD:  # every query head of the group reads the same row
+                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                   stride_mh, stride_mn, b, h_kv * group, keys, keys < S,
+                                   KEY_SPAN)
+                hides = gl.min(seen.to(gl.int32), 0) == 0
         mbarrier.wait(kv_bar, 0)
         for it in range(group * n_q):
             slot = it % STAGES
             phase = (it // STAGES) & 1
+            if KEY_SPAN != 0:
+                if ROW_PER_HEAD:
+                    seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                       stride_mh, stride_mn, b, h_kv * group + it // n_q, keys,
+                                       keys < S, KEY_SPAN)
             mbarrier.wait(q_ready.index(slot), phase)
             q_t = q_smem.index(slot).reshape([BM, HEAD])
             st_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), st_zero, use_acc=False,
@@ -163,11 +182,15 @@ if gluon is not None:
             if IS_CAUSAL:
                 m0 = (first_m + it % n_q) * BM
                 if m0 + offset < start_n + BN - 1:  # some key of the tile is past a row's
-                    keys = start_n + W * half + gl.arange(0, half,
-                                                          layout=gl.SliceLayout(1, st_layout))
+                    ckeys = start_n + W * half + gl.arange(0, half, layout=row_st)
                     last = m0 + offset + gl.arange(0, BM, layout=col_st)
-                    st = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(last, 0), st,
+                    st = gl.where(gl.expand_dims(ckeys, 1) <= gl.expand_dims(last, 0), st,
                                   float("-inf"))
+            if KEY_SPAN != 0:
+                if ROW_PER_HEAD:
+                    st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
+                elif hides:
+                    st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
             # the backward kernels' P (backward._p_from_scores): m first, then the small r
             pt = gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
             pt_op = gl.convert_layout(pt.to(dtype), a_layout)
@@ -190,16 +213,20 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dk_desc, dv_desc,
-                               qk_scale, sm_scale, Hkv, L, group, offset, rows, stats_stride,
-                               BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-                               STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                               HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                               num_warps: gl.constexpr):
+                               kpm_ptr, mask_ptr, qk_scale, sm_scale, Hkv, L, S, group, offset,
+                               rows, stats_stride, stride_pb, stride_pn, stride_mb, stride_mh,
+                               stride_mn, BM: gl.constexpr, BN: gl.constexpr,
+                               HEAD: gl.constexpr, STAGES: gl.constexpr,
+                               IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                               ROW_PER_HEAD: gl.constexpr, HEADS_FIRST: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(S, BN), B * Hkv), or with HEADS_FIRST (B * Hkv, cdiv(S, BN)). Q, dO
         (B, Hq, L, D), K, V, dK, dV (B, Hkv, S, D) through 4-d descriptors of 64-row tiles of
         one head; ``stats``: the prep kernel's (delta, m, r), each (B, Hq, rows) fp32, flat
         through one 1-d descriptor (blocks of BM; ``stats_stride`` = B * Hq * rows apart,
-        rows a multiple of BM)."""
+        rows a multiple of BM). KEY_SPAN: the forward's padding rows (the kernel's
+        arguments); a CTA whose keys they all hide (from every query head of the group)
+        stores zeros and visits no query tile."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
         if HEADS_FIRST:
@@ -216,6 +243,14 @@ if gluon is not None:
         else:
             first_m = pid_n * 0
         n_q = gl.maximum((L + BM - 1) // BM - first_m, 0)
+        if KEY_SPAN != 0:
+            if not ROW_PER_HEAD:
+                keys = start_n + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [4], [0]))
+                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                   stride_mh, stride_mn, b, h_kv * group, keys, keys < S,
+                                   KEY_SPAN)
+                if gl.max(seen.to(gl.int32), 0) == 0:
+                    n_q = n_q * 0
 
         dtype: gl.constexpr = q_desc.dtype
         half: gl.constexpr = BN // 2
@@ -240,12 +275,14 @@ if gluon is not None:
         gl.warp_specialize([
             (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                              delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n,
-                             first_m, n_q, group, offset, qk_scale, sm_scale, 0, BM, BN, HEAD,
-                             STAGES, IS_CAUSAL)),
+                             first_m, n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr,
+                             stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
+                             BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD)),
             (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                              delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n,
-                             first_m, n_q, group, offset, qk_scale, sm_scale, 1, BM, BN, HEAD,
-                             STAGES, IS_CAUSAL)),
+                             first_m, n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr,
+                             stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
+                             BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem,
                              q_smem, do_smem, m_smem, r_smem, delta_smem, kv_bar, q_ready,
                              do_ready, empty, b, h_kv, Hkv * group, start_n, first_m, n_q, group,
@@ -257,10 +294,10 @@ if gluon is not None:
     @gluon.jit
     def _dq_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
                      k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, b, h, h_kv,
-                     start_m, row, stats_stride, n_tiles, BMW: gl.constexpr, BN: gl.constexpr,
-                     HEAD: gl.constexpr, STAGES: gl.constexpr):
-        """Q, dO and the six 64-row statistics blocks (delta, m, r of each half) once, then K_j
-        and V_j into slot j % STAGES once both consumers released it."""
+                     start_m, row, stats_stride, t0, n_tiles, BMW: gl.constexpr,
+                     BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
+        """Q, dO and the six 64-row statistics blocks (delta, m, r of each half) once, then
+        K and V of key tile t0 + i into slot i % STAGES once both consumers released it."""
         elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
         mbarrier.expect(q_bar, 4 * BMW * HEAD * elem + 6 * BMW * 4)
         for w in gl.static_range(2):
@@ -270,14 +307,18 @@ if gluon is not None:
                 _tma_load(stats_desc, [s * stats_stride + row + w * BMW], q_bar,
                           st_smem.index(3 * w + s))
         _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
-                      h_kv, n_tiles, BN, HEAD, STAGES)
+                      h_kv, t0, n_tiles, BN, HEAD, STAGES)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
-                 qk_scale, dtype: gl.constexpr, a_layout: gl.constexpr, s_layout: gl.constexpr,
-                 BMW: gl.constexpr, BN: gl.constexpr, IS_CAUSAL: gl.constexpr):
+                 seen, qk_scale, dtype: gl.constexpr, a_layout: gl.constexpr,
+                 s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
+                 IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr):
         """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
-        its dP (in flight): the exponentials run before the wait for dP."""
+        its dP (in flight): the exponentials run before the wait for dP. With KEY_SPAN the
+        keys ``seen`` does not hold are masked."""
+        if KEY_SPAN != 0:
+            s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
         if IS_CAUSAL:
             if j >= full_tiles:
                 keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -295,12 +336,16 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                     k_empty, v_empty, b, h, row0, offset, n_tiles, full_tiles, qk_scale,
-                     sm_scale, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
-                     HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
-        """Consumer W: rows row0 .. row0 + 64 (module docstring). ``n_tiles`` >= 1: a CTA whose
-        rows see no key runs key tile 0 fully masked (m = +inf there besides), so dQ's product
-        can stay in flight across iterations with the first tile peeled off the loop."""
+                     k_empty, v_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, qk_scale,
+                     sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                     stride_mn, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
+                     HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                     KEY_SPAN: gl.constexpr):
+        """Consumer W: rows row0 .. row0 + 64 (module docstring), key tiles t0 .. t0 +
+        n_tiles. ``n_tiles`` >= 1: a CTA whose rows see no key runs one key tile fully masked
+        (m = +inf there besides), so dQ's product can stay in flight across iterations with the
+        first tile peeled off the loop. KEY_SPAN: the padding row masks every tile (its loads
+        issued ahead of the tile's products)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -309,6 +354,7 @@ if gluon is not None:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
                                                      k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         q_w = q_smem.index(W).reshape([BMW, HEAD])
         do_w = do_smem.index(W).reshape([BMW, HEAD])
         s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
@@ -317,7 +363,12 @@ if gluon is not None:
         m = gl.expand_dims(st_smem.index(3 * W + 1).load(row_s), 1)
         r = gl.expand_dims(st_smem.index(3 * W + 2).load(row_s), 1)
 
-        # key tile 0
+        # key tile t0
+        seen = None
+        if KEY_SPAN != 0:
+            keys = t0 * BN + gl.arange(0, BN, layout=col_s)
+            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                               stride_mn, b, h, keys, keys < S, KEY_SPAN)
         mbarrier.wait(k_ready.index(0), 0)
         k_j = k_smem.index(0).reshape([BN, HEAD])
         s_tok = warpgroup_mma(q_w, k_j.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -325,24 +376,31 @@ if gluon is not None:
         dp_tok = warpgroup_mma(do_w, v_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
                                s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
-        ds_op = _ds_tile(s, dp_tok, 0, 0, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
-                         qk_scale, dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL)
+        ds_op = _ds_tile(s, dp_tok, t0, 0, v_empty, q_bar, m, r, delta, row0, offset,
+                         full_tiles, seen, qk_scale, dtype, a_layout, s_layout, BMW, BN,
+                         IS_CAUSAL, KEY_SPAN)
         dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
                                use_acc=False, is_async=True)
-        for j in range(1, n_tiles):
-            slot = j % STAGES
-            phase = (j // STAGES) & 1
+        for i in range(1, n_tiles):
+            j = t0 + i
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
             mbarrier.wait(k_ready.index(slot), phase)
             k_j = k_smem.index(slot).reshape([BN, HEAD])
             s_tok = warpgroup_mma(q_w, k_j.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(slot), phase)
             dp_tok = warpgroup_mma(do_w, v_smem.index(slot).reshape([BN, HEAD]).permute((1, 0)),
                                    s_zero, use_acc=False, is_async=True)
+            if KEY_SPAN != 0:  # the padding row's loads, under the products in flight
+                keys = j * BN + gl.arange(0, BN, layout=col_s)
+                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                   stride_mh, stride_mn, b, h, keys, keys < S, KEY_SPAN)
             # the previous tile's dQ product (issued first) and S done; dP in flight
             s, dq, ds_op = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok, dq_tok, ds_op])
-            mbarrier.arrive(k_empty.index((j - 1) % STAGES))
+            mbarrier.arrive(k_empty.index((i - 1) % STAGES))
             ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset,
-                             full_tiles, qk_scale, dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL)
+                             full_tiles, seen, qk_scale, dtype, a_layout, s_layout, BMW, BN,
+                             IS_CAUSAL, KEY_SPAN)
             dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
         mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
@@ -353,11 +411,13 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, qk_scale,
-                             sm_scale, Hq, S, group, offset, rows, stats_stride,
-                             BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+    def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, kpm_ptr,
+                             mask_ptr, qk_scale, sm_scale, Hq, S, group, offset, rows,
+                             stats_stride, stride_pb, stride_pn, stride_mb, stride_mh,
+                             stride_mn, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                             CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                             KEY_SPAN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                             num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D) through 4-d descriptors of
         64-row tiles, K, V (B, Hkv, S, D) of BN-row tiles; the statistics as for the dK/dV
         kernel, in blocks of 64 rows (a CTA's second half may read the next head's: only on
@@ -380,6 +440,12 @@ if gluon is not None:
             full_tiles = gl.maximum(gl.minimum(full_tiles, (start_m + offset + 1) // BN), 0)
         else:
             n_tiles = (S + BN - 1) // BN
+        t0 = pid_m * 0
+        if KEY_SPAN != 0:  # the forward's padding span (gluon_forward._attention_fwd_ws)
+            first, end = visible_span(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                      stride_mh, stride_mn, b, h, gl.minimum(S, n_tiles * BN),
+                                      KEY_SPAN, _SPAN_CHUNK, num_warps)
+            t0, n_tiles = span_tiles(first, end, n_tiles, BN)
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], do_desc.layout)
@@ -390,26 +456,32 @@ if gluon is not None:
         row = pid_bh * rows + start_m
         gl.warp_specialize([
             (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, b, h, start_m, offset, n_tiles, full_tiles,
-                            qk_scale, sm_scale, 0, BMW, BN, HEAD, STAGES, IS_CAUSAL)),
+                            v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0, n_tiles,
+                            full_tiles, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn,
+                            mask_ptr, stride_mb, stride_mh, stride_mn, 0, BMW, BN, HEAD, STAGES,
+                            IS_CAUSAL, KEY_SPAN)),
             (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, n_tiles,
-                            full_tiles, qk_scale, sm_scale, 1, BMW, BN, HEAD, STAGES, IS_CAUSAL)),
+                            v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S, t0,
+                            n_tiles, full_tiles, qk_scale, sm_scale, kpm_ptr, stride_pb,
+                            stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1, BMW, BN,
+                            HEAD, STAGES, IS_CAUSAL, KEY_SPAN)),
             (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
                             k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, b, h,
-                            h // group, start_m, row, stats_stride, n_tiles, BMW, BN, HEAD,
+                            h // group, start_m, row, stats_stride, t0, n_tiles, BMW, BN, HEAD,
                             STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            grad_out: torch.Tensor, shape: AttentionShape, *, masked: bool,
-                           window: int, softcapped: bool, dropout: bool, dq_atomic: bool,
-                           padded_rows: bool, rows: int, small: bool,
+                           padding: int, window: int, softcapped: bool, dropout: bool,
+                           dq_atomic: bool, padded_rows: bool, rows: int, small: bool,
                            capability: int | None) -> str | None:
     """Why the backward of this call does not take the Gluon dK/dV kernel, or None when it
-    does. ``rows``: the row statistics' padded length; ``small``: ``forward.host_bound``;
-    ``capability``: the device's compute capability major (None off a CUDA device)."""
+    does. ``masked`` and ``padding`` as for ``gluon_forward_refusal`` (a mask the kernels do
+    not read; the padding rows they do); ``rows``: the row statistics' padded length;
+    ``small``: ``forward.host_bound``; ``capability``: the device's compute capability major
+    (None off a CUDA device)."""
     if gluon is None:
         return "this Triton has no Gluon Hopper API"
     for name in ("SDPA_PASS_GLUON", "SDPA_PASS_GLUON_BWD"):
@@ -421,8 +493,13 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"dtype {q.dtype} (fp16 / bf16 only)"
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in HEAD_DIMS:
         return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
-    if masked or window != -1 or softcapped or dropout:
-        return "an attn_mask, padding mask, window, soft-capping or dropout"
+    if masked:
+        return "an attn_mask that is not one bool row of keys (float, or rows of its own)"
+    padding_refusal = gluon_padding_refusal(padding)
+    if padding_refusal is not None:
+        return padding_refusal
+    if window != -1 or softcapped or dropout:
+        return "a window, soft-capping or dropout"
     if dq_atomic:
         return "SDPA_PASS_BWD_DQ=atomic (the Triton dK/dV kernel adds dQ)"
     if not padded_rows or rows % BLOCK_M:
@@ -448,14 +525,25 @@ def _stats_descriptor(t: torch.Tensor):
 _GLUON_BWD_CALLS = PlanCache()
 
 
+def _padding_args(kpm, kpm_strides: tuple, mask, mask_strides: tuple, q: torch.Tensor) -> tuple:
+    """The kernels' padding-row arguments: the key_padding_mask and the bool attn_mask (q as
+    a dummy pointer for either that is absent), then the strides: the mask's (B, Hq, L, S)
+    view's but L's."""
+    return (q if kpm is None else kpm, q if mask is None else mask, *kpm_strides,
+            mask_strides[0], mask_strides[1], mask_strides[3])
+
+
 def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape, *,
                          scale: float, qk_scale: float, causal_align: int, offset: int,
-                         rows: int, plan_key) -> None:
+                         rows: int, plan_key, padding: int = 0, kpm=None,
+                         kpm_strides: tuple = (0, 0), mask=None,
+                         mask_strides: tuple = (0, 0, 0, 0)) -> None:
     """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
     ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
     delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
     (checks.causal_offset). ``plan_key``: the backward's, which fixes every layout and the
-    causal form (or None: no plan)."""
+    causal form (or None: no plan). ``padding``: the forward's padding rows
+    (``gluon_forward.attention_forward_gluon``)."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
@@ -467,11 +555,15 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     heads_first = order == "heads" or (is_causal and order != "tiles")
     grid = (B * Hkv, -(-S // BLOCK_N)) if heads_first else (-(-S // BLOCK_N), B * Hkv)
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
-    args = (q, k, v, grad_out, stats.view(-1), dk, dv, qk_scale, scale, Hkv, L, shape.group,
-            offset, rows, B * shape.q_heads * rows)
+    pad = _padding_args(kpm, kpm_strides, mask, mask_strides, q)
+    args = (q, k, v, grad_out, stats.view(-1), dk, dv, *pad[:2], qk_scale, scale, Hkv, L, S,
+            shape.group, offset, rows, B * shape.q_heads * rows, *pad[2:])
+    # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
+    row_per_head = bool(padding & 2) and mask_strides[1] != 0 and shape.group > 1
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
                  dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES,
-                      IS_CAUSAL=is_causal, HEADS_FIRST=heads_first,
+                      IS_CAUSAL=is_causal, KEY_SPAN=padding, ROW_PER_HEAD=row_per_head,
+                      HEADS_FIRST=heads_first,
                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker})
@@ -498,17 +590,20 @@ def gluon_dq_refusal(dkdv_refusal: str | None, head_dim: int) -> str | None:
 
 def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, scale: float,
                        qk_scale: float, causal_align: int, offset: int, rows: int,
-                       plan_key) -> None:
+                       plan_key, padding: int = 0, kpm=None, kpm_strides: tuple = (0, 0),
+                       mask=None, mask_strides: tuple = (0, 0, 0, 0)) -> None:
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D, bn = shape.head_dim, dq_block_n(shape.head_dim)
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
-    args = (q, k, v, grad_out, stats.view(-1), dq, qk_scale, scale, Hq, S, shape.group, offset,
-            rows, B * Hq * rows)
+    pad = _padding_args(kpm, kpm_strides, mask, mask_strides, q)
+    args = (q, k, v, grad_out, stats.view(-1), dq, *pad[:2], qk_scale, scale, Hq, S,
+            shape.group, offset, rows, B * Hq * rows, *pad[2:])
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
                  args, dict(BM=DQ_BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES,
-                            IS_CAUSAL=causal_align != CAUSAL_NONE, CONSUMER_REGS=CONSUMER_REGS,
+                            IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,
+                            CONSUMER_REGS=CONSUMER_REGS,
                             num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker})

@@ -65,6 +65,7 @@ STAGES = 2  # K/V ring slots
 CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+SPAN_CHUNK = 1024  # keys a step of the padding span's scan (forward.SPAN_CHUNK)
 
 if gluon is not None:
     # triton 3.6's names; later releases renamed them
@@ -72,36 +73,96 @@ if gluon is not None:
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _LN2 = gl.constexpr(LN2)
+    _SPAN_CHUNK = gl.constexpr(SPAN_CHUNK)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                  k_ready, v_ready, k_empty, v_empty, b, h, h_kv, start_m, n_tiles,
+                  k_ready, v_ready, k_empty, v_empty, b, h, h_kv, start_m, t0, n_tiles,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
-        """The copy partition: both consumers' Q tiles once, then K_j and V_j into slot
-        j % STAGES as soon as both consumers have released it. Rows past L and keys past S
-        arrive as zeros (the copy engine's bounds are the tensors' own)."""
+        """The copy partition: both consumers' Q tiles once, then the key tiles t0 + i,
+        K and V into slot i % STAGES as soon as both consumers have released it. Rows past L
+        and keys past S arrive as zeros (the copy engine's bounds are the tensors' own)."""
         mbarrier.expect(q_bar, 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
         _tma_load(q_desc, [b, h, start_m, 0], q_bar, q_smem0)
         _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar, q_smem1)
         _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
-                      h_kv, n_tiles, BN, HEAD, STAGES)
+                      h_kv, t0, n_tiles, BN, HEAD, STAGES)
 
     @gluon.jit
     def _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
-                      h_kv, n_tiles, BN: gl.constexpr, HEAD: gl.constexpr,
+                      h_kv, t0, n_tiles, BN: gl.constexpr, HEAD: gl.constexpr,
                       STAGES: gl.constexpr):
-        """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K_j and
-        V_j of head h_kv into slot j % STAGES as soon as both consumers have released it."""
+        """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K and V
+        of key tile t0 + i of head h_kv into slot i % STAGES as soon as both consumers have
+        released it."""
         tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
-        for j in range(n_tiles):
-            slot = j % STAGES
-            phase = ((j // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
+        for i in range(n_tiles):
+            slot = i % STAGES
+            phase = ((i // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
+            key0 = (t0 + i) * BN
             mbarrier.wait(k_empty.index(slot), phase)
             mbarrier.expect(k_ready.index(slot), tile_bytes)
-            _tma_load(k_desc, [b, h_kv, j * BN, 0], k_ready.index(slot), k_smem.index(slot))
+            _tma_load(k_desc, [b, h_kv, key0, 0], k_ready.index(slot), k_smem.index(slot))
             mbarrier.wait(v_empty.index(slot), phase)
             mbarrier.expect(v_ready.index(slot), tile_bytes)
-            _tma_load(v_desc, [b, h_kv, j * BN, 0], v_ready.index(slot), v_smem.index(slot))
+            _tma_load(v_desc, [b, h_kv, key0, 0], v_ready.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
+                    b, h, keys, in_range, KEY_SPAN: gl.constexpr):
+        """Whether each key of ``keys`` (a vector in any layout) is visible to the rows of
+        (batch b, query head h) under the padding pattern(s) of KEY_SPAN (forward.SPAN_*:
+        bit 1 the key_padding_mask (B, S), bit 2 a bool attn_mask that is one row of keys,
+        through its (B, Hq, L, S) view's strides; nonzero = visible). Keys where ``in_range``
+        is false are not read and not visible."""
+        visible = in_range
+        if KEY_SPAN & 1:
+            row = kpm_ptr + b.to(gl.int64) * stride_pb
+            visible = visible & (gl.load(row + keys * stride_pn, mask=visible, other=0) != 0)
+        if KEY_SPAN & 2:
+            row = mask_ptr + b.to(gl.int64) * stride_mb + h.to(gl.int64) * stride_mh
+            visible = visible & (gl.load(row + keys * stride_mn, mask=visible, other=0) != 0)
+        return visible
+
+    @gluon.jit
+    def visible_span(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
+                     b, h, stop, KEY_SPAN: gl.constexpr, CHUNK: gl.constexpr,
+                     num_warps: gl.constexpr):
+        """[first, end): from the first to past the last key of [0, stop) visible to (b, h)
+        (``row_visible``); first == stop and end == 0 where none is. The scan of the Triton
+        kernels' ``forward.visible_key_span``: CHUNK keys a step from the front until one is
+        visible, then from the back likewise (two steps where nothing is padded)."""
+        layout: gl.constexpr = gl.BlockedLayout([CHUNK // (32 * num_warps)], [32], [num_warps],
+                                                [0])
+        first = stop + 0
+        lo = stop * 0
+        while (first == stop) & (lo < stop):
+            cols = lo + gl.arange(0, CHUNK, layout=layout)
+            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                               stride_mn, b, h, cols, cols < stop, KEY_SPAN)
+            first = gl.min(gl.where(seen, cols, stop), 0)
+            lo += CHUNK
+        end = stop * 0
+        hi = stop + 0
+        while (end == 0) & (hi > first):  # nothing visible: first == stop, no step
+            cols = hi - CHUNK + gl.arange(0, CHUNK, layout=layout)
+            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                               stride_mn, b, h, cols, cols >= 0, KEY_SPAN)
+            end = gl.max(gl.where(seen, cols + 1, 0), 0)
+            hi -= CHUNK
+        return first, end
+
+    @gluon.jit
+    def span_tiles(first, end, n_tiles, BN: gl.constexpr):
+        """(t0, n): the key tiles t0 .. t0 + n of the first ``n_tiles`` that hold the visible
+        span [first, end); where none does, (0, 1): one tile, every key of it masked (its rows
+        see no key), so the loops keep their peeled first tile."""
+        t0 = first // BN
+        n = gl.minimum(n_tiles, (end + BN - 1) // BN) - t0
+        if n <= 0:
+            t0 = t0 * 0
+            n = n * 0 + 1
+        return t0, n
 
     @gluon.jit
     def _tile_mask(s, j, row0, offset, S, BMW: gl.constexpr, BN: gl.constexpr,
@@ -121,14 +182,20 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                  v_empty, b, h, row0, L, S, offset, n_tiles, full_tiles, lse_row0, qk_scale,
+                  v_empty, b, h, row0, L, S, offset, t0, n_tiles, full_tiles, lse_row0, qk_scale,
+                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                   STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                  RAGGED_KEYS: gl.constexpr):
-        """One warpgroup's 64 query rows (row0 on, within the head): the key loop, then O / l
-        through a TMA store (clipped at L) and the natural-log LSE through pointers. Key
-        tiles from ``full_tiles`` on are masked (``_tile_mask``); every row sees key 0, so
-        no row is empty."""
+                  RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
+                  NAN_ON_EMPTY: gl.constexpr):
+        """One warpgroup's 64 query rows (row0 on, within the head): the key loop over tiles
+        t0 .. t0 + n_tiles, then O / l through a TMA store (clipped at L) and the natural-log
+        LSE through pointers. Key tiles from ``full_tiles`` on are masked (``_tile_mask``);
+        with KEY_SPAN every tile is, by the padding row (``row_visible``, read before the
+        tile's scores are waited for). Without KEY_SPAN every row sees key 0, so no row is
+        empty; with it a row may see no key (causal rows before the first unpadded key, or
+        nothing unpadded): its running max stays -inf and is shifted by 0 (no -inf - -inf),
+        and it stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -136,30 +203,40 @@ if gluon is not None:
                                                            instr_shape=[16, HEAD, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         q_tile = q_smem.reshape([BMW, HEAD])
         s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
         o = gl.zeros([BMW, HEAD], gl.float32, layout=o_layout)
         mbarrier.wait(q_bar, 0)
 
-        # key tile 0: its scores and softmax, nothing in flight to hide them under
+        # key tile t0: its scores and softmax, nothing in flight to hide them under
+        if KEY_SPAN != 0:
+            keys = t0 * BN + gl.arange(0, BN, layout=col_s)
+            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                               stride_mn, b, h, keys, keys < S, KEY_SPAN)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0))
+        if KEY_SPAN != 0:
+            s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
         if IS_CAUSAL or RAGGED_KEYS:  # (compiled only where a tile can need it)
-            if full_tiles == 0:
-                s = _tile_mask(s, 0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL, RAGGED_KEYS)
+            if t0 >= full_tiles:
+                s = _tile_mask(s, t0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
+                               RAGGED_KEYS)
         m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        m_use = _finite_shift(m_i, KEY_SPAN != 0)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
         mbarrier.wait(v_ready.index(0), 0)
 
-        for j in range(1, n_tiles):
-            sk = j % STAGES
-            sv = (j - 1) % STAGES
-            mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
+        for i in range(1, n_tiles):
+            j = t0 + i
+            sk = i % STAGES
+            sv = (i - 1) % STAGES
+            mbarrier.wait(k_ready.index(sk), (i // STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             # S_j = Q K_j^T on the tensor cores ...
             s_tok = warpgroup_mma(q_tile, k_smem.index(sk).reshape([BN, HEAD]).permute((1, 0)),
@@ -168,23 +245,30 @@ if gluon is not None:
             o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             # ... and O += P_{j-1} V_{j-1} queued behind it (V_{j-1} waited for last iteration)
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
+            if KEY_SPAN != 0:  # the padding row's loads, under both products
+                keys = j * BN + gl.arange(0, BN, layout=col_s)
+                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                   stride_mh, stride_mn, b, h, keys, keys < S, KEY_SPAN)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             mbarrier.arrive(k_empty.index(sk))
+            if KEY_SPAN != 0:
+                s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
             if IS_CAUSAL or RAGGED_KEYS:
                 if j >= full_tiles:  # a diagonal tile of a causal call, or the keys' last tile
                     s = _tile_mask(s, j, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                    RAGGED_KEYS)
             # tile j's softmax: its exponentials run under the P.V product
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            m_use = _finite_shift(m_new, KEY_SPAN != 0)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             # V_j for the next iteration. This wait (a try-wait loop, so a new basic block)
             # sits between the softmax and the next wgmma wait on purpose: with both waits and
             # the softmax in one block, ptxas moves the second wait up behind the first, ahead
             # of every exponential, and nothing overlaps (the probe's intra_hoisted variant)
-            mbarrier.wait(v_ready.index(sk), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(sk), (i // STAGES) & 1)
             o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
             mbarrier.arrive(v_empty.index(sv))
 
@@ -197,16 +281,32 @@ if gluon is not None:
         mbarrier.arrive(v_empty.index(sv_last))
 
         l_o = gl.convert_layout(l_i, row_o)
-        o = o / gl.expand_dims(l_o, 1)
+        if KEY_SPAN != 0:
+            empty = l_o == 0.0
+            # SDPA's convention for a row with no visible key: zeros (eager softmax: NaN)
+            l_div = gl.where(empty, float("nan") if NAN_ON_EMPTY else 1.0, l_o)
+            o = o / gl.expand_dims(l_div, 1)
+        else:
+            o = o / gl.expand_dims(l_o, 1)
         if STORE_LSE:
             rows = row0 + gl.arange(0, BMW, layout=row_o)
             lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
+            if KEY_SPAN != 0:
+                lse = gl.where(empty, float("-inf"), lse)
             gl.store(lse_ptr + lse_row0 + rows, lse, mask=rows < L)
         q_tile.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
         fence_async_shared()
         _cta_barrier()
         _tma_store(o_desc, [b, h, row0, 0], q_smem)  # rows past L are not written
         tma.store_wait(0)
+
+    @gluon.jit
+    def _finite_shift(m, MAY_BE_EMPTY: gl.constexpr):
+        """The running max to subtract: 0 for a row that has seen no key yet (m = -inf), when
+        rows may be empty."""
+        if MAY_BE_EMPTY:
+            m = gl.where(m == float("-inf"), 0.0, m)
+        return m
 
     @gluon.jit
     def _kv_ring_barriers(STAGES: gl.constexpr):
@@ -230,16 +330,21 @@ if gluon is not None:
         return q_bar, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
-    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, Hq, L, S, group,
-                          offset, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, mask_ptr, qk_scale,
+                          Hq, L, S, group, offset, stride_pb, stride_pn, stride_mb, stride_mh,
+                          stride_mn, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
                           IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
+                          KEY_SPAN: gl.constexpr, NAN_ON_EMPTY: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, O (B, Hq, L, D) and K, V (B, Hkv, S, D) through 4-d
         descriptors with their own strides (tiles of one head; rows past L and keys past S
         are the copy engine's zeros, masked or not stored). The LSE (B, Hq, L) contiguous.
         IS_CAUSAL: query i sees key j iff j <= i + offset (offset >= 0). RAGGED_KEYS: S is not
-        a multiple of BN (without it the keys' mask is not compiled)."""
+        a multiple of BN (without it the keys' mask is not compiled). KEY_SPAN (forward.SPAN_*
+        flags): a padding row of keys per (batch, head), the key_padding_mask (B, S) and / or
+        a bool attn_mask's row (its (B, Hq, L, S) view's strides, L's unused); the key tiles
+        outside its visible span are not visited, those inside masked by it."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -256,6 +361,12 @@ if gluon is not None:
             full_tiles = gl.minimum(full_tiles, (start_m + offset + 1) // BN)
         else:
             n_tiles = (S + BN - 1) // BN
+        t0 = pid_m * 0
+        if KEY_SPAN != 0:  # the padding's visible span, read by this (default) partition
+            first, end = visible_span(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                      stride_mh, stride_mn, b, h, gl.minimum(S, n_tiles * BN),
+                                      KEY_SPAN, _SPAN_CHUNK, num_warps)
+            t0, n_tiles = span_tiles(first, end, n_tiles, BN)
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem0 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], q_desc.layout)
@@ -267,25 +378,30 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready,
-                         k_empty, v_empty, b, h, start_m, L, S, offset, n_tiles, full_tiles,
-                         pid_bh * L, qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL,
-                         RAGGED_KEYS)),
+                         k_empty, v_empty, b, h, start_m, L, S, offset, t0, n_tiles, full_tiles,
+                         pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                         stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE,
+                         IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready,
-                         k_empty, v_empty, b, h, start_m + BMW, L, S, offset, n_tiles,
-                         full_tiles, pid_bh * L, qk_scale, BMW, BN, HEAD, STAGES, STORE_LSE,
-                         IS_CAUSAL, RAGGED_KEYS)),
+                         k_empty, v_empty, b, h, start_m + BMW, L, S, offset, t0, n_tiles,
+                         full_tiles, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                         stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES,
+                         STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY)),
             (_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                         k_ready, v_ready, k_empty, v_empty, b, h, h // group, start_m, n_tiles,
-                         BMW, BN, HEAD, STAGES)),
+                         k_ready, v_ready, k_empty, v_empty, b, h, h // group, start_m, t0,
+                         n_tiles, BMW, BN, HEAD, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          shape: AttentionShape, *, scale: float, masked: bool,
+                          shape: AttentionShape, *, scale: float, masked: bool, padding: int,
                           causal_align: int, diagonal: int, window: int, softcap: float,
                           dropout_p: float, capability: int | None) -> str | None:
-    """Why this call does not take the Gluon kernel, or None when it does. ``capability``:
-    the device's compute capability major (None off a CUDA device)."""
+    """Why this call does not take the Gluon kernel, or None when it does. ``masked``: an
+    attn_mask the kernel does not read (float, or bool with rows of its own); ``padding``:
+    the ``forward.key_span`` flags of the padding rows it does read (a key_padding_mask, a
+    bool attn_mask that is one row of keys), 0 for none. ``capability``: the device's compute
+    capability major (None off a CUDA device)."""
     if gluon is None:
         return "this Triton has no Gluon Hopper API"
     if os.environ.get("SDPA_PASS_GLUON", "") == "0":
@@ -301,8 +417,13 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 "measured faster)")
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
-    if masked or window != -1 or softcap > 0.0 or dropout_p > 0.0:
-        return "an attn_mask, padding mask, window, soft-capping or dropout"
+    if masked:
+        return "an attn_mask that is not one bool row of keys (float, or rows of its own)"
+    padding_refusal = gluon_padding_refusal(padding)
+    if padding_refusal is not None:
+        return padding_refusal
+    if window != -1 or softcap > 0.0 or dropout_p > 0.0:
+        return "a window, soft-capping or dropout"
     if (causal_align != CAUSAL_NONE
             and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
         return "a causal diagonal that leaves rows without keys"
@@ -311,6 +432,26 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return (f"{name}'s layout (strides {tuple(t.stride())}): the copy engine needs a "
                     "16-byte aligned base and strides and a contiguous last dim")
     return None
+
+
+def gluon_padding_refusal(padding: int) -> str | None:
+    """Why the Gluon kernels do not read this call's padding rows (``padding``: the
+    ``forward.key_span`` flags, 0 where the call has none; SDPA_PASS_KEY_SPAN=0 gives 0 for
+    a call that has some, see ``padding_flags``), or None."""
+    if padding < 0:
+        return "a padding mask with SDPA_PASS_KEY_SPAN=0 (the Triton kernels visit every key tile)"
+    if padding and os.environ.get("SDPA_PASS_GLUON_PADDING", "") == "0":
+        return "a padding mask with SDPA_PASS_GLUON_PADDING=0"
+    return None
+
+
+def padding_flags(row_mask: bool, has_kpm: bool, span: int) -> int:
+    """The ``padding`` of the refusals: ``span`` (``forward.key_span``'s flags) where the call
+    has a padding row (``row_mask``: a bool attn_mask that is one row of keys; ``has_kpm``),
+    -1 where it has one but the span is off (SDPA_PASS_KEY_SPAN=0), 0 where it has none."""
+    if not (row_mask or has_kpm):
+        return 0
+    return span if span else -1
 
 
 def _copy_engine_layout(t: torch.Tensor) -> bool:
@@ -350,22 +491,33 @@ _GLUON_CALLS = PlanCache()
 def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                             lse: torch.Tensor, shape: AttentionShape, scale: float,
                             return_lse: bool, causal_align: int, diagonal: int,
-                            plan_key) -> None:
+                            plan_key, padding: int = 0, kpm: torch.Tensor | None = None,
+                            kpm_strides: tuple = (0, 0), mask: torch.Tensor | None = None,
+                            mask_strides: tuple = (0, 0, 0, 0),
+                            nan_on_empty: bool = False) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
     allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
-    which fixes Q's, K's and V's layouts, return_lse and the causal form, so the compiled launch
-    is remembered under it (the grid and RAGGED_KEYS follow from the shapes); None: no plan."""
+    which fixes Q's, K's and V's layouts, the masks' layouts, return_lse and the causal form,
+    so the compiled launch is remembered under it (the grid and RAGGED_KEYS follow from the
+    shapes); None: no plan. ``padding``: the key_span flags of the padding rows read, the
+    key_padding_mask ``kpm`` (B, S) with ``kpm_strides`` and / or the bool ``mask`` whose
+    (B, Hq, L, S) view has ``mask_strides``; ``nan_on_empty``: rows that see no key give NaN
+    (else zeros)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
-    args = (q, k, v, out, lse if return_lse else out, scale * LOG2E, Hq, L, S, shape.group,
-            causal_offset(causal_align, diagonal, L, S))
+    args = (q, k, v, out, lse if return_lse else out, q if kpm is None else kpm,
+            q if mask is None else mask, scale * LOG2E, Hq, L, S, shape.group,
+            causal_offset(causal_align, diagonal, L, S), *kpm_strides, mask_strides[0],
+            mask_strides[1], mask_strides[3])
     D = shape.head_dim
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(BLOCK_N, D)
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
                  dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
-                      IS_CAUSAL=is_causal, RAGGED_KEYS=S % BLOCK_N != 0,
+                      IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
+                      RAGGED_KEYS=S % BLOCK_N != 0 and not padding, KEY_SPAN=padding,
+                      NAN_ON_EMPTY=nan_on_empty and padding != 0,
                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})

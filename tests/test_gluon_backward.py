@@ -38,7 +38,7 @@ needs_hopper = pytest.mark.skipif(not HOPPER or gbwd.gluon is None,
 def refusal(q, k, v, do=None, **overrides):
     B, H, L, D = q.shape
     shape = AttentionShape(B, H, k.shape[1], L, k.shape[2], D, v.shape[-1])
-    kwargs = dict(masked=False, window=-1, softcapped=False, dropout=False, dq_atomic=False,
+    kwargs = dict(masked=False, padding=0, window=-1, softcapped=False, dropout=False, dq_atomic=False,
                   padded_rows=True, rows=-(-L // 64) * 64, small=False, capability=9)
     kwargs.update(overrides)
     return gbwd.gluon_backward_refusal(q, k, v, q if do is None else do, shape, **kwargs)
@@ -59,8 +59,9 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
     q80, kv80 = torch.zeros(2, 4, 200, 80, dtype=h), torch.zeros(2, 2, 300, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
-    for flags in (dict(masked=True), dict(window=16), dict(softcapped=True), dict(dropout=True)):
-        assert "mask" in refusal(q, kv, kv, **flags), flags
+    assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
+    for flags in (dict(window=16), dict(softcapped=True), dict(dropout=True)):
+        assert "window, soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
     assert "atomic" in refusal(q, kv, kv, dq_atomic=True)
     assert "padded" in refusal(q, kv, kv, padded_rows=False)
     assert "padded" in refusal(q, kv, kv, rows=200)

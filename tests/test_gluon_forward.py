@@ -36,7 +36,7 @@ needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,
 def refusal(q, k, v, shape=None, **overrides):
     B, H, L, D = q.shape
     shape = shape or AttentionShape(B, H, k.shape[1], L, k.shape[2], D, v.shape[-1])
-    kwargs = dict(scale=D ** -0.5, masked=False, causal_align=CAUSAL_NONE, diagonal=0,
+    kwargs = dict(scale=D ** -0.5, masked=False, padding=0, causal_align=CAUSAL_NONE, diagonal=0,
                   window=-1, softcap=0.0, dropout_p=0.0, capability=9)
     kwargs.update(overrides)
     return gfwd.gluon_forward_refusal(q, k, v, shape, **kwargs)
@@ -58,8 +58,9 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     q80, kv80 = torch.zeros(2, 4, 256, 80, dtype=h), torch.zeros(2, 2, 384, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
-    for flags in (dict(masked=True), dict(window=16), dict(softcap=30.0), dict(dropout_p=0.1)):
-        assert "mask" in refusal(q, kv, kv, **flags), flags
+    assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
+    for flags in (dict(window=16), dict(softcap=30.0), dict(dropout_p=0.1)):
+        assert "window, soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
     # causal: taken while every row sees a key (diagonal offset >= 0)
     assert refusal(q, kv, kv, causal_align=CAUSAL_TOP_LEFT) is None
     assert refusal(q, kv, kv, causal_align=CAUSAL_BOTTOM_RIGHT) is None  # L < S: offset 128
@@ -111,8 +112,10 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     monkeypatch.setattr(fwd, "host_bound", lambda shape: False)
     monkeypatch.setattr(fwd, "gluon_forward_refusal", lambda *a, **k: checks.append(a[3]))
 
-    def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key):
+    def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key,
+               padding, *masks):
         assert plan_key is not None  # the forward's key, under which the launch is remembered
+        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False)
         launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key))
         out.copy_(q * scale)
 

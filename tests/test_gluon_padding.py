@@ -1,0 +1,251 @@
+"""Padding masks in the Hopper kernels in Gluon (kernels/gluon_forward.py, gluon_backward.py).
+
+A padding mask is one row of keys per (batch, head), the same for every query row: a
+key_padding_mask, or a bool attn_mask broadcast over query rows (HF's (B, 1, 1, S)). The Gluon
+forward and both Gluon backward kernels read it (``KEY_SPAN``): the forward and dQ visit only
+the key tiles of the row's visible span and mask inside it, dK/dV gives a key tile the row
+hides entirely no work. Any other mask keeps the Triton kernels.
+
+Off a Hopper GPU these tests check what the host code hands the refusals and kernels (which
+masks count as padding rows, with which flags and strides) and what the compiler makes of the
+padded kernels for sm_90; on a Hopper GPU the outputs, LSEs and gradients of every padding
+form (right, left, scattered, both masks, rows of their own per head, rows with no key,
+causal rows before the first visible key) are compared with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpa_pass.kernels import attention
+from sdpa_pass.kernels import backward as bwd
+from sdpa_pass.kernels import forward as fwd
+from sdpa_pass.kernels import gluon_backward as gbwd
+from sdpa_pass.kernels import gluon_forward as gfwd
+from sdpa_pass.kernels.checks import AttentionShape
+from sdpa_pass.kernels.launch import clear_plans
+from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(gfwd.gluon is None, reason="this Triton has no Gluon Hopper API")
+needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,
+                                  reason="the Gluon kernels run on a Hopper GPU only")
+
+
+def test_padding_flags_name_the_rows_read():
+    assert gfwd.padding_flags(False, False, 0) == 0
+    assert gfwd.padding_flags(True, False, 2) == 2
+    assert gfwd.padding_flags(False, True, 1) == 1
+    assert gfwd.padding_flags(True, True, 3) == 3
+    assert gfwd.padding_flags(True, True, 0) == -1  # SDPA_PASS_KEY_SPAN=0
+
+
+@needs_gluon
+def test_refusals_take_padding_rows_and_name_what_they_do_not(monkeypatch):
+    h = torch.bfloat16
+    q, kv = torch.zeros(2, 4, 256, 128, dtype=h), torch.zeros(2, 2, 384, 128, dtype=h)
+    shape = AttentionShape(2, 4, 2, 256, 384, 128, 128)
+    fwd_args = dict(scale=0.1, causal_align=0, diagonal=0, window=-1, softcap=0.0,
+                    dropout_p=0.0, capability=9)
+    bwd_args = dict(window=-1, softcapped=False, dropout=False, dq_atomic=False,
+                    padded_rows=True, rows=256, small=False, capability=9)
+
+    def refusals(**flags):
+        return (gfwd.gluon_forward_refusal(q, kv, kv, shape, **fwd_args, **flags),
+                gbwd.gluon_backward_refusal(q, kv, kv, q, shape, **bwd_args, **flags))
+
+    for padding in (0, 1, 2, 3):
+        assert refusals(masked=False, padding=padding) == (None, None)
+    for reason in refusals(masked=True, padding=0):
+        assert "not one bool row of keys" in reason
+    for reason in refusals(masked=False, padding=-1):
+        assert "SDPA_PASS_KEY_SPAN=0" in reason
+    monkeypatch.setenv("SDPA_PASS_GLUON_PADDING", "0")
+    for reason in refusals(masked=False, padding=2):
+        assert "SDPA_PASS_GLUON_PADDING=0" in reason
+    assert refusals(masked=False, padding=0) == (None, None)  # no padding: not concerned
+
+
+def padding_masks(B, Hq, L, S, device=DEVICE):
+    """(name, attn_mask, key_padding_mask, expected masked, expected padding flags)."""
+    row = torch.ones(B, S, dtype=torch.bool, device=device)
+    row[0, S // 2:] = False
+    return [
+        ("hf_row", row[:, None, None, :], None, False, 2),
+        ("kpm", None, row, False, 1),
+        ("both", row[:, None, None, :], row, False, 3),
+        ("per_head_rows", row[:, None, None, :].expand(B, Hq, 1, S).clone(), None, False, 2),
+        ("shared_row_2d", row[0][None, :], None, False, 2),  # (1, S): one row for every batch
+        ("rows_of_their_own", row[:, None, None, :].expand(B, 1, L, S).clone(), None, True, 0),
+        ("float_bias", torch.zeros(B, 1, 1, S, device=device), None, True, 0),
+    ]
+
+
+@pytest.mark.parametrize("span_off", [False, True])
+def test_the_forward_and_backward_hand_the_kernels_the_padding_rows(span_off, monkeypatch):
+    """(Any device: the refusals record their arguments, then refuse.) Which masks reach the
+    Gluon kernels' refusals as padding rows, with which KEY_SPAN flags: a key_padding_mask and
+    a bool mask broadcast over query rows do; a bool mask with rows of its own and a float
+    mask are 'masked'; with SDPA_PASS_KEY_SPAN=0 padding rows are -1 (refused)."""
+    if span_off:
+        monkeypatch.setenv("SDPA_PASS_KEY_SPAN", "0")
+    clear_plans()
+    seen = []
+
+    def record(*args, masked, padding, **kwargs):
+        seen.append((masked, padding))
+        return "recorded"
+
+    monkeypatch.setattr(fwd, "gluon_forward_refusal", record)
+    monkeypatch.setattr(bwd, "gluon_backward_refusal", record)
+    monkeypatch.setattr(fwd, "host_bound", lambda shape: False)
+    B, Hq, Hkv, L, S, D = 2, 4, 2, 24, 40, 16
+    for name, mask, kpm, masked, padding in padding_masks(B, Hq, L, S):
+        seen.clear()
+        q = randn(B, Hq, L, D).requires_grad_()
+        k, v = (randn(B, Hkv, S, D).requires_grad_() for _ in range(2))
+        out = attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, enable_gqa=True)
+        out.sum().backward()
+        expected = padding if not span_off or padding == 0 else -1
+        assert seen == [(masked, expected)] * 2, name
+
+
+def compile_report(probe: str, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / probe), "--compile", *args],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_gluon
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
+def test_padded_kernels_compile_for_sm90_with_their_overlap(kernel):
+    """Compiled for sm_90 with HF's padding row (KEY_SPAN 2): no more spill than without it
+    (the forward's and dQ's row loads are issued under the products in flight, not ahead of
+    the tile: there they spilled 312 / 48 bytes), and the exponentials still between the
+    waits they overlap with."""
+    if kernel == "forward":
+        plain = compile_report("gluon_fwd_probe.py", "--product", "bf16", "--causal")
+        padded = compile_report("gluon_fwd_probe.py", "--product", "bf16", "--causal",
+                                "--padding", "2")
+        assert padded["EX2 between W1 and W0"] == plain["EX2 between W1 and W0"]
+    else:
+        args = ["--product", "bf16", "--product-kernel", kernel, "--causal-product"]
+        plain = compile_report("gluon_bwd_probe.py", *args)
+        padded = compile_report("gluon_bwd_probe.py", *args, "--padding", "2")
+        assert padded["MUFU.EX2"] == plain["MUFU.EX2"]
+    assert padded["stack_bytes"] <= plain["stack_bytes"] + 32, (padded, plain)
+    assert padded["HGMMA"] == plain["HGMMA"]
+    assert not padded["wgmma serialized (ptxas C7514)"]
+
+
+def _rows(B, S, kind, generator):
+    """(B, S) bool visibility rows: batch 0 keeps every key, the others as ``kind`` says."""
+    row = torch.ones(B, S, dtype=torch.bool)
+    for b in range(1, B):
+        if kind == "right":
+            row[b, S * (b + 1) // (2 * B) + 37:] = False
+        elif kind == "left":
+            row[b, : S // 3 + 61 * b] = False
+        elif kind == "scattered":
+            row[b] = torch.rand(S, generator=generator) < 0.7
+        elif kind == "none_visible":
+            row[b] = False
+    return row.to(DEVICE)
+
+
+# (B, Hq, Hkv, L, S, dtype, head_dim, padding kind, how it is passed, extras)
+GPU_CASES = {
+    "hf_right_bf16": (2, 8, 2, 1024, 1024, torch.bfloat16, 128, "right", "hf", {}),
+    "hf_left_causal_bottom_right": (2, 8, 2, 1024, 1024, torch.bfloat16, 128, "left", "hf",
+                                    dict(causal="bottom_right")),
+    "kpm_ragged_fp16": (2, 8, 8, 1000, 1100, torch.float16, 128, "right", "kpm", {}),
+    "both_scattered": (2, 4, 4, 768, 1536, torch.bfloat16, 128, "scattered", "both", {}),
+    "per_head_rows_gqa": (2, 8, 2, 512, 2048, torch.bfloat16, 128, "scattered", "per_head", {}),
+    "none_visible": (3, 4, 4, 1024, 1024, torch.float16, 128, "none_visible", "hf", {}),
+    "none_visible_nan": (3, 4, 4, 1024, 1024, torch.float16, 128, "none_visible", "hf",
+                         dict(empty_rows="nan")),
+    "hd64_right_causal": (2, 8, 4, 1024, 4096, torch.bfloat16, 64, "right", "hf",
+                          dict(is_causal=True)),
+    "hd64_left_kpm": (2, 4, 4, 600, 4100, torch.float16, 64, "left", "kpm", {}),
+}
+
+
+def _masks(kind, how, B, Hq, S, generator):
+    row = _rows(B, S, kind, generator)
+    if how == "hf":
+        return dict(attn_mask=row[:, None, None, :])
+    if how == "kpm":
+        return dict(key_padding_mask=row)
+    if how == "both":
+        other = _rows(B, S, "right", generator)
+        return dict(attn_mask=other[:, None, None, :], key_padding_mask=row)
+    # per_head: each query head a row of its own (a GQA group's heads differ)
+    heads = torch.stack([_rows(B, S, kind, generator) for _ in range(Hq)], dim=1)
+    return dict(attn_mask=heads[:, :, None, :])
+
+
+def record_calls(monkeypatch):
+    calls = []
+    real_fwd = fwd.attention_forward_gluon
+    monkeypatch.setattr(fwd, "attention_forward_gluon",
+                        lambda *a, **k: calls.append(("forward", a[11])) or real_fwd(*a, **k))
+    for name in ("dkdv", "dq"):
+        real = getattr(bwd, f"attention_{name}_gluon")
+        monkeypatch.setattr(bwd, f"attention_{name}_gluon",
+                            lambda *a, _n=name, _r=real, **k: calls.append((_n, k.get("padding", 0)))
+                            or _r(*a, **k))
+    return calls
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_padded_gluon_kernels_match_the_reference(case, monkeypatch):
+    B, Hq, Hkv, L, S, dtype, D, kind, how, extras = GPU_CASES[case]
+    generator = torch.Generator().manual_seed(len(case))
+    masks = _masks(kind, how, B, Hq, S, generator)
+    flags = (1 if "key_padding_mask" in masks else 0) | (2 if "attn_mask" in masks else 0)
+    calls = record_calls(monkeypatch)
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()  # HF's storage
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
+    out, lse = attention(q, k, v, enable_gqa=True, return_lse=True, **masks, **extras)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference_attention(*refs, **masks, **extras)
+    assert_close_to_reference(out, ref, dtype)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=1e-3)
+    if extras.get("empty_rows") == "nan":
+        assert calls == [("forward", flags)]
+        return
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    expected = [("forward", flags), ("dkdv", flags)]
+    if D in gbwd.DQ_HEAD_DIMS:
+        expected.append(("dq", flags))
+    assert calls == expected
+
+
+@needs_hopper
+def test_padding_off_keeps_the_triton_kernels(monkeypatch):
+    """SDPA_PASS_GLUON_PADDING=0: a padded call takes the Triton kernels (same answers)."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_PADDING", "0")
+    calls = record_calls(monkeypatch)
+    dtype = torch.bfloat16
+    q = randn(2, 8, 1024, 128, dtype=dtype)
+    k, v = (randn(2, 8, 1024, 128, dtype=dtype) for _ in range(2))
+    mask = _rows(2, 1024, "right", None)[:, None, None, :]
+    out = attention(q, k, v, attn_mask=mask)
+    assert calls == []
+    assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=mask)[0], dtype)
