@@ -370,7 +370,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         fn = product._attention_bwd_dq_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
                "stats_desc": stats, "dq_desc": tile, "qk_scale": "fp32", "sm_scale": "fp32",
-               "kpm_ptr": "*i1", "mask_ptr": "*i1", "Hq": "i32", "S": "i32", "group": "i32",
+               "kpm_ptr": "*i1", "mask_ptr": "*i1", "spans_ptr": "*i32", "span_sb": "i32",
+               "span_sh": "i32", "Hq": "i32", "S": "i32", "group": "i32",
                "offset": "i32", "rows": "i32", "stats_stride": "i32", **padding_sig}
         kv_block = (1, 1, product.dq_block_n(head_dim), head_dim)
         sig["k_desc"] = sig["v_desc"] = (f"tensordesc<{dtype}[{', '.join(map(str, kv_block))}],"
@@ -389,6 +390,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
                       ROW_PER_HEAD=False, HEADS_FIRST=causal,
                       CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+    # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
+    consts.update(stride_pn=1, stride_mn=1)
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(fn, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

@@ -520,13 +520,15 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
     sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
            "o_desc": desc(rows), "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
-           "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
+           "spans_ptr": "*i32", "span_sb": "i32", "span_sh": "i32", "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
            "offset": "i32", "stride_pb": "i32", "stride_pn": "i32", "stride_mb": "i32",
            "stride_mh": "i32", "stride_mn": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
                   KEY_SPAN=padding, NAN_ON_EMPTY=False, CONSUMER_REGS=product.CONSUMER_REGS,
                   num_warps=4)
+    # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
+    consts.update(stride_pn=1, stride_mn=1)
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))

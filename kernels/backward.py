@@ -43,7 +43,7 @@ from .dropout import dropout_keep, keep_scale, load_seed
 from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParams, TunedKernel, _capability,
                       _descriptor, _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
-                      key_span, mask_kind_of, tile_sees_a_key, visible_key_ranges,
+                      key_span, mask_kind_of, padding_spans, tile_sees_a_key, visible_key_ranges,
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
@@ -973,6 +973,10 @@ def attention_backward_triton(
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
     if d.gluon_dq_refusal is None:  # (never with a mask's gradient: bool masks have none)
+        if padding:
+            padding["spans"] = padding_spans(key_padding_mask, d.kpm_strides, attn_mask,
+                                             d.mask_strides, B, Hq, S, d.padding,
+                                             plan and (plan, "spans"))
         attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale, qk_scale=qk_scale,
                            causal_align=causal_align, offset=d.offset, rows=d.rows,
                            plan_key=plan and (plan, "gluon_dq"), **padding)

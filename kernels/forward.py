@@ -25,7 +25,7 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
 from .gluon_forward import attention_forward_gluon, gluon_forward_refusal, padding_flags
-from .launch import KernelCall, PlanCache, call_key, tensor_key
+from .launch import KernelCall, PlanCache, call_key, launch_fixed, tensor_key
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -275,6 +275,54 @@ def visible_key_span(kpm_base, stride_pn, mask_row, stride_mn, start, stop,
         end = tl.max(tl.where(seen, cols + 1, start), 0)
         hi -= CHUNK
     return first, end
+
+
+@triton.jit
+def _padding_spans_kernel(KPM, MASK, SPANS, stride_pb, stride_pn, stride_mb, stride_mh,
+                          stride_mn, S, KEY_SPAN: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (B, Hm): row (b, h) of SPANS (B, Hm, 3) int32 holds the first key the padding
+    pattern(s) of KEY_SPAN leave visible to batch b (and query head h where the mask has a row
+    per head, else h = 0), past the last one, and 1 where every key between is visible (a
+    dense span: right or left padding) else 0. Nothing visible: (S, 0, 0)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    kpm_base = KPM + b * stride_pb
+    mask_row = MASK + b * stride_mb + h.to(tl.int64) * stride_mh
+    first = S + 0
+    end = S * 0
+    count = S * 0
+    for lo in range(0, S, CHUNK):
+        cols = lo + tl.arange(0, CHUNK)
+        seen = _visible(kpm_base, stride_pn, mask_row, stride_mn, cols, 0, S, KEY_SPAN)
+        first = tl.minimum(first, tl.min(tl.where(seen, cols, S), 0))
+        end = tl.maximum(end, tl.max(tl.where(seen, cols + 1, 0), 0))
+        count += tl.sum(seen.to(tl.int32), 0)
+    row = SPANS + (b * tl.num_programs(1) + h) * 3
+    tl.store(row, first)
+    tl.store(row + 1, end)
+    tl.store(row + 2, (count == end - first).to(tl.int32))
+
+
+def padding_spans(kpm: torch.Tensor | None, kpm_strides: tuple, mask: torch.Tensor | None,
+                  mask_strides: tuple, batch: int, heads: int, kv_len: int, padding: int,
+                  plan_key=None) -> torch.Tensor:
+    """The (B, Hm, 3) int32 spans of ``_padding_spans_kernel`` for the padding rows of a call
+    (``padding``: its key_span flags; ``mask``'s strides of its (B, Hq, L, S) view): Hm is
+    ``heads`` where the bool mask has a row per query head, else 1. The Gluon kernels read
+    their key tiles' range from it and leave the padding unread inside a dense span.
+    ``plan_key``: the caller's (the launch is remembered under it, kernels/launch.py)."""
+    rows = heads if padding & 2 and mask_strides[1] != 0 else 1
+    present = kpm if kpm is not None else mask
+    spans = torch.empty((batch, rows, 3), dtype=torch.int32, device=present.device)
+    args = (present if kpm is None else kpm, present if mask is None else mask, spans,
+            *kpm_strides, mask_strides[0], mask_strides[1], mask_strides[3], kv_len)
+    launch_fixed(_SPAN_CALLS, plan_key, _padding_spans_kernel, (batch, rows), args,
+                 dict(KEY_SPAN=padding, CHUNK=SPAN_CHUNK, num_warps=4))
+    return spans
+
+
+# Launches of the spans kernel by the plan key of the call it serves (kernels/launch.py).
+_SPAN_CALLS = PlanCache()
 
 
 @triton.jit
@@ -1151,10 +1199,15 @@ class _GluonPlan:
         self.nan_on_empty = nan_on_empty
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
+        spans = None
+        if self.padding:
+            spans = padding_spans(kpm, self.kpm_strides, attn_mask, self.mask_strides,
+                                  self.shape.batch, self.shape.q_heads, self.shape.kv_len,
+                                  self.padding, self.plan_key and (self.plan_key, "spans"))
         attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
                                 self.causal_align, self.diagonal, self.plan_key, self.padding,
                                 kpm, self.kpm_strides, attn_mask, self.mask_strides,
-                                self.nan_on_empty)
+                                self.nan_on_empty, spans)
 
 
 class _ForwardPlan:

@@ -63,7 +63,7 @@ import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon,
-                            gluon_padding_refusal)
+                            gluon_padding_refusal, span_strides)
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -86,8 +86,8 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import (_SPAN_CHUNK, _cta_barrier, _kv_ring_barriers, _kv_ring_fill,
-                                _tma_load, _tma_store, row_visible, span_tiles, visible_span)
+    from .gluon_forward import (_cta_barrier, _kv_ring_barriers, _kv_ring_fill, _tma_load,
+                                _tma_store, mask_padding, row_visible, span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem, q_smem,
@@ -311,14 +311,16 @@ if gluon is not None:
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
-                 seen, qk_scale, dtype: gl.constexpr, a_layout: gl.constexpr,
+                 d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                 stride_mn, b, h, S, qk_scale, dtype: gl.constexpr, a_layout: gl.constexpr,
                  s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
                  IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr):
         """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
         its dP (in flight): the exponentials run before the wait for dP. With KEY_SPAN the
-        keys ``seen`` does not hold are masked."""
+        keys the padding row hides are masked (``mask_padding``)."""
         if KEY_SPAN != 0:
-            s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
+            s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                             stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
         if IS_CAUSAL:
             if j >= full_tiles:
                 keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -336,16 +338,16 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                     k_empty, v_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, qk_scale,
-                     sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                     k_empty, v_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, d_lo,
+                     d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                      stride_mn, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
                      HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                      KEY_SPAN: gl.constexpr):
         """Consumer W: rows row0 .. row0 + 64 (module docstring), key tiles t0 .. t0 +
         n_tiles. ``n_tiles`` >= 1: a CTA whose rows see no key runs one key tile fully masked
         (m = +inf there besides), so dQ's product can stay in flight across iterations with the
-        first tile peeled off the loop. KEY_SPAN: the padding row masks every tile (its loads
-        issued ahead of the tile's products)."""
+        first tile peeled off the loop. KEY_SPAN: the padding row masks the tiles outside
+        [d_lo, d_hi) (``gluon_forward.span_tiles``)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -354,7 +356,6 @@ if gluon is not None:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
                                                      k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         q_w = q_smem.index(W).reshape([BMW, HEAD])
         do_w = do_smem.index(W).reshape([BMW, HEAD])
         s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
@@ -364,11 +365,6 @@ if gluon is not None:
         r = gl.expand_dims(st_smem.index(3 * W + 2).load(row_s), 1)
 
         # key tile t0
-        seen = None
-        if KEY_SPAN != 0:
-            keys = t0 * BN + gl.arange(0, BN, layout=col_s)
-            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                               stride_mn, b, h, keys, keys < S, KEY_SPAN)
         mbarrier.wait(k_ready.index(0), 0)
         k_j = k_smem.index(0).reshape([BN, HEAD])
         s_tok = warpgroup_mma(q_w, k_j.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -377,8 +373,9 @@ if gluon is not None:
                                s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         ds_op = _ds_tile(s, dp_tok, t0, 0, v_empty, q_bar, m, r, delta, row0, offset,
-                         full_tiles, seen, qk_scale, dtype, a_layout, s_layout, BMW, BN,
-                         IS_CAUSAL, KEY_SPAN)
+                         full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                         stride_mb, stride_mh, stride_mn, b, h, S, qk_scale, dtype, a_layout,
+                         s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN)
         dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
                                use_acc=False, is_async=True)
         for i in range(1, n_tiles):
@@ -391,16 +388,13 @@ if gluon is not None:
             mbarrier.wait(v_ready.index(slot), phase)
             dp_tok = warpgroup_mma(do_w, v_smem.index(slot).reshape([BN, HEAD]).permute((1, 0)),
                                    s_zero, use_acc=False, is_async=True)
-            if KEY_SPAN != 0:  # the padding row's loads, under the products in flight
-                keys = j * BN + gl.arange(0, BN, layout=col_s)
-                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                   stride_mh, stride_mn, b, h, keys, keys < S, KEY_SPAN)
             # the previous tile's dQ product (issued first) and S done; dP in flight
             s, dq, ds_op = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok, dq_tok, ds_op])
             mbarrier.arrive(k_empty.index((i - 1) % STAGES))
             ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset,
-                             full_tiles, seen, qk_scale, dtype, a_layout, s_layout, BMW, BN,
-                             IS_CAUSAL, KEY_SPAN)
+                             full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                             stride_mb, stride_mh, stride_mn, b, h, S, qk_scale, dtype,
+                             a_layout, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN)
             dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
         mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
@@ -412,9 +406,9 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, kpm_ptr,
-                             mask_ptr, qk_scale, sm_scale, Hq, S, group, offset, rows,
+                             mask_ptr, spans_ptr, qk_scale, sm_scale, Hq, S, group, offset, rows,
                              stats_stride, stride_pb, stride_pn, stride_mb, stride_mh,
-                             stride_mn, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                             stride_mn, span_sb, span_sh, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                              KEY_SPAN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                              num_warps: gl.constexpr):
@@ -441,11 +435,10 @@ if gluon is not None:
         else:
             n_tiles = (S + BN - 1) // BN
         t0 = pid_m * 0
+        d_lo = t0
+        d_hi = t0
         if KEY_SPAN != 0:  # the forward's padding span (gluon_forward._attention_fwd_ws)
-            first, end = visible_span(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                      stride_mh, stride_mn, b, h, gl.minimum(S, n_tiles * BN),
-                                      KEY_SPAN, _SPAN_CHUNK, num_warps)
-            t0, n_tiles = span_tiles(first, end, n_tiles, BN)
+            t0, n_tiles, d_lo, d_hi = span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN)
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], do_desc.layout)
@@ -457,12 +450,12 @@ if gluon is not None:
         gl.warp_specialize([
             (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
                             v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0, n_tiles,
-                            full_tiles, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn,
+                            full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn,
                             mask_ptr, stride_mb, stride_mh, stride_mn, 0, BMW, BN, HEAD, STAGES,
                             IS_CAUSAL, KEY_SPAN)),
             (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
                             v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S, t0,
-                            n_tiles, full_tiles, qk_scale, sm_scale, kpm_ptr, stride_pb,
+                            n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb,
                             stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1, BMW, BN,
                             HEAD, STAGES, IS_CAUSAL, KEY_SPAN)),
             (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
@@ -591,15 +584,16 @@ def gluon_dq_refusal(dkdv_refusal: str | None, head_dim: int) -> str | None:
 def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, scale: float,
                        qk_scale: float, causal_align: int, offset: int, rows: int,
                        plan_key, padding: int = 0, kpm=None, kpm_strides: tuple = (0, 0),
-                       mask=None, mask_strides: tuple = (0, 0, 0, 0)) -> None:
+                       mask=None, mask_strides: tuple = (0, 0, 0, 0), spans=None) -> None:
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D, bn = shape.head_dim, dq_block_n(shape.head_dim)
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
     pad = _padding_args(kpm, kpm_strides, mask, mask_strides, q)
-    args = (q, k, v, grad_out, stats.view(-1), dq, *pad[:2], qk_scale, scale, Hq, S,
-            shape.group, offset, rows, B * Hq * rows, *pad[2:])
+    args = (q, k, v, grad_out, stats.view(-1), dq, *pad[:2], q if spans is None else spans,
+            qk_scale, scale, Hq, S, shape.group, offset, rows, B * Hq * rows, *pad[2:],
+            *span_strides(spans))
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
                  args, dict(BM=DQ_BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,

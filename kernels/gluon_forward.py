@@ -65,7 +65,6 @@ STAGES = 2  # K/V ring slots
 CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-SPAN_CHUNK = 1024  # keys a step of the padding span's scan (forward.SPAN_CHUNK)
 
 if gluon is not None:
     # triton 3.6's names; later releases renamed them
@@ -73,7 +72,6 @@ if gluon is not None:
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _LN2 = gl.constexpr(LN2)
-    _SPAN_CHUNK = gl.constexpr(SPAN_CHUNK)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -125,44 +123,41 @@ if gluon is not None:
         return visible
 
     @gluon.jit
-    def visible_span(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
-                     b, h, stop, KEY_SPAN: gl.constexpr, CHUNK: gl.constexpr,
-                     num_warps: gl.constexpr):
-        """[first, end): from the first to past the last key of [0, stop) visible to (b, h)
-        (``row_visible``); first == stop and end == 0 where none is. The scan of the Triton
-        kernels' ``forward.visible_key_span``: CHUNK keys a step from the front until one is
-        visible, then from the back likewise (two steps where nothing is padded)."""
-        layout: gl.constexpr = gl.BlockedLayout([CHUNK // (32 * num_warps)], [32], [num_warps],
-                                                [0])
-        first = stop + 0
-        lo = stop * 0
-        while (first == stop) & (lo < stop):
-            cols = lo + gl.arange(0, CHUNK, layout=layout)
-            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                               stride_mn, b, h, cols, cols < stop, KEY_SPAN)
-            first = gl.min(gl.where(seen, cols, stop), 0)
-            lo += CHUNK
-        end = stop * 0
-        hi = stop + 0
-        while (end == 0) & (hi > first):  # nothing visible: first == stop, no step
-            cols = hi - CHUNK + gl.arange(0, CHUNK, layout=layout)
-            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                               stride_mn, b, h, cols, cols >= 0, KEY_SPAN)
-            end = gl.max(gl.where(seen, cols + 1, 0), 0)
-            hi -= CHUNK
-        return first, end
-
-    @gluon.jit
-    def span_tiles(first, end, n_tiles, BN: gl.constexpr):
-        """(t0, n): the key tiles t0 .. t0 + n of the first ``n_tiles`` that hold the visible
-        span [first, end); where none does, (0, 1): one tile, every key of it masked (its rows
-        see no key), so the loops keep their peeled first tile."""
+    def span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN: gl.constexpr):
+        """(t0, n, d_lo, d_hi) from (b, h)'s row of ``forward.padding_spans`` (first visible
+        key, past the last, dense; row b * span_sb + h * span_sh): the key tiles t0 .. t0 + n of
+        the first ``n_tiles`` that hold the visible span, or where none does (0, 1), one tile
+        with every key masked (its rows see no key, and the loops keep their peeled first
+        tile); and the tiles [d_lo, d_hi) that a dense span covers whole, which need no mask
+        (none where the span is not dense)."""
+        row = spans_ptr + b * span_sb + h * span_sh
+        first = gl.load(row)
+        end = gl.load(row + 1)
+        dense = gl.load(row + 2)
         t0 = first // BN
         n = gl.minimum(n_tiles, (end + BN - 1) // BN) - t0
         if n <= 0:
             t0 = t0 * 0
             n = n * 0 + 1
-        return t0, n
+        d_lo = (first + BN - 1) // BN
+        d_hi = end // BN
+        if dense == 0:
+            d_lo = d_lo * 0
+            d_hi = d_lo
+        return t0, n, d_lo, d_hi
+
+    @gluon.jit
+    def mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                     stride_mh, stride_mn, b, h, S, BN: gl.constexpr, s_layout: gl.constexpr,
+                     KEY_SPAN: gl.constexpr):
+        """Key tile j's scores (keys along dim 1) with the keys the padding row hides at -inf;
+        a tile in [d_lo, d_hi) (``span_tiles``) has none, and its row is not read."""
+        if (j < d_lo) | (j >= d_hi):
+            keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                               stride_mn, b, h, keys, keys < S, KEY_SPAN)
+            s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
+        return s
 
     @gluon.jit
     def _tile_mask(s, j, row0, offset, S, BMW: gl.constexpr, BN: gl.constexpr,
@@ -182,8 +177,9 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                  v_empty, b, h, row0, L, S, offset, t0, n_tiles, full_tiles, lse_row0, qk_scale,
-                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
+                  v_empty, b, h, row0, L, S, offset, t0, n_tiles, full_tiles, d_lo, d_hi,
+                  lse_row0, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                  stride_mh, stride_mn,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                   STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                   RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
@@ -191,8 +187,9 @@ if gluon is not None:
         """One warpgroup's 64 query rows (row0 on, within the head): the key loop over tiles
         t0 .. t0 + n_tiles, then O / l through a TMA store (clipped at L) and the natural-log
         LSE through pointers. Key tiles from ``full_tiles`` on are masked (``_tile_mask``);
-        with KEY_SPAN every tile is, by the padding row (``row_visible``, read before the
-        tile's scores are waited for). Without KEY_SPAN every row sees key 0, so no row is
+        with KEY_SPAN those outside [d_lo, d_hi) also by the padding row (``mask_padding``:
+        with right or left padding only the span's edge tiles). Without KEY_SPAN every row
+        sees key 0, so no row is
         empty; with it a row may see no key (causal rows before the first unpadded key, or
         nothing unpadded): its running max stays -inf and is shifted by 0 (no -inf - -inf),
         and it stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf."""
@@ -203,24 +200,20 @@ if gluon is not None:
                                                            instr_shape=[16, HEAD, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         q_tile = q_smem.reshape([BMW, HEAD])
         s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
         o = gl.zeros([BMW, HEAD], gl.float32, layout=o_layout)
         mbarrier.wait(q_bar, 0)
 
         # key tile t0: its scores and softmax, nothing in flight to hide them under
-        if KEY_SPAN != 0:
-            keys = t0 * BN + gl.arange(0, BN, layout=col_s)
-            seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                               stride_mn, b, h, keys, keys < S, KEY_SPAN)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0))
         if KEY_SPAN != 0:
-            s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
+            s = mask_padding(s, t0, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                             stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
         if IS_CAUSAL or RAGGED_KEYS:  # (compiled only where a tile can need it)
             if t0 >= full_tiles:
                 s = _tile_mask(s, t0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
@@ -245,14 +238,12 @@ if gluon is not None:
             o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             # ... and O += P_{j-1} V_{j-1} queued behind it (V_{j-1} waited for last iteration)
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
-            if KEY_SPAN != 0:  # the padding row's loads, under both products
-                keys = j * BN + gl.arange(0, BN, layout=col_s)
-                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                   stride_mh, stride_mn, b, h, keys, keys < S, KEY_SPAN)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             mbarrier.arrive(k_empty.index(sk))
             if KEY_SPAN != 0:
-                s = gl.where(gl.expand_dims(seen, 0), s, float("-inf"))
+                s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                                 stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout,
+                                 KEY_SPAN)
             if IS_CAUSAL or RAGGED_KEYS:
                 if j >= full_tiles:  # a diagonal tile of a causal call, or the keys' last tile
                     s = _tile_mask(s, j, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
@@ -330,9 +321,9 @@ if gluon is not None:
         return q_bar, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
-    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, mask_ptr, qk_scale,
-                          Hq, L, S, group, offset, stride_pb, stride_pn, stride_mb, stride_mh,
-                          stride_mn, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, mask_ptr, spans_ptr,
+                          qk_scale, Hq, L, S, group, offset, stride_pb, stride_pn, stride_mb,
+                          stride_mh, stride_mn, span_sb, span_sh, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
                           IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
                           KEY_SPAN: gl.constexpr, NAN_ON_EMPTY: gl.constexpr,
@@ -343,8 +334,10 @@ if gluon is not None:
         IS_CAUSAL: query i sees key j iff j <= i + offset (offset >= 0). RAGGED_KEYS: S is not
         a multiple of BN (without it the keys' mask is not compiled). KEY_SPAN (forward.SPAN_*
         flags): a padding row of keys per (batch, head), the key_padding_mask (B, S) and / or
-        a bool attn_mask's row (its (B, Hq, L, S) view's strides, L's unused); the key tiles
-        outside its visible span are not visited, those inside masked by it."""
+        a bool attn_mask's row (its (B, Hq, L, S) view's strides, L's unused), with its spans
+        (``forward.padding_spans``; (b, h)'s at b * span_sb + h * span_sh): the key tiles
+        outside the visible span are not visited, those inside masked by the row unless the
+        span is dense and covers them."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -362,11 +355,10 @@ if gluon is not None:
         else:
             n_tiles = (S + BN - 1) // BN
         t0 = pid_m * 0
-        if KEY_SPAN != 0:  # the padding's visible span, read by this (default) partition
-            first, end = visible_span(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                      stride_mh, stride_mn, b, h, gl.minimum(S, n_tiles * BN),
-                                      KEY_SPAN, _SPAN_CHUNK, num_warps)
-            t0, n_tiles = span_tiles(first, end, n_tiles, BN)
+        d_lo = t0
+        d_hi = t0
+        if KEY_SPAN != 0:  # the padding's visible span
+            t0, n_tiles, d_lo, d_hi = span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN)
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem0 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], q_desc.layout)
@@ -379,12 +371,12 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready,
                          k_empty, v_empty, b, h, start_m, L, S, offset, t0, n_tiles, full_tiles,
-                         pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                         d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                          stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE,
                          IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready,
                          k_empty, v_empty, b, h, start_m + BMW, L, S, offset, t0, n_tiles,
-                         full_tiles, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                         full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                          stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES,
                          STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY)),
             (_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -454,6 +446,14 @@ def padding_flags(row_mask: bool, has_kpm: bool, span: int) -> int:
     return span if span else -1
 
 
+def span_strides(spans: torch.Tensor | None) -> tuple:
+    """(span_sb, span_sh): the elements between the rows of batch elements and of query heads
+    in ``forward.padding_spans``' (B, Hm, 3) (0 between heads where Hm is 1)."""
+    if spans is None:
+        return (0, 0)
+    return (spans.stride(0), spans.stride(1) if spans.shape[1] > 1 else 0)
+
+
 def _copy_engine_layout(t: torch.Tensor) -> bool:
     """A 4-d tensor descriptor's rules: base and every stride but the last 16-byte aligned and
     nonzero (no broadcast dim), the last dim contiguous."""
@@ -493,8 +493,8 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             return_lse: bool, causal_align: int, diagonal: int,
                             plan_key, padding: int = 0, kpm: torch.Tensor | None = None,
                             kpm_strides: tuple = (0, 0), mask: torch.Tensor | None = None,
-                            mask_strides: tuple = (0, 0, 0, 0),
-                            nan_on_empty: bool = False) -> None:
+                            mask_strides: tuple = (0, 0, 0, 0), nan_on_empty: bool = False,
+                            spans: torch.Tensor | None = None) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
     allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
@@ -502,16 +502,16 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     so the compiled launch is remembered under it (the grid and RAGGED_KEYS follow from the
     shapes); None: no plan. ``padding``: the key_span flags of the padding rows read, the
     key_padding_mask ``kpm`` (B, S) with ``kpm_strides`` and / or the bool ``mask`` whose
-    (B, Hq, L, S) view has ``mask_strides``; ``nan_on_empty``: rows that see no key give NaN
-    (else zeros)."""
+    (B, Hq, L, S) view has ``mask_strides``, and their ``forward.padding_spans``;
+    ``nan_on_empty``: rows that see no key give NaN (else zeros)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
     args = (q, k, v, out, lse if return_lse else out, q if kpm is None else kpm,
-            q if mask is None else mask, scale * LOG2E, Hq, L, S, shape.group,
-            causal_offset(causal_align, diagonal, L, S), *kpm_strides, mask_strides[0],
-            mask_strides[1], mask_strides[3])
+            q if mask is None else mask, q if spans is None else spans, scale * LOG2E, Hq, L,
+            S, shape.group, causal_offset(causal_align, diagonal, L, S), *kpm_strides,
+            mask_strides[0], mask_strides[1], mask_strides[3], *span_strides(spans))
     D = shape.head_dim
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(BLOCK_N, D)
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,

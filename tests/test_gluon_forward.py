@@ -115,7 +115,7 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key,
                padding, *masks):
         assert plan_key is not None  # the forward's key, under which the launch is remembered
-        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False)
+        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False, None)
         launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key))
         out.copy_(q * scale)
 

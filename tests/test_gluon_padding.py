@@ -74,6 +74,49 @@ def test_refusals_take_padding_rows_and_name_what_they_do_not(monkeypatch):
     assert refusals(masked=False, padding=0) == (None, None)  # no padding: not concerned
 
 
+def expected_spans(visible: torch.Tensor) -> torch.Tensor:
+    """(..., 3): first visible key, past the last, dense; (S, 0, 0) where none is."""
+    S = visible.shape[-1]
+    idx = torch.arange(S, device=visible.device)
+    first = torch.where(visible, idx, S).amin(-1)
+    end = torch.where(visible, idx + 1, 0).amax(-1)
+    dense = visible.sum(-1) == end - first
+    return torch.stack([first, end, dense.long()], -1).to(torch.int32)
+
+
+def test_padding_spans_find_the_visible_span_and_whether_it_is_dense():
+    """``forward.padding_spans`` (the Gluon kernels' key tile ranges, run here in the
+    interpreter): each row's first visible key, past the last, and whether every key between
+    is visible, over rows longer than one scan step, for each padding form and their
+    combination; a row per query head where the mask has one."""
+    generator = torch.Generator().manual_seed(0)
+    B, H, S = 6, 3, 2500  # three 1024-key steps, the last ragged
+    row = torch.ones(B, S, dtype=torch.bool)
+    row[1, 1700:] = False  # right padding
+    row[2, :40] = False  # left padding
+    row[3] = torch.rand(S, generator=generator) < 0.5  # scattered: not dense
+    row[4] = False  # nothing visible
+    row[5, :1024] = False
+    row[5, 2047:] = False  # a span across a step boundary
+    row = row.to(DEVICE)
+    other = torch.ones_like(row)
+    other[:, 2400:] = False
+    other[0, 100] = False  # a hole in an otherwise full row: not dense
+    mask_strides = row[:, None, None, :].expand(B, H, 8, S).stride()
+    spans = fwd.padding_spans(None, (0, 0), row[:, None, None, :], mask_strides, B, H, S, 2)
+    torch.testing.assert_close(spans.cpu(), expected_spans(row.cpu())[:, None])
+    spans = fwd.padding_spans(row, row.stride(), None, (0, 0, 0, 0), B, H, S, 1)
+    torch.testing.assert_close(spans.cpu(), expected_spans(row.cpu())[:, None])
+    spans = fwd.padding_spans(row, row.stride(), other[:, None, None, :], mask_strides, B, H,
+                              S, 3)
+    torch.testing.assert_close(spans.cpu(), expected_spans((row & other).cpu())[:, None])
+    heads = torch.stack([row, other, row.flip(0)], dim=1)  # (B, H, S): a row per head
+    mask = heads[:, :, None, :]
+    spans = fwd.padding_spans(None, (0, 0), mask, mask.expand(B, H, 8, S).stride(), B, H, S, 2)
+    assert spans.shape == (B, H, 3)
+    torch.testing.assert_close(spans.cpu(), expected_spans(heads.cpu()))
+
+
 def padding_masks(B, Hq, L, S, device=DEVICE):
     """(name, attn_mask, key_padding_mask, expected masked, expected padding flags)."""
     row = torch.ones(B, S, dtype=torch.bool, device=device)
@@ -130,10 +173,12 @@ def compile_report(probe: str, *args: str) -> dict:
 @needs_gluon
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
 def test_padded_kernels_compile_for_sm90_with_their_overlap(kernel):
-    """Compiled for sm_90 with HF's padding row (KEY_SPAN 2): no more spill than without it
-    (the forward's and dQ's row loads are issued under the products in flight, not ahead of
-    the tile: there they spilled 312 / 48 bytes), and the exponentials still between the
-    waits they overlap with."""
+    """Compiled for sm_90 with HF's padding row (KEY_SPAN 2): the exponentials still between
+    the waits they overlap with, the same wgmma count, and little more stack. The forward's
+    120 more bytes (triton 3.9) are the row's 32 per-thread key addresses, computed once before
+    the key loop and reloaded only on the branch that reads the row (a dense span's edge
+    tiles); read on every tile, ahead of the products, the row spilled in the loop itself
+    (312 bytes causal)."""
     if kernel == "forward":
         plain = compile_report("gluon_fwd_probe.py", "--product", "bf16", "--causal")
         padded = compile_report("gluon_fwd_probe.py", "--product", "bf16", "--causal",
@@ -144,7 +189,8 @@ def test_padded_kernels_compile_for_sm90_with_their_overlap(kernel):
         plain = compile_report("gluon_bwd_probe.py", *args)
         padded = compile_report("gluon_bwd_probe.py", *args, "--padding", "2")
         assert padded["MUFU.EX2"] == plain["MUFU.EX2"]
-    assert padded["stack_bytes"] <= plain["stack_bytes"] + 32, (padded, plain)
+    assert padded["stack_bytes"] <= plain["stack_bytes"] + (128 if kernel == "forward" else 32), (
+        padded, plain)
     assert padded["HGMMA"] == plain["HGMMA"]
     assert not padded["wgmma serialized (ptxas C7514)"]
 
