@@ -46,13 +46,20 @@ the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
 Hopper API, fp16 / bf16, head dim 64 or 128 (at 64 every length: measured no slower at
-N = 1k, where the forward keeps the Triton kernel), no attn_mask, padding mask, window,
-soft-capping or dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal
+N = 1k, where the forward keeps the Triton kernel), no attn_mask but a padding row, no
+window, soft-capping or dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal
 with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
 dQ path with padded row statistics (not SDPA_PASS_BWD_DQ=atomic nor
 SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128 (``gluon_dq_refusal``).
 SDPA_PASS_GLUON=0 turns off every Gluon kernel, SDPA_PASS_GLUON_BWD=0 both backward ones,
-SDPA_PASS_GLUON_DQ=0 the dQ one.
+SDPA_PASS_GLUON_DQ=0 the dQ one, SDPA_PASS_GLUON_PADDING=0 all three for padded calls.
+
+Padding rows (``KEY_SPAN``, as in gluon_forward.py): the dQ kernel visits the row's visible span
+only (``forward.padding_spans``) and masks the tiles a dense span does not cover whole; the
+dK/dV kernel reads its 128 keys' row once, stores zeros for a tile the row hides entirely
+without visiting a query tile, and masks Sᵀ's hidden key rows only where the row hides one of
+a warpgroup's 64 keys (per query tile where a GQA group's heads have rows of their own). Rows
+that see no key have m = +inf from the prep kernel, so P = 0 there.
 """
 
 from __future__ import annotations
