@@ -499,10 +499,11 @@ def _ptxas_log(ptx: str) -> str:
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    padding: int = 0):
+                    padding: int = 0, mask_tile: bool = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
-    ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask)."""
+    ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
+    with a bool attn_mask read in tiles (MASK_TILE)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -518,15 +519,22 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         layout = product._layout(block, gdt)
         return f"tensordesc<{dtype}[1, 1, {block_rows}, {head_dim}],{layout!r}>"
 
+    mask_block = (1, 1, rows, product.BLOCK_N)
+    mask_desc = (f"tensordesc<u8[{', '.join(map(str, mask_block))}],"
+                 f"{product._layout(mask_block, gl.uint8)!r}>")
     sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
-           "o_desc": desc(rows), "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
-           "spans_ptr": "*i32", "span_sb": "i32", "span_sh": "i32", "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
+           "o_desc": desc(rows), "m_desc": mask_desc if mask_tile else "constexpr",
+           "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
+           "spans_ptr": "*i32", "span_sb": "i32", "span_sh": "i32", "mask_b_on": "i32", "mask_h_on": "i32",
+           "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
            "offset": "i32", "stride_pb": "i32", "stride_pn": "i32", "stride_mb": "i32",
            "stride_mh": "i32", "stride_mn": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
-                  KEY_SPAN=padding, NAN_ON_EMPTY=False, CONSUMER_REGS=product.CONSUMER_REGS,
-                  num_warps=4)
+                  KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile,
+                  CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+    if not mask_tile:
+        consts["m_desc"] = None
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
     sig.update({key: "constexpr" for key in consts})
@@ -536,8 +544,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
-        _, dtype, causal, head_dim, padding = (name.split(":") + ["0"])[:5]
-        kernel = compile_product(dtype, causal == "causal", int(head_dim), int(padding))
+        _, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:6]
+        kernel = compile_product(dtype, causal == "causal", int(head_dim), int(padding),
+                                 tile == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -660,11 +669,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
     parser.add_argument("--padding", type=int, default=0,
                         help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
+    parser.add_argument("--mask-tile", action="store_true",
+                        help="with --product: a bool attn_mask read in tiles (MASK_TILE)")
     args = parser.parse_args()
     if args.compile and args.product:
         print(json.dumps(compile_report(
             f"product:{args.product}:{'causal' if args.causal else ''}:{args.head_dim}:"
-            f"{args.padding}")))
+            f"{args.padding}:{int(args.mask_tile)}")))
         return
     if args.compile:
         compile_only()

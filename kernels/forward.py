@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .gluon_forward import attention_forward_gluon, gluon_forward_refusal, padding_flags
+from .gluon_forward import (attention_forward_gluon, gluon_forward_refusal, padding_flags,
+                            tile_mask_refusal)
 from .launch import KernelCall, PlanCache, call_key, launch_fixed, tensor_key
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
@@ -1095,14 +1096,16 @@ def attention_forward_triton(
     kernel_mask = mask_kind_of(mask_kind, mstrides, L)
     span = key_span(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None)
     padding = padding_flags(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None, span)
+    # an attn_mask with rows of its own: the Gluon forward reads bool ones in tiles
+    tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
     if not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale,
-            masked=mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW, padding=padding,
-            causal_align=causal_align, diagonal=diagonal, window=window, softcap=softcap,
-            dropout_p=dropout_p, capability=_capability(q.device) if q.is_cuda else None) is None:
+            q, k, v, shape, scale=scale, masked=tiled and tile_mask_refusal(mask),
+            padding=padding, causal_align=causal_align, diagonal=diagonal, window=window,
+            softcap=softcap, dropout_p=dropout_p,
+            capability=_capability(q.device) if q.is_cuda else None) is None:
         gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,
                            pstrides if key_padding_mask is not None else (0, 0), mstrides,
-                           nan_on_empty)
+                           nan_on_empty, tiled)
         gluon(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,
               dropout_p)
         if plan_key is not None:
@@ -1192,22 +1195,23 @@ class _GluonPlan:
 
     def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
                  diagonal: int, plan_key, padding: int, kpm_strides: tuple, mask_strides: tuple,
-                 nan_on_empty: bool):
+                 nan_on_empty: bool, mask_tile: bool):
         self.shape, self.return_lse = shape, return_lse
         self.causal_align, self.diagonal, self.plan_key = causal_align, diagonal, plan_key
         self.padding, self.kpm_strides, self.mask_strides = padding, kpm_strides, mask_strides
-        self.nan_on_empty = nan_on_empty
+        self.nan_on_empty, self.mask_tile = nan_on_empty, mask_tile
 
     def __call__(self, q, k, v, out, lse, attn_mask, kpm, seed, scale, softcap, dropout_p):
         spans = None
         if self.padding:
-            spans = padding_spans(kpm, self.kpm_strides, attn_mask, self.mask_strides,
+            spans = padding_spans(kpm, self.kpm_strides,
+                                  None if self.mask_tile else attn_mask, self.mask_strides,
                                   self.shape.batch, self.shape.q_heads, self.shape.kv_len,
                                   self.padding, self.plan_key and (self.plan_key, "spans"))
         attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
                                 self.causal_align, self.diagonal, self.plan_key, self.padding,
                                 kpm, self.kpm_strides, attn_mask, self.mask_strides,
-                                self.nan_on_empty, spans)
+                                self.nan_on_empty, spans, self.mask_tile)
 
 
 class _ForwardPlan:

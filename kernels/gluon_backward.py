@@ -313,8 +313,8 @@ if gluon is not None:
             for s in gl.static_range(3):  # delta, m, r
                 _tma_load(stats_desc, [s * stats_stride + row + w * BMW], q_bar,
                           st_smem.index(3 * w + s))
-        _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
-                      h_kv, t0, n_tiles, BN, HEAD, STAGES)
+        _kv_ring_fill(k_desc, v_desc, k_desc, k_smem, v_smem, k_smem, k_ready, v_ready, k_empty,
+                      v_empty, b, h_kv, 0, 0, start_m, t0, n_tiles, BMW, BN, HEAD, STAGES, False)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,

@@ -87,32 +87,44 @@ if gluon is not None:
     _LN2 = gl.constexpr(LN2)
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                  k_ready, v_ready, k_empty, v_empty, b, h, h_kv, start_m, t0, n_tiles,
-                  BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
+    def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
+                  m_smem, k_ready, v_ready, k_empty, v_empty, b, h, h_kv, mask_b, mask_h,
+                  start_m, t0, n_tiles, BMW: gl.constexpr, BN: gl.constexpr,
+                  HEAD: gl.constexpr, STAGES: gl.constexpr, MASK_TILE: gl.constexpr):
         """The copy partition: both consumers' Q tiles once, then the key tiles t0 + i,
         K and V into slot i % STAGES as soon as both consumers have released it. Rows past L
         and keys past S arrive as zeros (the copy engine's bounds are the tensors' own)."""
         mbarrier.expect(q_bar, 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
         _tma_load(q_desc, [b, h, start_m, 0], q_bar, q_smem0)
         _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar, q_smem1)
-        _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
-                      h_kv, t0, n_tiles, BN, HEAD, STAGES)
+        _kv_ring_fill(k_desc, v_desc, m_desc, k_smem, v_smem, m_smem, k_ready, v_ready,
+                      k_empty, v_empty, b, h_kv, mask_b, mask_h, start_m, t0, n_tiles, BMW, BN,
+                      HEAD, STAGES, MASK_TILE)
 
     @gluon.jit
-    def _kv_ring_fill(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b,
-                      h_kv, t0, n_tiles, BN: gl.constexpr, HEAD: gl.constexpr,
-                      STAGES: gl.constexpr):
+    def _kv_ring_fill(k_desc, v_desc, m_desc, k_smem, v_smem, m_smem, k_ready, v_ready, k_empty,
+                      v_empty, b, h_kv, mask_b, mask_h, start_m, t0, n_tiles, BMW: gl.constexpr,
+                      BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
+                      MASK_TILE: gl.constexpr):
         """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K and V
         of key tile t0 + i of head h_kv into slot i % STAGES as soon as both consumers have
-        released it."""
+        released it. MASK_TILE (the forward's bool attn_mask): with K, on K's barrier, the
+        mask's two BMW-row halves of rows start_m on for those keys into slots 2 (i % STAGES)
+        and 2 (i % STAGES) + 1, from the mask's own dims (indices mask_b, mask_h)."""
         tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         for i in range(n_tiles):
             slot = i % STAGES
             phase = ((i // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
             key0 = (t0 + i) * BN
             mbarrier.wait(k_empty.index(slot), phase)
-            mbarrier.expect(k_ready.index(slot), tile_bytes)
+            if MASK_TILE:
+                mbarrier.expect(k_ready.index(slot), tile_bytes + 2 * BMW * BN)
+                _tma_load(m_desc, [mask_b, mask_h, start_m, key0], k_ready.index(slot),
+                          m_smem.index(2 * slot))
+                _tma_load(m_desc, [mask_b, mask_h, start_m + BMW, key0], k_ready.index(slot),
+                          m_smem.index(2 * slot + 1))
+            else:
+                mbarrier.expect(k_ready.index(slot), tile_bytes)
             _tma_load(k_desc, [b, h_kv, key0, 0], k_ready.index(slot), k_smem.index(slot))
             mbarrier.wait(v_empty.index(slot), phase)
             mbarrier.expect(v_ready.index(slot), tile_bytes)
@@ -189,14 +201,14 @@ if gluon is not None:
         return gl.where(visible, s, float("-inf"))
 
     @gluon.jit
-    def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
+    def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, m_smem, k_ready, v_ready, k_empty,
                   v_empty, b, h, row0, L, S, offset, t0, n_tiles, full_tiles, d_lo, d_hi,
                   lse_row0, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
                   stride_mh, stride_mn,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                   STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                   RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
-                  NAN_ON_EMPTY: gl.constexpr):
+                  NAN_ON_EMPTY: gl.constexpr, MASK_TILE: gl.constexpr, W: gl.constexpr):
         """One warpgroup's 64 query rows (row0 on, within the head): the key loop over tiles
         t0 .. t0 + n_tiles, then O / l through a TMA store (clipped at L) and the natural-log
         LSE through pointers. Key tiles from ``full_tiles`` on are masked (``_tile_mask``);
@@ -205,7 +217,9 @@ if gluon is not None:
         sees key 0, so no row is
         empty; with it a row may see no key (causal rows before the first unpadded key, or
         nothing unpadded): its running max stays -inf and is shifted by 0 (no -inf - -inf),
-        and it stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf."""
+        and it stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf. MASK_TILE: a bool
+        attn_mask's tile of this warpgroup's rows (W: its half of the CTA's, slot 2 s + W of
+        ``m_smem``, copied with K) hides the keys where it is 0; rows may be empty likewise."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -223,6 +237,8 @@ if gluon is not None:
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        if MASK_TILE:
+            s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout)
         mbarrier.arrive(k_empty.index(0))
         if KEY_SPAN != 0:
             s = mask_padding(s, t0, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
@@ -232,7 +248,7 @@ if gluon is not None:
                 s = _tile_mask(s, t0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                RAGGED_KEYS)
         m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
-        m_use = _finite_shift(m_i, KEY_SPAN != 0)
+        m_use = _finite_shift(m_i, KEY_SPAN != 0 or MASK_TILE)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -252,6 +268,8 @@ if gluon is not None:
             # ... and O += P_{j-1} V_{j-1} queued behind it (V_{j-1} waited for last iteration)
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
+            if MASK_TILE:
+                s = _mask_tile(s, m_smem, sk, W, BMW, BN, s_layout)
             mbarrier.arrive(k_empty.index(sk))
             if KEY_SPAN != 0:
                 s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
@@ -263,7 +281,7 @@ if gluon is not None:
                                    RAGGED_KEYS)
             # tile j's softmax: its exponentials run under the P.V product
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            m_use = _finite_shift(m_new, KEY_SPAN != 0)
+            m_use = _finite_shift(m_new, KEY_SPAN != 0 or MASK_TILE)
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
             l_i = l_i * alpha + gl.sum(p, 1)
@@ -285,7 +303,7 @@ if gluon is not None:
         mbarrier.arrive(v_empty.index(sv_last))
 
         l_o = gl.convert_layout(l_i, row_o)
-        if KEY_SPAN != 0:
+        if KEY_SPAN != 0 or MASK_TILE:
             empty = l_o == 0.0
             # SDPA's convention for a row with no visible key: zeros (eager softmax: NaN)
             l_div = gl.where(empty, float("nan") if NAN_ON_EMPTY else 1.0, l_o)
@@ -295,7 +313,7 @@ if gluon is not None:
         if STORE_LSE:
             rows = row0 + gl.arange(0, BMW, layout=row_o)
             lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
-            if KEY_SPAN != 0:
+            if KEY_SPAN != 0 or MASK_TILE:
                 lse = gl.where(empty, float("-inf"), lse)
             gl.store(lse_ptr + lse_row0 + rows, lse, mask=rows < L)
         q_tile.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
@@ -303,6 +321,15 @@ if gluon is not None:
         _cta_barrier()
         _tma_store(o_desc, [b, h, row0, 0], q_smem)  # rows past L are not written
         tma.store_wait(0)
+
+    @gluon.jit
+    def _mask_tile(s, m_smem, slot, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
+                   s_layout: gl.constexpr):
+        """The scores with the keys the bool attn_mask's tile (slot 2 slot + W of ``m_smem``,
+        bytes, 0 = hidden) hides at -inf. Read from shared memory after the scores are waited
+        for, before the slot is released."""
+        tile = m_smem.index(2 * slot + W).reshape([BMW, BN]).load(s_layout)
+        return gl.where(tile != 0, s, float("-inf"))
 
     @gluon.jit
     def _finite_shift(m, MAY_BE_EMPTY: gl.constexpr):
@@ -334,13 +361,15 @@ if gluon is not None:
         return q_bar, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
-    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, mask_ptr, spans_ptr,
-                          qk_scale, Hq, L, S, group, offset, stride_pb, stride_pn, stride_mb,
-                          stride_mh, stride_mn, span_sb, span_sh, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+    def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, m_desc, lse_ptr, kpm_ptr, mask_ptr,
+                          spans_ptr, qk_scale, Hq, L, S, group, offset, stride_pb, stride_pn,
+                          stride_mb, stride_mh, stride_mn, span_sb, span_sh, mask_b_on,
+                          mask_h_on, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
                           IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
                           KEY_SPAN: gl.constexpr, NAN_ON_EMPTY: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          MASK_TILE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                          num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, O (B, Hq, L, D) and K, V (B, Hkv, S, D) through 4-d
         descriptors with their own strides (tiles of one head; rows past L and keys past S
         are the copy engine's zeros, masked or not stored). The LSE (B, Hq, L) contiguous.
@@ -350,7 +379,10 @@ if gluon is not None:
         a bool attn_mask's row (its (B, Hq, L, S) view's strides, L's unused), with its spans
         (``forward.padding_spans``; (b, h)'s at b * span_sb + h * span_sh): the key tiles
         outside the visible span are not visited, those inside masked by the row unless the
-        span is dense and covers them."""
+        span is dense and covers them. MASK_TILE: a bool attn_mask with rows of its own, read as
+        bytes through ``m_desc`` (a descriptor of its own dims, broadcast ones of size 1,
+        indexed at b * mask_b_on and h * mask_h_on; tiles of BM / 2 rows and BN keys, past L
+        and S zeros: hidden), copied with K."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -378,32 +410,43 @@ if gluon is not None:
         q_smem1 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
+        if MASK_TILE:
+            m_smem = gl.allocate_shared_memory(m_desc.dtype, [2 * STAGES, 1, 1, BMW, BN],
+                                               m_desc.layout)
+        else:
+            m_smem = k_smem  # (not read)
         q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
         # (the mbarriers are not invalidated at the end: a partition may still wait on one)
 
         gl.warp_specialize([
-            (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready,
+            (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, m_smem, k_ready,
+                         v_ready,
                          k_empty, v_empty, b, h, start_m, L, S, offset, t0, n_tiles, full_tiles,
                          d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                          stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE,
-                         IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY)),
-            (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready,
+                         IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY, MASK_TILE, 0)),
+            (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, m_smem, k_ready,
+                         v_ready,
                          k_empty, v_empty, b, h, start_m + BMW, L, S, offset, t0, n_tiles,
                          full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                          stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES,
-                         STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                         k_ready, v_ready, k_empty, v_empty, b, h, h // group, start_m, t0,
-                         n_tiles, BMW, BN, HEAD, STAGES)),
+                         STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY, MASK_TILE,
+                         1)),
+            (_producer, (q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
+                         m_smem, k_ready, v_ready, k_empty, v_empty, b, h, h // group,
+                         b * mask_b_on, h * mask_h_on, start_m, t0, n_tiles, BMW, BN, HEAD,
+                         STAGES, MASK_TILE)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          shape: AttentionShape, *, scale: float, masked: bool, padding: int,
+                          shape: AttentionShape, *, scale: float, masked: str | bool | None,
+                          padding: int,
                           causal_align: int, diagonal: int, window: int, softcap: float,
                           dropout_p: float, capability: int | None) -> str | None:
-    """Why this call does not take the Gluon kernel, or None when it does. ``masked``: an
-    attn_mask the kernel does not read (float, or bool with rows of its own); ``padding``:
+    """Why this call does not take the Gluon kernel, or None when it does. ``masked``: why the
+    kernel does not read the call's attn_mask (``tile_mask_refusal``; True: no reason given),
+    falsy where it does or there is none; ``padding``:
     the ``forward.key_span`` flags of the padding rows it does read (a key_padding_mask, a
     bool attn_mask that is one row of keys), 0 for none. ``capability``: the device's compute
     capability major (None off a CUDA device)."""
@@ -423,7 +466,7 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     if masked:
-        return "an attn_mask that is not one bool row of keys (float, or rows of its own)"
+        return masked if isinstance(masked, str) else "an attn_mask the Gluon forward does not read"
     padding_refusal = gluon_padding_refusal(padding)
     if padding_refusal is not None:
         return padding_refusal
@@ -507,7 +550,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             plan_key, padding: int = 0, kpm: torch.Tensor | None = None,
                             kpm_strides: tuple = (0, 0), mask: torch.Tensor | None = None,
                             mask_strides: tuple = (0, 0, 0, 0), nan_on_empty: bool = False,
-                            spans: torch.Tensor | None = None) -> None:
+                            spans: torch.Tensor | None = None, mask_tile: bool = False) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
     allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
@@ -516,21 +559,65 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     shapes); None: no plan. ``padding``: the key_span flags of the padding rows read, the
     key_padding_mask ``kpm`` (B, S) with ``kpm_strides`` and / or the bool ``mask`` whose
     (B, Hq, L, S) view has ``mask_strides``, and their ``forward.padding_spans``;
-    ``nan_on_empty``: rows that see no key give NaN (else zeros)."""
+    ``nan_on_empty``: rows that see no key give NaN (else zeros). ``mask_tile``: ``mask`` is
+    instead a bool attn_mask with rows of its own (``tile_mask_layout``), read in tiles
+    through a descriptor (``padding`` then covers a key_padding_mask only)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
-    args = (q, k, v, out, lse if return_lse else out, q if kpm is None else kpm,
-            q if mask is None else mask, q if spans is None else spans, scale * LOG2E, Hq, L,
-            S, shape.group, causal_offset(causal_align, diagonal, L, S), *kpm_strides,
-            mask_strides[0], mask_strides[1], mask_strides[3], *span_strides(spans))
+    args = (q, k, v, out, mask.view(torch.uint8) if mask_tile else None,
+            lse if return_lse else out, q if kpm is None else kpm,
+            q if mask is None or mask_tile else mask, q if spans is None else spans,
+            scale * LOG2E, Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S),
+            *kpm_strides, mask_strides[0], mask_strides[1], mask_strides[3],
+            *span_strides(spans), int(mask_tile and mask_strides[0] != 0),
+            int(mask_tile and mask_strides[1] != 0))
     D = shape.head_dim
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(BLOCK_N, D)
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
                  dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
                       RAGGED_KEYS=S % BLOCK_N != 0 and not padding, KEY_SPAN=padding,
-                      NAN_ON_EMPTY=nan_on_empty and padding != 0,
-                      CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
-                 descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})
+                      NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile),
+                      MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                 descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
+                              **({4: _mask_tile_descriptor(B, Hq, mask_strides, L, S)}
+                                 if mask_tile else {})})
+
+
+def tile_mask_refusal(mask: torch.Tensor) -> str | None:
+    """Why the Gluon forward does not read this attn_mask ((B, Hq, L, S) broadcast view) in
+    tiles through the copy engine, or None when it does: a bool mask with rows of its own (a
+    row of keys broadcast over the rows is a padding row instead), keys contiguous, base and
+    every other stride 16-byte aligned. SDPA_PASS_GLUON_MASK=0 keeps such masks on the Triton
+    kernel."""
+    if mask.dtype != torch.bool:
+        return f"a {mask.dtype} attn_mask (the Gluon forward reads bool masks and padding rows)"
+    _, _, rows, keys = mask.shape
+    stride_b, stride_h, stride_m, stride_n = mask.stride()
+    if not (rows > 1 and keys > 1 and stride_n == 1 and stride_m != 0
+            and mask.data_ptr() % 16 == 0
+            and all(stride % 16 == 0 for stride in (stride_b, stride_h, stride_m))):
+        return (f"a bool attn_mask with strides {tuple(mask.stride())}: the copy engine needs "
+                "contiguous keys and a 16-byte aligned base and strides")
+    if os.environ.get("SDPA_PASS_GLUON_MASK", "") == "0":
+        return "a bool attn_mask with SDPA_PASS_GLUON_MASK=0"
+    return None
+
+
+def _mask_tile_descriptor(batch: int, heads: int, mask_strides: tuple, L: int, S: int):
+    """A maker of the descriptor of a bool attn_mask's bytes (the tensor as given, viewed as
+    uint8; ``mask_strides``: its (batch, heads, L, S) broadcast view's): its own dims, a
+    broadcast batch or head dim of size 1 (indexed at 0, ``mask_b_on`` / ``mask_h_on``), tiles
+    of BLOCK_M / 2 rows and BLOCK_N keys."""
+    block = [1, 1, BLOCK_M // 2, BLOCK_N]
+    layout = _layout(tuple(block), gl.uint8)
+    shape = [batch if mask_strides[0] else 1, heads if mask_strides[1] else 1, L, S]
+    # a dim of size 1 may carry any stride; the copy engine wants a 16-byte multiple there
+    strides = [stride if stride and size > 1 else 16
+               for stride, size in zip(mask_strides, shape)][:2] + list(mask_strides[2:])
+
+    def make(mask: torch.Tensor):
+        return TensorDescriptor(mask, shape, strides, block, layout)
+    return make

@@ -81,6 +81,45 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert "SDPA_PASS_GLUON" in refusal(q, kv, kv)
 
 
+def test_tile_mask_refusals_name_what_the_copy_engine_cannot_read(monkeypatch):
+    """Bool attn_masks with rows of their own are read in tiles through the copy engine where
+    its layout rules hold; float masks, misaligned rows and SDPA_PASS_GLUON_MASK=0 say why
+    not."""
+    B, H, L, S = 2, 4, 64, 256
+    full = lambda m: m.expand(B, H, L, S)  # noqa: E731 - the (B, Hq, L, S) view the forward reads
+    square = torch.ones(L, S, dtype=torch.bool)
+    assert gfwd.tile_mask_refusal(full(square)) is None  # broadcast over batch and heads
+    assert gfwd.tile_mask_refusal(full(torch.ones(B, 1, L, S, dtype=torch.bool))) is None
+    assert "float" in gfwd.tile_mask_refusal(full(torch.zeros(L, S)))
+    odd = torch.ones(L, S + 4, dtype=torch.bool)[:, :S]  # rows 260 bytes apart
+    assert "16-byte" in gfwd.tile_mask_refusal(full(odd))
+    assert "16-byte" in gfwd.tile_mask_refusal(full(square.t().contiguous().t()))  # keys strided
+    monkeypatch.setenv("SDPA_PASS_GLUON_MASK", "0")
+    assert "SDPA_PASS_GLUON_MASK=0" in gfwd.tile_mask_refusal(full(square))
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal, head_dim", [(False, 128), (True, 128), (False, 64)])
+def test_tile_mask_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim):
+    """With a bool attn_mask read in tiles (MASK_TILE): the softmax's exponentials still run
+    under the P·V product, little stack, and the mask's ring (two stages of two 64 x 128 byte
+    tiles) within Hopper's shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
+         "--product", "bf16", "--head-dim", str(head_dim), "--mask-tile",
+         *(["--causal"] if causal else [])],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["stack_bytes"] <= 64
+    assert report["shared_bytes"] <= 227 * 1024
+    assert not report["wgmma serialized (ptxas C7514)"]
+    overlapped = report["EX2 between W1 and W0"]
+    assert len(overlapped) == 2 and min(overlapped) >= 64, report["loop window"]
+
+
 @needs_gluon
 @pytest.mark.parametrize("dtype, causal, head_dim", [("bf16", False, 128), ("fp16", True, 128),
                                                      ("bf16", True, 64)])
@@ -115,7 +154,7 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key,
                padding, *masks):
         assert plan_key is not None  # the forward's key, under which the launch is remembered
-        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False, None)
+        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False, None, False)
         launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key))
         out.copy_(q * scale)
 
@@ -199,6 +238,81 @@ def test_gradients_through_the_gluon_forward(causal, monkeypatch):
     grads = torch.autograd.grad(out, (q, k, v), grad)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref, _ = reference_attention(*refs, is_causal=causal)
+    assert_close_to_reference(out, ref, dtype)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+def _bool_mask(shape, generator, keep=0.8):
+    """A random bool mask (True = attend) with the diagonal kept."""
+    mask = torch.rand(*shape, generator=generator) < keep
+    L, S = shape[-2:]
+    idx = torch.arange(min(L, S))
+    mask[..., idx, idx] = True
+    return mask.to(DEVICE)
+
+
+# (B, Hq, Hkv, L, S, dtype, mask shape (None: (L, S)), extras)
+TILE_MASK_CASES = {
+    "square_broadcast": (2, 8, 8, 1024, 1024, torch.bfloat16, None, {}),
+    "per_batch_gqa": (2, 8, 2, 768, 1536, torch.float16, "b", {}),
+    "per_head_causal": (1, 8, 4, 1024, 1024, torch.bfloat16, "bh", dict(is_causal=True)),
+    "ragged_bottom_right": (2, 4, 4, 1000, 1104, torch.bfloat16, "b",
+                            dict(causal="bottom_right")),
+    "with_key_padding": (2, 8, 8, 1024, 1024, torch.float16, None, dict(kpm=True)),
+    "empty_rows": (2, 4, 4, 1024, 1024, torch.bfloat16, "bh", dict(empty=True)),
+    "empty_rows_nan": (2, 4, 4, 1024, 1024, torch.float16, "bh",
+                       dict(empty=True, empty_rows="nan")),
+    "hd64": (1, 8, 2, 512, 4096, torch.bfloat16, "b", dict(head_dim=64)),
+}
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(TILE_MASK_CASES))
+def test_gluon_forward_reads_bool_masks_in_tiles(case, monkeypatch):
+    """A bool attn_mask with rows of its own (broadcast over batch and heads, per batch, per
+    head), with causal masks, GQA, ragged lengths, a key_padding_mask beside it and rows it
+    hides entirely (zeros, or NaN with empty_rows="nan"): the Gluon forward's output and LSE
+    against the float64 reference."""
+    B, Hq, Hkv, L, S, dtype, per, extras = TILE_MASK_CASES[case]
+    extras = dict(extras)
+    D = extras.pop("head_dim", 128)
+    generator = torch.Generator().manual_seed(len(case))
+    shape = {None: (L, S), "b": (B, 1, L, S), "bh": (B, Hq, L, S)}[per]
+    mask = _bool_mask(shape, generator)
+    if extras.pop("empty", False):
+        mask[0, 0, 5:300:7] = False  # rows that see no key
+    if extras.pop("kpm", False):
+        kpm = torch.ones(B, S, dtype=torch.bool)
+        kpm[1, S // 2 + 3:] = False
+        extras["key_padding_mask"] = kpm.to(DEVICE)
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2)
+    k, v = (randn(B, Hkv, S, D, dtype=dtype) for _ in range(2))
+    out, lse = attention(q, k, v, attn_mask=mask, enable_gqa=True, return_lse=True, **extras)
+    assert len(calls) == 1
+    ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, **extras)
+    assert_close_to_reference(out, ref, dtype)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=1e-3)
+
+
+@needs_hopper
+def test_gradients_through_the_tile_mask_forward(monkeypatch):
+    """The backward (Triton kernels: the Gluon ones read no tile masks) runs on the LSE the
+    Gluon forward wrote under a bool mask with rows it hides entirely."""
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    mask = _bool_mask((1, 1, 1024, 1024), torch.Generator().manual_seed(3))
+    mask[..., 100:140, :] = False
+    q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
+    k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(1, 8, 1024, 128, dtype=dtype)
+    out = attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert len(calls) == 1
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs, attn_mask=mask)
     assert_close_to_reference(out, ref, dtype)
     ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
     for name, g, r in zip("qkv", grads, ref_grads):

@@ -64,8 +64,8 @@ def test_refusals_take_padding_rows_and_name_what_they_do_not(monkeypatch):
 
     for padding in (0, 1, 2, 3):
         assert refusals(masked=False, padding=padding) == (None, None)
-    for reason in refusals(masked=True, padding=0):
-        assert "not one bool row of keys" in reason
+    forward, backward = refusals(masked=True, padding=0)
+    assert "does not read" in forward and "not one bool row of keys" in backward
     for reason in refusals(masked=False, padding=-1):
         assert "SDPA_PASS_KEY_SPAN=0" in reason
     monkeypatch.setenv("SDPA_PASS_GLUON_PADDING", "0")
@@ -144,7 +144,7 @@ def test_the_forward_and_backward_hand_the_kernels_the_padding_rows(span_off, mo
     seen = []
 
     def record(*args, masked, padding, **kwargs):
-        seen.append((masked, padding))
+        seen.append((bool(masked), padding))  # (the forward passes its reason, a string)
         return "recorded"
 
     monkeypatch.setattr(fwd, "gluon_forward_refusal", record)
