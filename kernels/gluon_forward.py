@@ -25,7 +25,9 @@ Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (co
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
 128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys; no attn_mask but a padding row
 (a key_padding_mask and / or a bool attn_mask that is one row of keys per (batch, head), HF's
-(B, 1, 1, S): ``KEY_SPAN``, below), no window, soft-capping or dropout; no causal mask or one
+(B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask with rows of its own that the copy
+engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no window, soft-capping or
+dropout; no causal mask or one
 whose diagonal leaves no row without keys (diagonal tiles masked, the longest query tiles
 first); GQA; a positive scale; Q, K
 and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no broadcast
@@ -44,6 +46,14 @@ rows before the first visible key, nothing visible): the running max stays -inf 
 shifted by 0, and the row stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf. H100, hd128,
 N = 4096, 62% of the keys kept: forward 570 TFLOP/s of the visible pairs against the Triton
 kernel's 394 and flex attention's 403 (BENCHMARKS.md, session 21).
+
+Bool masks with rows of their own (``MASK_TILE``, session 21): the copy warp copies the mask's
+two 64-row x 128-key byte tiles of each key tile into a ring beside K (on K's barrier), from
+a descriptor of the mask's own dims (broadcast ones of size 1); a consumer reads its tile
+from shared memory once its scores are waited for, then releases the slot. Rows may be empty
+as with padding. H100, hd128, a random (N, N) mask: 401 / 474 / 470 TFLOP/s at N = 1k / 4k /
+16k against the Triton kernel's 319 / 366 / 391 and flex's 279 / 331 / 333. SDPA_PASS_GLUON_MASK=0
+keeps such calls on the Triton kernel; the backward's Gluon kernels do not read these masks.
 """
 
 from __future__ import annotations
