@@ -214,34 +214,20 @@ def test_gluon_forward_matches_the_reference(case, monkeypatch):
     B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
     extras = dict(extras)
     D = extras.pop("head_dim", 128)
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, scale=scale, **extras)
+
+
+def forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs):
+    """One Gluon forward (GQA, Q in the (B, L, H, D) storage models transpose from): its
+    output and LSE against the float64 reference."""
     calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2)  # the storage models transpose from
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2)
     k, v = (randn(B, Hkv, S, D, dtype=dtype) for _ in range(2))
-    out, lse = attention(q, k, v, scale=scale, enable_gqa=True, return_lse=True, **extras)
+    out, lse = attention(q, k, v, enable_gqa=True, return_lse=True, **kwargs)
     assert len(calls) == 1
-    ref, ref_lse = reference_attention(q, k, v, scale=scale, **extras)
+    ref, ref_lse = reference_attention(q, k, v, **kwargs)
     assert_close_to_reference(out, ref, dtype)
     torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=1e-3)
-
-
-@needs_hopper
-@pytest.mark.parametrize("causal", [False, True])
-def test_gradients_through_the_gluon_forward(causal, monkeypatch):
-    """The backward (Triton kernels) runs on the LSE the Gluon kernel wrote."""
-    calls = record_gluon_calls(monkeypatch)
-    dtype = torch.bfloat16
-    q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
-    k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(1, 8, 1024, 128, dtype=dtype)
-    out = attention(q, k, v, is_causal=causal, enable_gqa=True)
-    assert len(calls) == 1
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference_attention(*refs, is_causal=causal)
-    assert_close_to_reference(out, ref, dtype)
-    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
 
 
 def _bool_mask(shape, generator, keep=0.8):
@@ -251,6 +237,32 @@ def _bool_mask(shape, generator, keep=0.8):
     idx = torch.arange(min(L, S))
     mask[..., idx, idx] = True
     return mask.to(DEVICE)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal, masked", [(False, False), (True, False), (False, True)])
+def test_gradients_through_the_gluon_forward(causal, masked, monkeypatch):
+    """The backward runs on the LSE the Gluon kernel wrote; ``masked``: under a bool mask the
+    forward reads in tiles (the backward's kernels are Triton's then) that hides some rows
+    entirely."""
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    extras = dict(is_causal=causal)
+    if masked:
+        extras["attn_mask"] = _bool_mask((1, 1, 1024, 1024), torch.Generator().manual_seed(3))
+        extras["attn_mask"][..., 100:140, :] = False
+    q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
+    k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(1, 8, 1024, 128, dtype=dtype)
+    out = attention(q, k, v, enable_gqa=True, **extras)
+    assert len(calls) == 1
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs, **extras)
+    assert_close_to_reference(out, ref, dtype)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
 
 
 # (B, Hq, Hkv, L, S, dtype, mask shape (None: (L, S)), extras)
@@ -287,36 +299,8 @@ def test_gluon_forward_reads_bool_masks_in_tiles(case, monkeypatch):
         kpm = torch.ones(B, S, dtype=torch.bool)
         kpm[1, S // 2 + 3:] = False
         extras["key_padding_mask"] = kpm.to(DEVICE)
-    calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2)
-    k, v = (randn(B, Hkv, S, D, dtype=dtype) for _ in range(2))
-    out, lse = attention(q, k, v, attn_mask=mask, enable_gqa=True, return_lse=True, **extras)
-    assert len(calls) == 1
-    ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, **extras)
-    assert_close_to_reference(out, ref, dtype)
-    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=1e-3)
-
-
-@needs_hopper
-def test_gradients_through_the_tile_mask_forward(monkeypatch):
-    """The backward (Triton kernels: the Gluon ones read no tile masks) runs on the LSE the
-    Gluon forward wrote under a bool mask with rows it hides entirely."""
-    calls = record_gluon_calls(monkeypatch)
-    dtype = torch.bfloat16
-    mask = _bool_mask((1, 1, 1024, 1024), torch.Generator().manual_seed(3))
-    mask[..., 100:140, :] = False
-    q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
-    k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(1, 8, 1024, 128, dtype=dtype)
-    out = attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert len(calls) == 1
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference_attention(*refs, attn_mask=mask)
-    assert_close_to_reference(out, ref, dtype)
-    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, attn_mask=mask,
+                                  **extras)
 
 
 @needs_hopper
