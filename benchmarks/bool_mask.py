@@ -41,6 +41,9 @@ def triton_forward():
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="N values")
+    parser.add_argument("--modes", default="fwd,fwdbwd", help="fwd and / or fwdbwd")
+    parser.add_argument("--tag", default="bf16", help="put in the file name")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
     peers = [Peer("ours", build_ours), Peer("ours_triton", build_ours, triton_forward),
@@ -48,10 +51,10 @@ def main(argv=None) -> None:
     meta = metadata(argparse.Namespace(mode="bool_mask", dtype="bf16", quick=False), device)
     meta.update(benchmark="bool_mask", impls=[p.name for p in peers])
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bool_mask_bf16_{slug(meta['device'])}.json"
+    path = args.out / f"bool_mask_{args.tag}_{slug(meta['device'])}.json"
     rows = []
-    for mode in ("fwd", "fwdbwd"):
-        for n in LENGTHS:
+    for mode in args.modes.split(","):
+        for n in map(int, args.lengths.split(",")):
             shape = Shape(16384 // n, 16, n, 128, False, "bool", 16)
             new = bench_shape(shape, peers, torch.bfloat16, device, mode)
             for r in new:

@@ -346,12 +346,12 @@ def compile_variant(name: str):
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    kernel: str = "dkdv", padding: int = 0):
+                    kernel: str = "dkdv", padding: int = 0, mask_tile: bool = False):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
     over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
-    mask)."""
+    mask); ``mask_tile``: with a bool attn_mask read in tiles (MASK_TILE)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -365,7 +365,11 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     tile = f"tensordesc<{dtype}[{', '.join(map(str, block))}],{from_forward._layout(block, gdt)!r}>"
     stats = f"tensordesc<fp32[{product.BLOCK_M}],{from_forward._layout((product.BLOCK_M,), gl.float32)!r}>"
     padding_sig = {name: "i32" for name in ("stride_pb", "stride_pn", "stride_mb", "stride_mh",
-                                            "stride_mn")}
+                                            "stride_mn", "mask_b_on", "mask_h_on")}
+    mask_block = (1, 1, 64, 64)  # both kernels' mask tiles at hd128
+    padding_sig["mt_desc"] = (f"tensordesc<u8[{', '.join(map(str, mask_block))}],"
+                              f"{from_forward._layout(mask_block, gl.uint8)!r}>"
+                              if mask_tile else "constexpr")
     if kernel == "dq":
         fn = product._attention_bwd_dq_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
@@ -378,7 +382,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                                          f"{from_forward._layout(kv_block, gdt)!r}>")
         consts = dict(BM=product.DQ_BLOCK_M, BN=product.dq_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
-                      CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+                      MASK_TILE=mask_tile, CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     else:
         fn = product._attention_bwd_dkdv_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
@@ -388,10 +392,12 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                "stats_stride": "i32", **padding_sig}
         consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
-                      ROW_PER_HEAD=False, HEADS_FIRST=causal,
+                      ROW_PER_HEAD=False, MASK_TILE=mask_tile, HEADS_FIRST=causal,
                       CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
+    if not mask_tile:
+        consts["mt_desc"] = None
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(fn, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -399,8 +405,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
-        _, which, dtype, causal, head_dim, padding = (name.split(":") + ["0"])[:6]
-        kernel = compile_product(dtype, causal == "causal", int(head_dim), which, int(padding))
+        _, which, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:7]
+        kernel = compile_product(dtype, causal == "causal", int(head_dim), which, int(padding),
+                                 tile == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -618,11 +625,13 @@ def main() -> None:
                         help="with --product: which of the library's two kernels")
     parser.add_argument("--padding", type=int, default=0,
                         help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
+    parser.add_argument("--mask-tile", action="store_true",
+                        help="with --product: a bool attn_mask read in tiles (MASK_TILE)")
     args = parser.parse_args()
     if args.compile and args.product:
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:"
                              f"{'causal' if args.causal_product else ''}:{args.head_dim}:"
-                             f"{args.padding}")
+                             f"{args.padding}:{int(args.mask_tile)}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

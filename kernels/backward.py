@@ -49,7 +49,7 @@ from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParam
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, gluon_backward_refusal,
                              gluon_dq_refusal)
-from .gluon_forward import padding_flags
+from .gluon_forward import padding_flags, tile_mask_refusal
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -798,9 +798,11 @@ class _BackwardDecisions:
         # Gluon kernel does.
         self.padding = padding_flags(kernel_mask == MASK_BOOL_ROW, has_kpm, span)
         self.kpm_strides, self.mask_strides = lp.kpm_strides, lp.mask_strides
+        # an attn_mask with rows of its own: bool ones are read in tiles as the forward does
+        tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
+        self.mask_tile = tiled and tile_mask_refusal(mask) is None
         self.gluon_refusal = gluon_backward_refusal(
-            q, k, v, grad_out, shape,
-            masked=mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW,
+            q, k, v, grad_out, shape, masked=tiled and tile_mask_refusal(mask),
             padding=self.padding, window=window,
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
@@ -958,8 +960,9 @@ def attention_backward_triton(
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
     # the Gluon kernels' padding rows (see _BackwardDecisions.padding)
-    padding = dict(padding=d.padding, kpm=key_padding_mask, kpm_strides=d.kpm_strides,
-                   mask=attn_mask, mask_strides=d.mask_strides) if d.padding > 0 else {}
+    padding = dict(padding=max(d.padding, 0), kpm=key_padding_mask, kpm_strides=d.kpm_strides,
+                   mask=attn_mask, mask_strides=d.mask_strides,
+                   mask_tile=d.mask_tile) if d.padding > 0 or d.mask_tile else {}
     if d.gluon_refusal is None:
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
                              qk_scale=qk_scale, causal_align=causal_align, offset=d.offset,
@@ -973,8 +976,9 @@ def attention_backward_triton(
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
     if d.gluon_dq_refusal is None:  # (never with a mask's gradient: bool masks have none)
-        if padding:
-            padding["spans"] = padding_spans(key_padding_mask, d.kpm_strides, attn_mask,
+        if d.padding > 0:
+            padding["spans"] = padding_spans(key_padding_mask, d.kpm_strides,
+                                             None if d.mask_tile else attn_mask,
                                              d.mask_strides, B, Hq, S, d.padding,
                                              plan and (plan, "spans"))
         attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale, qk_scale=qk_scale,

@@ -70,7 +70,7 @@ import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon,
-                            gluon_padding_refusal, span_strides)
+                            gluon_padding_refusal, mask_tile_descriptor, span_strides)
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -97,15 +97,18 @@ if gluon is not None:
                                 _tma_store, mask_padding, row_visible, span_tiles)
 
     @gluon.jit
-    def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem, q_smem,
-                      do_smem, m_smem, r_smem, delta_smem, kv_bar, q_ready, do_ready, empty,
-                      b, h_kv, Hq, start_n, first_m, n_q, group, rows, stats_stride,
-                      BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-                      STAGES: gl.constexpr):
+    def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
+                      q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem, kv_bar, q_ready,
+                      do_ready, empty, b, h_kv, Hq, start_n, first_m, n_q, group, rows,
+                      stats_stride, mask_b_on, mask_h_on, BM: gl.constexpr, BN: gl.constexpr,
+                      HEAD: gl.constexpr, STAGES: gl.constexpr, MASK_TILE: gl.constexpr):
         """The copy partition: K and V once, then for it = g * n_q + i (query head g of the
         group, its i-th query tile from first_m) Q_i with m_i and r_i into q slot it % STAGES
         and dO_i with delta_i into the dO slot, once both consumers released the slot. Rows
-        past L and keys past S arrive as zeros; the statistics are padded to whole tiles."""
+        past L and keys past S arrive as zeros; the statistics are padded to whole tiles.
+        MASK_TILE: with Q_i, the bool attn_mask's two (BM rows x 64 keys) byte tiles of the
+        CTA's key halves into slots 2 (it % STAGES) and 2 (it % STAGES) + 1 (zeros past L and
+        S: hidden)."""
         half: gl.constexpr = BN // 2
         elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
         mbarrier.expect(kv_bar, 2 * BN * HEAD * elem)
@@ -122,7 +125,13 @@ if gluon is not None:
             m0 = (first_m + it - g * n_q) * BM
             row = (b * Hq + h) * rows + m0  # in each of the (delta, m, r) blocks of stats
             mbarrier.wait(empty.index(slot), phase)
-            mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4)
+            if MASK_TILE:
+                mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4 + BM * BN)
+                for w in gl.static_range(2):
+                    _tma_load(mt_desc, [b * mask_b_on, h * mask_h_on, m0, start_n + w * half],
+                              q_ready.index(slot), mt_smem.index(2 * slot + w))
+            else:
+                mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4)
             _tma_load(q_desc, [b, h, m0, 0], q_ready.index(slot), q_smem.index(slot))
             _tma_load(stats_desc, [stats_stride + row], q_ready.index(slot), m_smem.index(slot))
             _tma_load(stats_desc, [2 * stats_stride + row], q_ready.index(slot),
@@ -133,18 +142,21 @@ if gluon is not None:
 
     @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
-                      delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
+                      delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
                       n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr, stride_pb, stride_pn,
                       mask_ptr, stride_mb, stride_mh, stride_mn,
                       W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                       STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
-                      ROW_PER_HEAD: gl.constexpr):
+                      ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
         """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
         docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
         a pair that may not see each other evaluate it. With KEY_SPAN (a padding row of keys,
         gluon_forward.row_visible) Sᵀ's rows of hidden keys are masked: the row is read once
         and applied only if it hides one of the 64 keys, or with ROW_PER_HEAD (query heads of
-        the group with rows of their own) read and applied for each query tile."""
+        the group with rows of their own) read and applied for each query tile. MASK_TILE: the
+        bool attn_mask's (BM x 64) tile of the query tile and this warpgroup's keys (slot
+        2 s + W of ``mt_smem``), read transposed from shared memory once Sᵀ is done, hides
+        Sᵀ's entries where it is 0."""
         dtype: gl.constexpr = q_smem.dtype
         half: gl.constexpr = BN // 2
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -186,6 +198,9 @@ if gluon is not None:
             m = m_smem.index(slot).load(col_st)
             r = r_smem.index(slot).load(col_st)
             st = warpgroup_mma_wait(num_outstanding=1, deps=[st_tok])  # Sᵀ done, dPᵀ in flight
+            if MASK_TILE:
+                tile = mt_smem.index(2 * slot + W).reshape([BM, half]).permute((1, 0))
+                st = gl.where(tile.load(st_layout) != 0, st, float("-inf"))
             if IS_CAUSAL:
                 m0 = (first_m + it % n_q) * BM
                 if m0 + offset < start_n + BN - 1:  # some key of the tile is past a row's
@@ -220,20 +235,23 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dk_desc, dv_desc,
-                               kpm_ptr, mask_ptr, qk_scale, sm_scale, Hkv, L, S, group, offset,
-                               rows, stats_stride, stride_pb, stride_pn, stride_mb, stride_mh,
-                               stride_mn, BM: gl.constexpr, BN: gl.constexpr,
-                               HEAD: gl.constexpr, STAGES: gl.constexpr,
+                               mt_desc, kpm_ptr, mask_ptr, qk_scale, sm_scale, Hkv, L, S, group,
+                               offset, rows, stats_stride, stride_pb, stride_pn, stride_mb,
+                               stride_mh, stride_mn, mask_b_on, mask_h_on, BM: gl.constexpr,
+                               BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                                IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
-                               ROW_PER_HEAD: gl.constexpr, HEADS_FIRST: gl.constexpr,
-                               CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                               ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
+                               HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               num_warps: gl.constexpr):
         """Grid (cdiv(S, BN), B * Hkv), or with HEADS_FIRST (B * Hkv, cdiv(S, BN)). Q, dO
         (B, Hq, L, D), K, V, dK, dV (B, Hkv, S, D) through 4-d descriptors of 64-row tiles of
         one head; ``stats``: the prep kernel's (delta, m, r), each (B, Hq, rows) fp32, flat
         through one 1-d descriptor (blocks of BM; ``stats_stride`` = B * Hq * rows apart,
         rows a multiple of BM). KEY_SPAN: the forward's padding rows (the kernel's
         arguments); a CTA whose keys they all hide (from every query head of the group)
-        stores zeros and visits no query tile."""
+        stores zeros and visits no query tile. MASK_TILE: a bool attn_mask with rows of its own
+        through ``mt_desc`` (bytes, the mask's own dims, broadcast ones of size 1 indexed at
+        b * mask_b_on, h * mask_h_on; BM x 64 tiles)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
         if HEADS_FIRST:
@@ -268,6 +286,11 @@ if gluon is not None:
         m_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
         r_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
+        if MASK_TILE:
+            mt_smem = gl.allocate_shared_memory(mt_desc.dtype, [2 * STAGES, 1, 1, BM, half],
+                                                mt_desc.layout)
+        else:
+            mt_smem = m_smem  # (not read)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -281,28 +304,32 @@ if gluon is not None:
 
         gl.warp_specialize([
             (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
-                             delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n,
-                             first_m, n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr,
-                             stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
-                             BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD)),
+                             delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
+                             start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
+                             kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                             stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
+                             ROW_PER_HEAD, MASK_TILE)),
             (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
-                             delta_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n,
-                             first_m, n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr,
-                             stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
-                             BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD)),
-            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, k_smem, v_smem,
-                             q_smem, do_smem, m_smem, r_smem, delta_smem, kv_bar, q_ready,
-                             do_ready, empty, b, h_kv, Hkv * group, start_n, first_m, n_q, group,
-                             rows, stats_stride, BM, BN, HEAD, STAGES)),
+                             delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
+                             start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
+                             kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                             stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
+                             ROW_PER_HEAD, MASK_TILE)),
+            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
+                             v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
+                             kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group, start_n,
+                             first_m, n_q, group, rows, stats_stride, mask_b_on, mask_h_on, BM,
+                             BN, HEAD, STAGES, MASK_TILE)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
     # ---- the dQ kernel: the same schedule over query rows (module docstring, "dQ") ----
 
     @gluon.jit
-    def _dq_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
-                     k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, b, h, h_kv,
-                     start_m, row, stats_stride, t0, n_tiles, BMW: gl.constexpr,
-                     BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
+    def _dq_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem, do_smem,
+                     st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready, v_ready, k_empty,
+                     v_empty, b, h, h_kv, mask_b, mask_h, start_m, row, stats_stride, t0,
+                     n_tiles, BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                     STAGES: gl.constexpr, MASK_TILE: gl.constexpr):
         """Q, dO and the six 64-row statistics blocks (delta, m, r of each half) once, then
         K and V of key tile t0 + i into slot i % STAGES once both consumers released it."""
         elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
@@ -313,18 +340,24 @@ if gluon is not None:
             for s in gl.static_range(3):  # delta, m, r
                 _tma_load(stats_desc, [s * stats_stride + row + w * BMW], q_bar,
                           st_smem.index(3 * w + s))
-        _kv_ring_fill(k_desc, v_desc, k_desc, k_smem, v_smem, k_smem, k_ready, v_ready, k_empty,
-                      v_empty, b, h_kv, 0, 0, start_m, t0, n_tiles, BMW, BN, HEAD, STAGES, False)
+        _kv_ring_fill(k_desc, v_desc, mt_desc, k_smem, v_smem, mt_smem, k_ready, v_ready,
+                      k_empty, v_empty, b, h_kv, mask_b, mask_h, start_m, t0, n_tiles, BMW, BN,
+                      HEAD, STAGES, MASK_TILE)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
                  d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                 stride_mn, b, h, S, qk_scale, dtype: gl.constexpr, a_layout: gl.constexpr,
-                 s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
-                 IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr):
+                 stride_mn, b, h, S, mt_smem, qk_scale, dtype: gl.constexpr,
+                 a_layout: gl.constexpr, s_layout: gl.constexpr, BMW: gl.constexpr,
+                 BN: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                 MASK_TILE: gl.constexpr, W: gl.constexpr):
         """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
         its dP (in flight): the exponentials run before the wait for dP. With KEY_SPAN the
-        keys the padding row hides are masked (``mask_padding``)."""
+        keys the padding row hides are masked (``mask_padding``), with MASK_TILE those the bool
+        attn_mask's tile (slot 2 slot + W of ``mt_smem``) hides."""
+        if MASK_TILE:
+            s = gl.where(mt_smem.index(2 * slot + W).reshape([BMW, BN]).load(s_layout) != 0, s,
+                         float("-inf"))
         if KEY_SPAN != 0:
             s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
@@ -344,17 +377,19 @@ if gluon is not None:
         return gl.convert_layout((p * (dp - delta)).to(dtype), a_layout)
 
     @gluon.jit
-    def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+    def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
+                     v_ready,
                      k_empty, v_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, d_lo,
                      d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                      stride_mn, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
                      HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                     KEY_SPAN: gl.constexpr):
+                     KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr):
         """Consumer W: rows row0 .. row0 + 64 (module docstring), key tiles t0 .. t0 +
         n_tiles. ``n_tiles`` >= 1: a CTA whose rows see no key runs one key tile fully masked
         (m = +inf there besides), so dQ's product can stay in flight across iterations with the
         first tile peeled off the loop. KEY_SPAN: the padding row masks the tiles outside
-        [d_lo, d_hi) (``gluon_forward.span_tiles``)."""
+        [d_lo, d_hi) (``gluon_forward.span_tiles``). MASK_TILE: a bool attn_mask's tile of these
+        rows, copied with each K tile (``_ds_tile``)."""
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -381,8 +416,8 @@ if gluon is not None:
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         ds_op = _ds_tile(s, dp_tok, t0, 0, v_empty, q_bar, m, r, delta, row0, offset,
                          full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
-                         stride_mb, stride_mh, stride_mn, b, h, S, qk_scale, dtype, a_layout,
-                         s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN)
+                         stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale, dtype,
+                         a_layout, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN, MASK_TILE, W)
         dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
                                use_acc=False, is_async=True)
         for i in range(1, n_tiles):
@@ -400,8 +435,9 @@ if gluon is not None:
             mbarrier.arrive(k_empty.index((i - 1) % STAGES))
             ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset,
                              full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
-                             stride_mb, stride_mh, stride_mn, b, h, S, qk_scale, dtype,
-                             a_layout, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN)
+                             stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale,
+                             dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN,
+                             MASK_TILE, W)
             dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
         mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
@@ -412,13 +448,14 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, kpm_ptr,
-                             mask_ptr, spans_ptr, qk_scale, sm_scale, Hq, S, group, offset, rows,
-                             stats_stride, stride_pb, stride_pn, stride_mb, stride_mh,
-                             stride_mn, span_sb, span_sh, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+    def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, mt_desc,
+                             kpm_ptr, mask_ptr, spans_ptr, qk_scale, sm_scale, Hq, S, group,
+                             offset, rows, stats_stride, stride_pb, stride_pn, stride_mb,
+                             stride_mh, stride_mn, span_sb, span_sh, mask_b_on, mask_h_on,
+                             BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                             KEY_SPAN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                             num_warps: gl.constexpr):
+                             KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr,
+                             CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D) through 4-d descriptors of
         64-row tiles, K, V (B, Hkv, S, D) of BN-row tiles; the statistics as for the dK/dV
         kernel, in blocks of 64 rows (a CTA's second half may read the next head's: only on
@@ -452,28 +489,34 @@ if gluon is not None:
         st_smem = gl.allocate_shared_memory(gl.float32, [6, BMW], stats_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
+        if MASK_TILE:
+            mt_smem = gl.allocate_shared_memory(mt_desc.dtype, [2 * STAGES, 1, 1, BMW, BN],
+                                                mt_desc.layout)
+        else:
+            mt_smem = k_smem  # (not read)
         q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
         row = pid_bh * rows + start_m
         gl.warp_specialize([
-            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0, n_tiles,
-                            full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn,
-                            mask_ptr, stride_mb, stride_mh, stride_mn, 0, BMW, BN, HEAD, STAGES,
-                            IS_CAUSAL, KEY_SPAN)),
-            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, q_bar, k_ready,
-                            v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S, t0,
-                            n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb,
-                            stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1, BMW, BN,
-                            HEAD, STAGES, IS_CAUSAL, KEY_SPAN)),
-            (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, do_smem, st_smem,
-                            k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, b, h,
-                            h // group, start_m, row, stats_stride, t0, n_tiles, BMW, BN, HEAD,
-                            STAGES)),
+            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
+                            k_ready, v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0,
+                            n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
+                            stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
+                            BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
+            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
+                            k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S,
+                            t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
+                            stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
+                            BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
+            (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem, do_smem,
+                            st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready, v_ready, k_empty,
+                            v_empty, b, h, h // group, b * mask_b_on, h * mask_h_on, start_m,
+                            row, stats_stride, t0, n_tiles, BMW, BN, HEAD, STAGES, MASK_TILE)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           grad_out: torch.Tensor, shape: AttentionShape, *, masked: bool,
+                           grad_out: torch.Tensor, shape: AttentionShape, *,
+                           masked: str | bool | None,
                            padding: int, window: int, softcapped: bool, dropout: bool,
                            dq_atomic: bool, padded_rows: bool, rows: int, small: bool,
                            capability: int | None) -> str | None:
@@ -494,7 +537,7 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in HEAD_DIMS:
         return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
     if masked:
-        return "an attn_mask that is not one bool row of keys (float, or rows of its own)"
+        return masked if isinstance(masked, str) else "an attn_mask the Gluon backward does not read"
     padding_refusal = gluon_padding_refusal(padding)
     if padding_refusal is not None:
         return padding_refusal
@@ -525,6 +568,12 @@ def _stats_descriptor(t: torch.Tensor):
 _GLUON_BWD_CALLS = PlanCache()
 
 
+def _mask_tile_indexing(mask_tile: bool, mask_strides: tuple) -> tuple:
+    """(mask_b_on, mask_h_on): whether the bool mask read in tiles has a batch and a head dim
+    of its own (else its descriptor's dim of size 1 is indexed at 0)."""
+    return int(mask_tile and mask_strides[0] != 0), int(mask_tile and mask_strides[1] != 0)
+
+
 def _padding_args(kpm, kpm_strides: tuple, mask, mask_strides: tuple, q: torch.Tensor) -> tuple:
     """The kernels' padding-row arguments: the key_padding_mask and the bool attn_mask (q as
     a dummy pointer for either that is absent), then the strides: the mask's (B, Hq, L, S)
@@ -537,13 +586,13 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                          scale: float, qk_scale: float, causal_align: int, offset: int,
                          rows: int, plan_key, padding: int = 0, kpm=None,
                          kpm_strides: tuple = (0, 0), mask=None,
-                         mask_strides: tuple = (0, 0, 0, 0)) -> None:
+                         mask_strides: tuple = (0, 0, 0, 0), mask_tile: bool = False) -> None:
     """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
     ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
     delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
     (checks.causal_offset). ``plan_key``: the backward's, which fixes every layout and the
-    causal form (or None: no plan). ``padding``: the forward's padding rows
-    (``gluon_forward.attention_forward_gluon``)."""
+    causal form (or None: no plan). ``padding``, ``mask_tile``: the forward's padding rows
+    and bool mask tiles (``gluon_forward.attention_forward_gluon``)."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
@@ -555,18 +604,23 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     heads_first = order == "heads" or (is_causal and order != "tiles")
     grid = (B * Hkv, -(-S // BLOCK_N)) if heads_first else (-(-S // BLOCK_N), B * Hkv)
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
-    pad = _padding_args(kpm, kpm_strides, mask, mask_strides, q)
-    args = (q, k, v, grad_out, stats.view(-1), dk, dv, *pad[:2], qk_scale, scale, Hkv, L, S,
-            shape.group, offset, rows, B * shape.q_heads * rows, *pad[2:])
+    pad = _padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
+    args = (q, k, v, grad_out, stats.view(-1), dk, dv,
+            mask.view(torch.uint8) if mask_tile else None, *pad[:2], qk_scale, scale, Hkv, L, S,
+            shape.group, offset, rows, B * shape.q_heads * rows, *pad[2:],
+            *_mask_tile_indexing(mask_tile, mask_strides))
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
     row_per_head = bool(padding & 2) and mask_strides[1] != 0 and shape.group > 1
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
                  dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES,
                       IS_CAUSAL=is_causal, KEY_SPAN=padding, ROW_PER_HEAD=row_per_head,
-                      HEADS_FIRST=heads_first,
+                      MASK_TILE=mask_tile, HEADS_FIRST=heads_first,
                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
-                              4: _stats_descriptor, 5: rows_maker, 6: rows_maker})
+                              4: _stats_descriptor, 5: rows_maker, 6: rows_maker,
+                              **({7: mask_tile_descriptor(B, shape.q_heads, mask_strides, L, S,
+                                                          BLOCK_M, BLOCK_N // 2)}
+                                 if mask_tile else {})})
 
 
 def dq_block_n(head_dim: int) -> int:
@@ -591,20 +645,26 @@ def gluon_dq_refusal(dkdv_refusal: str | None, head_dim: int) -> str | None:
 def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, scale: float,
                        qk_scale: float, causal_align: int, offset: int, rows: int,
                        plan_key, padding: int = 0, kpm=None, kpm_strides: tuple = (0, 0),
-                       mask=None, mask_strides: tuple = (0, 0, 0, 0), spans=None) -> None:
+                       mask=None, mask_strides: tuple = (0, 0, 0, 0), spans=None,
+                       mask_tile: bool = False) -> None:
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D, bn = shape.head_dim, dq_block_n(shape.head_dim)
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
-    pad = _padding_args(kpm, kpm_strides, mask, mask_strides, q)
-    args = (q, k, v, grad_out, stats.view(-1), dq, *pad[:2], q if spans is None else spans,
-            qk_scale, scale, Hq, S, shape.group, offset, rows, B * Hq * rows, *pad[2:],
-            *span_strides(spans))
+    pad = _padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
+    args = (q, k, v, grad_out, stats.view(-1), dq,
+            mask.view(torch.uint8) if mask_tile else None, *pad[:2],
+            q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset, rows,
+            B * Hq * rows, *pad[2:], *span_strides(spans),
+            *_mask_tile_indexing(mask_tile, mask_strides))
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
                  args, dict(BM=DQ_BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,
-                            CONSUMER_REGS=CONSUMER_REGS,
+                            MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS,
                             num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
-                              4: _stats_descriptor, 5: rows_maker})
+                              4: _stats_descriptor, 5: rows_maker,
+                              **({6: mask_tile_descriptor(B, Hq, mask_strides, L, S,
+                                                          DQ_BLOCK_M // 2, bn)}
+                                 if mask_tile else {})})

@@ -592,7 +592,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                       NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile),
                       MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
-                              **({4: _mask_tile_descriptor(B, Hq, mask_strides, L, S)}
+                              **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S)}
                                  if mask_tile else {})})
 
 
@@ -616,12 +616,13 @@ def tile_mask_refusal(mask: torch.Tensor) -> str | None:
     return None
 
 
-def _mask_tile_descriptor(batch: int, heads: int, mask_strides: tuple, L: int, S: int):
+def mask_tile_descriptor(batch: int, heads: int, mask_strides: tuple, L: int, S: int,
+                         rows: int = BLOCK_M // 2, keys: int = BLOCK_N):
     """A maker of the descriptor of a bool attn_mask's bytes (the tensor as given, viewed as
     uint8; ``mask_strides``: its (batch, heads, L, S) broadcast view's): its own dims, a
     broadcast batch or head dim of size 1 (indexed at 0, ``mask_b_on`` / ``mask_h_on``), tiles
-    of BLOCK_M / 2 rows and BLOCK_N keys."""
-    block = [1, 1, BLOCK_M // 2, BLOCK_N]
+    of ``rows`` rows and ``keys`` keys (the forward's: BLOCK_M / 2 and BLOCK_N)."""
+    block = [1, 1, rows, keys]
     layout = _layout(tuple(block), gl.uint8)
     shape = [batch if mask_strides[0] else 1, heads if mask_strides[1] else 1, L, S]
     # a dim of size 1 may carry any stride; the copy engine wants a 16-byte multiple there

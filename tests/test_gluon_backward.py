@@ -27,6 +27,7 @@ from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from test_gluon_forward import GPU_CASES as FORWARD_CASES
+from test_gluon_forward import TILE_MASK_CASES, tile_mask_case
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -92,13 +93,14 @@ def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch)
     assert refusal(q, kv, kv) is None
     assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
 
-def compile_report(dtype: str, causal: bool, head_dim: int, kernel: str = "dkdv") -> dict:
+def compile_report(dtype: str, causal: bool, head_dim: int, kernel: str = "dkdv",
+                   mask_tile: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
          "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
-         *(["--causal-product"] if causal else [])],
+         *(["--causal-product"] if causal else []), *(["--mask-tile"] if mask_tile else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -127,6 +129,21 @@ def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, caus
                 after_first_wait.append(int(nxt.split("x")[1]) if "x" in nxt else 1)
     assert after_first_wait == [32, 32], report["events"]
 
+
+
+@needs_gluon
+@pytest.mark.parametrize("kernel, causal", [("dkdv", False), ("dkdv", True), ("dq", False)])
+def test_tile_mask_kernels_compile_for_sm90(kernel, causal):
+    """Both backward kernels with a bool attn_mask read in tiles (MASK_TILE) compiled for
+    sm_90: the same wgmma and exponential counts as without, the wgmmas not serialized, no
+    more stack, and the mask's ring within Hopper's shared memory."""
+    plain = compile_report("bf16", causal, 128, kernel)
+    tiled = compile_report("bf16", causal, 128, kernel, mask_tile=True)
+    for key in ("HGMMA", "MUFU.EX2"):
+        assert tiled[key] == plain[key], (key, tiled, plain)
+    assert not tiled["wgmma serialized (ptxas C7514)"]
+    assert tiled["stack_bytes"] <= plain["stack_bytes"] + 16, (tiled, plain)
+    assert tiled["shared_bytes"] <= 227 * 1024
 
 
 def exponentials_between_waits(events: str) -> list[int]:
@@ -281,15 +298,36 @@ def test_gluon_backward_matches_the_reference(case, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize("case", sorted(set(TILE_MASK_CASES) - {"empty_rows_nan"}))
+def test_gluon_backward_reads_bool_masks_in_tiles(case, monkeypatch):
+    """The forward's bool-mask cases (test_gluon_forward.TILE_MASK_CASES: broadcast, per
+    batch with GQA, per head under causal, ragged lengths under bottom-right causal, beside a
+    key_padding_mask, rows it hides entirely, hd64): the gradients of the Gluon dK/dV and dQ
+    kernels reading the mask in tiles against the float64 reference."""
+    B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(case)
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
+    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
+    assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
+                                    grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
 def test_refused_backwards_take_the_triton_kernel(monkeypatch):
-    """K's rows 264 bytes apart (no descriptor for it) and a bool mask: the Triton dK/dV
-    kernel, same answers."""
+    """K's rows 264 bytes apart (no descriptor for it) and a bool mask whose rows are not
+    16-byte aligned: the Triton dK/dV kernel, same answers."""
     calls = record_gluon_calls(monkeypatch)
     dtype = torch.bfloat16
     q, v = (randn(1, 8, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
     k_storage = randn(1, 8, 1024, 132, dtype=dtype).requires_grad_()
     k = k_storage[..., :128]
-    mask = torch.rand(1024, 1024, device=DEVICE) > 0.2
+    mask = (torch.rand(1024, 1032, device=DEVICE) > 0.2)[:, :1024]  # rows 1032 bytes apart
     grad = randn(1, 8, 1024, 128, dtype=dtype)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     for kwargs in (dict(), dict(attn_mask=mask)):

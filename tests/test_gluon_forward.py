@@ -287,6 +287,13 @@ def test_gluon_forward_reads_bool_masks_in_tiles(case, monkeypatch):
     head), with causal masks, GQA, ragged lengths, a key_padding_mask beside it and rows it
     hides entirely (zeros, or NaN with empty_rows="nan"): the Gluon forward's output and LSE
     against the float64 reference."""
+    B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(case)
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+def tile_mask_case(case: str) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of TILE_MASK_CASES[case],
+    its masks made on the test device."""
     B, Hq, Hkv, L, S, dtype, per, extras = TILE_MASK_CASES[case]
     extras = dict(extras)
     D = extras.pop("head_dim", 128)
@@ -299,8 +306,7 @@ def test_gluon_forward_reads_bool_masks_in_tiles(case, monkeypatch):
         kpm = torch.ones(B, S, dtype=torch.bool)
         kpm[1, S // 2 + 3:] = False
         extras["key_padding_mask"] = kpm.to(DEVICE)
-    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, attn_mask=mask,
-                                  **extras)
+    return B, Hq, Hkv, L, S, D, dtype, dict(attn_mask=mask, **extras)
 
 
 @needs_hopper
