@@ -46,8 +46,9 @@ the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
 Hopper API, fp16 / bf16, head dim 64 or 128 (at 64 every length: measured no slower at
-N = 1k, where the forward keeps the Triton kernel), no attn_mask but a padding row, no
-window, soft-capping or dropout, copy-engine layouts, not host-bound) for Q, K, V and dO, causal
+N = 1k, where the forward keeps the Triton kernel), no attn_mask but a padding row or a bool
+mask the copy engine reads, no window, soft-capping or dropout, copy-engine layouts, not
+host-bound) for Q, K, V and dO, causal
 with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
 dQ path with padded row statistics (not SDPA_PASS_BWD_DQ=atomic nor
 SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128 (``gluon_dq_refusal``).
@@ -60,6 +61,13 @@ dK/dV kernel reads its 128 keys' row once, stores zeros for a tile the row hides
 without visiting a query tile, and masks Sᵀ's hidden key rows only where the row hides one of
 a warpgroup's 64 keys (per query tile where a GQA group's heads have rows of their own). Rows
 that see no key have m = +inf from the prep kernel, so P = 0 there.
+
+Bool masks with rows of their own (``MASK_TILE``, as in gluon_forward.py): the dK/dV kernel's
+copy warp copies, with each Q tile, the mask's two (64 query rows x 64 keys) byte tiles of the
+CTA's key halves, which each consumer reads transposed from shared memory once Sᵀ is done;
+the dQ kernel takes its tiles with each K tile, as the forward. H100, hd128, N = 4096, a random
+(N, N) mask: forward + backward 395 TFLOP/s against the Triton kernels' 316 (BENCHMARKS.md,
+session 21).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ a descriptor of the mask's own dims (broadcast ones of size 1); a consumer reads
 from shared memory once its scores are waited for, then releases the slot. Rows may be empty
 as with padding. H100, hd128, a random (N, N) mask: 401 / 474 / 470 TFLOP/s at N = 1k / 4k /
 16k against the Triton kernel's 319 / 366 / 391 and flex's 279 / 331 / 333. SDPA_PASS_GLUON_MASK=0
-keeps such calls on the Triton kernel; the backward's Gluon kernels do not read these masks.
+keeps such calls on the Triton kernels; the backward's Gluon kernels read these masks too
+(gluon_backward.py).
 """
 
 from __future__ import annotations
