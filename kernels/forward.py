@@ -313,10 +313,10 @@ def padding_spans(kpm: torch.Tensor | None, kpm_strides: tuple, mask: torch.Tens
     their key tiles' range from it and leave the padding unread inside a dense span.
     ``plan_key``: the caller's (the launch is remembered under it, kernels/launch.py)."""
     rows = heads if padding & 2 and mask_strides[1] != 0 else 1
-    present = kpm if kpm is not None else mask
+    present = kpm if kpm is not None else mask  # (also the dummy pointer of an absent one)
     spans = torch.empty((batch, rows, 3), dtype=torch.int32, device=present.device)
-    args = (present if kpm is None else kpm, present if mask is None else mask, spans,
-            *kpm_strides, mask_strides[0], mask_strides[1], mask_strides[3], kv_len)
+    args = (present, present if mask is None else mask, spans, *kpm_strides, mask_strides[0],
+            mask_strides[1], mask_strides[3], kv_len)
     launch_fixed(_SPAN_CALLS, plan_key, _padding_spans_kernel, (batch, rows), args,
                  dict(KEY_SPAN=padding, CHUNK=SPAN_CHUNK, num_warps=4))
     return spans
@@ -1189,9 +1189,9 @@ _FORWARD_PLANS = PlanCache()
 class _GluonPlan:
     """A forward the Gluon kernel serves, for the next calls with the same plan key, which
     fixes everything ``gluon_forward_refusal`` reads (layouts, dtype, device, the masks'
-    kinds and layouts, causal form, window, soft-capping, dropout, the sign of the scale, the variables
-    of launch.py's _VARIABLES) and the shape ``host_bound`` reads; the Gluon kernel's
-    compiled launch is remembered under the same key."""
+    kinds and layouts, causal form, window, soft-capping, dropout, the sign of the scale, the
+    variables of launch.py's _VARIABLES) and the shape ``host_bound`` reads; the Gluon
+    kernel's compiled launch is remembered under the same key."""
 
     def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
                  diagonal: int, plan_key, padding: int, kpm_strides: tuple, mask_strides: tuple,
