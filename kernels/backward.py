@@ -800,9 +800,10 @@ class _BackwardDecisions:
         self.kpm_strides, self.mask_strides = lp.kpm_strides, lp.mask_strides
         # an attn_mask with rows of its own: bool ones are read in tiles as the forward does
         tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
-        self.mask_tile = tiled and tile_mask_refusal(mask) is None
+        tile_refusal = tile_mask_refusal(mask) if tiled else None
+        self.mask_tile = tiled and tile_refusal is None
         self.gluon_refusal = gluon_backward_refusal(
-            q, k, v, grad_out, shape, masked=tiled and tile_mask_refusal(mask),
+            q, k, v, grad_out, shape, masked=tile_refusal,
             padding=self.padding, window=window,
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
