@@ -78,7 +78,8 @@ import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon,
-                            gluon_padding_refusal, mask_tile_descriptor, span_strides)
+                            gluon_padding_refusal, mask_tile_descriptor, mask_tile_indexing,
+                            padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -576,20 +577,6 @@ def _stats_descriptor(t: torch.Tensor):
 _GLUON_BWD_CALLS = PlanCache()
 
 
-def _mask_tile_indexing(mask_tile: bool, mask_strides: tuple) -> tuple:
-    """(mask_b_on, mask_h_on): whether the bool mask read in tiles has a batch and a head dim
-    of its own (else its descriptor's dim of size 1 is indexed at 0)."""
-    return int(mask_tile and mask_strides[0] != 0), int(mask_tile and mask_strides[1] != 0)
-
-
-def _padding_args(kpm, kpm_strides: tuple, mask, mask_strides: tuple, q: torch.Tensor) -> tuple:
-    """The kernels' padding-row arguments: the key_padding_mask and the bool attn_mask (q as
-    a dummy pointer for either that is absent), then the strides: the mask's (B, Hq, L, S)
-    view's but L's."""
-    return (q if kpm is None else kpm, q if mask is None else mask, *kpm_strides,
-            mask_strides[0], mask_strides[1], mask_strides[3])
-
-
 def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape, *,
                          scale: float, qk_scale: float, causal_align: int, offset: int,
                          rows: int, plan_key, padding: int = 0, kpm=None,
@@ -612,11 +599,11 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     heads_first = order == "heads" or (is_causal and order != "tiles")
     grid = (B * Hkv, -(-S // BLOCK_N)) if heads_first else (-(-S // BLOCK_N), B * Hkv)
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
-    pad = _padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
+    pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv,
             mask.view(torch.uint8) if mask_tile else None, *pad[:2], qk_scale, scale, Hkv, L, S,
             shape.group, offset, rows, B * shape.q_heads * rows, *pad[2:],
-            *_mask_tile_indexing(mask_tile, mask_strides))
+            *mask_tile_indexing(mask_tile, mask_strides))
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
     row_per_head = bool(padding & 2) and mask_strides[1] != 0 and shape.group > 1
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
@@ -660,12 +647,12 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D, bn = shape.head_dim, dq_block_n(shape.head_dim)
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
-    pad = _padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
+    pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dq,
             mask.view(torch.uint8) if mask_tile else None, *pad[:2],
             q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset, rows,
             B * Hq * rows, *pad[2:], *span_strides(spans),
-            *_mask_tile_indexing(mask_tile, mask_strides))
+            *mask_tile_indexing(mask_tile, mask_strides))
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
                  args, dict(BM=DQ_BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,

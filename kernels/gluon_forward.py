@@ -513,6 +513,20 @@ def padding_flags(row_mask: bool, has_kpm: bool, span: int) -> int:
     return span if span else -1
 
 
+def mask_tile_indexing(mask_tile: bool, mask_strides: tuple) -> tuple:
+    """(mask_b_on, mask_h_on): whether the bool mask read in tiles has a batch and a head dim
+    of its own (else its descriptor's dim of size 1 is indexed at 0)."""
+    return int(mask_tile and mask_strides[0] != 0), int(mask_tile and mask_strides[1] != 0)
+
+
+def padding_args(kpm, kpm_strides: tuple, mask, mask_strides: tuple, q: torch.Tensor) -> tuple:
+    """The kernels' padding-row arguments: the key_padding_mask and the bool attn_mask (q as
+    a dummy pointer for either that is absent), then the strides: the mask's (B, Hq, L, S)
+    view's but L's."""
+    return (q if kpm is None else kpm, q if mask is None else mask, *kpm_strides,
+            mask_strides[0], mask_strides[1], mask_strides[3])
+
+
 def span_strides(spans: torch.Tensor | None) -> tuple:
     """(span_sb, span_sh): the elements between the rows of batch elements and of query heads
     in ``forward.padding_spans``' (B, Hm, 3) (0 between heads where Hm is 1)."""
@@ -571,19 +585,17 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     key_padding_mask ``kpm`` (B, S) with ``kpm_strides`` and / or the bool ``mask`` whose
     (B, Hq, L, S) view has ``mask_strides``, and their ``forward.padding_spans``;
     ``nan_on_empty``: rows that see no key give NaN (else zeros). ``mask_tile``: ``mask`` is
-    instead a bool attn_mask with rows of its own (``tile_mask_layout``), read in tiles
+    instead a bool attn_mask with rows of its own (``tile_mask_refusal``), read in tiles
     through a descriptor (``padding`` then covers a key_padding_mask only)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
+    pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, out, mask.view(torch.uint8) if mask_tile else None,
-            lse if return_lse else out, q if kpm is None else kpm,
-            q if mask is None or mask_tile else mask, q if spans is None else spans,
+            lse if return_lse else out, *pad[:2], q if spans is None else spans,
             scale * LOG2E, Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S),
-            *kpm_strides, mask_strides[0], mask_strides[1], mask_strides[3],
-            *span_strides(spans), int(mask_tile and mask_strides[0] != 0),
-            int(mask_tile and mask_strides[1] != 0))
+            *pad[2:], *span_strides(spans), *mask_tile_indexing(mask_tile, mask_strides))
     D = shape.head_dim
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(BLOCK_N, D)
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,

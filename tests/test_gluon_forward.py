@@ -104,7 +104,6 @@ def test_tile_mask_descriptors_index_the_masks_own_dims(own):
     """The copy engine's view of a bool mask: its own batch and head dims (a broadcast one of
     size 1, which the kernels index at 0), the (B, Hq, L, S) view's row stride, bytes, and
     the tiles each kernel copies (forward: 64 rows x 128 keys; dK/dV and dQ: 64 x 64)."""
-    from sdpa_pass.kernels import gluon_backward as gbwd
     B, H, L, S = 2, 4, 96, 160
     mask = torch.ones(B if "b" in own else 1, H if "h" in own else 1, L, S, dtype=torch.bool)
     strides = mask.expand(B, H, L, S).stride()
@@ -114,8 +113,8 @@ def test_tile_mask_descriptors_index_the_masks_own_dims(own):
         assert list(desc.shape) == [B if "b" in own else 1, H if "h" in own else 1, L, S]
         assert list(desc.strides)[2:] == [S, 1] and list(desc.block_shape) == [1, 1, rows, keys]
         assert all(stride % 16 == 0 for stride in desc.strides[:3])
-    assert gbwd._mask_tile_indexing(True, strides) == ("b" in own, "h" in own)
-    assert gbwd._mask_tile_indexing(False, strides) == (0, 0)
+    assert gfwd.mask_tile_indexing(True, strides) == ("b" in own, "h" in own)
+    assert gfwd.mask_tile_indexing(False, strides) == (0, 0)
 
 
 @needs_gluon
