@@ -390,10 +390,11 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                "mask_ptr": "*i1", "qk_scale": "fp32", "sm_scale": "fp32", "Hkv": "i32",
                "L": "i32", "S": "i32", "group": "i32", "offset": "i32", "rows": "i32",
                "stats_stride": "i32", **padding_sig}
-        consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
+        consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
                       ROW_PER_HEAD=False, MASK_TILE=mask_tile, HEADS_FIRST=causal,
-                      CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+                      CONSUMER_REGS=product.CONSUMER_REGS, P_STAGES=product.dkdv_p_stages(mask_tile),
+                      num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
     if not mask_tile:
@@ -620,7 +621,8 @@ def main() -> None:
                              "one JSON line")
     parser.add_argument("--causal-product", action="store_true",
                         help="with --product: the causal kernel")
-    parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="with --product: 64, 128 or 256 (dkdv)")
     parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
                         help="with --product: which of the library's two kernels")
     parser.add_argument("--padding", type=int, default=0,

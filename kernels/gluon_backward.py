@@ -34,6 +34,20 @@ start first. Measured (H100, bf16, profiler, session 17): 1.04-1.08x the Triton 
 without a mask at N = 1k / 4k, 1.06x GQA causal 4k, equal on the other causal shapes; at hd64
 0.84-0.93x, so there the Triton kernel stays.
 
+Head dim 256 (``WIDE``): one warpgroup's dK and dV of 64 keys would take 256 fp32 registers a
+thread, so the two consumers split the work on the same 64 keys instead of the keys
+(FlashAttention-3 splits the head dim at hd256, and shares P and dS through shared memory).
+The first computes Sᵀ = K Q_iᵀ and Pᵀ, hands Pᵀ (fp32, bit for bit what it exponentiated) to the
+second through a small ring in shared memory (``P_STAGES`` slots; ready / empty mbarriers, each
+side's warps synchronised before its arrive), and accumulates dV += Pᵀ dO_i; the second computes
+dPᵀ = V dO_iᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta) and dK += dSᵀ Q_i. Each holds one 64 x 256 fp32
+accumulator (128 registers), every product has N = 64 or reads its A operand from registers,
+and the two warpgroups' products interleave on the tensor cores. The first alone reads K and
+the second alone V, so dV leaves through K's shared memory and dK through V's. Shared memory:
+K, V, two Q and two dO slots of 64 x 256 (192 KB) and the Pᵀ ring (32 KB; one slot, 16 KB,
+beside a bool mask's tiles). Masks as at hd128, applied by the first consumer (Pᵀ = 0 where
+hidden, so dSᵀ is too). The forward and dQ at hd256 stay the Triton kernels.
+
 The prep kernel (delta and the row statistics, padded to whole 64-row tiles with rows that
 see no key: m = +inf, delta = 0) stays Triton's.
 
@@ -45,8 +59,8 @@ from the consumers (FA3 gives those adds to a separate warp and the copy engine)
 the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
-Hopper API, fp16 / bf16, head dim 64 or 128 (at 64 every length: measured no slower at
-N = 1k, where the forward keeps the Triton kernel), no attn_mask but a padding row or a bool
+Hopper API, fp16 / bf16, head dim 64, 128 or 256 (``BWD_HEAD_DIMS``; at 64 every length:
+measured no slower at N = 1k, where the forward keeps the Triton kernel), no attn_mask but a padding row or a bool
 mask the copy engine reads, no window, soft-capping or dropout, copy-engine layouts, not
 host-bound) for Q, K, V and dO, causal
 with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
@@ -77,13 +91,19 @@ import os
 import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
-from .gluon_forward import (HEAD_DIMS, _copy_engine_layout, _descriptor_maker, _layout, gluon,
+from .gluon_forward import (_copy_engine_layout, _descriptor_maker, _layout, gluon,
                             gluon_padding_refusal, mask_tile_descriptor, mask_tile_indexing,
                             padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
 BLOCK_N = 128  # keys a CTA, 64 a consumer warpgroup
+WIDE_BLOCK_N = 64  # keys a CTA at head dims over 128 (both consumers on the same keys)
+# Slots of the hd256 kernel's fp32 Pᵀ tiles between its consumers: two, one beside a bool
+# mask's ring (two would pass Hopper's 227 KB of shared memory)
+P_STAGES = 2
+# Head dims the dK/dV kernel takes (256: the split schedule of the module docstring)
+BWD_HEAD_DIMS = (64, 128, 256)
 STAGES = 2  # Q / dO ring slots
 CONSUMER_REGS = 240
 DQ_BLOCK_M = 128  # query rows a dQ CTA, 64 a consumer warpgroup
@@ -115,16 +135,16 @@ if gluon is not None:
         group, its i-th query tile from first_m) Q_i with m_i and r_i into q slot it % STAGES
         and dO_i with delta_i into the dO slot, once both consumers released the slot. Rows
         past L and keys past S arrive as zeros; the statistics are padded to whole tiles.
-        MASK_TILE: with Q_i, the bool attn_mask's two (BM rows x 64 keys) byte tiles of the
-        CTA's key halves into slots 2 (it % STAGES) and 2 (it % STAGES) + 1 (zeros past L and
-        S: hidden)."""
-        half: gl.constexpr = BN // 2
+        K, V and the mask tiles come in 64-key parts (two at BN = 128: a consumer's half
+        each; one at BN = 64, the hd256 kernel). MASK_TILE: with Q_i, the bool attn_mask's
+        (BM rows x 64 keys) byte tiles of the CTA's parts into slots parts * (it % STAGES) + w
+        (zeros past L and S: hidden)."""
+        parts: gl.constexpr = BN // 64  # K, V and the mask tiles in 64-key parts
         elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
         mbarrier.expect(kv_bar, 2 * BN * HEAD * elem)
-        _tma_load(k_desc, [b, h_kv, start_n, 0], kv_bar, k_smem.index(0))
-        _tma_load(k_desc, [b, h_kv, start_n + half, 0], kv_bar, k_smem.index(1))
-        _tma_load(v_desc, [b, h_kv, start_n, 0], kv_bar, v_smem.index(0))
-        _tma_load(v_desc, [b, h_kv, start_n + half, 0], kv_bar, v_smem.index(1))
+        for w in gl.static_range(parts):
+            _tma_load(k_desc, [b, h_kv, start_n + w * 64, 0], kv_bar, k_smem.index(w))
+            _tma_load(v_desc, [b, h_kv, start_n + w * 64, 0], kv_bar, v_smem.index(w))
         tile_bytes: gl.constexpr = BM * HEAD * elem
         for it in range(group * n_q):
             slot = it % STAGES
@@ -136,9 +156,9 @@ if gluon is not None:
             mbarrier.wait(empty.index(slot), phase)
             if MASK_TILE:
                 mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4 + BM * BN)
-                for w in gl.static_range(2):
-                    _tma_load(mt_desc, [b * mask_b_on, h * mask_h_on, m0, start_n + w * half],
-                              q_ready.index(slot), mt_smem.index(2 * slot + w))
+                for w in gl.static_range(parts):
+                    _tma_load(mt_desc, [b * mask_b_on, h * mask_h_on, m0, start_n + w * 64],
+                              q_ready.index(slot), mt_smem.index(parts * slot + w))
             else:
                 mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4)
             _tma_load(q_desc, [b, h, m0, 0], q_ready.index(slot), q_smem.index(slot))
@@ -148,6 +168,48 @@ if gluon is not None:
             mbarrier.expect(do_ready.index(slot), tile_bytes + BM * 4)
             _tma_load(do_desc, [b, h, m0, 0], do_ready.index(slot), do_smem.index(slot))
             _tma_load(stats_desc, [row], do_ready.index(slot), delta_smem.index(slot))
+
+    @gluon.jit
+    def _keys_seen(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b,
+                   h, keys, S, KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr):
+        """(seen, hides) of a consumer's keys before its loop: with KEY_SPAN and one row for
+        the whole GQA group (not ROW_PER_HEAD) whether the row shows each key and whether it
+        hides any; otherwise placeholders (``seen`` is then read per query head)."""
+        seen = keys >= 0
+        hides = False
+        if KEY_SPAN != 0:
+            if not ROW_PER_HEAD:  # every query head of the group reads the same row
+                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                   stride_mh, stride_mn, b, h, keys, keys < S, KEY_SPAN)
+                hides = gl.min(seen.to(gl.int32), 0) == 0
+        return seen, hides
+
+    @gluon.jit
+    def _pt_tile(st, m, r, mt_tile, seen, hides, m0, key0, offset, qk_scale, BM: gl.constexpr,
+                 NK: gl.constexpr, st_layout: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
+        """Pᵀ of NK keys from key0 against the BM query rows from m0, from their scores Sᵀ
+        (keys along dim 0) and the rows' statistics m, r: the keys a row may not see at -inf
+        first. MASK_TILE: the bool attn_mask's (BM x NK) byte tile ``mt_tile``, read transposed;
+        IS_CAUSAL: key j of row i iff j <= i + offset, evaluated only on tiles holding a pair
+        that may not see each other; KEY_SPAN: the padding row's ``seen`` keys, applied where
+        it ``hides`` one (always with ROW_PER_HEAD)."""
+        if MASK_TILE:
+            tile = mt_tile.reshape([BM, NK]).permute((1, 0))
+            st = gl.where(tile.load(st_layout) != 0, st, float("-inf"))
+        if IS_CAUSAL:
+            if m0 + offset < key0 + NK - 1:  # some key of the tile is past a row's last
+                ckeys = key0 + gl.arange(0, NK, layout=gl.SliceLayout(1, st_layout))
+                last = m0 + offset + gl.arange(0, BM, layout=gl.SliceLayout(0, st_layout))
+                st = gl.where(gl.expand_dims(ckeys, 1) <= gl.expand_dims(last, 0), st,
+                              float("-inf"))
+        if KEY_SPAN != 0:
+            if ROW_PER_HEAD:
+                st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
+            elif hides:
+                st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
+        # the backward kernels' P (backward._p_from_scores): m first, then the small r
+        return gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
 
     @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
@@ -180,13 +242,10 @@ if gluon is not None:
         st_zero = gl.zeros([half, BM], gl.float32, layout=st_layout)
         dv = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
         dk = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
-        if KEY_SPAN != 0:
-            keys = start_n + W * half + gl.arange(0, half, layout=row_st)
-            if not ROW_PER_HEAD:  # every query head of the group reads the same row
-                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                   stride_mh, stride_mn, b, h_kv * group, keys, keys < S,
-                                   KEY_SPAN)
-                hides = gl.min(seen.to(gl.int32), 0) == 0
+        keys = start_n + W * half + gl.arange(0, half, layout=row_st)
+        seen, hides = _keys_seen(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                 stride_mh, stride_mn, b, h_kv * group, keys, S, KEY_SPAN,
+                                 ROW_PER_HEAD)
         mbarrier.wait(kv_bar, 0)
         for it in range(group * n_q):
             slot = it % STAGES
@@ -207,23 +266,9 @@ if gluon is not None:
             m = m_smem.index(slot).load(col_st)
             r = r_smem.index(slot).load(col_st)
             st = warpgroup_mma_wait(num_outstanding=1, deps=[st_tok])  # Sᵀ done, dPᵀ in flight
-            if MASK_TILE:
-                tile = mt_smem.index(2 * slot + W).reshape([BM, half]).permute((1, 0))
-                st = gl.where(tile.load(st_layout) != 0, st, float("-inf"))
-            if IS_CAUSAL:
-                m0 = (first_m + it % n_q) * BM
-                if m0 + offset < start_n + BN - 1:  # some key of the tile is past a row's
-                    ckeys = start_n + W * half + gl.arange(0, half, layout=row_st)
-                    last = m0 + offset + gl.arange(0, BM, layout=col_st)
-                    st = gl.where(gl.expand_dims(ckeys, 1) <= gl.expand_dims(last, 0), st,
-                                  float("-inf"))
-            if KEY_SPAN != 0:
-                if ROW_PER_HEAD:
-                    st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
-                elif hides:
-                    st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
-            # the backward kernels' P (backward._p_from_scores): m first, then the small r
-            pt = gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
+            pt = _pt_tile(st, m, r, mt_smem.index(2 * slot + W), seen, hides,
+                          (first_m + it % n_q) * BM, start_n + W * half, offset, qk_scale, BM,
+                          half, st_layout, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)
             pt_op = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(pt_op, do_t, dv, is_async=True)
             delta = delta_smem.index(slot).load(col_st)
@@ -243,6 +288,113 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _bwd_wide_scores(dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem, pt_smem,
+                         kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b, h_kv, start_n,
+                         first_m, n_q, group, offset, qk_scale, S, kpm_ptr, stride_pb,
+                         stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
+                         BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                         STAGES: gl.constexpr, P_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                         KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr,
+                         MASK_TILE: gl.constexpr):
+        """The hd256 kernel's first consumer (module docstring, "Head dim 256"): per query
+        tile Sᵀ = K Q_iᵀ, Pᵀ (masked as ``_pt_tile``), Pᵀ in fp32 to the second consumer
+        through slot it % P_STAGES of ``pt_smem``, and dV += Pᵀ dO_i; it alone reads K, so dV
+        leaves through K's shared memory."""
+        dtype: gl.constexpr = q_smem.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+        k_t = k_smem.index(0).reshape([BN, HEAD])
+        st_zero = gl.zeros([BN, BM], gl.float32, layout=st_layout)
+        dv = gl.zeros([BN, HEAD], gl.float32, layout=acc_layout)
+        keys = start_n + gl.arange(0, BN, layout=gl.SliceLayout(1, st_layout))
+        seen, hides = _keys_seen(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                 stride_mh, stride_mn, b, h_kv * group, keys, S, KEY_SPAN,
+                                 ROW_PER_HEAD)
+        mbarrier.wait(kv_bar, 0)
+        for it in range(group * n_q):
+            slot = it % STAGES
+            phase = (it // STAGES) & 1
+            if KEY_SPAN != 0:
+                if ROW_PER_HEAD:
+                    seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                       stride_mh, stride_mn, b, h_kv * group + it // n_q, keys,
+                                       keys < S, KEY_SPAN)
+            mbarrier.wait(q_ready.index(slot), phase)
+            q_t = q_smem.index(slot).reshape([BM, HEAD])
+            st_tok = warpgroup_mma(k_t, q_t.permute((1, 0)), st_zero, use_acc=False,
+                                   is_async=True)
+            m = m_smem.index(slot).load(col_st)
+            r = r_smem.index(slot).load(col_st)
+            st = warpgroup_mma_wait(num_outstanding=0, deps=[st_tok])
+            pt = _pt_tile(st, m, r, mt_smem.index(slot), seen, hides, (first_m + it % n_q) * BM,
+                          start_n, offset, qk_scale, BM, BN, st_layout, IS_CAUSAL, KEY_SPAN,
+                          ROW_PER_HEAD, MASK_TILE)
+            ps = it % P_STAGES
+            mbarrier.wait(pt_empty.index(ps), ((it // P_STAGES) & 1) ^ 1)
+            pt_smem.index(ps).store(pt)
+            _cta_barrier()  # every thread's part of Pᵀ written before the arrive
+            mbarrier.arrive(pt_ready.index(ps))
+            pt_op = gl.convert_layout(pt.to(dtype), a_layout)
+            mbarrier.wait(do_ready.index(slot), phase)
+            dv_tok = warpgroup_mma(pt_op, do_smem.index(slot).reshape([BM, HEAD]), dv,
+                                   is_async=True)
+            dv, pt_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, pt_op])
+            mbarrier.arrive(empty.index(slot))
+        k_t.store(dv.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(dv_desc, [b, h_kv, start_n, 0], k_smem.index(0))  # clipped at S
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _bwd_wide_grads(dk_desc, v_smem, q_smem, do_smem, delta_smem, pt_smem, kv_bar, q_ready,
+                        do_ready, empty, pt_ready, pt_empty, b, h_kv, start_n, n_q, group,
+                        sm_scale, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                        STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+        """The hd256 kernel's second consumer: per query tile dPᵀ = V dO_iᵀ, Pᵀ from the first
+        consumer, dSᵀ = Pᵀ ∘ (dPᵀ - delta) and dK += dSᵀ Q_i; it alone reads V, so dK·scale
+        leaves through V's shared memory."""
+        dtype: gl.constexpr = q_smem.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+        v_t = v_smem.index(0).reshape([BN, HEAD])
+        st_zero = gl.zeros([BN, BM], gl.float32, layout=st_layout)
+        dk = gl.zeros([BN, HEAD], gl.float32, layout=acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        for it in range(group * n_q):
+            slot = it % STAGES
+            phase = (it // STAGES) & 1
+            mbarrier.wait(do_ready.index(slot), phase)
+            dpt_tok = warpgroup_mma(v_t, do_smem.index(slot).reshape([BM, HEAD]).permute((1, 0)),
+                                    st_zero, use_acc=False, is_async=True)
+            delta = delta_smem.index(slot).load(col_st)
+            dpt = warpgroup_mma_wait(num_outstanding=0, deps=[dpt_tok])
+            ps = it % P_STAGES
+            mbarrier.wait(pt_ready.index(ps), (it // P_STAGES) & 1)
+            pt = pt_smem.index(ps).load(st_layout)
+            _cta_barrier()  # every thread's read of Pᵀ done before the slot is released
+            mbarrier.arrive(pt_empty.index(ps))
+            ds_op = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+            mbarrier.wait(q_ready.index(slot), phase)
+            dk_tok = warpgroup_mma(ds_op, q_smem.index(slot).reshape([BM, HEAD]), dk,
+                                   is_async=True)
+            dk, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dk_tok, ds_op])
+            mbarrier.arrive(empty.index(slot))
+        v_t.store((dk * sm_scale).to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(dk_desc, [b, h_kv, start_n, 0], v_smem.index(0))  # clipped at S
+        tma.store_wait(0)
+
+    @gluon.jit
     def _attention_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dk_desc, dv_desc,
                                mt_desc, kpm_ptr, mask_ptr, qk_scale, sm_scale, Hkv, L, S, group,
                                offset, rows, stats_stride, stride_pb, stride_pn, stride_mb,
@@ -251,7 +403,7 @@ if gluon is not None:
                                IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
                                ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
                                HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                               num_warps: gl.constexpr):
+                               P_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(S, BN), B * Hkv), or with HEADS_FIRST (B * Hkv, cdiv(S, BN)). Q, dO
         (B, Hq, L, D), K, V, dK, dV (B, Hkv, S, D) through 4-d descriptors of 64-row tiles of
         one head; ``stats``: the prep kernel's (delta, m, r), each (B, Hq, rows) fp32, flat
@@ -262,7 +414,11 @@ if gluon is not None:
         through ``mt_desc`` (bytes, the mask's own dims, broadcast ones of size 1 indexed at
         b * mask_b_on, h * mask_h_on; BM x 64 tiles)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
+        WIDE: gl.constexpr = HEAD > 128  # the hd256 schedule (module docstring)
+        if WIDE:
+            gl.static_assert(BN == 64, "64 keys a CTA at head dims over 128")
+        else:
+            gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
         if HEADS_FIRST:
             pid_bh = gl.program_id(0)
             pid_n = gl.program_id(1)
@@ -287,16 +443,16 @@ if gluon is not None:
                     n_q = n_q * 0
 
         dtype: gl.constexpr = q_desc.dtype
-        half: gl.constexpr = BN // 2
-        k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, half, HEAD], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, half, HEAD], v_desc.layout)
+        parts: gl.constexpr = BN // 64
+        k_smem = gl.allocate_shared_memory(dtype, [parts, 1, 1, 64, HEAD], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [parts, 1, 1, 64, HEAD], v_desc.layout)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BM, HEAD], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BM, HEAD], do_desc.layout)
         m_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
         r_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats_desc.layout)
         if MASK_TILE:
-            mt_smem = gl.allocate_shared_memory(mt_desc.dtype, [2 * STAGES, 1, 1, BM, half],
+            mt_smem = gl.allocate_shared_memory(mt_desc.dtype, [parts * STAGES, 1, 1, BM, 64],
                                                 mt_desc.layout)
         else:
             mt_smem = m_smem  # (not read)
@@ -311,25 +467,55 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
-                             delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
-                             start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
-                             kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                             stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
-                             ROW_PER_HEAD, MASK_TILE)),
-            (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
-                             delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
-                             start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
-                             kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                             stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
-                             ROW_PER_HEAD, MASK_TILE)),
-            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
-                             v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
-                             kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group, start_n,
-                             first_m, n_q, group, rows, stats_stride, mask_b_on, mask_h_on, BM,
-                             BN, HEAD, STAGES, MASK_TILE)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        if WIDE:
+            pt_smem = gl.allocate_shared_memory(
+                gl.float32, [P_STAGES, BN, BM],
+                gl.NVMMASharedLayout.get_default_for([BN, BM], gl.float32))
+            pt_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
+                                                 mbarrier.MBarrierLayout())
+            pt_empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
+                                                 mbarrier.MBarrierLayout())
+            for i in gl.static_range(P_STAGES):
+                mbarrier.init(pt_ready.index(i), count=1)
+                mbarrier.init(pt_empty.index(i), count=1)
+            fence_async_shared()
+            gl.warp_specialize([
+                (_bwd_wide_scores, (dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem,
+                                    pt_smem, kv_bar, q_ready, do_ready, empty, pt_ready,
+                                    pt_empty, b, h_kv, start_n, first_m, n_q, group, offset,
+                                    qk_scale, S, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                                    stride_mb, stride_mh, stride_mn, BM, BN, HEAD, STAGES,
+                                    P_STAGES, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)),
+                (_bwd_wide_grads, (dk_desc, v_smem, q_smem, do_smem, delta_smem, pt_smem,
+                                   kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b,
+                                   h_kv, start_n, n_q, group, sm_scale, BM, BN, HEAD, STAGES,
+                                   P_STAGES)),
+                (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
+                                 v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
+                                 kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group,
+                                 start_n, first_m, n_q, group, rows, stats_stride, mask_b_on,
+                                 mask_h_on, BM, BN, HEAD, STAGES, MASK_TILE)),
+            ], [4, 1], [CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
+                                 delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
+                                 start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
+                                 kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                                 stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
+                                 ROW_PER_HEAD, MASK_TILE)),
+                (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
+                                 delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
+                                 start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
+                                 kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                                 stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
+                                 ROW_PER_HEAD, MASK_TILE)),
+                (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
+                                 v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
+                                 kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group, start_n,
+                                 first_m, n_q, group, rows, stats_stride, mask_b_on, mask_h_on, BM,
+                                 BN, HEAD, STAGES, MASK_TILE)),
+            ], [4, 1], [CONSUMER_REGS, 24])
 
     # ---- the dQ kernel: the same schedule over query rows (module docstring, "dQ") ----
 
@@ -543,8 +729,9 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "not a Hopper GPU (compute capability 9.x)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (fp16 / bf16 only)"
-    if shape.head_dim != shape.v_head_dim or shape.head_dim not in HEAD_DIMS:
-        return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
+    if shape.head_dim != shape.v_head_dim or shape.head_dim not in BWD_HEAD_DIMS:
+        return (f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of "
+                f"{BWD_HEAD_DIMS})")
     if masked:
         return masked if isinstance(masked, str) else "an attn_mask the Gluon backward does not read"
     padding_refusal = gluon_padding_refusal(padding)
@@ -597,7 +784,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     # side by side (the order without a causal mask), =heads asks for heads first always.
     order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
     heads_first = order == "heads" or (is_causal and order != "tiles")
-    grid = (B * Hkv, -(-S // BLOCK_N)) if heads_first else (-(-S // BLOCK_N), B * Hkv)
+    bn = dkdv_block_n(shape.head_dim)
+    grid = (B * Hkv, -(-S // bn)) if heads_first else (-(-S // bn), B * Hkv)
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv,
@@ -607,15 +795,26 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
     row_per_head = bool(padding & 2) and mask_strides[1] != 0 and shape.group > 1
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
-                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=shape.head_dim, STAGES=STAGES,
+                 dict(BM=BLOCK_M, BN=bn, HEAD=shape.head_dim, STAGES=STAGES,
                       IS_CAUSAL=is_causal, KEY_SPAN=padding, ROW_PER_HEAD=row_per_head,
                       MASK_TILE=mask_tile, HEADS_FIRST=heads_first,
-                      CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                      CONSUMER_REGS=CONSUMER_REGS, P_STAGES=dkdv_p_stages(mask_tile),
+                      num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker,
                               **({7: mask_tile_descriptor(B, shape.q_heads, mask_strides, L, S,
-                                                          BLOCK_M, BLOCK_N // 2)}
+                                                          BLOCK_M, 64)}
                                  if mask_tile else {})})
+
+
+def dkdv_block_n(head_dim: int) -> int:
+    """Keys a CTA of the dK/dV kernel at this head dim."""
+    return WIDE_BLOCK_N if head_dim > 128 else BLOCK_N
+
+
+def dkdv_p_stages(mask_tile: bool) -> int:
+    """Slots of the hd256 dK/dV kernel's Pᵀ tiles (``P_STAGES``)."""
+    return 1 if mask_tile else P_STAGES
 
 
 def dq_block_n(head_dim: int) -> int:

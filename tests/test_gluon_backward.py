@@ -57,6 +57,9 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
     assert "dtype" in refusal(q.float(), kv.float(), kv.float())
     q64, kv64 = torch.zeros(2, 4, 200, 64, dtype=h), torch.zeros(2, 2, 300, 64, dtype=h)
     assert refusal(q64, kv64, kv64) is None
+    q256, kv256 = torch.zeros(2, 4, 200, 256, dtype=h), torch.zeros(2, 2, 300, 256, dtype=h)
+    assert refusal(q256, kv256, kv256) is None  # the split schedule
+    assert "head dim 256" in gbwd.gluon_dq_refusal(refusal(q256, kv256, kv256), 256)
     q80, kv80 = torch.zeros(2, 4, 200, 80, dtype=h), torch.zeros(2, 2, 300, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
@@ -144,6 +147,22 @@ def test_tile_mask_kernels_compile_for_sm90(kernel, causal):
     assert not tiled["wgmma serialized (ptxas C7514)"]
     assert tiled["stack_bytes"] <= plain["stack_bytes"] + 16, (tiled, plain)
     assert tiled["shared_bytes"] <= 227 * 1024
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal, mask_tile", [(False, False), (True, True)])
+def test_hd256_kernel_compiled_for_sm90_fits_hoppers_shared_memory(causal, mask_tile):
+    """The hd256 dK/dV kernel (two consumers on the same 64 keys, module docstring) for sm_90:
+    K, V, the Q / dO ring and the Pᵀ ring (one slot beside a bool mask's tiles) within Hopper's
+    227 KB of shared memory, no spill, the register split, the wgmmas not serialized; 40
+    wgmmas (Sᵀ and dPᵀ 16 k-steps each, dV and dK 4) and the 32 exponentials a thread of the
+    first consumer only."""
+    report = compile_report("bf16", causal, 256, mask_tile=mask_tile)
+    assert report["shared_bytes"] <= 227 * 1024, report
+    assert report["stack_bytes"] <= 16, report
+    assert {24, gbwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
+    assert not report["wgmma serialized (ptxas C7514)"]
+    assert (report["HGMMA"], report["MUFU.EX2"]) == (40, 32), report
 
 
 def exponentials_between_waits(events: str) -> list[int]:
@@ -274,6 +293,24 @@ GPU_CASES = {
     "hd64_short_keys": (1, 8, 2, 2048, 1024, torch.bfloat16, None, dict(head_dim=64)),
     "hd64_short_keys_ragged_bottom_right": (2, 8, 4, 1000, 1300, torch.float16, None,
                                             dict(causal="bottom_right", head_dim=64)),
+    # hd256: the dK/dV kernel's split schedule (64 keys a CTA; the forward and dQ Triton's)
+    "hd256": (2, 8, 8, 1024, 1024, torch.bfloat16, None, dict(head_dim=256)),
+    "hd256_gqa_ragged_bottom_right": (2, 8, 2, 1000, 1300, torch.float16, None,
+                                      dict(causal="bottom_right", head_dim=256)),
+    "hd256_rows_past_keys_scale": (1, 8, 4, 1536, 640, torch.bfloat16, 0.05,
+                                   dict(causal="bottom_right", head_dim=256)),
+    "hd256_top_left_mqa": (1, 8, 1, 700, 900, torch.bfloat16, None,
+                           dict(is_causal=True, head_dim=256)),
+}
+
+# Bool masks read in tiles at hd256 (laid out as test_gluon_forward.TILE_MASK_CASES)
+WIDE_TILE_MASK_CASES = {
+    "hd256_per_head_causal": (1, 8, 4, 1024, 1024, torch.bfloat16, "bh", dict(is_causal=True,
+                                                                              head_dim=256)),
+    "hd256_with_key_padding": (2, 4, 4, 1024, 1024, torch.float16, None, dict(kpm=True,
+                                                                               head_dim=256)),
+    "hd256_empty_rows_ragged": (2, 4, 2, 1000, 1104, torch.bfloat16, "bh",
+                                dict(empty=True, head_dim=256)),
 }
 
 
@@ -298,13 +335,15 @@ def test_gluon_backward_matches_the_reference(case, monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("case", sorted(set(TILE_MASK_CASES) - {"empty_rows_nan"}))
+@pytest.mark.parametrize("case", sorted(set(TILE_MASK_CASES) - {"empty_rows_nan"})
+                         + sorted(WIDE_TILE_MASK_CASES))
 def test_gluon_backward_reads_bool_masks_in_tiles(case, monkeypatch):
     """The forward's bool-mask cases (test_gluon_forward.TILE_MASK_CASES: broadcast, per
     batch with GQA, per head under causal, ragged lengths under bottom-right causal, beside a
-    key_padding_mask, rows it hides entirely, hd64): the gradients of the Gluon dK/dV and dQ
-    kernels reading the mask in tiles against the float64 reference."""
-    B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(case)
+    key_padding_mask, rows it hides entirely, hd64) and hd256's: the gradients of the Gluon
+    dK/dV and dQ kernels reading the mask in tiles against the float64 reference."""
+    B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(
+        case, WIDE_TILE_MASK_CASES if case in WIDE_TILE_MASK_CASES else TILE_MASK_CASES)
     calls = record_gluon_calls(monkeypatch)
     q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
     k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))

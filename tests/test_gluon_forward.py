@@ -310,10 +310,10 @@ def test_gluon_forward_reads_bool_masks_in_tiles(case, monkeypatch):
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
 
 
-def tile_mask_case(case: str) -> tuple:
-    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of TILE_MASK_CASES[case],
-    its masks made on the test device."""
-    B, Hq, Hkv, L, S, dtype, per, extras = TILE_MASK_CASES[case]
+def tile_mask_case(case: str, cases: dict = TILE_MASK_CASES) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of ``cases[case]`` (laid out
+    as TILE_MASK_CASES), its masks made on the test device."""
+    B, Hq, Hkv, L, S, dtype, per, extras = cases[case]
     extras = dict(extras)
     D = extras.pop("head_dim", 128)
     generator = torch.Generator().manual_seed(len(case))

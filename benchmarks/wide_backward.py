@@ -1,0 +1,93 @@
+"""Forward + backward at head dim 256: ours (on Hopper the backward's dK/dV kernel in Gluon,
+gluon_backward.py's split schedule), ours_triton (the same under ``SDPA_PASS_GLUON_BWD=0``: the
+Triton backward), SDPA's cuDNN and flash backends and flex attention, in one run.
+
+The matrix's hd256 rows (``attention.py --matrix full``: 8 heads, batch 16384 / N; causal, no
+mask, GQA 4:1 causal, the random (N, N) bool mask), N = 1k / 4k / 16k by default. For ours and
+ours_triton the JSON also holds each kernel's time per forward + backward (``torch.profiler``,
+mean of 5 steps).
+
+Run: ``python benchmarks/wide_backward.py [--out DIR]`` on one GPU: a line per row and
+``wide_backward_<tag>_<device>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import (GQA_GROUP, PEERS, Peer, Shape, bench_shape, build_ours,  # noqa: E402
+                       make_inputs, metadata, save, slug, with_backward)
+from padding_overhead import kernel_times  # noqa: E402
+
+LENGTHS = (1024, 4096, 16384)
+HEAD_DIM = 256
+VARIANTS = ("none", "causal", "gqa", "bool")
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="N values")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--peers", default="flex,sdpa_cudnn,sdpa_flash",
+                        help="attention.py's peers besides ours and ours_triton")
+    parser.add_argument("--tag", default="bf16", help="put in the file name")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda", torch.cuda.current_device())
+    triton_bwd = lambda: environment("SDPA_PASS_GLUON_BWD", "0")  # noqa: E731
+    wanted = args.peers.split(",")
+    peers = [Peer("ours", build_ours), Peer("ours_triton", build_ours, triton_bwd),
+             *[p for p in PEERS if p.name in wanted]]
+    meta = metadata(argparse.Namespace(mode="wide_backward", dtype="bf16", quick=False), device)
+    meta.update(benchmark="wide_backward", impls=[p.name for p in peers])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"wide_backward_{args.tag}_{slug(meta['device'])}.json"
+    heads = 2048 // HEAD_DIM
+    rows = []
+    for variant in args.variants.split(","):
+        for n in map(int, args.lengths.split(",")):
+            shape = Shape(max(1, 16384 // n), heads, n, HEAD_DIM, variant in ("causal", "gqa"),
+                          variant, heads // GQA_GROUP if variant == "gqa" else heads)
+            new = bench_shape(shape, peers, torch.bfloat16, device, "fwdbwd")
+            for peer in peers[:2]:
+                x = make_inputs(shape, torch.bfloat16, device, requires_grad=True)
+                with peer.context():
+                    times = kernel_times(with_backward(peer.build(x), x.q, x.k, x.v))
+                del x
+                for r in new:
+                    if r["impl"] == peer.name:
+                        r["kernels_ms"] = times
+            rows += new
+            save(path, meta, rows)
+            print(f"{variant} N{n}: " + " | ".join(
+                f"{r['impl']} {r['tflops']:.1f}" if r["tflops"] else f"{r['impl']} {r['error']}"
+                for r in new), flush=True)
+            for r in new:
+                if "kernels_ms" in r:
+                    print(f"  {r['impl']}: " + ", ".join(
+                        f"{k[:36]} {v:.3f}" for k, v in list(r["kernels_ms"].items())[:5]))
+    meta["complete"] = True
+    save(path, meta, rows)
+
+
+if __name__ == "__main__":
+    main()
