@@ -380,9 +380,10 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         kv_block = (1, 1, product.dq_block_n(head_dim), head_dim)
         sig["k_desc"] = sig["v_desc"] = (f"tensordesc<{dtype}[{', '.join(map(str, kv_block))}],"
                                          f"{from_forward._layout(kv_block, gdt)!r}>")
-        consts = dict(BM=product.DQ_BLOCK_M, BN=product.dq_block_n(head_dim), HEAD=head_dim,
-                      STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
-                      MASK_TILE=mask_tile, CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+        consts = dict(BM=product.dq_block_m(head_dim), BN=product.dq_block_n(head_dim),
+                      HEAD=head_dim, STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
+                      MASK_TILE=mask_tile, CONSUMER_REGS=product.CONSUMER_REGS,
+                      P_STAGES=product.dkdv_p_stages(mask_tile), num_warps=4)
     else:
         fn = product._attention_bwd_dkdv_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
@@ -392,7 +393,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                "stats_stride": "i32", **padding_sig}
         consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
-                      ROW_PER_HEAD=False, MASK_TILE=mask_tile, HEADS_FIRST=causal,
+                      ROW_PER_HEAD=False, MASK_TILE=mask_tile, ORDER=int(causal), GROUP=product.GROUP_HEADS,
                       CONSUMER_REGS=product.CONSUMER_REGS, P_STAGES=product.dkdv_p_stages(mask_tile),
                       num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
@@ -622,7 +623,7 @@ def main() -> None:
     parser.add_argument("--causal-product", action="store_true",
                         help="with --product: the causal kernel")
     parser.add_argument("--head-dim", type=int, default=128,
-                        help="with --product: 64, 128 or 256 (dkdv)")
+                        help="with --product: 64, 128 or 256")
     parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
                         help="with --product: which of the library's two kernels")
     parser.add_argument("--padding", type=int, default=0,

@@ -1,14 +1,15 @@
-"""Forward + backward at head dim 256: ours (on Hopper the backward's dK/dV kernel in Gluon,
-gluon_backward.py's split schedule), ours_triton (the same under ``SDPA_PASS_GLUON_BWD=0``: the
-Triton backward), SDPA's cuDNN and flash backends and flex attention, in one run.
+"""Forward + backward at head dim 256: ours (on Hopper the backward's dK/dV and dQ kernels in
+Gluon, gluon_backward.py's split schedule), ours_triton (the same under
+``SDPA_PASS_GLUON_BWD=0``: the Triton backward), SDPA's cuDNN and flash backends and flex
+attention, in one run; ``--orders`` adds ours under each dK/dV program order.
 
-The matrix's hd256 rows (``attention.py --matrix full``: 8 heads, batch 16384 / N; causal, no
-mask, GQA 4:1 causal, the random (N, N) bool mask), N = 1k / 4k / 16k by default. For ours and
-ours_triton the JSON also holds each kernel's time per forward + backward (``torch.profiler``,
-mean of 5 steps).
+The matrix's rows (``attention.py --matrix full``: 2048 / D heads, batch 16384 / N; causal, no
+mask, GQA 4:1 causal, the random (N, N) bool mask), hd256 and N = 1k / 4k / 16k by default.
+For ours and ours_triton the JSON also holds each kernel's time per forward + backward
+(``torch.profiler``, mean of 5 steps).
 
-Run: ``python benchmarks/wide_backward.py [--out DIR]`` on one GPU: a line per row and
-``wide_backward_<tag>_<device>.json``."""
+Run: ``python benchmarks/wide_backward.py [--out DIR] [--head-dim D] [--orders a,b]`` on one
+GPU: a line per row and ``wide_backward_<tag>_<device>.json``."""
 
 from __future__ import annotations
 
@@ -48,27 +49,37 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="N values")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
-    parser.add_argument("--peers", default="flex,sdpa_cudnn,sdpa_flash",
-                        help="attention.py's peers besides ours and ours_triton")
+    parser.add_argument("--peers", default="ours_triton,flex,sdpa_cudnn,sdpa_flash",
+                        help="besides ours: ours_triton and attention.py's peers")
+    parser.add_argument("--orders", default="",
+                        help="dK/dV program orders (gluon_backward.ORDERS), each a peer "
+                             "ours_<order> (SDPA_PASS_GLUON_BWD_ORDER)")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--tag", default="bf16", help="put in the file name")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
-    triton_bwd = lambda: environment("SDPA_PASS_GLUON_BWD", "0")  # noqa: E731
     wanted = args.peers.split(",")
-    peers = [Peer("ours", build_ours), Peer("ours_triton", build_ours, triton_bwd),
-             *[p for p in PEERS if p.name in wanted]]
+    peers = [Peer("ours", build_ours)]
+    if "ours_triton" in wanted:
+        peers.append(Peer("ours_triton", build_ours,
+                          lambda: environment("SDPA_PASS_GLUON_BWD", "0")))
+    for order in filter(None, args.orders.split(",")):
+        peers.append(Peer(f"ours_{order}", build_ours,
+                          lambda o=order: environment("SDPA_PASS_GLUON_BWD_ORDER", o)))
+    peers += [p for p in PEERS if p.name in wanted]
     meta = metadata(argparse.Namespace(mode="wide_backward", dtype="bf16", quick=False), device)
     meta.update(benchmark="wide_backward", impls=[p.name for p in peers])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"wide_backward_{args.tag}_{slug(meta['device'])}.json"
-    heads = 2048 // HEAD_DIM
+    head_dim = args.head_dim
+    heads = 2048 // head_dim
     rows = []
     for variant in args.variants.split(","):
         for n in map(int, args.lengths.split(",")):
-            shape = Shape(max(1, 16384 // n), heads, n, HEAD_DIM, variant in ("causal", "gqa"),
+            shape = Shape(max(1, 16384 // n), heads, n, head_dim, variant in ("causal", "gqa"),
                           variant, heads // GQA_GROUP if variant == "gqa" else heads)
             new = bench_shape(shape, peers, torch.bfloat16, device, "fwdbwd")
-            for peer in peers[:2]:
+            for peer in [p for p in peers if p.name in ("ours", "ours_triton")]:
                 x = make_inputs(shape, torch.bfloat16, device, requires_grad=True)
                 with peer.context():
                     times = kernel_times(with_backward(peer.build(x), x.q, x.k, x.v))

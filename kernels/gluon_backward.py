@@ -23,7 +23,7 @@ places its own waits. Per CTA of 128 keys of one K/V head:
   through the shared memory that held the warpgroup's K and V halves (TMA stores, clipped
   at S).
 
-dQ: the same schedule over query rows (``_attention_bwd_dq_ws``, hd128 only): one CTA per
+dQ: the same schedule over query rows (``_attention_bwd_dq_ws``; hd128, and hd256 below): one CTA per
 128 query rows of one query head; the producer copies Q, dO and their statistics once, then
 K_j and V_j (64 keys) into a two-slot ring; each consumer warpgroup owns 64 rows and per key
 tile issues S = Q Kᵀ and dP = dO Vᵀ, waits for S (and the previous tile's dQ product) only,
@@ -46,7 +46,10 @@ and the two warpgroups' products interleave on the tensor cores. The first alone
 the second alone V, so dV leaves through K's shared memory and dK through V's. Shared memory:
 K, V, two Q and two dO slots of 64 x 256 (192 KB) and the Pᵀ ring (32 KB; one slot, 16 KB,
 beside a bool mask's tiles). Masks as at hd128, applied by the first consumer (Pᵀ = 0 where
-hidden, so dSᵀ is too). The forward and dQ at hd256 stay the Triton kernels.
+hidden, so dSᵀ is too). The dQ kernel at hd256 splits the same way over 64 query rows a CTA:
+the first consumer computes S = Q K_jᵀ and P and hands P over, the second dP = dO V_jᵀ, dS and
+dQ += dS K_j (it alone reads dO, so dQ leaves through dO's shared memory; V's ring slots are
+released by it alone). The forward at hd256 stays the Triton kernel.
 
 The prep kernel (delta and the row statistics, padded to whole 64-row tiles with rows that
 see no key: m = +inf, delta = 0) stays Triton's.
@@ -65,7 +68,7 @@ mask the copy engine reads, no window, soft-capping or dropout, copy-engine layo
 host-bound) for Q, K, V and dO, causal
 with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
 dQ path with padded row statistics (not SDPA_PASS_BWD_DQ=atomic nor
-SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128 (``gluon_dq_refusal``).
+SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128 and hd256 (``gluon_dq_refusal``).
 SDPA_PASS_GLUON=0 turns off every Gluon kernel, SDPA_PASS_GLUON_BWD=0 both backward ones,
 SDPA_PASS_GLUON_DQ=0 the dQ one, SDPA_PASS_GLUON_PADDING=0 all three for padded calls.
 
@@ -102,6 +105,9 @@ WIDE_BLOCK_N = 64  # keys a CTA at head dims over 128 (both consumers on the sam
 # Slots of the hd256 kernel's fp32 Pᵀ tiles between its consumers: two, one beside a bool
 # mask's ring (two would pass Hopper's 227 KB of shared memory)
 P_STAGES = 2
+# The dK/dV kernel's program orders (attention_dkdv_gluon) and the heads a group takes
+ORDERS = ("tiles", "heads", "groups")
+GROUP_HEADS = 8
 # Head dims the dK/dV kernel takes (256: the split schedule of the module docstring)
 BWD_HEAD_DIMS = (64, 128, 256)
 STAGES = 2  # Q / dO ring slots
@@ -109,11 +115,11 @@ CONSUMER_REGS = 240
 DQ_BLOCK_M = 128  # query rows a dQ CTA, 64 a consumer warpgroup
 # Keys a tile of the dQ kernel's K / V ring, by head dim (at 128, 128-key tiles serialize the
 # wgmmas: ptxas runs out of registers for the S, dP and dQ tiles in flight)
-DQ_BLOCK_N = {64: 128, 128: 64}
+DQ_BLOCK_N = {64: 128, 128: 64, 256: 64}
 # Head dims the dQ kernel takes: at 64 the Triton dQ kernel measured faster (H100, bf16; the
 # Gluon one 0.84-0.93x with 64-key tiles, 0.80-0.97x with 128-key tiles but for 1.02-1.05x at
 # N = 16k without a mask; BENCHMARKS.md, session 17)
-DQ_HEAD_DIMS = (128,)
+DQ_HEAD_DIMS = (128, 256)
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -402,9 +408,12 @@ if gluon is not None:
                                BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                                IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
                                ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
-                               HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               ORDER: gl.constexpr, GROUP: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr,
                                P_STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """Grid (cdiv(S, BN), B * Hkv), or with HEADS_FIRST (B * Hkv, cdiv(S, BN)). Q, dO
+        """Grid by ORDER (``ORDERS``): tiles (cdiv(S, BN), B * Hkv), heads (B * Hkv,
+        cdiv(S, BN)), or groups (B * Hkv * cdiv(S, BN),): GROUP heads at a time, heads first
+        within them. Q, dO
         (B, Hq, L, D), K, V, dK, dV (B, Hkv, S, D) through 4-d descriptors of 64-row tiles of
         one head; ``stats``: the prep kernel's (delta, m, r), each (B, Hq, rows) fp32, flat
         through one 1-d descriptor (blocks of BM; ``stats_stride`` = B * Hq * rows apart,
@@ -419,9 +428,17 @@ if gluon is not None:
             gl.static_assert(BN == 64, "64 keys a CTA at head dims over 128")
         else:
             gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
-        if HEADS_FIRST:
+        if ORDER == 1:
             pid_bh = gl.program_id(0)
             pid_n = gl.program_id(1)
+        elif ORDER == 2:
+            tiles = (S + BN - 1) // BN
+            pid = gl.program_id(0)
+            g = pid // (GROUP * tiles)
+            size = gl.minimum(GROUP, gl.num_programs(0) // tiles - g * GROUP)
+            within = pid - g * GROUP * tiles
+            pid_n = within // size
+            pid_bh = g * GROUP + within % size
         else:
             pid_n = gl.program_id(0)
             pid_bh = gl.program_id(1)
@@ -524,12 +541,13 @@ if gluon is not None:
                      st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready, v_ready, k_empty,
                      v_empty, b, h, h_kv, mask_b, mask_h, start_m, row, stats_stride, t0,
                      n_tiles, BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-                     STAGES: gl.constexpr, MASK_TILE: gl.constexpr):
-        """Q, dO and the six 64-row statistics blocks (delta, m, r of each half) once, then
-        K and V of key tile t0 + i into slot i % STAGES once both consumers released it."""
+                     STAGES: gl.constexpr, MASK_TILE: gl.constexpr, ROW_PARTS: gl.constexpr):
+        """Q, dO and the 64-row statistics blocks (delta, m, r) of each of the ROW_PARTS parts
+        of the CTA's rows (two at hd128, a consumer's half each; one at hd256) once, then K
+        and V of key tile t0 + i into slot i % STAGES once the consumers released it."""
         elem: gl.constexpr = k_desc.dtype.primitive_bitwidth // 8
-        mbarrier.expect(q_bar, 4 * BMW * HEAD * elem + 6 * BMW * 4)
-        for w in gl.static_range(2):
+        mbarrier.expect(q_bar, ROW_PARTS * (2 * BMW * HEAD * elem + 3 * BMW * 4))
+        for w in gl.static_range(ROW_PARTS):
             _tma_load(q_desc, [b, h, start_m + w * BMW, 0], q_bar, q_smem.index(w))
             _tma_load(do_desc, [b, h, start_m + w * BMW, 0], q_bar, do_smem.index(w))
             for s in gl.static_range(3):  # delta, m, r
@@ -537,22 +555,19 @@ if gluon is not None:
                           st_smem.index(3 * w + s))
         _kv_ring_fill(k_desc, v_desc, mt_desc, k_smem, v_smem, mt_smem, k_ready, v_ready,
                       k_empty, v_empty, b, h_kv, mask_b, mask_h, start_m, t0, n_tiles, BMW, BN,
-                      HEAD, STAGES, MASK_TILE)
+                      HEAD, STAGES, MASK_TILE, ROW_PARTS)
 
     @gluon.jit
-    def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
-                 d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                 stride_mn, b, h, S, mt_smem, qk_scale, dtype: gl.constexpr,
-                 a_layout: gl.constexpr, s_layout: gl.constexpr, BMW: gl.constexpr,
-                 BN: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
-                 MASK_TILE: gl.constexpr, W: gl.constexpr):
-        """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
-        its dP (in flight): the exponentials run before the wait for dP. With KEY_SPAN the
-        keys the padding row hides are masked (``mask_padding``), with MASK_TILE those the bool
-        attn_mask's tile (slot 2 slot + W of ``mt_smem``) hides."""
+    def _dq_p(s, j, m, r, row0, offset, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn,
+              mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S, mt_tile, qk_scale,
+              s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
+              IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr):
+        """P of rows row0 .. row0 + BMW against key tile j from their scores S and statistics
+        m, r (both (BMW, 1)): with MASK_TILE the keys the bool attn_mask's tile ``mt_tile``
+        hides, with KEY_SPAN those the padding row hides (``mask_padding``), with IS_CAUSAL
+        (tiles from ``full_tiles``) those past a row's diagonal at -inf first."""
         if MASK_TILE:
-            s = gl.where(mt_smem.index(2 * slot + W).reshape([BMW, BN]).load(s_layout) != 0, s,
-                         float("-inf"))
+            s = gl.where(mt_tile.reshape([BMW, BN]).load(s_layout) != 0, s, float("-inf"))
         if KEY_SPAN != 0:
             s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
@@ -562,7 +577,22 @@ if gluon is not None:
                 last = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
                 s = gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(last, 1), s,
                              float("-inf"))
-        p = gl.exp2((s * qk_scale - m) - r)
+        return gl.exp2((s * qk_scale - m) - r)
+
+    @gluon.jit
+    def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
+                 d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                 stride_mn, b, h, S, mt_smem, qk_scale, dtype: gl.constexpr,
+                 a_layout: gl.constexpr, s_layout: gl.constexpr, BMW: gl.constexpr,
+                 BN: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                 MASK_TILE: gl.constexpr, W: gl.constexpr):
+        """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
+        its dP (in flight): the exponentials (``_dq_p``; the bool mask's tile in slot
+        2 slot + W of ``mt_smem``) run before the wait for dP."""
+        p = _dq_p(s, j, m, r, row0, offset, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
+                  stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
+                  mt_smem.index(2 * slot + W), qk_scale, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN,
+                  MASK_TILE)
         # A wait on Q's barrier, whose only phase is long complete (so it passes at once): a
         # try-wait loop, so a new basic block between the exponentials and the wait for dP,
         # which ptxas would otherwise move above them (as in gluon_forward's consumer loop)
@@ -643,6 +673,86 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _dq_wide_scores(q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready, k_empty,
+                        p_ready, p_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, d_lo,
+                        d_hi, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                        stride_mh, stride_mn, BM: gl.constexpr, BN: gl.constexpr,
+                        HEAD: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+                        IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                        MASK_TILE: gl.constexpr):
+        """The hd256 dQ kernel's first consumer (module docstring, "Head dim 256"): per key
+        tile S = Q K_jᵀ and P (masked as ``_dq_p``), P in fp32 to the second consumer through
+        slot i % P_STAGES of ``p_smem``."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        q_t = q_smem.index(0).reshape([BM, HEAD])
+        s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+        m = gl.expand_dims(st_smem.index(1).load(row_s), 1)
+        r = gl.expand_dims(st_smem.index(2).load(row_s), 1)
+        for i in range(n_tiles):
+            slot = i % STAGES
+            mbarrier.wait(k_ready.index(slot), (i // STAGES) & 1)
+            s_tok = warpgroup_mma(q_t, k_smem.index(slot).reshape([BN, HEAD]).permute((1, 0)),
+                                  s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+            p = _dq_p(s, t0 + i, m, r, row0, offset, full_tiles, d_lo, d_hi, kpm_ptr,
+                      stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
+                      mt_smem.index(slot), qk_scale, s_layout, BM, BN, IS_CAUSAL, KEY_SPAN,
+                      MASK_TILE)
+            ps = i % P_STAGES
+            mbarrier.wait(p_empty.index(ps), ((i // P_STAGES) & 1) ^ 1)
+            p_smem.index(ps).store(p)
+            _cta_barrier()  # P written and the mask tile read by every thread: then arrive
+            mbarrier.arrive(p_ready.index(ps))
+            mbarrier.arrive(k_empty.index(slot))
+
+    @gluon.jit
+    def _dq_wide_grads(dq_desc, do_smem, st_smem, k_smem, v_smem, p_smem, q_bar, k_ready,
+                       v_ready, k_empty, v_empty, p_ready, p_empty, b, h, row0, n_tiles,
+                       sm_scale, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                       STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+        """The hd256 dQ kernel's second consumer: per key tile dP = dO V_jᵀ, P from the first
+        consumer, dS = P ∘ (dP - delta) and dQ += dS K_j; it alone reads dO, so dQ·scale
+        leaves through dO's shared memory."""
+        dtype: gl.constexpr = do_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        do_t = do_smem.index(0).reshape([BM, HEAD])
+        s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+        dq = gl.zeros([BM, HEAD], gl.float32, layout=acc_layout)
+        mbarrier.wait(q_bar, 0)
+        delta = gl.expand_dims(st_smem.index(0).load(gl.SliceLayout(1, s_layout)), 1)
+        for i in range(n_tiles):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(v_ready.index(slot), phase)
+            dp_tok = warpgroup_mma(do_t, v_smem.index(slot).reshape([BN, HEAD]).permute((1, 0)),
+                                   s_zero, use_acc=False, is_async=True)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=[dp_tok])
+            mbarrier.arrive(v_empty.index(slot))
+            ps = i % P_STAGES
+            mbarrier.wait(p_ready.index(ps), (i // P_STAGES) & 1)
+            p = p_smem.index(ps).load(s_layout)
+            _cta_barrier()  # every thread's read of P done before the slot is released
+            mbarrier.arrive(p_empty.index(ps))
+            ds_op = gl.convert_layout((p * (dp - delta)).to(dtype), a_layout)
+            mbarrier.wait(k_ready.index(slot), phase)
+            dq_tok = warpgroup_mma(ds_op, k_smem.index(slot).reshape([BN, HEAD]), dq,
+                                   is_async=True)
+            dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
+            mbarrier.arrive(k_empty.index(slot))
+        do_t.store((dq * sm_scale).to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(dq_desc, [b, h, row0, 0], do_smem.index(0))  # rows past L are not written
+        tma.store_wait(0)
+
+    @gluon.jit
     def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, mt_desc,
                              kpm_ptr, mask_ptr, spans_ptr, qk_scale, sm_scale, Hq, S, group,
                              offset, rows, stats_stride, stride_pb, stride_pn, stride_mb,
@@ -650,14 +760,21 @@ if gluon is not None:
                              BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                              KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr,
-                             CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                             CONSUMER_REGS: gl.constexpr, P_STAGES: gl.constexpr,
+                             num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D) through 4-d descriptors of
         64-row tiles, K, V (B, Hkv, S, D) of BN-row tiles; the statistics as for the dK/dV
         kernel, in blocks of 64 rows (a CTA's second half may read the next head's: only on
-        rows past L, whose dQ is not stored)."""
-        gl.static_assert(BM == 2 * 64, "two consumer warpgroups of 64 rows")
+        rows past L, whose dQ is not stored). At head dims over 128 (``WIDE``) a CTA is 64
+        rows, both consumers on them (module docstring, "Head dim 256")."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        BMW: gl.constexpr = BM // 2
+        WIDE: gl.constexpr = HEAD > 128
+        if WIDE:
+            gl.static_assert(BM == 64, "64 query rows a CTA at head dims over 128")
+        else:
+            gl.static_assert(BM == 2 * 64, "two consumer warpgroups of 64 rows")
+        ROW_PARTS: gl.constexpr = BM // 64
+        BMW: gl.constexpr = BM // ROW_PARTS
         pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
         if IS_CAUSAL:
@@ -679,34 +796,67 @@ if gluon is not None:
         if KEY_SPAN != 0:  # the forward's padding span (gluon_forward._attention_fwd_ws)
             t0, n_tiles, d_lo, d_hi = span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN)
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BMW, HEAD], do_desc.layout)
-        st_smem = gl.allocate_shared_memory(gl.float32, [6, BMW], stats_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [ROW_PARTS, 1, 1, BMW, HEAD], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [ROW_PARTS, 1, 1, BMW, HEAD], do_desc.layout)
+        st_smem = gl.allocate_shared_memory(gl.float32, [3 * ROW_PARTS, BMW], stats_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
         if MASK_TILE:
-            mt_smem = gl.allocate_shared_memory(mt_desc.dtype, [2 * STAGES, 1, 1, BMW, BN],
+            mt_smem = gl.allocate_shared_memory(mt_desc.dtype,
+                                                [ROW_PARTS * STAGES, 1, 1, BMW, BN],
                                                 mt_desc.layout)
         else:
             mt_smem = k_smem  # (not read)
-        q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
         row = pid_bh * rows + start_m
-        gl.warp_specialize([
-            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
-                            k_ready, v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0,
-                            n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
-                            stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
-                            BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
-            (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
-                            k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S,
-                            t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
-                            stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
-                            BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
-            (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem, do_smem,
-                            st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready, v_ready, k_empty,
-                            v_empty, b, h, h // group, b * mask_b_on, h * mask_h_on, start_m,
-                            row, stats_stride, t0, n_tiles, BMW, BN, HEAD, STAGES, MASK_TILE)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        if WIDE:
+            # V is read by the second consumer only
+            q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES, 1)
+            p_smem = gl.allocate_shared_memory(
+                gl.float32, [P_STAGES, BM, BN],
+                gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32))
+            p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
+                                                mbarrier.MBarrierLayout())
+            p_empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
+                                                mbarrier.MBarrierLayout())
+            for i in gl.static_range(P_STAGES):
+                mbarrier.init(p_ready.index(i), count=1)
+                mbarrier.init(p_empty.index(i), count=1)
+            fence_async_shared()
+            gl.warp_specialize([
+                (_dq_wide_scores, (q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready,
+                                   k_empty, p_ready, p_empty, b, h, start_m, offset, S, t0,
+                                   n_tiles, full_tiles, d_lo, d_hi, qk_scale, kpm_ptr,
+                                   stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                                   stride_mn, BM, BN, HEAD, STAGES, P_STAGES, IS_CAUSAL,
+                                   KEY_SPAN, MASK_TILE)),
+                (_dq_wide_grads, (dq_desc, do_smem, st_smem, k_smem, v_smem, p_smem, q_bar,
+                                  k_ready, v_ready, k_empty, v_empty, p_ready, p_empty, b, h,
+                                  start_m, n_tiles, sm_scale, BM, BN, HEAD, STAGES, P_STAGES)),
+                (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem,
+                                do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
+                                v_ready, k_empty, v_empty, b, h, h // group, b * mask_b_on,
+                                h * mask_h_on, start_m, row, stats_stride, t0, n_tiles, BMW,
+                                BN, HEAD, STAGES, MASK_TILE, ROW_PARTS)),
+            ], [4, 1], [CONSUMER_REGS, 24])
+        else:
+            q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
+            gl.warp_specialize([
+                (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
+                                k_ready, v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0,
+                                n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
+                                stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
+                                BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
+                (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
+                                k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S,
+                                t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
+                                stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
+                                BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
+                (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem, do_smem,
+                                st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready, v_ready, k_empty,
+                                v_empty, b, h, h // group, b * mask_b_on, h * mask_h_on, start_m,
+                                row, stats_stride, t0, n_tiles, BMW, BN, HEAD, STAGES, MASK_TILE,
+                                2)),
+            ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -781,11 +931,20 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     # order of their linear id, takes every head's first key tile first and the short tiles
     # fill the end (longest first); the heads' Q and dO are then read by programs far apart,
     # from memory rather than L2. SDPA_PASS_GLUON_BWD_ORDER=tiles keeps the tiles of one head
-    # side by side (the order without a causal mask), =heads asks for heads first always.
+    # side by side (the order without a causal mask), =heads asks for heads first always,
+    # =groups takes GROUP_HEADS heads at a time, heads first within them.
+    # At hd256 (64 keys a CTA, twice the Q and dO bytes a key of hd128's) heads first leaves
+    # the heads' Q and dO reads to memory where the grid's first wave holds about one
+    # program a head (N = 1k: 128 heads); groups of GROUP_HEADS heads measured 1.21x heads
+    # first there (causal B16 H8, H100) and equal at 4k / 16k and with GQA (BENCHMARKS.md,
+    # session 22); at hd128 the orders measured within run-to-run spread of each other.
     order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
-    heads_first = order == "heads" or (is_causal and order != "tiles")
+    if order not in ORDERS:
+        order = ("groups" if shape.head_dim > 128 else "heads") if is_causal else "tiles"
     bn = dkdv_block_n(shape.head_dim)
-    grid = (B * Hkv, -(-S // bn)) if heads_first else (-(-S // bn), B * Hkv)
+    tiles = -(-S // bn)
+    grid = {"tiles": (tiles, B * Hkv), "heads": (B * Hkv, tiles),
+            "groups": (B * Hkv * tiles,)}[order]
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv,
@@ -797,7 +956,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
                  dict(BM=BLOCK_M, BN=bn, HEAD=shape.head_dim, STAGES=STAGES,
                       IS_CAUSAL=is_causal, KEY_SPAN=padding, ROW_PER_HEAD=row_per_head,
-                      MASK_TILE=mask_tile, HEADS_FIRST=heads_first,
+                      MASK_TILE=mask_tile, ORDER=ORDERS.index(order), GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=dkdv_p_stages(mask_tile),
                       num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
@@ -813,8 +972,14 @@ def dkdv_block_n(head_dim: int) -> int:
 
 
 def dkdv_p_stages(mask_tile: bool) -> int:
-    """Slots of the hd256 dK/dV kernel's Pᵀ tiles (``P_STAGES``)."""
+    """Slots of the hd256 dK/dV and dQ kernels' P tiles (``P_STAGES``)."""
     return 1 if mask_tile else P_STAGES
+
+
+def dq_block_m(head_dim: int) -> int:
+    """Query rows a CTA of the dQ kernel at this head dim (64 at hd256: both consumers on
+    them)."""
+    return 64 if head_dim > 128 else DQ_BLOCK_M
 
 
 def dq_block_n(head_dim: int) -> int:
@@ -844,7 +1009,7 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
-    D, bn = shape.head_dim, dq_block_n(shape.head_dim)
+    D, bm, bn = shape.head_dim, dq_block_m(shape.head_dim), dq_block_n(shape.head_dim)
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dq,
@@ -852,13 +1017,13 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
             q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset, rows,
             B * Hq * rows, *pad[2:], *span_strides(spans),
             *mask_tile_indexing(mask_tile, mask_strides))
-    launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // DQ_BLOCK_M), B * Hq),
-                 args, dict(BM=DQ_BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES,
+    launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // bm), B * Hq),
+                 args, dict(BM=bm, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,
                             MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS,
-                            num_warps=4),
+                            P_STAGES=dkdv_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker,
                               **({6: mask_tile_descriptor(B, Hq, mask_strides, L, S,
-                                                          DQ_BLOCK_M // 2, bn)}
+                                                          64, bn)}
                                  if mask_tile else {})})

@@ -116,12 +116,12 @@ if gluon is not None:
     def _kv_ring_fill(k_desc, v_desc, m_desc, k_smem, v_smem, m_smem, k_ready, v_ready, k_empty,
                       v_empty, b, h_kv, mask_b, mask_h, start_m, t0, n_tiles, BMW: gl.constexpr,
                       BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                      MASK_TILE: gl.constexpr):
+                      MASK_TILE: gl.constexpr, ROW_PARTS: gl.constexpr = 2):
         """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K and V
         of key tile t0 + i of head h_kv into slot i % STAGES as soon as both consumers have
         released it. MASK_TILE (the forward's bool attn_mask): with K, on K's barrier, the
-        mask's two BMW-row halves of rows start_m on for those keys into slots 2 (i % STAGES)
-        and 2 (i % STAGES) + 1, from the mask's own dims (indices mask_b, mask_h)."""
+        mask's ROW_PARTS BMW-row parts of rows start_m on for those keys into slots
+        ROW_PARTS (i % STAGES) + w, from the mask's own dims (indices mask_b, mask_h)."""
         tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         for i in range(n_tiles):
             slot = i % STAGES
@@ -129,11 +129,10 @@ if gluon is not None:
             key0 = (t0 + i) * BN
             mbarrier.wait(k_empty.index(slot), phase)
             if MASK_TILE:
-                mbarrier.expect(k_ready.index(slot), tile_bytes + 2 * BMW * BN)
-                _tma_load(m_desc, [mask_b, mask_h, start_m, key0], k_ready.index(slot),
-                          m_smem.index(2 * slot))
-                _tma_load(m_desc, [mask_b, mask_h, start_m + BMW, key0], k_ready.index(slot),
-                          m_smem.index(2 * slot + 1))
+                mbarrier.expect(k_ready.index(slot), tile_bytes + ROW_PARTS * BMW * BN)
+                for w in gl.static_range(ROW_PARTS):
+                    _tma_load(m_desc, [mask_b, mask_h, start_m + w * BMW, key0],
+                              k_ready.index(slot), m_smem.index(ROW_PARTS * slot + w))
             else:
                 mbarrier.expect(k_ready.index(slot), tile_bytes)
             _tma_load(k_desc, [b, h_kv, key0, 0], k_ready.index(slot), k_smem.index(slot))
@@ -351,11 +350,11 @@ if gluon is not None:
         return m
 
     @gluon.jit
-    def _kv_ring_barriers(STAGES: gl.constexpr):
+    def _kv_ring_barriers(STAGES: gl.constexpr, V_READERS: gl.constexpr = 2):
         """The mbarriers of a one-time Q load and a K / V ring of STAGES slots shared by two
         consumer warpgroups (this forward's and the backward's dQ kernel): q_bar, then for each
         slot K / V ready (the copy's bytes arrived) and K / V empty (both consumers done with
-        it), initialised and fenced."""
+        it; V_READERS = 1: V's by the one consumer that reads V), initialised and fenced."""
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -367,7 +366,7 @@ if gluon is not None:
             mbarrier.init(v_ready.index(i), count=1)
             # one arrive per consumer warpgroup (Gluon arrives once per partition)
             mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=V_READERS)
         fence_async_shared()
         return q_bar, k_ready, v_ready, k_empty, v_empty
 

@@ -59,7 +59,7 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
     assert refusal(q64, kv64, kv64) is None
     q256, kv256 = torch.zeros(2, 4, 200, 256, dtype=h), torch.zeros(2, 2, 300, 256, dtype=h)
     assert refusal(q256, kv256, kv256) is None  # the split schedule
-    assert "head dim 256" in gbwd.gluon_dq_refusal(refusal(q256, kv256, kv256), 256)
+    assert gbwd.gluon_dq_refusal(refusal(q256, kv256, kv256), 256) is None
     q80, kv80 = torch.zeros(2, 4, 200, 80, dtype=h), torch.zeros(2, 2, 300, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
@@ -150,19 +150,22 @@ def test_tile_mask_kernels_compile_for_sm90(kernel, causal):
 
 
 @needs_gluon
-@pytest.mark.parametrize("causal, mask_tile", [(False, False), (True, True)])
-def test_hd256_kernel_compiled_for_sm90_fits_hoppers_shared_memory(causal, mask_tile):
-    """The hd256 dK/dV kernel (two consumers on the same 64 keys, module docstring) for sm_90:
-    K, V, the Q / dO ring and the Pᵀ ring (one slot beside a bool mask's tiles) within Hopper's
-    227 KB of shared memory, no spill, the register split, the wgmmas not serialized; 40
-    wgmmas (Sᵀ and dPᵀ 16 k-steps each, dV and dK 4) and the 32 exponentials a thread of the
-    first consumer only."""
-    report = compile_report("bf16", causal, 256, mask_tile=mask_tile)
+@pytest.mark.parametrize("kernel, causal, mask_tile", [("dkdv", False, False),
+                                                       ("dkdv", True, True),
+                                                       ("dq", False, False), ("dq", True, True)])
+def test_hd256_kernels_compiled_for_sm90_fit_hoppers_shared_memory(kernel, causal, mask_tile):
+    """The hd256 dK/dV and dQ kernels (two consumers on the same 64 keys or rows, module
+    docstring) for sm_90: the tiles and the P ring (one slot beside a bool mask's tiles) within
+    Hopper's 227 KB of shared memory, no spill, the register split, the wgmmas not
+    serialized; the wgmmas (Sᵀ / S and dPᵀ / dP 16 k-steps each, dV and dK 4, dQ 4) and the
+    32 exponentials a thread of the first consumer only."""
+    report = compile_report("bf16", causal, 256, kernel, mask_tile=mask_tile)
     assert report["shared_bytes"] <= 227 * 1024, report
     assert report["stack_bytes"] <= 16, report
     assert {24, gbwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
     assert not report["wgmma serialized (ptxas C7514)"]
-    assert (report["HGMMA"], report["MUFU.EX2"]) == (40, 32), report
+    wgmmas = 40 if kernel == "dkdv" else 36
+    assert (report["HGMMA"], report["MUFU.EX2"]) == (wgmmas, 32), report
 
 
 def exponentials_between_waits(events: str) -> list[int]:
@@ -352,6 +355,29 @@ def test_gluon_backward_reads_bool_masks_in_tiles(case, monkeypatch):
     assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
+                                    grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("order", gbwd.ORDERS)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_every_program_order_gives_the_reference_gradients(order, head_dim, monkeypatch):
+    """SDPA_PASS_GLUON_BWD_ORDER: the dK/dV kernel's programs in each order (``groups`` with
+    B * Hkv = 9 heads, so the last group holds one) and ragged keys under bottom-right causal,
+    against the float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", order)
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    q = randn(3, 6, 700, head_dim, dtype=dtype).requires_grad_()
+    k, v = (randn(3, 3, 900, head_dim, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(3, 6, 700, head_dim, dtype=dtype)
+    kwargs = dict(causal="bottom_right", enable_gqa=True)
+    grads = torch.autograd.grad(attention(q, k, v, **kwargs), (q, k, v), grad)
+    assert calls[0] == "dkdv"
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, causal="bottom_right")[0], refs,
                                     grad.double().cpu())
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_close_to_reference(g, r, dtype, what=f"d{name}")
