@@ -393,9 +393,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                "stats_stride": "i32", **padding_sig}
         consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
-                      ROW_PER_HEAD=False, MASK_TILE=mask_tile, ORDER=int(causal), GROUP=product.GROUP_HEADS,
-                      CONSUMER_REGS=product.CONSUMER_REGS, P_STAGES=product.dkdv_p_stages(mask_tile),
-                      num_warps=4)
+                      ROW_PER_HEAD=False, MASK_TILE=mask_tile, ORDER=int(causal),
+                      GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
+                      P_STAGES=product.dkdv_p_stages(mask_tile), num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
     if not mask_tile:

@@ -23,16 +23,16 @@ places its own waits. Per CTA of 128 keys of one K/V head:
   through the shared memory that held the warpgroup's K and V halves (TMA stores, clipped
   at S).
 
-dQ: the same schedule over query rows (``_attention_bwd_dq_ws``; hd128, and hd256 below): one CTA per
-128 query rows of one query head; the producer copies Q, dO and their statistics once, then
-K_j and V_j (64 keys) into a two-slot ring; each consumer warpgroup owns 64 rows and per key
-tile issues S = Q Kᵀ and dP = dO Vᵀ, waits for S (and the previous tile's dQ product) only,
-runs P = exp2(S·scale·log2e - m - r) under dP, then dS = P ∘ (dP - delta) and issues
-dQ += dS K_j, left in flight into the next tile. Keys past S arrive as zeros (their dS meets
-a zero K row); causal tiles past the diagonal's first are masked, the longest query tiles
-start first. Measured (H100, bf16, profiler, session 17): 1.04-1.08x the Triton dQ kernel
-without a mask at N = 1k / 4k, 1.06x GQA causal 4k, equal on the other causal shapes; at hd64
-0.84-0.93x, so there the Triton kernel stays.
+dQ: the same schedule over query rows (``_attention_bwd_dq_ws``; hd128, and hd256 below): one
+CTA per 128 query rows of one query head; the producer copies Q, dO and their statistics once,
+then K_j and V_j (64 keys) into a two-slot ring; each consumer warpgroup owns 64 rows and per
+key tile issues S = Q Kᵀ and dP = dO Vᵀ, waits for S (and the previous tile's dQ product) only,
+runs P = exp2(S·scale·log2e - m - r) under dP, then dS = P ∘ (dP - delta) and issues dQ += dS
+K_j, left in flight into the next tile. Keys past S arrive as zeros (their dS meets a zero K
+row); causal tiles past the diagonal's first are masked, the longest query tiles start first.
+Measured (H100, bf16, profiler, session 17): 1.04-1.08x the Triton dQ kernel without a mask at
+N = 1k / 4k, 1.06x GQA causal 4k, equal on the other causal shapes; at hd64 0.84-0.93x, so
+there the Triton kernel stays.
 
 Head dim 256 (``WIDE``): one warpgroup's dK and dV of 64 keys would take 256 fp32 registers a
 thread, so the two consumers split the work on the same 64 keys instead of the keys
@@ -63,14 +63,14 @@ the separate dQ kernel.
 
 Scope (``gluon_backward_refusal``): the forward's Gluon scope (Hopper, a Triton with Gluon's
 Hopper API, fp16 / bf16, head dim 64, 128 or 256 (``BWD_HEAD_DIMS``; at 64 every length:
-measured no slower at N = 1k, where the forward keeps the Triton kernel), no attn_mask but a padding row or a bool
-mask the copy engine reads, no window, soft-capping or dropout, copy-engine layouts, not
-host-bound) for Q, K, V and dO, causal
-with any diagonal (rows without keys have m = +inf, so P = 0), GQA, any L and S; the split
-dQ path with padded row statistics (not SDPA_PASS_BWD_DQ=atomic nor
-SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128 and hd256 (``gluon_dq_refusal``).
-SDPA_PASS_GLUON=0 turns off every Gluon kernel, SDPA_PASS_GLUON_BWD=0 both backward ones,
-SDPA_PASS_GLUON_DQ=0 the dQ one, SDPA_PASS_GLUON_PADDING=0 all three for padded calls.
+measured no slower at N = 1k, where the forward keeps the Triton kernel), no attn_mask but a
+padding row or a bool mask the copy engine reads, no window, soft-capping or dropout,
+copy-engine layouts, not host-bound) for Q, K, V and dO, causal with any diagonal (rows without
+keys have m = +inf, so P = 0), GQA, any L and S; the split dQ path with padded row statistics
+(not SDPA_PASS_BWD_DQ=atomic nor SDPA_PASS_BWD_PADDED_ROWS=0); the dQ kernel the same at hd128
+and hd256 (``gluon_dq_refusal``). SDPA_PASS_GLUON=0 turns off every Gluon kernel,
+SDPA_PASS_GLUON_BWD=0 both backward ones, SDPA_PASS_GLUON_DQ=0 the dQ one,
+SDPA_PASS_GLUON_PADDING=0 all three for padded calls.
 
 Padding rows (``KEY_SPAN``, as in gluon_forward.py): the dQ kernel visits the row's visible span
 only (``forward.padding_spans``) and masks the tiles a dense span does not cover whole; the
@@ -851,11 +851,11 @@ if gluon is not None:
                                 t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
                                 stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
                                 BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
-                (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem, do_smem,
-                                st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready, v_ready, k_empty,
-                                v_empty, b, h, h // group, b * mask_b_on, h * mask_h_on, start_m,
-                                row, stats_stride, t0, n_tiles, BMW, BN, HEAD, STAGES, MASK_TILE,
-                                2)),
+                (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem,
+                                do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
+                                v_ready, k_empty, v_empty, b, h, h // group, b * mask_b_on,
+                                h * mask_h_on, start_m, row, stats_stride, t0, n_tiles, BMW, BN,
+                                HEAD, STAGES, MASK_TILE, 2)),
             ], [4, 1], [CONSUMER_REGS, 24])
 
 
