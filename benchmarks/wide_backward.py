@@ -14,8 +14,6 @@ GPU: a line per row and ``wide_backward_<tag>_<device>.json``."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -24,24 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import (GQA_GROUP, PEERS, Peer, Shape, bench_shape, build_ours,  # noqa: E402
                        make_inputs, metadata, save, slug, with_backward)
+from padding import setting  # noqa: E402
 from padding_overhead import kernel_times  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384)
 HEAD_DIM = 256
 VARIANTS = ("none", "causal", "gqa", "bool")
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def main(argv=None) -> None:
@@ -62,10 +48,10 @@ def main(argv=None) -> None:
     peers = [Peer("ours", build_ours)]
     if "ours_triton" in wanted:
         peers.append(Peer("ours_triton", build_ours,
-                          lambda: environment("SDPA_PASS_GLUON_BWD", "0")))
+                          lambda: setting("SDPA_PASS_GLUON_BWD", "0")))
     for order in filter(None, args.orders.split(",")):
         peers.append(Peer(f"ours_{order}", build_ours,
-                          lambda o=order: environment("SDPA_PASS_GLUON_BWD_ORDER", o)))
+                          lambda o=order: setting("SDPA_PASS_GLUON_BWD_ORDER", o)))
     peers += [p for p in PEERS if p.name in wanted]
     meta = metadata(argparse.Namespace(mode="wide_backward", dtype="bf16", quick=False), device)
     meta.update(benchmark="wide_backward", impls=[p.name for p in peers])

@@ -191,6 +191,17 @@ if gluon is not None:
         return seen, hides
 
     @gluon.jit
+    def _head_seen(seen, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                   stride_mn, b, h, keys, S, KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr):
+        """The keys query head h's padding row shows (with KEY_SPAN and ROW_PER_HEAD: each
+        head of the group its own row), else ``seen`` as it is."""
+        if KEY_SPAN != 0:
+            if ROW_PER_HEAD:
+                seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                                   stride_mh, stride_mn, b, h, keys, keys < S, KEY_SPAN)
+        return seen
+
+    @gluon.jit
     def _pt_tile(st, m, r, mt_tile, seen, hides, m0, key0, offset, qk_scale, BM: gl.constexpr,
                  NK: gl.constexpr, st_layout: gl.constexpr, IS_CAUSAL: gl.constexpr,
                  KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
@@ -256,11 +267,9 @@ if gluon is not None:
         for it in range(group * n_q):
             slot = it % STAGES
             phase = (it // STAGES) & 1
-            if KEY_SPAN != 0:
-                if ROW_PER_HEAD:
-                    seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                       stride_mh, stride_mn, b, h_kv * group + it // n_q, keys,
-                                       keys < S, KEY_SPAN)
+            seen = _head_seen(seen, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                              stride_mh, stride_mn, b, h_kv * group + it // n_q, keys, S,
+                              KEY_SPAN, ROW_PER_HEAD)
             mbarrier.wait(q_ready.index(slot), phase)
             q_t = q_smem.index(slot).reshape([BM, HEAD])
             st_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), st_zero, use_acc=False,
@@ -324,11 +333,9 @@ if gluon is not None:
         for it in range(group * n_q):
             slot = it % STAGES
             phase = (it // STAGES) & 1
-            if KEY_SPAN != 0:
-                if ROW_PER_HEAD:
-                    seen = row_visible(kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                                       stride_mh, stride_mn, b, h_kv * group + it // n_q, keys,
-                                       keys < S, KEY_SPAN)
+            seen = _head_seen(seen, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                              stride_mh, stride_mn, b, h_kv * group + it // n_q, keys, S,
+                              KEY_SPAN, ROW_PER_HEAD)
             mbarrier.wait(q_ready.index(slot), phase)
             q_t = q_smem.index(slot).reshape([BM, HEAD])
             st_tok = warpgroup_mma(k_t, q_t.permute((1, 0)), st_zero, use_acc=False,
