@@ -519,17 +519,18 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         layout = product._layout(block, gdt)
         return f"tensordesc<{dtype}[1, 1, {block_rows}, {head_dim}],{layout!r}>"
 
-    mask_block = (1, 1, rows, product.BLOCK_N)
+    bn = product.forward_block_n(head_dim)
+    mask_block = (1, 1, rows, bn)
     mask_desc = (f"tensordesc<u8[{', '.join(map(str, mask_block))}],"
                  f"{product._layout(mask_block, gl.uint8)!r}>")
-    sig = {"q_desc": desc(rows), "k_desc": desc(product.BLOCK_N), "v_desc": desc(product.BLOCK_N),
+    sig = {"q_desc": desc(rows), "k_desc": desc(bn), "v_desc": desc(bn),
            "o_desc": desc(rows), "m_desc": mask_desc if mask_tile else "constexpr",
            "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
            "spans_ptr": "*i32", "span_sb": "i32", "span_sh": "i32", "mask_b_on": "i32", "mask_h_on": "i32",
            "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
            "offset": "i32", "stride_pb": "i32", "stride_pn": "i32", "stride_mb": "i32",
            "stride_mh": "i32", "stride_mn": "i32"}
-    consts = dict(BM=product.BLOCK_M, BN=product.BLOCK_N, HEAD=head_dim,
+    consts = dict(BM=product.BLOCK_M, BN=bn, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
                   KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile,
                   CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
@@ -666,7 +667,8 @@ def main() -> None:
                         help="with --compile: the library's kernel instead of the variants, "
                              "its report as one JSON line (tests/test_gluon_forward.py)")
     parser.add_argument("--causal", action="store_true", help="with --product: the causal kernel")
-    parser.add_argument("--head-dim", type=int, default=128, help="with --product: 64 or 128")
+    parser.add_argument("--head-dim", type=int, default=128,
+                        help="with --product: 64, 128 or 256")
     parser.add_argument("--padding", type=int, default=0,
                         help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
     parser.add_argument("--mask-tile", action="store_true",

@@ -1,7 +1,9 @@
 """Forward + backward at head dim 256: ours (on Hopper the backward's dK/dV and dQ kernels in
 Gluon, gluon_backward.py's split schedule), ours_triton (the same under
 ``SDPA_PASS_GLUON_BWD=0``: the Triton backward), SDPA's cuDNN and flash backends and flex
-attention, in one run; ``--orders`` adds ours under each dK/dV program order.
+attention, in one run; ``--orders`` adds ours under each dK/dV program order, ``--peers
+ours_gluon_fwd`` ours with the hd256 Gluon forward (``SDPA_PASS_GLUON_FWD_HD256=1``), ``--mode
+fwd`` times forwards alone.
 
 The matrix's rows (``attention.py --matrix full``: 2048 / D heads, batch 16384 / N; causal, no
 mask, GQA 4:1 causal, the random (N, N) bool mask), hd256 and N = 1k / 4k / 16k by default.
@@ -41,6 +43,7 @@ def main(argv=None) -> None:
                         help="dK/dV program orders (gluon_backward.ORDERS), each a peer "
                              "ours_<order> (SDPA_PASS_GLUON_BWD_ORDER)")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
     parser.add_argument("--tag", default="bf16", help="put in the file name")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -49,6 +52,9 @@ def main(argv=None) -> None:
     if "ours_triton" in wanted:
         peers.append(Peer("ours_triton", build_ours,
                           lambda: setting("SDPA_PASS_GLUON_BWD", "0")))
+    if "ours_gluon_fwd" in wanted:  # the hd256 Gluon forward, opt-in until validated
+        peers.append(Peer("ours_gluon_fwd", build_ours,
+                          lambda: setting("SDPA_PASS_GLUON_FWD_HD256", "1")))
     for order in filter(None, args.orders.split(",")):
         peers.append(Peer(f"ours_{order}", build_ours,
                           lambda o=order: setting("SDPA_PASS_GLUON_BWD_ORDER", o)))
@@ -64,11 +70,15 @@ def main(argv=None) -> None:
         for n in map(int, args.lengths.split(",")):
             shape = Shape(max(1, 16384 // n), heads, n, head_dim, variant in ("causal", "gqa"),
                           variant, heads // GQA_GROUP if variant == "gqa" else heads)
-            new = bench_shape(shape, peers, torch.bfloat16, device, "fwdbwd")
-            for peer in [p for p in peers if p.name in ("ours", "ours_triton")]:
-                x = make_inputs(shape, torch.bfloat16, device, requires_grad=True)
+            new = bench_shape(shape, peers, torch.bfloat16, device, args.mode)
+            for peer in [p for p in peers if p.name in ("ours", "ours_triton",
+                                                         "ours_gluon_fwd")]:
+                x = make_inputs(shape, torch.bfloat16, device,
+                                requires_grad=args.mode == "fwdbwd")
                 with peer.context():
-                    times = kernel_times(with_backward(peer.build(x), x.q, x.k, x.v))
+                    fn = peer.build(x)
+                    times = kernel_times(with_backward(fn, x.q, x.k, x.v)
+                                         if args.mode == "fwdbwd" else fn)
                 del x
                 for r in new:
                     if r["impl"] == peer.name:

@@ -23,7 +23,9 @@ mask and 1.05-1.10x causal at N >= 4k.
 
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
-128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys; no attn_mask but a padding row
+128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys, or 256 under
+SDPA_PASS_GLUON_FWD_HD256=1 (64-key tiles; compiled for sm_90 without spill, not yet run on a
+GPU, so off by default); no attn_mask but a padding row
 (a key_padding_mask and / or a bool attn_mask that is one row of keys per (batch, head), HF's
 (B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask with rows of its own that the copy
 engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no window, soft-capping or
@@ -85,6 +87,12 @@ HEAD_DIMS = (64, 128)
 HD64_MIN_KEYS = 4096
 BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
 BLOCK_N = 128  # keys a tile
+# Head dim 256: 64-key tiles (Q, two K / V slots of 64 x 256 and the S / O registers fit; at
+# 128 keys ptxas spills). Compiled for sm_90 without spill (tests/test_gluon_forward.py) but
+# not yet run on a GPU, so it waits behind SDPA_PASS_GLUON_FWD_HD256=1 (session 22 spent its
+# device time on the backward at hd256).
+WIDE_HEAD_DIM = 256
+WIDE_BLOCK_N = 64
 STAGES = 2  # K/V ring slots
 CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
 LOG2E = 1.4426950408889634
@@ -468,7 +476,11 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "not a Hopper GPU (compute capability 9.x)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (fp16 / bf16 only)"
-    if shape.head_dim != shape.v_head_dim or shape.head_dim not in HEAD_DIMS:
+    if (shape.head_dim == shape.v_head_dim == WIDE_HEAD_DIM
+            and os.environ.get("SDPA_PASS_GLUON_FWD_HD256", "") != "1"):
+        return ("head dim 256 (the Gluon forward's 64-key tiles there await their GPU "
+                "validation; SDPA_PASS_GLUON_FWD_HD256=1 takes them)")
+    if shape.head_dim != shape.v_head_dim or shape.head_dim not in (*HEAD_DIMS, WIDE_HEAD_DIM):
         return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
     if shape.head_dim == 64 and shape.kv_len < HD64_MIN_KEYS:
         return (f"head dim 64 with {shape.kv_len} keys (under {HD64_MIN_KEYS} the Triton kernel "
@@ -596,16 +608,22 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
             scale * LOG2E, Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S),
             *pad[2:], *span_strides(spans), *mask_tile_indexing(mask_tile, mask_strides))
     D = shape.head_dim
-    q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(BLOCK_N, D)
+    bn = forward_block_n(D)
+    q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(bn, D)
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
-                 dict(BM=BLOCK_M, BN=BLOCK_N, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
+                 dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
-                      RAGGED_KEYS=S % BLOCK_N != 0 and not padding, KEY_SPAN=padding,
+                      RAGGED_KEYS=S % bn != 0 and not padding, KEY_SPAN=padding,
                       NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile),
                       MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
-                              **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S)}
+                              **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})
+
+
+def forward_block_n(head_dim: int) -> int:
+    """Keys a tile of the Gluon forward's K / V ring at this head dim."""
+    return WIDE_BLOCK_N if head_dim == WIDE_HEAD_DIM else BLOCK_N
 
 
 def tile_mask_refusal(mask: torch.Tensor) -> str | None:
