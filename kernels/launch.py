@@ -47,7 +47,7 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
 
 
 # os.environ.get costs ~1 us a name (CPython's Mapping.get -> __getitem__ -> key encoding and
-# value decoding), ~16 us for the 16 names a plan key reads, twice per eager forward +
+# value decoding), ~17 us for the 17 names a plan key reads, twice per eager forward +
 # backward: ~30 us of host time on CPU (torch 2.13), about twice that on the H100 machine.
 # os.environ keeps the encoded mapping in ``_data`` (every CPython since 3.2; os.putenv and
 # monkeypatch.setenv go through os.environ, which updates it), so the same values are read
