@@ -35,8 +35,8 @@ N = 1k / 4k, 1.06x GQA causal 4k, equal on the other causal shapes; at hd64 0.84
 there the Triton kernel stays.
 
 Head dim 256 (``WIDE``): one warpgroup's dK and dV of 64 keys would take 256 fp32 registers a
-thread, so the two consumers split the work on the same 64 keys instead of the keys
-(FlashAttention-3 splits the head dim at hd256, and shares P and dS through shared memory).
+thread, so the two consumers split the work on the same 64 keys instead of splitting the
+keys (FlashAttention-3 splits the head dim at hd256, and shares P and dS through shared memory).
 The first computes Sᵀ = K Q_iᵀ and Pᵀ, hands Pᵀ (fp32, bit for bit what it exponentiated) to the
 second through a small ring in shared memory (``P_STAGES`` slots; ready / empty mbarriers, each
 side's warps synchronised before its arrive), and accumulates dV += Pᵀ dO_i; the second computes
@@ -49,7 +49,8 @@ beside a bool mask's tiles). Masks as at hd128, applied by the first consumer (P
 hidden, so dSᵀ is too). The dQ kernel at hd256 splits the same way over 64 query rows a CTA:
 the first consumer computes S = Q K_jᵀ and P and hands P over, the second dP = dO V_jᵀ, dS and
 dQ += dS K_j (it alone reads dO, so dQ leaves through dO's shared memory; V's ring slots are
-released by it alone). The forward at hd256 stays the Triton kernel.
+released by it alone). The forward at hd256 is the Triton kernel unless
+SDPA_PASS_GLUON_FWD_HD256=1 (gluon_forward.py).
 
 The prep kernel (delta and the row statistics, padded to whole 64-row tiles with rows that
 see no key: m = +inf, delta = 0) stays Triton's.
