@@ -512,7 +512,13 @@ def eager_fp32_reference(x: Inputs, mode: str) -> torch.Tensor | None:
 
 
 def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
-                mode: str = "fwd") -> list[dict]:
+                mode: str = "fwd", rounds: int = 1) -> list[dict]:
+    """Every peer's row for one shape: first calls (compile, tune, output), errors against the
+    reference, then the timings. ``rounds`` > 1 times the peers that many times, each round in
+    the other direction (A B C, C B A, ...), and keeps each peer's fastest: a peer timed first
+    after the compile phase (the GPU idle meanwhile) otherwise carries that place's cost alone
+    (one configuration timed twice in one process read up to 10% apart at N = 4k and 25% at
+    1k, BENCHMARKS.md session 22)."""
     def row(name: str, **values) -> dict:
         return dict(shape.fields(), impl=name, ms=None, tflops=None, rel_err=None, ref=None,
                     first_call_s=None, error=None) | values
@@ -561,6 +567,20 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
         if name in outputs:
             ref = name
             break
+    timed, timing_errors = {}, {}
+    order = [peer for peer in peers if peer.name in fns]
+    for round_ in range(rounds):
+        for peer in order if round_ % 2 == 0 else order[::-1]:
+            if peer.name in timing_errors:
+                continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    with peer.context():
+                        ms = time_ms(fns[peer.name], device)
+                    timed[peer.name] = min(ms, timed.get(peer.name, ms))
+                except Exception as exc:  # noqa: BLE001
+                    timing_errors[peer.name] = describe(exc, caught)
     rows = []
     for peer in peers:
         name = peer.name
@@ -569,15 +589,11 @@ def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,
             r["note"] = notes[name]
         if name in outputs and ref is not None and name != ref:
             r["rel_err"], r["ref"] = rel_err(outputs[name], outputs[ref]), ref
-        if name in fns:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    with peer.context():
-                        ms = time_ms(fns[name], device)
-                    r["ms"], r["tflops"] = ms, shape.flops_for(mode) / (ms * 1e-3) / 1e12
-                except Exception as exc:  # noqa: BLE001
-                    r["error"] = describe(exc, caught)
+        if name in timing_errors:
+            r["error"] = timing_errors[name]
+        elif name in timed:
+            ms = timed[name]
+            r["ms"], r["tflops"] = ms, shape.flops_for(mode) / (ms * 1e-3) / 1e12
         rows.append(r)
 
     del x, fns, outputs
@@ -695,6 +711,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd",
                         help="forward only, or forward + backward (dQ, dK, dV)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the peers this many times, alternating their order, and keep "
+                             "each one's fastest (bench_shape)")
     parser.add_argument("--tag", default=None,
                         help="put in the file name (default: the dtype, plus '-matrix' for "
                              "--matrix and '-quick' for --quick)")
@@ -730,6 +749,8 @@ def main(argv: list[str] | None = None) -> None:
                     eager_max_score_bytes=EAGER_MAX_SCORE_BYTES, mask_max_bytes=MASK_MAX_BYTES)
     if args.shard:
         meta["shard"] = list(args.shard)
+    if args.rounds > 1:
+        meta["rounds"] = args.rounds
     args.out.mkdir(parents=True, exist_ok=True)
     shard = f"_shard{args.shard[0]}of{args.shard[1]}" if args.shard else ""
     path = args.out / f"attention_{args.mode}_{slug(tag)}_{slug(meta['device'])}{shard}.json"
@@ -770,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
         meta["resumed"] = True
         print(f"resuming {path}: {kept - len(shapes)} shapes already measured", flush=True)
     for i, shape in enumerate(shapes, 1):
-        shape_rows = bench_shape(shape, peers, dtype, device, args.mode)
+        shape_rows = bench_shape(shape, peers, dtype, device, args.mode, args.rounds)
         rows += shape_rows
         rows.sort(key=lambda r: sweep_order.get(shape_key(r), len(sweep_order)))  # stable
         save(path, meta, rows)

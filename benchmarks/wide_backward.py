@@ -44,6 +44,8 @@ def main(argv=None) -> None:
                              "ours_<order> (SDPA_PASS_GLUON_BWD_ORDER)")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timing rounds, alternating the peers' order (bench_shape)")
     parser.add_argument("--tag", default="bf16", help="put in the file name")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
@@ -60,7 +62,7 @@ def main(argv=None) -> None:
                           lambda o=order: setting("SDPA_PASS_GLUON_BWD_ORDER", o)))
     peers += [p for p in PEERS if p.name in wanted]
     meta = metadata(argparse.Namespace(mode="wide_backward", dtype="bf16", quick=False), device)
-    meta.update(benchmark="wide_backward", impls=[p.name for p in peers])
+    meta.update(benchmark="wide_backward", impls=[p.name for p in peers], rounds=args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"wide_backward_{args.tag}_{slug(meta['device'])}.json"
     head_dim = args.head_dim
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
         for n in map(int, args.lengths.split(",")):
             shape = Shape(max(1, 16384 // n), heads, n, head_dim, variant in ("causal", "gqa"),
                           variant, heads // GQA_GROUP if variant == "gqa" else heads)
-            new = bench_shape(shape, peers, torch.bfloat16, device, args.mode)
+            new = bench_shape(shape, peers, torch.bfloat16, device, args.mode, args.rounds)
             for peer in [p for p in peers if p.name in ("ours", "ours_triton",
                                                          "ours_gluon_fwd")]:
                 x = make_inputs(shape, torch.bfloat16, device,

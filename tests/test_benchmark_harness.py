@@ -1,0 +1,77 @@
+"""The benchmark harness's timing rounds (benchmarks/attention.py, ``bench_shape``): with
+``rounds`` > 1 the peers are timed in alternating order and each keeps its fastest time; one
+round times each peer once, in the given order. The timer is replaced, so these run anywhere."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import attention as harness  # noqa: E402
+
+
+def peer(name: str):
+    def build(x):
+        return lambda: x.q.float() * 2  # the same output for every peer
+    return harness.Peer(name, build)
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_rounds_alternate_the_order_and_keep_each_peers_fastest(rounds, monkeypatch):
+    # each peer's time falls with every measurement, except "b", whose second is slower
+    times = {"a": [4.0, 2.0, 1.0], "b": [3.0, 5.0, 2.5], "c": [6.0, 1.5, 1.2]}
+    calls = []
+
+    def fake_time_ms(fn, device):
+        name = current[0]
+        calls.append(name)
+        return times[name][calls.count(name) - 1]
+
+    current = [None]
+    peers = []
+    for name in "abc":
+        p = peer(name)
+
+        def context(n=name):
+            current[0] = n
+            return torch.no_grad()  # any context manager
+        peers.append(harness.Peer(p.name, p.build, context))
+    monkeypatch.setattr(harness, "time_ms", fake_time_ms)
+    shape = harness.Shape(1, 2, 16, 8, False)
+    rows = harness.bench_shape(shape, peers, torch.float32, torch.device("cpu"), "fwd", rounds)
+    expected_order = {1: list("abc"), 2: list("abccba"), 3: list("abccbaabc")}[rounds]
+    assert calls == expected_order
+    best = {name: min(values[:rounds]) for name, values in times.items()}
+    assert {r["impl"]: r["ms"] for r in rows} == best
+    assert all(r["error"] is None and r["tflops"] > 0 for r in rows)
+
+
+def test_a_timing_error_is_the_peers_row_and_not_timed_again(monkeypatch):
+    calls = []
+
+    def fake_time_ms(fn, device):
+        calls.append(current[0])
+        if current[0] == "b":
+            raise RuntimeError("out of memory")
+        return 1.0
+
+    current = [None]
+    peers = []
+    for name in "ab":
+        p = peer(name)
+
+        def context(n=name):
+            current[0] = n
+            return torch.no_grad()
+        peers.append(harness.Peer(p.name, p.build, context))
+    monkeypatch.setattr(harness, "time_ms", fake_time_ms)
+    rows = harness.bench_shape(harness.Shape(1, 2, 16, 8, False), peers, torch.float32,
+                               torch.device("cpu"), "fwd", 2)
+    assert calls == ["a", "b", "a"]
+    by = {r["impl"]: r for r in rows}
+    assert by["a"]["ms"] == 1.0 and by["a"]["error"] is None
+    assert by["b"]["ms"] is None and "out of memory" in by["b"]["error"]
