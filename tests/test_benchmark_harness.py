@@ -14,10 +14,16 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import attention as harness  # noqa: E402
 
 
-def peer(name: str):
+def named_peers(names: str, current: list):
+    """Peers giving the same output; entering one's context puts its name in ``current[0]``
+    (which the replaced timer reads)."""
     def build(x):
-        return lambda: x.q.float() * 2  # the same output for every peer
-    return harness.Peer(name, build)
+        return lambda: x.q.float() * 2
+
+    def context(name):
+        current[0] = name
+        return torch.no_grad()  # any context manager
+    return [harness.Peer(name, build, lambda n=name: context(n)) for name in names]
 
 
 @pytest.mark.parametrize("rounds", [1, 2, 3])
@@ -32,14 +38,7 @@ def test_rounds_alternate_the_order_and_keep_each_peers_fastest(rounds, monkeypa
         return times[name][calls.count(name) - 1]
 
     current = [None]
-    peers = []
-    for name in "abc":
-        p = peer(name)
-
-        def context(n=name):
-            current[0] = n
-            return torch.no_grad()  # any context manager
-        peers.append(harness.Peer(p.name, p.build, context))
+    peers = named_peers("abc", current)
     monkeypatch.setattr(harness, "time_ms", fake_time_ms)
     shape = harness.Shape(1, 2, 16, 8, False)
     rows = harness.bench_shape(shape, peers, torch.float32, torch.device("cpu"), "fwd", rounds)
@@ -60,14 +59,7 @@ def test_a_timing_error_is_the_peers_row_and_not_timed_again(monkeypatch):
         return 1.0
 
     current = [None]
-    peers = []
-    for name in "ab":
-        p = peer(name)
-
-        def context(n=name):
-            current[0] = n
-            return torch.no_grad()
-        peers.append(harness.Peer(p.name, p.build, context))
+    peers = named_peers("ab", current)
     monkeypatch.setattr(harness, "time_ms", fake_time_ms)
     rows = harness.bench_shape(harness.Shape(1, 2, 16, 8, False), peers, torch.float32,
                                torch.device("cpu"), "fwd", 2)
