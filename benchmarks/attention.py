@@ -476,6 +476,13 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def rates_line(label: str, rows: list[dict]) -> str:
+    """One shape's rows as ``label: impl TFLOP/s | ...`` (a row's error where it has no rate)."""
+    return f"{label}: " + " | ".join(
+        f"{r['impl']} {r['tflops']:.1f}" if r["tflops"] else f"{r['impl']} {r['error']}"
+        for r in rows)
+
+
 def error_summary(rows: list[dict], label: Callable[[dict], str]) -> str:
     """The largest relative error of each implementation (report.worst_errors), then each row's
     error or skip reason, the row named by ``label(row)``."""

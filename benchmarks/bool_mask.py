@@ -12,30 +12,17 @@ Run: ``python benchmarks/bool_mask.py [--out DIR]`` on one GPU: a markdown table
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import PEERS, Peer, Shape, bench_shape, build_ours, metadata, save, slug  # noqa: E402
+from attention import (PEERS, Peer, Shape, bench_shape, build_ours, metadata,  # noqa: E402
+                       rates_line, save, slug)
+from padding import setting  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384)
-
-
-@contextlib.contextmanager
-def triton_forward():
-    old = os.environ.get("SDPA_PASS_GLUON_MASK")
-    os.environ["SDPA_PASS_GLUON_MASK"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SDPA_PASS_GLUON_MASK"]
-        else:
-            os.environ["SDPA_PASS_GLUON_MASK"] = old
 
 
 def main(argv=None) -> None:
@@ -46,7 +33,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default="bf16", help="put in the file name")
     args = parser.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
-    peers = [Peer("ours", build_ours), Peer("ours_triton", build_ours, triton_forward),
+    peers = [Peer("ours", build_ours),
+             Peer("ours_triton", build_ours, lambda: setting("SDPA_PASS_GLUON_MASK", "0")),
              *[p for p in PEERS if p.name in ("flex", "sdpa_cudnn")]]
     meta = metadata(argparse.Namespace(mode="bool_mask", dtype="bf16", quick=False), device)
     meta.update(benchmark="bool_mask", impls=[p.name for p in peers])
@@ -61,9 +49,7 @@ def main(argv=None) -> None:
                 r["mode"] = mode
             rows += new
             save(path, meta, rows)
-            print(f"{mode} N{n}: " + " | ".join(
-                f"{r['impl']} {r['tflops']:.1f}" if r["tflops"] else f"{r['impl']} {r['error']}"
-                for r in new), flush=True)
+            print(rates_line(f"{mode} N{n}", new), flush=True)
     meta["complete"] = True
     save(path, meta, rows)
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import (GQA_GROUP, PEERS, Peer, Shape, bench_shape, build_ours,  # noqa: E402
-                       make_inputs, metadata, save, slug, with_backward)
+                       make_inputs, metadata, rates_line, save, slug, with_backward)
 from padding import setting  # noqa: E402
 from padding_overhead import kernel_times  # noqa: E402
 
@@ -87,9 +87,7 @@ def main(argv=None) -> None:
                         r["kernels_ms"] = times
             rows += new
             save(path, meta, rows)
-            print(f"{variant} N{n}: " + " | ".join(
-                f"{r['impl']} {r['tflops']:.1f}" if r["tflops"] else f"{r['impl']} {r['error']}"
-                for r in new), flush=True)
+            print(rates_line(f"{variant} N{n}", new), flush=True)
             for r in new:
                 if "kernels_ms" in r:
                     print(f"  {r['impl']}: " + ", ".join(
