@@ -383,7 +383,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         consts = dict(BM=product.dq_block_m(head_dim), BN=product.dq_block_n(head_dim),
                       HEAD=head_dim, STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
                       MASK_TILE=mask_tile, CONSUMER_REGS=product.CONSUMER_REGS,
-                      P_STAGES=product.dkdv_p_stages(mask_tile), num_warps=4)
+                      P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
     else:
         fn = product._attention_bwd_dkdv_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
@@ -395,7 +395,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                       STAGES=product.STAGES, IS_CAUSAL=causal, KEY_SPAN=padding,
                       ROW_PER_HEAD=False, MASK_TILE=mask_tile, ORDER=int(causal),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
-                      P_STAGES=product.dkdv_p_stages(mask_tile), num_warps=4)
+                      P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
     if not mask_tile:

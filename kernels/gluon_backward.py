@@ -304,6 +304,22 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _p_ring(P_STAGES: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr):
+        """The hd256 kernels' ring of fp32 (ROWS x COLS) P tiles from their first consumer to
+        their second: the slots, then each slot's ready and empty mbarriers (one arrive each),
+        initialised and fenced."""
+        p_smem = gl.allocate_shared_memory(
+            gl.float32, [P_STAGES, ROWS, COLS],
+            gl.NVMMASharedLayout.get_default_for([ROWS, COLS], gl.float32))
+        ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(P_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+        return p_smem, ready, empty
+
+    @gluon.jit
     def _bwd_wide_scores(dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem, pt_smem,
                          kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b, h_kv, start_n,
                          first_m, n_q, group, offset, qk_scale, S, kpm_ptr, stride_pb,
@@ -493,17 +509,7 @@ if gluon is not None:
         fence_async_shared()
 
         if WIDE:
-            pt_smem = gl.allocate_shared_memory(
-                gl.float32, [P_STAGES, BN, BM],
-                gl.NVMMASharedLayout.get_default_for([BN, BM], gl.float32))
-            pt_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
-                                                 mbarrier.MBarrierLayout())
-            pt_empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
-                                                 mbarrier.MBarrierLayout())
-            for i in gl.static_range(P_STAGES):
-                mbarrier.init(pt_ready.index(i), count=1)
-                mbarrier.init(pt_empty.index(i), count=1)
-            fence_async_shared()
+            pt_smem, pt_ready, pt_empty = _p_ring(P_STAGES, BN, BM)
             gl.warp_specialize([
                 (_bwd_wide_scores, (dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem,
                                     pt_smem, kv_bar, q_ready, do_ready, empty, pt_ready,
@@ -819,17 +825,7 @@ if gluon is not None:
         if WIDE:
             # V is read by the second consumer only
             q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES, 1)
-            p_smem = gl.allocate_shared_memory(
-                gl.float32, [P_STAGES, BM, BN],
-                gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32))
-            p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
-                                                mbarrier.MBarrierLayout())
-            p_empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1],
-                                                mbarrier.MBarrierLayout())
-            for i in gl.static_range(P_STAGES):
-                mbarrier.init(p_ready.index(i), count=1)
-                mbarrier.init(p_empty.index(i), count=1)
-            fence_async_shared()
+            p_smem, p_ready, p_empty = _p_ring(P_STAGES, BM, BN)
             gl.warp_specialize([
                 (_dq_wide_scores, (q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready,
                                    k_empty, p_ready, p_empty, b, h, start_m, offset, S, t0,
@@ -965,7 +961,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                  dict(BM=BLOCK_M, BN=bn, HEAD=shape.head_dim, STAGES=STAGES,
                       IS_CAUSAL=is_causal, KEY_SPAN=padding, ROW_PER_HEAD=row_per_head,
                       MASK_TILE=mask_tile, ORDER=ORDERS.index(order), GROUP=GROUP_HEADS,
-                      CONSUMER_REGS=CONSUMER_REGS, P_STAGES=dkdv_p_stages(mask_tile),
+                      CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
                       num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker,
@@ -979,7 +975,7 @@ def dkdv_block_n(head_dim: int) -> int:
     return WIDE_BLOCK_N if head_dim > 128 else BLOCK_N
 
 
-def dkdv_p_stages(mask_tile: bool) -> int:
+def wide_p_stages(mask_tile: bool) -> int:
     """Slots of the hd256 dK/dV and dQ kernels' P tiles (``P_STAGES``)."""
     return 1 if mask_tile else P_STAGES
 
@@ -1029,7 +1025,7 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
                  args, dict(BM=bm, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,
                             MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS,
-                            P_STAGES=dkdv_p_stages(mask_tile), num_warps=4),
+                            P_STAGES=wide_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker,
                               **({6: mask_tile_descriptor(B, Hq, mask_strides, L, S,
