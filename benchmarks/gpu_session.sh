@@ -14,6 +14,19 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r sdpa_pass tests benchmarks examples pyproject.toml /tmp/pkg/ \
   && cp -r kernels /tmp/pkg/sdpa_pass/kernels && { [ -d .whl ] && cp -r .whl /tmp/pkg/; true; }
 cd /tmp/pkg
+# The package's metadata beside it, as an install would leave it: its entry point is how
+# Dynamo finds the backend in a process that never imported us (tests/test_pass_api.py).
+python3 - <<'PY'
+import pathlib, tomllib
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = pathlib.Path(f"{project['name'].replace('-', '_')}-{project['version']}.dist-info")
+info.mkdir()
+(info / "METADATA").write_text(
+    f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+(info / "entry_points.txt").write_text("".join(
+    f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in table.items()) + "\n"
+    for group, table in project.get("entry-points", {}).items()))
+PY
 export PYTHONPATH=/tmp/pkg
 if ! python3 -c "import pytest, expecttest" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \

@@ -49,8 +49,7 @@ beside a bool mask's tiles). Masks as at hd128, applied by the first consumer (P
 hidden, so dSᵀ is too). The dQ kernel at hd256 splits the same way over 64 query rows a CTA:
 the first consumer computes S = Q K_jᵀ and P and hands P over, the second dP = dO V_jᵀ, dS and
 dQ += dS K_j (it alone reads dO, so dQ leaves through dO's shared memory; V's ring slots are
-released by it alone). The forward at hd256 is the Triton kernel unless
-SDPA_PASS_GLUON_FWD_HD256=1 (gluon_forward.py).
+released by it alone). The forward at hd256 is Gluon's too (gluon_forward.py, 64-key tiles).
 
 The prep kernel (delta and the row statistics, padded to whole 64-row tiles with rows that
 see no key: m = +inf, delta = 0) stays Triton's.

@@ -23,9 +23,8 @@ mask and 1.05-1.10x causal at N >= 4k.
 
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
 capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
-128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys, or 256 under
-SDPA_PASS_GLUON_FWD_HD256=1 (64-key tiles; compiled for sm_90 without spill, not yet run on a
-GPU, so off by default); no attn_mask but a padding row
+128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys, or 256 (64-key tiles;
+SDPA_PASS_GLUON_FWD_HD256=0 keeps the Triton forward there); no attn_mask but a padding row
 (a key_padding_mask and / or a bool attn_mask that is one row of keys per (batch, head), HF's
 (B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask with rows of its own that the copy
 engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no window, soft-capping or
@@ -88,9 +87,8 @@ HD64_MIN_KEYS = 4096
 BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
 BLOCK_N = 128  # keys a tile
 # Head dim 256: 64-key tiles (Q, two K / V slots of 64 x 256 and the S / O registers fit; at
-# 128 keys ptxas spills). Compiled for sm_90 without spill (tests/test_gluon_forward.py) but
-# not yet run on a GPU, so it waits behind SDPA_PASS_GLUON_FWD_HD256=1 (session 22 spent its
-# device time on the backward at hd256).
+# 128 keys ptxas spills). On an H100 (bf16, session 23) 1.24-1.32x the Triton forward and
+# 0.92-1.09x cuDNN (no mask, causal, GQA 4:1 causal, N = 1k-16k; bool mask 2.2-2.4x cuDNN).
 WIDE_HEAD_DIM = 256
 WIDE_BLOCK_N = 64
 STAGES = 2  # K/V ring slots
@@ -477,9 +475,8 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (fp16 / bf16 only)"
     if (shape.head_dim == shape.v_head_dim == WIDE_HEAD_DIM
-            and os.environ.get("SDPA_PASS_GLUON_FWD_HD256", "") != "1"):
-        return ("head dim 256 (the Gluon forward's 64-key tiles there await their GPU "
-                "validation; SDPA_PASS_GLUON_FWD_HD256=1 takes them)")
+            and os.environ.get("SDPA_PASS_GLUON_FWD_HD256", "") == "0"):
+        return "head dim 256 with SDPA_PASS_GLUON_FWD_HD256=0"
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in (*HEAD_DIMS, WIDE_HEAD_DIM):
         return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
     if shape.head_dim == 64 and shape.kv_len < HD64_MIN_KEYS:

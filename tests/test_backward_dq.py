@@ -128,12 +128,15 @@ def test_dq_paths_agree(monkeypatch, extras):
 
 
 def test_default_path_at_head_dim_128(monkeypatch, launches):
-    """hd128 with a bool mask, GQA and causal: on a GPU (Hopper, bf16) the default is the split
-    dQ path, the dK/dV kernel's loads (mask included) and the dQ kernel's mask through
-    descriptors; the CPU interpreter takes them when asked."""
+    """hd128 with a bool mask, GQA and causal, Gluon backward off: on a GPU (Hopper, bf16) the
+    Triton default is the split dQ path, the dK/dV kernel's loads (mask included) and the dQ
+    kernel's mask through descriptors; the CPU interpreter takes them when asked."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     on_hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
     monkeypatch.delenv("SDPA_PASS_BWD_DQ", raising=False)
+    # the Triton kernels' defaults: on Hopper the Gluon backward takes bool tile masks at hd128
+    # (session 21) and would leave no Triton launch to inspect
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD", "0")
     # the test's shapes are host-bound (forward.host_bound), which keeps pointer loads
     monkeypatch.setattr(bwd, "host_bound", lambda shape: False)
     if not on_hopper:

@@ -296,7 +296,7 @@ GPU_CASES = {
     "hd64_short_keys": (1, 8, 2, 2048, 1024, torch.bfloat16, None, dict(head_dim=64)),
     "hd64_short_keys_ragged_bottom_right": (2, 8, 4, 1000, 1300, torch.float16, None,
                                             dict(causal="bottom_right", head_dim=64)),
-    # hd256: the dK/dV kernel's split schedule (64 keys a CTA; the forward and dQ Triton's)
+    # hd256: the dK/dV and dQ kernels' split schedule (64 keys / rows a CTA)
     "hd256": (2, 8, 8, 1024, 1024, torch.bfloat16, None, dict(head_dim=256)),
     "hd256_gqa_ragged_bottom_right": (2, 8, 2, 1000, 1300, torch.float16, None,
                                       dict(causal="bottom_right", head_dim=256)),

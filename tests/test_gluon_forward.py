@@ -58,13 +58,13 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     q80, kv80 = torch.zeros(2, 4, 256, 80, dtype=h), torch.zeros(2, 2, 384, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
-    # hd256: 64-key tiles, behind SDPA_PASS_GLUON_FWD_HD256=1 until run on a GPU
+    # hd256: 64-key tiles; SDPA_PASS_GLUON_FWD_HD256=0 keeps the Triton forward
     q256, kv256 = torch.zeros(2, 4, 256, 256, dtype=h), torch.zeros(2, 2, 384, 256, dtype=h)
-    assert "SDPA_PASS_GLUON_FWD_HD256=1" in refusal(q256, kv256, kv256)
+    assert refusal(q256, kv256, kv256) is None
+    assert "head dims" in refusal(q256, kv256, kv)  # V's head dim differs
     with monkeypatch.context() as m:
-        m.setenv("SDPA_PASS_GLUON_FWD_HD256", "1")
-        assert refusal(q256, kv256, kv256) is None
-        assert "head dims" in refusal(q256, kv256, kv)  # V's head dim differs
+        m.setenv("SDPA_PASS_GLUON_FWD_HD256", "0")
+        assert "SDPA_PASS_GLUON_FWD_HD256=0" in refusal(q256, kv256, kv256)
     assert gfwd.forward_block_n(256) == 64 and gfwd.forward_block_n(128) == gfwd.BLOCK_N
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
     for flags in (dict(window=16), dict(softcap=30.0), dict(dropout_p=0.1)):
@@ -253,7 +253,7 @@ def test_gluon_forward_matches_the_reference(case, monkeypatch):
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, scale=scale, **extras)
 
 
-# hd256 (64-key tiles, SDPA_PASS_GLUON_FWD_HD256=1; laid out as GPU_CASES)
+# hd256 (64-key tiles; laid out as GPU_CASES)
 WIDE_CASES = {
     "hd256_mha": (1, 8, 8, 1024, 1024, torch.bfloat16, None, {}),
     "hd256_ragged_causal_bottom_right_gqa": (2, 8, 2, 1000, 1300, torch.float16, None,
@@ -266,7 +266,6 @@ WIDE_CASES = {
 @needs_hopper
 @pytest.mark.parametrize("case", sorted(WIDE_CASES))
 def test_gluon_forward_at_head_dim_256_matches_the_reference(case, monkeypatch):
-    monkeypatch.setenv("SDPA_PASS_GLUON_FWD_HD256", "1")
     B, Hq, Hkv, L, S, dtype, scale, extras = WIDE_CASES[case]
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, 256, dtype, scale=scale,
                                   **extras)

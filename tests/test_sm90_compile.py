@@ -77,7 +77,9 @@ def test_padding_row_mask_compiles_to_row_loads(kernel):
     row = compiled(*args, "--mask", "row", "--no-span")
     span = compiled(*args, "--mask", "row")  # with the span scan
     assert span["key loop instructions"] > 0
-    assert span["key loop instructions"] <= row["key loop instructions"] * 1.02, (span, row)
+    # within 4%: triton 3.9 compiles the two loops to within 2%; 3.6 (the GPU machines') the
+    # forward's to 528 against 510 and the dK/dV kernel's to 624 against 605 (session 23)
+    assert span["key loop instructions"] <= row["key loop instructions"] * 1.04, (span, row)
     if kernel == "forward":
         assert row["instructions"] < compiled(*args, "--mask", "bool")["instructions"]
 
@@ -125,7 +127,13 @@ def test_pipelined_qk_probe_computes_attention(pipe, causal):
 def test_pipelined_forward_keeps_its_wgmmas_asynchronous(mask):
     """SDPA_PASS_FWD_PIPELINE's interior loop compiles for sm_90 without spills and without
     ptxas serializing its wgmmas, which it does (a wait after every one) when a product's
-    accumulator is read while it may be in flight (benchmarks/pipelined_qk.py, rewrite 2)."""
+    accumulator is read while it may be in flight (benchmarks/pipelined_qk.py, rewrite 2).
+    Below forward.PIPELINE_MIN_TRITON the library never compiles this loop (its ptxas crashes:
+    triton 3.6's died here with the bias on the H100 machine, session 23)."""
+    from sdpa_pass.kernels import forward
+
+    if not forward.pipeline_supported(interpreting=False):
+        pytest.skip("the pipelined loop is refused with this triton (forward.pipeline_supported)")
     extra = ["--mask-tma"] if mask != "none" else []
     report = compiled("--mask", mask, "--head-dim", "128", "--tile", "128,64,8,3",
                       "--pipeline", *extra)
