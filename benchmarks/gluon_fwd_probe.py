@@ -499,11 +499,11 @@ def _ptxas_log(ptx: str) -> str:
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    padding: int = 0, mask_tile: bool = False):
+                    padding: int = 0, mask_tile: int = 0):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
     ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
-    with a bool attn_mask read in tiles (MASK_TILE)."""
+    with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -521,8 +521,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
     bn = product.forward_block_n(head_dim)
     mask_block = (1, 1, rows, bn)
-    mask_desc = (f"tensordesc<u8[{', '.join(map(str, mask_block))}],"
-                 f"{product._layout(mask_block, gl.uint8)!r}>")
+    mask_dtype, mask_gl = ("u8", gl.uint8) if mask_tile == product.TILE_BOOL else (dtype, gdt)
+    mask_desc = (f"tensordesc<{mask_dtype}[{', '.join(map(str, mask_block))}],"
+                 f"{product._layout(mask_block, mask_gl)!r}>")
     sig = {"q_desc": desc(rows), "k_desc": desc(bn), "v_desc": desc(bn),
            "o_desc": desc(rows), "m_desc": mask_desc if mask_tile else "constexpr",
            "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
@@ -547,7 +548,7 @@ def compile_report(name: str) -> dict:
     if name.startswith("product:"):
         _, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:6]
         kernel = compile_product(dtype, causal == "causal", int(head_dim), int(padding),
-                                 tile == "1")
+                                 int(tile))
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -673,11 +674,13 @@ def main() -> None:
                         help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
     parser.add_argument("--mask-tile", action="store_true",
                         help="with --product: a bool attn_mask read in tiles (MASK_TILE)")
+    parser.add_argument("--bias-tile", action="store_true",
+                        help="with --product: a float bias of the product's dtype read in tiles")
     args = parser.parse_args()
     if args.compile and args.product:
         print(json.dumps(compile_report(
             f"product:{args.product}:{'causal' if args.causal else ''}:{args.head_dim}:"
-            f"{args.padding}:{int(args.mask_tile)}")))
+            f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")))
         return
     if args.compile:
         compile_only()

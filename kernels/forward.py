@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .gluon_forward import (attention_forward_gluon, gluon_forward_refusal, padding_flags,
-                            tile_mask_refusal)
+from .gluon_forward import (TILE_BIAS, TILE_BOOL, attention_forward_gluon,
+                            gluon_forward_refusal, padding_flags, tile_mask_refusal)
 from .launch import KernelCall, PlanCache, call_key, launch_fixed, tensor_key
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
@@ -1096,16 +1096,18 @@ def attention_forward_triton(
     kernel_mask = mask_kind_of(mask_kind, mstrides, L)
     span = key_span(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None)
     padding = padding_flags(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None, span)
-    # an attn_mask with rows of its own: the Gluon forward reads bool ones in tiles
+    # an attn_mask with rows of its own: the Gluon forward reads bool ones and 16-bit float
+    # biases in tiles
     tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
     if not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale, masked=tiled and tile_mask_refusal(mask),
+            q, k, v, shape, scale=scale, masked=tiled and tile_mask_refusal(mask, bias=True, head_dim=D),
             padding=padding, causal_align=causal_align, diagonal=diagonal, window=window,
             softcap=softcap, dropout_p=dropout_p,
             capability=_capability(q.device) if q.is_cuda else None) is None:
         gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,
                            pstrides if key_padding_mask is not None else (0, 0), mstrides,
-                           nan_on_empty, tiled)
+                           nan_on_empty, (TILE_BIAS if mask_kind == MASK_FLOAT else TILE_BOOL)
+                           if tiled else 0)
         gluon(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,
               dropout_p)
         if plan_key is not None:
@@ -1195,7 +1197,7 @@ class _GluonPlan:
 
     def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
                  diagonal: int, plan_key, padding: int, kpm_strides: tuple, mask_strides: tuple,
-                 nan_on_empty: bool, mask_tile: bool):
+                 nan_on_empty: bool, mask_tile: int):
         self.shape, self.return_lse = shape, return_lse
         self.causal_align, self.diagonal, self.plan_key = causal_align, diagonal, plan_key
         self.padding, self.kpm_strides, self.mask_strides = padding, kpm_strides, mask_strides

@@ -26,9 +26,9 @@ capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf1
 128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys, or 256 (64-key tiles;
 SDPA_PASS_GLUON_FWD_HD256=0 keeps the Triton forward there); no attn_mask but a padding row
 (a key_padding_mask and / or a bool attn_mask that is one row of keys per (batch, head), HF's
-(B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask with rows of its own that the copy
-engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no window, soft-capping or
-dropout; no causal mask or one
+(B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask or, at head dims 128 and 256, an fp16 /
+bf16 float one with rows of its own that the copy engine can read (``tile_mask_refusal``;
+``MASK_TILE``, below), no window, soft-capping or dropout; no causal mask or one
 whose diagonal leaves no row without keys (diagonal tiles masked, the longest query tiles
 first); GQA; a positive scale; Q, K
 and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no broadcast
@@ -56,6 +56,16 @@ as with padding. H100, hd128, a random (N, N) mask: 401 / 474 / 470 TFLOP/s at N
 16k against the Triton kernel's 319 / 366 / 391 and flex's 279 / 331 / 333. SDPA_PASS_GLUON_MASK=0
 keeps such calls on the Triton kernels; the backward's Gluon kernels read these masks too
 (gluon_backward.py).
+
+Float biases with rows of their own (``TILE_BIAS``, session 23), fp16 / bf16: copied as the
+bool masks' tiles are (a bf16 bias at hd128 takes 64 KB, 229,760 bytes of shared memory in
+all); a consumer adds its tile to the scaled scores, which stay in natural-log units until
+the row max is subtracted, as the Triton forward's do with a float mask (a finfo.min bias
+stays finite: the HF mask's rows with every key at finfo.min average V uniformly, as eager
+softmax does). H100, hd128, a (1, H, N, N) ALiBi bias: 399.5 / 475.0 / 478.4 TFLOP/s at N =
+1k / 4k / 16k against the Triton kernel's 330.9 / 385.8 / 398.6 and flex's 351.3 / 399.7 (16k:
+flex faults); hd256 576.1 at 4k against 319.8 and 334.0. The backward keeps Triton's kernels
+for a float mask. SDPA_PASS_GLUON_BIAS=0 keeps the forward's too.
 """
 
 from __future__ import annotations
@@ -92,6 +102,13 @@ BLOCK_N = 128  # keys a tile
 WIDE_HEAD_DIM = 256
 WIDE_BLOCK_N = 64
 STAGES = 2  # K/V ring slots
+# MASK_TILE: what the attn_mask read in tiles holds (0: none)
+TILE_BOOL = 1  # bool bytes, 0 = hidden
+TILE_BIAS = 2  # a float bias (fp16 / bf16) added to the scaled scores
+# Head dims at which the forward reads a float bias in tiles. H100, bf16, a (1, H, N, N) ALiBi
+# bias, kernel times (session 23): hd128 1.22-1.29x the Triton forward (N = 1k-16k), hd256
+# 1.88x; hd64 0.90x at N = 4k and 1.03x at 16k, so it keeps the Triton forward.
+BIAS_HEAD_DIMS = (128, 256)
 CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -102,6 +119,7 @@ if gluon is not None:
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _LN2 = gl.constexpr(LN2)
+    LOG2E_C = gl.constexpr(LOG2E)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -125,9 +143,10 @@ if gluon is not None:
                       MASK_TILE: gl.constexpr, ROW_PARTS: gl.constexpr = 2):
         """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K and V
         of key tile t0 + i of head h_kv into slot i % STAGES as soon as both consumers have
-        released it. MASK_TILE (the forward's bool attn_mask): with K, on K's barrier, the
-        mask's ROW_PARTS BMW-row parts of rows start_m on for those keys into slots
-        ROW_PARTS (i % STAGES) + w, from the mask's own dims (indices mask_b, mask_h)."""
+        released it. MASK_TILE (the forward's attn_mask: bool bytes or a 16-bit float bias):
+        with K, on K's barrier, the mask's ROW_PARTS BMW-row parts of rows start_m on for those
+        keys into slots ROW_PARTS (i % STAGES) + w, from the mask's own dims (indices mask_b,
+        mask_h)."""
         tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         for i in range(n_tiles):
             slot = i % STAGES
@@ -135,7 +154,8 @@ if gluon is not None:
             key0 = (t0 + i) * BN
             mbarrier.wait(k_empty.index(slot), phase)
             if MASK_TILE:
-                mbarrier.expect(k_ready.index(slot), tile_bytes + ROW_PARTS * BMW * BN)
+                mbarrier.expect(k_ready.index(slot), tile_bytes + ROW_PARTS * BMW * BN
+                                * m_desc.dtype.primitive_bitwidth // 8)
                 for w in gl.static_range(ROW_PARTS):
                     _tma_load(m_desc, [mask_b, mask_h, start_m + w * BMW, key0],
                               k_ready.index(slot), m_smem.index(ROW_PARTS * slot + w))
@@ -233,10 +253,16 @@ if gluon is not None:
         sees key 0, so no row is
         empty; with it a row may see no key (causal rows before the first unpadded key, or
         nothing unpadded): its running max stays -inf and is shifted by 0 (no -inf - -inf),
-        and it stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf. MASK_TILE: a bool
+        and it stores zeros (NaN with NAN_ON_EMPTY) and an LSE of -inf. MASK_TILE: the
         attn_mask's tile of this warpgroup's rows (W: its half of the CTA's, slot 2 s + W of
-        ``m_smem``, copied with K) hides the keys where it is 0; rows may be empty likewise."""
+        ``m_smem``, copied with K): TILE_BOOL bytes hide the keys where they are 0; TILE_BIAS
+        a float bias added to the scores, which then stay in natural-log units (qk_scale is
+        the plain scale) until the row max is subtracted, as eager adds them: a finfo.min bias
+        stays finite (its log2 form would overflow to -inf and empty a row that eager softmax
+        averages uniformly; the same exponent count: (s - m) * log2(e) against s * c - m).
+        Rows may be empty likewise (an all -inf bias)."""
         dtype: gl.constexpr = q_smem.dtype
+        BIAS: gl.constexpr = MASK_TILE == 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -254,7 +280,7 @@ if gluon is not None:
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         if MASK_TILE:
-            s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout)
+            s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout, qk_scale, BIAS)
         mbarrier.arrive(k_empty.index(0))
         if KEY_SPAN != 0:
             s = mask_padding(s, t0, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
@@ -263,9 +289,14 @@ if gluon is not None:
             if t0 >= full_tiles:
                 s = _tile_mask(s, t0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                RAGGED_KEYS)
-        m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
-        m_use = _finite_shift(m_i, KEY_SPAN != 0 or MASK_TILE)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        if BIAS:  # running max in natural-log units of the biased scores
+            m_i = gl.max(s, 1)
+            m_use = _finite_shift(m_i, True)
+            p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
+        else:
+            m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
+            m_use = _finite_shift(m_i, KEY_SPAN != 0 or MASK_TILE)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
         mbarrier.wait(v_ready.index(0), 0)
@@ -285,7 +316,7 @@ if gluon is not None:
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             if MASK_TILE:
-                s = _mask_tile(s, m_smem, sk, W, BMW, BN, s_layout)
+                s = _mask_tile(s, m_smem, sk, W, BMW, BN, s_layout, qk_scale, BIAS)
             mbarrier.arrive(k_empty.index(sk))
             if KEY_SPAN != 0:
                 s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
@@ -296,10 +327,16 @@ if gluon is not None:
                     s = _tile_mask(s, j, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                    RAGGED_KEYS)
             # tile j's softmax: its exponentials run under the P.V product
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            m_use = _finite_shift(m_new, KEY_SPAN != 0 or MASK_TILE)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+            if BIAS:
+                m_new = gl.maximum(m_i, gl.max(s, 1))
+                m_use = _finite_shift(m_new, True)
+                alpha = gl.exp2((m_i - m_use) * LOG2E_C)
+                p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
+            else:
+                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                m_use = _finite_shift(m_new, KEY_SPAN != 0 or MASK_TILE)
+                alpha = gl.exp2(m_i - m_use)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             # V_j for the next iteration. This wait (a try-wait loop, so a new basic block)
@@ -328,7 +365,10 @@ if gluon is not None:
             o = o / gl.expand_dims(l_o, 1)
         if STORE_LSE:
             rows = row0 + gl.arange(0, BMW, layout=row_o)
-            lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
+            if BIAS:
+                lse = gl.convert_layout(m_i, row_o) + gl.log2(l_o) * _LN2
+            else:
+                lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
             if KEY_SPAN != 0 or MASK_TILE:
                 lse = gl.where(empty, float("-inf"), lse)
             gl.store(lse_ptr + lse_row0 + rows, lse, mask=rows < L)
@@ -340,11 +380,14 @@ if gluon is not None:
 
     @gluon.jit
     def _mask_tile(s, m_smem, slot, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
-                   s_layout: gl.constexpr):
-        """The scores with the keys the bool attn_mask's tile (slot 2 slot + W of ``m_smem``,
-        bytes, 0 = hidden) hides at -inf. Read from shared memory after the scores are waited
-        for, before the slot is released."""
+                   s_layout: gl.constexpr, scale, BIAS: gl.constexpr = False):
+        """The scores with the attn_mask's tile (slot 2 slot + W of ``m_smem``) applied: bool
+        bytes (0 = hidden) put hidden keys at -inf; a float bias (BIAS) gives s * scale + bias
+        (natural-log units, fp32). Read from shared memory after the scores are waited for,
+        before the slot is released."""
         tile = m_smem.index(2 * slot + W).reshape([BMW, BN]).load(s_layout)
+        if BIAS:
+            return s * scale + tile.to(gl.float32)
         return gl.where(tile != 0, s, float("-inf"))
 
     @gluon.jit
@@ -395,10 +438,12 @@ if gluon is not None:
         a bool attn_mask's row (its (B, Hq, L, S) view's strides, L's unused), with its spans
         (``forward.padding_spans``; (b, h)'s at b * span_sb + h * span_sh): the key tiles
         outside the visible span are not visited, those inside masked by the row unless the
-        span is dense and covers them. MASK_TILE: a bool attn_mask with rows of its own, read as
-        bytes through ``m_desc`` (a descriptor of its own dims, broadcast ones of size 1,
-        indexed at b * mask_b_on and h * mask_h_on; tiles of BM / 2 rows and BN keys, past L
-        and S zeros: hidden), copied with K."""
+        span is dense and covers them. MASK_TILE: an attn_mask with rows of its own, TILE_BOOL
+        a bool one read as bytes, TILE_BIAS a float bias (fp16 / bf16; qk_scale is then the
+        plain scale, see ``_consumer``), through ``m_desc`` (a descriptor of its own dims,
+        broadcast ones of size 1, indexed at b * mask_b_on and h * mask_h_on; tiles of BM / 2
+        rows and BN keys, past L and S zeros: hidden bytes, or keys the ragged-keys mask
+        hides), copied with K."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -427,6 +472,7 @@ if gluon is not None:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
         if MASK_TILE:
+            # (a bf16 bias at hd128: 64 KB beside Q, K and V's 160: 229,728 bytes of 232,448)
             m_smem = gl.allocate_shared_memory(m_desc.dtype, [2 * STAGES, 1, 1, BMW, BN],
                                                m_desc.layout)
         else:
@@ -557,6 +603,7 @@ def _layout(block: tuple, dtype):
 
 
 _GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_GL_MASK_DTYPES = {torch.uint8: "uint8", **_GL_DTYPES}
 
 
 def _descriptor_maker(rows: int, head_dim: int):
@@ -583,7 +630,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             plan_key, padding: int = 0, kpm: torch.Tensor | None = None,
                             kpm_strides: tuple = (0, 0), mask: torch.Tensor | None = None,
                             mask_strides: tuple = (0, 0, 0, 0), nan_on_empty: bool = False,
-                            spans: torch.Tensor | None = None, mask_tile: bool = False) -> None:
+                            spans: torch.Tensor | None = None, mask_tile: int = 0) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
     allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
@@ -593,16 +640,19 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     key_padding_mask ``kpm`` (B, S) with ``kpm_strides`` and / or the bool ``mask`` whose
     (B, Hq, L, S) view has ``mask_strides``, and their ``forward.padding_spans``;
     ``nan_on_empty``: rows that see no key give NaN (else zeros). ``mask_tile``: ``mask`` is
-    instead a bool attn_mask with rows of its own (``tile_mask_refusal``), read in tiles
-    through a descriptor (``padding`` then covers a key_padding_mask only)."""
+    instead an attn_mask with rows of its own (``tile_mask_refusal``), TILE_BOOL a bool one,
+    TILE_BIAS a float bias, read in tiles through a descriptor (``padding`` then covers a
+    key_padding_mask only)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
-    args = (q, k, v, out, mask.view(torch.uint8) if mask_tile else None,
-            lse if return_lse else out, *pad[:2], q if spans is None else spans,
-            scale * LOG2E, Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S),
+    tile = (mask.view(torch.uint8) if mask_tile == TILE_BOOL else mask) if mask_tile else None
+    # a bias keeps the scores in natural-log units (_consumer): the plain scale
+    args = (q, k, v, out, tile, lse if return_lse else out, *pad[:2],
+            q if spans is None else spans, scale if mask_tile == TILE_BIAS else scale * LOG2E,
+            Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S),
             *pad[2:], *span_strides(spans), *mask_tile_indexing(mask_tile, mask_strides))
     D = shape.head_dim
     bn = forward_block_n(D)
@@ -623,39 +673,53 @@ def forward_block_n(head_dim: int) -> int:
     return WIDE_BLOCK_N if head_dim == WIDE_HEAD_DIM else BLOCK_N
 
 
-def tile_mask_refusal(mask: torch.Tensor) -> str | None:
-    """Why the Gluon forward does not read this attn_mask ((B, Hq, L, S) broadcast view) in
-    tiles through the copy engine, or None when it does: a bool mask with rows of its own (a
-    row of keys broadcast over the rows is a padding row instead), keys contiguous, base and
-    every other stride 16-byte aligned. SDPA_PASS_GLUON_MASK=0 keeps such masks on the Triton
-    kernel."""
-    if mask.dtype != torch.bool:
-        return f"a {mask.dtype} attn_mask (the Gluon forward reads bool masks and padding rows)"
+def tile_mask_refusal(mask: torch.Tensor, bias: bool = False, head_dim: int = 128) -> str | None:
+    """Why a Gluon kernel does not read this attn_mask ((B, Hq, L, S) broadcast view) in
+    tiles through the copy engine, or None when it does: a bool mask, or with ``bias`` (the
+    forward's) also an fp16 / bf16 float one, with rows of its own (a row of keys broadcast
+    over the rows is a padding row instead, or for a float mask the Triton kernel's), keys
+    contiguous, base and every other stride 16-byte aligned, and for a float one a head dim of
+    BIAS_HEAD_DIMS. SDPA_PASS_GLUON_MASK=0 keeps bool masks on the Triton kernels,
+    SDPA_PASS_GLUON_BIAS=0 float ones."""
+    floating = mask.dtype != torch.bool
+    if floating and not bias:
+        return f"a {mask.dtype} attn_mask (the Gluon backward reads bool masks and padding rows)"
+    if floating and head_dim not in BIAS_HEAD_DIMS:
+        return (f"a float attn_mask at head dim {head_dim} (the Triton forward measured as "
+                "fast; BIAS_HEAD_DIMS)")
+    if floating and mask.dtype not in (torch.float16, torch.bfloat16):
+        # two stages of a 128 x 128 tile fill the shared memory Q, K and V leave at 16 bits
+        return (f"a {mask.dtype} attn_mask (the Gluon forward reads 16-bit float biases "
+                "in tiles)")
+    kind = "float" if floating else "bool"
     _, _, rows, keys = mask.shape
     stride_b, stride_h, stride_m, stride_n = mask.stride()
+    size = mask.element_size()
     if not (rows > 1 and keys > 1 and stride_n == 1 and stride_m != 0
             and mask.data_ptr() % 16 == 0
-            and all(stride % 16 == 0 for stride in (stride_b, stride_h, stride_m))):
-        return (f"a bool attn_mask with strides {tuple(mask.stride())}: the copy engine needs "
+            and all(stride * size % 16 == 0 for stride in (stride_b, stride_h, stride_m))):
+        return (f"a {kind} attn_mask with strides {tuple(mask.stride())}: the copy engine needs "
                 "contiguous keys and a 16-byte aligned base and strides")
-    if os.environ.get("SDPA_PASS_GLUON_MASK", "") == "0":
-        return "a bool attn_mask with SDPA_PASS_GLUON_MASK=0"
+    variable = "SDPA_PASS_GLUON_BIAS" if floating else "SDPA_PASS_GLUON_MASK"
+    if os.environ.get(variable, "") == "0":
+        return f"a {kind} attn_mask with {variable}=0"
     return None
 
 
 def mask_tile_descriptor(batch: int, heads: int, mask_strides: tuple, L: int, S: int,
                          rows: int = BLOCK_M // 2, keys: int = BLOCK_N):
-    """A maker of the descriptor of a bool attn_mask's bytes (the tensor as given, viewed as
-    uint8; ``mask_strides``: its (batch, heads, L, S) broadcast view's): its own dims, a
-    broadcast batch or head dim of size 1 (indexed at 0, ``mask_b_on`` / ``mask_h_on``), tiles
-    of ``rows`` rows and ``keys`` keys (the forward's: BLOCK_M / 2 and BLOCK_N)."""
+    """A maker of the descriptor of an attn_mask read in tiles (a bool mask's bytes: the
+    tensor as given, viewed as uint8; a float bias as given; ``mask_strides``: its (batch,
+    heads, L, S) broadcast view's, in elements): its own dims, a broadcast batch or head dim of
+    size 1 (indexed at 0, ``mask_b_on`` / ``mask_h_on``), tiles of ``rows`` rows and ``keys``
+    keys (the forward's: BLOCK_M / 2 and BLOCK_N)."""
     block = [1, 1, rows, keys]
-    layout = _layout(tuple(block), gl.uint8)
     shape = [batch if mask_strides[0] else 1, heads if mask_strides[1] else 1, L, S]
     # a dim of size 1 may carry any stride; the copy engine wants a 16-byte multiple there
     strides = [stride if stride and size > 1 else 16
                for stride, size in zip(mask_strides, shape)][:2] + list(mask_strides[2:])
 
     def make(mask: torch.Tensor):
+        layout = _layout(tuple(block), getattr(gl, _GL_MASK_DTYPES[mask.dtype]))
         return TensorDescriptor(mask, shape, strides, block, layout)
     return make

@@ -106,6 +106,33 @@ def test_tile_mask_refusals_name_what_the_copy_engine_cannot_read(monkeypatch):
     assert "SDPA_PASS_GLUON_MASK=0" in gfwd.tile_mask_refusal(full(square))
 
 
+def test_the_forward_reads_16_bit_float_biases_in_tiles(monkeypatch):
+    """The forward (``bias=True``; the backward's kernels read bool masks only) reads fp16 /
+    bf16 float masks with rows of their own in tiles; fp32 ones, rows that are not 16-byte
+    multiples, a bias broadcast over the rows and SDPA_PASS_GLUON_BIAS=0 say why not."""
+    B, H, L, S = 2, 4, 64, 256
+    full = lambda m: m.expand(B, H, L, S)  # noqa: E731
+    for dtype in (torch.float16, torch.bfloat16):
+        bias = torch.zeros(1, H, L, S, dtype=dtype)
+        assert gfwd.tile_mask_refusal(full(bias), bias=True) is None
+        assert "backward" in gfwd.tile_mask_refusal(full(bias))
+    assert "16-bit" in gfwd.tile_mask_refusal(full(torch.zeros(L, S)), bias=True)
+    odd = torch.zeros(L, S + 4, dtype=torch.bfloat16)[:, :S]  # rows 520 bytes apart
+    assert "16-byte" in gfwd.tile_mask_refusal(full(odd), bias=True)
+    assert gfwd.tile_mask_refusal(full(torch.zeros(L, S + 8, dtype=torch.bfloat16)[:, :S]),
+                                  bias=True) is None  # 528 bytes apart
+    row = torch.zeros(B, 1, 1, S, dtype=torch.bfloat16)  # one row of keys, every query's
+    assert "strides" in gfwd.tile_mask_refusal(full(row), bias=True)
+    square = torch.zeros(L, S, dtype=torch.float16)
+    assert "head dim 64" in gfwd.tile_mask_refusal(full(square), bias=True, head_dim=64)
+    assert gfwd.tile_mask_refusal(full(square), bias=True, head_dim=256) is None
+    assert gfwd.tile_mask_refusal(full(square > 0), head_dim=64) is None  # bool: every head dim
+    monkeypatch.setenv("SDPA_PASS_GLUON_MASK", "0")  # bool masks' variable: not this one
+    assert gfwd.tile_mask_refusal(full(square), bias=True) is None
+    monkeypatch.setenv("SDPA_PASS_GLUON_BIAS", "0")
+    assert "SDPA_PASS_GLUON_BIAS=0" in gfwd.tile_mask_refusal(full(square), bias=True)
+
+
 @needs_gluon
 @pytest.mark.parametrize("own", ["", "b", "h", "bh"])
 def test_tile_mask_descriptors_index_the_masks_own_dims(own):
@@ -123,20 +150,27 @@ def test_tile_mask_descriptors_index_the_masks_own_dims(own):
         assert all(stride % 16 == 0 for stride in desc.strides[:3])
     assert gfwd.mask_tile_indexing(True, strides) == ("b" in own, "h" in own)
     assert gfwd.mask_tile_indexing(False, strides) == (0, 0)
+    # a float bias: the same dims and strides (elements), its own dtype
+    bias = torch.zeros(mask.shape, dtype=torch.bfloat16)
+    desc = gfwd.mask_tile_descriptor(B, H, strides, L, S)(bias)
+    assert list(desc.shape)[2:] == [L, S] and list(desc.strides)[2:] == [S, 1]
+    assert desc.layout.element_bitwidth == 16 and desc.base is bias
 
 
 @needs_gluon
+@pytest.mark.parametrize("tile", ["mask", "bias"])
 @pytest.mark.parametrize("causal, head_dim", [(False, 128), (True, 128), (False, 64),
                                              (True, 256)])
-def test_tile_mask_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim):
-    """With a bool attn_mask read in tiles (MASK_TILE): the softmax's exponentials still run
-    under the P·V product, little stack, and the mask's ring (two stages of two 64-row byte
-    tiles of a key tile) within Hopper's shared memory."""
+def test_tile_mask_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim, tile):
+    """With an attn_mask read in tiles (MASK_TILE, a bool mask or a bf16 bias): the softmax's
+    exponentials still run under the P·V product, little stack, and the mask's ring (two
+    stages of two 64-row tiles of a key tile: bytes, or at hd128 a bias's 64 KB beside Q, K
+    and V's 160) within Hopper's shared memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-         "--product", "bf16", "--head-dim", str(head_dim), "--mask-tile",
+         "--product", "bf16", "--head-dim", str(head_dim), f"--{tile}-tile",
          *(["--causal"] if causal else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -361,6 +395,99 @@ def tile_mask_case(case: str, cases: dict = TILE_MASK_CASES) -> tuple:
         kpm[1, S // 2 + 3:] = False
         extras["key_padding_mask"] = kpm.to(DEVICE)
     return B, Hq, Hkv, L, S, D, dtype, dict(attn_mask=mask, **extras)
+
+
+# Float biases read in tiles: (B, Hq, Hkv, L, S, dtype, bias (None: (L, S), "h": (1, Hq, L, S),
+# "b": (B, 1, L, S), "bh": (B, Hq, L, S)), extras). "fill": the HF additive mask's finfo.min
+# on random keys, and rows with every key at finfo.min (eager softmax averages them
+# uniformly) or at -inf (no visible key: zeros, or NaN with empty_rows="nan").
+BIAS_CASES = {
+    "alibi_per_head": (2, 8, 8, 1024, 1024, torch.bfloat16, "h", dict(alibi=True)),
+    "per_batch_gqa_fp16": (2, 8, 2, 768, 1536, torch.float16, "b", {}),
+    "broadcast_causal_scale": (1, 8, 4, 1024, 1024, torch.bfloat16, None,
+                               dict(is_causal=True, scale=0.3)),
+    "ragged_bottom_right": (2, 4, 4, 1000, 1104, torch.bfloat16, "bh",
+                            dict(causal="bottom_right")),
+    "finfo_min": (2, 4, 4, 1024, 1024, torch.bfloat16, "bh", dict(fill="finfo")),
+    "all_inf_rows": (2, 4, 4, 1024, 1024, torch.float16, "bh", dict(fill="inf")),
+    "all_inf_rows_nan": (2, 4, 4, 1024, 1024, torch.bfloat16, "bh",
+                         dict(fill="inf", empty_rows="nan")),
+    "with_key_padding": (2, 8, 8, 1024, 1024, torch.float16, "b", dict(kpm=True)),
+    "hd256_causal": (1, 8, 4, 1024, 1024, torch.bfloat16, "h",
+                     dict(is_causal=True, head_dim=256, alibi=True)),
+}
+
+
+def bias_case(case: str) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of ``BIAS_CASES[case]``, its
+    bias (the query's dtype) made on the test device."""
+    B, Hq, Hkv, L, S, dtype, per, extras = BIAS_CASES[case]
+    extras = dict(extras)
+    D = extras.pop("head_dim", 128)
+    generator = torch.Generator().manual_seed(len(case))
+    shape = {None: (L, S), "h": (1, Hq, L, S), "b": (B, 1, L, S), "bh": (B, Hq, L, S)}[per]
+    if extras.pop("alibi", False):
+        slopes = 2.0 ** (-8.0 * torch.arange(1, Hq + 1) / Hq)
+        distance = (torch.arange(S)[None, :] - torch.arange(L)[:, None]).abs()
+        bias = -slopes[:, None, None] * distance
+    else:
+        bias = 2 * torch.randn(*shape, generator=generator)
+    fill = extras.pop("fill", None)
+    if fill is not None:
+        low = torch.finfo(dtype).min if fill == "finfo" else float("-inf")
+        bias = bias.masked_fill(torch.rand(*shape, generator=generator) < 0.3, low)
+        bias[0, 0, 5:300:7] = low  # rows with every key at the fill value
+    if extras.pop("kpm", False):
+        kpm = torch.ones(B, S, dtype=torch.bool)
+        kpm[1, S // 2 + 3:] = False
+        extras["key_padding_mask"] = kpm.to(DEVICE)
+    bias = bias.reshape(shape).to(DEVICE, dtype)
+    return B, Hq, Hkv, L, S, D, dtype, dict(attn_mask=bias, **extras)
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(BIAS_CASES))
+def test_gluon_forward_reads_float_biases_in_tiles(case, monkeypatch):
+    """A 16-bit float attn_mask with rows of its own (ALiBi per head, random per batch and per
+    head, broadcast over both, the HF mask's finfo.min, rows all at finfo.min or -inf; causal
+    either corner, GQA, ragged lengths, a key_padding_mask beside it, hd256): the Gluon
+    forward's output and LSE against the float64 reference."""
+    B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case(case)
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@needs_hopper
+def test_gradients_through_a_gluon_forward_with_a_bias(monkeypatch):
+    """The backward (Triton's kernels for a float mask) from the Gluon forward's LSE, which a
+    bias leaves in natural-log units as the Triton forward's: gradients against float64."""
+    calls = record_gluon_calls(monkeypatch)
+    B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case("finfo_min")
+    kwargs["is_causal"] = True
+    q = randn(B, Hq, L, D, dtype=dtype).requires_grad_()
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
+    out = attention(q, k, v, enable_gqa=True, **kwargs)
+    assert len(calls) == 1
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs, **kwargs)
+    assert_close_to_reference(out, ref, dtype)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
+def test_a_bias_at_head_dim_64_takes_the_triton_forward(monkeypatch):
+    """hd64 with a float bias: the Triton forward (BIAS_HEAD_DIMS), the same answers."""
+    calls = record_gluon_calls(monkeypatch)
+    dtype = torch.bfloat16
+    q = randn(1, 8, 512, 64, dtype=dtype)
+    k, v = (randn(1, 8, 4096, 64, dtype=dtype) for _ in range(2))
+    bias = randn(1, 8, 512, 4096, dtype=dtype)
+    out = attention(q, k, v, attn_mask=bias)
+    assert calls == []
+    assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=bias)[0], dtype)
 
 
 @needs_hopper
