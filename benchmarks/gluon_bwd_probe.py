@@ -346,12 +346,13 @@ def compile_variant(name: str):
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    kernel: str = "dkdv", padding: int = 0, mask_tile: bool = False):
+                    kernel: str = "dkdv", padding: int = 0, mask_tile: int = 0):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
     over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
-    mask); ``mask_tile``: with a bool attn_mask read in tiles (MASK_TILE)."""
+    mask); ``mask_tile``: with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float
+    bias of ``dtype``)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -367,8 +368,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     padding_sig = {name: "i32" for name in ("stride_pb", "stride_pn", "stride_mb", "stride_mh",
                                             "stride_mn", "mask_b_on", "mask_h_on")}
     mask_block = (1, 1, 64, 64)  # both kernels' mask tiles at hd128
-    padding_sig["mt_desc"] = (f"tensordesc<u8[{', '.join(map(str, mask_block))}],"
-                              f"{from_forward._layout(mask_block, gl.uint8)!r}>"
+    mask_dtype, mask_gl = ("u8", gl.uint8) if mask_tile == 1 else (dtype, gdt)
+    padding_sig["mt_desc"] = (f"tensordesc<{mask_dtype}[{', '.join(map(str, mask_block))}],"
+                              f"{from_forward._layout(mask_block, mask_gl)!r}>"
                               if mask_tile else "constexpr")
     if kernel == "dq":
         fn = product._attention_bwd_dq_ws
@@ -409,7 +411,7 @@ def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
         _, which, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:7]
         kernel = compile_product(dtype, causal == "causal", int(head_dim), which, int(padding),
-                                 tile == "1")
+                                 int(tile))
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -630,11 +632,13 @@ def main() -> None:
                         help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
     parser.add_argument("--mask-tile", action="store_true",
                         help="with --product: a bool attn_mask read in tiles (MASK_TILE)")
+    parser.add_argument("--bias-tile", action="store_true",
+                        help="with --product: a float bias of the product's dtype read in tiles")
     args = parser.parse_args()
     if args.compile and args.product:
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:"
                              f"{'causal' if args.causal_product else ''}:{args.head_dim}:"
-                             f"{args.padding}:{int(args.mask_tile)}")
+                             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

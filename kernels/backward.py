@@ -47,9 +47,9 @@ from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParam
                       load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
-from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, gluon_backward_refusal,
-                             gluon_dq_refusal)
-from .gluon_forward import padding_flags, tile_mask_refusal
+from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, bias_head_dims,
+                             gluon_backward_refusal, gluon_dq_refusal)
+from .gluon_forward import TILE_BIAS, TILE_BOOL, padding_flags, tile_mask_refusal
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -800,8 +800,12 @@ class _BackwardDecisions:
         self.kpm_strides, self.mask_strides = lp.kpm_strides, lp.mask_strides
         # an attn_mask with rows of its own: bool ones are read in tiles as the forward does
         tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
-        tile_refusal = tile_mask_refusal(mask) if tiled else None
-        self.mask_tile = tiled and tile_refusal is None
+        tile_refusal = (tile_mask_refusal(mask, bias_head_dims(), shape.head_dim) if tiled
+                        else None)
+        if tiled and mask_kind == MASK_FLOAT and mask_fills:  # (_unfilled)
+            tile_refusal = "a masked_fill's float mask (dS is 0 at its filled keys)"
+        self.mask_tile = ((TILE_BIAS if mask_kind == MASK_FLOAT else TILE_BOOL)
+                          if tiled and tile_refusal is None else 0)
         self.gluon_refusal = gluon_backward_refusal(
             q, k, v, grad_out, shape, masked=tile_refusal,
             padding=self.padding, window=window,

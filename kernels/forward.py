@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
-from .gluon_forward import (TILE_BIAS, TILE_BOOL, attention_forward_gluon,
+from .gluon_forward import (BIAS_HEAD_DIMS, TILE_BIAS, TILE_BOOL, attention_forward_gluon,
                             gluon_forward_refusal, padding_flags, tile_mask_refusal)
 from .launch import KernelCall, PlanCache, call_key, launch_fixed, tensor_key
 
@@ -1100,7 +1100,7 @@ def attention_forward_triton(
     # biases in tiles
     tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
     if not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale, masked=tiled and tile_mask_refusal(mask, bias=True, head_dim=D),
+            q, k, v, shape, scale=scale, masked=tiled and tile_mask_refusal(mask, BIAS_HEAD_DIMS, D),
             padding=padding, causal_align=causal_align, diagonal=diagonal, window=window,
             softcap=softcap, dropout_p=dropout_p,
             capability=_capability(q.device) if q.is_cuda else None) is None:

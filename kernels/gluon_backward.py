@@ -85,6 +85,13 @@ CTA's key halves, which each consumer reads transposed from shared memory once S
 the dQ kernel takes its tiles with each K tile, as the forward. H100, hd128, N = 4096, a random
 (N, N) mask: forward + backward 395 TFLOP/s against the Triton kernels' 316 (BENCHMARKS.md,
 session 21).
+
+Float biases (``TILE_BIAS``, session 23; only under SDPA_PASS_GLUON_BWD_BIAS=1: compiled for
+sm_90 without spill at hd64 / 128 / 256, shared memory within Hopper's (hd256 dK/dV: 231,424
+bytes), not yet run on a GPU): the fp16 / bf16 tiles come as the bool masks' do, and both
+kernels compute P in natural-log units from the prep kernel's NATURAL statistics, as the
+Triton backward does for a float mask (``_pt_tile``, ``_dq_p``). A masked_fill's float mask
+(dS 0 at its filled keys) and a bias that needs its own gradient keep the Triton kernels.
 """
 
 from __future__ import annotations
@@ -94,7 +101,7 @@ import os
 import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
-from .gluon_forward import (_copy_engine_layout, _descriptor_maker, _layout, gluon,
+from .gluon_forward import (TILE_BOOL, _copy_engine_layout, _descriptor_maker, _layout, gluon,
                             gluon_padding_refusal, mask_tile_descriptor, mask_tile_indexing,
                             padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
@@ -120,6 +127,10 @@ DQ_BLOCK_N = {64: 128, 128: 64, 256: 64}
 # Gluon one 0.84-0.93x with 64-key tiles, 0.80-0.97x with 128-key tiles but for 1.02-1.05x at
 # N = 16k without a mask; BENCHMARKS.md, session 17)
 DQ_HEAD_DIMS = (128, 256)
+# Head dims at which the kernels read a float bias in tiles (TILE_BIAS) under
+# SDPA_PASS_GLUON_BWD_BIAS=1: compiled for sm_90 without spill (session 23), not yet run on a
+# GPU, so off by default (the Triton backward).
+BIAS_HEAD_DIMS = (64, 128, 256)
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -128,8 +139,8 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import (_cta_barrier, _kv_ring_barriers, _kv_ring_fill, _tma_load,
-                                _tma_store, mask_padding, row_visible, span_tiles)
+    from .gluon_forward import (LOG2E_C, _cta_barrier, _kv_ring_barriers, _kv_ring_fill,
+                                _tma_load, _tma_store, mask_padding, row_visible, span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
@@ -161,7 +172,8 @@ if gluon is not None:
             row = (b * Hq + h) * rows + m0  # in each of the (delta, m, r) blocks of stats
             mbarrier.wait(empty.index(slot), phase)
             if MASK_TILE:
-                mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4 + BM * BN)
+                mbarrier.expect(q_ready.index(slot), tile_bytes + 2 * BM * 4
+                                + BM * BN * mt_desc.dtype.primitive_bitwidth // 8)
                 for w in gl.static_range(parts):
                     _tma_load(mt_desc, [b * mask_b_on, h * mask_h_on, m0, start_n + w * 64],
                               q_ready.index(slot), mt_smem.index(parts * slot + w))
@@ -210,8 +222,14 @@ if gluon is not None:
         first. MASK_TILE: the bool attn_mask's (BM x NK) byte tile ``mt_tile``, read transposed;
         IS_CAUSAL: key j of row i iff j <= i + offset, evaluated only on tiles holding a pair
         that may not see each other; KEY_SPAN: the padding row's ``seen`` keys, applied where
-        it ``hides`` one (always with ROW_PER_HEAD)."""
-        if MASK_TILE:
+        it ``hides`` one (always with ROW_PER_HEAD). MASK_TILE == 2: ``mt_tile`` is a float
+        bias instead, added to Sᵀ·scale (``qk_scale`` is then the plain scale), and P leaves
+        natural-log units after m is subtracted, as the forward's (m is the prep kernel's
+        NATURAL statistic: backward._p_from_scores)."""
+        if MASK_TILE == 2:
+            tile = mt_tile.reshape([BM, NK]).permute((1, 0))
+            st = st * qk_scale + tile.load(st_layout).to(gl.float32)
+        elif MASK_TILE:
             tile = mt_tile.reshape([BM, NK]).permute((1, 0))
             st = gl.where(tile.load(st_layout) != 0, st, float("-inf"))
         if IS_CAUSAL:
@@ -226,6 +244,8 @@ if gluon is not None:
             elif hides:
                 st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
         # the backward kernels' P (backward._p_from_scores): m first, then the small r
+        if MASK_TILE == 2:
+            return gl.exp2((st - gl.expand_dims(m, 0)) * LOG2E_C - gl.expand_dims(r, 0))
         return gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
 
     @gluon.jit
@@ -578,8 +598,11 @@ if gluon is not None:
         """P of rows row0 .. row0 + BMW against key tile j from their scores S and statistics
         m, r (both (BMW, 1)): with MASK_TILE the keys the bool attn_mask's tile ``mt_tile``
         hides, with KEY_SPAN those the padding row hides (``mask_padding``), with IS_CAUSAL
-        (tiles from ``full_tiles``) those past a row's diagonal at -inf first."""
-        if MASK_TILE:
+        (tiles from ``full_tiles``) those past a row's diagonal at -inf first. MASK_TILE == 2:
+        a float bias tile, in natural-log units as ``_pt_tile``'s."""
+        if MASK_TILE == 2:
+            s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
+        elif MASK_TILE:
             s = gl.where(mt_tile.reshape([BMW, BN]).load(s_layout) != 0, s, float("-inf"))
         if KEY_SPAN != 0:
             s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
@@ -590,6 +613,8 @@ if gluon is not None:
                 last = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
                 s = gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(last, 1), s,
                              float("-inf"))
+        if MASK_TILE == 2:
+            return gl.exp2((s - m) * LOG2E_C - r)
         return gl.exp2((s * qk_scale - m) - r)
 
     @gluon.jit
@@ -893,7 +918,8 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if window != -1 or softcapped or dropout:
         return "a window, soft-capping or dropout"
     if dq_atomic:
-        return "SDPA_PASS_BWD_DQ=atomic (the Triton dK/dV kernel adds dQ)"
+        return ("dQ by atomic adds in the Triton dK/dV kernel (SDPA_PASS_BWD_DQ=atomic, a "
+                "mask's gradient, or deterministic algorithms)")
     if not padded_rows or rows % BLOCK_M:
         return "row statistics not padded to whole tiles (SDPA_PASS_BWD_PADDED_ROWS=0)"
     if 3 * shape.batch * shape.q_heads * rows >= 2**31:
@@ -921,13 +947,14 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                          scale: float, qk_scale: float, causal_align: int, offset: int,
                          rows: int, plan_key, padding: int = 0, kpm=None,
                          kpm_strides: tuple = (0, 0), mask=None,
-                         mask_strides: tuple = (0, 0, 0, 0), mask_tile: bool = False) -> None:
+                         mask_strides: tuple = (0, 0, 0, 0), mask_tile: int = 0) -> None:
     """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
     ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
     delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
     (checks.causal_offset). ``plan_key``: the backward's, which fixes every layout and the
     causal form (or None: no plan). ``padding``, ``mask_tile``: the forward's padding rows
-    and bool mask tiles (``gluon_forward.attention_forward_gluon``)."""
+    and mask tiles (``gluon_forward.attention_forward_gluon``; with TILE_BIAS the statistics
+    are the prep kernel's NATURAL ones and ``qk_scale`` the plain scale)."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
@@ -950,8 +977,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
             "groups": (B * Hkv * tiles,)}[order]
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
-    args = (q, k, v, grad_out, stats.view(-1), dk, dv,
-            mask.view(torch.uint8) if mask_tile else None, *pad[:2], qk_scale, scale, Hkv, L, S,
+    args = (q, k, v, grad_out, stats.view(-1), dk, dv, _tile_tensor(mask, mask_tile), *pad[:2],
+            qk_scale, scale, Hkv, L, S,
             shape.group, offset, rows, B * shape.q_heads * rows, *pad[2:],
             *mask_tile_indexing(mask_tile, mask_strides))
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
@@ -969,12 +996,25 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                                  if mask_tile else {})})
 
 
+def _tile_tensor(mask, mask_tile: int):
+    """What the kernels' mask descriptor reads: a bool mask's bytes, a float bias as it is."""
+    if not mask_tile:
+        return None
+    return mask.view(torch.uint8) if mask_tile == TILE_BOOL else mask
+
+
+def bias_head_dims() -> tuple:
+    """Head dims at which the backward's kernels read a float bias in tiles: none unless
+    SDPA_PASS_GLUON_BWD_BIAS=1 (compiled for sm_90, not yet run on a GPU)."""
+    return BIAS_HEAD_DIMS if os.environ.get("SDPA_PASS_GLUON_BWD_BIAS", "") == "1" else ()
+
+
 def dkdv_block_n(head_dim: int) -> int:
     """Keys a CTA of the dK/dV kernel at this head dim."""
     return WIDE_BLOCK_N if head_dim > 128 else BLOCK_N
 
 
-def wide_p_stages(mask_tile: bool) -> int:
+def wide_p_stages(mask_tile: int) -> int:
     """Slots of the hd256 dK/dV and dQ kernels' P tiles (``P_STAGES``)."""
     return 1 if mask_tile else P_STAGES
 
@@ -1008,15 +1048,14 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
                        qk_scale: float, causal_align: int, offset: int, rows: int,
                        plan_key, padding: int = 0, kpm=None, kpm_strides: tuple = (0, 0),
                        mask=None, mask_strides: tuple = (0, 0, 0, 0), spans=None,
-                       mask_tile: bool = False) -> None:
+                       mask_tile: int = 0) -> None:
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     D, bm, bn = shape.head_dim, dq_block_m(shape.head_dim), dq_block_n(shape.head_dim)
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
-    args = (q, k, v, grad_out, stats.view(-1), dq,
-            mask.view(torch.uint8) if mask_tile else None, *pad[:2],
+    args = (q, k, v, grad_out, stats.view(-1), dq, _tile_tensor(mask, mask_tile), *pad[:2],
             q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset, rows,
             B * Hq * rows, *pad[2:], *span_strides(spans),
             *mask_tile_indexing(mask_tile, mask_strides))

@@ -673,20 +673,22 @@ def forward_block_n(head_dim: int) -> int:
     return WIDE_BLOCK_N if head_dim == WIDE_HEAD_DIM else BLOCK_N
 
 
-def tile_mask_refusal(mask: torch.Tensor, bias: bool = False, head_dim: int = 128) -> str | None:
+def tile_mask_refusal(mask: torch.Tensor, bias_head_dims: tuple = (),
+                      head_dim: int = 128) -> str | None:
     """Why a Gluon kernel does not read this attn_mask ((B, Hq, L, S) broadcast view) in
-    tiles through the copy engine, or None when it does: a bool mask, or with ``bias`` (the
-    forward's) also an fp16 / bf16 float one, with rows of its own (a row of keys broadcast
-    over the rows is a padding row instead, or for a float mask the Triton kernel's), keys
-    contiguous, base and every other stride 16-byte aligned, and for a float one a head dim of
-    BIAS_HEAD_DIMS. SDPA_PASS_GLUON_MASK=0 keeps bool masks on the Triton kernels,
-    SDPA_PASS_GLUON_BIAS=0 float ones."""
+    tiles through the copy engine, or None when it does: a bool mask, or at the kernel's
+    ``bias_head_dims`` (the forward's BIAS_HEAD_DIMS, gluon_backward.bias_head_dims()) an
+    fp16 / bf16 float one, with rows of its own (a row of keys broadcast over the rows is a
+    padding row instead, or for a float mask the Triton kernels'), keys contiguous, base and
+    every other stride 16-byte aligned. SDPA_PASS_GLUON_MASK=0 keeps bool masks on the Triton
+    kernels, SDPA_PASS_GLUON_BIAS=0 float ones."""
     floating = mask.dtype != torch.bool
-    if floating and not bias:
-        return f"a {mask.dtype} attn_mask (the Gluon backward reads bool masks and padding rows)"
-    if floating and head_dim not in BIAS_HEAD_DIMS:
-        return (f"a float attn_mask at head dim {head_dim} (the Triton forward measured as "
-                "fast; BIAS_HEAD_DIMS)")
+    if floating and not bias_head_dims:
+        return (f"a {mask.dtype} attn_mask (this Gluon kernel reads bool masks and padding "
+                "rows; SDPA_PASS_GLUON_BWD_BIAS=1 lets the backward's read float biases)")
+    if floating and head_dim not in bias_head_dims:
+        return (f"a float attn_mask at head dim {head_dim} (the Gluon kernel reads float "
+                f"biases at head dims {bias_head_dims})")
     if floating and mask.dtype not in (torch.float16, torch.bfloat16):
         # two stages of a 128 x 128 tile fill the shared memory Q, K and V leave at 16 bits
         return (f"a {mask.dtype} attn_mask (the Gluon forward reads 16-bit float biases "

@@ -23,11 +23,12 @@ import torch
 from sdpa_pass.kernels import CAUSAL_NONE, attention
 from sdpa_pass.kernels import backward as bwd
 from sdpa_pass.kernels import gluon_backward as gbwd
+from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from test_gluon_forward import GPU_CASES as FORWARD_CASES
-from test_gluon_forward import TILE_MASK_CASES, tile_mask_case
+from test_gluon_forward import BIAS_CASES, TILE_MASK_CASES, bias_case, tile_mask_case
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -81,6 +82,63 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
 
 
 
+def test_float_biases_reach_the_backward_kernels_only_when_asked(monkeypatch):
+    """The backward's kernels read a float bias in tiles under SDPA_PASS_GLUON_BWD_BIAS=1
+    (compiled for sm_90, not yet run on a GPU); by default the refusal says how to ask."""
+    bias = torch.zeros(1, 4, 64, 256, dtype=torch.bfloat16).expand(2, 4, 64, 256)
+    monkeypatch.delenv("SDPA_PASS_GLUON_BWD_BIAS", raising=False)
+    assert gbwd.bias_head_dims() == ()
+    assert "SDPA_PASS_GLUON_BWD_BIAS=1" in gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims())
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
+    assert gbwd.bias_head_dims() == gbwd.BIAS_HEAD_DIMS
+    for head_dim in gbwd.BIAS_HEAD_DIMS:
+        assert gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims(), head_dim) is None
+    assert "head dim 80" in gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims(), 80)
+
+
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_the_backward_hands_the_kernels_a_bias_and_natural_statistics(causal, monkeypatch):
+    """(Any device: the refusals and the kernels replaced by ``torch_dkdv`` / ``torch_dq``.)
+    Under SDPA_PASS_GLUON_BWD_BIAS=1 a float bias reaches the kernels as TILE_BIAS with the
+    plain scale and the prep kernel's NATURAL statistics, whose units the stand-ins' natural-
+    log P (the kernels' formula) turns into the float64 reference's gradients, rows whose
+    every key is at finfo.min (P uniform) included."""
+    clear_plans()
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
+    monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
+    monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
+    seen = []
+
+    def stand_in(fn):
+        def kernel(*args, **kwargs):
+            seen.append((kwargs["mask_tile"], kwargs["qk_scale"], kwargs["scale"]))
+            fn(*args, **kwargs)
+        return kernel
+
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon", stand_in(torch_dkdv))
+    monkeypatch.setattr(bwd, "attention_dq_gluon", stand_in(torch_dq))
+    dtype = torch.float16
+    L, S = 40, 48
+    q = randn(1, 4, L, 64, dtype=dtype).requires_grad_()  # (a head dim of BIAS_HEAD_DIMS)
+    k, v = (randn(1, 2, S, 64, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(1, 4, L, 64, dtype=dtype)
+    generator = torch.Generator().manual_seed(5)
+    bias = 2 * torch.randn(1, 4, L, S, generator=generator)
+    bias = bias.masked_fill(torch.rand(1, 4, L, S, generator=generator) < 0.3,
+                            torch.finfo(dtype).min)
+    bias[0, 1, 3:30:4] = torch.finfo(dtype).min  # rows with every key at finfo.min
+    bias = bias.to(DEVICE, dtype)
+    extras = dict(causal=causal) if causal else {}
+    out = attention(q, k, v, attn_mask=bias, enable_gqa=True, **extras)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert seen == [(gfwd.TILE_BIAS, 0.125, 0.125)] * 2  # the plain scale 64 ** -0.5, twice
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs, attn_mask=bias, **extras)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, rg, dtype, what=f"d{name}")
+
+
 @needs_gluon
 def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch):
     """The Gluon dQ kernel: the dK/dV kernel's scope (its reason passed on) at hd128 only."""
@@ -97,13 +155,16 @@ def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch)
     assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
 
 def compile_report(dtype: str, causal: bool, head_dim: int, kernel: str = "dkdv",
-                   mask_tile: bool = False) -> dict:
+                   mask_tile: bool | str = False) -> dict:
+    """The probe's report of the library's kernel; ``mask_tile``: True or "mask" a bool
+    attn_mask read in tiles, "bias" a float bias of ``dtype``."""
+    tile = {True: "mask", False: ""}.get(mask_tile, mask_tile)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
          "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
-         *(["--causal-product"] if causal else []), *(["--mask-tile"] if mask_tile else [])],
+         *(["--causal-product"] if causal else []), *([f"--{tile}-tile"] if tile else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -135,28 +196,34 @@ def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, caus
 
 
 @needs_gluon
+@pytest.mark.parametrize("tile", ["mask", "bias"])
 @pytest.mark.parametrize("kernel, causal", [("dkdv", False), ("dkdv", True), ("dq", False)])
-def test_tile_mask_kernels_compile_for_sm90(kernel, causal):
-    """Both backward kernels with a bool attn_mask read in tiles (MASK_TILE) compiled for
-    sm_90: the same wgmma and exponential counts as without, the wgmmas not serialized, no
-    more stack, and the mask's ring within Hopper's shared memory."""
+def test_tile_mask_kernels_compile_for_sm90(kernel, causal, tile):
+    """Both backward kernels with an attn_mask read in tiles (MASK_TILE: a bool mask, or a
+    bf16 bias under SDPA_PASS_GLUON_BWD_BIAS=1) compiled for sm_90: the same wgmma and
+    exponential counts as without, the wgmmas not serialized, little more stack (the bias's
+    dK/dV kernel: 48 bytes without the causal mask, 32 more with it, triton 3.9; a kernel
+    spilling its tiles spills kilobytes), and the mask's ring within Hopper's shared memory."""
     plain = compile_report("bf16", causal, 128, kernel)
-    tiled = compile_report("bf16", causal, 128, kernel, mask_tile=True)
+    tiled = compile_report("bf16", causal, 128, kernel, mask_tile=tile)
     for key in ("HGMMA", "MUFU.EX2"):
         assert tiled[key] == plain[key], (key, tiled, plain)
     assert not tiled["wgmma serialized (ptxas C7514)"]
-    assert tiled["stack_bytes"] <= plain["stack_bytes"] + 16, (tiled, plain)
+    assert tiled["stack_bytes"] <= plain["stack_bytes"] + (16 if tile == "mask" else 64), (
+        tiled, plain)
     assert tiled["shared_bytes"] <= 227 * 1024
 
 
 @needs_gluon
 @pytest.mark.parametrize("kernel, causal, mask_tile", [("dkdv", False, False),
                                                        ("dkdv", True, True),
-                                                       ("dq", False, False), ("dq", True, True)])
+                                                       ("dkdv", True, "bias"),
+                                                       ("dq", False, False), ("dq", True, True),
+                                                       ("dq", False, "bias")])
 def test_hd256_kernels_compiled_for_sm90_fit_hoppers_shared_memory(kernel, causal, mask_tile):
     """The hd256 dK/dV and dQ kernels (two consumers on the same 64 keys or rows, module
-    docstring) for sm_90: the tiles and the P ring (one slot beside a bool mask's tiles) within
-    Hopper's 227 KB of shared memory, no spill, the register split, the wgmmas not
+    docstring) for sm_90: the tiles and the P ring (one slot beside a mask's tiles: a bf16
+    bias's take the dK/dV kernel to 231,424 bytes) within Hopper's 227 KB of shared memory, no spill, the register split, the wgmmas not
     serialized; the wgmmas (Sᵀ / S and dPᵀ / dP 16 k-steps each, dV and dK 4, dQ 4) and the
     32 exponentials a thread of the first consumer only."""
     report = compile_report("bf16", causal, 256, kernel, mask_tile=mask_tile)
@@ -196,9 +263,12 @@ def test_dq_kernel_compiled_for_sm90_runs_the_exponentials_under_the_dp_product(
     counts = exponentials_between_waits(report["events"])
     assert counts.count(32) == 2 and len(counts) == 4, report["events"]
 
-def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset, rows):
+def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset, rows,
+                    bias=None):
     """P and dS of the Gluon kernels, in torch from their arguments, with the group's K and V
-    repeated for each query head."""
+    repeated for each query head; ``bias``: a float attn_mask read in tiles (TILE_BIAS), the
+    scores then in natural-log units (qk_scale the plain scale, m the prep kernel's NATURAL
+    statistic), as ``_pt_tile`` and ``_dq_p`` compute them."""
     L, S, group = shape.q_len, shape.kv_len, shape.group
     assert stats.shape == (3, shape.batch, shape.q_heads, rows) and rows % gbwd.BLOCK_M == 0
     delta, m, r = (t[..., :L, None] for t in stats)
@@ -208,27 +278,36 @@ def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, off
         i = torch.arange(L, device=q.device)[:, None]
         j = torch.arange(S, device=q.device)[None, :]
         s = s.masked_fill(j > i + offset, float("-inf"))
-    p = torch.exp2((s * qk_scale - m) - r)
+    if bias is not None:
+        s = s * qk_scale + bias.float()
+        s = s.masked_fill(s.isnan(), float("-inf"))  # (-inf causal + a bias)
+        p = torch.exp2((s - m) * gbwd.LOG2E - r)
+    else:
+        p = torch.exp2((s * qk_scale - m) - r)
     dp = grad_out.float() @ vv.transpose(-2, -1)
     return p, p * (dp - delta), kk
 
 
+def _bias(mask, mask_tile):
+    return mask if mask_tile == gfwd.TILE_BIAS else None
+
+
 def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, causal_align, offset,
-               rows, plan_key):
+               rows, plan_key, mask=None, mask_tile=0, **padding):
     """The Gluon dK/dV kernel's arithmetic in torch, from the same arguments (the CPU
     stand-in)."""
     p, ds, _ = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
-                               rows)
+                               rows, _bias(mask, mask_tile))
     B, Hkv, S, group = shape.batch, shape.kv_heads, shape.kv_len, shape.group
     dv.copy_((p.transpose(-2, -1) @ grad_out.float()).view(B, Hkv, group, S, -1).sum(2))
     dk.copy_((ds.transpose(-2, -1) @ q.float()).view(B, Hkv, group, S, -1).sum(2) * scale)
 
 
 def torch_dq(q, k, v, grad_out, stats, dq, shape, *, scale, qk_scale, causal_align, offset, rows,
-             plan_key):
+             plan_key, mask=None, mask_tile=0, spans=None, **padding):
     """The Gluon dQ kernel's arithmetic in torch (the CPU stand-in)."""
     _, ds, kk = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
-                                rows)
+                                rows, _bias(mask, mask_tile))
     dq.copy_(ds @ kk * scale)
 
 
@@ -347,6 +426,40 @@ def test_gluon_backward_reads_bool_masks_in_tiles(case, monkeypatch):
     dK/dV and dQ kernels reading the mask in tiles against the float64 reference."""
     B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(
         case, WIDE_TILE_MASK_CASES if case in WIDE_TILE_MASK_CASES else TILE_MASK_CASES)
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
+    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
+    assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
+                                    grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+# Float biases for the backward alone (laid out as test_gluon_forward.BIAS_CASES): hd64, where
+# the forward keeps the Triton kernel, and hd256's finfo.min rows
+BACKWARD_BIAS_CASES = {
+    "hd64_gqa": (1, 8, 2, 512, 4096, torch.bfloat16, "h", dict(head_dim=64)),
+    "hd256_finfo_min": (2, 4, 2, 1000, 1104, torch.bfloat16, "bh",
+                        dict(fill="finfo", head_dim=256)),
+}
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(set(BIAS_CASES) - {"all_inf_rows_nan"})
+                         + sorted(BACKWARD_BIAS_CASES))
+def test_gluon_backward_reads_float_biases_in_tiles(case, monkeypatch):
+    """SDPA_PASS_GLUON_BWD_BIAS=1: the forward's float-bias cases (test_gluon_forward's
+    BIAS_CASES: ALiBi, random per batch / head / broadcast, causal either corner, GQA, ragged
+    lengths, finfo.min and -inf rows, a key_padding_mask beside it, hd256) and hd64: the
+    gradients of the Gluon dK/dV and dQ kernels reading the bias in tiles (natural-log
+    scores, the prep kernel's NATURAL statistics) against the float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
+    B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case(
+        case, BACKWARD_BIAS_CASES if case in BACKWARD_BIAS_CASES else BIAS_CASES)
     calls = record_gluon_calls(monkeypatch)
     q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
     k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))

@@ -107,30 +107,30 @@ def test_tile_mask_refusals_name_what_the_copy_engine_cannot_read(monkeypatch):
 
 
 def test_the_forward_reads_16_bit_float_biases_in_tiles(monkeypatch):
-    """The forward (``bias=True``; the backward's kernels read bool masks only) reads fp16 /
-    bf16 float masks with rows of their own in tiles; fp32 ones, rows that are not 16-byte
+    """The forward (at BIAS_HEAD_DIMS; the backward's kernels read bool masks only unless
+    SDPA_PASS_GLUON_BWD_BIAS=1) reads fp16 / bf16 float masks with rows of their own in tiles; fp32 ones, rows that are not 16-byte
     multiples, a bias broadcast over the rows and SDPA_PASS_GLUON_BIAS=0 say why not."""
     B, H, L, S = 2, 4, 64, 256
     full = lambda m: m.expand(B, H, L, S)  # noqa: E731
     for dtype in (torch.float16, torch.bfloat16):
         bias = torch.zeros(1, H, L, S, dtype=dtype)
-        assert gfwd.tile_mask_refusal(full(bias), bias=True) is None
-        assert "backward" in gfwd.tile_mask_refusal(full(bias))
-    assert "16-bit" in gfwd.tile_mask_refusal(full(torch.zeros(L, S)), bias=True)
+        assert gfwd.tile_mask_refusal(full(bias), gfwd.BIAS_HEAD_DIMS) is None
+        assert "SDPA_PASS_GLUON_BWD_BIAS=1" in gfwd.tile_mask_refusal(full(bias))
+    assert "16-bit" in gfwd.tile_mask_refusal(full(torch.zeros(L, S)), gfwd.BIAS_HEAD_DIMS)
     odd = torch.zeros(L, S + 4, dtype=torch.bfloat16)[:, :S]  # rows 520 bytes apart
-    assert "16-byte" in gfwd.tile_mask_refusal(full(odd), bias=True)
+    assert "16-byte" in gfwd.tile_mask_refusal(full(odd), gfwd.BIAS_HEAD_DIMS)
     assert gfwd.tile_mask_refusal(full(torch.zeros(L, S + 8, dtype=torch.bfloat16)[:, :S]),
-                                  bias=True) is None  # 528 bytes apart
+                                  gfwd.BIAS_HEAD_DIMS) is None  # 528 bytes apart
     row = torch.zeros(B, 1, 1, S, dtype=torch.bfloat16)  # one row of keys, every query's
-    assert "strides" in gfwd.tile_mask_refusal(full(row), bias=True)
+    assert "strides" in gfwd.tile_mask_refusal(full(row), gfwd.BIAS_HEAD_DIMS)
     square = torch.zeros(L, S, dtype=torch.float16)
-    assert "head dim 64" in gfwd.tile_mask_refusal(full(square), bias=True, head_dim=64)
-    assert gfwd.tile_mask_refusal(full(square), bias=True, head_dim=256) is None
-    assert gfwd.tile_mask_refusal(full(square > 0), head_dim=64) is None  # bool: every head dim
+    assert "head dim 64" in gfwd.tile_mask_refusal(full(square), gfwd.BIAS_HEAD_DIMS, 64)
+    assert gfwd.tile_mask_refusal(full(square), gfwd.BIAS_HEAD_DIMS, 256) is None
+    assert gfwd.tile_mask_refusal(full(square > 0), (), 64) is None  # bool: every head dim
     monkeypatch.setenv("SDPA_PASS_GLUON_MASK", "0")  # bool masks' variable: not this one
-    assert gfwd.tile_mask_refusal(full(square), bias=True) is None
+    assert gfwd.tile_mask_refusal(full(square), gfwd.BIAS_HEAD_DIMS) is None
     monkeypatch.setenv("SDPA_PASS_GLUON_BIAS", "0")
-    assert "SDPA_PASS_GLUON_BIAS=0" in gfwd.tile_mask_refusal(full(square), bias=True)
+    assert "SDPA_PASS_GLUON_BIAS=0" in gfwd.tile_mask_refusal(full(square), gfwd.BIAS_HEAD_DIMS)
 
 
 @needs_gluon
@@ -418,10 +418,10 @@ BIAS_CASES = {
 }
 
 
-def bias_case(case: str) -> tuple:
-    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of ``BIAS_CASES[case]``, its
-    bias (the query's dtype) made on the test device."""
-    B, Hq, Hkv, L, S, dtype, per, extras = BIAS_CASES[case]
+def bias_case(case: str, cases: dict = BIAS_CASES) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of ``cases[case]`` (laid out
+    as BIAS_CASES), its bias (the query's dtype) made on the test device."""
+    B, Hq, Hkv, L, S, dtype, per, extras = cases[case]
     extras = dict(extras)
     D = extras.pop("head_dim", 128)
     generator = torch.Generator().manual_seed(len(case))
