@@ -4,6 +4,7 @@ Gluon, gluon_backward.py's split schedule), ours_triton (the same under
 attention, in one run; ``--orders`` adds ours under each dK/dV program order, ``--peers
 ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_HD256=0``),
 ``ours_triton_bias`` ours with the Triton forward for a float bias (``SDPA_PASS_GLUON_BIAS=0``),
+``ours_gluon_bwd_bias`` ours with the Gluon backward for it (``SDPA_PASS_GLUON_BWD_BIAS=1``),
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
 matrix variants (``--variants``, e.g. ``bias``) run the same way.
 
@@ -40,8 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="N values")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
     parser.add_argument("--peers", default="ours_triton,flex,sdpa_cudnn,sdpa_flash",
-                        help="besides ours: ours_triton, ours_triton_fwd, ours_triton_bias "
-                             "and attention.py's peers")
+                        help="besides ours: ours_triton, ours_triton_fwd, ours_triton_bias, "
+                             "ours_gluon_bwd_bias and attention.py's peers")
     parser.add_argument("--orders", default="",
                         help="dK/dV program orders (gluon_backward.ORDERS), each a peer "
                              "ours_<order> (SDPA_PASS_GLUON_BWD_ORDER)")
@@ -63,6 +64,9 @@ def main(argv=None) -> None:
     if "ours_triton_bias" in wanted:  # the Triton forward for a float bias (until session 23)
         peers.append(Peer("ours_triton_bias", build_ours,
                           lambda: setting("SDPA_PASS_GLUON_BIAS", "0")))
+    if "ours_gluon_bwd_bias" in wanted:  # the Gluon backward for a float bias, opt-in
+        peers.append(Peer("ours_gluon_bwd_bias", build_ours,
+                          lambda: setting("SDPA_PASS_GLUON_BWD_BIAS", "1")))
     for order in filter(None, args.orders.split(",")):
         peers.append(Peer(f"ours_{order}", build_ours,
                           lambda o=order: setting("SDPA_PASS_GLUON_BWD_ORDER", o)))
@@ -81,7 +85,8 @@ def main(argv=None) -> None:
             new = bench_shape(shape, peers, torch.bfloat16, device, args.mode, args.rounds)
             for peer in [p for p in peers if p.name in ("ours", "ours_triton",
                                                          "ours_triton_fwd",
-                                                         "ours_triton_bias")]:
+                                                         "ours_triton_bias",
+                                                         "ours_gluon_bwd_bias")]:
                 x = make_inputs(shape, torch.bfloat16, device,
                                 requires_grad=args.mode == "fwdbwd")
                 with peer.context():

@@ -415,12 +415,16 @@ BIAS_CASES = {
     "with_key_padding": (2, 8, 8, 1024, 1024, torch.float16, "b", dict(kpm=True)),
     "hd256_causal": (1, 8, 4, 1024, 1024, torch.bfloat16, "h",
                      dict(is_causal=True, head_dim=256, alibi=True)),
+    # an fp16 bias beside bf16 Q, K, V (the tile is read in its own dtype)
+    "fp16_bias_bf16_inputs": (2, 8, 8, 1024, 1024, torch.bfloat16, "b",
+                              dict(bias_dtype=torch.float16)),
 }
 
 
 def bias_case(case: str, cases: dict = BIAS_CASES) -> tuple:
     """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of ``cases[case]`` (laid out
-    as BIAS_CASES), its bias (the query's dtype) made on the test device."""
+    as BIAS_CASES), its bias (the query's dtype unless ``bias_dtype``) made on the test
+    device."""
     B, Hq, Hkv, L, S, dtype, per, extras = cases[case]
     extras = dict(extras)
     D = extras.pop("head_dim", 128)
@@ -441,7 +445,7 @@ def bias_case(case: str, cases: dict = BIAS_CASES) -> tuple:
         kpm = torch.ones(B, S, dtype=torch.bool)
         kpm[1, S // 2 + 3:] = False
         extras["key_padding_mask"] = kpm.to(DEVICE)
-    bias = bias.reshape(shape).to(DEVICE, dtype)
+    bias = bias.reshape(shape).to(DEVICE, extras.pop("bias_dtype", dtype))
     return B, Hq, Hkv, L, S, D, dtype, dict(attn_mask=bias, **extras)
 
 
