@@ -426,6 +426,12 @@ def test_gluon_backward_reads_bool_masks_in_tiles(case, monkeypatch):
     dK/dV and dQ kernels reading the mask in tiles against the float64 reference."""
     B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(
         case, WIDE_TILE_MASK_CASES if case in WIDE_TILE_MASK_CASES else TILE_MASK_CASES)
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+def masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs):
+    """Gradients of one call that the Gluon dK/dV (and at DQ_HEAD_DIMS dQ) kernels take, Q in
+    the (B, L, H, D) storage models transpose from, against the float64 reference."""
     calls = record_gluon_calls(monkeypatch)
     q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
     k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
@@ -460,17 +466,7 @@ def test_gluon_backward_reads_float_biases_in_tiles(case, monkeypatch):
     monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
     B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case(
         case, BACKWARD_BIAS_CASES if case in BACKWARD_BIAS_CASES else BIAS_CASES)
-    calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
-    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(B, Hq, L, D, dtype=dtype)
-    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
-    assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
-                                    grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
 
 
 @needs_hopper

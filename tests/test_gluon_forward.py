@@ -331,7 +331,7 @@ def _bool_mask(shape, generator, keep=0.8):
 @pytest.mark.parametrize("causal, masked", [(False, False), (True, False), (False, True)])
 def test_gradients_through_the_gluon_forward(causal, masked, monkeypatch):
     """The backward runs on the LSE the Gluon kernel wrote; ``masked``: under a bool mask the
-    forward reads in tiles (the backward's kernels are Triton's then) that hides some rows
+    forward reads in tiles (and so does the Gluon backward) that hides some rows
     entirely."""
     calls = record_gluon_calls(monkeypatch)
     dtype = torch.bfloat16
@@ -339,14 +339,20 @@ def test_gradients_through_the_gluon_forward(causal, masked, monkeypatch):
     if masked:
         extras["attn_mask"] = _bool_mask((1, 1, 1024, 1024), torch.Generator().manual_seed(3))
         extras["attn_mask"][..., 100:140, :] = False
-    q = randn(1, 8, 1024, 128, dtype=dtype).requires_grad_()
-    k, v = (randn(1, 4, 1024, 128, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(1, 8, 1024, 128, dtype=dtype)
-    out = attention(q, k, v, enable_gqa=True, **extras)
+    forward_and_gradients_against_the_reference(calls, 1, 8, 4, 1024, 1024, 128, dtype, **extras)
+
+
+def forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs):
+    """One call that the Gluon forward takes (``calls``: record_gluon_calls') and its backward,
+    whatever kernels that takes: output and gradients against the float64 reference."""
+    q = randn(B, Hq, L, D, dtype=dtype).requires_grad_()
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
+    out = attention(q, k, v, enable_gqa=True, **kwargs)
     assert len(calls) == 1
     grads = torch.autograd.grad(out, (q, k, v), grad)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference_attention(*refs, **extras)
+    ref, _ = reference_attention(*refs, **kwargs)
     assert_close_to_reference(out, ref, dtype)
     ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
     for name, g, r in zip("qkv", grads, ref_grads):
@@ -466,19 +472,8 @@ def test_gradients_through_a_gluon_forward_with_a_bias(monkeypatch):
     bias leaves in natural-log units as the Triton forward's: gradients against float64."""
     calls = record_gluon_calls(monkeypatch)
     B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case("finfo_min")
-    kwargs["is_causal"] = True
-    q = randn(B, Hq, L, D, dtype=dtype).requires_grad_()
-    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(B, Hq, L, D, dtype=dtype)
-    out = attention(q, k, v, enable_gqa=True, **kwargs)
-    assert len(calls) == 1
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference_attention(*refs, **kwargs)
-    assert_close_to_reference(out, ref, dtype)
-    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype,
+                                                is_causal=True, **kwargs)
 
 
 @needs_hopper
