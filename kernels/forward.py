@@ -1100,8 +1100,9 @@ def attention_forward_triton(
     # biases in tiles
     tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
     if not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale, masked=tiled and tile_mask_refusal(mask, BIAS_HEAD_DIMS, D),
-            padding=padding, causal_align=causal_align, diagonal=diagonal, window=window,
+            q, k, v, shape, scale=scale,
+            masked=tiled and tile_mask_refusal(mask, BIAS_HEAD_DIMS, D), padding=padding,
+            causal_align=causal_align, diagonal=diagonal, window=window,
             softcap=softcap, dropout_p=dropout_p,
             capability=_capability(q.device) if q.is_cuda else None) is None:
         gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,
