@@ -139,8 +139,9 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import (LOG2E_C, _cta_barrier, _kv_ring_barriers, _kv_ring_fill,
-                                _tma_load, _tma_store, mask_padding, row_visible, span_tiles)
+    from .gluon_forward import (LOG2E_C, TILE_BIAS_C, _cta_barrier, _kv_ring_barriers,
+                                _kv_ring_fill, _tma_load, _tma_store, mask_padding, row_visible,
+                                span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
@@ -222,11 +223,11 @@ if gluon is not None:
         first. MASK_TILE: the bool attn_mask's (BM x NK) byte tile ``mt_tile``, read transposed;
         IS_CAUSAL: key j of row i iff j <= i + offset, evaluated only on tiles holding a pair
         that may not see each other; KEY_SPAN: the padding row's ``seen`` keys, applied where
-        it ``hides`` one (always with ROW_PER_HEAD). MASK_TILE == 2: ``mt_tile`` is a float
+        it ``hides`` one (always with ROW_PER_HEAD). MASK_TILE == TILE_BIAS: ``mt_tile`` is a float
         bias instead, added to Sᵀ·scale (``qk_scale`` is then the plain scale), and P leaves
         natural-log units after m is subtracted, as the forward's (m is the prep kernel's
         NATURAL statistic: backward._p_from_scores)."""
-        if MASK_TILE == 2:
+        if MASK_TILE == TILE_BIAS_C:
             tile = mt_tile.reshape([BM, NK]).permute((1, 0))
             st = st * qk_scale + tile.load(st_layout).to(gl.float32)
         elif MASK_TILE:
@@ -244,7 +245,7 @@ if gluon is not None:
             elif hides:
                 st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
         # the backward kernels' P (backward._p_from_scores): m first, then the small r
-        if MASK_TILE == 2:
+        if MASK_TILE == TILE_BIAS_C:
             return gl.exp2((st - gl.expand_dims(m, 0)) * LOG2E_C - gl.expand_dims(r, 0))
         return gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
 
@@ -598,9 +599,9 @@ if gluon is not None:
         """P of rows row0 .. row0 + BMW against key tile j from their scores S and statistics
         m, r (both (BMW, 1)): with MASK_TILE the keys the bool attn_mask's tile ``mt_tile``
         hides, with KEY_SPAN those the padding row hides (``mask_padding``), with IS_CAUSAL
-        (tiles from ``full_tiles``) those past a row's diagonal at -inf first. MASK_TILE == 2:
+        (tiles from ``full_tiles``) those past a row's diagonal at -inf first. TILE_BIAS:
         a float bias tile, in natural-log units as ``_pt_tile``'s."""
-        if MASK_TILE == 2:
+        if MASK_TILE == TILE_BIAS_C:
             s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
         elif MASK_TILE:
             s = gl.where(mt_tile.reshape([BMW, BN]).load(s_layout) != 0, s, float("-inf"))
@@ -613,7 +614,7 @@ if gluon is not None:
                 last = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
                 s = gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(last, 1), s,
                              float("-inf"))
-        if MASK_TILE == 2:
+        if MASK_TILE == TILE_BIAS_C:
             return gl.exp2((s - m) * LOG2E_C - r)
         return gl.exp2((s * qk_scale - m) - r)
 

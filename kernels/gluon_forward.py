@@ -120,6 +120,7 @@ if gluon is not None:
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _LN2 = gl.constexpr(LN2)
     LOG2E_C = gl.constexpr(LOG2E)
+    TILE_BIAS_C = gl.constexpr(TILE_BIAS)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -262,7 +263,7 @@ if gluon is not None:
         averages uniformly; the same exponent count: (s - m) * log2(e) against s * c - m).
         Rows may be empty likewise (an all -inf bias)."""
         dtype: gl.constexpr = q_smem.dtype
-        BIAS: gl.constexpr = MASK_TILE == 2
+        BIAS: gl.constexpr = MASK_TILE == TILE_BIAS_C
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
