@@ -109,6 +109,17 @@ VARIANTS = {
              "relative-position models hand to SDPA)"),
     "gqa": f"causal, {GQA_GROUP} query heads per K/V head (enable_gqa=True)",
 }
+# Variants outside the matrix (benchmarks/wide_backward.py --variants): forms cuDNN has no
+# kernel for. SDPA's backends take the window as a materialised bool mask, as a model without
+# a window-aware kernel would hand it over; soft-capping they cannot express.
+WINDOW = 1024
+SOFTCAP = 50.0
+EXTRA_VARIANTS = {
+    "window": (f"causal sliding window: a query sees the {WINDOW} keys ending at its own "
+               "position (Mistral's layout)"),
+    "softcap": f"causal, scores soft-capped: {SOFTCAP:g} * tanh(s / {SOFTCAP:g}) (Gemma 2's)",
+}
+CAUSAL_VARIANTS = ("causal", "gqa", "window", "softcap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +134,11 @@ class Shape:
 
     @property
     def flops(self) -> float:
-        full = 4.0 * self.batch * self.heads * self.seqlen * self.seqlen * self.head_dim
+        n = self.seqlen
+        if self.variant == "window":  # n * w pairs less the first rows' missing ones, as causal
+            w = min(WINDOW, n)
+            return 4.0 * self.batch * self.heads * (n * w - w * w / 2) * self.head_dim
+        full = 4.0 * self.batch * self.heads * n * n * self.head_dim
         return full / 2 if self.causal else full
 
     def flops_for(self, mode: str) -> float:
@@ -157,7 +172,7 @@ def make_matrix_shapes(quick: bool, device: torch.device, head_dims=MATRIX_HEAD_
     else:
         seqlens = (1024,) if quick else MATRIX_SEQLENS
         sizes = [(max(1, 16384 // n), 2048 // d, n, d) for n in seqlens for d in head_dims]
-    return [Shape(b, h, n, d, causal=variant in ("causal", "gqa"), variant=variant,
+    return [Shape(b, h, n, d, causal=variant in CAUSAL_VARIANTS, variant=variant,
                   kv_heads=h // GQA_GROUP if variant == "gqa" else h)
             for b, h, n, d in sizes for variant in VARIANTS]
 
@@ -171,6 +186,8 @@ class Inputs:
     causal: bool
     attn_mask: torch.Tensor | None = None  # bool (N, N), True = attend; or float (1, H, N, N)
     enable_gqa: bool = False
+    window: int | None = None  # with causal: the keys a query sees, ending at its own position
+    softcap: float | None = None
 
     @property
     def group(self) -> int:
@@ -223,7 +240,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device,
         attn_mask = random_bool_mask(n, device)
     elif shape.variant == "bias":
         attn_mask = alibi_bias(shape.heads, n, dtype, device)
-    return Inputs(q, k, v, shape.causal, attn_mask, enable_gqa=shape.variant == "gqa")
+    return Inputs(q, k, v, shape.causal, attn_mask, enable_gqa=shape.variant == "gqa",
+                  window=WINDOW if shape.variant == "window" else None,
+                  softcap=SOFTCAP if shape.variant == "softcap" else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,27 +265,51 @@ class Peer:
 
 def build_ours(x: Inputs):
     return lambda: attention(x.q, x.k, x.v, attn_mask=x.attn_mask, is_causal=x.causal,
-                             enable_gqa=x.enable_gqa)
+                             enable_gqa=x.enable_gqa, window=x.window, softcap=x.softcap)
+
+
+def window_mask(x: Inputs) -> torch.Tensor:
+    """The causal sliding window as a bool (L, S) mask (True = attend)."""
+    i = torch.arange(x.q.shape[-2], device=x.q.device)[:, None]
+    j = torch.arange(x.k.shape[-2], device=x.q.device)[None, :]
+    return (j <= i) & (j > i - x.window)
 
 
 def build_sdpa(x: Inputs):
+    if x.softcap is not None:
+        raise Skipped("SDPA has no soft-capping")
     # only the arguments a variant needs, so a plain call is the plain call
     extra = {}
     if x.attn_mask is not None:
         extra["attn_mask"] = x.attn_mask
     if x.enable_gqa:
         extra["enable_gqa"] = True
-    return lambda: F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=x.causal, **extra)
+    causal = x.causal
+    if x.window is not None:  # SDPA's only form of a window: the mask, made before timing
+        extra["attn_mask"], causal = window_mask(x), False
+    return lambda: F.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=causal, **extra)
 
 
 def build_sdpa_flash(x: Inputs):
-    if x.attn_mask is not None:
+    if x.attn_mask is not None or x.window is not None:
         raise Skipped("SDPA's flash backend takes no attn_mask")
     return build_sdpa(x)
 
 
 def _causal_mask_mod(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
+
+
+def _window_mask_mod(window: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    return mask_mod
+
+
+def _softcap_score_mod(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+    return score_mod
 
 
 def _tensor_mask_mod(mask: torch.Tensor):
@@ -296,7 +339,9 @@ def build_flex(x: Inputs):
 
     # The block mask of a random bool mask skips no tile; flex still reads the mask per score.
     mask_mod, extra = None, {}
-    if x.causal:
+    if x.window is not None:  # (the block mask skips the tiles outside the window)
+        mask_mod = _window_mask_mod(x.window)
+    elif x.causal:
         mask_mod = _causal_mask_mod
     elif x.attn_mask is not None and x.attn_mask.dtype == torch.bool:
         mask_mod = _tensor_mask_mod(x.attn_mask)
@@ -305,6 +350,8 @@ def build_flex(x: Inputs):
             raise Skipped(f"a bias of {x.attn_mask.numel() / 2**30:.0f}G elements faults in flex's "
                           "kernel (illegal memory access; > 2**31 elements)")
         extra["score_mod"] = _tensor_bias_score_mod(x.attn_mask)
+    if x.softcap is not None:
+        extra["score_mod"] = _softcap_score_mod(x.softcap)
     if x.enable_gqa:
         extra["enable_gqa"] = True
     block_mask = None if mask_mod is None else create_block_mask(
@@ -321,11 +368,15 @@ def repeat_kv(kv: torch.Tensor, group: int) -> torch.Tensor:
     return kv[:, :, None].expand(b, h, group, s, d).reshape(b, h * group, s, d)
 
 
-def eager_attention(q, k, v, mask: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
-    """Attention as models hand-write it: repeat_kv, scaled scores plus an additive mask,
-    softmax, values. Also what Inductor compiles and, on float32 copies, a reference."""
+def eager_attention(q, k, v, mask: torch.Tensor | None = None, group: int = 1,
+                    softcap: float | None = None) -> torch.Tensor:
+    """Attention as models hand-write it: repeat_kv, scaled scores (soft-capped as Gemma 2
+    does) plus an additive mask, softmax, values. Also what Inductor compiles and, on float32
+    copies, a reference."""
     k, v = repeat_kv(k, group), repeat_kv(v, group)
     scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores + mask
     return torch.softmax(scores, dim=-1) @ v
@@ -333,8 +384,11 @@ def eager_attention(q, k, v, mask: torch.Tensor | None = None, group: int = 1) -
 
 def additive_mask(x: Inputs, dtype: torch.dtype) -> torch.Tensor | None:
     """The shape's mask as hand-written attention adds it: 0 where visible, -inf elsewhere
-    (a causal mask above the diagonal), or the bias itself."""
+    (a causal mask above the diagonal, a window's also below it), or the bias itself."""
     L, S = x.q.shape[-2], x.k.shape[-2]
+    if x.window is not None:
+        return torch.zeros((L, S), dtype=dtype, device=x.q.device).masked_fill_(
+            ~window_mask(x), float("-inf"))
     if x.causal:
         return torch.full((L, S), float("-inf"), dtype=dtype, device=x.q.device).triu(1)
     if x.attn_mask is None:
@@ -353,7 +407,7 @@ def score_bytes(x: Inputs, element_size: int) -> int:
 def build_eager(x: Inputs):
     too_large(score_bytes(x, x.q.element_size()), "score matrix", EAGER_MAX_SCORE_BYTES)
     mask = additive_mask(x, x.q.dtype)
-    return lambda: eager_attention(x.q, x.k, x.v, mask, x.group)
+    return lambda: eager_attention(x.q, x.k, x.v, mask, x.group, x.softcap)
 
 
 def runs_sdpa(fn: Callable[[], object]) -> bool:
@@ -371,7 +425,7 @@ def _inductor_compile(x: Inputs):
     compiled = torch.compile(eager_attention, backend="inductor", dynamic=False, fullgraph=True)
 
     def run():
-        return compiled(x.q, x.k, x.v, mask, x.group)
+        return compiled(x.q, x.k, x.v, mask, x.group, x.softcap)
 
     run()
     return run, runs_sdpa(run)
@@ -384,7 +438,8 @@ def inductor_fuses(x: Inputs, n: int = 128) -> bool:
     """Whether Inductor replaces this kind of row with SDPA, learned by compiling a small slice
     of it (same dtype, heads, head dim, mask kind, GQA); remembered per kind."""
     key = (x.q.dtype, x.q.device, x.q.shape[1], x.k.shape[1], x.q.shape[-1], x.causal,
-           None if x.attn_mask is None else (x.attn_mask.dtype, x.attn_mask.dim()))
+           None if x.attn_mask is None else (x.attn_mask.dtype, x.attn_mask.dim()), x.window,
+           x.softcap)
     if key not in _INDUCTOR_FUSES:
         def small(t):
             return t[..., :n, :].detach().contiguous().requires_grad_(t.requires_grad)
@@ -392,7 +447,7 @@ def inductor_fuses(x: Inputs, n: int = 128) -> bool:
         if mask is not None:
             mask = mask[..., :n, :n].contiguous()
         probe = Inputs(small(x.q[:1]), small(x.k[:1]), small(x.v[:1]), x.causal, mask,
-                       x.enable_gqa)
+                       x.enable_gqa, x.window, x.softcap)
         _INDUCTOR_FUSES[key] = _inductor_compile(probe)[1]
     return _INDUCTOR_FUSES[key]
 
@@ -515,7 +570,7 @@ def eager_fp32_reference(x: Inputs, mode: str) -> torch.Tensor | None:
         return None
     with torch.no_grad():
         return eager_attention(x.q.float(), x.k.float(), x.v.float(),
-                               additive_mask(x, torch.float32), x.group)
+                               additive_mask(x, torch.float32), x.group, x.softcap)
 
 
 def bench_shape(shape: Shape, peers, dtype: torch.dtype, device: torch.device,

@@ -6,7 +6,8 @@ ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_H
 ``ours_triton_bias`` ours with the Triton forward for a float bias (``SDPA_PASS_GLUON_BIAS=0``),
 ``ours_gluon_bwd_bias`` ours with the Gluon backward for it (``SDPA_PASS_GLUON_BWD_BIAS=1``),
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
-matrix variants (``--variants``, e.g. ``bias``) run the same way.
+matrix variants (``--variants``, e.g. ``bias``) or its EXTRA_VARIANTS (``window``,
+``softcap``: forms cuDNN has no kernel for) run the same way.
 
 The matrix's rows (``attention.py --matrix full``: 2048 / D heads, batch 16384 / N; causal, no
 mask, GQA 4:1 causal, the random (N, N) bool mask), hd256 and N = 1k / 4k / 16k by default.
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import (GQA_GROUP, PEERS, Peer, Shape, bench_shape, build_ours,  # noqa: E402
+from attention import (CAUSAL_VARIANTS, EXTRA_VARIANTS, GQA_GROUP, PEERS,  # noqa: E402
+                       VARIANTS as MATRIX_VARIANTS, Peer, Shape, bench_shape, build_ours,
                        make_inputs, metadata, rates_line, save, slug, with_backward)
 from padding import setting  # noqa: E402
 from padding_overhead import kernel_times  # noqa: E402
@@ -39,7 +41,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="N values")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="any of " + ", ".join([*MATRIX_VARIANTS, *EXTRA_VARIANTS]))
     parser.add_argument("--peers", default="ours_triton,flex,sdpa_cudnn,sdpa_flash",
                         help="besides ours: ours_triton, ours_triton_fwd, ours_triton_bias, "
                              "ours_gluon_bwd_bias and attention.py's peers")
@@ -80,7 +83,7 @@ def main(argv=None) -> None:
     rows = []
     for variant in args.variants.split(","):
         for n in map(int, args.lengths.split(",")):
-            shape = Shape(max(1, 16384 // n), heads, n, head_dim, variant in ("causal", "gqa"),
+            shape = Shape(max(1, 16384 // n), heads, n, head_dim, variant in CAUSAL_VARIANTS,
                           variant, heads // GQA_GROUP if variant == "gqa" else heads)
             new = bench_shape(shape, peers, torch.bfloat16, device, args.mode, args.rounds)
             for peer in [p for p in peers if p.name in ("ours", "ours_triton",

@@ -67,3 +67,30 @@ def test_a_timing_error_is_the_peers_row_and_not_timed_again(monkeypatch):
     by = {r["impl"]: r for r in rows}
     assert by["a"]["ms"] == 1.0 and by["a"]["error"] is None
     assert by["b"]["ms"] is None and "out of memory" in by["b"]["error"]
+
+
+@pytest.mark.parametrize("variant", sorted(harness.EXTRA_VARIANTS))
+def test_the_extra_variants_mean_what_the_library_means(variant, monkeypatch):
+    """``window`` and ``softcap`` (wide_backward.py's forms cuDNN has no kernel for): the
+    harness's fp32 eager reference, ours and SDPA (the window as its bool mask; soft-capping it
+    cannot express) against the tests' float64 reference with the library's own arguments;
+    the window's FLOPs count its visible pairs."""
+    monkeypatch.setattr(harness, "WINDOW", 24)
+    from reference import reference_attention
+
+    shape = harness.Shape(1, 2, 64, 16, True, variant, 2)
+    x = harness.make_inputs(shape, torch.float32, torch.device("cpu"), requires_grad=False)
+    extras = (dict(causal="top_left", window=24) if variant == "window"
+              else dict(is_causal=True, softcap=harness.SOFTCAP))
+    ref, _ = reference_attention(x.q, x.k, x.v, **extras)
+    outputs = {"eager_fp32": harness.eager_fp32_reference(x, "fwd"),
+               "ours": harness.build_ours(x)()}
+    if variant == "window":
+        outputs["sdpa"] = harness.build_sdpa(x)()
+        assert shape.flops == 4.0 * 2 * (64 * 24 - 24 * 24 / 2) * 16
+    else:
+        with pytest.raises(harness.Skipped, match="soft-capping"):
+            harness.build_sdpa(x)
+        assert shape.flops == 4.0 * 2 * 64 * 64 * 16 / 2
+    for name, out in outputs.items():
+        torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
