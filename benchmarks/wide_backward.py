@@ -35,6 +35,15 @@ from padding_overhead import kernel_times  # noqa: E402
 LENGTHS = (1024, 4096, 16384)
 HEAD_DIM = 256
 VARIANTS = ("none", "causal", "gqa", "bool")
+# Ours under one variable each, by peer name (with kernel times in the JSON, as ours): the
+# Triton backward; the Triton forward at hd256 and for a float bias (the defaults until
+# session 23); the Gluon backward for a float bias (opt-in)
+OURS_UNDER = {
+    "ours_triton": ("SDPA_PASS_GLUON_BWD", "0"),
+    "ours_triton_fwd": ("SDPA_PASS_GLUON_FWD_HD256", "0"),
+    "ours_triton_bias": ("SDPA_PASS_GLUON_BIAS", "0"),
+    "ours_gluon_bwd_bias": ("SDPA_PASS_GLUON_BWD_BIAS", "1"),
+}
 
 
 def main(argv=None) -> None:
@@ -44,8 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="any of " + ", ".join([*MATRIX_VARIANTS, *EXTRA_VARIANTS]))
     parser.add_argument("--peers", default="ours_triton,flex,sdpa_cudnn,sdpa_flash",
-                        help="besides ours: ours_triton, ours_triton_fwd, ours_triton_bias, "
-                             "ours_gluon_bwd_bias and attention.py's peers")
+                        help="besides ours: " + ", ".join(OURS_UNDER) + " and attention.py's "
+                             "peers")
     parser.add_argument("--orders", default="",
                         help="dK/dV program orders (gluon_backward.ORDERS), each a peer "
                              "ours_<order> (SDPA_PASS_GLUON_BWD_ORDER)")
@@ -58,18 +67,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     wanted = args.peers.split(",")
     peers = [Peer("ours", build_ours)]
-    if "ours_triton" in wanted:
-        peers.append(Peer("ours_triton", build_ours,
-                          lambda: setting("SDPA_PASS_GLUON_BWD", "0")))
-    if "ours_triton_fwd" in wanted:  # the Triton forward at hd256 (the default until session 23)
-        peers.append(Peer("ours_triton_fwd", build_ours,
-                          lambda: setting("SDPA_PASS_GLUON_FWD_HD256", "0")))
-    if "ours_triton_bias" in wanted:  # the Triton forward for a float bias (until session 23)
-        peers.append(Peer("ours_triton_bias", build_ours,
-                          lambda: setting("SDPA_PASS_GLUON_BIAS", "0")))
-    if "ours_gluon_bwd_bias" in wanted:  # the Gluon backward for a float bias, opt-in
-        peers.append(Peer("ours_gluon_bwd_bias", build_ours,
-                          lambda: setting("SDPA_PASS_GLUON_BWD_BIAS", "1")))
+    peers += [Peer(name, build_ours, lambda v=variable: setting(*v))
+              for name, variable in OURS_UNDER.items() if name in wanted]
     for order in filter(None, args.orders.split(",")):
         peers.append(Peer(f"ours_{order}", build_ours,
                           lambda o=order: setting("SDPA_PASS_GLUON_BWD_ORDER", o)))
@@ -86,10 +85,7 @@ def main(argv=None) -> None:
             shape = Shape(max(1, 16384 // n), heads, n, head_dim, variant in CAUSAL_VARIANTS,
                           variant, heads // GQA_GROUP if variant == "gqa" else heads)
             new = bench_shape(shape, peers, torch.bfloat16, device, args.mode, args.rounds)
-            for peer in [p for p in peers if p.name in ("ours", "ours_triton",
-                                                         "ours_triton_fwd",
-                                                         "ours_triton_bias",
-                                                         "ours_gluon_bwd_bias")]:
+            for peer in [p for p in peers if p.name == "ours" or p.name in OURS_UNDER]:
                 x = make_inputs(shape, torch.bfloat16, device,
                                 requires_grad=args.mode == "fwdbwd")
                 with peer.context():
