@@ -86,12 +86,15 @@ the dQ kernel takes its tiles with each K tile, as the forward. H100, hd128, N =
 (N, N) mask: forward + backward 395 TFLOP/s against the Triton kernels' 316 (BENCHMARKS.md,
 session 21).
 
-Float biases (``TILE_BIAS``, session 23; only under SDPA_PASS_GLUON_BWD_BIAS=1: compiled for
-sm_90 without spill at hd64 / 128 / 256, shared memory within Hopper's (hd256 dK/dV: 231,424
-bytes), not yet run on a GPU): the fp16 / bf16 tiles come as the bool masks' do, and both
-kernels compute P in natural-log units from the prep kernel's NATURAL statistics, as the
-Triton backward does for a float mask (``_pt_tile``, ``_dq_p``). A masked_fill's float mask
-(dS 0 at its filled keys) and a bias that needs its own gradient keep the Triton kernels.
+Float biases (``TILE_BIAS``, session 23; the default since session 24, SDPA_PASS_GLUON_BWD_BIAS=0
+keeps the Triton kernels; sm_90 without spill at hd64 / 128 / 256, hd256 dK/dV 231,424 bytes
+of shared memory): the fp16 / bf16 tiles come as the bool masks' do, and both kernels compute
+P in natural-log units from the prep kernel's NATURAL statistics, as the Triton backward does
+for a float mask (``_pt_tile``, ``_dq_p``; the dQ kernel hides keys past S itself, which a
+bool tile's zeros hide). A masked_fill's float mask (dS 0 at its filled keys) and a bias that
+needs its own gradient keep the Triton kernels. H200, bf16, a (1, H, N, N) ALiBi bias,
+forward + backward at hd128 N = 4096: 378.9 TFLOP/s against flex attention's 315.6 and
+cuDNN's 295.9 (BENCHMARKS.md, session 24).
 """
 
 from __future__ import annotations
@@ -127,9 +130,8 @@ DQ_BLOCK_N = {64: 128, 128: 64, 256: 64}
 # Gluon one 0.84-0.93x with 64-key tiles, 0.80-0.97x with 128-key tiles but for 1.02-1.05x at
 # N = 16k without a mask; BENCHMARKS.md, session 17)
 DQ_HEAD_DIMS = (128, 256)
-# Head dims at which the kernels read a float bias in tiles (TILE_BIAS) under
-# SDPA_PASS_GLUON_BWD_BIAS=1: compiled for sm_90 without spill (session 23), not yet run on a
-# GPU, so off by default (the Triton backward).
+# Head dims at which the kernels read a float bias in tiles (TILE_BIAS) unless
+# SDPA_PASS_GLUON_BWD_BIAS=0 (session 24: correct and faster than the Triton kernels at each)
 BIAS_HEAD_DIMS = (64, 128, 256)
 LOG2E = 1.4426950408889634
 
@@ -603,6 +605,12 @@ if gluon is not None:
         a float bias tile, in natural-log units as ``_pt_tile``'s."""
         if MASK_TILE == TILE_BIAS_C:
             s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
+            if (j + 1) * BN > S:
+                # keys past S: K's rows and the bias tile read zeros there, so S = 0, which
+                # a bool tile would hide; P would be exp(-m), inf for a row at finfo.min
+                # (0 · inf = NaN in dQ), so they are hidden here
+                keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+                s = gl.where(gl.expand_dims(keys < S, 0), s, float("-inf"))
         elif MASK_TILE:
             s = gl.where(mt_tile.reshape([BMW, BN]).load(s_layout) != 0, s, float("-inf"))
         if KEY_SPAN != 0:
@@ -1005,9 +1013,9 @@ def _tile_tensor(mask, mask_tile: int):
 
 
 def bias_head_dims() -> tuple:
-    """Head dims at which the backward's kernels read a float bias in tiles: none unless
-    SDPA_PASS_GLUON_BWD_BIAS=1 (compiled for sm_90, not yet run on a GPU)."""
-    return BIAS_HEAD_DIMS if os.environ.get("SDPA_PASS_GLUON_BWD_BIAS", "") == "1" else ()
+    """Head dims at which the backward's kernels read a float bias in tiles: BIAS_HEAD_DIMS,
+    none under SDPA_PASS_GLUON_BWD_BIAS=0."""
+    return () if os.environ.get("SDPA_PASS_GLUON_BWD_BIAS", "") == "0" else BIAS_HEAD_DIMS
 
 
 def dkdv_block_n(head_dim: int) -> int:

@@ -686,7 +686,7 @@ def tile_mask_refusal(mask: torch.Tensor, bias_head_dims: tuple = (),
     floating = mask.dtype != torch.bool
     if floating and not bias_head_dims:
         return (f"a {mask.dtype} attn_mask (this Gluon kernel reads bool masks and padding "
-                "rows; SDPA_PASS_GLUON_BWD_BIAS=1 lets the backward's read float biases)")
+                "rows here: float biases turned off by SDPA_PASS_GLUON_BWD_BIAS=0)")
     if floating and head_dim not in bias_head_dims:
         return (f"a float attn_mask at head dim {head_dim} (the Gluon kernel reads float "
                 f"biases at head dims {bias_head_dims})")

@@ -82,29 +82,29 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
 
 
 
-def test_float_biases_reach_the_backward_kernels_only_when_asked(monkeypatch):
-    """The backward's kernels read a float bias in tiles under SDPA_PASS_GLUON_BWD_BIAS=1
-    (compiled for sm_90, not yet run on a GPU); by default the refusal says how to ask."""
+def test_float_biases_reach_the_backward_kernels_unless_turned_off(monkeypatch):
+    """The backward's kernels read a float bias in tiles at BIAS_HEAD_DIMS by default; under
+    SDPA_PASS_GLUON_BWD_BIAS=0 the refusal names the variable."""
     bias = torch.zeros(1, 4, 64, 256, dtype=torch.bfloat16).expand(2, 4, 64, 256)
     monkeypatch.delenv("SDPA_PASS_GLUON_BWD_BIAS", raising=False)
-    assert gbwd.bias_head_dims() == ()
-    assert "SDPA_PASS_GLUON_BWD_BIAS=1" in gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims())
-    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
     assert gbwd.bias_head_dims() == gbwd.BIAS_HEAD_DIMS
     for head_dim in gbwd.BIAS_HEAD_DIMS:
         assert gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims(), head_dim) is None
     assert "head dim 80" in gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims(), 80)
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "0")
+    assert gbwd.bias_head_dims() == ()
+    assert "SDPA_PASS_GLUON_BWD_BIAS=0" in gfwd.tile_mask_refusal(bias, gbwd.bias_head_dims())
 
 
 @pytest.mark.parametrize("causal", [None, "bottom_right"])
 def test_the_backward_hands_the_kernels_a_bias_and_natural_statistics(causal, monkeypatch):
     """(Any device: the refusals and the kernels replaced by ``torch_dkdv`` / ``torch_dq``.)
-    Under SDPA_PASS_GLUON_BWD_BIAS=1 a float bias reaches the kernels as TILE_BIAS with the
+    A float bias reaches the kernels as TILE_BIAS with the
     plain scale and the prep kernel's NATURAL statistics, whose units the stand-ins' natural-
     log P (the kernels' formula) turns into the float64 reference's gradients, rows whose
     every key is at finfo.min (P uniform) included."""
     clear_plans()
-    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
+    monkeypatch.delenv("SDPA_PASS_GLUON_BWD_BIAS", raising=False)
     monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
     monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
     seen = []
@@ -200,7 +200,7 @@ def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, caus
 @pytest.mark.parametrize("kernel, causal", [("dkdv", False), ("dkdv", True), ("dq", False)])
 def test_tile_mask_kernels_compile_for_sm90(kernel, causal, tile):
     """Both backward kernels with an attn_mask read in tiles (MASK_TILE: a bool mask, or a
-    bf16 bias under SDPA_PASS_GLUON_BWD_BIAS=1) compiled for sm_90: the same wgmma and
+    bf16 bias) compiled for sm_90: the same wgmma and
     exponential counts as without, the wgmmas not serialized, little more stack (the bias's
     dK/dV kernel: 48 bytes without the causal mask, 32 more with it, triton 3.9; a kernel
     spilling its tiles spills kilobytes), and the mask's ring within Hopper's shared memory."""
@@ -458,12 +458,12 @@ BACKWARD_BIAS_CASES = {
 @pytest.mark.parametrize("case", sorted(set(BIAS_CASES) - {"all_inf_rows_nan"})
                          + sorted(BACKWARD_BIAS_CASES))
 def test_gluon_backward_reads_float_biases_in_tiles(case, monkeypatch):
-    """SDPA_PASS_GLUON_BWD_BIAS=1: the forward's float-bias cases (test_gluon_forward's
+    """The forward's float-bias cases (test_gluon_forward's
     BIAS_CASES: ALiBi, random per batch / head / broadcast, causal either corner, GQA, ragged
     lengths, finfo.min and -inf rows, a key_padding_mask beside it, hd256) and hd64: the
     gradients of the Gluon dK/dV and dQ kernels reading the bias in tiles (natural-log
     scores, the prep kernel's NATURAL statistics) against the float64 reference."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "1")
+    monkeypatch.delenv("SDPA_PASS_GLUON_BWD_BIAS", raising=False)
     B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case(
         case, BACKWARD_BIAS_CASES if case in BACKWARD_BIAS_CASES else BIAS_CASES)
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)

@@ -107,15 +107,16 @@ def test_tile_mask_refusals_name_what_the_copy_engine_cannot_read(monkeypatch):
 
 
 def test_the_forward_reads_16_bit_float_biases_in_tiles(monkeypatch):
-    """The forward (at BIAS_HEAD_DIMS; the backward's kernels read bool masks only unless
-    SDPA_PASS_GLUON_BWD_BIAS=1) reads fp16 / bf16 float masks with rows of their own in tiles; fp32 ones, rows that are not 16-byte
-    multiples, a bias broadcast over the rows and SDPA_PASS_GLUON_BIAS=0 say why not."""
+    """The forward (at BIAS_HEAD_DIMS; the backward's kernels at theirs, none under
+    SDPA_PASS_GLUON_BWD_BIAS=0) reads fp16 / bf16 float masks with rows of their own in tiles;
+    fp32 ones, rows that are not 16-byte multiples, a bias broadcast over the rows and
+    SDPA_PASS_GLUON_BIAS=0 say why not."""
     B, H, L, S = 2, 4, 64, 256
     full = lambda m: m.expand(B, H, L, S)  # noqa: E731
     for dtype in (torch.float16, torch.bfloat16):
         bias = torch.zeros(1, H, L, S, dtype=dtype)
         assert gfwd.tile_mask_refusal(full(bias), gfwd.BIAS_HEAD_DIMS) is None
-        assert "SDPA_PASS_GLUON_BWD_BIAS=1" in gfwd.tile_mask_refusal(full(bias))
+        assert "SDPA_PASS_GLUON_BWD_BIAS=0" in gfwd.tile_mask_refusal(full(bias))
     assert "16-bit" in gfwd.tile_mask_refusal(full(torch.zeros(L, S)), gfwd.BIAS_HEAD_DIMS)
     odd = torch.zeros(L, S + 4, dtype=torch.bfloat16)[:, :S]  # rows 520 bytes apart
     assert "16-byte" in gfwd.tile_mask_refusal(full(odd), gfwd.BIAS_HEAD_DIMS)
@@ -415,6 +416,9 @@ BIAS_CASES = {
     "ragged_bottom_right": (2, 4, 4, 1000, 1104, torch.bfloat16, "bh",
                             dict(causal="bottom_right")),
     "finfo_min": (2, 4, 4, 1024, 1024, torch.bfloat16, "bh", dict(fill="finfo")),
+    # keys past S in the last tile, no causal mask to hide them: rows at finfo.min see them
+    # as the largest scores unless the kernels hide them
+    "ragged_finfo_min": (2, 4, 2, 1000, 1104, torch.bfloat16, "bh", dict(fill="finfo")),
     "all_inf_rows": (2, 4, 4, 1024, 1024, torch.float16, "bh", dict(fill="inf")),
     "all_inf_rows_nan": (2, 4, 4, 1024, 1024, torch.bfloat16, "bh",
                          dict(fill="inf", empty_rows="nan")),
@@ -468,8 +472,9 @@ def test_gluon_forward_reads_float_biases_in_tiles(case, monkeypatch):
 
 @needs_hopper
 def test_gradients_through_a_gluon_forward_with_a_bias(monkeypatch):
-    """The backward (Triton's kernels for a float mask) from the Gluon forward's LSE, which a
-    bias leaves in natural-log units as the Triton forward's: gradients against float64."""
+    """The Triton backward (SDPA_PASS_GLUON_BWD_BIAS=0) from the Gluon forward's LSE, which
+    a bias leaves in natural-log units as the Triton forward's: gradients against float64."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_BIAS", "0")
     calls = record_gluon_calls(monkeypatch)
     B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case("finfo_min")
     forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype,
