@@ -486,24 +486,40 @@ def compile_variant(name: str):
                           options=dict(num_warps=warps))
 
 
+def _ptxas(arch: str) -> str:
+    """The ptxas Triton compiles ``arch`` with: from triton 3.7 or so the bundled
+    ``ptxas-blackwell`` (CUDA 13) for sm_90 too, whose PTX the older ``ptxas`` beside it
+    refuses ("Unsupported .version")."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(int(re.sub(r"\D", "", arch))).path
+    except (ImportError, AttributeError):  # an older Triton: the one bundled ptxas
+        return _tool("ptxas")
+
+
 def _ptxas_log(ptx: str) -> str:
     """ptxas -v on the kernel's PTX (the same ptxas Triton used): its C7514 line says when it
-    serialized the wgmmas."""
+    serialized the wgmmas, and its spill lines what went to local memory. A ptxas that fails
+    raises, so no report reads its silence as "not serialized"."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-        out = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True)
-        return out.stdout + out.stderr
+        out = subprocess.run([_ptxas(arch), f"-arch={arch}", "-v", str(src), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+        log = out.stdout + out.stderr
+        if out.returncode != 0 or "Used" not in log:
+            raise RuntimeError(f"ptxas -v failed on the kernel's PTX:\n{log[-2000:]}")
+        return log
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    padding: int = 0, mask_tile: int = 0):
+                    padding: int = 0, mask_tile: int = 0, window: bool = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
     ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
-    with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``)."""
+    with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``);
+    ``window``: a causal sliding window (WINDOW)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -529,11 +545,12 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
            "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
            "spans_ptr": "*i32", "span_sb": "i32", "span_sh": "i32", "mask_b_on": "i32", "mask_h_on": "i32",
            "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
-           "offset": "i32", "stride_pb": "i32", "stride_pn": "i32", "stride_mb": "i32",
+           "offset": "i32", "window": "i32", "stride_pb": "i32", "stride_pn": "i32",
+           "stride_mb": "i32",
            "stride_mh": "i32", "stride_mn": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=bn, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
-                  KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile,
+                  KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile, WINDOW=window,
                   CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     if not mask_tile:
         consts["m_desc"] = None
@@ -547,8 +564,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
         _, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:6]
-        kernel = compile_product(dtype, causal == "causal", int(head_dim), int(padding),
-                                 int(tile))
+        kernel = compile_product(dtype, causal in ("causal", "window"), int(head_dim),
+                                 int(padding), int(tile), causal == "window")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -668,6 +685,8 @@ def main() -> None:
                         help="with --compile: the library's kernel instead of the variants, "
                              "its report as one JSON line (tests/test_gluon_forward.py)")
     parser.add_argument("--causal", action="store_true", help="with --product: the causal kernel")
+    parser.add_argument("--window", action="store_true",
+                        help="with --product: the causal kernel with a sliding window")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--padding", type=int, default=0,
@@ -679,7 +698,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.compile and args.product:
         print(json.dumps(compile_report(
-            f"product:{args.product}:{'causal' if args.causal else ''}:{args.head_dim}:"
+            f"product:{args.product}:"
+            f"{'window' if args.window else 'causal' if args.causal else ''}:{args.head_dim}:"
             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")))
         return
     if args.compile:

@@ -5,6 +5,8 @@ attention, in one run; ``--orders`` adds ours under each dK/dV program order, ``
 ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_HD256=0``),
 ``ours_triton_bias`` ours with the Triton forward for a float bias (``SDPA_PASS_GLUON_BIAS=0``),
 ``ours_triton_bwd_bias`` ours with the Triton backward for it (``SDPA_PASS_GLUON_BWD_BIAS=0``),
+``ours_gluon_window`` ours with the Gluon forward for a sliding window
+(``SDPA_PASS_GLUON_WINDOW=1``),
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
 matrix variants (``--variants``, e.g. ``bias``) or its EXTRA_VARIANTS (``window``,
 ``softcap``: forms cuDNN has no kernel for) run the same way.
@@ -37,12 +39,14 @@ HEAD_DIM = 256
 VARIANTS = ("none", "causal", "gqa", "bool")
 # Ours under one variable each, by peer name (with kernel times in the JSON, as ours): the
 # Triton backward; the Triton forward at hd256 and for a float bias (the defaults until
-# session 23); the Triton backward for a float bias (the default until session 24)
+# session 23); the Triton backward for a float bias (the default until session 24); the Gluon
+# forward for a sliding window (opt-in)
 OURS_UNDER = {
     "ours_triton": ("SDPA_PASS_GLUON_BWD", "0"),
     "ours_triton_fwd": ("SDPA_PASS_GLUON_FWD_HD256", "0"),
     "ours_triton_bias": ("SDPA_PASS_GLUON_BIAS", "0"),
     "ours_triton_bwd_bias": ("SDPA_PASS_GLUON_BWD_BIAS", "0"),
+    "ours_gluon_window": ("SDPA_PASS_GLUON_WINDOW", "1"),
 }
 
 

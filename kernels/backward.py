@@ -971,7 +971,8 @@ def attention_backward_triton(
     if d.gluon_refusal is None:
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
                              qk_scale=qk_scale, causal_align=causal_align, offset=d.offset,
-                             rows=d.rows, plan_key=plan and (plan, "gluon_dkdv"), **padding)
+                             rows=d.rows, plan_key=plan and (plan, "gluon_dkdv"), window=window,
+                             **padding)
     else:
         _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
             q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),
@@ -988,7 +989,7 @@ def attention_backward_triton(
                                              plan and (plan, "spans"))
         attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale, qk_scale=qk_scale,
                            causal_align=causal_align, offset=d.offset, rows=d.rows,
-                           plan_key=plan and (plan, "gluon_dq"), **padding)
+                           plan_key=plan and (plan, "gluon_dq"), window=window, **padding)
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (

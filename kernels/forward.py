@@ -1108,7 +1108,7 @@ def attention_forward_triton(
         gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,
                            pstrides if key_padding_mask is not None else (0, 0), mstrides,
                            nan_on_empty, (TILE_BIAS if mask_kind == MASK_FLOAT else TILE_BOOL)
-                           if tiled else 0)
+                           if tiled else 0, window)
         gluon(q, k, v, out, lse, attn_mask, key_padding_mask, dropout_seed, scale, softcap,
               dropout_p)
         if plan_key is not None:
@@ -1198,8 +1198,8 @@ class _GluonPlan:
 
     def __init__(self, shape: AttentionShape, return_lse: bool, causal_align: int,
                  diagonal: int, plan_key, padding: int, kpm_strides: tuple, mask_strides: tuple,
-                 nan_on_empty: bool, mask_tile: int):
-        self.shape, self.return_lse = shape, return_lse
+                 nan_on_empty: bool, mask_tile: int, window: int):
+        self.shape, self.return_lse, self.window = shape, return_lse, window
         self.causal_align, self.diagonal, self.plan_key = causal_align, diagonal, plan_key
         self.padding, self.kpm_strides, self.mask_strides = padding, kpm_strides, mask_strides
         self.nan_on_empty, self.mask_tile = nan_on_empty, mask_tile
@@ -1214,7 +1214,7 @@ class _GluonPlan:
         attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
                                 self.causal_align, self.diagonal, self.plan_key, self.padding,
                                 kpm, self.kpm_strides, attn_mask, self.mask_strides,
-                                self.nan_on_empty, spans, self.mask_tile)
+                                self.nan_on_empty, spans, self.mask_tile, self.window)
 
 
 class _ForwardPlan:

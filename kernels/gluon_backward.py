@@ -95,6 +95,14 @@ bool tile's zeros hide). A masked_fill's float mask (dS 0 at its filled keys) an
 needs its own gradient keep the Triton kernels. H200, bf16, a (1, H, N, N) ALiBi bias,
 forward + backward at hd128 N = 4096: 378.9 TFLOP/s against flex attention's 315.6 and
 cuDNN's 295.9 (BENCHMARKS.md, session 24).
+
+Causal sliding windows (``WINDOW``, session 24; opt-in under SDPA_PASS_GLUON_WINDOW=1, as the
+forward's, until they have run on a GPU; not beside padding rows): the dK/dV kernel visits the
+query tiles from its keys' diagonal to the last row whose window holds its last key, the dQ
+kernel the key tiles from its first row's window as the forward does, and both mask the tiles
+holding a pair outside the band with one unsigned compare per score (0 <= i + offset - j <
+window). Compiled for sm_90 with the causal kernels' wgmmas, exponentials and waits (dQ: no
+local memory; dK/dV: 8 bytes of stack more than the causal kernel's).
 """
 
 from __future__ import annotations
@@ -105,8 +113,8 @@ import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (TILE_BOOL, _copy_engine_layout, _descriptor_maker, _layout, gluon,
-                            gluon_padding_refusal, mask_tile_descriptor, mask_tile_indexing,
-                            padding_args, span_strides)
+                            gluon_padding_refusal, gluon_window_refusal, mask_tile_descriptor,
+                            mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -217,8 +225,10 @@ if gluon is not None:
         return seen
 
     @gluon.jit
-    def _pt_tile(st, m, r, mt_tile, seen, hides, m0, key0, offset, qk_scale, BM: gl.constexpr,
+    def _pt_tile(st, m, r, mt_tile, seen, hides, m0, key0, offset, window, qk_scale,
+                 BM: gl.constexpr,
                  NK: gl.constexpr, st_layout: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 WINDOW: gl.constexpr,
                  KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
         """Pᵀ of NK keys from key0 against the BM query rows from m0, from their scores Sᵀ
         (keys along dim 0) and the rows' statistics m, r: the keys a row may not see at -inf
@@ -235,7 +245,16 @@ if gluon is not None:
         elif MASK_TILE:
             tile = mt_tile.reshape([BM, NK]).permute((1, 0))
             st = gl.where(tile.load(st_layout) != 0, st, float("-inf"))
-        if IS_CAUSAL:
+        if WINDOW:
+            # a key past a row's last, or one at or before its window's start (the tile's
+            # last row's): 0 <= i + offset - j < window, one unsigned compare per score
+            if (m0 + offset < key0 + NK - 1) | (m0 + BM - 1 + offset - window >= key0):
+                ckeys = key0 + gl.arange(0, NK, layout=gl.SliceLayout(1, st_layout))
+                diag = m0 + offset + gl.arange(0, BM, layout=gl.SliceLayout(0, st_layout))
+                band = gl.expand_dims(diag, 0) - gl.expand_dims(ckeys, 1)
+                st = gl.where(band.to(gl.uint32, bitcast=True) < window.to(gl.uint32), st,
+                              float("-inf"))
+        elif IS_CAUSAL:
             if m0 + offset < key0 + NK - 1:  # some key of the tile is past a row's last
                 ckeys = key0 + gl.arange(0, NK, layout=gl.SliceLayout(1, st_layout))
                 last = m0 + offset + gl.arange(0, BM, layout=gl.SliceLayout(0, st_layout))
@@ -254,10 +273,12 @@ if gluon is not None:
     @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                       delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
-                      n_q, group, offset, qk_scale, sm_scale, S, kpm_ptr, stride_pb, stride_pn,
+                      n_q, group, offset, window, qk_scale, sm_scale, S, kpm_ptr, stride_pb,
+                      stride_pn,
                       mask_ptr, stride_mb, stride_mh, stride_mn,
                       W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-                      STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                      STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                      KEY_SPAN: gl.constexpr,
                       ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
         """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
         docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
@@ -305,8 +326,9 @@ if gluon is not None:
             r = r_smem.index(slot).load(col_st)
             st = warpgroup_mma_wait(num_outstanding=1, deps=[st_tok])  # Sᵀ done, dPᵀ in flight
             pt = _pt_tile(st, m, r, mt_smem.index(2 * slot + W), seen, hides,
-                          (first_m + it % n_q) * BM, start_n + W * half, offset, qk_scale, BM,
-                          half, st_layout, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)
+                          (first_m + it % n_q) * BM, start_n + W * half, offset, window, qk_scale,
+                          BM,
+                          half, st_layout, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)
             pt_op = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(pt_op, do_t, dv, is_async=True)
             delta = delta_smem.index(slot).load(col_st)
@@ -344,10 +366,11 @@ if gluon is not None:
     @gluon.jit
     def _bwd_wide_scores(dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem, pt_smem,
                          kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b, h_kv, start_n,
-                         first_m, n_q, group, offset, qk_scale, S, kpm_ptr, stride_pb,
+                         first_m, n_q, group, offset, window, qk_scale, S, kpm_ptr, stride_pb,
                          stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
                          BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                          STAGES: gl.constexpr, P_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                         WINDOW: gl.constexpr,
                          KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr,
                          MASK_TILE: gl.constexpr):
         """The hd256 kernel's first consumer (module docstring, "Head dim 256"): per query
@@ -383,8 +406,8 @@ if gluon is not None:
             r = r_smem.index(slot).load(col_st)
             st = warpgroup_mma_wait(num_outstanding=0, deps=[st_tok])
             pt = _pt_tile(st, m, r, mt_smem.index(slot), seen, hides, (first_m + it % n_q) * BM,
-                          start_n, offset, qk_scale, BM, BN, st_layout, IS_CAUSAL, KEY_SPAN,
-                          ROW_PER_HEAD, MASK_TILE)
+                          start_n, offset, window, qk_scale, BM, BN, st_layout, IS_CAUSAL,
+                          WINDOW, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)
             ps = it % P_STAGES
             mbarrier.wait(pt_empty.index(ps), ((it // P_STAGES) & 1) ^ 1)
             pt_smem.index(ps).store(pt)
@@ -449,10 +472,11 @@ if gluon is not None:
     @gluon.jit
     def _attention_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dk_desc, dv_desc,
                                mt_desc, kpm_ptr, mask_ptr, qk_scale, sm_scale, Hkv, L, S, group,
-                               offset, rows, stats_stride, stride_pb, stride_pn, stride_mb,
+                               offset, window, rows, stats_stride, stride_pb, stride_pn, stride_mb,
                                stride_mh, stride_mn, mask_b_on, mask_h_on, BM: gl.constexpr,
                                BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                               IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                               IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                               KEY_SPAN: gl.constexpr,
                                ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
                                ORDER: gl.constexpr, GROUP: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr,
@@ -496,6 +520,11 @@ if gluon is not None:
         else:
             first_m = pid_n * 0
         n_q = gl.maximum((L + BM - 1) // BM - first_m, 0)
+        if WINDOW:
+            # rows past i = j - offset + window - 1 (the CTA's last key's last row) see none
+            # of its keys
+            end_m = gl.minimum((L + BM - 1) // BM, (start_n + BN - 2 - offset + window) // BM + 1)
+            n_q = gl.maximum(end_m - first_m, 0)
         if KEY_SPAN != 0:
             if not ROW_PER_HEAD:
                 keys = start_n + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [4], [0]))
@@ -535,10 +564,11 @@ if gluon is not None:
             gl.warp_specialize([
                 (_bwd_wide_scores, (dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem,
                                     pt_smem, kv_bar, q_ready, do_ready, empty, pt_ready,
-                                    pt_empty, b, h_kv, start_n, first_m, n_q, group, offset,
+                                    pt_empty, b, h_kv, start_n, first_m, n_q, group, offset, window,
                                     qk_scale, S, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                                     stride_mb, stride_mh, stride_mn, BM, BN, HEAD, STAGES,
-                                    P_STAGES, IS_CAUSAL, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)),
+                                    P_STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
+                                    MASK_TILE)),
                 (_bwd_wide_grads, (dk_desc, v_smem, q_smem, do_smem, delta_smem, pt_smem,
                                    kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b,
                                    h_kv, start_n, n_q, group, sm_scale, BM, BN, HEAD, STAGES,
@@ -553,15 +583,17 @@ if gluon is not None:
             gl.warp_specialize([
                 (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                                  delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
-                                 start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
+                                 start_n, first_m, n_q, group, offset, window, qk_scale, sm_scale,
+                                 S,
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                                 stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
+                                 stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
                                  ROW_PER_HEAD, MASK_TILE)),
                 (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                                  delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
-                                 start_n, first_m, n_q, group, offset, qk_scale, sm_scale, S,
+                                 start_n, first_m, n_q, group, offset, window, qk_scale, sm_scale,
+                                 S,
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                                 stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN,
+                                 stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
                                  ROW_PER_HEAD, MASK_TILE)),
                 (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
                                  v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
@@ -594,10 +626,12 @@ if gluon is not None:
                       HEAD, STAGES, MASK_TILE, ROW_PARTS)
 
     @gluon.jit
-    def _dq_p(s, j, m, r, row0, offset, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn,
+    def _dq_p(s, j, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
+              stride_pn,
               mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S, mt_tile, qk_scale,
               s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr):
+              IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr, KEY_SPAN: gl.constexpr,
+              MASK_TILE: gl.constexpr):
         """P of rows row0 .. row0 + BMW against key tile j from their scores S and statistics
         m, r (both (BMW, 1)): with MASK_TILE the keys the bool attn_mask's tile ``mt_tile``
         hides, with KEY_SPAN those the padding row hides (``mask_padding``), with IS_CAUSAL
@@ -616,7 +650,15 @@ if gluon is not None:
         if KEY_SPAN != 0:
             s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
-        if IS_CAUSAL:
+        if WINDOW:
+            # a diagonal tile, or one holding a key at or before a row's window start
+            if (j >= full_tiles) | (j * BN <= row0 + BMW - 1 + offset - window):
+                keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+                diag = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
+                band = gl.expand_dims(diag, 1) - gl.expand_dims(keys, 0)
+                s = gl.where(band.to(gl.uint32, bitcast=True) < window.to(gl.uint32), s,
+                             float("-inf"))
+        elif IS_CAUSAL:
             if j >= full_tiles:
                 keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
                 last = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
@@ -627,18 +669,20 @@ if gluon is not None:
         return gl.exp2((s * qk_scale - m) - r)
 
     @gluon.jit
-    def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, full_tiles,
+    def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, window, full_tiles,
                  d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                  stride_mn, b, h, S, mt_smem, qk_scale, dtype: gl.constexpr,
                  a_layout: gl.constexpr, s_layout: gl.constexpr, BMW: gl.constexpr,
-                 BN: gl.constexpr, IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                 BN: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                 KEY_SPAN: gl.constexpr,
                  MASK_TILE: gl.constexpr, W: gl.constexpr):
         """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
         its dP (in flight): the exponentials (``_dq_p``; the bool mask's tile in slot
         2 slot + W of ``mt_smem``) run before the wait for dP."""
-        p = _dq_p(s, j, m, r, row0, offset, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
+        p = _dq_p(s, j, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
                   stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
-                  mt_smem.index(2 * slot + W), qk_scale, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN,
+                  mt_smem.index(2 * slot + W), qk_scale, s_layout, BMW, BN, IS_CAUSAL, WINDOW,
+                  KEY_SPAN,
                   MASK_TILE)
         # A wait on Q's barrier, whose only phase is long complete (so it passes at once): a
         # try-wait loop, so a new basic block between the exponentials and the wait for dP,
@@ -651,10 +695,11 @@ if gluon is not None:
     @gluon.jit
     def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
                      v_ready,
-                     k_empty, v_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, d_lo,
+                     k_empty, v_empty, b, h, row0, offset, window, S, t0, n_tiles, full_tiles, d_lo,
                      d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                      stride_mn, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
                      HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                     WINDOW: gl.constexpr,
                      KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr):
         """Consumer W: rows row0 .. row0 + 64 (module docstring), key tiles t0 .. t0 +
         n_tiles. ``n_tiles`` >= 1: a CTA whose rows see no key runs one key tile fully masked
@@ -686,10 +731,10 @@ if gluon is not None:
         dp_tok = warpgroup_mma(do_w, v_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
                                s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
-        ds_op = _ds_tile(s, dp_tok, t0, 0, v_empty, q_bar, m, r, delta, row0, offset,
+        ds_op = _ds_tile(s, dp_tok, t0, 0, v_empty, q_bar, m, r, delta, row0, offset, window,
                          full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                          stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale, dtype,
-                         a_layout, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN, MASK_TILE, W)
+                         a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW, KEY_SPAN, MASK_TILE, W)
         dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
                                use_acc=False, is_async=True)
         for i in range(1, n_tiles):
@@ -705,10 +750,10 @@ if gluon is not None:
             # the previous tile's dQ product (issued first) and S done; dP in flight
             s, dq, ds_op = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok, dq_tok, ds_op])
             mbarrier.arrive(k_empty.index((i - 1) % STAGES))
-            ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset,
+            ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, window,
                              full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale,
-                             dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, KEY_SPAN,
+                             dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW, KEY_SPAN,
                              MASK_TILE, W)
             dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
@@ -721,11 +766,12 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_wide_scores(q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready, k_empty,
-                        p_ready, p_empty, b, h, row0, offset, S, t0, n_tiles, full_tiles, d_lo,
+                        p_ready, p_empty, b, h, row0, offset, window, S, t0, n_tiles, full_tiles,
+                        d_lo,
                         d_hi, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
                         stride_mh, stride_mn, BM: gl.constexpr, BN: gl.constexpr,
                         HEAD: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                        IS_CAUSAL: gl.constexpr, KEY_SPAN: gl.constexpr,
+                        IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr, KEY_SPAN: gl.constexpr,
                         MASK_TILE: gl.constexpr):
         """The hd256 dQ kernel's first consumer (module docstring, "Head dim 256"): per key
         tile S = Q K_jᵀ and P (masked as ``_dq_p``), P in fp32 to the second consumer through
@@ -744,9 +790,9 @@ if gluon is not None:
             s_tok = warpgroup_mma(q_t, k_smem.index(slot).reshape([BN, HEAD]).permute((1, 0)),
                                   s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-            p = _dq_p(s, t0 + i, m, r, row0, offset, full_tiles, d_lo, d_hi, kpm_ptr,
+            p = _dq_p(s, t0 + i, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr,
                       stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
-                      mt_smem.index(slot), qk_scale, s_layout, BM, BN, IS_CAUSAL, KEY_SPAN,
+                      mt_smem.index(slot), qk_scale, s_layout, BM, BN, IS_CAUSAL, WINDOW, KEY_SPAN,
                       MASK_TILE)
             ps = i % P_STAGES
             mbarrier.wait(p_empty.index(ps), ((i // P_STAGES) & 1) ^ 1)
@@ -802,10 +848,10 @@ if gluon is not None:
     @gluon.jit
     def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, mt_desc,
                              kpm_ptr, mask_ptr, spans_ptr, qk_scale, sm_scale, Hq, S, group,
-                             offset, rows, stats_stride, stride_pb, stride_pn, stride_mb,
+                             offset, window, rows, stats_stride, stride_pb, stride_pn, stride_mb,
                              stride_mh, stride_mn, span_sb, span_sh, mask_b_on, mask_h_on,
                              BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-                             STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                             STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                              KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, P_STAGES: gl.constexpr,
                              num_warps: gl.constexpr):
@@ -840,6 +886,12 @@ if gluon is not None:
         t0 = pid_m * 0
         d_lo = t0
         d_hi = t0
+        if WINDOW:  # from the key tile of the CTA's first row's first visible key
+            t0 = gl.maximum(start_m + offset - window + 1, 0) // BN
+            n_tiles = n_tiles - t0
+            if n_tiles <= 0:  # no row of the CTA sees a key: tile 0, every key masked
+                t0 = t0 * 0
+                n_tiles = n_tiles * 0 + 1
         if KEY_SPAN != 0:  # the forward's padding span (gluon_forward._attention_fwd_ws)
             t0, n_tiles, d_lo, d_hi = span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN)
         dtype: gl.constexpr = q_desc.dtype
@@ -861,10 +913,10 @@ if gluon is not None:
             p_smem, p_ready, p_empty = _p_ring(P_STAGES, BM, BN)
             gl.warp_specialize([
                 (_dq_wide_scores, (q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready,
-                                   k_empty, p_ready, p_empty, b, h, start_m, offset, S, t0,
+                                   k_empty, p_ready, p_empty, b, h, start_m, offset, window, S, t0,
                                    n_tiles, full_tiles, d_lo, d_hi, qk_scale, kpm_ptr,
                                    stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                                   stride_mn, BM, BN, HEAD, STAGES, P_STAGES, IS_CAUSAL,
+                                   stride_mn, BM, BN, HEAD, STAGES, P_STAGES, IS_CAUSAL, WINDOW,
                                    KEY_SPAN, MASK_TILE)),
                 (_dq_wide_grads, (dq_desc, do_smem, st_smem, k_smem, v_smem, p_smem, q_bar,
                                   k_ready, v_ready, k_empty, v_empty, p_ready, p_empty, b, h,
@@ -879,15 +931,17 @@ if gluon is not None:
             q_bar, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
             gl.warp_specialize([
                 (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
-                                k_ready, v_ready, k_empty, v_empty, b, h, start_m, offset, S, t0,
+                                k_ready, v_ready, k_empty, v_empty, b, h, start_m, offset, window,
+                                S, t0,
                                 n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
                                 stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
-                                BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
+                                BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, MASK_TILE)),
                 (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
-                                k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset, S,
+                                k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset,
+                                window, S,
                                 t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
                                 stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
-                                BMW, BN, HEAD, STAGES, IS_CAUSAL, KEY_SPAN, MASK_TILE)),
+                                BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, MASK_TILE)),
                 (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem,
                                 do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
                                 v_ready, k_empty, v_empty, b, h, h // group, b * mask_b_on,
@@ -924,8 +978,11 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     padding_refusal = gluon_padding_refusal(padding)
     if padding_refusal is not None:
         return padding_refusal
-    if window != -1 or softcapped or dropout:
-        return "a window, soft-capping or dropout"
+    window_refusal = gluon_window_refusal(window, padding)
+    if window_refusal is not None:
+        return window_refusal
+    if softcapped or dropout:
+        return "soft-capping or dropout"
     if dq_atomic:
         return ("dQ by atomic adds in the Triton dK/dV kernel (SDPA_PASS_BWD_DQ=atomic, a "
                 "mask's gradient, or deterministic algorithms)")
@@ -956,14 +1013,16 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                          scale: float, qk_scale: float, causal_align: int, offset: int,
                          rows: int, plan_key, padding: int = 0, kpm=None,
                          kpm_strides: tuple = (0, 0), mask=None,
-                         mask_strides: tuple = (0, 0, 0, 0), mask_tile: int = 0) -> None:
+                         mask_strides: tuple = (0, 0, 0, 0), mask_tile: int = 0,
+                         window: int = -1) -> None:
     """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
     ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
     delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
     (checks.causal_offset). ``plan_key``: the backward's, which fixes every layout and the
     causal form (or None: no plan). ``padding``, ``mask_tile``: the forward's padding rows
     and mask tiles (``gluon_forward.attention_forward_gluon``; with TILE_BIAS the statistics
-    are the prep kernel's NATURAL ones and ``qk_scale`` the plain scale)."""
+    are the prep kernel's NATURAL ones and ``qk_scale`` the plain scale). ``window``: a
+    causal call's sliding window (-1: none)."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
@@ -988,13 +1047,14 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv, _tile_tensor(mask, mask_tile), *pad[:2],
             qk_scale, scale, Hkv, L, S,
-            shape.group, offset, rows, B * shape.q_heads * rows, *pad[2:],
+            shape.group, offset, max(window, 0), rows, B * shape.q_heads * rows, *pad[2:],
             *mask_tile_indexing(mask_tile, mask_strides))
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
     row_per_head = bool(padding & 2) and mask_strides[1] != 0 and shape.group > 1
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
                  dict(BM=BLOCK_M, BN=bn, HEAD=shape.head_dim, STAGES=STAGES,
-                      IS_CAUSAL=is_causal, KEY_SPAN=padding, ROW_PER_HEAD=row_per_head,
+                      IS_CAUSAL=is_causal, WINDOW=window > 0, KEY_SPAN=padding,
+                      ROW_PER_HEAD=row_per_head,
                       MASK_TILE=mask_tile, ORDER=ORDERS.index(order), GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
                       num_warps=4),
@@ -1057,7 +1117,7 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
                        qk_scale: float, causal_align: int, offset: int, rows: int,
                        plan_key, padding: int = 0, kpm=None, kpm_strides: tuple = (0, 0),
                        mask=None, mask_strides: tuple = (0, 0, 0, 0), spans=None,
-                       mask_tile: int = 0) -> None:
+                       mask_tile: int = 0, window: int = -1) -> None:
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
@@ -1065,13 +1125,14 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dq, _tile_tensor(mask, mask_tile), *pad[:2],
-            q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset, rows,
+            q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset,
+            max(window, 0), rows,
             B * Hq * rows, *pad[2:], *span_strides(spans),
             *mask_tile_indexing(mask_tile, mask_strides))
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // bm), B * Hq),
                  args, dict(BM=bm, BN=bn, HEAD=D, STAGES=STAGES,
-                            IS_CAUSAL=causal_align != CAUSAL_NONE, KEY_SPAN=padding,
-                            MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS,
+                            IS_CAUSAL=causal_align != CAUSAL_NONE, WINDOW=window > 0,
+                            KEY_SPAN=padding, MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS,
                             P_STAGES=wide_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker,

@@ -28,7 +28,8 @@ SDPA_PASS_GLUON_FWD_HD256=0 keeps the Triton forward there); no attn_mask but a 
 (a key_padding_mask and / or a bool attn_mask that is one row of keys per (batch, head), HF's
 (B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask or, at head dims 128 and 256, an fp16 /
 bf16 float one with rows of its own that the copy engine can read (``tile_mask_refusal``;
-``MASK_TILE``, below), no window, soft-capping or dropout; no causal mask or one
+``MASK_TILE``, below), no soft-capping or dropout, no window but under
+SDPA_PASS_GLUON_WINDOW=1 (below); no causal mask or one
 whose diagonal leaves no row without keys (diagonal tiles masked, the longest query tiles
 first); GQA; a positive scale; Q, K
 and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no broadcast
@@ -64,8 +65,17 @@ the row max is subtracted, as the Triton forward's do with a float mask (a finfo
 stays finite: the HF mask's rows with every key at finfo.min average V uniformly, as eager
 softmax does). H100, hd128, a (1, H, N, N) ALiBi bias: 399.5 / 475.0 / 478.4 TFLOP/s at N =
 1k / 4k / 16k against the Triton kernel's 330.9 / 385.8 / 398.6 and flex's 351.3 / 399.7 (16k:
-flex faults); hd256 576.1 at 4k against 319.8 and 334.0. The backward keeps Triton's kernels
-for a float mask. SDPA_PASS_GLUON_BIAS=0 keeps the forward's too.
+flex faults); hd256 576.1 at 4k against 319.8 and 334.0. SDPA_PASS_GLUON_BIAS=0 keeps the
+Triton forward for them (the backward's Gluon kernels read them too since session 24).
+
+Causal sliding windows (``WINDOW``, session 24; opt-in under SDPA_PASS_GLUON_WINDOW=1 until
+it has run on a GPU, not beside padding rows): a CTA starts at the key tile of its first
+row's first visible key (``t0``), and each consumer masks the tiles holding a key at or before
+one of its rows' window starts as it masks the diagonal's, with one unsigned compare per score
+(``_band_mask``: 0 <= i + offset - j < window). Compiled for sm_90 with the causal kernel's
+wgmmas and exponentials, the exponentials still under P·V, no more stack (a tile bound kept
+live across the loop instead of recomputed per tile had put the second consumer's values in
+local memory: stack 136 bytes at hd128 against 8).
 """
 
 from __future__ import annotations
@@ -222,6 +232,19 @@ if gluon is not None:
         return s
 
     @gluon.jit
+    def _band_mask(s, j, diag0, window, S, BMW: gl.constexpr, BN: gl.constexpr,
+                   s_layout: gl.constexpr, RAGGED_KEYS: gl.constexpr):
+        """Key tile j's scores with the keys outside a causal sliding window at -inf: row r
+        (from 0) sees key j iff 0 <= diag0 + r - j < window (diag0 = row0 + offset), one
+        unsigned compare per score; with RAGGED_KEYS keys past S too."""
+        keys = gl.expand_dims(j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)), 0)
+        diag = gl.expand_dims(diag0 + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout)), 1)
+        visible = (diag - keys).to(gl.uint32, bitcast=True) < window.to(gl.uint32)
+        if RAGGED_KEYS:
+            visible = visible & (keys < S)
+        return gl.where(visible, s, float("-inf"))
+
+    @gluon.jit
     def _tile_mask(s, j, row0, offset, S, BMW: gl.constexpr, BN: gl.constexpr,
                    s_layout: gl.constexpr, IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr):
         """Key tile j's scores with the keys a row may not see at -inf: with RAGGED_KEYS keys
@@ -239,13 +262,14 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, m_smem, k_ready, v_ready, k_empty,
-                  v_empty, b, h, row0, L, S, offset, t0, n_tiles, full_tiles, d_lo, d_hi,
-                  lse_row0, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                  v_empty, b, h, row0, L, S, offset, window, t0, n_tiles, full_tiles, d_lo,
+                  d_hi, lse_row0, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
                   stride_mh, stride_mn,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                   STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                   RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
-                  NAN_ON_EMPTY: gl.constexpr, MASK_TILE: gl.constexpr, W: gl.constexpr):
+                  NAN_ON_EMPTY: gl.constexpr, MASK_TILE: gl.constexpr, WINDOW: gl.constexpr,
+                  W: gl.constexpr):
         """One warpgroup's 64 query rows (row0 on, within the head): the key loop over tiles
         t0 .. t0 + n_tiles, then O / l through a TMA store (clipped at L) and the natural-log
         LSE through pointers. Key tiles from ``full_tiles`` on are masked (``_tile_mask``);
@@ -261,9 +285,16 @@ if gluon is not None:
         the plain scale) until the row max is subtracted, as eager adds them: a finfo.min bias
         stays finite (its log2 form would overflow to -inf and empty a row that eager softmax
         averages uniformly; the same exponent count: (s - m) * log2(e) against s * c - m).
-        Rows may be empty likewise (an all -inf bias)."""
+        Rows may be empty likewise (an all -inf bias). WINDOW (causal): key j of row i also
+        iff j > i + offset - window; of the tiles from t0 (the CTA's first row's first
+        visible key's) those holding a key at or before one of this warpgroup's rows' window
+        starts are masked (the bound recomputed per tile: kept live across the loop it cost
+        the second warpgroup local memory); the second warpgroup's rows may see nothing in
+        the first tiles, and rows past every key's window (top-left, L > S) nothing at all,
+        so rows may be empty."""
         dtype: gl.constexpr = q_smem.dtype
         BIAS: gl.constexpr = MASK_TILE == TILE_BIAS_C
+        EMPTY_ROWS: gl.constexpr = (KEY_SPAN != 0) or (MASK_TILE != 0) or WINDOW
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -286,7 +317,10 @@ if gluon is not None:
         if KEY_SPAN != 0:
             s = mask_padding(s, t0, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
-        if IS_CAUSAL or RAGGED_KEYS:  # (compiled only where a tile can need it)
+        if WINDOW:
+            if (t0 >= full_tiles) | (t0 * BN <= row0 + BMW - 1 + offset - window):
+                s = _band_mask(s, t0, row0 + offset, window, S, BMW, BN, s_layout, RAGGED_KEYS)
+        elif IS_CAUSAL or RAGGED_KEYS:  # (compiled only where a tile can need it)
             if t0 >= full_tiles:
                 s = _tile_mask(s, t0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                RAGGED_KEYS)
@@ -296,7 +330,7 @@ if gluon is not None:
             p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
         else:
             m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
-            m_use = _finite_shift(m_i, KEY_SPAN != 0 or MASK_TILE)
+            m_use = _finite_shift(m_i, EMPTY_ROWS)
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -323,7 +357,12 @@ if gluon is not None:
                 s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                                  stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout,
                                  KEY_SPAN)
-            if IS_CAUSAL or RAGGED_KEYS:
+            if WINDOW:
+                # a diagonal tile, or one holding a key at or before a row's window start
+                if (j >= full_tiles) | (j * BN <= row0 + BMW - 1 + offset - window):
+                    s = _band_mask(s, j, row0 + offset, window, S, BMW, BN, s_layout,
+                                   RAGGED_KEYS)
+            elif IS_CAUSAL or RAGGED_KEYS:
                 if j >= full_tiles:  # a diagonal tile of a causal call, or the keys' last tile
                     s = _tile_mask(s, j, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                    RAGGED_KEYS)
@@ -335,7 +374,7 @@ if gluon is not None:
                 p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
             else:
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-                m_use = _finite_shift(m_new, KEY_SPAN != 0 or MASK_TILE)
+                m_use = _finite_shift(m_new, EMPTY_ROWS)
                 alpha = gl.exp2(m_i - m_use)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
             l_i = l_i * alpha + gl.sum(p, 1)
@@ -357,7 +396,7 @@ if gluon is not None:
         mbarrier.arrive(v_empty.index(sv_last))
 
         l_o = gl.convert_layout(l_i, row_o)
-        if KEY_SPAN != 0 or MASK_TILE:
+        if EMPTY_ROWS:
             empty = l_o == 0.0
             # SDPA's convention for a row with no visible key: zeros (eager softmax: NaN)
             l_div = gl.where(empty, float("nan") if NAN_ON_EMPTY else 1.0, l_o)
@@ -370,7 +409,7 @@ if gluon is not None:
                 lse = gl.convert_layout(m_i, row_o) + gl.log2(l_o) * _LN2
             else:
                 lse = (gl.convert_layout(m_i, row_o) + gl.log2(l_o)) * _LN2
-            if KEY_SPAN != 0 or MASK_TILE:
+            if EMPTY_ROWS:
                 lse = gl.where(empty, float("-inf"), lse)
             gl.store(lse_ptr + lse_row0 + rows, lse, mask=rows < L)
         q_tile.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
@@ -422,14 +461,15 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, m_desc, lse_ptr, kpm_ptr, mask_ptr,
-                          spans_ptr, qk_scale, Hq, L, S, group, offset, stride_pb, stride_pn,
+                          spans_ptr, qk_scale, Hq, L, S, group, offset, window, stride_pb,
+                          stride_pn,
                           stride_mb, stride_mh, stride_mn, span_sb, span_sh, mask_b_on,
                           mask_h_on, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
                           IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
                           KEY_SPAN: gl.constexpr, NAN_ON_EMPTY: gl.constexpr,
-                          MASK_TILE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          MASK_TILE: gl.constexpr, WINDOW: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, O (B, Hq, L, D) and K, V (B, Hkv, S, D) through 4-d
         descriptors with their own strides (tiles of one head; rows past L and keys past S
         are the copy engine's zeros, masked or not stored). The LSE (B, Hq, L) contiguous.
@@ -444,7 +484,9 @@ if gluon is not None:
         plain scale, see ``_consumer``), through ``m_desc`` (a descriptor of its own dims,
         broadcast ones of size 1, indexed at b * mask_b_on and h * mask_h_on; tiles of BM / 2
         rows and BN keys, past L and S zeros: hidden bytes, or keys the ragged-keys mask
-        hides), copied with K."""
+        hides), copied with K. WINDOW (with IS_CAUSAL, not KEY_SPAN): query i sees key j iff
+        also j > i + offset - window; the key tiles before the CTA's first row's window are
+        not visited."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -464,6 +506,13 @@ if gluon is not None:
         t0 = pid_m * 0
         d_lo = t0
         d_hi = t0
+        if WINDOW:
+            # the first key the CTA's first row sees; the later rows' windows start later
+            t0 = gl.maximum(start_m + offset - window + 1, 0) // BN
+            n_tiles = n_tiles - t0
+            if n_tiles <= 0:  # no row of the CTA sees a key: one tile, every key masked
+                t0 = t0 * 0
+                n_tiles = n_tiles * 0 + 1
         if KEY_SPAN != 0:  # the padding's visible span
             t0, n_tiles, d_lo, d_hi = span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN)
 
@@ -484,17 +533,18 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, m_smem, k_ready,
                          v_ready,
-                         k_empty, v_empty, b, h, start_m, L, S, offset, t0, n_tiles, full_tiles,
-                         d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
-                         stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE,
-                         IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY, MASK_TILE, 0)),
+                         k_empty, v_empty, b, h, start_m, L, S, offset, window, t0, n_tiles,
+                         full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb,
+                         stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, BMW, BN, HEAD,
+                         STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY,
+                         MASK_TILE, WINDOW, 0)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, m_smem, k_ready,
                          v_ready,
-                         k_empty, v_empty, b, h, start_m + BMW, L, S, offset, t0, n_tiles,
-                         full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
-                         stride_mb, stride_mh, stride_mn, BMW, BN, HEAD, STAGES,
-                         STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY, MASK_TILE,
-                         1)),
+                         k_empty, v_empty, b, h, start_m + BMW, L, S, offset, window, t0,
+                         n_tiles, full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr,
+                         stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, BMW,
+                         BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN,
+                         NAN_ON_EMPTY, MASK_TILE, WINDOW, 1)),
             (_producer, (q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
                          m_smem, k_ready, v_ready, k_empty, v_empty, b, h, h // group,
                          b * mask_b_on, h * mask_h_on, start_m, t0, n_tiles, BMW, BN, HEAD,
@@ -536,8 +586,11 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     padding_refusal = gluon_padding_refusal(padding)
     if padding_refusal is not None:
         return padding_refusal
-    if window != -1 or softcap > 0.0 or dropout_p > 0.0:
-        return "a window, soft-capping or dropout"
+    window_refusal = gluon_window_refusal(window, padding)
+    if window_refusal is not None:
+        return window_refusal
+    if softcap > 0.0 or dropout_p > 0.0:
+        return "soft-capping or dropout"
     if (causal_align != CAUSAL_NONE
             and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
         return "a causal diagonal that leaves rows without keys"
@@ -545,6 +598,20 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if not _copy_engine_layout(t):
             return (f"{name}'s layout (strides {tuple(t.stride())}): the copy engine needs a "
                     "16-byte aligned base and strides and a contiguous last dim")
+    return None
+
+
+def gluon_window_refusal(window: int, padding: int) -> str | None:
+    """Why the Gluon kernels do not take this call's sliding window (-1: none), or None:
+    opt-in (SDPA_PASS_GLUON_WINDOW=1) until they have run on a GPU, and not beside padding
+    rows (``padding``: as for ``gluon_padding_refusal``)."""
+    if window == -1:
+        return None
+    if os.environ.get("SDPA_PASS_GLUON_WINDOW", "") != "1":
+        return ("a sliding window (the Gluon kernels' is opt-in, SDPA_PASS_GLUON_WINDOW=1, "
+                "until it has run on a GPU)")
+    if padding:
+        return "a sliding window beside a padding mask"
     return None
 
 
@@ -631,7 +698,8 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             plan_key, padding: int = 0, kpm: torch.Tensor | None = None,
                             kpm_strides: tuple = (0, 0), mask: torch.Tensor | None = None,
                             mask_strides: tuple = (0, 0, 0, 0), nan_on_empty: bool = False,
-                            spans: torch.Tensor | None = None, mask_tile: int = 0) -> None:
+                            spans: torch.Tensor | None = None, mask_tile: int = 0,
+                            window: int = -1) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
     allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
@@ -643,7 +711,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     ``nan_on_empty``: rows that see no key give NaN (else zeros). ``mask_tile``: ``mask`` is
     instead an attn_mask with rows of its own (``tile_mask_refusal``), TILE_BOOL a bool one,
     TILE_BIAS a float bias, read in tiles through a descriptor (``padding`` then covers a
-    key_padding_mask only)."""
+    key_padding_mask only). ``window``: a causal call's sliding window (-1: none)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
@@ -653,7 +721,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     # a bias keeps the scores in natural-log units (_consumer): the plain scale
     args = (q, k, v, out, tile, lse if return_lse else out, *pad[:2],
             q if spans is None else spans, scale if mask_tile == TILE_BIAS else scale * LOG2E,
-            Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S),
+            Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S), max(window, 0),
             *pad[2:], *span_strides(spans), *mask_tile_indexing(mask_tile, mask_strides))
     D = shape.head_dim
     bn = forward_block_n(D)
@@ -662,8 +730,9 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                  dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
                       RAGGED_KEYS=S % bn != 0 and not padding, KEY_SPAN=padding,
-                      NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile),
-                      MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                      NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile or window > 0),
+                      MASK_TILE=mask_tile, WINDOW=window > 0, CONSUMER_REGS=CONSUMER_REGS,
+                      num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
                               **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})

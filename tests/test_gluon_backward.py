@@ -28,7 +28,8 @@ from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from test_gluon_forward import GPU_CASES as FORWARD_CASES
-from test_gluon_forward import BIAS_CASES, TILE_MASK_CASES, bias_case, tile_mask_case
+from test_gluon_forward import (BIAS_CASES, TILE_MASK_CASES, WINDOW_CASES, bias_case,
+                                tile_mask_case, window_case)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -65,8 +66,15 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
-    for flags in (dict(window=16), dict(softcapped=True), dict(dropout=True)):
-        assert "window, soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
+    for flags in (dict(softcapped=True), dict(dropout=True)):
+        assert "soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
+    # a (causal) sliding window: opt-in under SDPA_PASS_GLUON_WINDOW=1, not beside padding
+    monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)
+    assert "SDPA_PASS_GLUON_WINDOW=1" in refusal(q, kv, kv, window=16)
+    with monkeypatch.context() as m:
+        m.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+        assert refusal(q, kv, kv, window=16) is None
+        assert "padding" in refusal(q, kv, kv, window=16, padding=1)
     assert "atomic" in refusal(q, kv, kv, dq_atomic=True)
     assert "padded" in refusal(q, kv, kv, padded_rows=False)
     assert "padded" in refusal(q, kv, kv, rows=200)
@@ -154,17 +162,20 @@ def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch)
     assert refusal(q, kv, kv) is None
     assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
 
-def compile_report(dtype: str, causal: bool, head_dim: int, kernel: str = "dkdv",
+def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = "dkdv",
                    mask_tile: bool | str = False) -> dict:
-    """The probe's report of the library's kernel; ``mask_tile``: True or "mask" a bool
-    attn_mask read in tiles, "bias" a float bias of ``dtype``."""
+    """The probe's report of the library's kernel; ``causal``: True, or "window" with a
+    sliding window; ``mask_tile``: True or "mask" a bool attn_mask read in tiles, "bias" a
+    float bias of ``dtype``."""
     tile = {True: "mask", False: ""}.get(mask_tile, mask_tile)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
          "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
-         *(["--causal-product"] if causal else []), *([f"--{tile}-tile"] if tile else [])],
+         *(["--window-product"] if causal == "window" else ["--causal-product"] if causal
+           else []),
+         *([f"--{tile}-tile"] if tile else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -193,6 +204,23 @@ def test_compiled_for_sm90_the_exponentials_run_under_the_dp_product(dtype, caus
                 after_first_wait.append(int(nxt.split("x")[1]) if "x" in nxt else 1)
     assert after_first_wait == [32, 32], report["events"]
 
+
+
+@needs_gluon
+@pytest.mark.parametrize("kernel, head_dim", [("dkdv", 64), ("dkdv", 128), ("dq", 128),
+                                              ("dkdv", 256), ("dq", 256)])
+def test_windowed_kernels_compile_for_sm90(kernel, head_dim):
+    """WINDOW (a causal sliding window): each kernel's causal schedule as compiled for sm_90,
+    the same wgmmas, exponentials and order of waits, not serialized, a few bytes more stack
+    (hd256 dK/dV: 8, triton 3.9) and shared memory (the partitions' one more argument: 16)
+    at most."""
+    causal = compile_report("bf16", True, head_dim, kernel)
+    windowed = compile_report("bf16", "window", head_dim, kernel)
+    for key in ("HGMMA", "MUFU.EX2", "events"):
+        assert windowed[key] == causal[key], (key, windowed, causal)
+    assert not windowed["wgmma serialized (ptxas C7514)"]
+    assert windowed["stack_bytes"] <= causal["stack_bytes"] + 16, (windowed, causal)
+    assert windowed["shared_bytes"] <= causal["shared_bytes"] + 64, (windowed, causal)
 
 
 @needs_gluon
@@ -264,11 +292,12 @@ def test_dq_kernel_compiled_for_sm90_runs_the_exponentials_under_the_dp_product(
     assert counts.count(32) == 2 and len(counts) == 4, report["events"]
 
 def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset, rows,
-                    bias=None):
+                    bias=None, window=-1):
     """P and dS of the Gluon kernels, in torch from their arguments, with the group's K and V
     repeated for each query head; ``bias``: a float attn_mask read in tiles (TILE_BIAS), the
     scores then in natural-log units (qk_scale the plain scale, m the prep kernel's NATURAL
-    statistic), as ``_pt_tile`` and ``_dq_p`` compute them."""
+    statistic), as ``_pt_tile`` and ``_dq_p`` compute them; ``window``: a causal sliding
+    window's keys (-1: none)."""
     L, S, group = shape.q_len, shape.kv_len, shape.group
     assert stats.shape == (3, shape.batch, shape.q_heads, rows) and rows % gbwd.BLOCK_M == 0
     delta, m, r = (t[..., :L, None] for t in stats)
@@ -278,6 +307,8 @@ def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, off
         i = torch.arange(L, device=q.device)[:, None]
         j = torch.arange(S, device=q.device)[None, :]
         s = s.masked_fill(j > i + offset, float("-inf"))
+        if window > 0:
+            s = s.masked_fill(j <= i + offset - window, float("-inf"))
     if bias is not None:
         s = s * qk_scale + bias.float()
         s = s.masked_fill(s.isnan(), float("-inf"))  # (-inf causal + a bias)
@@ -293,22 +324,57 @@ def _bias(mask, mask_tile):
 
 
 def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, causal_align, offset,
-               rows, plan_key, mask=None, mask_tile=0, **padding):
+               rows, plan_key, mask=None, mask_tile=0, window=-1, **padding):
     """The Gluon dK/dV kernel's arithmetic in torch, from the same arguments (the CPU
     stand-in)."""
     p, ds, _ = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
-                               rows, _bias(mask, mask_tile))
+                               rows, _bias(mask, mask_tile), window)
     B, Hkv, S, group = shape.batch, shape.kv_heads, shape.kv_len, shape.group
     dv.copy_((p.transpose(-2, -1) @ grad_out.float()).view(B, Hkv, group, S, -1).sum(2))
     dk.copy_((ds.transpose(-2, -1) @ q.float()).view(B, Hkv, group, S, -1).sum(2) * scale)
 
 
 def torch_dq(q, k, v, grad_out, stats, dq, shape, *, scale, qk_scale, causal_align, offset, rows,
-             plan_key, mask=None, mask_tile=0, spans=None, **padding):
+             plan_key, mask=None, mask_tile=0, spans=None, window=-1, **padding):
     """The Gluon dQ kernel's arithmetic in torch (the CPU stand-in)."""
     _, ds, kk = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
-                                rows, _bias(mask, mask_tile))
+                                rows, _bias(mask, mask_tile), window)
     dq.copy_(ds @ kk * scale)
+
+
+@pytest.mark.parametrize("causal, L, S, window", [("top_left", 40, 24, 5),
+                                                  ("bottom_right", 24, 40, 9),
+                                                  ("top_left", 40, 16, 3)])
+def test_the_backward_hands_the_kernels_its_window(causal, L, S, window, monkeypatch):
+    """(Any device: the refusals and the kernels replaced by ``torch_dkdv`` / ``torch_dq``.)
+    A causal call with a sliding window gives both kernels the window and the prep kernel's
+    statistics of the windowed rows (rows past every key's window, top-left L > S, included:
+    m = +inf, P = 0); the stand-ins' gradients from them match the float64 reference."""
+    clear_plans()
+    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
+    monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
+    seen = []
+
+    def stand_in(fn):
+        def kernel(*args, **kwargs):
+            seen.append(kwargs["window"])
+            fn(*args, **kwargs)
+        return kernel
+
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon", stand_in(torch_dkdv))
+    monkeypatch.setattr(bwd, "attention_dq_gluon", stand_in(torch_dq))
+    q = randn(1, 4, L, 16).requires_grad_()
+    k, v = (randn(1, 2, S, 16).requires_grad_() for _ in range(2))
+    grad = randn(1, 4, L, 16)
+    extras = dict(causal=causal, window=window)
+    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **extras), (q, k, v), grad)
+    assert seen == [window, window]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, **extras)[0], refs,
+                                    grad.double().cpu())
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, rg, torch.float32, what=f"d{name}")
 
 
 @pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"])
@@ -532,3 +598,47 @@ def test_a_later_backward_launches_the_remembered_kernel():
                                     grad.double().cpu())
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(set(WINDOW_CASES) - {"rows_past_the_keys_nan"}))
+def test_gluon_backward_with_a_sliding_window(case, monkeypatch):
+    """SDPA_PASS_GLUON_WINDOW=1: the forward's window cases (test_gluon_forward's
+    WINDOW_CASES: windows of 1 to 1024 keys, either causal corner, a diagonal, ragged
+    lengths, rows past every key's window, GQA, hd64 / 256, a bool mask beside it): the
+    gradients of the Gluon dK/dV kernel (query tiles past its keys' last window skipped,
+    the band's edge tiles masked) and dQ kernel against the float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case)
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+def test_the_window_schedule_of_the_dkdv_kernel():
+    """(Any device.) The windowed dK/dV kernel's query tiles, replayed in Python as
+    ``_attention_bwd_dkdv_ws`` and ``_pt_tile`` compute them (hd128's 128-key CTAs of two
+    64-key warpgroups, hd256's 64-key CTAs; 64-row query tiles): every (row, key) pair a key
+    of the CTA is seen by lies in a visited query tile, and every visited tile holding a pair
+    outside the band (past the diagonal, before the window, rows past L) is masked. (The dQ
+    kernel's key tiles are the forward's: test_gluon_forward.)"""
+    BM = gbwd.BLOCK_M
+    for (BN, NK), L, S, offset, window in [
+            ((128, 64), 1000, 1000, 0, 17), ((128, 64), 2048, 2048, 0, 1024),
+            ((128, 64), 512, 512, 0, 1), ((128, 64), 700, 1300, 600, 300),
+            ((128, 64), 1024, 1024, 5, 129), ((128, 64), 1500, 600, 0, 200),
+            ((64, 64), 1024, 1024, 0, 200), ((64, 64), 300, 900, 600, 64),
+            ((128, 64), 256, 256, 0, 5000)]:
+        for start_n in range(0, S, BN):
+            first_m = max(start_n - offset, 0) // BM
+            end_m = min(-(-L // BM), (start_n + BN - 2 - offset + window) // BM + 1)
+            visited = range(first_m, first_m + max(end_m - first_m, 0))
+            for key0 in range(start_n, start_n + BN, NK):
+                for key in range(key0, min(key0 + NK, S)):
+                    for i in range(max(key - offset, 0), min(key - offset + window, L)):
+                        assert i // BM in visited, (BN, L, S, offset, window, key, i)
+                for tile in visited:
+                    m0 = tile * BM
+                    masked = (m0 + offset < key0 + NK - 1
+                              or m0 + BM - 1 + offset - window >= key0)
+                    hidden = any(not (0 <= i + offset - key < window)
+                                 for i in range(m0, m0 + BM) for key in range(key0, key0 + NK))
+                    assert masked or not hidden, (BN, L, S, offset, window, key0, m0)

@@ -67,8 +67,16 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
         assert "SDPA_PASS_GLUON_FWD_HD256=0" in refusal(q256, kv256, kv256)
     assert gfwd.forward_block_n(256) == 64 and gfwd.forward_block_n(128) == gfwd.BLOCK_N
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
-    for flags in (dict(window=16), dict(softcap=30.0), dict(dropout_p=0.1)):
-        assert "window, soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
+    for flags in (dict(softcap=30.0), dict(dropout_p=0.1)):
+        assert "soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
+    # a causal sliding window: opt-in (SDPA_PASS_GLUON_WINDOW=1), not beside padding rows
+    causal_window = dict(causal_align=CAUSAL_TOP_LEFT, window=16)
+    monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)
+    assert "SDPA_PASS_GLUON_WINDOW=1" in refusal(q, kv, kv, **causal_window)
+    with monkeypatch.context() as m:
+        m.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+        assert refusal(q, kv, kv, **causal_window) is None
+        assert "padding" in refusal(q, kv, kv, padding=1, **causal_window)
     # causal: taken while every row sees a key (diagonal offset >= 0)
     assert refusal(q, kv, kv, causal_align=CAUSAL_TOP_LEFT) is None
     assert refusal(q, kv, kv, causal_align=CAUSAL_BOTTOM_RIGHT) is None  # L < S: offset 128
@@ -213,6 +221,33 @@ def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal, 
     assert len(overlapped) == 2 and min(overlapped) >= tile, report["loop window"]
 
 
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_the_windowed_kernel_compiles_for_sm90_with_its_overlap(head_dim):
+    """WINDOW (a causal sliding window): the causal kernel's wgmmas and exponentials, the
+    exponentials still under the P·V product, not serialized, no more stack than the causal
+    kernel's (triton 3.9: 8 bytes at hd128 against 16; a bound kept live across the loop
+    had made it 136)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    reports = {}
+    for form in ("--causal", "--window"):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
+             "--product", "bf16", "--head-dim", str(head_dim), form],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[form] = json.loads(result.stdout.strip().splitlines()[-1])
+    windowed, causal = reports["--window"], reports["--causal"]
+    for key in ("HGMMA", "MUFU.EX2", "shared_bytes", "setmaxnreg"):
+        assert windowed[key] == causal[key], (key, windowed, causal)
+    assert not windowed["wgmma serialized (ptxas C7514)"]
+    assert windowed["stack_bytes"] <= causal["stack_bytes"], (windowed, causal)
+    overlapped = windowed["EX2 between W1 and W0"]
+    tile = gfwd.forward_block_n(head_dim) // 2
+    assert len(overlapped) == 2 and min(overlapped) >= tile, windowed["loop window"]
+
+
 def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     """(Any device: the refusal and the kernel replaced.) A call the Gluon kernel took is
     remembered under the forward's plan key: the next call with the same layouts skips
@@ -225,7 +260,8 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key,
                padding, *masks):
         assert plan_key is not None  # the forward's key, under which the launch is remembered
-        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False, None, False)
+        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False, None, False,
+                                          -1)
         launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key))
         out.copy_(q * scale)
 
@@ -524,3 +560,101 @@ def test_a_later_call_launches_the_remembered_kernel():
     out = attention(q2, k2, v2, is_causal=True)
     assert (gfwd._GLUON_CALLS.hits, fwd._FORWARD_PLANS.hits) == (hits + 1, plan_hits + 1)
     assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
+
+
+# Causal sliding windows (SDPA_PASS_GLUON_WINDOW=1; laid out as GPU_CASES, "mask": a random
+# (B, Hq, L, S) bool mask read in tiles beside the window; B·Hq·L·S·D >= 2**30, under which a
+# call is host-bound and takes the Triton kernel)
+WINDOW_CASES = {
+    "top_left_1024": (2, 8, 8, 2048, 2048, torch.bfloat16, None, dict(is_causal=True, window=1024)),
+    # a window under one tile, lengths that are not whole tiles, GQA
+    "small_ragged_gqa": (2, 8, 2, 1000, 1000, torch.float16, None,
+                         dict(is_causal=True, window=17)),
+    "one_key": (1, 8, 8, 1024, 1024, torch.bfloat16, 0.3, dict(is_causal=True, window=1)),
+    "bottom_right_ragged": (2, 8, 4, 700, 1300, torch.bfloat16, None,
+                            dict(causal="bottom_right", window=300)),
+    "diagonal_5": (1, 8, 8, 1024, 1024, torch.float16, None,
+                   dict(is_causal=True, diagonal=5, window=129)),
+    # rows past every key's window (top-left, L > S) see nothing: zeros, or NaN
+    "rows_past_the_keys": (2, 8, 8, 1500, 600, torch.bfloat16, None,
+                           dict(is_causal=True, window=200)),
+    "rows_past_the_keys_nan": (2, 8, 8, 1500, 600, torch.bfloat16, None,
+                               dict(is_causal=True, window=200, empty_rows="nan")),
+    "hd64": (1, 8, 8, 4096, 4096, torch.bfloat16, None,
+             dict(is_causal=True, window=512, head_dim=64)),
+    "hd256_gqa": (1, 8, 4, 1024, 1024, torch.bfloat16, None,
+                  dict(is_causal=True, window=200, head_dim=256)),
+    "with_bool_mask": (2, 4, 4, 1024, 1024, torch.bfloat16, None,
+                       dict(is_causal=True, window=300, mask=True)),
+}
+
+
+def window_case(case: str) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of WINDOW_CASES[case]."""
+    B, Hq, Hkv, L, S, dtype, scale, extras = WINDOW_CASES[case]
+    extras = dict(extras, scale=scale)
+    D = extras.pop("head_dim", 128)
+    if extras.pop("mask", False):
+        extras["attn_mask"] = _bool_mask((B, Hq, L, S), torch.Generator().manual_seed(3))
+    return B, Hq, Hkv, L, S, D, dtype, extras
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+def test_gluon_forward_with_a_sliding_window(case, monkeypatch):
+    """The Gluon forward's causal sliding window: key tiles before the CTA's first window
+    skipped, the windows' edge tiles masked; output and LSE against float64."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case)
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@needs_hopper
+def test_gradients_through_a_windowed_gluon_forward(monkeypatch):
+    """The Triton backward (which takes windows) from the windowed Gluon forward's LSE."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    calls = record_gluon_calls(monkeypatch)
+    B, Hq, Hkv, L, S, D, dtype, kwargs = window_case("bottom_right_ragged")
+    forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+def _window_tiles(L, S, offset, window, BM, BN):
+    """The windowed forward's schedule as ``_attention_fwd_ws`` and ``_consumer`` compute it
+    (every quotient of non-negative numbers, so truncating and flooring agree): for each consumer
+    warpgroup's rows, the key tiles it visits, each with whether it is masked."""
+    BMW = BM // 2
+    for start_m in range(0, L, BM):
+        n_tiles = (min(S, start_m + BM + offset) + BN - 1) // BN
+        full_tiles = min(S // BN, (start_m + offset + 1) // BN)
+        t0 = max(start_m + offset - window + 1, 0) // BN
+        n_tiles -= t0
+        if n_tiles <= 0:
+            t0, n_tiles = 0, 1
+        for row0 in (start_m, start_m + BMW):
+            edge = row0 + BMW - 1 + offset - window  # the last key a row of them hides
+            yield row0, [(j, j >= full_tiles or j * BN <= edge) for j in range(t0, t0 + n_tiles)]
+
+
+def test_the_window_schedule_visits_every_visible_key_and_masks_the_rest():
+    """(Any device.) The tile arithmetic of the windowed Gluon forward, replayed in Python over
+    lengths, diagonals, windows and both head dims' tiles: every (row, key) pair a row may see
+    lies in a tile its warpgroup visits, and every visited tile holding a pair it may not see
+    (the band's edges, keys past S) is one the kernel masks."""
+    for (BM, BN), L, S, diagonal, window in [
+            ((128, 128), 1000, 1000, 0, 17), ((128, 128), 2048, 2048, 0, 1024),
+            ((128, 128), 512, 512, 0, 1), ((128, 128), 700, 1300, 600, 300),
+            ((128, 128), 1024, 1024, 5, 129), ((128, 128), 1500, 600, 0, 200),
+            ((128, 64), 1024, 1024, 0, 200), ((128, 64), 300, 900, 600, 64),
+            ((128, 128), 256, 256, 0, 5000), ((128, 64), 1000, 100, 0, 30)]:
+        offset = diagonal
+        for row0, tiles in _window_tiles(L, S, offset, window, BM, BN):
+            rows = range(row0, min(row0 + BM // 2, L))
+            visited = {j for j, _ in tiles}
+            for i in rows:
+                for key in range(max(0, i + offset - window + 1), min(S, i + offset + 1)):
+                    assert key // BN in visited, (BM, BN, L, S, offset, window, i, key)
+            for j, masked in tiles:
+                keys = range(j * BN, (j + 1) * BN)
+                hidden = any(not (i + offset - window < key <= i + offset and key < S)
+                             for i in rows for key in keys)
+                assert masked or not hidden, (BM, BN, L, S, offset, window, row0, j)
