@@ -347,13 +347,14 @@ def compile_variant(name: str):
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     kernel: str = "dkdv", padding: int = 0, mask_tile: int = 0,
-                    window: bool = False):
+                    window: bool | str = False):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
     over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
     mask); ``mask_tile``: with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float
-    bias of ``dtype``); ``window``: a causal sliding window (WINDOW)."""
+    bias of ``dtype``); ``window``: a causal sliding window (WINDOW; "one": of one key, which
+    a launch specializes)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -385,7 +386,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         sig["k_desc"] = sig["v_desc"] = (f"tensordesc<{dtype}[{', '.join(map(str, kv_block))}],"
                                          f"{from_forward._layout(kv_block, gdt)!r}>")
         consts = dict(BM=product.dq_block_m(head_dim), BN=product.dq_block_n(head_dim),
-                      HEAD=head_dim, STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=window,
+                      HEAD=head_dim, STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
                       KEY_SPAN=padding,
                       MASK_TILE=mask_tile, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
@@ -398,12 +399,14 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                "rows": "i32",
                "stats_stride": "i32", **padding_sig}
         consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
-                      STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=window,
+                      STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
                       KEY_SPAN=padding, ROW_PER_HEAD=False, MASK_TILE=mask_tile, ORDER=int(causal),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
+    if window == "one":  # a launch with a window of 1 specializes it as a constexpr
+        consts["window"] = 1
     if not mask_tile:
         consts["mt_desc"] = None
     sig.update({key: "constexpr" for key in consts})
@@ -414,8 +417,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
         _, which, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:7]
-        kernel = compile_product(dtype, causal in ("causal", "window"), int(head_dim), which,
-                                 int(padding), int(tile), causal == "window")
+        window = {"window": True, "window_one": "one"}.get(causal, False)
+        kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
+                                 int(head_dim), which, int(padding), int(tile), window)
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -630,6 +634,8 @@ def main() -> None:
                         help="with --product: the causal kernel")
     parser.add_argument("--window-product", action="store_true",
                         help="with --product: the causal kernel with a sliding window")
+    parser.add_argument("--window-one-product", action="store_true",
+                        help="with --product: ... of one key (a constexpr in the launch)")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
@@ -642,8 +648,8 @@ def main() -> None:
                         help="with --product: a float bias of the product's dtype read in tiles")
     args = parser.parse_args()
     if args.compile and args.product:
-        form = ("window" if args.window_product else "causal" if args.causal_product
-                else "")
+        form = ("window_one" if args.window_one_product else "window" if args.window_product
+                else "causal" if args.causal_product else "")
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:{form}"
                              f":{args.head_dim}:"
                              f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")

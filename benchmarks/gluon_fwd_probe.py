@@ -514,12 +514,13 @@ def _ptxas_log(ptx: str) -> str:
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    padding: int = 0, mask_tile: int = 0, window: bool = False):
+                    padding: int = 0, mask_tile: int = 0, window: bool | str = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
     ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
     with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``);
-    ``window``: a causal sliding window (WINDOW)."""
+    ``window``: a causal sliding window (WINDOW; "one": of one key, which a launch
+    specializes)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -550,12 +551,14 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
            "stride_mh": "i32", "stride_mn": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=bn, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
-                  KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile, WINDOW=window,
+                  KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile, WINDOW=bool(window),
                   CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     if not mask_tile:
         consts["m_desc"] = None
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
+    if window == "one":  # a launch with a window of 1 specializes it as a constexpr
+        consts["window"] = 1
     sig.update({key: "constexpr" for key in consts})
     return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -564,8 +567,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
         _, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:6]
-        kernel = compile_product(dtype, causal in ("causal", "window"), int(head_dim),
-                                 int(padding), int(tile), causal == "window")
+        window = {"window": True, "window_one": "one"}.get(causal, False)
+        kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
+                                 int(head_dim), int(padding), int(tile), window)
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -687,6 +691,8 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true", help="with --product: the causal kernel")
     parser.add_argument("--window", action="store_true",
                         help="with --product: the causal kernel with a sliding window")
+    parser.add_argument("--window-one", action="store_true",
+                        help="with --product: ... of one key (a constexpr in the launch)")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--padding", type=int, default=0,
@@ -697,9 +703,10 @@ def main() -> None:
                         help="with --product: a float bias of the product's dtype read in tiles")
     args = parser.parse_args()
     if args.compile and args.product:
+        form = ("window_one" if args.window_one else "window" if args.window
+                else "causal" if args.causal else "")
         print(json.dumps(compile_report(
-            f"product:{args.product}:"
-            f"{'window' if args.window else 'causal' if args.causal else ''}:{args.head_dim}:"
+            f"product:{args.product}:{form}:{args.head_dim}:"
             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")))
         return
     if args.compile:

@@ -112,8 +112,8 @@ import os
 import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
-from .gluon_forward import (TILE_BOOL, _copy_engine_layout, _descriptor_maker, _layout, gluon,
-                            gluon_padding_refusal, gluon_window_refusal, mask_tile_descriptor,
+from .gluon_forward import (TILE_BOOL, _descriptor_maker, _layout, gluon,
+                            gluon_layout_refusal, gluon_scope_refusal, mask_tile_descriptor,
                             mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
@@ -515,15 +515,18 @@ if gluon is not None:
         b = pid_bh // Hkv
         h_kv = pid_bh % Hkv
         start_n = pid_n * BN
+        # a tensor where a launch specialized a window of 1 (to a constexpr: no .to())
+        window = window + pid_n * 0
         if IS_CAUSAL:  # the first query tile with a row that sees one of the keys
             first_m = gl.maximum(start_n - offset, 0) // BM
         else:
             first_m = pid_n * 0
         n_q = gl.maximum((L + BM - 1) // BM - first_m, 0)
         if WINDOW:
-            # rows past i = j - offset + window - 1 (the CTA's last key's last row) see none
-            # of its keys
-            end_m = gl.minimum((L + BM - 1) // BM, (start_n + BN - 2 - offset + window) // BM + 1)
+            # rows from j - offset + window on (j the CTA's last key) see none of its keys
+            # (a count clamped at 0: no quotient of a negative number)
+            seen_rows = gl.maximum(start_n + BN - 1 - offset + window, 0)
+            end_m = gl.minimum((L + BM - 1) // BM, (seen_rows + BM - 1) // BM)
             n_q = gl.maximum(end_m - first_m, 0)
         if KEY_SPAN != 0:
             if not ROW_PER_HEAD:
@@ -875,6 +878,8 @@ if gluon is not None:
         b = pid_bh // Hq
         h = pid_bh % Hq
         start_m = pid_m * BM
+        # a tensor where a launch specialized a window of 1 (to a constexpr: no .to())
+        window = window + pid_m * 0
         full_tiles = S // BN
         if IS_CAUSAL:
             # at least one tile: rows that see no key run tile 0 masked (_dq_consumer)
@@ -973,16 +978,9 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in BWD_HEAD_DIMS:
         return (f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of "
                 f"{BWD_HEAD_DIMS})")
-    if masked:
-        return masked if isinstance(masked, str) else "an attn_mask the Gluon backward does not read"
-    padding_refusal = gluon_padding_refusal(padding)
-    if padding_refusal is not None:
-        return padding_refusal
-    window_refusal = gluon_window_refusal(window, padding)
-    if window_refusal is not None:
-        return window_refusal
-    if softcapped or dropout:
-        return "soft-capping or dropout"
+    refusal = gluon_scope_refusal("backward", masked, padding, window, softcapped or dropout)
+    if refusal is not None:
+        return refusal
     if dq_atomic:
         return ("dQ by atomic adds in the Triton dK/dV kernel (SDPA_PASS_BWD_DQ=atomic, a "
                 "mask's gradient, or deterministic algorithms)")
@@ -992,11 +990,7 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "row statistics past 2**31 elements (one 1-d descriptor holds them)"
     if small:
         return "a host-bound call (forward.host_bound)"
-    for name, t in (("Q", q), ("K", k), ("V", v), ("dO", grad_out)):
-        if not _copy_engine_layout(t):
-            return (f"{name}'s layout (strides {tuple(t.stride())}): the copy engine needs a "
-                    "16-byte aligned base and strides and a contiguous last dim")
-    return None
+    return gluon_layout_refusal(Q=q, K=k, V=v, dO=grad_out)
 
 
 def _stats_descriptor(t: torch.Tensor):

@@ -497,6 +497,8 @@ if gluon is not None:
             # longest query tiles first: the last CTAs to start are the short ones
             pid_m = gl.num_programs(0) - 1 - pid_m
         start_m = pid_m * BM
+        # a tensor where a launch specialized a window of 1 (to a constexpr: no .to())
+        window = window + pid_m * 0
         full_tiles = S // BN
         if IS_CAUSAL:
             n_tiles = (gl.minimum(S, start_m + BM + offset) + BN - 1) // BN
@@ -581,20 +583,36 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 "measured faster)")
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
-    if masked:
-        return masked if isinstance(masked, str) else "an attn_mask the Gluon forward does not read"
-    padding_refusal = gluon_padding_refusal(padding)
-    if padding_refusal is not None:
-        return padding_refusal
-    window_refusal = gluon_window_refusal(window, padding)
-    if window_refusal is not None:
-        return window_refusal
-    if softcap > 0.0 or dropout_p > 0.0:
-        return "soft-capping or dropout"
+    refusal = gluon_scope_refusal("forward", masked, padding, window,
+                                  softcap > 0.0 or dropout_p > 0.0)
+    if refusal is not None:
+        return refusal
     if (causal_align != CAUSAL_NONE
             and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
         return "a causal diagonal that leaves rows without keys"
-    for name, t in (("Q", q), ("K", k), ("V", v)):
+    return gluon_layout_refusal(Q=q, K=k, V=v)
+
+
+def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, window: int,
+                        softcapped_or_dropout: bool) -> str | None:
+    """The masks and score transforms the Gluon kernels (the ``kernel``: forward or backward)
+    do not take, the forward's and the backward's alike: an attn_mask they do not read
+    (``masked``: the reason, or True), padding rows and sliding windows they do not take
+    (``gluon_padding_refusal``, ``gluon_window_refusal``), soft-capping or dropout."""
+    if masked:
+        return (masked if isinstance(masked, str)
+                else f"an attn_mask the Gluon {kernel} does not read")
+    for refusal in (gluon_padding_refusal(padding), gluon_window_refusal(window, padding)):
+        if refusal is not None:
+            return refusal
+    if softcapped_or_dropout:
+        return "soft-capping or dropout"
+    return None
+
+
+def gluon_layout_refusal(**tensors: torch.Tensor) -> str | None:
+    """Why the copy engine cannot read one of ``tensors`` (by name), or None."""
+    for name, t in tensors.items():
         if not _copy_engine_layout(t):
             return (f"{name}'s layout (strides {tuple(t.stride())}): the copy engine needs a "
                     "16-byte aligned base and strides and a contiguous last dim")
