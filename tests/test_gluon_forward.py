@@ -563,9 +563,9 @@ def test_a_later_call_launches_the_remembered_kernel():
     assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
 
 
-# Causal sliding windows (SDPA_PASS_GLUON_WINDOW=1; laid out as GPU_CASES, "mask": a random
-# (B, Hq, L, S) bool mask read in tiles beside the window; B·Hq·L·S·D >= 2**30, under which a
-# call is host-bound and takes the Triton kernel)
+# Causal sliding windows (SDPA_PASS_GLUON_WINDOW=1; laid out as GPU_CASES, "mask" / "bias": a
+# random (B, Hq, L, S) bool mask / bf16 bias read in tiles beside the window;
+# B·Hq·L·S·D >= 2**30, under which a call is host-bound and takes the Triton kernel)
 WINDOW_CASES = {
     "top_left_1024": (2, 8, 8, 2048, 2048, torch.bfloat16, None, dict(is_causal=True, window=1024)),
     # a window under one tile, lengths that are not whole tiles, GQA
@@ -587,6 +587,8 @@ WINDOW_CASES = {
                   dict(is_causal=True, window=200, head_dim=256)),
     "with_bool_mask": (2, 4, 4, 1024, 1024, torch.bfloat16, None,
                        dict(is_causal=True, window=300, mask=True)),
+    "with_bias": (2, 4, 4, 1024, 1024, torch.bfloat16, None,
+                  dict(is_causal=True, window=300, bias=True)),
 }
 
 
@@ -595,8 +597,11 @@ def window_case(case: str) -> tuple:
     B, Hq, Hkv, L, S, dtype, scale, extras = WINDOW_CASES[case]
     extras = dict(extras, scale=scale)
     D = extras.pop("head_dim", 128)
+    generator = torch.Generator().manual_seed(3)
     if extras.pop("mask", False):
-        extras["attn_mask"] = _bool_mask((B, Hq, L, S), torch.Generator().manual_seed(3))
+        extras["attn_mask"] = _bool_mask((B, Hq, L, S), generator)
+    if extras.pop("bias", False):
+        extras["attn_mask"] = (2 * torch.randn(B, Hq, L, S, generator=generator)).to(DEVICE, dtype)
     return B, Hq, Hkv, L, S, D, dtype, extras
 
 
