@@ -149,9 +149,9 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import (LOG2E_C, TILE_BIAS_C, _cta_barrier, _kv_ring_barriers,
-                                _kv_ring_fill, _tma_load, _tma_store, mask_padding, row_visible,
-                                span_tiles)
+    from .gluon_forward import (LOG2E_C, TILE_BIAS_C, _band_mask, _cta_barrier,
+                                _kv_ring_barriers, _kv_ring_fill, _tma_load, _tma_store,
+                                mask_padding, row_visible, span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
@@ -656,11 +656,7 @@ if gluon is not None:
         if WINDOW:
             # a diagonal tile, or one holding a key at or before a row's window start
             if (j >= full_tiles) | (j * BN <= row0 + BMW - 1 + offset - window):
-                keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-                diag = row0 + offset + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout))
-                band = gl.expand_dims(diag, 1) - gl.expand_dims(keys, 0)
-                s = gl.where(band.to(gl.uint32, bitcast=True) < window.to(gl.uint32), s,
-                             float("-inf"))
+                s = _band_mask(s, j, row0 + offset, window, S, BMW, BN, s_layout, False)
         elif IS_CAUSAL:
             if j >= full_tiles:
                 keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))

@@ -234,9 +234,10 @@ if gluon is not None:
     @gluon.jit
     def _band_mask(s, j, diag0, window, S, BMW: gl.constexpr, BN: gl.constexpr,
                    s_layout: gl.constexpr, RAGGED_KEYS: gl.constexpr):
-        """Key tile j's scores with the keys outside a causal sliding window at -inf: row r
-        (from 0) sees key j iff 0 <= diag0 + r - j < window (diag0 = row0 + offset), one
-        unsigned compare per score; with RAGGED_KEYS keys past S too."""
+        """Key tile j's scores (keys along dim 1; this forward's and the backward's dQ
+        kernel's) with the keys outside a causal sliding window at -inf: row r (from 0) sees
+        key j iff 0 <= diag0 + r - j < window (diag0 = row0 + offset), one unsigned compare
+        per score; with RAGGED_KEYS keys past S too."""
         keys = gl.expand_dims(j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)), 0)
         diag = gl.expand_dims(diag0 + gl.arange(0, BMW, layout=gl.SliceLayout(1, s_layout)), 1)
         visible = (diag - keys).to(gl.uint32, bitcast=True) < window.to(gl.uint32)
