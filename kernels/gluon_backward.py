@@ -112,7 +112,7 @@ import os
 import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
-from .gluon_forward import (TILE_BOOL, _descriptor_maker, _layout, gluon,
+from .gluon_forward import (_descriptor_maker, _layout, _tile_tensor, gluon,
                             gluon_layout_refusal, gluon_scope_refusal, mask_tile_descriptor,
                             mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
@@ -1053,13 +1053,6 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                               **({7: mask_tile_descriptor(B, shape.q_heads, mask_strides, L, S,
                                                           BLOCK_M, 64)}
                                  if mask_tile else {})})
-
-
-def _tile_tensor(mask, mask_tile: int):
-    """What the kernels' mask descriptor reads: a bool mask's bytes, a float bias as it is."""
-    if not mask_tile:
-        return None
-    return mask.view(torch.uint8) if mask_tile == TILE_BOOL else mask
 
 
 def bias_head_dims() -> tuple:

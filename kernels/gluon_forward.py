@@ -736,7 +736,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
-    tile = (mask.view(torch.uint8) if mask_tile == TILE_BOOL else mask) if mask_tile else None
+    tile = _tile_tensor(mask, mask_tile)
     # a bias keeps the scores in natural-log units (_consumer): the plain scale
     args = (q, k, v, out, tile, lse if return_lse else out, *pad[:2],
             q if spans is None else spans, scale if mask_tile == TILE_BIAS else scale * LOG2E,
@@ -755,6 +755,13 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
                               **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})
+
+
+def _tile_tensor(mask, mask_tile: int):
+    """What the kernels' mask descriptor reads: a bool mask's bytes, a float bias as it is."""
+    if not mask_tile:
+        return None
+    return mask.view(torch.uint8) if mask_tile == TILE_BOOL else mask
 
 
 def forward_block_n(head_dim: int) -> int:
