@@ -5,8 +5,9 @@ attention, in one run; ``--orders`` adds ours under each dK/dV program order, ``
 ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_HD256=0``),
 ``ours_triton_bias`` ours with the Triton forward for a float bias (``SDPA_PASS_GLUON_BIAS=0``),
 ``ours_triton_bwd_bias`` ours with the Triton backward for it (``SDPA_PASS_GLUON_BWD_BIAS=0``),
-``ours_gluon_window`` ours with the Gluon forward for a sliding window
-(``SDPA_PASS_GLUON_WINDOW=1``),
+``ours_triton_window`` ours with the Triton kernels for a sliding window
+(``SDPA_PASS_GLUON_WINDOW=0``; session 24's ``ours_gluon_window`` under ``=1`` when the Gluon
+kernels' window was opt-in),
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
 matrix variants (``--variants``, e.g. ``bias``) or its EXTRA_VARIANTS (``window``,
 ``softcap``: forms cuDNN has no kernel for) run the same way.
@@ -46,7 +47,7 @@ OURS_UNDER = {
     "ours_triton_fwd": ("SDPA_PASS_GLUON_FWD_HD256", "0"),
     "ours_triton_bias": ("SDPA_PASS_GLUON_BIAS", "0"),
     "ours_triton_bwd_bias": ("SDPA_PASS_GLUON_BWD_BIAS", "0"),
-    "ours_gluon_window": ("SDPA_PASS_GLUON_WINDOW", "1"),
+    "ours_triton_window": ("SDPA_PASS_GLUON_WINDOW", "0"),
 }
 
 

@@ -21,20 +21,19 @@ tensor cores (FA3's ping-pong, mbarrier turns) measured 570 / 598, so they run f
 In the benchmark matrix (every peer in one run, BENCHMARKS.md): 1.02-1.06x cuDNN without a
 mask and 1.05-1.10x causal at N >= 4k.
 
-Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute
-capability 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim
-128 for Q, K and V, or 64 with at least HD64_MIN_KEYS keys, or 256 (64-key tiles;
-SDPA_PASS_GLUON_FWD_HD256=0 keeps the Triton forward there); no attn_mask but a padding row
-(a key_padding_mask and / or a bool attn_mask that is one row of keys per (batch, head), HF's
-(B, 1, 1, S): ``KEY_SPAN``, below) or a bool attn_mask or, at head dims 128 and 256, an fp16 /
-bf16 float one with rows of its own that the copy engine can read (``tile_mask_refusal``;
-``MASK_TILE``, below), no soft-capping or dropout, no window but under
-SDPA_PASS_GLUON_WINDOW=1 (below); no causal mask or one
-whose diagonal leaves no row without keys (diagonal tiles masked, the longest query tiles
-first); GQA; a positive scale; Q, K
-and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no broadcast
-dim: contiguous, or the (B, N, H, D) storage models transpose from); any L and S (the copy
-engine zero-fills past them, the last key tile is masked, stores are clipped); not a
+Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute capability
+9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim 128 for Q, K
+and V, or 64 with at least HD64_MIN_KEYS keys, or 256 (64-key tiles; SDPA_PASS_GLUON_FWD_HD256=0
+keeps the Triton forward there); no attn_mask but a padding row (a key_padding_mask and / or a
+bool attn_mask that is one row of keys per (batch, head), HF's (B, 1, 1, S): ``KEY_SPAN``,
+below) or a bool attn_mask or, at head dims 128 and 256, an fp16 / bf16 float one with rows of
+its own that the copy engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no
+soft-capping or dropout, a causal sliding window (below; SDPA_PASS_GLUON_WINDOW=0 keeps the
+Triton kernels for it) but not beside padding rows; no causal mask or one whose diagonal leaves
+no row without keys (diagonal tiles masked, the longest query tiles first); GQA; a positive
+scale; Q, K and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no
+broadcast dim: contiguous, or the (B, N, H, D) storage models transpose from); any L and S (the
+copy engine zero-fills past them, the last key tile is masked, stores are clipped); not a
 host-bound call (``forward.host_bound``). Everything else runs the Triton kernel
 (kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off, SDPA_PASS_GLUON_PADDING=0 off
 for padded calls.
@@ -68,14 +67,16 @@ softmax does). H100, hd128, a (1, H, N, N) ALiBi bias: 399.5 / 475.0 / 478.4 TFL
 flex faults); hd256 576.1 at 4k against 319.8 and 334.0. SDPA_PASS_GLUON_BIAS=0 keeps the
 Triton forward for them (the backward's Gluon kernels read them too since session 24).
 
-Causal sliding windows (``WINDOW``, session 24; opt-in under SDPA_PASS_GLUON_WINDOW=1 until
-it has run on a GPU, not beside padding rows): a CTA starts at the key tile of its first
+Causal sliding windows (``WINDOW``, session 24; the default since session 25's GPU run, not
+beside padding rows): a CTA starts at the key tile of its first
 row's first visible key (``t0``), and each consumer masks the tiles holding a key at or before
 one of its rows' window starts as it masks the diagonal's, with one unsigned compare per score
 (``_band_mask``: 0 <= i + offset - j < window). Compiled for sm_90 with the causal kernel's
 wgmmas and exponentials, the exponentials still under P·V, no more stack (a tile bound kept
 live across the loop instead of recomputed per tile had put the second consumer's values in
-local memory: stack 136 bytes at hd128 against 8).
+local memory: stack 136 bytes at hd128 against 8). H200, hd128, a window of 1024 keys,
+forward alone: 380.1 / 429.9 / 442.1 TFLOP/s at N = 1k / 4k / 16k against the Triton
+kernel's 344.6 / 380.3 / 393.8 and flex's 260.1 / 304.2 / 306.0 (BENCHMARKS.md, session 25).
 """
 
 from __future__ import annotations
@@ -622,13 +623,12 @@ def gluon_layout_refusal(**tensors: torch.Tensor) -> str | None:
 
 def gluon_window_refusal(window: int, padding: int) -> str | None:
     """Why the Gluon kernels do not take this call's sliding window (-1: none), or None:
-    opt-in (SDPA_PASS_GLUON_WINDOW=1) until they have run on a GPU, and not beside padding
-    rows (``padding``: as for ``gluon_padding_refusal``)."""
+    SDPA_PASS_GLUON_WINDOW=0 keeps windows on the Triton kernels, and the Gluon kernels do
+    not take one beside padding rows (``padding``: as for ``gluon_padding_refusal``)."""
     if window == -1:
         return None
-    if os.environ.get("SDPA_PASS_GLUON_WINDOW", "") != "1":
-        return ("a sliding window (the Gluon kernels' is opt-in, SDPA_PASS_GLUON_WINDOW=1, "
-                "until it has run on a GPU)")
+    if os.environ.get("SDPA_PASS_GLUON_WINDOW", "") == "0":
+        return "a sliding window under SDPA_PASS_GLUON_WINDOW=0"
     if padding:
         return "a sliding window beside a padding mask"
     return None

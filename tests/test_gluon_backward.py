@@ -68,13 +68,13 @@ def test_refusals_name_why_a_backward_stays_on_the_triton_kernel(monkeypatch):
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
     for flags in (dict(softcapped=True), dict(dropout=True)):
         assert "soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
-    # a (causal) sliding window: opt-in under SDPA_PASS_GLUON_WINDOW=1, not beside padding
+    # a (causal) sliding window: taken unless SDPA_PASS_GLUON_WINDOW=0, not beside padding
     monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)
-    assert "SDPA_PASS_GLUON_WINDOW=1" in refusal(q, kv, kv, window=16)
+    assert refusal(q, kv, kv, window=16) is None
+    assert "padding" in refusal(q, kv, kv, window=16, padding=1)
     with monkeypatch.context() as m:
-        m.setenv("SDPA_PASS_GLUON_WINDOW", "1")
-        assert refusal(q, kv, kv, window=16) is None
-        assert "padding" in refusal(q, kv, kv, window=16, padding=1)
+        m.setenv("SDPA_PASS_GLUON_WINDOW", "0")
+        assert "SDPA_PASS_GLUON_WINDOW=0" in refusal(q, kv, kv, window=16)
     assert "atomic" in refusal(q, kv, kv, dq_atomic=True)
     assert "padded" in refusal(q, kv, kv, padded_rows=False)
     assert "padded" in refusal(q, kv, kv, rows=200)
@@ -353,7 +353,7 @@ def test_the_backward_hands_the_kernels_its_window(causal, L, S, window, monkeyp
     statistics of the windowed rows (rows past every key's window, top-left L > S, included:
     m = +inf, P = 0); the stand-ins' gradients from them match the float64 reference."""
     clear_plans()
-    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)  # the default
     monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
     monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
     seen = []
@@ -605,12 +605,12 @@ def test_a_later_backward_launches_the_remembered_kernel():
 @needs_hopper
 @pytest.mark.parametrize("case", sorted(set(WINDOW_CASES) - {"rows_past_the_keys_nan"}))
 def test_gluon_backward_with_a_sliding_window(case, monkeypatch):
-    """SDPA_PASS_GLUON_WINDOW=1: the forward's window cases (test_gluon_forward's
+    """The forward's window cases (test_gluon_forward's
     WINDOW_CASES: windows of 1 to 1024 keys, either causal corner, a diagonal, ragged
     lengths, rows past every key's window, GQA, hd64 / 256, a bool mask beside it): the
     gradients of the Gluon dK/dV kernel (query tiles past its keys' last window skipped,
     the band's edge tiles masked) and dQ kernel against the float64 reference."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)  # the default
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case)
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
 

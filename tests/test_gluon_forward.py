@@ -69,14 +69,14 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
     for flags in (dict(softcap=30.0), dict(dropout_p=0.1)):
         assert "soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
-    # a causal sliding window: opt-in (SDPA_PASS_GLUON_WINDOW=1), not beside padding rows
+    # a causal sliding window: taken unless SDPA_PASS_GLUON_WINDOW=0, not beside padding rows
     causal_window = dict(causal_align=CAUSAL_TOP_LEFT, window=16)
     monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)
-    assert "SDPA_PASS_GLUON_WINDOW=1" in refusal(q, kv, kv, **causal_window)
+    assert refusal(q, kv, kv, **causal_window) is None
+    assert "padding" in refusal(q, kv, kv, padding=1, **causal_window)
     with monkeypatch.context() as m:
-        m.setenv("SDPA_PASS_GLUON_WINDOW", "1")
-        assert refusal(q, kv, kv, **causal_window) is None
-        assert "padding" in refusal(q, kv, kv, padding=1, **causal_window)
+        m.setenv("SDPA_PASS_GLUON_WINDOW", "0")
+        assert "SDPA_PASS_GLUON_WINDOW=0" in refusal(q, kv, kv, **causal_window)
     # causal: taken while every row sees a key (diagonal offset >= 0)
     assert refusal(q, kv, kv, causal_align=CAUSAL_TOP_LEFT) is None
     assert refusal(q, kv, kv, causal_align=CAUSAL_BOTTOM_RIGHT) is None  # L < S: offset 128
@@ -563,7 +563,7 @@ def test_a_later_call_launches_the_remembered_kernel():
     assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
 
 
-# Causal sliding windows (SDPA_PASS_GLUON_WINDOW=1; laid out as GPU_CASES, "mask" / "bias": a
+# Causal sliding windows (laid out as GPU_CASES, "mask" / "bias": a
 # random (B, Hq, L, S) bool mask / bf16 bias read in tiles beside the window;
 # B·Hq·L·S·D >= 2**30, under which a call is host-bound and takes the Triton kernel)
 WINDOW_CASES = {
@@ -610,15 +610,16 @@ def window_case(case: str) -> tuple:
 def test_gluon_forward_with_a_sliding_window(case, monkeypatch):
     """The Gluon forward's causal sliding window: key tiles before the CTA's first window
     skipped, the windows' edge tiles masked; output and LSE against float64."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)  # the default
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case)
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
 
 
 @needs_hopper
 def test_gradients_through_a_windowed_gluon_forward(monkeypatch):
-    """The Triton backward (which takes windows) from the windowed Gluon forward's LSE."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_WINDOW", "1")
+    """The Triton backward (SDPA_PASS_GLUON_BWD=0) from the windowed Gluon forward's LSE."""
+    monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD", "0")
     calls = record_gluon_calls(monkeypatch)
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case("bottom_right_ragged")
     forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs)
