@@ -514,13 +514,14 @@ def _ptxas_log(ptx: str) -> str:
 
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
-                    padding: int = 0, mask_tile: int = 0, window: bool | str = False):
+                    padding: int = 0, mask_tile: int = 0, window: bool | str = False,
+                    softcap: bool = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
     ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
     with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``);
     ``window``: a causal sliding window (WINDOW; "one": of one key, which a launch
-    specializes)."""
+    specializes); ``softcap``: the scores soft-capped (SOFTCAP)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -545,14 +546,14 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
            "o_desc": desc(rows), "m_desc": mask_desc if mask_tile else "constexpr",
            "lse_ptr": "*fp32", "kpm_ptr": "*i1", "mask_ptr": "*i1",
            "spans_ptr": "*i32", "span_sb": "i32", "span_sh": "i32", "mask_b_on": "i32", "mask_h_on": "i32",
-           "qk_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
+           "qk_scale": "fp32", "cap_scale": "fp32", "Hq": "i32", "L": "i32", "S": "i32", "group": "i32",
            "offset": "i32", "window": "i32", "stride_pb": "i32", "stride_pn": "i32",
            "stride_mb": "i32",
            "stride_mh": "i32", "stride_mn": "i32"}
     consts = dict(BM=product.BLOCK_M, BN=bn, HEAD=head_dim,
                   STAGES=product.STAGES, STORE_LSE=True, IS_CAUSAL=causal, RAGGED_KEYS=False,
                   KEY_SPAN=padding, NAN_ON_EMPTY=False, MASK_TILE=mask_tile, WINDOW=bool(window),
-                  CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
+                  SOFTCAP=softcap, CONSUMER_REGS=product.CONSUMER_REGS, num_warps=4)
     if not mask_tile:
         consts["m_desc"] = None
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
@@ -566,10 +567,12 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
-        _, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:6]
+        _, dtype, causal, head_dim, padding, tile, softcap = (
+            name.split(":") + ["0", "0", "0"])[:7]
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
-                                 int(head_dim), int(padding), int(tile), window)
+                                 int(head_dim), int(padding), int(tile), window,
+                                 softcap == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -693,6 +696,8 @@ def main() -> None:
                         help="with --product: the causal kernel with a sliding window")
     parser.add_argument("--window-one", action="store_true",
                         help="with --product: ... of one key (a constexpr in the launch)")
+    parser.add_argument("--softcap", action="store_true",
+                        help="with --product: the scores soft-capped (SOFTCAP)")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--padding", type=int, default=0,
@@ -707,7 +712,8 @@ def main() -> None:
                 else "causal" if args.causal else "")
         print(json.dumps(compile_report(
             f"product:{args.product}:{form}:{args.head_dim}:"
-            f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")))
+            f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}:"
+            f"{int(args.softcap)}")))
         return
     if args.compile:
         compile_only()

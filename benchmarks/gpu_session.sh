@@ -38,10 +38,14 @@ if [ -n "${1:-}" ]; then
   i=0; IFS=';' read -ra shards <<< "$1"
   for shard in "${shards[@]}"; do
     i=$((i + 1))
-    eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -q $shard" > "$OUT/tests_$i.log" 2>&1 &
+    # -v: each test's outcome as it happens (with -n, "[gwN] [ x%] FAILED <id>"), so a shard
+    # that runs out of time still names its failures (the summary comes only at the end)
+    eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -v $shard" > "$OUT/tests_$i.log" 2>&1 &
   done
   wait
-  for f in "$OUT"/tests_*.log; do echo "== $f"; tail -4 "$f"; done
+  for f in "$OUT"/tests_*.log; do
+    echo "== $f"; grep -E "(FAILED|ERROR) tests/" "$f" | sort -u | head -30; tail -2 "$f"
+  done
 fi
 if [ -n "${2:-}" ]; then
   timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/attention.py --out "$OUT" $2 2>&1 | tee "$OUT/bench.log" | tail -40

@@ -7,7 +7,8 @@ ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_H
 ``ours_triton_bwd_bias`` ours with the Triton backward for it (``SDPA_PASS_GLUON_BWD_BIAS=0``),
 ``ours_triton_window`` ours with the Triton kernels for a sliding window
 (``SDPA_PASS_GLUON_WINDOW=0``; session 24's ``ours_gluon_window`` under ``=1`` when the Gluon
-kernels' window was opt-in),
+kernels' window was opt-in), ``ours_gluon_softcap`` ours with the Gluon forward for
+soft-capped scores (``SDPA_PASS_GLUON_SOFTCAP=1``),
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
 matrix variants (``--variants``, e.g. ``bias``) or its EXTRA_VARIANTS (``window``,
 ``softcap``: forms cuDNN has no kernel for) run the same way.
@@ -48,6 +49,7 @@ OURS_UNDER = {
     "ours_triton_bias": ("SDPA_PASS_GLUON_BIAS", "0"),
     "ours_triton_bwd_bias": ("SDPA_PASS_GLUON_BWD_BIAS", "0"),
     "ours_triton_window": ("SDPA_PASS_GLUON_WINDOW", "0"),
+    "ours_gluon_softcap": ("SDPA_PASS_GLUON_SOFTCAP", "1"),
 }
 
 

@@ -1214,7 +1214,7 @@ class _GluonPlan:
         attention_forward_gluon(q, k, v, out, lse, self.shape, scale, self.return_lse,
                                 self.causal_align, self.diagonal, self.plan_key, self.padding,
                                 kpm, self.kpm_strides, attn_mask, self.mask_strides,
-                                self.nan_on_empty, spans, self.mask_tile, self.window)
+                                self.nan_on_empty, spans, self.mask_tile, self.window, softcap)
 
 
 class _ForwardPlan:

@@ -978,7 +978,10 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in BWD_HEAD_DIMS:
         return (f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of "
                 f"{BWD_HEAD_DIMS})")
-    refusal = gluon_scope_refusal("backward", masked, padding, window, softcapped or dropout)
+    refusal = gluon_scope_refusal(
+        "backward", masked, padding, window,
+        softcap="soft-capping (the Triton backward takes it)" if softcapped else None,
+        dropout=dropout)
     if refusal is not None:
         return refusal
     if dq_atomic:

@@ -28,7 +28,7 @@ keeps the Triton forward there); no attn_mask but a padding row (a key_padding_m
 bool attn_mask that is one row of keys per (batch, head), HF's (B, 1, 1, S): ``KEY_SPAN``,
 below) or a bool attn_mask or, at head dims 128 and 256, an fp16 / bf16 float one with rows of
 its own that the copy engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no
-soft-capping or dropout, a causal sliding window (below; SDPA_PASS_GLUON_WINDOW=0 keeps the
+dropout, soft-capping only under SDPA_PASS_GLUON_SOFTCAP=1 (below), a causal sliding window (below; SDPA_PASS_GLUON_WINDOW=0 keeps the
 Triton kernels for it) but not beside padding rows; no causal mask or one whose diagonal leaves
 no row without keys (diagonal tiles masked, the longest query tiles first); GQA; a positive
 scale; Q, K and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no
@@ -77,6 +77,16 @@ live across the loop instead of recomputed per tile had put the second consumer'
 local memory: stack 136 bytes at hd128 against 8). H200, hd128, a window of 1024 keys,
 forward alone: 380.1 / 429.9 / 442.1 TFLOP/s at N = 1k / 4k / 16k against the Triton
 kernel's 344.6 / 380.3 / 393.8 and flex's 260.1 / 304.2 / 306.0 (BENCHMARKS.md, session 25).
+
+Soft-capping (``SOFTCAP``, session 25; opt-in under SDPA_PASS_GLUON_SOFTCAP=1 until it has run
+on a GPU): each raw product becomes tanh(s · scale / cap) before any mask (``_soft_cap``: one
+exp2 and one reciprocal, exact to a few fp32 units; tanh.approx's 11 bits would move a logit by
+up to 0.02 at a cap of 50), and qk_scale takes it to the softmax's units
+(``gluon_score_scales``). Compiled for sm_90: the causal kernel's wgmmas and shared memory,
+twice its exponentials, all under the P·V product (hd128: 130 a consumer between the waits
+against 66). With the reciprocal that is three MUFU operations a score against one, which at
+hd128 outweighs the two products' tensor-core time per tile: a bound to measure. The backward's
+Gluon kernels do not soft-cap; the Triton backward reads this kernel's LSE.
 """
 
 from __future__ import annotations
@@ -265,13 +275,13 @@ if gluon is not None:
     @gluon.jit
     def _consumer(o_desc, lse_ptr, q_smem, q_bar, k_smem, v_smem, m_smem, k_ready, v_ready, k_empty,
                   v_empty, b, h, row0, L, S, offset, window, t0, n_tiles, full_tiles, d_lo,
-                  d_hi, lse_row0, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                  stride_mh, stride_mn,
+                  d_hi, lse_row0, qk_scale, cap_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                  stride_mb, stride_mh, stride_mn,
                   BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                   STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                   RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
                   NAN_ON_EMPTY: gl.constexpr, MASK_TILE: gl.constexpr, WINDOW: gl.constexpr,
-                  W: gl.constexpr):
+                  SOFTCAP: gl.constexpr, W: gl.constexpr):
         """One warpgroup's 64 query rows (row0 on, within the head): the key loop over tiles
         t0 .. t0 + n_tiles, then O / l through a TMA store (clipped at L) and the natural-log
         LSE through pointers. Key tiles from ``full_tiles`` on are masked (``_tile_mask``);
@@ -293,7 +303,9 @@ if gluon is not None:
         starts are masked (the bound recomputed per tile: kept live across the loop it cost
         the second warpgroup local memory); the second warpgroup's rows may see nothing in
         the first tiles, and rows past every key's window (top-left, L > S) nothing at all,
-        so rows may be empty."""
+        so rows may be empty. SOFTCAP: each raw product s becomes tanh(s * scale / cap)
+        (``_soft_cap``; ``cap_scale`` = 2 log2(e) scale / cap) before any mask, and qk_scale is
+        cap · log2(e) (cap with a bias): the capped logits in the units the softmax expects."""
         dtype: gl.constexpr = q_smem.dtype
         BIAS: gl.constexpr = MASK_TILE == TILE_BIAS_C
         EMPTY_ROWS: gl.constexpr = (KEY_SPAN != 0) or (MASK_TILE != 0) or WINDOW
@@ -313,6 +325,8 @@ if gluon is not None:
         s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        if SOFTCAP:
+            s = _soft_cap(s, cap_scale)
         if MASK_TILE:
             s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout, qk_scale, BIAS)
         mbarrier.arrive(k_empty.index(0))
@@ -352,6 +366,8 @@ if gluon is not None:
             # ... and O += P_{j-1} V_{j-1} queued behind it (V_{j-1} waited for last iteration)
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
+            if SOFTCAP:
+                s = _soft_cap(s, cap_scale)
             if MASK_TILE:
                 s = _mask_tile(s, m_smem, sk, W, BMW, BN, s_layout, qk_scale, BIAS)
             mbarrier.arrive(k_empty.index(sk))
@@ -433,6 +449,15 @@ if gluon is not None:
         return gl.where(tile != 0, s, float("-inf"))
 
     @gluon.jit
+    def _soft_cap(s, cap_scale):
+        """tanh(s * scale / cap) with ``cap_scale`` = 2 log2(e) scale / cap, as 1 - 2 / (e + 1)
+        for e = exp2(s * cap_scale): one exponential and one reciprocal a score, exact to a few
+        fp32 units (the forward's Triton ``_tanh``; PTX's tanh.approx has about 11 bits, which
+        at a cap of 50 would move a logit by up to 0.02). Saturates to +-1: e overflows to
+        inf (2 / inf = 0) or flushes to 0."""
+        return 1.0 - 2.0 / (gl.exp2(s * cap_scale) + 1.0)
+
+    @gluon.jit
     def _finite_shift(m, MAY_BE_EMPTY: gl.constexpr):
         """The running max to subtract: 0 for a row that has seen no key yet (m = -inf), when
         rows may be empty."""
@@ -463,14 +488,14 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, m_desc, lse_ptr, kpm_ptr, mask_ptr,
-                          spans_ptr, qk_scale, Hq, L, S, group, offset, window, stride_pb,
-                          stride_pn,
+                          spans_ptr, qk_scale, cap_scale, Hq, L, S, group, offset, window,
+                          stride_pb, stride_pn,
                           stride_mb, stride_mh, stride_mn, span_sb, span_sh, mask_b_on,
                           mask_h_on, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                           STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
                           IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
                           KEY_SPAN: gl.constexpr, NAN_ON_EMPTY: gl.constexpr,
-                          MASK_TILE: gl.constexpr, WINDOW: gl.constexpr,
+                          MASK_TILE: gl.constexpr, WINDOW: gl.constexpr, SOFTCAP: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, O (B, Hq, L, D) and K, V (B, Hkv, S, D) through 4-d
         descriptors with their own strides (tiles of one head; rows past L and keys past S
@@ -488,7 +513,7 @@ if gluon is not None:
         rows and BN keys, past L and S zeros: hidden bytes, or keys the ragged-keys mask
         hides), copied with K. WINDOW (with IS_CAUSAL, not KEY_SPAN): query i sees key j iff
         also j > i + offset - window; the key tiles before the CTA's first row's window are
-        not visited."""
+        not visited. SOFTCAP: the scores soft-capped (``_consumer``; ``cap_scale``)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         pid_m = gl.program_id(0)
@@ -538,17 +563,17 @@ if gluon is not None:
             (_consumer, (o_desc, lse_ptr, q_smem0, q_bar, k_smem, v_smem, m_smem, k_ready,
                          v_ready,
                          k_empty, v_empty, b, h, start_m, L, S, offset, window, t0, n_tiles,
-                         full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr, stride_pb,
-                         stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, BMW, BN, HEAD,
-                         STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY,
-                         MASK_TILE, WINDOW, 0)),
+                         full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, cap_scale, kpm_ptr,
+                         stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, BMW,
+                         BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN,
+                         NAN_ON_EMPTY, MASK_TILE, WINDOW, SOFTCAP, 0)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, m_smem, k_ready,
                          v_ready,
                          k_empty, v_empty, b, h, start_m + BMW, L, S, offset, window, t0,
-                         n_tiles, full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, kpm_ptr,
-                         stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, BMW,
-                         BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN,
-                         NAN_ON_EMPTY, MASK_TILE, WINDOW, 1)),
+                         n_tiles, full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, cap_scale,
+                         kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                         stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS,
+                         KEY_SPAN, NAN_ON_EMPTY, MASK_TILE, WINDOW, SOFTCAP, 1)),
             (_producer, (q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
                          m_smem, k_ready, v_ready, k_empty, v_empty, b, h, h // group,
                          b * mask_b_on, h * mask_h_on, start_m, t0, n_tiles, BMW, BN, HEAD,
@@ -586,7 +611,7 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     refusal = gluon_scope_refusal("forward", masked, padding, window,
-                                  softcap > 0.0 or dropout_p > 0.0)
+                                  softcap=gluon_softcap_refusal(softcap), dropout=dropout_p > 0.0)
     if refusal is not None:
         return refusal
     if (causal_align != CAUSAL_NONE
@@ -595,20 +620,33 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return gluon_layout_refusal(Q=q, K=k, V=v)
 
 
-def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, window: int,
-                        softcapped_or_dropout: bool) -> str | None:
+def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, window: int, *,
+                        softcap: str | None, dropout: bool) -> str | None:
     """The masks and score transforms the Gluon kernels (the ``kernel``: forward or backward)
     do not take, the forward's and the backward's alike: an attn_mask they do not read
     (``masked``: the reason, or True), padding rows and sliding windows they do not take
-    (``gluon_padding_refusal``, ``gluon_window_refusal``), soft-capping or dropout."""
+    (``gluon_padding_refusal``, ``gluon_window_refusal``), soft-capping where the kernel
+    does not take it (``softcap``: why, or None) and dropout."""
     if masked:
         return (masked if isinstance(masked, str)
                 else f"an attn_mask the Gluon {kernel} does not read")
-    for refusal in (gluon_padding_refusal(padding), gluon_window_refusal(window, padding)):
+    for refusal in (gluon_padding_refusal(padding), gluon_window_refusal(window, padding),
+                    softcap):
         if refusal is not None:
             return refusal
-    if softcapped_or_dropout:
-        return "soft-capping or dropout"
+    if dropout:
+        return "dropout"
+    return None
+
+
+def gluon_softcap_refusal(softcap: float) -> str | None:
+    """Why the Gluon forward does not soft-cap this call's scores (0.0: no cap), or None: its
+    soft-capping (``_soft_cap``) is opt-in, SDPA_PASS_GLUON_SOFTCAP=1, until it has run on a
+    GPU. (The backward's Gluon kernels do not take it: the Triton backward reads the Gluon
+    forward's LSE.)"""
+    if softcap > 0.0 and os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "") != "1":
+        return ("soft-capping (the Gluon forward's is opt-in, SDPA_PASS_GLUON_SOFTCAP=1, until "
+                "it has run on a GPU)")
     return None
 
 
@@ -718,7 +756,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                             kpm_strides: tuple = (0, 0), mask: torch.Tensor | None = None,
                             mask_strides: tuple = (0, 0, 0, 0), nan_on_empty: bool = False,
                             spans: torch.Tensor | None = None, mask_tile: int = 0,
-                            window: int = -1) -> None:
+                            window: int = -1, softcap: float = 0.0) -> None:
     """Fill ``out`` (B, Hq, L, D) and, when ``return_lse``, ``lse`` (B, Hq, L) for a call that
     ``gluon_forward_refusal`` accepted (``out`` and ``lse`` as attention_forward_triton
     allocates them: contiguous). ``plan_key``: the forward's (``attention_forward_triton``),
@@ -730,17 +768,18 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     ``nan_on_empty``: rows that see no key give NaN (else zeros). ``mask_tile``: ``mask`` is
     instead an attn_mask with rows of its own (``tile_mask_refusal``), TILE_BOOL a bool one,
     TILE_BIAS a float bias, read in tiles through a descriptor (``padding`` then covers a
-    key_padding_mask only). ``window``: a causal call's sliding window (-1: none)."""
+    key_padding_mask only). ``window``: a causal call's sliding window (-1: none);
+    ``softcap``: the scores' soft cap (0: none)."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # the descriptors' tensors, wrapped by the makers on a plan's first call and by its
     # templates after (the plan key fixes their shapes and strides)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     tile = _tile_tensor(mask, mask_tile)
-    # a bias keeps the scores in natural-log units (_consumer): the plain scale
+    qk_scale, cap_scale = gluon_score_scales(scale, softcap, mask_tile == TILE_BIAS)
     args = (q, k, v, out, tile, lse if return_lse else out, *pad[:2],
-            q if spans is None else spans, scale if mask_tile == TILE_BIAS else scale * LOG2E,
-            Hq, L, S, shape.group, causal_offset(causal_align, diagonal, L, S), max(window, 0),
+            q if spans is None else spans, qk_scale, cap_scale, Hq, L, S, shape.group,
+            causal_offset(causal_align, diagonal, L, S), max(window, 0),
             *pad[2:], *span_strides(spans), *mask_tile_indexing(mask_tile, mask_strides))
     D = shape.head_dim
     bn = forward_block_n(D)
@@ -750,11 +789,22 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
                       RAGGED_KEYS=S % bn != 0 and not padding, KEY_SPAN=padding,
                       NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile or window > 0),
-                      MASK_TILE=mask_tile, WINDOW=window > 0, CONSUMER_REGS=CONSUMER_REGS,
+                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap > 0.0,
+                      CONSUMER_REGS=CONSUMER_REGS,
                       num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
                               **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})
+
+
+def gluon_score_scales(scale: float, softcap: float, bias: bool) -> tuple[float, float]:
+    """(qk_scale, cap_scale) of the forward kernel: what takes a score (a raw product, or
+    with ``softcap`` its tanh(s * scale / softcap)) to the units of the softmax (log2; natural
+    with a ``bias``, which keeps them until the row max is subtracted: ``_consumer``), and the
+    factor of ``_soft_cap``'s exponent (0.0 without a cap)."""
+    if softcap > 0.0:
+        return (softcap if bias else softcap * LOG2E), 2.0 * LOG2E * scale / softcap
+    return (scale if bias else scale * LOG2E), 0.0
 
 
 def _tile_tensor(mask, mask_tile: int):

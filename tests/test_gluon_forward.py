@@ -12,6 +12,7 @@ uses that LSE are compared with the float64 reference.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,8 +68,15 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
         assert "SDPA_PASS_GLUON_FWD_HD256=0" in refusal(q256, kv256, kv256)
     assert gfwd.forward_block_n(256) == 64 and gfwd.forward_block_n(128) == gfwd.BLOCK_N
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
-    for flags in (dict(softcap=30.0), dict(dropout_p=0.1)):
-        assert "soft-capping or dropout" in refusal(q, kv, kv, **flags), flags
+    assert "dropout" in refusal(q, kv, kv, dropout_p=0.1)
+    # soft-capping: opt-in (SDPA_PASS_GLUON_SOFTCAP=1) until it has run on a GPU
+    monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP", raising=False)
+    assert "SDPA_PASS_GLUON_SOFTCAP=1" in refusal(q, kv, kv, softcap=30.0)
+    with monkeypatch.context() as m:
+        m.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
+        assert refusal(q, kv, kv, softcap=30.0) is None
+        assert refusal(q, kv, kv, softcap=30.0, causal_align=CAUSAL_TOP_LEFT, window=16) is None
+        assert "dropout" in refusal(q, kv, kv, softcap=30.0, dropout_p=0.1)
     # a causal sliding window: taken unless SDPA_PASS_GLUON_WINDOW=0, not beside padding rows
     causal_window = dict(causal_align=CAUSAL_TOP_LEFT, window=16)
     monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)
@@ -253,7 +261,7 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     """(Any device: the refusal and the kernel replaced.) A call the Gluon kernel took is
     remembered under the forward's plan key: the next call with the same layouts skips
     ``gluon_forward_refusal`` and reaches the kernel with the same fixed arguments and its own
-    tensors and scale; a call with another layout is decided afresh."""
+    tensors, scale and soft cap; a call with another layout is decided afresh."""
     checks, launches = [], []
     monkeypatch.setattr(fwd, "host_bound", lambda shape: False)
     monkeypatch.setattr(fwd, "gluon_forward_refusal", lambda *a, **k: checks.append(a[3]))
@@ -261,26 +269,28 @@ def test_the_forward_plan_remembers_a_gluon_call(monkeypatch):
     def kernel(q, k, v, out, lse, shape, scale, return_lse, causal_align, diagonal, plan_key,
                padding, *masks):
         assert plan_key is not None  # the forward's key, under which the launch is remembered
-        assert padding == 0 and masks == (None, (0, 0), None, (0, 0, 0, 0), False, None, False,
-                                          -1)
-        launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key))
+        assert padding == 0 and masks[:-1] == (None, (0, 0), None, (0, 0, 0, 0), False, None,
+                                               False, -1)
+        launches.append((shape, scale, return_lse, causal_align, diagonal, plan_key,
+                         masks[-1]))
         out.copy_(q * scale)
 
     monkeypatch.setattr(fwd, "attention_forward_gluon", kernel)
 
-    def call(q, scale):
+    def call(q, scale, softcap=30.0):
         shape = AttentionShape(*q.shape[:2], 2, q.shape[2], 32, 32, 32)
         kv = randn(2, 2, 32, 32, dtype=q.dtype)
         return fwd.attention_forward_triton(
             q, kv, kv, None, None, shape, scale=scale, causal_align=CAUSAL_BOTTOM_RIGHT,
-            diagonal=0, window=-1, softcap=0.0, nan_on_empty=False, return_lse=True)
+            diagonal=0, window=-1, softcap=softcap, nan_on_empty=False, return_lse=True)
 
     q = randn(2, 4, 16, 32, dtype=torch.float16)
     call(q, 0.5)
-    out, _ = call(q + 1, 0.25)
+    out, _ = call(q + 1, 0.25, 20.0)  # the same plan: a cap is a value, as the scale
     assert len(checks) == 1 and len(launches) == 2
     assert launches[0][0] == launches[1][0] and launches[0][5] == launches[1][5]
-    assert launches[1][1:5] == (0.25, True, CAUSAL_BOTTOM_RIGHT, 0)
+    assert launches[0][6] == 30.0
+    assert launches[1][1:5] + launches[1][6:] == (0.25, True, CAUSAL_BOTTOM_RIGHT, 0, 20.0)
     torch.testing.assert_close(out, (q + 1) * 0.25)
     call(q[:, :, :8], 0.5)  # another plan key
     assert len(checks) == 2 and len(launches) == 3
@@ -592,9 +602,9 @@ WINDOW_CASES = {
 }
 
 
-def window_case(case: str) -> tuple:
-    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of WINDOW_CASES[case]."""
-    B, Hq, Hkv, L, S, dtype, scale, extras = WINDOW_CASES[case]
+def window_case(case: str, cases: dict = WINDOW_CASES) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention keyword arguments) of cases[case]."""
+    B, Hq, Hkv, L, S, dtype, scale, extras = cases[case]
     extras = dict(extras, scale=scale)
     D = extras.pop("head_dim", 128)
     generator = torch.Generator().manual_seed(3)
@@ -623,6 +633,93 @@ def test_gradients_through_a_windowed_gluon_forward(monkeypatch):
     calls = record_gluon_calls(monkeypatch)
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case("bottom_right_ragged")
     forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+# Soft-capped scores (SDPA_PASS_GLUON_SOFTCAP=1; laid out as WINDOW_CASES): caps and scales
+# that put most scores on tanh's curve or its saturation (randn inputs: raw products of about
+# sqrt(D)), beside every mask form and head dim the kernel takes; one near-linear cap.
+SOFTCAP_CASES = {
+    "mha_cap5": (1, 8, 8, 1024, 1024, torch.bfloat16, 0.5, dict(softcap=5.0)),
+    "causal_gqa_fp16_keys_longer": (1, 8, 2, 1024, 2048, torch.float16, None,
+                                    dict(is_causal=True, softcap=2.0)),
+    "bottom_right_ragged": (1, 8, 4, 900, 1300, torch.bfloat16, 0.3,
+                            dict(causal="bottom_right", softcap=3.0)),
+    "window": (2, 8, 8, 1024, 1024, torch.bfloat16, None,
+               dict(is_causal=True, window=200, softcap=1.0)),
+    "with_bool_mask": (2, 4, 4, 1024, 1024, torch.bfloat16, 0.5, dict(mask=True, softcap=4.0)),
+    "with_bias": (2, 4, 4, 1024, 1024, torch.bfloat16, 0.5, dict(bias=True, softcap=4.0)),
+    "hd64": (1, 8, 8, 4096, 4096, torch.bfloat16, None,
+             dict(is_causal=True, softcap=1.5, head_dim=64)),
+    "hd256_gqa": (1, 8, 4, 1024, 1024, torch.bfloat16, 0.2,
+                  dict(is_causal=True, softcap=4.0, head_dim=256)),
+    "near_linear_cap50": (1, 8, 8, 1024, 1024, torch.float16, None, dict(softcap=50.0)),
+}
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(SOFTCAP_CASES))
+def test_gluon_forward_soft_caps_the_scores(case, monkeypatch):
+    """SDPA_PASS_GLUON_SOFTCAP=1: the Gluon forward's cap · tanh(s · scale / cap) before the
+    masks (a bias added after it); output and LSE against float64."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
+    B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["bottom_right_ragged", "with_bias"])
+def test_gradients_through_a_soft_capped_gluon_forward(case, monkeypatch):
+    """The Triton backward (the Gluon ones do not soft-cap) from the soft-capped Gluon
+    forward's LSE."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
+    calls = record_gluon_calls(monkeypatch)
+    B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
+    forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_soft_cap_constants_give_capped_logits_in_the_softmax_units(bias):
+    """(Any device.) ``gluon_score_scales``' two factors in ``_soft_cap``'s formula (replayed
+    here in fp32, as the kernel computes it): the capped logit cap · tanh(s · scale / cap) in
+    log2 units (natural ones beside a bias, which the kernel adds in them), saturating to
+    +-cap without NaN for products far past the cap; without a cap the plain scale."""
+    scale, cap = 0.3, 4.0
+    qk_scale, cap_scale = gfwd.gluon_score_scales(scale, cap, bias)
+    s = torch.cat([torch.linspace(-60.0, 60.0, 2001), torch.tensor([-1e30, -3e4, 3e4, 1e30])])
+    t = 1.0 - 2.0 / (torch.exp2(s * cap_scale) + 1.0)  # _soft_cap, fp32
+    units = 1.0 if bias else math.log2(math.e)
+    want = cap * torch.tanh(s.double() * scale / cap) * units
+    assert not t.isnan().any()
+    torch.testing.assert_close((t * qk_scale).double(), want, rtol=0, atol=4e-6 * cap * units)
+    assert (t[-4:] == torch.tensor([-1.0, -1.0, 1.0, 1.0])).all()
+    assert gfwd.gluon_score_scales(scale, 0.0, bias) == ((scale if bias else scale * units), 0.0)
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_the_soft_capped_kernel_compiles_for_sm90_with_its_overlap(head_dim):
+    """SOFTCAP: the causal kernel's wgmmas and shared memory, twice its exponentials (tanh's
+    and the softmax's), both under the P·V product, not serialized, at most 8 bytes more
+    stack (triton 3.9: 24 against 16 at hd128)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    reports = {}
+    for form in (["--causal"], ["--causal", "--softcap"]):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
+             "--product", "bf16", "--head-dim", str(head_dim), *form],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[len(form)] = json.loads(result.stdout.strip().splitlines()[-1])
+    capped, causal = reports[2], reports[1]
+    for key in ("HGMMA", "shared_bytes", "setmaxnreg"):
+        assert capped[key] == causal[key], (key, capped, causal)
+    assert capped["MUFU.EX2"] >= 2 * causal["MUFU.EX2"] - 8, (capped, causal)
+    assert not capped["wgmma serialized (ptxas C7514)"]
+    assert capped["stack_bytes"] <= causal["stack_bytes"] + 8, (capped, causal)
+    overlapped = capped["EX2 between W1 and W0"]
+    tile = gfwd.forward_block_n(head_dim) // 2
+    assert len(overlapped) == 2 and min(overlapped) >= 2 * tile, capped["loop window"]
 
 
 def _window_tiles(L, S, offset, window, BM, BN):
