@@ -347,14 +347,14 @@ def compile_variant(name: str):
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     kernel: str = "dkdv", padding: int = 0, mask_tile: int = 0,
-                    window: bool | str = False):
+                    window: bool | str = False, softcap: bool = False):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
     over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
     mask); ``mask_tile``: with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float
     bias of ``dtype``); ``window``: a causal sliding window (WINDOW; "one": of one key, which
-    a launch specializes)."""
+    a launch specializes); ``softcap``: soft-capped scores (SOFTCAP)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -377,7 +377,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     if kernel == "dq":
         fn = product._attention_bwd_dq_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
-               "stats_desc": stats, "dq_desc": tile, "qk_scale": "fp32", "sm_scale": "fp32",
+               "stats_desc": stats, "dq_desc": tile, "qk_scale": "fp32", "cap_scale": "fp32", "sm_scale": "fp32",
                "kpm_ptr": "*i1", "mask_ptr": "*i1", "spans_ptr": "*i32", "span_sb": "i32",
                "span_sh": "i32", "Hq": "i32", "S": "i32", "group": "i32",
                "offset": "i32", "window": "i32", "rows": "i32", "stats_stride": "i32",
@@ -388,19 +388,20 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         consts = dict(BM=product.dq_block_m(head_dim), BN=product.dq_block_n(head_dim),
                       HEAD=head_dim, STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
                       KEY_SPAN=padding,
-                      MASK_TILE=mask_tile, CONSUMER_REGS=product.CONSUMER_REGS,
+                      MASK_TILE=mask_tile, SOFTCAP=softcap, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
     else:
         fn = product._attention_bwd_dkdv_ws
         sig = {"q_desc": tile, "k_desc": tile, "v_desc": tile, "do_desc": tile,
                "stats_desc": stats, "dk_desc": tile, "dv_desc": tile, "kpm_ptr": "*i1",
-               "mask_ptr": "*i1", "qk_scale": "fp32", "sm_scale": "fp32", "Hkv": "i32",
+               "mask_ptr": "*i1", "qk_scale": "fp32", "cap_scale": "fp32", "sm_scale": "fp32", "Hkv": "i32",
                "L": "i32", "S": "i32", "group": "i32", "offset": "i32", "window": "i32",
                "rows": "i32",
                "stats_stride": "i32", **padding_sig}
         consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
-                      KEY_SPAN=padding, ROW_PER_HEAD=False, MASK_TILE=mask_tile, ORDER=int(causal),
+                      KEY_SPAN=padding, ROW_PER_HEAD=False, MASK_TILE=mask_tile, SOFTCAP=softcap,
+                      ORDER=int(causal),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
@@ -416,10 +417,12 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
-        _, which, dtype, causal, head_dim, padding, tile = (name.split(":") + ["0", "0"])[:7]
+        _, which, dtype, causal, head_dim, padding, tile, softcap = (
+            name.split(":") + ["0", "0", "0"])[:8]
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
-                                 int(head_dim), which, int(padding), int(tile), window)
+                                 int(head_dim), which, int(padding), int(tile), window,
+                                 softcap == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -636,6 +639,8 @@ def main() -> None:
                         help="with --product: the causal kernel with a sliding window")
     parser.add_argument("--window-one-product", action="store_true",
                         help="with --product: ... of one key (a constexpr in the launch)")
+    parser.add_argument("--softcap-product", action="store_true",
+                        help="with --product: soft-capped scores (SOFTCAP)")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
@@ -652,7 +657,8 @@ def main() -> None:
                 else "causal" if args.causal_product else "")
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:{form}"
                              f":{args.head_dim}:"
-                             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}")
+                             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}"
+                             f":{int(args.softcap_product)}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

@@ -49,7 +49,8 @@ from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParam
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, bias_head_dims,
                              gluon_backward_refusal, gluon_dq_refusal)
-from .gluon_forward import TILE_BIAS, TILE_BOOL, padding_flags, tile_mask_refusal
+from .gluon_forward import (TILE_BIAS, TILE_BOOL, gluon_score_scales, padding_flags,
+                            tile_mask_refusal)
 from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
@@ -804,6 +805,10 @@ class _BackwardDecisions:
                         else None)
         if tiled and mask_kind == MASK_FLOAT and mask_fills:  # (_unfilled)
             tile_refusal = "a masked_fill's float mask (dS is 0 at its filled keys)"
+        if tiled and mask_kind == MASK_FLOAT and has_softcap:
+            # the Gluon kernels' bias tiles take the prep kernel's natural-log statistics,
+            # which it gives only without a cap (``natural`` below)
+            tile_refusal = "a float bias beside soft-capping"
         self.mask_tile = ((TILE_BIAS if mask_kind == MASK_FLOAT else TILE_BOOL)
                           if tiled and tile_refusal is None else 0)
         self.gluon_refusal = gluon_backward_refusal(
@@ -968,11 +973,14 @@ def attention_backward_triton(
     padding = dict(padding=max(d.padding, 0), kpm=key_padding_mask, kpm_strides=d.kpm_strides,
                    mask=attn_mask, mask_strides=d.mask_strides,
                    mask_tile=d.mask_tile) if d.padding > 0 or d.mask_tile else {}
+    # the Gluon kernels' (soft-capped: cap · log2(e) and tanh's factor, gluon_forward's)
+    gluon_scales = dict(zip(("qk_scale", "cap_scale"),
+                            gluon_score_scales(scale, softcap, d.natural)))
     if d.gluon_refusal is None:
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
-                             qk_scale=qk_scale, causal_align=causal_align, offset=d.offset,
-                             rows=d.rows, plan_key=plan and (plan, "gluon_dkdv"), window=window,
-                             **padding)
+                             causal_align=causal_align, offset=d.offset, rows=d.rows,
+                             plan_key=plan and (plan, "gluon_dkdv"), window=window,
+                             **gluon_scales, **padding)
     else:
         _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
             q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),
@@ -987,9 +995,10 @@ def attention_backward_triton(
                                              None if d.mask_tile else attn_mask,
                                              d.mask_strides, B, Hq, S, d.padding,
                                              plan and (plan, "spans"))
-        attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale, qk_scale=qk_scale,
+        attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale,
                            causal_align=causal_align, offset=d.offset, rows=d.rows,
-                           plan_key=plan and (plan, "gluon_dq"), window=window, **padding)
+                           plan_key=plan and (plan, "gluon_dq"), window=window, **gluon_scales,
+                           **padding)
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (

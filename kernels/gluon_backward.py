@@ -107,6 +107,15 @@ local memory; dK/dV: 8 bytes of stack more than the causal kernel's). H200, bf16
 kernels' 301.5 / 307.6 and flex's 295.7 / 301.4; hd256 262.5 / 333.6 at 1k / 4k against 172.9 /
 203.2 (flex 122.0 / 134.5); hd64 290.7 / 305.5 at 4k / 16k against 270.1 / 275.3 (BENCHMARKS.md,
 session 25).
+
+Soft-capping (``SOFTCAP``, session 25; opt-in under SDPA_PASS_GLUON_SOFTCAP=1 with the
+forward's, until they have run on a GPU; not beside a float bias, whose tiles take the prep
+kernel's natural-log statistics while capped scores have log2 ones): both kernels recompute
+t = tanh(s · scale / cap) from the raw products as the forward does (``_soft_cap``), P from
+cap · log2(e) · t, and give dS the cap's derivative, P ∘ (1 - t²) ∘ (dP - delta)
+(``_cap_derivative``); the dK/dV kernel keeps that factor in place of P once P is on its way
+to dV's product, so no tile more is live. Compiled for sm_90 (triton 3.9) each keeps its
+causal schedule's wgmmas and waits with twice the exponentials and no more stack.
 """
 
 from __future__ import annotations
@@ -117,7 +126,8 @@ import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (_descriptor_maker, _layout, _tile_tensor, gluon,
-                            gluon_layout_refusal, gluon_scope_refusal, mask_tile_descriptor,
+                            gluon_layout_refusal, gluon_scope_refusal, gluon_softcap_refusal,
+                            mask_tile_descriptor,
                             mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
@@ -154,8 +164,8 @@ if gluon is not None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_forward import (LOG2E_C, TILE_BIAS_C, _band_mask, _cta_barrier,
-                                _kv_ring_barriers, _kv_ring_fill, _tma_load, _tma_store,
-                                mask_padding, row_visible, span_tiles)
+                                _kv_ring_barriers, _kv_ring_fill, _soft_cap, _tma_load,
+                                _tma_store, mask_padding, row_visible, span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
@@ -229,11 +239,12 @@ if gluon is not None:
         return seen
 
     @gluon.jit
-    def _pt_tile(st, m, r, mt_tile, seen, hides, m0, key0, offset, window, qk_scale,
+    def _pt_tile(st, m, r, mt_tile, seen, hides, m0, key0, offset, window, qk_scale, cap_scale,
                  BM: gl.constexpr,
                  NK: gl.constexpr, st_layout: gl.constexpr, IS_CAUSAL: gl.constexpr,
                  WINDOW: gl.constexpr,
-                 KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
+                 KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
+                 SOFTCAP: gl.constexpr):
         """Pᵀ of NK keys from key0 against the BM query rows from m0, from their scores Sᵀ
         (keys along dim 0) and the rows' statistics m, r: the keys a row may not see at -inf
         first. MASK_TILE: the bool attn_mask's (BM x NK) byte tile ``mt_tile``, read transposed;
@@ -242,7 +253,11 @@ if gluon is not None:
         it ``hides`` one (always with ROW_PER_HEAD). MASK_TILE == TILE_BIAS: ``mt_tile`` is a float
         bias instead, added to Sᵀ·scale (``qk_scale`` is then the plain scale), and P leaves
         natural-log units after m is subtracted, as the forward's (m is the prep kernel's
-        NATURAL statistic: backward._p_from_scores)."""
+        NATURAL statistic: backward._p_from_scores). Returns (Pᵀ, the factor of dSᵀ = it ∘
+        (dPᵀ - delta)): Pᵀ itself, or with SOFTCAP (scores t = tanh(s · scale / cap), as the
+        forward's ``_soft_cap``; no bias tile) Pᵀ ∘ (1 - t²), the cap's derivative."""
+        if SOFTCAP:
+            st = _soft_cap(st, cap_scale)
         if MASK_TILE == TILE_BIAS_C:
             tile = mt_tile.reshape([BM, NK]).permute((1, 0))
             st = st * qk_scale + tile.load(st_layout).to(gl.float32)
@@ -271,19 +286,31 @@ if gluon is not None:
                 st = gl.where(gl.expand_dims(seen, 1), st, float("-inf"))
         # the backward kernels' P (backward._p_from_scores): m first, then the small r
         if MASK_TILE == TILE_BIAS_C:
-            return gl.exp2((st - gl.expand_dims(m, 0)) * LOG2E_C - gl.expand_dims(r, 0))
-        return gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
+            pt = gl.exp2((st - gl.expand_dims(m, 0)) * LOG2E_C - gl.expand_dims(r, 0))
+        else:
+            pt = gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
+        return pt, _cap_derivative(pt, st, SOFTCAP)
+
+    @gluon.jit
+    def _cap_derivative(p, t, SOFTCAP: gl.constexpr):
+        """P ∘ (1 - t²) for soft-capped scores t (SOFTCAP; P itself without): the chain rule's
+        factor of dS. A hidden score is t = -inf with P = 0: min(t², 1) keeps 1 - t² at 0
+        there instead of -inf (0 · -inf = NaN), and |t| <= 1 elsewhere."""
+        if SOFTCAP:
+            p = p * (1.0 - gl.minimum(t * t, 1.0))
+        return p
 
     @gluon.jit
     def _bwd_consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                       delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
-                      n_q, group, offset, window, qk_scale, sm_scale, S, kpm_ptr, stride_pb,
-                      stride_pn,
+                      n_q, group, offset, window, qk_scale, cap_scale, sm_scale, S, kpm_ptr,
+                      stride_pb, stride_pn,
                       mask_ptr, stride_mb, stride_mh, stride_mn,
                       W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                       STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                       KEY_SPAN: gl.constexpr,
-                      ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr):
+                      ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
+                      SOFTCAP: gl.constexpr):
         """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
         docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
         a pair that may not see each other evaluate it. With KEY_SPAN (a padding row of keys,
@@ -329,16 +356,17 @@ if gluon is not None:
             m = m_smem.index(slot).load(col_st)
             r = r_smem.index(slot).load(col_st)
             st = warpgroup_mma_wait(num_outstanding=1, deps=[st_tok])  # Sᵀ done, dPᵀ in flight
-            pt = _pt_tile(st, m, r, mt_smem.index(2 * slot + W), seen, hides,
-                          (first_m + it % n_q) * BM, start_n + W * half, offset, window, qk_scale,
-                          BM,
-                          half, st_layout, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)
+            pt, pt_ds = _pt_tile(st, m, r, mt_smem.index(2 * slot + W), seen, hides,
+                                 (first_m + it % n_q) * BM, start_n + W * half, offset, window,
+                                 qk_scale, cap_scale, BM, half, st_layout, IS_CAUSAL, WINDOW,
+                                 KEY_SPAN, ROW_PER_HEAD, MASK_TILE, SOFTCAP)
             pt_op = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(pt_op, do_t, dv, is_async=True)
             delta = delta_smem.index(slot).load(col_st)
             dpt, dv_tok, pt_op = warpgroup_mma_wait(num_outstanding=1,
                                                     deps=[dpt_tok, dv_tok, pt_op])
-            ds_op = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+            ds_op = gl.convert_layout((pt_ds * (dpt - gl.expand_dims(delta, 0))).to(dtype),
+                                      a_layout)
             dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
             dv, dk, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, dk_tok, ds_op])
             mbarrier.arrive(empty.index(slot))
@@ -370,16 +398,17 @@ if gluon is not None:
     @gluon.jit
     def _bwd_wide_scores(dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem, pt_smem,
                          kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b, h_kv, start_n,
-                         first_m, n_q, group, offset, window, qk_scale, S, kpm_ptr, stride_pb,
-                         stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
+                         first_m, n_q, group, offset, window, qk_scale, cap_scale, S, kpm_ptr,
+                         stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn,
                          BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                          STAGES: gl.constexpr, P_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                          WINDOW: gl.constexpr,
                          KEY_SPAN: gl.constexpr, ROW_PER_HEAD: gl.constexpr,
-                         MASK_TILE: gl.constexpr):
+                         MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
         """The hd256 kernel's first consumer (module docstring, "Head dim 256"): per query
-        tile Sᵀ = K Q_iᵀ, Pᵀ (masked as ``_pt_tile``), Pᵀ in fp32 to the second consumer
-        through slot it % P_STAGES of ``pt_smem``, and dV += Pᵀ dO_i; it alone reads K, so dV
+        tile Sᵀ = K Q_iᵀ, Pᵀ (masked as ``_pt_tile``), Pᵀ in fp32 (with SOFTCAP: dSᵀ's factor,
+        ``_cap_derivative``) to the second consumer through slot it % P_STAGES of ``pt_smem``,
+        and dV += Pᵀ dO_i; it alone reads K, so dV
         leaves through K's shared memory."""
         dtype: gl.constexpr = q_smem.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -409,12 +438,13 @@ if gluon is not None:
             m = m_smem.index(slot).load(col_st)
             r = r_smem.index(slot).load(col_st)
             st = warpgroup_mma_wait(num_outstanding=0, deps=[st_tok])
-            pt = _pt_tile(st, m, r, mt_smem.index(slot), seen, hides, (first_m + it % n_q) * BM,
-                          start_n, offset, window, qk_scale, BM, BN, st_layout, IS_CAUSAL,
-                          WINDOW, KEY_SPAN, ROW_PER_HEAD, MASK_TILE)
+            pt, pt_ds = _pt_tile(st, m, r, mt_smem.index(slot), seen, hides,
+                                 (first_m + it % n_q) * BM, start_n, offset, window, qk_scale,
+                                 cap_scale, BM, BN, st_layout, IS_CAUSAL, WINDOW, KEY_SPAN,
+                                 ROW_PER_HEAD, MASK_TILE, SOFTCAP)
             ps = it % P_STAGES
             mbarrier.wait(pt_empty.index(ps), ((it // P_STAGES) & 1) ^ 1)
-            pt_smem.index(ps).store(pt)
+            pt_smem.index(ps).store(pt_ds)
             _cta_barrier()  # every thread's part of Pᵀ written before the arrive
             mbarrier.arrive(pt_ready.index(ps))
             pt_op = gl.convert_layout(pt.to(dtype), a_layout)
@@ -475,14 +505,15 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dk_desc, dv_desc,
-                               mt_desc, kpm_ptr, mask_ptr, qk_scale, sm_scale, Hkv, L, S, group,
+                               mt_desc, kpm_ptr, mask_ptr, qk_scale, cap_scale, sm_scale, Hkv, L,
+                               S, group,
                                offset, window, rows, stats_stride, stride_pb, stride_pn, stride_mb,
                                stride_mh, stride_mn, mask_b_on, mask_h_on, BM: gl.constexpr,
                                BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                                IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                                KEY_SPAN: gl.constexpr,
                                ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
-                               ORDER: gl.constexpr, GROUP: gl.constexpr,
+                               SOFTCAP: gl.constexpr, ORDER: gl.constexpr, GROUP: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr,
                                P_STAGES: gl.constexpr, num_warps: gl.constexpr):
         """Grid by ORDER (``ORDERS``): tiles (cdiv(S, BN), B * Hkv), heads (B * Hkv,
@@ -572,10 +603,10 @@ if gluon is not None:
                 (_bwd_wide_scores, (dv_desc, k_smem, q_smem, do_smem, m_smem, r_smem, mt_smem,
                                     pt_smem, kv_bar, q_ready, do_ready, empty, pt_ready,
                                     pt_empty, b, h_kv, start_n, first_m, n_q, group, offset, window,
-                                    qk_scale, S, kpm_ptr, stride_pb, stride_pn, mask_ptr,
-                                    stride_mb, stride_mh, stride_mn, BM, BN, HEAD, STAGES,
-                                    P_STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
-                                    MASK_TILE)),
+                                    qk_scale, cap_scale, S, kpm_ptr, stride_pb, stride_pn,
+                                    mask_ptr, stride_mb, stride_mh, stride_mn, BM, BN, HEAD,
+                                    STAGES, P_STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
+                                    MASK_TILE, SOFTCAP)),
                 (_bwd_wide_grads, (dk_desc, v_smem, q_smem, do_smem, delta_smem, pt_smem,
                                    kv_bar, q_ready, do_ready, empty, pt_ready, pt_empty, b,
                                    h_kv, start_n, n_q, group, sm_scale, BM, BN, HEAD, STAGES,
@@ -590,18 +621,18 @@ if gluon is not None:
             gl.warp_specialize([
                 (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                                  delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
-                                 start_n, first_m, n_q, group, offset, window, qk_scale, sm_scale,
-                                 S,
+                                 start_n, first_m, n_q, group, offset, window, qk_scale,
+                                 cap_scale, sm_scale, S,
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                  stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
-                                 ROW_PER_HEAD, MASK_TILE)),
+                                 ROW_PER_HEAD, MASK_TILE, SOFTCAP)),
                 (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                                  delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
-                                 start_n, first_m, n_q, group, offset, window, qk_scale, sm_scale,
-                                 S,
+                                 start_n, first_m, n_q, group, offset, window, qk_scale,
+                                 cap_scale, sm_scale, S,
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                  stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
-                                 ROW_PER_HEAD, MASK_TILE)),
+                                 ROW_PER_HEAD, MASK_TILE, SOFTCAP)),
                 (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
                                  v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
                                  kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group, start_n,
@@ -635,15 +666,19 @@ if gluon is not None:
     @gluon.jit
     def _dq_p(s, j, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
               stride_pn,
-              mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S, mt_tile, qk_scale,
+              mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S, mt_tile, qk_scale, cap_scale,
               s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
               IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr, KEY_SPAN: gl.constexpr,
-              MASK_TILE: gl.constexpr):
+              MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
         """P of rows row0 .. row0 + BMW against key tile j from their scores S and statistics
         m, r (both (BMW, 1)): with MASK_TILE the keys the bool attn_mask's tile ``mt_tile``
         hides, with KEY_SPAN those the padding row hides (``mask_padding``), with IS_CAUSAL
         (tiles from ``full_tiles``) those past a row's diagonal at -inf first. TILE_BIAS:
-        a float bias tile, in natural-log units as ``_pt_tile``'s."""
+        a float bias tile, in natural-log units as ``_pt_tile``'s. SOFTCAP: the scores
+        soft-capped first, and the factor of dS returned instead of P (``_cap_derivative``:
+        dQ needs no P of its own)."""
+        if SOFTCAP:
+            s = _soft_cap(s, cap_scale)
         if MASK_TILE == TILE_BIAS_C:
             s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
             if (j + 1) * BN > S:
@@ -669,24 +704,23 @@ if gluon is not None:
                              float("-inf"))
         if MASK_TILE == TILE_BIAS_C:
             return gl.exp2((s - m) * LOG2E_C - r)
-        return gl.exp2((s * qk_scale - m) - r)
+        return _cap_derivative(gl.exp2((s * qk_scale - m) - r), s, SOFTCAP)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, window, full_tiles,
                  d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                 stride_mn, b, h, S, mt_smem, qk_scale, dtype: gl.constexpr,
+                 stride_mn, b, h, S, mt_smem, qk_scale, cap_scale, dtype: gl.constexpr,
                  a_layout: gl.constexpr, s_layout: gl.constexpr, BMW: gl.constexpr,
                  BN: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                  KEY_SPAN: gl.constexpr,
-                 MASK_TILE: gl.constexpr, W: gl.constexpr):
+                 MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr, W: gl.constexpr):
         """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
         its dP (in flight): the exponentials (``_dq_p``; the bool mask's tile in slot
         2 slot + W of ``mt_smem``) run before the wait for dP."""
         p = _dq_p(s, j, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
                   stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
-                  mt_smem.index(2 * slot + W), qk_scale, s_layout, BMW, BN, IS_CAUSAL, WINDOW,
-                  KEY_SPAN,
-                  MASK_TILE)
+                  mt_smem.index(2 * slot + W), qk_scale, cap_scale, s_layout, BMW, BN, IS_CAUSAL,
+                  WINDOW, KEY_SPAN, MASK_TILE, SOFTCAP)
         # A wait on Q's barrier, whose only phase is long complete (so it passes at once): a
         # try-wait loop, so a new basic block between the exponentials and the wait for dP,
         # which ptxas would otherwise move above them (as in gluon_forward's consumer loop)
@@ -699,11 +733,11 @@ if gluon is not None:
     def _dq_consumer(dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
                      v_ready,
                      k_empty, v_empty, b, h, row0, offset, window, S, t0, n_tiles, full_tiles, d_lo,
-                     d_hi, qk_scale, sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                     stride_mn, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
-                     HEAD: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                     WINDOW: gl.constexpr,
-                     KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr):
+                     d_hi, qk_scale, cap_scale, sm_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                     stride_mb, stride_mh, stride_mn, W: gl.constexpr, BMW: gl.constexpr,
+                     BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
+                     IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                     KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
         """Consumer W: rows row0 .. row0 + 64 (module docstring), key tiles t0 .. t0 +
         n_tiles. ``n_tiles`` >= 1: a CTA whose rows see no key runs one key tile fully masked
         (m = +inf there besides), so dQ's product can stay in flight across iterations with the
@@ -736,8 +770,9 @@ if gluon is not None:
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
         ds_op = _ds_tile(s, dp_tok, t0, 0, v_empty, q_bar, m, r, delta, row0, offset, window,
                          full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
-                         stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale, dtype,
-                         a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW, KEY_SPAN, MASK_TILE, W)
+                         stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale, cap_scale,
+                         dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW, KEY_SPAN,
+                         MASK_TILE, SOFTCAP, W)
         dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
                                use_acc=False, is_async=True)
         for i in range(1, n_tiles):
@@ -756,8 +791,8 @@ if gluon is not None:
             ds_op = _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, window,
                              full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale,
-                             dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW, KEY_SPAN,
-                             MASK_TILE, W)
+                             cap_scale, dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW,
+                             KEY_SPAN, MASK_TILE, SOFTCAP, W)
             dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
         mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
@@ -771,14 +806,14 @@ if gluon is not None:
     def _dq_wide_scores(q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready, k_empty,
                         p_ready, p_empty, b, h, row0, offset, window, S, t0, n_tiles, full_tiles,
                         d_lo,
-                        d_hi, qk_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
-                        stride_mh, stride_mn, BM: gl.constexpr, BN: gl.constexpr,
+                        d_hi, qk_scale, cap_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr,
+                        stride_mb, stride_mh, stride_mn, BM: gl.constexpr, BN: gl.constexpr,
                         HEAD: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr,
                         IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr, KEY_SPAN: gl.constexpr,
-                        MASK_TILE: gl.constexpr):
+                        MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
         """The hd256 dQ kernel's first consumer (module docstring, "Head dim 256"): per key
-        tile S = Q K_jᵀ and P (masked as ``_dq_p``), P in fp32 to the second consumer through
-        slot i % P_STAGES of ``p_smem``."""
+        tile S = Q K_jᵀ and P (masked as ``_dq_p``; with SOFTCAP dS's factor instead), P in
+        fp32 to the second consumer through slot i % P_STAGES of ``p_smem``."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -795,8 +830,8 @@ if gluon is not None:
             s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
             p = _dq_p(s, t0 + i, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr,
                       stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
-                      mt_smem.index(slot), qk_scale, s_layout, BM, BN, IS_CAUSAL, WINDOW, KEY_SPAN,
-                      MASK_TILE)
+                      mt_smem.index(slot), qk_scale, cap_scale, s_layout, BM, BN, IS_CAUSAL,
+                      WINDOW, KEY_SPAN, MASK_TILE, SOFTCAP)
             ps = i % P_STAGES
             mbarrier.wait(p_empty.index(ps), ((i // P_STAGES) & 1) ^ 1)
             p_smem.index(ps).store(p)
@@ -850,12 +885,14 @@ if gluon is not None:
 
     @gluon.jit
     def _attention_bwd_dq_ws(q_desc, k_desc, v_desc, do_desc, stats_desc, dq_desc, mt_desc,
-                             kpm_ptr, mask_ptr, spans_ptr, qk_scale, sm_scale, Hq, S, group,
+                             kpm_ptr, mask_ptr, spans_ptr, qk_scale, cap_scale, sm_scale, Hq, S,
+                             group,
                              offset, window, rows, stats_stride, stride_pb, stride_pn, stride_mb,
                              stride_mh, stride_mn, span_sb, span_sh, mask_b_on, mask_h_on,
                              BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                              KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr,
+                             SOFTCAP: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, P_STAGES: gl.constexpr,
                              num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D) through 4-d descriptors of
@@ -919,10 +956,10 @@ if gluon is not None:
             gl.warp_specialize([
                 (_dq_wide_scores, (q_smem, st_smem, k_smem, mt_smem, p_smem, q_bar, k_ready,
                                    k_empty, p_ready, p_empty, b, h, start_m, offset, window, S, t0,
-                                   n_tiles, full_tiles, d_lo, d_hi, qk_scale, kpm_ptr,
+                                   n_tiles, full_tiles, d_lo, d_hi, qk_scale, cap_scale, kpm_ptr,
                                    stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                    stride_mn, BM, BN, HEAD, STAGES, P_STAGES, IS_CAUSAL, WINDOW,
-                                   KEY_SPAN, MASK_TILE)),
+                                   KEY_SPAN, MASK_TILE, SOFTCAP)),
                 (_dq_wide_grads, (dq_desc, do_smem, st_smem, k_smem, v_smem, p_smem, q_bar,
                                   k_ready, v_ready, k_empty, v_empty, p_ready, p_empty, b, h,
                                   start_m, n_tiles, sm_scale, BM, BN, HEAD, STAGES, P_STAGES)),
@@ -938,15 +975,17 @@ if gluon is not None:
                 (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
                                 k_ready, v_ready, k_empty, v_empty, b, h, start_m, offset, window,
                                 S, t0,
-                                n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
-                                stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 0,
-                                BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, MASK_TILE)),
+                                n_tiles, full_tiles, d_lo, d_hi, qk_scale, cap_scale, sm_scale,
+                                kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                                stride_mn, 0, BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
+                                MASK_TILE, SOFTCAP)),
                 (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
                                 k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset,
                                 window, S,
-                                t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, sm_scale, kpm_ptr,
-                                stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, 1,
-                                BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, MASK_TILE)),
+                                t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, cap_scale, sm_scale,
+                                kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
+                                stride_mn, 1, BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
+                                MASK_TILE, SOFTCAP)),
                 (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem,
                                 do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
                                 v_ready, k_empty, v_empty, b, h, h // group, b * mask_b_on,
@@ -978,10 +1017,8 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in BWD_HEAD_DIMS:
         return (f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of "
                 f"{BWD_HEAD_DIMS})")
-    refusal = gluon_scope_refusal(
-        "backward", masked, padding, window,
-        softcap="soft-capping (the Triton backward takes it)" if softcapped else None,
-        dropout=dropout)
+    refusal = gluon_scope_refusal("backward", masked, padding, window,
+                                  softcap=gluon_softcap_refusal(softcapped), dropout=dropout)
     if refusal is not None:
         return refusal
     if dq_atomic:
@@ -1011,7 +1048,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                          rows: int, plan_key, padding: int = 0, kpm=None,
                          kpm_strides: tuple = (0, 0), mask=None,
                          mask_strides: tuple = (0, 0, 0, 0), mask_tile: int = 0,
-                         window: int = -1) -> None:
+                         window: int = -1, cap_scale: float = 0.0) -> None:
     """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
     ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
     delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
@@ -1019,7 +1056,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     causal form (or None: no plan). ``padding``, ``mask_tile``: the forward's padding rows
     and mask tiles (``gluon_forward.attention_forward_gluon``; with TILE_BIAS the statistics
     are the prep kernel's NATURAL ones and ``qk_scale`` the plain scale). ``window``: a
-    causal call's sliding window (-1: none)."""
+    causal call's sliding window (-1: none). ``cap_scale``: soft-capped scores' (SOFTCAP;
+    ``gluon_forward.gluon_score_scales``, ``qk_scale`` then cap · log2(e)), 0.0 for none."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
@@ -1043,7 +1081,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv, _tile_tensor(mask, mask_tile), *pad[:2],
-            qk_scale, scale, Hkv, L, S,
+            qk_scale, cap_scale, scale, Hkv, L, S,
             shape.group, offset, max(window, 0), rows, B * shape.q_heads * rows, *pad[2:],
             *mask_tile_indexing(mask_tile, mask_strides))
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
@@ -1052,7 +1090,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                  dict(BM=BLOCK_M, BN=bn, HEAD=shape.head_dim, STAGES=STAGES,
                       IS_CAUSAL=is_causal, WINDOW=window > 0, KEY_SPAN=padding,
                       ROW_PER_HEAD=row_per_head,
-                      MASK_TILE=mask_tile, ORDER=ORDERS.index(order), GROUP=GROUP_HEADS,
+                      MASK_TILE=mask_tile, SOFTCAP=cap_scale > 0.0, ORDER=ORDERS.index(order),
+                      GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
                       num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
@@ -1107,7 +1146,7 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
                        qk_scale: float, causal_align: int, offset: int, rows: int,
                        plan_key, padding: int = 0, kpm=None, kpm_strides: tuple = (0, 0),
                        mask=None, mask_strides: tuple = (0, 0, 0, 0), spans=None,
-                       mask_tile: int = 0, window: int = -1) -> None:
+                       mask_tile: int = 0, window: int = -1, cap_scale: float = 0.0) -> None:
     """Fill ``dq`` (B, Hq, L, D), contiguous, for a call that ``gluon_dq_refusal`` accepted;
     the arguments as for ``attention_dkdv_gluon``. Causal: the longest query tiles first."""
     B, Hq, L, S = shape.batch, shape.q_heads, shape.q_len, shape.kv_len
@@ -1115,14 +1154,15 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
     rows_maker, kv_maker = _descriptor_maker(BLOCK_M, D), _descriptor_maker(bn, D)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dq, _tile_tensor(mask, mask_tile), *pad[:2],
-            q if spans is None else spans, qk_scale, scale, Hq, S, shape.group, offset,
+            q if spans is None else spans, qk_scale, cap_scale, scale, Hq, S, shape.group, offset,
             max(window, 0), rows,
             B * Hq * rows, *pad[2:], *span_strides(spans),
             *mask_tile_indexing(mask_tile, mask_strides))
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // bm), B * Hq),
                  args, dict(BM=bm, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, WINDOW=window > 0,
-                            KEY_SPAN=padding, MASK_TILE=mask_tile, CONSUMER_REGS=CONSUMER_REGS,
+                            KEY_SPAN=padding, MASK_TILE=mask_tile, SOFTCAP=cap_scale > 0.0,
+                            CONSUMER_REGS=CONSUMER_REGS,
                             P_STAGES=wide_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker,

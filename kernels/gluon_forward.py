@@ -86,7 +86,7 @@ up to 0.02 at a cap of 50), and qk_scale takes it to the softmax's units
 twice its exponentials, all under the P·V product (hd128: 130 a consumer between the waits
 against 66). With the reciprocal that is three MUFU operations a score against one, which at
 hd128 outweighs the two products' tensor-core time per tile: a bound to measure. The backward's
-Gluon kernels do not soft-cap; the Triton backward reads this kernel's LSE.
+Gluon kernels soft-cap under the same variable (gluon_backward.py).
 """
 
 from __future__ import annotations
@@ -611,7 +611,8 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     refusal = gluon_scope_refusal("forward", masked, padding, window,
-                                  softcap=gluon_softcap_refusal(softcap), dropout=dropout_p > 0.0)
+                                  softcap=gluon_softcap_refusal(softcap > 0.0),
+                                  dropout=dropout_p > 0.0)
     if refusal is not None:
         return refusal
     if (causal_align != CAUSAL_NONE
@@ -639,13 +640,12 @@ def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, wi
     return None
 
 
-def gluon_softcap_refusal(softcap: float) -> str | None:
-    """Why the Gluon forward does not soft-cap this call's scores (0.0: no cap), or None: its
-    soft-capping (``_soft_cap``) is opt-in, SDPA_PASS_GLUON_SOFTCAP=1, until it has run on a
-    GPU. (The backward's Gluon kernels do not take it: the Triton backward reads the Gluon
-    forward's LSE.)"""
-    if softcap > 0.0 and os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "") != "1":
-        return ("soft-capping (the Gluon forward's is opt-in, SDPA_PASS_GLUON_SOFTCAP=1, until "
+def gluon_softcap_refusal(softcapped: bool) -> str | None:
+    """Why the Gluon kernels do not take this call's soft-capped scores, or None (also when
+    it has none): their soft-capping (``_soft_cap``) is opt-in, SDPA_PASS_GLUON_SOFTCAP=1,
+    until it has run on a GPU."""
+    if softcapped and os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "") != "1":
+        return ("soft-capping (the Gluon kernels' is opt-in, SDPA_PASS_GLUON_SOFTCAP=1, until "
                 "it has run on a GPU)")
     return None
 

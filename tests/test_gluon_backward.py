@@ -28,8 +28,8 @@ from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from test_gluon_forward import GPU_CASES as FORWARD_CASES
-from test_gluon_forward import (BIAS_CASES, TILE_MASK_CASES, WINDOW_CASES, bias_case,
-                                tile_mask_case, window_case)
+from test_gluon_forward import (BIAS_CASES, SOFTCAP_CASES, TILE_MASK_CASES, WINDOW_CASES,
+                                bias_case, tile_mask_case, window_case)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -164,10 +164,11 @@ def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch)
     assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
 
 def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = "dkdv",
-                   mask_tile: bool | str = False) -> dict:
+                   mask_tile: bool | str = False, softcap: bool = False) -> dict:
     """The probe's report of the library's kernel; ``causal``: True, or "window" with a
     sliding window ("window_one": of one key, specialized as a launch would); ``mask_tile``:
-    True or "mask" a bool attn_mask read in tiles, "bias" a float bias of ``dtype``."""
+    True or "mask" a bool attn_mask read in tiles, "bias" a float bias of ``dtype``;
+    ``softcap``: soft-capped scores."""
     tile = {True: "mask", False: ""}.get(mask_tile, mask_tile)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -176,7 +177,7 @@ def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = 
          "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
          *({"window": ["--window-product"], "window_one": ["--window-one-product"]}.get(
              causal, ["--causal-product"] if causal else [])),
-         *([f"--{tile}-tile"] if tile else [])],
+         *([f"--{tile}-tile"] if tile else []), *(["--softcap-product"] if softcap else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -295,17 +296,21 @@ def test_dq_kernel_compiled_for_sm90_runs_the_exponentials_under_the_dp_product(
     assert counts.count(32) == 2 and len(counts) == 4, report["events"]
 
 def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset, rows,
-                    bias=None, window=-1):
+                    bias=None, window=-1, cap_scale=0.0):
     """P and dS of the Gluon kernels, in torch from their arguments, with the group's K and V
     repeated for each query head; ``bias``: a float attn_mask read in tiles (TILE_BIAS), the
     scores then in natural-log units (qk_scale the plain scale, m the prep kernel's NATURAL
     statistic), as ``_pt_tile`` and ``_dq_p`` compute them; ``window``: a causal sliding
-    window's keys (-1: none)."""
+    window's keys (-1: none); ``cap_scale``: soft-capped scores (t = tanh as ``_soft_cap``
+    computes it, qk_scale then cap · log2(e); dS takes the factor 1 - t², as
+    ``_cap_derivative``)."""
     L, S, group = shape.q_len, shape.kv_len, shape.group
     assert stats.shape == (3, shape.batch, shape.q_heads, rows) and rows % gbwd.BLOCK_M == 0
     delta, m, r = (t[..., :L, None] for t in stats)
     kk, vv = (t.float().repeat_interleave(group, 1) for t in (k, v))
     s = q.float() @ kk.transpose(-2, -1)
+    if cap_scale > 0.0:
+        s = 1.0 - 2.0 / (torch.exp2(s * cap_scale) + 1.0)
     if causal_align != CAUSAL_NONE:
         i = torch.arange(L, device=q.device)[:, None]
         j = torch.arange(S, device=q.device)[None, :]
@@ -319,7 +324,8 @@ def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, off
     else:
         p = torch.exp2((s * qk_scale - m) - r)
     dp = grad_out.float() @ vv.transpose(-2, -1)
-    return p, p * (dp - delta), kk
+    factor = p * (1.0 - torch.minimum(s * s, torch.ones(()))) if cap_scale > 0.0 else p
+    return p, factor * (dp - delta), kk
 
 
 def _bias(mask, mask_tile):
@@ -327,21 +333,21 @@ def _bias(mask, mask_tile):
 
 
 def torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, *, scale, qk_scale, causal_align, offset,
-               rows, plan_key, mask=None, mask_tile=0, window=-1, **padding):
+               rows, plan_key, mask=None, mask_tile=0, window=-1, cap_scale=0.0, **padding):
     """The Gluon dK/dV kernel's arithmetic in torch, from the same arguments (the CPU
     stand-in)."""
     p, ds, _ = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
-                               rows, _bias(mask, mask_tile), window)
+                               rows, _bias(mask, mask_tile), window, cap_scale)
     B, Hkv, S, group = shape.batch, shape.kv_heads, shape.kv_len, shape.group
     dv.copy_((p.transpose(-2, -1) @ grad_out.float()).view(B, Hkv, group, S, -1).sum(2))
     dk.copy_((ds.transpose(-2, -1) @ q.float()).view(B, Hkv, group, S, -1).sum(2) * scale)
 
 
 def torch_dq(q, k, v, grad_out, stats, dq, shape, *, scale, qk_scale, causal_align, offset, rows,
-             plan_key, mask=None, mask_tile=0, spans=None, window=-1, **padding):
+             plan_key, mask=None, mask_tile=0, spans=None, window=-1, cap_scale=0.0, **padding):
     """The Gluon dQ kernel's arithmetic in torch (the CPU stand-in)."""
     _, ds, kk = _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, offset,
-                                rows, _bias(mask, mask_tile), window)
+                                rows, _bias(mask, mask_tile), window, cap_scale)
     dq.copy_(ds @ kk * scale)
 
 
@@ -373,6 +379,46 @@ def test_the_backward_hands_the_kernels_its_window(causal, L, S, window, monkeyp
     extras = dict(causal=causal, window=window)
     grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **extras), (q, k, v), grad)
     assert seen == [window, window]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, **extras)[0], refs,
+                                    grad.double().cpu())
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, rg, torch.float32, what=f"d{name}")
+
+
+@pytest.mark.parametrize("extras", [dict(softcap=2.0, scale=0.9),
+                                    dict(causal="bottom_right", softcap=1.0),
+                                    dict(is_causal=True, window=7, softcap=3.0, scale=0.6),
+                                    dict(softcap=30.0)])
+def test_the_backward_hands_the_kernels_its_soft_cap(extras, monkeypatch):
+    """(Any device: the refusals and the kernels replaced by ``torch_dkdv`` / ``torch_dq``.)
+    Soft-capped scores: both kernels get qk_scale = cap · log2(e) and ``_soft_cap``'s factor
+    (``gluon_score_scales``) beside the prep kernel's statistics of the capped scores; the
+    stand-ins, which replay the kernels' tanh and their 1 - t² factor of dS, give the float64
+    reference's gradients (caps and scales that put most scores on the curve, a near-linear
+    one; GQA). (Masks beside a cap: the GPU cases.)"""
+    clear_plans()
+    monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
+    monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
+    seen = []
+
+    def stand_in(fn):
+        def kernel(*args, **kwargs):
+            seen.append((kwargs["qk_scale"], kwargs["cap_scale"]))
+            fn(*args, **kwargs)
+        return kernel
+
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon", stand_in(torch_dkdv))
+    monkeypatch.setattr(bwd, "attention_dq_gluon", stand_in(torch_dq))
+    L, S, D = 24, 40, 16
+    q = randn(1, 4, L, D).requires_grad_()
+    k, v = (randn(1, 2, S, D).requires_grad_() for _ in range(2))
+    grad = randn(1, 4, L, D)
+    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **extras), (q, k, v), grad)
+    cap, scale = extras["softcap"], extras.get("scale", D ** -0.5)
+    want = (cap * gbwd.LOG2E, 2 * gbwd.LOG2E * scale / cap)
+    assert len(seen) == 2 and all(
+        got == pytest.approx(want, rel=1e-12) for got in seen), (seen, want)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(reference_attention(*refs, **extras)[0], refs,
                                     grad.double().cpu())
@@ -614,6 +660,34 @@ def test_gluon_backward_with_a_sliding_window(case, monkeypatch):
     monkeypatch.delenv("SDPA_PASS_GLUON_WINDOW", raising=False)  # the default
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case)
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(set(SOFTCAP_CASES) - {"with_bias"}))
+def test_gluon_backward_with_soft_capped_scores(case, monkeypatch):
+    """SDPA_PASS_GLUON_SOFTCAP=1: the forward's soft-capping cases (test_gluon_forward's
+    SOFTCAP_CASES; beside a float bias the Triton kernels keep the backward): the gradients
+    of the Gluon dK/dV and dQ kernels (tanh recomputed, dS times 1 - t²) against the float64
+    reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
+    B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@needs_gluon
+@pytest.mark.parametrize("kernel, head_dim", [("dkdv", 64), ("dkdv", 128), ("dkdv", 256),
+                                              ("dq", 128), ("dq", 256)])
+def test_soft_capped_kernels_compile_for_sm90(kernel, head_dim):
+    """SOFTCAP: each kernel's causal schedule as compiled for sm_90, the same wgmmas and order
+    of waits, twice the exponentials (tanh's beside P's), not serialized, and no more stack
+    than the causal kernel's (triton 3.9, hd128 dK/dV: 8 bytes against 136)."""
+    causal = compile_report("bf16", True, head_dim, kernel)
+    capped = compile_report("bf16", True, head_dim, kernel, softcap=True)
+    assert capped["HGMMA"] == causal["HGMMA"], (capped, causal)
+    assert capped["MUFU.EX2"] == 2 * causal["MUFU.EX2"], (capped, causal)
+    assert not capped["wgmma serialized (ptxas C7514)"]
+    assert capped["stack_bytes"] <= causal["stack_bytes"] + 16, (capped, causal)
+    assert capped["shared_bytes"] == causal["shared_bytes"], (capped, causal)
 
 
 def test_the_window_schedule_of_the_dkdv_kernel():

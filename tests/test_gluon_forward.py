@@ -669,8 +669,8 @@ def test_gluon_forward_soft_caps_the_scores(case, monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("case", ["bottom_right_ragged", "with_bias"])
 def test_gradients_through_a_soft_capped_gluon_forward(case, monkeypatch):
-    """The Triton backward (the Gluon ones do not soft-cap) from the soft-capped Gluon
-    forward's LSE."""
+    """The backward from the soft-capped Gluon forward's LSE: the Gluon kernels under the
+    same variable, the Triton ones beside a float bias."""
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
     calls = record_gluon_calls(monkeypatch)
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
