@@ -347,14 +347,15 @@ def compile_variant(name: str):
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     kernel: str = "dkdv", padding: int = 0, mask_tile: int = 0,
-                    window: bool | str = False, softcap: bool = False):
+                    window: bool | str = False, softcap: bool = False, ragged: bool = False):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
     over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
     mask); ``mask_tile``: with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float
     bias of ``dtype``); ``window``: a causal sliding window (WINDOW; "one": of one key, which
-    a launch specializes); ``softcap``: soft-capped scores (SOFTCAP)."""
+    a launch specializes); ``softcap``: soft-capped scores (SOFTCAP); ``ragged``: dQ's
+    RAGGED_KEYS (keys not a whole number of tiles)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -388,7 +389,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         consts = dict(BM=product.dq_block_m(head_dim), BN=product.dq_block_n(head_dim),
                       HEAD=head_dim, STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
                       KEY_SPAN=padding,
-                      MASK_TILE=mask_tile, SOFTCAP=softcap, CONSUMER_REGS=product.CONSUMER_REGS,
+                      MASK_TILE=mask_tile, SOFTCAP=softcap, RAGGED_KEYS=ragged,
+                      CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
     else:
         fn = product._attention_bwd_dkdv_ws
@@ -417,12 +419,12 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
-        _, which, dtype, causal, head_dim, padding, tile, softcap = (
-            name.split(":") + ["0", "0", "0"])[:8]
+        _, which, dtype, causal, head_dim, padding, tile, softcap, ragged = (
+            name.split(":") + ["0", "0", "0", "0"])[:9]
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
                                  int(head_dim), which, int(padding), int(tile), window,
-                                 softcap == "1")
+                                 softcap == "1", ragged == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -639,6 +641,8 @@ def main() -> None:
                         help="with --product: the causal kernel with a sliding window")
     parser.add_argument("--window-one-product", action="store_true",
                         help="with --product: ... of one key (a constexpr in the launch)")
+    parser.add_argument("--ragged-product", action="store_true",
+                        help="with --product dq: keys not a whole number of tiles")
     parser.add_argument("--softcap-product", action="store_true",
                         help="with --product: soft-capped scores (SOFTCAP)")
     parser.add_argument("--head-dim", type=int, default=128,
@@ -658,7 +662,7 @@ def main() -> None:
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:{form}"
                              f":{args.head_dim}:"
                              f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}"
-                             f":{int(args.softcap_product)}")
+                             f":{int(args.softcap_product)}:{int(args.ragged_product)}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

@@ -163,7 +163,7 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import (LOG2E_C, TILE_BIAS_C, _band_mask, _cta_barrier,
+    from .gluon_forward import (LOG2E_C, TILE_BIAS_C, TILE_BOOL_C, _band_mask, _cta_barrier,
                                 _kv_ring_barriers, _kv_ring_fill, _soft_cap, _tma_load,
                                 _tma_store, mask_padding, row_visible, span_tiles)
 
@@ -669,7 +669,8 @@ if gluon is not None:
               mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S, mt_tile, qk_scale, cap_scale,
               s_layout: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
               IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr, KEY_SPAN: gl.constexpr,
-              MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
+              MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
+              RAGGED_KEYS: gl.constexpr):
         """P of rows row0 .. row0 + BMW against key tile j from their scores S and statistics
         m, r (both (BMW, 1)): with MASK_TILE the keys the bool attn_mask's tile ``mt_tile``
         hides, with KEY_SPAN those the padding row hides (``mask_padding``), with IS_CAUSAL
@@ -681,14 +682,16 @@ if gluon is not None:
             s = _soft_cap(s, cap_scale)
         if MASK_TILE == TILE_BIAS_C:
             s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
-            if (j + 1) * BN > S:
-                # keys past S: K's rows and the bias tile read zeros there, so S = 0, which
-                # a bool tile would hide; P would be exp(-m), inf for a row at finfo.min
-                # (0 · inf = NaN in dQ), so they are hidden here
-                keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-                s = gl.where(gl.expand_dims(keys < S, 0), s, float("-inf"))
         elif MASK_TILE:
             s = gl.where(mt_tile.reshape([BMW, BN]).load(s_layout) != 0, s, float("-inf"))
+        if RAGGED_KEYS and MASK_TILE != TILE_BOOL_C:
+            # keys past S: K's rows (and a bias tile) read zeros there, so S = 0, which a bool
+            # tile hides and the causal mask does only where the diagonal ends before S. P
+            # would be exp2(-m - r): inf for a row whose every score is under -88 in natural
+            # units (a finfo.min bias, or Q against every K), and 0 · inf = NaN in dQ
+            if (j + 1) * BN > S:
+                keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+                s = gl.where(gl.expand_dims(keys < S, 0), s, float("-inf"))
         if KEY_SPAN != 0:
             s = mask_padding(s, j, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
@@ -713,14 +716,15 @@ if gluon is not None:
                  a_layout: gl.constexpr, s_layout: gl.constexpr, BMW: gl.constexpr,
                  BN: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                  KEY_SPAN: gl.constexpr,
-                 MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr, W: gl.constexpr):
+                 MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
+                 RAGGED_KEYS: gl.constexpr, W: gl.constexpr):
         """Key tile j's dS as the dQ product's register operand, from its scores S (done) and
         its dP (in flight): the exponentials (``_dq_p``; the bool mask's tile in slot
         2 slot + W of ``mt_smem``) run before the wait for dP."""
         p = _dq_p(s, j, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr, stride_pb,
                   stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
                   mt_smem.index(2 * slot + W), qk_scale, cap_scale, s_layout, BMW, BN, IS_CAUSAL,
-                  WINDOW, KEY_SPAN, MASK_TILE, SOFTCAP)
+                  WINDOW, KEY_SPAN, MASK_TILE, SOFTCAP, RAGGED_KEYS)
         # A wait on Q's barrier, whose only phase is long complete (so it passes at once): a
         # try-wait loop, so a new basic block between the exponentials and the wait for dP,
         # which ptxas would otherwise move above them (as in gluon_forward's consumer loop)
@@ -737,7 +741,8 @@ if gluon is not None:
                      stride_mb, stride_mh, stride_mn, W: gl.constexpr, BMW: gl.constexpr,
                      BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                      IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                     KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
+                     KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
+                     RAGGED_KEYS: gl.constexpr):
         """Consumer W: rows row0 .. row0 + 64 (module docstring), key tiles t0 .. t0 +
         n_tiles. ``n_tiles`` >= 1: a CTA whose rows see no key runs one key tile fully masked
         (m = +inf there besides), so dQ's product can stay in flight across iterations with the
@@ -772,7 +777,7 @@ if gluon is not None:
                          full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                          stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale, cap_scale,
                          dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW, KEY_SPAN,
-                         MASK_TILE, SOFTCAP, W)
+                         MASK_TILE, SOFTCAP, RAGGED_KEYS, W)
         dq_tok = warpgroup_mma(ds_op, k_j, gl.zeros([BMW, HEAD], gl.float32, layout=acc_layout),
                                use_acc=False, is_async=True)
         for i in range(1, n_tiles):
@@ -792,7 +797,7 @@ if gluon is not None:
                              full_tiles, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, mt_smem, qk_scale,
                              cap_scale, dtype, a_layout, s_layout, BMW, BN, IS_CAUSAL, WINDOW,
-                             KEY_SPAN, MASK_TILE, SOFTCAP, W)
+                             KEY_SPAN, MASK_TILE, SOFTCAP, RAGGED_KEYS, W)
             dq_tok = warpgroup_mma(ds_op, k_j, dq, is_async=True)
         dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dq_tok, ds_op])
         mbarrier.arrive(k_empty.index((n_tiles - 1) % STAGES))
@@ -810,7 +815,8 @@ if gluon is not None:
                         stride_mb, stride_mh, stride_mn, BM: gl.constexpr, BN: gl.constexpr,
                         HEAD: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr,
                         IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr, KEY_SPAN: gl.constexpr,
-                        MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr):
+                        MASK_TILE: gl.constexpr, SOFTCAP: gl.constexpr,
+                        RAGGED_KEYS: gl.constexpr):
         """The hd256 dQ kernel's first consumer (module docstring, "Head dim 256"): per key
         tile S = Q K_jᵀ and P (masked as ``_dq_p``; with SOFTCAP dS's factor instead), P in
         fp32 to the second consumer through slot i % P_STAGES of ``p_smem``."""
@@ -831,7 +837,7 @@ if gluon is not None:
             p = _dq_p(s, t0 + i, m, r, row0, offset, window, full_tiles, d_lo, d_hi, kpm_ptr,
                       stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, b, h, S,
                       mt_smem.index(slot), qk_scale, cap_scale, s_layout, BM, BN, IS_CAUSAL,
-                      WINDOW, KEY_SPAN, MASK_TILE, SOFTCAP)
+                      WINDOW, KEY_SPAN, MASK_TILE, SOFTCAP, RAGGED_KEYS)
             ps = i % P_STAGES
             mbarrier.wait(p_empty.index(ps), ((i // P_STAGES) & 1) ^ 1)
             p_smem.index(ps).store(p)
@@ -892,14 +898,15 @@ if gluon is not None:
                              BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                              KEY_SPAN: gl.constexpr, MASK_TILE: gl.constexpr,
-                             SOFTCAP: gl.constexpr,
+                             SOFTCAP: gl.constexpr, RAGGED_KEYS: gl.constexpr,
                              CONSUMER_REGS: gl.constexpr, P_STAGES: gl.constexpr,
                              num_warps: gl.constexpr):
         """Grid (cdiv(L, BM), B * Hq). Q, dO, dQ (B, Hq, L, D) through 4-d descriptors of
         64-row tiles, K, V (B, Hkv, S, D) of BN-row tiles; the statistics as for the dK/dV
         kernel, in blocks of 64 rows (a CTA's second half may read the next head's: only on
         rows past L, whose dQ is not stored). At head dims over 128 (``WIDE``) a CTA is 64
-        rows, both consumers on them (module docstring, "Head dim 256")."""
+        rows, both consumers on them (module docstring, "Head dim 256"). RAGGED_KEYS: S is not
+        a multiple of BN; the last key tile's keys past S are hidden (``_dq_p``)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         WIDE: gl.constexpr = HEAD > 128
         if WIDE:
@@ -959,7 +966,7 @@ if gluon is not None:
                                    n_tiles, full_tiles, d_lo, d_hi, qk_scale, cap_scale, kpm_ptr,
                                    stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                    stride_mn, BM, BN, HEAD, STAGES, P_STAGES, IS_CAUSAL, WINDOW,
-                                   KEY_SPAN, MASK_TILE, SOFTCAP)),
+                                   KEY_SPAN, MASK_TILE, SOFTCAP, RAGGED_KEYS)),
                 (_dq_wide_grads, (dq_desc, do_smem, st_smem, k_smem, v_smem, p_smem, q_bar,
                                   k_ready, v_ready, k_empty, v_empty, p_ready, p_empty, b, h,
                                   start_m, n_tiles, sm_scale, BM, BN, HEAD, STAGES, P_STAGES)),
@@ -978,14 +985,14 @@ if gluon is not None:
                                 n_tiles, full_tiles, d_lo, d_hi, qk_scale, cap_scale, sm_scale,
                                 kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                 stride_mn, 0, BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
-                                MASK_TILE, SOFTCAP)),
+                                MASK_TILE, SOFTCAP, RAGGED_KEYS)),
                 (_dq_consumer, (dq_desc, q_smem, do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar,
                                 k_ready, v_ready, k_empty, v_empty, b, h, start_m + BMW, offset,
                                 window, S,
                                 t0, n_tiles, full_tiles, d_lo, d_hi, qk_scale, cap_scale, sm_scale,
                                 kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                 stride_mn, 1, BMW, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
-                                MASK_TILE, SOFTCAP)),
+                                MASK_TILE, SOFTCAP, RAGGED_KEYS)),
                 (_dq_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, q_smem,
                                 do_smem, st_smem, k_smem, v_smem, mt_smem, q_bar, k_ready,
                                 v_ready, k_empty, v_empty, b, h, h // group, b * mask_b_on,
@@ -1162,7 +1169,7 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
                  args, dict(BM=bm, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, WINDOW=window > 0,
                             KEY_SPAN=padding, MASK_TILE=mask_tile, SOFTCAP=cap_scale > 0.0,
-                            CONSUMER_REGS=CONSUMER_REGS,
+                            RAGGED_KEYS=S % bn != 0, CONSUMER_REGS=CONSUMER_REGS,
                             P_STAGES=wide_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker,

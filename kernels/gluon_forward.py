@@ -142,6 +142,7 @@ if gluon is not None:
     _LN2 = gl.constexpr(LN2)
     LOG2E_C = gl.constexpr(LOG2E)
     TILE_BIAS_C = gl.constexpr(TILE_BIAS)
+    TILE_BOOL_C = gl.constexpr(TILE_BOOL)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
