@@ -974,13 +974,12 @@ def attention_backward_triton(
                    mask=attn_mask, mask_strides=d.mask_strides,
                    mask_tile=d.mask_tile) if d.padding > 0 or d.mask_tile else {}
     # the Gluon kernels' (soft-capped: cap · log2(e) and tanh's factor, gluon_forward's)
-    gluon_scales = dict(zip(("qk_scale", "cap_scale"),
-                            gluon_score_scales(scale, softcap, d.natural)))
+    gluon_qk_scale, cap_scale = gluon_score_scales(scale, softcap, d.natural)
     if d.gluon_refusal is None:
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
                              causal_align=causal_align, offset=d.offset, rows=d.rows,
                              plan_key=plan and (plan, "gluon_dkdv"), window=window,
-                             **gluon_scales, **padding)
+                             qk_scale=gluon_qk_scale, cap_scale=cap_scale, **padding)
     else:
         _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
             q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),
@@ -997,8 +996,8 @@ def attention_backward_triton(
                                              plan and (plan, "spans"))
         attention_dq_gluon(q, k, v, grad_out, stats, dq, shape, scale=scale,
                            causal_align=causal_align, offset=d.offset, rows=d.rows,
-                           plan_key=plan and (plan, "gluon_dq"), window=window, **gluon_scales,
-                           **padding)
+                           plan_key=plan and (plan, "gluon_dq"), window=window,
+                           qk_scale=gluon_qk_scale, cap_scale=cap_scale, **padding)
         return dq, dk, dv, dmask
     ds = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if need_mask_grad else q
     _launch(d.dq_kernel, d.dq_cfg, d.dq_grid, (
