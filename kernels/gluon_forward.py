@@ -27,15 +27,16 @@ and V, or 64 with at least HD64_MIN_KEYS keys, or 256 (64-key tiles; SDPA_PASS_G
 keeps the Triton forward there); no attn_mask but a padding row (a key_padding_mask and / or a
 bool attn_mask that is one row of keys per (batch, head), HF's (B, 1, 1, S): ``KEY_SPAN``,
 below) or a bool attn_mask or, at head dims 128 and 256, an fp16 / bf16 float one with rows of
-its own that the copy engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no
-dropout, soft-capping only under SDPA_PASS_GLUON_SOFTCAP=1 (below), a causal sliding window (below; SDPA_PASS_GLUON_WINDOW=0 keeps the
-Triton kernels for it) but not beside padding rows; no causal mask or one whose diagonal leaves
-no row without keys (diagonal tiles masked, the longest query tiles first); GQA; a positive
-scale; Q, K and V in any (B, H, N, D) strides the copy engine can read (16-byte aligned, no
-broadcast dim: contiguous, or the (B, N, H, D) storage models transpose from); any L and S (the
-copy engine zero-fills past them, the last key tile is masked, stores are clipped); not a
-host-bound call (``forward.host_bound``). Everything else runs the Triton kernel
-(kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off, SDPA_PASS_GLUON_PADDING=0 off
+its own that the copy engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no dropout,
+soft-capping only under SDPA_PASS_GLUON_SOFTCAP=1 (below), a causal sliding window (below;
+SDPA_PASS_GLUON_WINDOW=0 keeps the Triton kernels for it) but not beside padding rows; no causal
+mask or one whose diagonal leaves no row without keys (diagonal tiles masked, the longest query
+tiles first); GQA; a positive scale; Q, K and V in any (B, H, N, D) strides the copy engine can
+read (16-byte aligned, no broadcast dim: contiguous, or the (B, N, H, D) storage models
+transpose from); any L and S (the copy engine zero-fills past them, the last key tile is masked,
+stores are clipped); not a host-bound call (``forward.host_bound``). Everything else runs the
+Triton kernel (kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off,
+SDPA_PASS_GLUON_PADDING=0 off
 for padded calls.
 
 Padding rows (session 21): a Triton prepass (``forward.padding_spans``) writes each row's
