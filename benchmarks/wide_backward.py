@@ -7,8 +7,9 @@ ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_H
 ``ours_triton_bwd_bias`` ours with the Triton backward for it (``SDPA_PASS_GLUON_BWD_BIAS=0``),
 ``ours_triton_window`` ours with the Triton kernels for a sliding window
 (``SDPA_PASS_GLUON_WINDOW=0``; session 24's ``ours_gluon_window`` under ``=1`` when the Gluon
-kernels' window was opt-in), ``ours_gluon_softcap`` ours with the Gluon forward for
-soft-capped scores (``SDPA_PASS_GLUON_SOFTCAP=1``),
+kernels' window was opt-in), ``ours_triton_softcap`` ours with the Triton kernels for
+soft-capped scores (``SDPA_PASS_GLUON_SOFTCAP=0``), ``ours_gluon_softcap`` ours with the Gluon
+kernels for them wherever those run (``=1``: the forward's ``SOFTCAP_MIN_KEYS`` off);
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
 matrix variants (``--variants``, e.g. ``bias``) or its EXTRA_VARIANTS (``window``,
 ``softcap``: forms cuDNN has no kernel for) run the same way.
@@ -41,14 +42,16 @@ HEAD_DIM = 256
 VARIANTS = ("none", "causal", "gqa", "bool")
 # Ours under one variable each, by peer name (with kernel times in the JSON, as ours): the
 # Triton backward; the Triton forward at hd256 and for a float bias (the defaults until
-# session 23); the Triton backward for a float bias (the default until session 24); the Gluon
-# forward for a sliding window (opt-in)
+# session 23); the Triton backward for a float bias (the default until session 24); the Triton
+# kernels for a sliding window (the default until session 25) and for soft-capping (until
+# session 26); the Gluon kernels for soft-capping wherever they run
 OURS_UNDER = {
     "ours_triton": ("SDPA_PASS_GLUON_BWD", "0"),
     "ours_triton_fwd": ("SDPA_PASS_GLUON_FWD_HD256", "0"),
     "ours_triton_bias": ("SDPA_PASS_GLUON_BIAS", "0"),
     "ours_triton_bwd_bias": ("SDPA_PASS_GLUON_BWD_BIAS", "0"),
     "ours_triton_window": ("SDPA_PASS_GLUON_WINDOW", "0"),
+    "ours_triton_softcap": ("SDPA_PASS_GLUON_SOFTCAP", "0"),
     "ours_gluon_softcap": ("SDPA_PASS_GLUON_SOFTCAP", "1"),
 }
 

@@ -108,14 +108,19 @@ kernels' 301.5 / 307.6 and flex's 295.7 / 301.4; hd256 262.5 / 333.6 at 1k / 4k 
 203.2 (flex 122.0 / 134.5); hd64 290.7 / 305.5 at 4k / 16k against 270.1 / 275.3 (BENCHMARKS.md,
 session 25).
 
-Soft-capping (``SOFTCAP``, session 25; opt-in under SDPA_PASS_GLUON_SOFTCAP=1 with the
-forward's, until they have run on a GPU; not beside a float bias, whose tiles take the prep
-kernel's natural-log statistics while capped scores have log2 ones): both kernels recompute
-t = tanh(s · scale / cap) from the raw products as the forward does (``_soft_cap``), P from
-cap · log2(e) · t, and give dS the cap's derivative, P ∘ (1 - t²) ∘ (dP - delta)
-(``_cap_derivative``); the dK/dV kernel keeps that factor in place of P once P is on its way
-to dV's product, so no tile more is live. Compiled for sm_90 (triton 3.9) each keeps its
-causal schedule's wgmmas and waits with twice the exponentials and no more stack.
+Soft-capping (``SOFTCAP``, session 25; the default since session 26, SDPA_PASS_GLUON_SOFTCAP=0
+keeps the Triton kernels, as do padding rows beside it unless =1; not beside a float bias, whose
+tiles take the prep kernel's natural-log statistics while capped scores have log2 ones): both
+kernels recompute t = tanh(s · scale / cap) from the raw products as the forward does
+(``_soft_cap``), P from cap · log2(e) · t, and give dS the cap's derivative, P ∘ (1 - t²) ∘ (dP -
+delta) (``_cap_derivative``); the dK/dV kernel keeps that factor in place of P once P is on its way
+to dV's product, so no tile more is live. Compiled for sm_90 (triton 3.9) each keeps its causal
+schedule's wgmmas and waits with twice the exponentials and no more stack. H200, bf16, causal, cap
+30, hd128, kernel times against the Triton kernels' (ms): dK/dV 0.386 / 1.161 / 4.266 at N = 1k /
+4k / 16k against 0.492 / 1.640 / 5.938, dQ 0.303 / 0.918 / 3.230 against 0.400 / 1.267 / 4.410;
+forward + backward 232.5 / 325.3 / 366.2 TFLOP/s against 201.6 / 253.6 / 285.3 (flex 142.0 / 178.4
+/ 194.6); hd256 270.8 / 381.8 at 1k / 4k against 136.9 / 173.2; hd64 182.3 / 222.6 against 163.6 /
+201.3 (BENCHMARKS.md, session 26).
 """
 
 from __future__ import annotations
@@ -1025,7 +1030,8 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return (f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of "
                 f"{BWD_HEAD_DIMS})")
     refusal = gluon_scope_refusal("backward", masked, padding, window,
-                                  softcap=gluon_softcap_refusal(softcapped), dropout=dropout)
+                                  softcap=gluon_softcap_refusal(softcapped, padding),
+                                  dropout=dropout)
     if refusal is not None:
         return refusal
     if dq_atomic:

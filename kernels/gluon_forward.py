@@ -28,11 +28,11 @@ keeps the Triton forward there); no attn_mask but a padding row (a key_padding_m
 bool attn_mask that is one row of keys per (batch, head), HF's (B, 1, 1, S): ``KEY_SPAN``,
 below) or a bool attn_mask or, at head dims 128 and 256, an fp16 / bf16 float one with rows of
 its own that the copy engine can read (``tile_mask_refusal``; ``MASK_TILE``, below), no dropout,
-soft-capping only under SDPA_PASS_GLUON_SOFTCAP=1 (below), a causal sliding window (below;
-SDPA_PASS_GLUON_WINDOW=0 keeps the Triton kernels for it) but not beside padding rows; no causal
-mask or one whose diagonal leaves no row without keys (diagonal tiles masked, the longest query
-tiles first); GQA; a positive scale; Q, K and V in any (B, H, N, D) strides the copy engine can
-read (16-byte aligned, no broadcast dim: contiguous, or the (B, N, H, D) storage models
+soft-capping at head dim 256, or 128 from SOFTCAP_MIN_KEYS keys (below), a causal sliding window
+(below; SDPA_PASS_GLUON_WINDOW=0 keeps the Triton kernels for it) but not beside padding rows; no
+causal mask or one whose diagonal leaves no row without keys (diagonal tiles masked, the longest
+query tiles first); GQA; a positive scale; Q, K and V in any (B, H, N, D) strides the copy engine
+can read (16-byte aligned, no broadcast dim: contiguous, or the (B, N, H, D) storage models
 transpose from); any L and S (the copy engine zero-fills past them, the last key tile is masked,
 stores are clipped); not a host-bound call (``forward.host_bound``). Everything else runs the
 Triton kernel (kernels/forward.py). SDPA_PASS_GLUON=0 turns this path off,
@@ -79,14 +79,18 @@ local memory: stack 136 bytes at hd128 against 8). H200, hd128, a window of 1024
 forward alone: 380.1 / 429.9 / 442.1 TFLOP/s at N = 1k / 4k / 16k against the Triton
 kernel's 344.6 / 380.3 / 393.8 and flex's 260.1 / 304.2 / 306.0 (BENCHMARKS.md, session 25).
 
-Soft-capping (``SOFTCAP``, session 25; opt-in under SDPA_PASS_GLUON_SOFTCAP=1 until it has run
-on a GPU): each raw product becomes tanh(s · scale / cap) before any mask (``_soft_cap``: one
-exp2 and one reciprocal, exact to a few fp32 units; tanh.approx's 11 bits would move a logit by
-up to 0.02 at a cap of 50), and qk_scale takes it to the softmax's units
-(``gluon_score_scales``). Compiled for sm_90: the causal kernel's wgmmas and shared memory,
-twice its exponentials, all under the P·V product (hd128: 130 a consumer between the waits
-against 66). With the reciprocal that is three MUFU operations a score against one, which at
-hd128 outweighs the two products' tensor-core time per tile: a bound to measure. The backward's
+Soft-capping (``SOFTCAP``, session 25; the default since session 26 where it measured faster,
+``SOFTCAP_MIN_KEYS``; SDPA_PASS_GLUON_SOFTCAP=0 keeps the Triton kernels, =1 takes this one at
+every shape it runs): each raw product becomes tanh(s · scale / cap) before any mask
+(``_soft_cap``: one exp2 and one reciprocal, exact to a few fp32 units; tanh.approx's 11 bits would
+move a logit by up to 0.02 at a cap of 50), and qk_scale takes it to the softmax's units
+(``gluon_score_scales``). Compiled for sm_90: the causal kernel's wgmmas and shared memory, twice
+its exponentials, all under the P·V product (hd128: 130 a consumer between the waits against 66).
+With the reciprocal that is three MUFU operations a score against one, which at hd128 outweighs the
+two products' tensor-core time per tile. H200, bf16, causal, cap 30, forward alone, TFLOP/s against
+the Triton kernel: hd128 166.9 / 235.2 / 304.2 / 355.3 / 417.8 at N = 512 / 1k / 2k / 4k / 16k
+against 212.4 / 256.1 / 292.8 / 315.2 / 340.4; hd256 351.1 / 458.2 at 1k / 4k against 268.7 /
+364.8; hd64 209.9 at 4k against 216.5 (flex 90-190; BENCHMARKS.md, session 26). The backward's
 Gluon kernels soft-cap under the same variable (gluon_backward.py).
 """
 
@@ -116,6 +120,13 @@ HEAD_DIMS = (64, 128)
 # but 0.92x / 0.85x (causal) at N = 1k, where the key loop is 8 tiles and the autotuned
 # Triton tiles win; 2k was not measured.
 HD64_MIN_KEYS = 4096
+# Keys from which a soft-capped forward takes the Gluon kernel, by head dim (absent: every
+# length; None: none), unless SDPA_PASS_GLUON_SOFTCAP=1. On the H200 (bf16, causal, cap 30,
+# B·H·N = 2**18, BENCHMARKS.md session 26) its three MUFU operations a score (two exp2, a
+# reciprocal) leave the Gluon kernel 0.79x / 0.92x the Triton one at hd128 N = 512 / 1k, 1.04x
+# at 2k and 1.13-1.23x from 4k; at hd64 (from HD64_MIN_KEYS) 0.97x at 4k; at hd256
+# 1.28-1.31x at 1k / 4k.
+SOFTCAP_MIN_KEYS = {64: None, 128: 2048}
 BLOCK_M = 128  # query rows a CTA, 64 a consumer warpgroup
 BLOCK_N = 128  # keys a tile
 # Head dim 256: 64-key tiles (Q, two K / V slots of 64 x 256 and the S / O registers fit; at
@@ -613,10 +624,16 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     refusal = gluon_scope_refusal("forward", masked, padding, window,
-                                  softcap=gluon_softcap_refusal(softcap > 0.0),
+                                  softcap=gluon_softcap_refusal(softcap > 0.0, padding),
                                   dropout=dropout_p > 0.0)
     if refusal is not None:
         return refusal
+    if softcap > 0.0 and os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "") != "1":
+        least = SOFTCAP_MIN_KEYS.get(shape.head_dim, 0)
+        if least is None or shape.kv_len < least:
+            return (f"soft-capping at head dim {shape.head_dim} with {shape.kv_len} keys (the "
+                    "Triton kernel measured faster"
+                    + (")" if least is None else f" under {least})"))
     if (causal_align != CAUSAL_NONE
             and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
         return "a causal diagonal that leaves rows without keys"
@@ -642,13 +659,20 @@ def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, wi
     return None
 
 
-def gluon_softcap_refusal(softcapped: bool) -> str | None:
+def gluon_softcap_refusal(softcapped: bool, padding: int) -> str | None:
     """Why the Gluon kernels do not take this call's soft-capped scores, or None (also when
-    it has none): their soft-capping (``_soft_cap``) is opt-in, SDPA_PASS_GLUON_SOFTCAP=1,
-    until it has run on a GPU."""
-    if softcapped and os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "") != "1":
-        return ("soft-capping (the Gluon kernels' is opt-in, SDPA_PASS_GLUON_SOFTCAP=1, until "
-                "it has run on a GPU)")
+    it has none): SDPA_PASS_GLUON_SOFTCAP=0 keeps the Triton kernels for them, and so do
+    padding rows (``padding``: as ``gluon_padding_refusal``'s) unless it is 1: the two have not
+    run together on a GPU. (The forward also keeps the Triton kernel at the shapes of
+    ``SOFTCAP_MIN_KEYS``.)"""
+    if not softcapped:
+        return None
+    chosen = os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "")
+    if chosen == "0":
+        return "soft-capping with SDPA_PASS_GLUON_SOFTCAP=0"
+    if padding and chosen != "1":
+        return ("soft-capping beside padding rows (not yet run together on a GPU; "
+                "SDPA_PASS_GLUON_SOFTCAP=1 takes them)")
     return None
 
 

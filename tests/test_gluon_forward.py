@@ -69,12 +69,26 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert gfwd.forward_block_n(256) == 64 and gfwd.forward_block_n(128) == gfwd.BLOCK_N
     assert "mask" in refusal(q, kv, kv, masked=True)  # (padding rows: test_gluon_padding.py)
     assert "dropout" in refusal(q, kv, kv, dropout_p=0.1)
-    # soft-capping: opt-in (SDPA_PASS_GLUON_SOFTCAP=1) until it has run on a GPU
+    # soft-capping: taken at hd256 and at hd128 from SOFTCAP_MIN_KEYS keys, where it measured
+    # faster, not beside padding rows; SDPA_PASS_GLUON_SOFTCAP=0 never, =1 wherever it runs
     monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP", raising=False)
-    assert "SDPA_PASS_GLUON_SOFTCAP=1" in refusal(q, kv, kv, softcap=30.0)
+    least = gfwd.SOFTCAP_MIN_KEYS[128]
+    long_kv = torch.zeros(2, 2, least, 128, dtype=h)
+    assert refusal(q, long_kv, long_kv, softcap=30.0) is None
+    assert f"with 384 keys (the Triton kernel measured faster under {least})" in refusal(
+        q, kv, kv, softcap=30.0)
+    assert refusal(q256, kv256, kv256, softcap=30.0) is None
+    assert "head dim 64 with 4096 keys" in refusal(q64, long64, long64, softcap=30.0)
+    assert "padding rows" in refusal(q, long_kv, long_kv, softcap=30.0, padding=1)
+    assert refusal(q, long_kv, long_kv, padding=1) is None  # the cap is what keeps it off
+    with monkeypatch.context() as m:
+        m.setenv("SDPA_PASS_GLUON_SOFTCAP", "0")
+        assert "SDPA_PASS_GLUON_SOFTCAP=0" in refusal(q256, kv256, kv256, softcap=30.0)
     with monkeypatch.context() as m:
         m.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
         assert refusal(q, kv, kv, softcap=30.0) is None
+        assert refusal(q64, long64, long64, softcap=30.0) is None
+        assert refusal(q, kv, kv, softcap=30.0, padding=1) is None
         assert refusal(q, kv, kv, softcap=30.0, causal_align=CAUSAL_TOP_LEFT, window=16) is None
         assert "dropout" in refusal(q, kv, kv, softcap=30.0, dropout_p=0.1)
     # a causal sliding window: taken unless SDPA_PASS_GLUON_WINDOW=0, not beside padding rows
@@ -635,7 +649,8 @@ def test_gradients_through_a_windowed_gluon_forward(monkeypatch):
     forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs)
 
 
-# Soft-capped scores (SDPA_PASS_GLUON_SOFTCAP=1; laid out as WINDOW_CASES): caps and scales
+# Soft-capped scores (run under SDPA_PASS_GLUON_SOFTCAP=1, which takes the Gluon kernels at
+# every shape it runs, these 1k-key hd128 ones too; laid out as WINDOW_CASES): caps and scales
 # that put most scores on tanh's curve or its saturation (randn inputs: raw products of about
 # sqrt(D)), beside every mask form and head dim the kernel takes; one near-linear cap.
 SOFTCAP_CASES = {
@@ -659,8 +674,9 @@ SOFTCAP_CASES = {
 @needs_hopper
 @pytest.mark.parametrize("case", sorted(SOFTCAP_CASES))
 def test_gluon_forward_soft_caps_the_scores(case, monkeypatch):
-    """SDPA_PASS_GLUON_SOFTCAP=1: the Gluon forward's cap · tanh(s · scale / cap) before the
-    masks (a bias added after it); output and LSE against float64."""
+    """SDPA_PASS_GLUON_SOFTCAP=1 (the Gluon kernel wherever it runs): the Gluon forward's
+    cap · tanh(s · scale / cap) before the masks (a bias added after it); output and LSE
+    against float64."""
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
