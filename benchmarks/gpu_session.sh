@@ -40,7 +40,8 @@ if [ -n "${1:-}" ]; then
     i=$((i + 1))
     # -v: each test's outcome as it happens (with -n, "[gwN] [ x%] FAILED <id>"), so a shard
     # that runs out of time still names its failures (the summary comes only at the end)
-    eval "timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -v $shard" > "$OUT/tests_$i.log" 2>&1 &
+    # SDPA_PASS_FAILURE_LOG (tests/conftest.py): each failure's traceback as it happens, too
+    eval "SDPA_PASS_FAILURE_LOG=$OUT/failures_$i.log timeout ${TEST_TIMEOUT:-300} python3 -m pytest -p no:cacheprovider -v $shard" > "$OUT/tests_$i.log" 2>&1 &
   done
   wait
   for f in "$OUT"/tests_*.log; do

@@ -4,6 +4,8 @@ round times each peer once, in the given order. The timer is replaced, so these 
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,3 +96,23 @@ def test_the_extra_variants_mean_what_the_library_means(variant, monkeypatch):
         assert shape.flops == 4.0 * 2 * 64 * 64 * 16 / 2
     for name, out in outputs.items():
         torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-4, msg=name)
+
+
+def test_the_failure_log_keeps_each_traceback_as_it_happens(tmp_path):
+    """SDPA_PASS_FAILURE_LOG (tests/conftest.py, set by benchmarks/gpu_session.sh): a failing
+    test's traceback lands in the file once, a passing test's nothing, without waiting for
+    pytest's summary."""
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (tmp_path / "test_two.py").write_text(
+        "def test_ok():\n    pass\n\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n")
+    log = tmp_path / "failures.log"
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("PYTEST_XDIST")}  # this suite's own workers set them
+    env["SDPA_PASS_FAILURE_LOG"] = str(log)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_two.py"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert "1 failed, 1 passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    text = log.read_text()
+    assert text.count("==== ") == 1 and "==== test_two.py::test_bad (call)" in text
+    assert "one is not two" in text and "test_ok" not in text
