@@ -266,7 +266,29 @@ def record_calls(monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_padded_gluon_kernels_match_the_reference(case, monkeypatch):
+    padded_against_the_reference(case, monkeypatch)
+
+
+# Padding rows beside soft-capped scores: by default those calls stay on the Triton kernels
+# (gluon_forward.gluon_softcap_refusal) until these have run on a GPU
+SOFTCAP_CASES = ("hf_right_bf16", "hf_left_causal_bottom_right", "kpm_ragged_fp16", "none_visible",
+                 "per_head_rows_gqa", "hd64_right_causal", "hd256_left_kpm_bottom_right")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_padded_gluon_kernels_with_soft_capped_scores(case, monkeypatch):
+    """SDPA_PASS_GLUON_SOFTCAP=1: the Gluon kernels take padding rows and a cap together
+    (tanh before the padding's mask, every key tile outside the span still skipped)."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
+    padded_against_the_reference(case, monkeypatch, softcap=5.0)
+
+
+def padded_against_the_reference(case, monkeypatch, **more):
+    """GPU_CASES[case] (with ``more`` arguments) through the Gluon forward and backward: output,
+    LSE and gradients against float64, and each kernel handed the padding flags."""
     B, Hq, Hkv, L, S, dtype, D, kind, how, extras = GPU_CASES[case]
+    extras = dict(extras, **more)
     generator = torch.Generator().manual_seed(len(case))
     masks = _masks(kind, how, B, Hq, S, generator)
     flags = (1 if "key_padding_mask" in masks else 0) | (2 if "attn_mask" in masks else 0)
