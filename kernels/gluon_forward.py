@@ -92,6 +92,13 @@ the Triton kernel: hd128 166.9 / 235.2 / 304.2 / 355.3 / 417.8 at N = 512 / 1k /
 against 212.4 / 256.1 / 292.8 / 315.2 / 340.4; hd256 351.1 / 458.2 at 1k / 4k against 268.7 /
 364.8; hd64 209.9 at 4k against 216.5 (flex 90-190; BENCHMARKS.md, session 26). The backward's
 Gluon kernels soft-cap under the same variable (gluon_backward.py).
+
+SDPA_PASS_GLUON_SOFTCAP_POLY=1 (session 26, opt-in until measured; ``SOFTCAP_POLY``) takes the
+soft-capped softmax's P off the special function unit: 2^x from a degree-4 polynomial on the
+FMA units (``_exp2_poly``, 2.7e-6 relative, below fp16's and bf16's rounding of P). That leaves
+two MUFU operations a score (tanh's exponential and reciprocal) against three and adds about
+eleven FMA-unit and integer operations. Compiled for sm_90 (triton 3.9, hd128): 66 exponentials a consumer between
+the waits against 130, the same wgmmas and order, stack 16 bytes against 24.
 """
 
 from __future__ import annotations
@@ -145,6 +152,16 @@ BIAS_HEAD_DIMS = (128, 256)
 CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# SOFTCAP's values: 0 none, SOFTCAP_MUFU the softmax's exponentials on the special function
+# unit (exp2), SOFTCAP_POLY on the FMA units (``_exp2_poly``; SDPA_PASS_GLUON_SOFTCAP_POLY=1)
+SOFTCAP_MUFU = 1
+SOFTCAP_POLY = 2
+# 2^f for f in [-0.5, 0.5] to 2.7e-6 relative in fp32 (f = x - round(x)): a degree-4 polynomial
+# (lowest power first) fitted to the relative error by Lawson's iteration over 20,001 points
+EXP2_POLY = (0.9999992633340683, 0.6931218831056316, 0.2402474462310598, 0.05591733614952641,
+             0.009569907257040438)
+EXP2_ROUND = 12582912.0  # 1.5 * 2**23: x + it holds round(x) in its low mantissa bits
+EXP2_FLOOR = -125.0  # 2^x below it is taken as 0 (round(x) >= -125 keeps 2^round(x) normal)
 
 if gluon is not None:
     # triton 3.6's names; later releases renamed them
@@ -155,6 +172,10 @@ if gluon is not None:
     LOG2E_C = gl.constexpr(LOG2E)
     TILE_BIAS_C = gl.constexpr(TILE_BIAS)
     TILE_BOOL_C = gl.constexpr(TILE_BOOL)
+    SOFTCAP_POLY_C = gl.constexpr(SOFTCAP_POLY)
+    _EXP2_C0, _EXP2_C1, _EXP2_C2, _EXP2_C3, _EXP2_C4 = (gl.constexpr(c) for c in EXP2_POLY)
+    _EXP2_ROUND_C = gl.constexpr(EXP2_ROUND)
+    _EXP2_FLOOR_C = gl.constexpr(EXP2_FLOOR)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -356,11 +377,11 @@ if gluon is not None:
         if BIAS:  # running max in natural-log units of the biased scores
             m_i = gl.max(s, 1)
             m_use = _finite_shift(m_i, True)
-            p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
+            p = _softmax_exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C, SOFTCAP)
         else:
             m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
             m_use = _finite_shift(m_i, EMPTY_ROWS)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+            p = _softmax_exp2(s * qk_scale - gl.expand_dims(m_use, 1), SOFTCAP)
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
         mbarrier.wait(v_ready.index(0), 0)
@@ -402,12 +423,12 @@ if gluon is not None:
                 m_new = gl.maximum(m_i, gl.max(s, 1))
                 m_use = _finite_shift(m_new, True)
                 alpha = gl.exp2((m_i - m_use) * LOG2E_C)
-                p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
+                p = _softmax_exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C, SOFTCAP)
             else:
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
                 m_use = _finite_shift(m_new, EMPTY_ROWS)
                 alpha = gl.exp2(m_i - m_use)
-                p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+                p = _softmax_exp2(s * qk_scale - gl.expand_dims(m_use, 1), SOFTCAP)
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             # V_j for the next iteration. This wait (a try-wait loop, so a new basic block)
@@ -469,6 +490,28 @@ if gluon is not None:
         at a cap of 50 would move a logit by up to 0.02). Saturates to +-1: e overflows to
         inf (2 / inf = 0) or flushes to 0."""
         return 1.0 - 2.0 / (gl.exp2(s * cap_scale) + 1.0)
+
+    @gluon.jit
+    def _exp2_poly(x):
+        """2^x without the special function unit, for P's exponentials (x <= 0, -inf included)
+        where soft-capping has given that unit two more a score (``_soft_cap``): round(x) in
+        t = x + 1.5 * 2^23's low mantissa bits, f = x - round(x) in [-0.5, 0.5], 2^f from
+        EXP2_POLY's four FMAs, and round(x) added to its exponent (t's bits shifted up 23:
+        the 1.5 * 2^23 offset shifts out). 2.7e-6 relative, under fp16's and bf16's rounding
+        of P for the P.V product; 0 below EXP2_FLOOR (the integer part would leave the
+        normal range; -inf's NaN f is discarded there), as exp2 gives 0 for -inf."""
+        t = x + _EXP2_ROUND_C
+        f = x - (t - _EXP2_ROUND_C)
+        p = ((((_EXP2_C4 * f + _EXP2_C3) * f + _EXP2_C2) * f + _EXP2_C1) * f + _EXP2_C0)
+        bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
+        return gl.where(x >= _EXP2_FLOOR_C, bits.to(gl.float32, bitcast=True), 0.0)
+
+    @gluon.jit
+    def _softmax_exp2(x, SOFTCAP: gl.constexpr):
+        """P's 2^x: on the FMA units with SOFTCAP_POLY (``_exp2_poly``), else exp2."""
+        if SOFTCAP == SOFTCAP_POLY_C:
+            return _exp2_poly(x)
+        return gl.exp2(x)
 
     @gluon.jit
     def _finite_shift(m, MAY_BE_EMPTY: gl.constexpr):
@@ -815,12 +858,21 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
                       RAGGED_KEYS=S % bn != 0 and not padding, KEY_SPAN=padding,
                       NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile or window > 0),
-                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap > 0.0,
+                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap_form(softcap),
                       CONSUMER_REGS=CONSUMER_REGS,
                       num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
                               **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})
+
+
+def softcap_form(softcap: float) -> int:
+    """SOFTCAP for a call's ``softcap`` (0: none): SOFTCAP_POLY under
+    SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in until measured), else SOFTCAP_MUFU."""
+    if not softcap > 0.0:
+        return 0
+    return (SOFTCAP_POLY if os.environ.get("SDPA_PASS_GLUON_SOFTCAP_POLY", "") == "1"
+            else SOFTCAP_MUFU)
 
 
 def gluon_score_scales(scale: float, softcap: float, bias: bool) -> tuple[float, float]:
