@@ -1,6 +1,7 @@
 """Model-level prefill and decode: a Llama-style decoder (8 layers, hidden 2048, 16 query / 4 KV
 heads of 128, bf16, random weights; ``--family qwen2`` the same sizes as Qwen2, with q/k/v
-biases) run over a whole prompt, as a generate() prefill runs it (``--mode prefill``), or
+biases; ``--family gemma2`` Gemma 2's attention at those sizes: 8 query / 4 KV heads of 256,
+logits soft-capped at 50, every other layer a 4096-token sliding window) run over a whole prompt, as a generate() prefill runs it (``--mode prefill``), or
 generating tokens greedily with HF's default dynamic KV cache (``--mode decode``).
 
 Implementations, same weights, same run, same GPU:
@@ -8,6 +9,8 @@ Implementations, same weights, same run, same GPU:
 - ``eager+inductor``: that model under ``torch.compile`` (Inductor, no pass);
 - ``hf_sdpa``: ``attn_implementation="sdpa"`` (HF's own fused path), eager PyTorch around it;
 - ``hf_sdpa+inductor``: the HF SDPA model under ``torch.compile`` (Inductor);
+- ``hf_flex``, ``hf_flex+inductor``: ``attn_implementation="flex_attention"`` (HF's flex
+  attention path, which takes Gemma 2's soft-cap; HF has no SDPA path for Gemma 2);
 - ``optimize``: ``sdpa_pass.optimize(eager model)`` (the pass in front of Inductor), its sites
   on our Triton kernels; with ``--implementations triton,sdpa,math`` also ``optimize[sdpa]``
   (the sites as exact ``F.scaled_dot_product_attention`` calls) and ``optimize[math]`` (the
@@ -18,10 +21,11 @@ Implementations, same weights, same run, same GPU:
 
 Prefill, per prompt length: median latency of the forward (``logits_to_keep=1``, no cache, as
 the prefill of a generation with its KV cache disabled), peak GPU memory above the weights, and
-the relative difference of the last-token logits against ``hf_sdpa``.
+the relative difference of the last-token logits against the family's reference column
+(``REFERENCE``: ``hf_sdpa``, or ``eager`` for Gemma 2).
 Decode: ``generate`` of ``--new-tokens`` tokens after a prompt of each length, batch
 ``--batch``; tokens/s of the whole call (prefill included, once compiled: one warm-up call
-first), peak memory, and whether the tokens equal ``hf_sdpa``'s.
+first), peak memory, and whether the tokens equal the reference column's.
 
 Run: ``python benchmarks/model.py [--mode prefill|decode] [--family llama|qwen2]
 [--lengths 2048,8192] [--implementations triton,sdpa,math] [--out DIR]``.
@@ -47,7 +51,31 @@ CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hi
               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384)
 
 
-FAMILIES = {"llama": (T.LlamaForCausalLM, T.LlamaConfig), "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config)}
+FAMILIES = {"llama": (T.LlamaForCausalLM, T.LlamaConfig), "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config),
+            "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config)}
+# Each family's attention over CONFIG's sizes: Gemma 2's head dim, soft-caps and windows (its
+# 2B model's attention, 8 / 4 heads of 256, at hidden 2048)
+FAMILY_CONFIG = {"gemma2": dict(num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                query_pre_attn_scalar=256, sliding_window=4096,
+                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0)}
+# The column the others' logits are compared with: HF's SDPA path, except where HF has none
+# (Gemma 2: its SDPA path would drop the soft-cap, so HF refuses it) and eager is the model
+REFERENCE = {"gemma2": "eager"}
+# attn_implementation by column prefix
+ATTENTION = {"hf_sdpa": "sdpa", "hf_flex": "flex_attention"}
+
+
+def config(family: str, attn_implementation: str = "eager"):
+    """The family's config at CONFIG's sizes (with FAMILY_CONFIG's changes)."""
+    _, config_class = FAMILIES[family]
+    return config_class(**{**CONFIG, **FAMILY_CONFIG.get(family, {})},
+                        attn_implementation=attn_implementation)
+
+
+def attention_of(kind: str) -> str:
+    """The attn_implementation a column's model is built with."""
+    base, _ = split_cudagraphs(kind)
+    return next((attn for prefix, attn in ATTENTION.items() if base.startswith(prefix)), "eager")
 # The float64 math reference materialises (B, H, L, S) float64 scores and probabilities per
 # layer: 8.6 GB each at 8192 tokens. Longer prompts are skipped for it.
 MATH_MAX_TOKENS = 4096
@@ -86,14 +114,13 @@ def skip_reason(kind: str, tokens: int):
 
 def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module:
     base, cudagraphs = split_cudagraphs(kind)
-    if cudagraphs and base in ("hf_sdpa", "eager"):
+    if cudagraphs and base in ("hf_sdpa", "hf_flex", "eager"):
         raise ValueError(f"{kind}: CUDA graphs come with a compiled column (+inductor, optimize)")
-    attn = "sdpa" if base.startswith("hf_sdpa") else "eager"
-    model_class, config_class = FAMILIES[family]
-    model = model_class(config_class(**CONFIG, attn_implementation=attn))
+    model_class, _ = FAMILIES[family]
+    model = model_class(config(family, attention_of(kind)))
     model.load_state_dict(base_state)
     model = model.to("cuda", torch.bfloat16).eval()
-    if base in ("eager+inductor", "hf_sdpa+inductor"):
+    if base in ("eager+inductor", "hf_sdpa+inductor", "hf_flex+inductor"):
         model.compile(mode="reduce-overhead" if cudagraphs else None)
     elif implementation_of(kind) is not None:
         reports = []
@@ -163,9 +190,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--impls", default="hf_sdpa,eager,eager+inductor,optimize",
-                        help="columns: hf_sdpa, hf_sdpa+inductor, eager, eager+inductor, "
-                             "optimize, each compiled one also with +cudagraphs")
+    parser.add_argument("--impls", default=None,
+                        help="columns: hf_sdpa, hf_sdpa+inductor, hf_flex, hf_flex+inductor, "
+                             "eager, eager+inductor, optimize, each compiled one also with "
+                             "+cudagraphs (default: the reference column, eager, "
+                             "eager+inductor, optimize)")
     parser.add_argument("--implementations", default="triton",
                         help="what the optimize column's rewritten sites run, one column each: "
                              "any of triton,sdpa,math (sdpa_pass.Implementation)")
@@ -178,11 +207,15 @@ def main(argv=None) -> None:
                              "(profile_<column>_<tokens>.txt in --out), to see where time goes")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model_class, config_class = FAMILIES[args.family]
-    base_state = model_class(config_class(**CONFIG)).state_dict()
+    model_class, _ = FAMILIES[args.family]
+    base_state = model_class(config(args.family)).state_dict()
+    reference = REFERENCE.get(args.family, "hf_sdpa")
+    if args.impls is None:
+        args.impls = ",".join(dict.fromkeys([reference, "eager", "eager+inductor", "optimize"]))
     meta = metadata(argparse.Namespace(mode=args.mode, dtype="bf16", quick=False), torch.device("cuda"))
     decode = args.mode == "decode"
-    meta.update(benchmark=f"model_{args.mode}", family=args.family, flops=None, model=CONFIG,
+    meta.update(benchmark=f"model_{args.mode}", family=args.family, flops=None,
+                model={**CONFIG, **FAMILY_CONFIG.get(args.family, {})}, reference=reference,
                 batch=args.batch, new_tokens=args.new_tokens if decode else None,
                 timer="CUDA events, median of " + ("3 generate calls" if decode else "10"))
     rows = []
@@ -228,11 +261,11 @@ def main(argv=None) -> None:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     for row in rows:
-        ref = Path(f"/tmp/logits_hf-sdpa_{row['seq_len']}.pt")
+        ref = Path(f"/tmp/logits_{slug(reference)}_{row['seq_len']}.pt")
         mine = Path(f"/tmp/logits_{slug(row['impl'])}_{row['seq_len']}.pt")
-        if row["ms"] is not None and ref.exists() and row["impl"] != "hf_sdpa":
+        if row["ms"] is not None and ref.exists() and row["impl"] != reference:
             a, b = torch.load(mine), torch.load(ref)
-            if decode:  # greedy tokens: the fraction that differ from hf_sdpa's
+            if decode:  # greedy tokens: the fraction that differ from the reference's
                 row["tokens_differ"] = (a != b).float().mean().item()
             else:
                 row["rel_err"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -242,9 +275,11 @@ def main(argv=None) -> None:
     path = args.out / f"model_{args.mode}{family}_bf16_{slug(meta['device'])}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     what = (f"decode, batch {args.batch}, {args.new_tokens} new tokens: tokens/s (peak GiB above "
-            "weights; share of tokens unlike hf_sdpa's)" if decode else
-            "prefill: ms (peak GiB above weights; last-token logits vs hf_sdpa)")
-    print(f"\n{args.family}-style model (8 layers, hidden 2048, 16/4 heads, bf16) {what}; "
+            f"weights; share of tokens unlike {reference}'s)" if decode else
+            f"prefill: ms (peak GiB above weights; last-token logits vs {reference})")
+    cfg = config(args.family)
+    print(f"\n{args.family}-style model ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads of {cfg.head_dim}, bf16) {what}; "
           f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}\n")
     print("| tokens | " + " | ".join(impls) + " |")
     print("|---:|" + "---:|" * len(impls))

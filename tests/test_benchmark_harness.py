@@ -116,3 +116,17 @@ def test_the_failure_log_keeps_each_traceback_as_it_happens(tmp_path):
     text = log.read_text()
     assert text.count("==== ") == 1 and "==== test_two.py::test_bad (call)" in text
     assert "one is not two" in text and "test_ok" not in text
+
+
+def test_the_model_benchmark_builds_gemma2_with_its_caps_windows_and_reference():
+    """benchmarks/model.py --family gemma2: Gemma 2's attention (soft-capped logits, a sliding
+    window, head dim 256) at the benchmark's sizes, compared with eager (HF has no SDPA path
+    for it), its HF flex column built with flex attention; llama keeps hf_sdpa."""
+    import model
+    cfg = model.config("gemma2")
+    assert (cfg.attn_logit_softcapping, cfg.sliding_window, cfg.head_dim) == (50.0, 4096, 256)
+    assert cfg.hidden_size == model.CONFIG["hidden_size"]
+    assert model.REFERENCE.get("gemma2") == "eager" and "llama" not in model.REFERENCE
+    assert [model.attention_of(k) for k in ("hf_flex+inductor", "hf_sdpa", "optimize", "eager")] == [
+        "flex_attention", "sdpa", "eager", "eager"]
+    assert model.config("llama", "sdpa")._attn_implementation == "sdpa"
