@@ -1,8 +1,8 @@
 """Model-level prefill and decode: a Llama-style decoder (8 layers, hidden 2048, 16 query / 4 KV
 heads of 128, bf16, random weights; ``--family qwen2`` the same sizes as Qwen2, with q/k/v
 biases; ``--family gemma2`` Gemma 2's attention at those sizes: 8 query / 4 KV heads of 256,
-logits soft-capped at 50, every other layer a 4096-token sliding window) run over a whole prompt, as a generate() prefill runs it (``--mode prefill``), or
-generating tokens greedily with HF's default dynamic KV cache (``--mode decode``).
+logits soft-capped at 50, every other layer a 4096-token sliding window) run over a whole
+prompt, as a generate() prefill runs it (``--mode prefill``), or generating tokens greedily with HF's default dynamic KV cache (``--mode decode``).
 
 Implementations, same weights, same run, same GPU:
 - ``eager``: ``attn_implementation="eager"`` (the hand-written attention the pass targets);
@@ -278,9 +278,9 @@ def main(argv=None) -> None:
             f"weights; share of tokens unlike {reference}'s)" if decode else
             f"prefill: ms (peak GiB above weights; last-token logits vs {reference})")
     cfg = config(args.family)
-    print(f"\n{args.family}-style model ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads of {cfg.head_dim}, bf16) {what}; "
-          f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}\n")
+    print(f"\n{args.family}-style model ({cfg.num_hidden_layers} layers, hidden "
+          f"{cfg.hidden_size}, {cfg.num_attention_heads}/{cfg.num_key_value_heads} heads of "
+          f"{cfg.head_dim}, bf16) {what}; {meta['device']}, torch {meta['torch']}, triton {meta['triton']}\n")
     print("| tokens | " + " | ".join(impls) + " |")
     print("|---:|" + "---:|" * len(impls))
     for n in lengths:
