@@ -2,7 +2,8 @@
 heads of 128, bf16, random weights; ``--family qwen2`` the same sizes as Qwen2, with q/k/v
 biases; ``--family gemma2`` Gemma 2's attention at those sizes: 8 query / 4 KV heads of 256,
 logits soft-capped at 50, every other layer a 4096-token sliding window) run over a whole
-prompt, as a generate() prefill runs it (``--mode prefill``), or generating tokens greedily with HF's default dynamic KV cache (``--mode decode``).
+prompt, as a generate() prefill runs it (``--mode prefill``), or generating tokens greedily with
+HF's default dynamic KV cache (``--mode decode``).
 
 Implementations, same weights, same run, same GPU:
 - ``eager``: ``attn_implementation="eager"`` (the hand-written attention the pass targets);
