@@ -121,6 +121,13 @@ schedule's wgmmas and waits with twice the exponentials and no more stack. H200,
 forward + backward 232.5 / 325.3 / 366.2 TFLOP/s against 201.6 / 253.6 / 285.3 (flex 142.0 / 178.4
 / 194.6); hd256 270.8 / 381.8 at 1k / 4k against 136.9 / 173.2; hd64 182.3 / 222.6 against 163.6 /
 201.3 (BENCHMARKS.md, session 26).
+
+Under SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in) the dQ kernel's P comes from the forward's
+``_exp2_poly`` (its three products against three MUFU operations a score: half the MUFU.EX2
+compiled, no stack); the dK/dV kernel keeps exp2 (four products; the polynomial spilled there, 184
+bytes of stack against 8). SOFTCAP follows whether there is a cap, not ``cap_scale``'s sign: a
+negative scale gives a negative one, still a cap (until session 26 such a call's Gluon backward
+dropped the cap).
 """
 
 from __future__ import annotations
@@ -132,7 +139,7 @@ import torch
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (_descriptor_maker, _layout, _tile_tensor, gluon,
                             gluon_layout_refusal, gluon_scope_refusal, gluon_softcap_refusal,
-                            mask_tile_descriptor,
+                            mask_tile_descriptor, SOFTCAP_MUFU, softcap_form,
                             mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
@@ -169,8 +176,8 @@ if gluon is not None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_forward import (LOG2E_C, TILE_BIAS_C, TILE_BOOL_C, _band_mask, _cta_barrier,
-                                _kv_ring_barriers, _kv_ring_fill, _soft_cap, _tma_load,
-                                _tma_store, mask_padding, row_visible, span_tiles)
+                                _kv_ring_barriers, _kv_ring_fill, _soft_cap, _softmax_exp2,
+                                _tma_load, _tma_store, mask_padding, row_visible, span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
@@ -293,7 +300,8 @@ if gluon is not None:
         if MASK_TILE == TILE_BIAS_C:
             pt = gl.exp2((st - gl.expand_dims(m, 0)) * LOG2E_C - gl.expand_dims(r, 0))
         else:
-            pt = gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
+            pt = _softmax_exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0),
+                               SOFTCAP)
         return pt, _cap_derivative(pt, st, SOFTCAP)
 
     @gluon.jit
@@ -712,7 +720,7 @@ if gluon is not None:
                              float("-inf"))
         if MASK_TILE == TILE_BIAS_C:
             return gl.exp2((s - m) * LOG2E_C - r)
-        return _cap_derivative(gl.exp2((s * qk_scale - m) - r), s, SOFTCAP)
+        return _cap_derivative(_softmax_exp2((s * qk_scale - m) - r, SOFTCAP), s, SOFTCAP)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, window, full_tiles,
@@ -1070,7 +1078,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     and mask tiles (``gluon_forward.attention_forward_gluon``; with TILE_BIAS the statistics
     are the prep kernel's NATURAL ones and ``qk_scale`` the plain scale). ``window``: a
     causal call's sliding window (-1: none). ``cap_scale``: soft-capped scores' (SOFTCAP;
-    ``gluon_forward.gluon_score_scales``, ``qk_scale`` then cap · log2(e)), 0.0 for none."""
+    ``gluon_forward.gluon_score_scales``, ``qk_scale`` then cap · log2(e); negative with a
+    negative scale), 0.0 for none."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
     # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
@@ -1103,7 +1112,10 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                  dict(BM=BLOCK_M, BN=bn, HEAD=shape.head_dim, STAGES=STAGES,
                       IS_CAUSAL=is_causal, WINDOW=window > 0, KEY_SPAN=padding,
                       ROW_PER_HEAD=row_per_head,
-                      MASK_TILE=mask_tile, SOFTCAP=cap_scale > 0.0, ORDER=ORDERS.index(order),
+                      MASK_TILE=mask_tile, ORDER=ORDERS.index(order),
+                      # (a negative scale gives a negative cap_scale: the scores still capped;
+                      # SOFTCAP_POLY would spill here, 184 bytes of stack against 8 at hd128)
+                      SOFTCAP=SOFTCAP_MUFU if cap_scale != 0.0 else 0,
                       GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
                       num_warps=4),
@@ -1174,7 +1186,9 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dq_ws, (-(-L // bm), B * Hq),
                  args, dict(BM=bm, BN=bn, HEAD=D, STAGES=STAGES,
                             IS_CAUSAL=causal_align != CAUSAL_NONE, WINDOW=window > 0,
-                            KEY_SPAN=padding, MASK_TILE=mask_tile, SOFTCAP=cap_scale > 0.0,
+                            KEY_SPAN=padding, MASK_TILE=mask_tile,
+                            # (a negative scale gives a negative cap_scale: still capped)
+                            SOFTCAP=softcap_form(cap_scale != 0.0),
                             RAGGED_KEYS=S % bn != 0, CONSUMER_REGS=CONSUMER_REGS,
                             P_STAGES=wide_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,

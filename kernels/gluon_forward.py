@@ -94,11 +94,12 @@ against 212.4 / 256.1 / 292.8 / 315.2 / 340.4; hd256 351.1 / 458.2 at 1k / 4k ag
 Gluon kernels soft-cap under the same variable (gluon_backward.py).
 
 SDPA_PASS_GLUON_SOFTCAP_POLY=1 (session 26, opt-in until measured; ``SOFTCAP_POLY``) takes the
-soft-capped softmax's P off the special function unit: 2^x from a degree-4 polynomial on the
-FMA units (``_exp2_poly``, 2.7e-6 relative, below fp16's and bf16's rounding of P). That leaves
-two MUFU operations a score (tanh's exponential and reciprocal) against three and adds about
-eleven FMA-unit and integer operations. Compiled for sm_90 (triton 3.9, hd128): 66 exponentials a consumer between
-the waits against 130, the same wgmmas and order, stack 16 bytes against 24.
+soft-capped softmax's P off the special function unit: 2^x from a degree-4 polynomial on the FMA
+units (``_exp2_poly``, 2.7e-6 relative, below fp16's and bf16's rounding of P). That leaves two
+MUFU operations a score (tanh's exponential and reciprocal) against three and adds about eleven
+FMA-unit and integer operations. Compiled for sm_90 (triton 3.9, hd128): 66 exponentials a consumer
+between the waits against 130, the same wgmmas and order, stack 16 bytes against 24. The backward's
+dQ kernel takes it under the same variable (gluon_backward.py).
 """
 
 from __future__ import annotations
@@ -858,7 +859,7 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
                       RAGGED_KEYS=S % bn != 0 and not padding, KEY_SPAN=padding,
                       NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile or window > 0),
-                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap_form(softcap),
+                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap_form(softcap > 0.0),
                       CONSUMER_REGS=CONSUMER_REGS,
                       num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
@@ -866,10 +867,10 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                                  if mask_tile else {})})
 
 
-def softcap_form(softcap: float) -> int:
-    """SOFTCAP for a call's ``softcap`` (0: none): SOFTCAP_POLY under
+def softcap_form(softcapped: bool) -> int:
+    """SOFTCAP for a call whose scores are ``softcapped`` or not (0): SOFTCAP_POLY under
     SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in until measured), else SOFTCAP_MUFU."""
-    if not softcap > 0.0:
+    if not softcapped:
         return 0
     return (SOFTCAP_POLY if os.environ.get("SDPA_PASS_GLUON_SOFTCAP_POLY", "") == "1"
             else SOFTCAP_MUFU)
