@@ -22,6 +22,7 @@ import torch
 
 from sdpa_pass.kernels import CAUSAL_NONE, attention
 from sdpa_pass.kernels import backward as bwd
+from sdpa_pass.kernels import forward as fwd
 from sdpa_pass.kernels import gluon_backward as gbwd
 from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
@@ -739,6 +740,24 @@ def test_gluon_backward_with_soft_capped_scores(case, poly, monkeypatch):
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(
         case, {**SOFTCAP_CASES, **BACKWARD_SOFTCAP_CASES})
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
+
+
+@needs_hopper
+@pytest.mark.parametrize("L, head_dim", [(1024, 128), (1536, 256)])
+def test_soft_capped_defaults_pair_the_forward_each_shape_takes_with_the_gluon_backward(
+        L, head_dim, monkeypatch):
+    """SDPA_PASS_GLUON_SOFTCAP unset: at hd128 under SOFTCAP_MIN_KEYS keys the Triton forward
+    (its LSE) before the Gluon dK/dV and dQ kernels, at hd256 the Gluon forward before them;
+    gradients against float64."""
+    monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP", raising=False)
+    monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP_POLY", raising=False)
+    forwards, real = [], fwd.attention_forward_gluon
+    monkeypatch.setattr(fwd, "attention_forward_gluon",
+                        lambda *a, **k: forwards.append("gluon") or real(*a, **k))
+    masked_gradients_against_the_reference(monkeypatch, 2, 8, 4, L, L, head_dim,
+                                           torch.bfloat16, is_causal=True, softcap=30.0)
+    gluon_forward = head_dim == 256 or L >= gfwd.SOFTCAP_MIN_KEYS[128]
+    assert forwards == (["gluon"] if gluon_forward else [])
 
 
 def test_a_negative_scale_keeps_the_backward_kernels_capped(monkeypatch):
