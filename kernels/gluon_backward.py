@@ -269,7 +269,7 @@ if gluon is not None:
         (dPᵀ - delta)): Pᵀ itself, or with SOFTCAP (scores t = tanh(s · scale / cap), as the
         forward's ``_soft_cap``; no bias tile) Pᵀ ∘ (1 - t²), the cap's derivative."""
         if SOFTCAP:
-            st = _soft_cap(st, cap_scale)
+            st = _soft_cap(st, cap_scale, SOFTCAP)
         if MASK_TILE == TILE_BIAS_C:
             tile = mt_tile.reshape([BM, NK]).permute((1, 0))
             st = st * qk_scale + tile.load(st_layout).to(gl.float32)
@@ -692,7 +692,7 @@ if gluon is not None:
         soft-capped first, and the factor of dS returned instead of P (``_cap_derivative``:
         dQ needs no P of its own)."""
         if SOFTCAP:
-            s = _soft_cap(s, cap_scale)
+            s = _soft_cap(s, cap_scale, SOFTCAP)
         if MASK_TILE == TILE_BIAS_C:
             s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
         elif MASK_TILE:

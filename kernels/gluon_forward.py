@@ -95,11 +95,15 @@ Gluon kernels soft-cap under the same variable (gluon_backward.py).
 
 SDPA_PASS_GLUON_SOFTCAP_POLY=1 (session 26, opt-in until measured; ``SOFTCAP_POLY``) takes the
 soft-capped softmax's P off the special function unit: 2^x from a degree-4 polynomial on the FMA
-units (``_exp2_poly``, 2.7e-6 relative, below fp16's and bf16's rounding of P). That leaves two
-MUFU operations a score (tanh's exponential and reciprocal) against three and adds about eleven
-FMA-unit and integer operations. Compiled for sm_90 (triton 3.9, hd128): 66 exponentials a consumer
-between the waits against 130, the same wgmmas and order, stack 16 bytes against 24. The backward's
-dQ kernel takes it under the same variable (gluon_backward.py).
+units (``_exp2_poly``, 2.7e-6 relative, below fp16's and bf16's rounding of P), and tanh's
+reciprocal from rcp.approx.ftz without the division's guard (``_soft_cap``). That leaves two MUFU
+operations a score (tanh's exponential and reciprocal) against three. Compiled for sm_90 (triton
+3.9, hd128 causal; static SASS counts over the two softmax bodies, per score a thread holds): MUFU
+2 against 3 (EX2 between the P·V issue and its wait 66 against 130), FADD + FFMA + FMUL 14.7
+against 9.2, FSEL + FSETP 3.6 in both; with MUFU at an eighth of the FMA units' rate that is a
+bound of about 16 FMA-unit slots a score against 24 (the products' tensor time per tile is about
+16). Same wgmmas and order, no more stack; triton 3.6 compiles it too. The backward's dQ kernel
+takes it under the same variable (gluon_backward.py).
 """
 
 from __future__ import annotations
@@ -361,7 +365,7 @@ if gluon is not None:
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         if SOFTCAP:
-            s = _soft_cap(s, cap_scale)
+            s = _soft_cap(s, cap_scale, SOFTCAP)
         if MASK_TILE:
             s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout, qk_scale, BIAS)
         mbarrier.arrive(k_empty.index(0))
@@ -402,7 +406,7 @@ if gluon is not None:
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             if SOFTCAP:
-                s = _soft_cap(s, cap_scale)
+                s = _soft_cap(s, cap_scale, SOFTCAP)
             if MASK_TILE:
                 s = _mask_tile(s, m_smem, sk, W, BMW, BN, s_layout, qk_scale, BIAS)
             mbarrier.arrive(k_empty.index(sk))
@@ -484,13 +488,26 @@ if gluon is not None:
         return gl.where(tile != 0, s, float("-inf"))
 
     @gluon.jit
-    def _soft_cap(s, cap_scale):
+    def _soft_cap(s, cap_scale, SOFTCAP: gl.constexpr):
         """tanh(s * scale / cap) with ``cap_scale`` = 2 log2(e) scale / cap, as 1 - 2 / (e + 1)
         for e = exp2(s * cap_scale): one exponential and one reciprocal a score, exact to a few
         fp32 units (the forward's Triton ``_tanh``; PTX's tanh.approx has about 11 bits, which
         at a cap of 50 would move a logit by up to 0.02). Saturates to +-1: e overflows to
-        inf (2 / inf = 0) or flushes to 0."""
-        return 1.0 - 2.0 / (gl.exp2(s * cap_scale) + 1.0)
+        inf (2 / inf = 0) or flushes to 0. With SOFTCAP_POLY the reciprocal is PTX's
+        rcp.approx.ftz (``_reciprocal``) rather than the division's div.full, whose guard for
+        divisors past 2^126 costs a compare, a select and multiplies a score on the units the
+        polynomial exponentials load (e + 1 >= 1, and a result under 2^-126 is a saturated
+        t = 1 either way)."""
+        e1 = gl.exp2(s * cap_scale) + 1.0
+        if SOFTCAP == SOFTCAP_POLY_C:
+            return 1.0 - 2.0 * _reciprocal(e1)
+        return 1.0 - 2.0 / e1
+
+    @gluon.jit
+    def _reciprocal(x):
+        """1 / x by one MUFU.RCP (rcp.approx.ftz.f32: 1 ulp; denormal results flushed)."""
+        return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                         dtype=gl.float32, is_pure=True, pack=1)
 
     @gluon.jit
     def _exp2_poly(x):
