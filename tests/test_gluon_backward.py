@@ -322,7 +322,7 @@ def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, off
     delta, m, r = (t[..., :L, None] for t in stats)
     kk, vv = (t.float().repeat_interleave(group, 1) for t in (k, v))
     s = q.float() @ kk.transpose(-2, -1)
-    if cap_scale > 0.0:
+    if cap_scale != 0.0:  # (negative with a negative scale)
         s = 1.0 - 2.0 / (torch.exp2(s * cap_scale) + 1.0)
     if causal_align != CAUSAL_NONE:
         i = torch.arange(L, device=q.device)[:, None]
@@ -337,7 +337,7 @@ def _torch_products(q, k, v, grad_out, stats, shape, qk_scale, causal_align, off
     else:
         p = torch.exp2((s * qk_scale - m) - r)
     dp = grad_out.float() @ vv.transpose(-2, -1)
-    factor = p * (1.0 - torch.minimum(s * s, torch.ones(()))) if cap_scale > 0.0 else p
+    factor = p * (1.0 - torch.minimum(s * s, torch.ones(()))) if cap_scale != 0.0 else p
     return p, factor * (dp - delta), kk
 
 
@@ -402,7 +402,8 @@ def test_the_backward_hands_the_kernels_its_window(causal, L, S, window, monkeyp
 @pytest.mark.parametrize("extras", [dict(softcap=2.0, scale=0.9),
                                     dict(causal="bottom_right", softcap=1.0),
                                     dict(is_causal=True, window=7, softcap=3.0, scale=0.6),
-                                    dict(softcap=30.0)])
+                                    dict(softcap=30.0),
+                                    dict(is_causal=True, softcap=3.0, scale=-0.4)])
 def test_the_backward_hands_the_kernels_its_soft_cap(extras, monkeypatch):
     """(Any device: the refusals and the kernels replaced by ``torch_dkdv`` / ``torch_dq``.)
     Soft-capped scores: both kernels get qk_scale = cap · log2(e) and ``_soft_cap``'s factor

@@ -682,7 +682,7 @@ def test_gluon_forward_soft_caps_the_scores(case, poly, monkeypatch):
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", poly)
     forms, real = [], gfwd.softcap_form
-    monkeypatch.setattr(gfwd, "softcap_form", lambda cap: forms.append(real(cap)) or forms[-1])
+    monkeypatch.setattr(gfwd, "softcap_form", lambda capped: forms.append(real(capped)) or forms[-1])
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
     assert forms == [gfwd.SOFTCAP_POLY if poly == "1" else gfwd.SOFTCAP_MUFU]
@@ -692,9 +692,9 @@ def test_the_softcap_form_follows_the_cap_and_the_variable(monkeypatch):
     """(Any device.) ``softcap_form``: 0 without a cap; SOFTCAP_MUFU with one, SOFTCAP_POLY
     with one under SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in)."""
     monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP_POLY", raising=False)
-    assert gfwd.softcap_form(0.0) == 0 and gfwd.softcap_form(30.0) == gfwd.SOFTCAP_MUFU
+    assert gfwd.softcap_form(False) == 0 and gfwd.softcap_form(True) == gfwd.SOFTCAP_MUFU
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", "1")
-    assert gfwd.softcap_form(0.0) == 0 and gfwd.softcap_form(30.0) == gfwd.SOFTCAP_POLY
+    assert gfwd.softcap_form(False) == 0 and gfwd.softcap_form(True) == gfwd.SOFTCAP_POLY
     assert gfwd.SOFTCAP_MUFU and gfwd.SOFTCAP_POLY  # both truthy: ``if SOFTCAP:`` caps
 
 
