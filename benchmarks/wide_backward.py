@@ -43,31 +43,30 @@ from padding_overhead import kernel_times  # noqa: E402
 LENGTHS = (1024, 4096, 16384)
 HEAD_DIM = 256
 VARIANTS = ("none", "causal", "gqa", "bool")
-# Ours under one variable each, by peer name (with kernel times in the JSON, as ours): the
+# Ours under its variables, by peer name (with kernel times in the JSON, as ours): the
 # Triton backward; the Triton forward at hd256 and for a float bias (the defaults until
 # session 23); the Triton backward for a float bias (the default until session 24); the Triton
 # kernels for a sliding window (the default until session 25) and for soft-capping (until
 # session 26); the Gluon kernels for soft-capping wherever they run, also with P's
 # exponentials on the FMA units (opt-in)
 OURS_UNDER = {
-    "ours_triton": ("SDPA_PASS_GLUON_BWD", "0"),
-    "ours_triton_fwd": ("SDPA_PASS_GLUON_FWD_HD256", "0"),
-    "ours_triton_bias": ("SDPA_PASS_GLUON_BIAS", "0"),
-    "ours_triton_bwd_bias": ("SDPA_PASS_GLUON_BWD_BIAS", "0"),
-    "ours_triton_window": ("SDPA_PASS_GLUON_WINDOW", "0"),
-    "ours_triton_softcap": ("SDPA_PASS_GLUON_SOFTCAP", "0"),
-    "ours_gluon_softcap": ("SDPA_PASS_GLUON_SOFTCAP", "1"),
-    "ours_gluon_softcap_poly": (("SDPA_PASS_GLUON_SOFTCAP", "1"),
-                                ("SDPA_PASS_GLUON_SOFTCAP_POLY", "1")),
+    "ours_triton": {"SDPA_PASS_GLUON_BWD": "0"},
+    "ours_triton_fwd": {"SDPA_PASS_GLUON_FWD_HD256": "0"},
+    "ours_triton_bias": {"SDPA_PASS_GLUON_BIAS": "0"},
+    "ours_triton_bwd_bias": {"SDPA_PASS_GLUON_BWD_BIAS": "0"},
+    "ours_triton_window": {"SDPA_PASS_GLUON_WINDOW": "0"},
+    "ours_triton_softcap": {"SDPA_PASS_GLUON_SOFTCAP": "0"},
+    "ours_gluon_softcap": {"SDPA_PASS_GLUON_SOFTCAP": "1"},
+    "ours_gluon_softcap_poly": {"SDPA_PASS_GLUON_SOFTCAP": "1",
+                                "SDPA_PASS_GLUON_SOFTCAP_POLY": "1"},
 }
 
 
 @contextlib.contextmanager
-def under(settings: tuple):
-    """OURS_UNDER's ``settings``, one (variable, value) pair or a tuple of them, inside the
-    block."""
+def under(settings: dict):
+    """OURS_UNDER's ``settings`` ({variable: value}) inside the block."""
     with contextlib.ExitStack() as stack:
-        for name, value in (settings if isinstance(settings[0], tuple) else (settings,)):
+        for name, value in settings.items():
             stack.enter_context(setting(name, value))
         yield
 
