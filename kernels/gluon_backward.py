@@ -1038,7 +1038,7 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return (f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of "
                 f"{BWD_HEAD_DIMS})")
     refusal = gluon_scope_refusal("backward", masked, padding, window,
-                                  softcap=gluon_softcap_refusal(softcapped, padding),
+                                  softcap=gluon_softcap_refusal(softcapped),
                                   dropout=dropout)
     if refusal is not None:
         return refusal

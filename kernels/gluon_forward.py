@@ -685,7 +685,7 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     refusal = gluon_scope_refusal("forward", masked, padding, window,
-                                  softcap=gluon_softcap_refusal(softcap > 0.0, padding),
+                                  softcap=gluon_softcap_refusal(softcap > 0.0),
                                   dropout=dropout_p > 0.0)
     if refusal is not None:
         return refusal
@@ -720,20 +720,14 @@ def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, wi
     return None
 
 
-def gluon_softcap_refusal(softcapped: bool, padding: int) -> str | None:
+def gluon_softcap_refusal(softcapped: bool) -> str | None:
     """Why the Gluon kernels do not take this call's soft-capped scores, or None (also when
-    it has none): SDPA_PASS_GLUON_SOFTCAP=0 keeps the Triton kernels for them, and so do
-    padding rows (``padding``: as ``gluon_padding_refusal``'s) unless it is 1: the two have not
-    run together on a GPU. (The forward also keeps the Triton kernel at the shapes of
-    ``SOFTCAP_MIN_KEYS``.)"""
-    if not softcapped:
-        return None
-    chosen = os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "")
-    if chosen == "0":
+    it has none): SDPA_PASS_GLUON_SOFTCAP=0 keeps the Triton kernels for them. Padding rows
+    beside a cap are taken since session 27 (run together on a GPU:
+    test_gluon_padding.py's soft-capped cases). (The forward also keeps the Triton kernel at
+    the shapes of ``SOFTCAP_MIN_KEYS`` unless the variable is 1.)"""
+    if softcapped and os.environ.get("SDPA_PASS_GLUON_SOFTCAP", "") == "0":
         return "soft-capping with SDPA_PASS_GLUON_SOFTCAP=0"
-    if padding and chosen != "1":
-        return ("soft-capping beside padding rows (not yet run together on a GPU; "
-                "SDPA_PASS_GLUON_SOFTCAP=1 takes them)")
     return None
 
 

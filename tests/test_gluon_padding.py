@@ -269,8 +269,8 @@ def test_padded_gluon_kernels_match_the_reference(case, monkeypatch):
     padded_against_the_reference(case, monkeypatch)
 
 
-# Padding rows beside soft-capped scores: by default those calls stay on the Triton kernels
-# (gluon_forward.gluon_softcap_refusal) until these have run on a GPU
+# Padding rows beside soft-capped scores (taken by default since session 27, when these first
+# ran on a GPU; SDPA_PASS_GLUON_SOFTCAP=1 here so hd128's short keys take the Gluon forward too)
 SOFTCAP_CASES = ("hf_right_bf16", "hf_left_causal_bottom_right", "kpm_ragged_fp16", "none_visible",
                  "per_head_rows_gqa", "hd64_right_causal", "hd256_left_kpm_bottom_right")
 
@@ -278,8 +278,8 @@ SOFTCAP_CASES = ("hf_right_bf16", "hf_left_causal_bottom_right", "kpm_ragged_fp1
 @needs_hopper
 @pytest.mark.parametrize("case", SOFTCAP_CASES)
 def test_padded_gluon_kernels_with_soft_capped_scores(case, monkeypatch):
-    """SDPA_PASS_GLUON_SOFTCAP=1: the Gluon kernels take padding rows and a cap together
-    (tanh before the padding's mask, every key tile outside the span still skipped)."""
+    """The Gluon kernels take padding rows and a cap together (tanh before the padding's mask,
+    every key tile outside the span still skipped)."""
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
     padded_against_the_reference(case, monkeypatch, softcap=5.0)
 
