@@ -347,7 +347,7 @@ def compile_variant(name: str):
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     kernel: str = "dkdv", padding: int = 0, mask_tile: int = 0,
-                    window: bool | str = False, softcap: int = 0, ragged: bool = False):
+                    window: bool | str = False, softcap: bool = False, ragged: bool = False):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
@@ -424,7 +424,7 @@ def compile_report(name: str, sass_dir: Path | None = None) -> dict:
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
                                  int(head_dim), which, int(padding), int(tile), window,
-                                 int(softcap), ragged == "1")
+                                 softcap == "1", ragged == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -645,8 +645,6 @@ def main() -> None:
                         help="with --product dq: keys not a whole number of tiles")
     parser.add_argument("--softcap-product", action="store_true",
                         help="with --product: soft-capped scores (SOFTCAP)")
-    parser.add_argument("--softcap-poly-product", action="store_true",
-                        help="with --product: ... with P's exponentials on the FMA units")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--product-kernel", choices=("dkdv", "dq"), default="dkdv",
@@ -664,7 +662,7 @@ def main() -> None:
         rep = compile_report(f"product:{args.product_kernel}:{args.product}:{form}"
                              f":{args.head_dim}:"
                              f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}"
-                             f":{2 if args.softcap_poly_product else int(args.softcap_product)}"
+                             f":{int(args.softcap_product)}"
                              f":{int(args.ragged_product)}")
         print(json.dumps(rep))
         return

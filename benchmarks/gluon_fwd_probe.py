@@ -515,14 +515,13 @@ def _ptxas_log(ptx: str) -> str:
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     padding: int = 0, mask_tile: int = 0, window: bool | str = False,
-                    softcap: int = 0):
+                    softcap: bool = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
     ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
     with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``);
     ``window``: a causal sliding window (WINDOW; "one": of one key, which a launch
-    specializes); ``softcap``: the scores soft-capped (SOFTCAP: 1 P's exponentials on the
-    special function unit, 2 on the FMA units)."""
+    specializes); ``softcap``: the scores soft-capped (SOFTCAP)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -573,7 +572,7 @@ def compile_report(name: str) -> dict:
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
                                  int(head_dim), int(padding), int(tile), window,
-                                 int(softcap))
+                                 softcap == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -699,8 +698,6 @@ def main() -> None:
                         help="with --product: ... of one key (a constexpr in the launch)")
     parser.add_argument("--softcap", action="store_true",
                         help="with --product: the scores soft-capped (SOFTCAP)")
-    parser.add_argument("--softcap-poly", action="store_true",
-                        help="with --product: --softcap with P's exponentials on the FMA units")
     parser.add_argument("--head-dim", type=int, default=128,
                         help="with --product: 64, 128 or 256")
     parser.add_argument("--padding", type=int, default=0,
@@ -716,7 +713,7 @@ def main() -> None:
         print(json.dumps(compile_report(
             f"product:{args.product}:{form}:{args.head_dim}:"
             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}:"
-            f"{2 if args.softcap_poly else int(args.softcap)}")))
+            f"{int(args.softcap)}")))
         return
     if args.compile:
         compile_only()

@@ -9,9 +9,7 @@ ours_triton_fwd`` ours with the Triton forward at hd256 (``SDPA_PASS_GLUON_FWD_H
 (``SDPA_PASS_GLUON_WINDOW=0``; session 24's ``ours_gluon_window`` under ``=1`` when the Gluon
 kernels' window was opt-in), ``ours_triton_softcap`` ours with the Triton kernels for
 soft-capped scores (``SDPA_PASS_GLUON_SOFTCAP=0``), ``ours_gluon_softcap`` ours with the Gluon
-kernels for them wherever those run (``=1``: the forward's ``SOFTCAP_MIN_KEYS`` off),
-``ours_gluon_softcap_poly`` the same with the forward's P from ``_exp2_poly``
-(``SDPA_PASS_GLUON_SOFTCAP_POLY=1``);
+kernels for them wherever those run (``=1``: the forward's ``SOFTCAP_MIN_KEYS`` off);
 ``--mode fwd`` times forwards alone. Any head dim (``--head-dim``) and any of attention.py's
 matrix variants (``--variants``, e.g. ``bias``) or its EXTRA_VARIANTS (``window``,
 ``softcap``: forms cuDNN has no kernel for) run the same way.
@@ -47,8 +45,7 @@ VARIANTS = ("none", "causal", "gqa", "bool")
 # Triton backward; the Triton forward at hd256 and for a float bias (the defaults until
 # session 23); the Triton backward for a float bias (the default until session 24); the Triton
 # kernels for a sliding window (the default until session 25) and for soft-capping (until
-# session 26); the Gluon kernels for soft-capping wherever they run, also with P's
-# exponentials on the FMA units (opt-in)
+# session 26); the Gluon kernels for soft-capping wherever they run
 OURS_UNDER = {
     "ours_triton": {"SDPA_PASS_GLUON_BWD": "0"},
     "ours_triton_fwd": {"SDPA_PASS_GLUON_FWD_HD256": "0"},
@@ -57,8 +54,6 @@ OURS_UNDER = {
     "ours_triton_window": {"SDPA_PASS_GLUON_WINDOW": "0"},
     "ours_triton_softcap": {"SDPA_PASS_GLUON_SOFTCAP": "0"},
     "ours_gluon_softcap": {"SDPA_PASS_GLUON_SOFTCAP": "1"},
-    "ours_gluon_softcap_poly": {"SDPA_PASS_GLUON_SOFTCAP": "1",
-                                "SDPA_PASS_GLUON_SOFTCAP_POLY": "1"},
 }
 
 

@@ -122,13 +122,8 @@ forward + backward 232.5 / 325.3 / 366.2 TFLOP/s against 201.6 / 253.6 / 285.3 (
 / 194.6); hd256 270.8 / 381.8 at 1k / 4k against 136.9 / 173.2; hd64 182.3 / 222.6 against 163.6 /
 201.3 (BENCHMARKS.md, session 26).
 
-Under SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in) the dQ kernel's P comes from the forward's
-``_exp2_poly`` (its three products against three MUFU operations a score: half the MUFU.EX2
-compiled, no stack); the dK/dV kernel keeps exp2 (four products; the polynomial spilled there, 184
-bytes of stack against 8). SOFTCAP follows whether there is a cap, not ``cap_scale``'s sign: a
-negative scale gives a negative one, still a cap (until session 26 such a call's Gluon backward
-dropped the cap).
-"""
+SOFTCAP follows whether there is a cap, not ``cap_scale``'s sign: a negative scale gives a negative
+one, still a cap (until session 26 such a call's Gluon backward dropped the cap). """
 
 from __future__ import annotations
 
@@ -139,7 +134,7 @@ import torch
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (_descriptor_maker, _layout, _tile_tensor, gluon,
                             gluon_layout_refusal, gluon_scope_refusal, gluon_softcap_refusal,
-                            mask_tile_descriptor, SOFTCAP_MUFU, softcap_form,
+                            mask_tile_descriptor,
                             mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
 
@@ -176,7 +171,7 @@ if gluon is not None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_forward import (LOG2E_C, TILE_BIAS_C, TILE_BOOL_C, _band_mask, _cta_barrier,
-                                _kv_ring_barriers, _kv_ring_fill, _soft_cap, _softmax_exp2,
+                                _kv_ring_barriers, _kv_ring_fill, _soft_cap,
                                 _tma_load, _tma_store, mask_padding, row_visible, span_tiles)
 
     @gluon.jit
@@ -269,7 +264,7 @@ if gluon is not None:
         (dPᵀ - delta)): Pᵀ itself, or with SOFTCAP (scores t = tanh(s · scale / cap), as the
         forward's ``_soft_cap``; no bias tile) Pᵀ ∘ (1 - t²), the cap's derivative."""
         if SOFTCAP:
-            st = _soft_cap(st, cap_scale, SOFTCAP)
+            st = _soft_cap(st, cap_scale)
         if MASK_TILE == TILE_BIAS_C:
             tile = mt_tile.reshape([BM, NK]).permute((1, 0))
             st = st * qk_scale + tile.load(st_layout).to(gl.float32)
@@ -300,8 +295,7 @@ if gluon is not None:
         if MASK_TILE == TILE_BIAS_C:
             pt = gl.exp2((st - gl.expand_dims(m, 0)) * LOG2E_C - gl.expand_dims(r, 0))
         else:
-            pt = _softmax_exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0),
-                               SOFTCAP)
+            pt = gl.exp2((st * qk_scale - gl.expand_dims(m, 0)) - gl.expand_dims(r, 0))
         return pt, _cap_derivative(pt, st, SOFTCAP)
 
     @gluon.jit
@@ -692,7 +686,7 @@ if gluon is not None:
         soft-capped first, and the factor of dS returned instead of P (``_cap_derivative``:
         dQ needs no P of its own)."""
         if SOFTCAP:
-            s = _soft_cap(s, cap_scale, SOFTCAP)
+            s = _soft_cap(s, cap_scale)
         if MASK_TILE == TILE_BIAS_C:
             s = s * qk_scale + mt_tile.reshape([BMW, BN]).load(s_layout).to(gl.float32)
         elif MASK_TILE:
@@ -720,7 +714,7 @@ if gluon is not None:
                              float("-inf"))
         if MASK_TILE == TILE_BIAS_C:
             return gl.exp2((s - m) * LOG2E_C - r)
-        return _cap_derivative(_softmax_exp2((s * qk_scale - m) - r, SOFTCAP), s, SOFTCAP)
+        return _cap_derivative(gl.exp2((s * qk_scale - m) - r), s, SOFTCAP)
 
     @gluon.jit
     def _ds_tile(s, dp_tok, j, slot, v_empty, q_bar, m, r, delta, row0, offset, window, full_tiles,
@@ -1113,9 +1107,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                       IS_CAUSAL=is_causal, WINDOW=window > 0, KEY_SPAN=padding,
                       ROW_PER_HEAD=row_per_head,
                       MASK_TILE=mask_tile, ORDER=ORDERS.index(order),
-                      # (a negative scale gives a negative cap_scale: the scores still capped;
-                      # SOFTCAP_POLY would spill here, 184 bytes of stack against 8 at hd128)
-                      SOFTCAP=SOFTCAP_MUFU if cap_scale != 0.0 else 0,
+                      # (a negative scale gives a negative cap_scale: the scores still capped)
+                      SOFTCAP=cap_scale != 0.0,
                       GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
                       num_warps=4),
@@ -1188,7 +1181,7 @@ def attention_dq_gluon(q, k, v, grad_out, stats, dq, shape: AttentionShape, *, s
                             IS_CAUSAL=causal_align != CAUSAL_NONE, WINDOW=window > 0,
                             KEY_SPAN=padding, MASK_TILE=mask_tile,
                             # (a negative scale gives a negative cap_scale: still capped)
-                            SOFTCAP=softcap_form(cap_scale != 0.0),
+                            SOFTCAP=cap_scale != 0.0,
                             RAGGED_KEYS=S % bn != 0, CONSUMER_REGS=CONSUMER_REGS,
                             P_STAGES=wide_p_stages(mask_tile), num_warps=4),
                  descriptors={0: rows_maker, 1: kv_maker, 2: kv_maker, 3: rows_maker,

@@ -93,17 +93,12 @@ against 212.4 / 256.1 / 292.8 / 315.2 / 340.4; hd256 351.1 / 458.2 at 1k / 4k ag
 364.8; hd64 209.9 at 4k against 216.5 (flex 90-190; BENCHMARKS.md, session 26). The backward's
 Gluon kernels soft-cap under the same variable (gluon_backward.py).
 
-SDPA_PASS_GLUON_SOFTCAP_POLY=1 (session 26, opt-in until measured; ``SOFTCAP_POLY``) takes the
-soft-capped softmax's P off the special function unit: 2^x from a degree-4 polynomial on the FMA
-units (``_exp2_poly``, 2.7e-6 relative, below fp16's and bf16's rounding of P), and tanh's
-reciprocal from rcp.approx.ftz without the division's guard (``_soft_cap``). That leaves two MUFU
-operations a score (tanh's exponential and reciprocal) against three. Compiled for sm_90 (triton
-3.9, hd128 causal; static SASS counts over the two softmax bodies, per score a thread holds): MUFU
-2 against 3 (EX2 between the P·V issue and its wait 66 against 130), FADD + FFMA + FMUL 14.7
-against 9.2, FSEL + FSETP 3.6 in both; with MUFU at an eighth of the FMA units' rate that is a
-bound of about 16 FMA-unit slots a score against 24 (the products' tensor time per tile is about
-16). Same wgmmas and order, no more stack; triton 3.6 compiles it too. The backward's dQ kernel
-takes it under the same variable (gluon_backward.py).
+A polynomial exp2 on the FMA units for the soft-capped softmax's P (session 26: 2^f by a degree-4
+polynomial, tanh's reciprocal from rcp.approx; MUFU operations a score 2 against 3, FMA-unit
+instructions 14.7 against 9.2) measured slower everywhere on the H200 and was removed in session
+27 (commit e2d7bd5 holds it): forward hd128 165.7 / 244.3 / 289.3 TFLOP/s at N = 1k / 4k / 16k
+against 230.4 / 355.2 / 411.1, hd256 304.0 / 418.6 against 349.3 / 462.1 (BENCHMARKS.md,
+session 27).
 """
 
 from __future__ import annotations
@@ -157,17 +152,6 @@ BIAS_HEAD_DIMS = (128, 256)
 CONSUMER_REGS = 240  # registers a consumer thread after setmaxnreg (232 spills, session 15)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# SOFTCAP's values: 0 none, SOFTCAP_MUFU the softmax's exponentials on the special function
-# unit (exp2), SOFTCAP_POLY on the FMA units (``_exp2_poly``; SDPA_PASS_GLUON_SOFTCAP_POLY=1)
-SOFTCAP_MUFU = 1
-SOFTCAP_POLY = 2
-# 2^f for f in [-0.5, 0.5] to 2.7e-6 relative in fp32 (f = x - round(x)): a degree-4 polynomial
-# (lowest power first) fitted to the relative error by Lawson's iteration over 20,001 points
-EXP2_POLY = (0.9999992633340683, 0.6931218831056316, 0.2402474462310598, 0.05591733614952641,
-             0.009569907257040438)
-EXP2_ROUND = 12582912.0  # 1.5 * 2**23: x + it holds round(x) in its low mantissa bits
-EXP2_FLOOR = -125.0  # 2^x below it is taken as 0 (round(x) >= -125 keeps 2^round(x) normal)
-
 if gluon is not None:
     # triton 3.6's names; later releases renamed them
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -177,10 +161,6 @@ if gluon is not None:
     LOG2E_C = gl.constexpr(LOG2E)
     TILE_BIAS_C = gl.constexpr(TILE_BIAS)
     TILE_BOOL_C = gl.constexpr(TILE_BOOL)
-    SOFTCAP_POLY_C = gl.constexpr(SOFTCAP_POLY)
-    _EXP2_C0, _EXP2_C1, _EXP2_C2, _EXP2_C3, _EXP2_C4 = (gl.constexpr(c) for c in EXP2_POLY)
-    _EXP2_ROUND_C = gl.constexpr(EXP2_ROUND)
-    _EXP2_FLOOR_C = gl.constexpr(EXP2_FLOOR)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -365,7 +345,7 @@ if gluon is not None:
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         if SOFTCAP:
-            s = _soft_cap(s, cap_scale, SOFTCAP)
+            s = _soft_cap(s, cap_scale)
         if MASK_TILE:
             s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout, qk_scale, BIAS)
         mbarrier.arrive(k_empty.index(0))
@@ -382,11 +362,11 @@ if gluon is not None:
         if BIAS:  # running max in natural-log units of the biased scores
             m_i = gl.max(s, 1)
             m_use = _finite_shift(m_i, True)
-            p = _softmax_exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C, SOFTCAP)
+            p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
         else:
             m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
             m_use = _finite_shift(m_i, EMPTY_ROWS)
-            p = _softmax_exp2(s * qk_scale - gl.expand_dims(m_use, 1), SOFTCAP)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
         mbarrier.wait(v_ready.index(0), 0)
@@ -406,7 +386,7 @@ if gluon is not None:
             o_tok = warpgroup_mma(p_op, v_smem.index(sv).reshape([BN, HEAD]), o, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])  # S_j done, P.V in flight
             if SOFTCAP:
-                s = _soft_cap(s, cap_scale, SOFTCAP)
+                s = _soft_cap(s, cap_scale)
             if MASK_TILE:
                 s = _mask_tile(s, m_smem, sk, W, BMW, BN, s_layout, qk_scale, BIAS)
             mbarrier.arrive(k_empty.index(sk))
@@ -428,12 +408,12 @@ if gluon is not None:
                 m_new = gl.maximum(m_i, gl.max(s, 1))
                 m_use = _finite_shift(m_new, True)
                 alpha = gl.exp2((m_i - m_use) * LOG2E_C)
-                p = _softmax_exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C, SOFTCAP)
+                p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
             else:
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
                 m_use = _finite_shift(m_new, EMPTY_ROWS)
                 alpha = gl.exp2(m_i - m_use)
-                p = _softmax_exp2(s * qk_scale - gl.expand_dims(m_use, 1), SOFTCAP)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             # V_j for the next iteration. This wait (a try-wait loop, so a new basic block)
@@ -488,48 +468,13 @@ if gluon is not None:
         return gl.where(tile != 0, s, float("-inf"))
 
     @gluon.jit
-    def _soft_cap(s, cap_scale, SOFTCAP: gl.constexpr):
+    def _soft_cap(s, cap_scale):
         """tanh(s * scale / cap) with ``cap_scale`` = 2 log2(e) scale / cap, as 1 - 2 / (e + 1)
         for e = exp2(s * cap_scale): one exponential and one reciprocal a score, exact to a few
         fp32 units (the forward's Triton ``_tanh``; PTX's tanh.approx has about 11 bits, which
         at a cap of 50 would move a logit by up to 0.02). Saturates to +-1: e overflows to
-        inf (2 / inf = 0) or flushes to 0. With SOFTCAP_POLY the reciprocal is PTX's
-        rcp.approx.ftz (``_reciprocal``) rather than the division's div.full, whose guard for
-        divisors past 2^126 costs a compare, a select and multiplies a score on the units the
-        polynomial exponentials load (e + 1 >= 1, and a result under 2^-126 is a saturated
-        t = 1 either way)."""
-        e1 = gl.exp2(s * cap_scale) + 1.0
-        if SOFTCAP == SOFTCAP_POLY_C:
-            return 1.0 - 2.0 * _reciprocal(e1)
-        return 1.0 - 2.0 / e1
-
-    @gluon.jit
-    def _reciprocal(x):
-        """1 / x by one MUFU.RCP (rcp.approx.ftz.f32: 1 ulp; denormal results flushed)."""
-        return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
-                                         dtype=gl.float32, is_pure=True, pack=1)
-
-    @gluon.jit
-    def _exp2_poly(x):
-        """2^x without the special function unit, for P's exponentials (x <= 0, -inf included)
-        where soft-capping has given that unit two more a score (``_soft_cap``): round(x) in
-        t = x + 1.5 * 2^23's low mantissa bits, f = x - round(x) in [-0.5, 0.5], 2^f from
-        EXP2_POLY's four FMAs, and round(x) added to its exponent (t's bits shifted up 23:
-        the 1.5 * 2^23 offset shifts out). 2.7e-6 relative, under fp16's and bf16's rounding
-        of P for the P.V product; 0 below EXP2_FLOOR (the integer part would leave the
-        normal range; -inf's NaN f is discarded there), as exp2 gives 0 for -inf."""
-        t = x + _EXP2_ROUND_C
-        f = x - (t - _EXP2_ROUND_C)
-        p = ((((_EXP2_C4 * f + _EXP2_C3) * f + _EXP2_C2) * f + _EXP2_C1) * f + _EXP2_C0)
-        bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
-        return gl.where(x >= _EXP2_FLOOR_C, bits.to(gl.float32, bitcast=True), 0.0)
-
-    @gluon.jit
-    def _softmax_exp2(x, SOFTCAP: gl.constexpr):
-        """P's 2^x: on the FMA units with SOFTCAP_POLY (``_exp2_poly``), else exp2."""
-        if SOFTCAP == SOFTCAP_POLY_C:
-            return _exp2_poly(x)
-        return gl.exp2(x)
+        inf (2 / inf = 0) or flushes to 0."""
+        return 1.0 - 2.0 / (gl.exp2(s * cap_scale) + 1.0)
 
     @gluon.jit
     def _finite_shift(m, MAY_BE_EMPTY: gl.constexpr):
@@ -870,21 +815,12 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
                       RAGGED_KEYS=S % bn != 0 and not padding, KEY_SPAN=padding,
                       NAN_ON_EMPTY=nan_on_empty and (padding != 0 or mask_tile or window > 0),
-                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap_form(softcap > 0.0),
+                      MASK_TILE=mask_tile, WINDOW=window > 0, SOFTCAP=softcap > 0.0,
                       CONSUMER_REGS=CONSUMER_REGS,
                       num_warps=4),
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
                               **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})
-
-
-def softcap_form(softcapped: bool) -> int:
-    """SOFTCAP for a call whose scores are ``softcapped`` or not (0): SOFTCAP_POLY under
-    SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in until measured), else SOFTCAP_MUFU."""
-    if not softcapped:
-        return 0
-    return (SOFTCAP_POLY if os.environ.get("SDPA_PASS_GLUON_SOFTCAP_POLY", "") == "1"
-            else SOFTCAP_MUFU)
 
 
 def gluon_score_scales(scale: float, softcap: float, bias: bool) -> tuple[float, float]:

@@ -45,7 +45,7 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
               "SDPA_PASS_GLUON_DQ", "SDPA_PASS_KEY_SPAN", "SDPA_PASS_GLUON_PADDING",
               "SDPA_PASS_GLUON_MASK", "SDPA_PASS_GLUON_FWD_HD256", "SDPA_PASS_GLUON_BIAS",
               "SDPA_PASS_GLUON_BWD_BIAS", "SDPA_PASS_GLUON_WINDOW",
-              "SDPA_PASS_GLUON_SOFTCAP", "SDPA_PASS_GLUON_SOFTCAP_POLY")
+              "SDPA_PASS_GLUON_SOFTCAP")
 
 
 # os.environ.get costs ~1 us a name (CPython's Mapping.get -> __getitem__ -> key encoding and

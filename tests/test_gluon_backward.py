@@ -176,7 +176,7 @@ def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = 
     """The probe's report of the library's kernel; ``causal``: True, or "window" with a
     sliding window ("window_one": of one key, specialized as a launch would); ``mask_tile``:
     True or "mask" a bool attn_mask read in tiles, "bias" a float bias of ``dtype``;
-    ``softcap``: soft-capped scores ("poly": P's exponentials on the FMA units);
+    ``softcap``: soft-capped scores;
     ``ragged``: dQ's RAGGED_KEYS."""
     tile = {True: "mask", False: ""}.get(mask_tile, mask_tile)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -187,8 +187,7 @@ def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = 
          *({"window": ["--window-product"], "window_one": ["--window-one-product"]}.get(
              causal, ["--causal-product"] if causal else [])),
          *([f"--{tile}-tile"] if tile else []),
-         *({"poly": ["--softcap-poly-product"]}.get(
-             softcap, ["--softcap-product"] if softcap else [])),
+         *(["--softcap-product"] if softcap else []),
          *(["--ragged-product"] if ragged else [])],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -726,17 +725,14 @@ BACKWARD_SOFTCAP_CASES = {
 
 
 @needs_hopper
-@pytest.mark.parametrize("poly", ["0", "1"])
 @pytest.mark.parametrize("case", sorted(set(SOFTCAP_CASES) - {"with_bias"})
                          + sorted(BACKWARD_SOFTCAP_CASES))
-def test_gluon_backward_with_soft_capped_scores(case, poly, monkeypatch):
+def test_gluon_backward_with_soft_capped_scores(case, monkeypatch):
     """SDPA_PASS_GLUON_SOFTCAP=1: the forward's soft-capping cases (test_gluon_forward's
     SOFTCAP_CASES; beside a float bias the Triton kernels keep the backward) and a negative
     scale: the gradients of the Gluon dK/dV and dQ kernels (tanh recomputed, dS times 1 - t²)
-    against the float64 reference; ``poly``: SDPA_PASS_GLUON_SOFTCAP_POLY (the dQ kernel's P
-    from ``_exp2_poly``)."""
+    against the float64 reference."""
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
-    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", poly)
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(
         case, {**SOFTCAP_CASES, **BACKWARD_SOFTCAP_CASES})
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
@@ -750,7 +746,6 @@ def test_soft_capped_defaults_pair_the_forward_each_shape_takes_with_the_gluon_b
     (its LSE) before the Gluon dK/dV and dQ kernels, at hd256 the Gluon forward before them;
     gradients against float64."""
     monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP", raising=False)
-    monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP_POLY", raising=False)
     forwards, real = [], fwd.attention_forward_gluon
     monkeypatch.setattr(fwd, "attention_forward_gluon",
                         lambda *a, **k: forwards.append("gluon") or real(*a, **k))
@@ -763,9 +758,8 @@ def test_soft_capped_defaults_pair_the_forward_each_shape_takes_with_the_gluon_b
 def test_a_negative_scale_keeps_the_backward_kernels_capped(monkeypatch):
     """(Any device.) The launches' SOFTCAP follows whether there is a cap, not cap_scale's
     sign: a negative scale gives a negative cap_scale (as tanh(s · scale / cap) needs) and
-    the scores are still capped; under SDPA_PASS_GLUON_SOFTCAP_POLY=1 the dQ kernel's P is
-    the polynomial's, the dK/dV kernel's stays exp2's. The launchers run up to the launch,
-    which is recorded instead."""
+    the scores are still capped. The launchers run up to the launch, which is recorded
+    instead."""
     forms = []
     monkeypatch.setattr(gbwd, "launch_fixed", lambda calls, key, kernel, grid, args, params,
                         **kw: forms.append(params["SOFTCAP"]))
@@ -773,18 +767,16 @@ def test_a_negative_scale_keeps_the_backward_kernels_capped(monkeypatch):
     q, k, v, do, dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.bfloat16) for _ in range(7))
     shape = AttentionShape(B, H, H, L, L, D, D)
     stats = torch.zeros(3, B, H, L)
-    for poly, dq_form in (("0", gfwd.SOFTCAP_MUFU), ("1", gfwd.SOFTCAP_POLY)):
-        monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", poly)
-        for scale in (-0.3, 0.3):
-            qk_scale, cap_scale = gfwd.gluon_score_scales(scale, 5.0, False)
-            assert (cap_scale < 0) == (scale < 0)
-            common = dict(scale=scale, qk_scale=qk_scale, causal_align=CAUSAL_NONE, offset=0,
-                          rows=L, plan_key=None, cap_scale=cap_scale)
-            gbwd.attention_dkdv_gluon(q, k, v, do, stats, dk, dv, shape, **common)
-            gbwd.attention_dq_gluon(q, k, v, do, stats, dq, shape, **common)
-            assert forms[-2:] == [gfwd.SOFTCAP_MUFU, dq_form], (poly, scale, forms)
-        gbwd.attention_dq_gluon(q, k, v, do, stats, dq, shape, **dict(common, cap_scale=0.0))
-        assert forms[-1] == 0
+    for scale in (-0.3, 0.3):
+        qk_scale, cap_scale = gfwd.gluon_score_scales(scale, 5.0, False)
+        assert (cap_scale < 0) == (scale < 0)
+        common = dict(scale=scale, qk_scale=qk_scale, causal_align=CAUSAL_NONE, offset=0,
+                      rows=L, plan_key=None, cap_scale=cap_scale)
+        gbwd.attention_dkdv_gluon(q, k, v, do, stats, dk, dv, shape, **common)
+        gbwd.attention_dq_gluon(q, k, v, do, stats, dq, shape, **common)
+        assert forms[-2:] == [True, True], (scale, forms)
+    gbwd.attention_dq_gluon(q, k, v, do, stats, dq, shape, **dict(common, cap_scale=0.0))
+    assert forms[-1] is False
 
 
 @needs_gluon
@@ -802,22 +794,6 @@ def test_soft_capped_kernels_compile_for_sm90(kernel, head_dim):
     assert capped["stack_bytes"] <= causal["stack_bytes"] + 16, (capped, causal)
     # (the partitions' one more argument: 16 bytes of dQ's)
     assert capped["shared_bytes"] <= causal["shared_bytes"] + 64, (capped, causal)
-
-
-@needs_gluon
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_the_dq_kernel_takes_polynomial_exponentials_without_spilling(head_dim):
-    """SDPA_PASS_GLUON_SOFTCAP_POLY=1: the soft-capped dQ kernel's P from ``_exp2_poly``
-    (compiled for sm_90: half the MUFU.EX2, tanh's only; the same wgmmas and shared memory,
-    not serialized, no stack). (The dK/dV kernel keeps exp2: there the polynomial spilled,
-    184 bytes of stack against 8 at hd128.)"""
-    capped = compile_report("bf16", True, head_dim, "dq", softcap=True)
-    poly = compile_report("bf16", True, head_dim, "dq", softcap="poly")
-    for key in ("HGMMA", "shared_bytes"):
-        assert poly[key] == capped[key], (key, poly, capped)
-    assert poly["MUFU.EX2"] == capped["MUFU.EX2"] // 2, (poly, capped)
-    assert not poly["wgmma serialized (ptxas C7514)"]
-    assert poly["stack_bytes"] <= capped["stack_bytes"], (poly, capped)
 
 
 @needs_gluon

@@ -671,41 +671,26 @@ SOFTCAP_CASES = {
 
 
 @needs_hopper
-@pytest.mark.parametrize("poly", ["0", "1"])
 @pytest.mark.parametrize("case", sorted(SOFTCAP_CASES))
-def test_gluon_forward_soft_caps_the_scores(case, poly, monkeypatch):
+def test_gluon_forward_soft_caps_the_scores(case, monkeypatch):
     """SDPA_PASS_GLUON_SOFTCAP=1 (the Gluon kernel wherever it runs): the Gluon forward's
     cap · tanh(s · scale / cap) before the masks (a bias added after it); output and LSE
-    against float64; ``poly``: SDPA_PASS_GLUON_SOFTCAP_POLY, P's exponentials on the FMA
-    units (``_exp2_poly``)."""
+    against float64, the launch specialized for it."""
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
-    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", poly)
-    forms, real = [], gfwd.softcap_form
-    monkeypatch.setattr(gfwd, "softcap_form", lambda capped: forms.append(real(capped)) or forms[-1])
+    forms, real = [], gfwd.launch_fixed
+    monkeypatch.setattr(gfwd, "launch_fixed", lambda *a, **k: forms.append(a[5]["SOFTCAP"])
+                        or real(*a, **k))
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
     forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
-    assert forms == [gfwd.SOFTCAP_POLY if poly == "1" else gfwd.SOFTCAP_MUFU]
-
-
-def test_the_softcap_form_follows_the_cap_and_the_variable(monkeypatch):
-    """(Any device.) ``softcap_form``: 0 without a cap; SOFTCAP_MUFU with one, SOFTCAP_POLY
-    with one under SDPA_PASS_GLUON_SOFTCAP_POLY=1 (opt-in)."""
-    monkeypatch.delenv("SDPA_PASS_GLUON_SOFTCAP_POLY", raising=False)
-    assert gfwd.softcap_form(False) == 0 and gfwd.softcap_form(True) == gfwd.SOFTCAP_MUFU
-    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", "1")
-    assert gfwd.softcap_form(False) == 0 and gfwd.softcap_form(True) == gfwd.SOFTCAP_POLY
-    assert gfwd.SOFTCAP_MUFU and gfwd.SOFTCAP_POLY  # both truthy: ``if SOFTCAP:`` caps
+    assert forms == [True]
 
 
 @needs_hopper
-@pytest.mark.parametrize("poly", ["0", "1"])
 @pytest.mark.parametrize("case", ["bottom_right_ragged", "with_bias"])
-def test_gradients_through_a_soft_capped_gluon_forward(case, poly, monkeypatch):
-    """The backward from the soft-capped Gluon forward's LSE (``poly``: its P's exponentials
-    from ``_exp2_poly``, the backward's from exp2): the Gluon kernels under the same
-    variable, the Triton ones beside a float bias."""
+def test_gradients_through_a_soft_capped_gluon_forward(case, monkeypatch):
+    """The backward from the soft-capped Gluon forward's LSE: the Gluon kernels under the
+    same variable, the Triton ones beside a float bias."""
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
-    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP_POLY", poly)
     calls = record_gluon_calls(monkeypatch)
     B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(case, SOFTCAP_CASES)
     forward_and_gradients_against_the_reference(calls, B, Hq, Hkv, L, S, D, dtype, **kwargs)
@@ -727,36 +712,6 @@ def test_the_soft_cap_constants_give_capped_logits_in_the_softmax_units(bias):
     torch.testing.assert_close((t * qk_scale).double(), want, rtol=0, atol=4e-6 * cap * units)
     assert (t[-4:] == torch.tensor([-1.0, -1.0, 1.0, 1.0])).all()
     assert gfwd.gluon_score_scales(scale, 0.0, bias) == ((scale if bias else scale * units), 0.0)
-
-
-def _int32_wrap(x: torch.Tensor) -> torch.Tensor:
-    """int64 values taken modulo 2**32 into int32's range, as 32-bit integer arithmetic wraps."""
-    x = x & 0xFFFFFFFF
-    return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
-
-
-def test_the_polynomial_exp2_is_exp2_to_its_bound():
-    """(Any device.) ``_exp2_poly`` replayed in fp32 with 32-bit integer bit operations, as
-    the kernel computes it: 2^x within 3.5e-6 relative (the polynomial's 2.7e-6 and fp32
-    rounding) over every exponent P can have, [-125, 0] and the rounding just above 0;
-    exactly 0 below EXP2_FLOOR and at -inf, where the kernel's exp2 also gives 0; no NaN."""
-    x = torch.cat([torch.linspace(-125.0, 0.0, 500_001), -torch.rand(100_000) * 3.0,
-                   torch.tensor([0.0, 1e-7, 3e-7, -0.5, 0.5 - 2 ** -24, -124.5, -125.0]),
-                   torch.tensor([-125.01, -125.5, -126.0, -149.0, -1e30, float("-inf")])])
-    c0, c1, c2, c3, c4 = (torch.tensor(c, dtype=torch.float32) for c in gfwd.EXP2_POLY)
-    t = x + gfwd.EXP2_ROUND
-    f = x - (t - gfwd.EXP2_ROUND)
-    poly = (((c4 * f + c3) * f + c2) * f + c1) * f + c0
-    shifted = _int32_wrap(t.view(torch.int32).to(torch.int64) << 23)
-    bits = _int32_wrap(poly.view(torch.int32).to(torch.int64) + shifted.to(torch.int64))
-    got = torch.where(x >= gfwd.EXP2_FLOOR, bits.view(torch.float32), 0.0)
-    kept = x >= gfwd.EXP2_FLOOR
-    assert not got.isnan().any() and (got[~kept] == 0).all() and int((~kept).sum()) == 6
-    want = torch.exp2(x[kept].double())
-    rel = ((got[kept].double() - want) / want).abs()
-    assert rel.max() <= 3.5e-6, (rel.max(), x[kept][rel.argmax()])
-    # and not looser than the fitted bound says: the polynomial is doing the work
-    assert rel.max() >= 1e-6
 
 
 @needs_gluon
@@ -784,33 +739,6 @@ def test_the_soft_capped_kernel_compiles_for_sm90_with_its_overlap(head_dim):
     overlapped = capped["EX2 between W1 and W0"]
     tile = gfwd.forward_block_n(head_dim) // 2
     assert len(overlapped) == 2 and min(overlapped) >= 2 * tile, capped["loop window"]
-
-
-@needs_gluon
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_polynomial_exponentials_leave_the_special_function_unit_tanh_only(head_dim):
-    """SOFTCAP_POLY (SDPA_PASS_GLUON_SOFTCAP_POLY=1): compiled for sm_90, the soft-capped
-    causal kernel's P exponentials leave MUFU.EX2 (under the P·V product only tanh's and the
-    rescale's remain: the uncapped kernel's count, against twice it with SOFTCAP_MUFU); the
-    same wgmmas, shared memory and order, not serialized, no more stack (triton 3.9, hd128:
-    66 exponentials between the waits against 130, stack 16 bytes against 24)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    reports = {}
-    for form in ("--causal", "--softcap", "--softcap-poly"):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-             "--product", "bf16", "--head-dim", str(head_dim), "--causal", form],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        reports[form] = json.loads(result.stdout.strip().splitlines()[-1])
-    causal, capped, poly = reports["--causal"], reports["--softcap"], reports["--softcap-poly"]
-    for key in ("HGMMA", "shared_bytes", "setmaxnreg", "WARPGROUP.DEPBAR"):
-        assert poly[key] == capped[key], (key, poly, capped)
-    assert poly["EX2 between W1 and W0"] == causal["EX2 between W1 and W0"], (poly, causal)
-    assert poly["MUFU.EX2"] <= capped["MUFU.EX2"] - causal["MUFU.EX2"] + 8, (poly, capped)
-    assert not poly["wgmma serialized (ptxas C7514)"]
-    assert poly["stack_bytes"] <= capped["stack_bytes"], (poly, capped)
 
 
 def _window_tiles(L, S, offset, window, BM, BN):
