@@ -91,7 +91,8 @@ two products' tensor-core time per tile. H200, bf16, causal, cap 30, forward alo
 the Triton kernel: hd128 166.9 / 235.2 / 304.2 / 355.3 / 417.8 at N = 512 / 1k / 2k / 4k / 16k
 against 212.4 / 256.1 / 292.8 / 315.2 / 340.4; hd256 351.1 / 458.2 at 1k / 4k against 268.7 /
 364.8; hd64 209.9 at 4k against 216.5 (flex 90-190; BENCHMARKS.md, session 26). The backward's
-Gluon kernels soft-cap under the same variable (gluon_backward.py).
+Gluon kernels soft-cap under the same variable (gluon_backward.py). Padding rows beside a cap
+are taken too (since session 27, when test_gluon_padding.py's capped cases first ran on a GPU).
 
 A polynomial exp2 on the FMA units for the soft-capped softmax's P (session 26: 2^f by a degree-4
 polynomial, tanh's reciprocal from rcp.approx; MUFU operations a score 2 against 3, FMA-unit
