@@ -51,7 +51,8 @@ from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, bias_head
                              gluon_backward_refusal, gluon_dq_refusal)
 from .gluon_forward import (TILE_BIAS, TILE_BOOL, gluon_score_scales, padding_flags,
                             tile_mask_refusal)
-from .launch import PlanCache, call_key, launch_fixed, launch_remembered, tensor_key
+from .launch import (PlanCache, call_key, kernel_choice, launch_fixed, launch_remembered,
+                     log_kernel_choice, tensor_key)
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -760,6 +761,15 @@ def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv
             and descriptor_layout_ok(q, k, v, grad_out))
 
 
+def backward_choices(dkdv_refusal: str | None, dq_refusal: str | None, dq_atomic: bool) -> str:
+    """The backward's kernels for ``launch.log_kernel_choice``, from the two Gluon refusals."""
+    if dq_atomic:
+        return f"dK/dV {kernel_choice(dkdv_refusal)} with dQ by atomics"
+    if dq_refusal is not None and dq_refusal == dkdv_refusal:
+        return f"dK/dV and dQ {kernel_choice(dkdv_refusal)}"
+    return f"dK/dV {kernel_choice(dkdv_refusal)}, dQ {kernel_choice(dq_refusal)}"
+
+
 class _BackwardDecisions:
     """What ``attention_backward_triton`` decides from a call's plan key alone (layouts,
     dtypes, flags, the SDPA_PASS_* variables): load paths, dQ path, kernels and tiles, the
@@ -819,6 +829,8 @@ class _BackwardDecisions:
             capability=_capability(q.device) if q.is_cuda else None)
         # and the dQ kernel in Gluon where it measured faster (hd128)
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
+        log_kernel_choice("backward", shape, q.dtype, backward_choices(
+            self.gluon_refusal, self.gluon_dq_refusal, self.dq_atomic))
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
         self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
         masks = dict(

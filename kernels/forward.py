@@ -26,7 +26,8 @@ from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .dropout import dropout_keep, keep_scale, load_seed
 from .gluon_forward import (BIAS_HEAD_DIMS, TILE_BIAS, TILE_BOOL, attention_forward_gluon,
                             gluon_forward_refusal, padding_flags, tile_mask_refusal)
-from .launch import KernelCall, PlanCache, call_key, launch_fixed, tensor_key
+from .launch import (KernelCall, PlanCache, call_key, kernel_choice, launch_fixed,
+                     log_kernel_choice, tensor_key)
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -815,6 +816,7 @@ def _set_descriptor_blocks(nargs) -> None:
 # 2**30 stays far below the smallest shapes where the kernels measured longer than the host
 # (B32 H16 N512 D128, 2**34: 1.0-1.6 ms of kernels against ~0.6 ms of host time).
 HOST_BOUND_WORK = 1 << 30
+HOST_BOUND_REFUSAL = f"a host-bound call (B·Hq·L·S·D under 2**{HOST_BOUND_WORK.bit_length() - 1})"
 
 
 def host_bound(shape: AttentionShape) -> bool:
@@ -1099,12 +1101,14 @@ def attention_forward_triton(
     # an attn_mask with rows of its own: the Gluon forward reads bool ones and 16-bit float
     # biases in tiles
     tiled = mask_kind != MASK_NONE and kernel_mask != MASK_BOOL_ROW
-    if not small and gluon_forward_refusal(
-            q, k, v, shape, scale=scale,
-            masked=tiled and tile_mask_refusal(mask, BIAS_HEAD_DIMS, D), padding=padding,
-            causal_align=causal_align, diagonal=diagonal, window=window,
-            softcap=softcap, dropout_p=dropout_p,
-            capability=_capability(q.device) if q.is_cuda else None) is None:
+    refusal = HOST_BOUND_REFUSAL if small else gluon_forward_refusal(
+        q, k, v, shape, scale=scale,
+        masked=tiled and tile_mask_refusal(mask, BIAS_HEAD_DIMS, D), padding=padding,
+        causal_align=causal_align, diagonal=diagonal, window=window,
+        softcap=softcap, dropout_p=dropout_p,
+        capability=_capability(q.device) if q.is_cuda else None)
+    log_kernel_choice("forward", shape, q.dtype, kernel_choice(refusal))
+    if refusal is None:
         gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,
                            pstrides if key_padding_mask is not None else (0, 0), mstrides,
                            nan_on_empty, (TILE_BIAS if mask_kind == MASK_FLOAT else TILE_BOOL)

@@ -21,6 +21,7 @@ proton; the interpreter, which has no compiled kernel) it goes through ``kernel[
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Hashable, Optional, Sequence
 
@@ -66,6 +67,26 @@ def _variables() -> tuple:
     if _ENV_KEYS is not None:
         return tuple(map(_ENV_DATA.get, _ENV_KEYS))
     return tuple(map(os.environ.get, ("SDPA_PASS_LAUNCH_PLANS", *_VARIABLES)))
+
+
+# Which kernel each new launch plan runs, and why not the Gluon one: a child of the pass's
+# "sdpa_pass" logger, at DEBUG, once per plan (so once per shape and layout, not per call).
+kernel_log = logging.getLogger("sdpa_pass.kernels")
+
+
+def log_kernel_choice(what: str, shape, dtype, choices: str) -> None:
+    """``kernel_log``: ``what`` (forward, backward) of a ``shape`` (checks.AttentionShape) of
+    ``dtype`` runs ``choices``."""
+    if kernel_log.isEnabledFor(logging.DEBUG):
+        kernel_log.debug("%s B%d Hq%d/Hkv%d L%d S%d D%d/%d %s: %s", what, shape.batch,
+                         shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len,
+                         shape.head_dim, shape.v_head_dim, str(dtype).replace("torch.", ""),
+                         choices)
+
+
+def kernel_choice(refusal: Optional[str]) -> str:
+    """"Gluon", or "Triton (<why not Gluon>)" for a ``refusal`` (None: taken)."""
+    return "Gluon" if refusal is None else f"Triton ({refusal})"
 
 
 def call_key(*parts) -> Optional[tuple]:

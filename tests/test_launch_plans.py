@@ -12,6 +12,8 @@ calls the compiled kernel's launcher directly, which the GPU-only test asserts.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -162,6 +164,44 @@ def test_gradients_through_a_planned_forward():
     assert_close_to_reference(out, ref, dtype)
     for g, r in zip(grads, ref_grads):
         assert_close_to_reference(g, r, dtype)
+
+
+def test_each_new_plan_logs_the_kernels_it_runs(caplog):
+    """The ``sdpa_pass.kernels`` logger (DEBUG) names the kernels of each new forward and
+    backward plan and why not the Gluon ones, once per plan: a second call with the same
+    shape and layout logs nothing, another length logs again."""
+    clear_plans()
+    caplog.set_level(logging.DEBUG, logger="sdpa_pass.kernels")
+
+    def step(S):
+        q, k, v = (t.requires_grad_() for t in _inputs(torch.float16, S=S))
+        attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        lines = [r.getMessage() for r in caplog.records if r.name == "sdpa_pass.kernels"]
+        caplog.clear()
+        return lines
+
+    first = step(S)
+    head = f"B{B} Hq{HQ}/Hkv{HKV} L{L} S{S} D{D}/{D} float16: "
+    assert len(first) == 2, first
+    assert first[0].startswith("forward " + head), first
+    assert first[1].startswith("backward " + head + "dK/dV "), first
+    # this small a call is host-bound wherever it runs, so the Triton kernels, with the reason
+    assert first[0].endswith(f": Triton ({fwd.HOST_BOUND_REFUSAL})"), first
+    assert "Triton (" in first[1], first
+    assert step(S) == []
+    assert [line.split(":")[0] for line in step(S + 8)] == [
+        f"{what} B{B} Hq{HQ}/Hkv{HKV} L{L} S{S + 8} D{D}/{D} float16" for what in ("forward", "backward")]
+
+
+def test_backward_choices_name_each_kernel():
+    """(Any device.) The backward's line: both kernels under one reason when dQ shares the
+    dK/dV kernel's, each with its own otherwise, and dQ by atomics."""
+    from sdpa_pass.kernels.backward import backward_choices
+    assert backward_choices(None, None, False) == "dK/dV Gluon, dQ Gluon"
+    assert backward_choices(None, "head dim 64", False) == "dK/dV Gluon, dQ Triton (head dim 64)"
+    assert backward_choices("dropout", "dropout", False) == "dK/dV and dQ Triton (dropout)"
+    assert backward_choices("dropout", "dropout", True) == (
+        "dK/dV Triton (dropout) with dQ by atomics")
 
 
 def test_plans_can_be_turned_off(monkeypatch):
