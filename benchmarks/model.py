@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import metadata, slug  # noqa: E402
 
 import sdpa_pass  # noqa: E402
+from sdpa_pass.kernels.launch import clear_plans  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384)
@@ -130,6 +132,32 @@ def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module
                            **options)
         model.sdpa_pass_reports = reports   # what each compile's sites run, for the row
     return model
+
+
+class KernelChoices(logging.Handler):
+    """The ``sdpa_pass.kernels`` log lines (which kernels each new launch plan runs) while
+    installed, distinct, in order: a row's record of what its sites ran on the GPU."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def __enter__(self):
+        logger = logging.getLogger("sdpa_pass.kernels")
+        self._level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("sdpa_pass.kernels")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 def measure(model, ids, runs: int = 10) -> tuple[float, float, torch.Tensor]:
@@ -239,19 +267,24 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(row, flush=True)
                 continue
-            try:
-                if decode:
-                    row["ms"], row["peak_gib"], logits = measure_decode(model, ids, args.new_tokens)
-                    row["tokens_per_s"] = args.batch * args.new_tokens / (row["ms"] / 1e3)
-                else:
-                    row["ms"], row["peak_gib"], logits = measure(model, ids)
-                    row["tokens_per_s"] = args.batch * n / (row["ms"] / 1e3)
-                    if args.profile:
-                        profile(model, ids, args.out / f"profile_{slug(kind)}_{n}.txt")
-                torch.save(logits.cpu(), f"/tmp/logits_{slug(kind)}_{n}.pt")
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a result
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                torch.cuda.empty_cache()
+            # plans dropped first, so each row logs the kernel choices of its own launches
+            clear_plans()
+            with KernelChoices() as choices:
+                try:
+                    if decode:
+                        row["ms"], row["peak_gib"], logits = measure_decode(model, ids, args.new_tokens)
+                        row["tokens_per_s"] = args.batch * args.new_tokens / (row["ms"] / 1e3)
+                    else:
+                        row["ms"], row["peak_gib"], logits = measure(model, ids)
+                        row["tokens_per_s"] = args.batch * n / (row["ms"] / 1e3)
+                        if args.profile:
+                            profile(model, ids, args.out / f"profile_{slug(kind)}_{n}.txt")
+                    torch.save(logits.cpu(), f"/tmp/logits_{slug(kind)}_{n}.pt")
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory: a result
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    torch.cuda.empty_cache()
+            if choices.lines:  # which kernels our sites ran (Gluon or Triton, and why)
+                row["kernel_choices"] = choices.lines
             reports = getattr(model, "sdpa_pass_reports", None)
             if reports:  # which implementation the sites ran (a fallback shows here)
                 ran = sorted({s.implementation or f"skipped:{s.reason_code}" for r in reports for s in r.sites})
