@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 from pathlib import Path
@@ -49,6 +48,7 @@ from attention import metadata, slug  # noqa: E402
 
 import sdpa_pass  # noqa: E402
 from sdpa_pass.kernels.launch import clear_plans  # noqa: E402
+from sdpa_pass.report import KernelChoices  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
               num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=16384)
@@ -132,32 +132,6 @@ def build(kind: str, base_state: dict, family: str = "llama") -> torch.nn.Module
                            **options)
         model.sdpa_pass_reports = reports   # what each compile's sites run, for the row
     return model
-
-
-class KernelChoices(logging.Handler):
-    """The ``sdpa_pass.kernels`` log lines (which kernels each new launch plan runs) while
-    installed, distinct, in order: a row's record of what its sites ran on the GPU."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = record.getMessage()
-        if line not in self.lines:
-            self.lines.append(line)
-
-    def __enter__(self):
-        logger = logging.getLogger("sdpa_pass.kernels")
-        self._level = logger.level
-        logger.setLevel(logging.DEBUG)
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logger = logging.getLogger("sdpa_pass.kernels")
-        logger.removeHandler(self)
-        logger.setLevel(self._level)
 
 
 def measure(model, ids, runs: int = 10) -> tuple[float, float, torch.Tensor]:

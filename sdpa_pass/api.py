@@ -8,7 +8,8 @@ import torch
 
 from .backend import make_backend
 from .implementations import Choices, resolve
-from .report import Report
+from .kernels.launch import clear_plans
+from .report import KernelChoices, Report
 
 
 def optimize(model: Union[torch.nn.Module, Callable], backend: Union[str, Callable] = "inductor",
@@ -40,14 +41,21 @@ def optimize(model: Union[torch.nn.Module, Callable], backend: Union[str, Callab
 def explain(model: Union[torch.nn.Module, Callable], *args: Any, **kwargs: Any) -> Report:
     """Run ``model(*args, **kwargs)`` once under the pass (graphs run eagerly after the
     rewrite) and return the Report: every candidate site, rewritten or skipped with its
-    reason, what each rewritten site runs and why, and the FX graphs before and after. The
-    implementation is that of the enclosing ``sdpa_pass.implementation(...)`` block."""
+    reason, what each rewritten site runs and why, the FX graphs before and after, and the
+    kernels the sites' launches ran (``Report.kernels``: Gluon or Triton, and why not Gluon;
+    none where the op's CPU path or another implementation ran). The implementation is that
+    of the enclosing ``sdpa_pass.implementation(...)`` block."""
     report = Report()
     backend = make_backend("eager", on_report=report.extend)
     torch._dynamo.reset()
+    # the launch plans dropped, so every kernel the rewritten sites launch logs its choice
+    # (built again on the next calls: host work only, the compiled kernels stay cached)
+    clear_plans()
     try:
-        torch.compile(model, backend=backend)(*args, **kwargs)
+        with KernelChoices() as choices:
+            torch.compile(model, backend=backend)(*args, **kwargs)
     finally:
         # explain() must not leave its graphs in the cache that the user's own compile uses
         torch._dynamo.reset()
+    report.kernels = choices.lines
     return report

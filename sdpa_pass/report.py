@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Optional, Union
 
@@ -48,6 +49,9 @@ class Report:
     sites: list = dataclasses.field(default_factory=list)
     graphs: list = dataclasses.field(default_factory=list)   # GraphRecord per graph
     seconds: float = 0.0
+    # explain(): the kernels the rewritten sites ran, a line per launch plan made while it ran
+    # the model (KernelChoices); empty where none ran (the op's CPU path, other implementations)
+    kernels: list = dataclasses.field(default_factory=list)
 
     @property
     def num_rewritten(self) -> int:
@@ -64,6 +68,7 @@ class Report:
             self.sites.append(s)
         self.graphs.extend(other.graphs)
         self.seconds += other.seconds
+        self.kernels.extend(k for k in other.kernels if k not in self.kernels)
 
     def __str__(self) -> str:
         head = (f"sdpa_pass: {self.num_rewritten} of {len(self.sites)} attention sites "
@@ -83,6 +88,8 @@ class Report:
         widths[-1] = len(cols[-1])
         fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
         lines = [head, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        if self.kernels:
+            lines += ["kernels run (a line per launch plan):"] + [f"  {k}" for k in self.kernels]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -120,3 +127,33 @@ def source_of(node: fx.Node) -> str:
 
 def shape_text(t) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+class KernelChoices(logging.Handler):
+    """Collects the ``sdpa_pass.kernels`` log lines (which kernels each new launch plan runs,
+    and why not the Gluon ones) while installed as a context manager: distinct, in order. The
+    logger is set to DEBUG for the duration and does not propagate then, so the lines land
+    here rather than on the console of a root handler that shows everything."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def __enter__(self) -> "KernelChoices":
+        logger = logging.getLogger("sdpa_pass.kernels")
+        self._saved = logger.level, logger.propagate
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("sdpa_pass.kernels")
+        logger.removeHandler(self)
+        logger.setLevel(self._saved[0])
+        logger.propagate = self._saved[1]

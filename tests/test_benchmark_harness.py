@@ -131,24 +131,3 @@ def test_the_model_benchmark_builds_gemma2_with_its_caps_windows_and_reference()
         "flex_attention", "sdpa", "eager", "eager"]
     assert model.config("llama", "sdpa")._attn_implementation == "sdpa"
 
-
-def test_the_model_benchmark_records_each_rows_kernel_choices():
-    """benchmarks/model.py's KernelChoices: the ``sdpa_pass.kernels`` lines of a real forward
-    and backward (distinct, in order) while installed; the logger's level and handlers as they
-    were after."""
-    import logging
-
-    import model
-    from sdpa_pass.kernels import attention
-    from sdpa_pass.kernels.launch import clear_plans
-    logger = logging.getLogger("sdpa_pass.kernels")
-    level, handlers = logger.level, list(logger.handlers)
-    clear_plans()
-    with model.KernelChoices() as choices:
-        for _ in range(2):  # the second call runs the plans: nothing new
-            q, k, v = (torch.randn(1, 2, 16, 16, requires_grad=True) for _ in range(3))
-            attention(q, k, v, is_causal=True).sum().backward()
-        logger.debug("forward x")
-        logger.debug("forward x")
-    assert [line.split(" B1 ")[0] for line in choices.lines] == ["forward", "backward", "forward x"]
-    assert logger.level == level and logger.handlers == handlers

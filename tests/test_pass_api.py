@@ -137,6 +137,47 @@ def test_explain_report_table_graphs_and_logging(caplog):
     assert any("rewrote attention at test_pass_api.py" in r.getMessage() for r in caplog.records)
 
 
+def test_explain_reports_the_kernels_the_sites_ran():
+    """explain()'s Report.kernels: the kernel-choice line of each launch plan the rewritten
+    site made (plans dropped first, so a second explain() logs again), also in its text; the
+    ``sdpa_pass.kernels`` logger as it was after."""
+    model, x = _model_and_input()
+    with torch.no_grad():
+        sdpa_pass.explain(model, x)  # its plans made: the second call still logs
+        report = sdpa_pass.explain(model, x)
+    assert len(report.kernels) == 1 and report.kernels[0].startswith("forward B"), report.kernels
+    assert ": Triton (" in report.kernels[0] or report.kernels[0].endswith(": Gluon")
+    assert "kernels run (a line per launch plan):\n  forward B" in str(report)
+    assert logging.getLogger("sdpa_pass.kernels").propagate
+
+def test_kernel_choices_collect_each_plans_line():
+    """KernelChoices (sdpa_pass/report.py; model.py records each row's with it): the
+    ``sdpa_pass.kernels`` lines of a real forward and backward (distinct, in order) while
+    installed, none passed on to the root logger's handlers; the logger's level, handlers and
+    propagation as they were after."""
+    from sdpa_pass.kernels import attention
+    from sdpa_pass.kernels.launch import clear_plans
+    from sdpa_pass.report import KernelChoices
+    logger = logging.getLogger("sdpa_pass.kernels")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    seen = []
+    root_handler = logging.Handler()
+    root_handler.emit = seen.append
+    logging.getLogger().addHandler(root_handler)
+    clear_plans()
+    try:
+        with KernelChoices() as choices:
+            for _ in range(2):  # the second call runs the plans: nothing new
+                q, k, v = (torch.randn(1, 2, 16, 16, requires_grad=True) for _ in range(3))
+                attention(q, k, v, is_causal=True).sum().backward()
+            logger.debug("forward x")
+            logger.debug("forward x")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert [line.split(" B1 ")[0] for line in choices.lines] == ["forward", "backward", "forward x"]
+    assert not [r for r in seen if r.name == "sdpa_pass.kernels"]
+    assert (logger.level, logger.handlers, logger.propagate) == (level, handlers, propagate)
+
 def test_explain_says_why_a_site_is_left_alone():
     def returns_probs(q, k, v):
         p = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
