@@ -816,7 +816,8 @@ def _set_descriptor_blocks(nargs) -> None:
 # 2**30 stays far below the smallest shapes where the kernels measured longer than the host
 # (B32 H16 N512 D128, 2**34: 1.0-1.6 ms of kernels against ~0.6 ms of host time).
 HOST_BOUND_WORK = 1 << 30
-HOST_BOUND_REFUSAL = f"a host-bound call (B·Hq·L·S·D under 2**{HOST_BOUND_WORK.bit_length() - 1})"
+HOST_BOUND_REFUSAL = ("a host-bound call (B·Hq·L·S·D under "
+                      f"2**{HOST_BOUND_WORK.bit_length() - 1})")
 
 
 def host_bound(shape: AttentionShape) -> bool:
