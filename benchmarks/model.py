@@ -246,7 +246,8 @@ def main(argv=None) -> None:
             with KernelChoices() as choices:
                 try:
                     if decode:
-                        row["ms"], row["peak_gib"], logits = measure_decode(model, ids, args.new_tokens)
+                        row["ms"], row["peak_gib"], logits = measure_decode(model, ids,
+                                                                            args.new_tokens)
                         row["tokens_per_s"] = args.batch * args.new_tokens / (row["ms"] / 1e3)
                     else:
                         row["ms"], row["peak_gib"], logits = measure(model, ids)
