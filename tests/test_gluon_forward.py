@@ -781,3 +781,24 @@ def test_the_window_schedule_visits_every_visible_key_and_masks_the_rest():
                 hidden = any(not (i + offset - window < key <= i + offset and key < S)
                              for i in rows for key in keys)
                 assert masked or not hidden, (BM, BN, L, S, offset, window, row0, j)
+
+
+@needs_hopper
+def test_the_kernel_log_names_the_gluon_kernels_and_the_triton_ones_with_their_reason():
+    """``sdpa_pass.kernels`` (through ``sdpa_pass.report.KernelChoices``) on a GPU: causal
+    hd128 at 2048 keys runs the Gluon forward, dK/dV and dQ; soft-capped at 1024 keys the
+    Triton forward (under SOFTCAP_MIN_KEYS, said so) before the Gluon backward."""
+    from sdpa_pass.kernels.launch import clear_plans
+    from sdpa_pass.report import KernelChoices
+
+    def lines(N, **kwargs):
+        clear_plans()
+        q, k, v = (randn(2, 8, N, 128, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        with KernelChoices() as choices:
+            attention(q, k, v, is_causal=True, **kwargs).sum().backward()
+        return [line.split(": ", 1)[1] for line in choices.lines]
+
+    assert lines(2048) == ["Gluon", "dK/dV Gluon, dQ Gluon"]
+    forward, backward = lines(1024, softcap=30.0)
+    assert forward.startswith("Triton (soft-capping at head dim 128 with 1024 keys"), forward
+    assert backward == "dK/dV Gluon, dQ Gluon", backward
