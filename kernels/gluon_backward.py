@@ -123,7 +123,7 @@ forward + backward 232.5 / 325.3 / 366.2 TFLOP/s against 201.6 / 253.6 / 285.3 (
 201.3 (BENCHMARKS.md, session 26).
 
 SOFTCAP follows whether there is a cap, not ``cap_scale``'s sign: a negative scale gives a negative
-one, still a cap (until session 26 such a call's Gluon backward dropped the cap). """
+one, still a cap (until session 26 such a call's Gluon backward dropped the cap)."""
 
 from __future__ import annotations
 
