@@ -7,7 +7,9 @@ the host can be as long as the kernels; without a mask, with a float bias or a b
 GQA), the best of 5 loops of 200 calls issued without
 synchronizing (the host's time per call when it is the bottleneck), then ``do_bench`` (host
 included) and ``do_bench_cudagraph`` (kernels only) of forward + backward. Where the two
-differ, the host is what ``attention.py``'s numbers measure. Run it with
+differ, the host is what ``attention.py``'s numbers measure; ``kernels_ms`` (torch.profiler: each
+kernel's GPU time per forward + backward, ``kernel_sum_ms`` their sum) says which kernel the
+GPU time goes to. Run it with
 SDPA_PASS_AUTOTUNE=0 to compare host code (fixed tiles, no tuning runs); compare two
 versions by running each copy of the package in turn on the same machine, more than once:
 on the H100 machine one loop's time varies by +-30% between runs.
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
+from backward_variants import kernel_times  # benchmarks/backward_variants.py
 from sdpa_pass.kernels import attention
 
 # (B, H, H_kv, N, D, causal, mask): mask None, "bias" (a (1, H, N, N) float bias) or "bool"
@@ -34,7 +37,11 @@ SHAPES = ((1, 1, 1, 128, 128, True, None), (1, 1, 1, 128, 64, False, None),
           (32, 16, 16, 512, 128, True, None), (32, 16, 16, 512, 128, False, "bias"),
           (16, 32, 8, 1024, 128, True, None),
           # the forward + backward matrix's GQA row at N = 512 (host-bound there)
-          (32, 16, 4, 512, 128, True, None))
+          (32, 16, 4, 512, 128, True, None),
+          # the other matrix rows below flex on the H200 (session 28): GQA at 1k and 2k (the
+          # same 1.2 ms a call at both), no mask and a bool mask at 512
+          (16, 16, 4, 1024, 128, True, None), (8, 16, 4, 2048, 128, True, None),
+          (32, 16, 16, 512, 128, False, None), (32, 16, 16, 512, 128, False, "bool"))
 
 
 def host_ms(fn, loops: int = 5, calls: int = 200) -> float:
@@ -71,9 +78,11 @@ def measure(B: int, H: int, Hkv: int, N: int, D: int, causal: bool, mask) -> dic
     fwd_bwd()  # compiled, and the launch plans made
     ms, ms_graph = do_bench(fwd_bwd, warmup=25, rep=200), do_bench_cudagraph(fwd_bwd, rep=100)
     flops = 3.5 * 4 * B * H * N * N * D / (2 if causal else 1)
+    kernels = kernel_times(fwd_bwd)
     return dict(B=B, H=H, H_kv=Hkv, N=N, D=D, causal=causal, mask=mask, host_fwd_ms=host_ms(fwd),
                 host_fwdbwd_ms=host_ms(fwd_bwd), do_bench_ms=ms, cudagraph_ms=ms_graph,
-                do_bench_tflops=flops / ms / 1e9, cudagraph_tflops=flops / ms_graph / 1e9)
+                do_bench_tflops=flops / ms / 1e9, cudagraph_tflops=flops / ms_graph / 1e9,
+                kernel_sum_ms=sum(kernels.values()), kernels_ms=kernels)
 
 
 def main() -> None:
@@ -85,7 +94,9 @@ def main() -> None:
     for shape in SHAPES:
         rows.append(measure(*shape))
         print(args.label, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in rows[-1].items()), flush=True)
+                                   for k, v in rows[-1].items() if k != "kernels_ms"), flush=True)
+        print("  kernels (ms):", ", ".join(f"{name} {t:.3f}"
+                                          for name, t in rows[-1]["kernels_ms"].items()), flush=True)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"host_time_{args.label}_{device}.json"
