@@ -30,7 +30,7 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .forward import (LN2, MASK_BOOL_ROW, clamp_to_span, interpreter_active, key_span,
                       launch_params, mask_kind_of, masked_scores, next_pow2, visible_key_span)
-from .launch import PlanCache, call_key, launch_fixed, tensor_key
+from .launch import PlanCache, call_key, launch_fixed, log_kernel_choice, tensor_key
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -446,6 +446,9 @@ def attention_decode_triton(
         num_splits = choose_num_splits(B * Hkv, kv_hi - kv_lo, block_n, sms)
     # whole tiles per split; with more splits than tiles the last ones see no key
     chunk = max(triton.cdiv(visible_tiles, num_splits), 1) * block_n
+    if plan is None or (plan, "split") not in _DECODE_CALLS:  # a new plan (launch.kernel_log)
+        log_kernel_choice("decode", shape, q.dtype,
+                          f"split-KV Triton, {num_splits} key splits of up to {chunk} keys")
 
     rows_total = B * Hq * L
     acc_ws = torch.empty((num_splits, rows_total, DV), dtype=torch.float32, device=q.device)

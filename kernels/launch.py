@@ -75,7 +75,7 @@ kernel_log = logging.getLogger("sdpa_pass.kernels")
 
 
 def log_kernel_choice(what: str, shape, dtype, choices: str) -> None:
-    """``kernel_log``: ``what`` (forward, backward) of a ``shape`` (checks.AttentionShape) of
+    """``kernel_log``: ``what`` (forward, backward, decode) of a ``shape`` (checks.AttentionShape) of
     ``dtype`` runs ``choices``."""
     if kernel_log.isEnabledFor(logging.DEBUG):
         kernel_log.debug("%s B%d Hq%d/Hkv%d L%d S%d D%d/%d %s: %s", what, shape.batch,
@@ -135,6 +135,9 @@ class PlanCache:
         if len(self._plans) >= self.capacity:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = plan
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._plans  # (not a use: ``hits`` counts only ``get``)
 
     def clear(self) -> None:
         self._plans.clear()

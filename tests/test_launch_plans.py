@@ -193,6 +193,35 @@ def test_each_new_plan_logs_the_kernels_it_runs(caplog):
         f"{what} B{B} Hq{HQ}/Hkv{HKV} L{L} S{S + 8} D{D}/{D} float16" for what in ("forward", "backward")]
 
 
+def test_each_new_decode_plan_logs_its_splits(caplog):
+    """The decode kernel's line, once per plan: its key splits (forced here) and their
+    length; a second call with the same layout logs nothing."""
+    import sdpa_pass.kernels.decode as dec
+    from sdpa_pass.kernels.checks import CAUSAL_BOTTOM_RIGHT, check_attention_inputs
+
+    clear_plans()
+    caplog.set_level(logging.DEBUG, logger="sdpa_pass.kernels")
+    q = randn(B, HQ, 1, D, dtype=torch.float16)
+    k, v = randn(B, HKV, 70, D, dtype=torch.float16), randn(B, HKV, 70, D, dtype=torch.float16)
+    shape = check_attention_inputs(q, k, v, None, None, causal_align=CAUSAL_BOTTOM_RIGHT)
+
+    def step():
+        dec.attention_decode_triton(q, k, v, None, None, shape, scale=0.2,
+                                    causal_align=CAUSAL_BOTTOM_RIGHT, diagonal=0, window=-1,
+                                    softcap=0.0, nan_on_empty=False, return_lse=False,
+                                    num_splits=3)
+        lines = [r.getMessage() for r in caplog.records if r.name == "sdpa_pass.kernels"]
+        caplog.clear()
+        return lines
+
+    first = step()
+    assert len(first) == 1, first
+    assert first[0].startswith(f"decode B{B} Hq{HQ}/Hkv{HKV} L1 S70 D{D}/{D} float16: "
+                               "split-KV Triton, 3 key splits of up to "), first
+    assert step() == []
+    assert dec._DECODE_CALLS.hits == 2  # the check for a new plan is not counted as a use
+
+
 def test_backward_choices_name_each_kernel():
     """(Any device.) The backward's line: both kernels under one reason when dQ shares the
     dK/dV kernel's, each with its own otherwise, and dQ by atomics."""
