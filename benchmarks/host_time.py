@@ -95,8 +95,8 @@ def main() -> None:
         rows.append(measure(*shape))
         print(args.label, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in rows[-1].items() if k != "kernels_ms"), flush=True)
-        print("  kernels (ms):", ", ".join(f"{name} {t:.3f}"
-                                          for name, t in rows[-1]["kernels_ms"].items()), flush=True)
+        kernels = rows[-1]["kernels_ms"].items()
+        print("  kernels (ms):", ", ".join(f"{name} {t:.3f}" for name, t in kernels), flush=True)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"host_time_{args.label}_{device}.json"

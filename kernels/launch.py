@@ -75,8 +75,8 @@ kernel_log = logging.getLogger("sdpa_pass.kernels")
 
 
 def log_kernel_choice(what: str, shape, dtype, choices: str) -> None:
-    """``kernel_log``: ``what`` (forward, backward, decode) of a ``shape`` (checks.AttentionShape) of
-    ``dtype`` runs ``choices``."""
+    """``kernel_log``: ``what`` (forward, backward, decode) of a ``shape``
+    (checks.AttentionShape) of ``dtype`` runs ``choices``."""
     if kernel_log.isEnabledFor(logging.DEBUG):
         kernel_log.debug("%s B%d Hq%d/Hkv%d L%d S%d D%d/%d %s: %s", what, shape.batch,
                          shape.q_heads, shape.kv_heads, shape.q_len, shape.kv_len,
