@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
-from .forward import (LN2, MASK_BOOL_ROW, clamp_to_span, interpreter_active, key_span,
+from .forward import (LN2, MASK_BOOL_ROW, cdiv, clamp_to_span, interpreter_active, key_span,
                       launch_params, mask_kind_of, masked_scores, next_pow2, visible_key_span)
 from .launch import PlanCache, call_key, launch_fixed, log_kernel_choice, tensor_key
 
@@ -292,7 +292,7 @@ def visible_key_range(q_len: int, kv_len: int, offset: int, window: int, causal:
     if window != -1:
         # row i sees j > i + offset - window
         lo = (max(offset - window + 1, 0) // block_n) * block_n
-        full_lo = max(triton.cdiv(q_len + offset - window, block_n) * block_n, lo)
+        full_lo = max(cdiv(q_len + offset - window, block_n) * block_n, lo)
     mid_lo = min(full_lo, hi)
     mid_hi = min(max(full_hi, mid_lo), hi)
     return lo, mid_lo, mid_hi, max(hi, lo)
@@ -301,8 +301,8 @@ def visible_key_range(q_len: int, kv_len: int, offset: int, window: int, causal:
 def choose_num_splits(kv_programs: int, visible_keys: int, block_n: int, sm_count: int) -> int:
     """Splits of the visible keys per (batch, K/V head): enough programs for SPLIT_WAVES per
     SM, no split shorter than MIN_TILES_PER_SPLIT tiles, at most MAX_SPLITS."""
-    tiles = triton.cdiv(visible_keys, block_n)
-    wanted = triton.cdiv(SPLIT_WAVES * sm_count, max(kv_programs, 1))
+    tiles = cdiv(visible_keys, block_n)
+    wanted = cdiv(SPLIT_WAVES * sm_count, max(kv_programs, 1))
     return max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
@@ -358,7 +358,7 @@ def use_decode_kernel(shape: AttentionShape, device_props_or_sm_count) -> bool:
         return False
     if shape.group > 1:
         return True
-    forward_programs = triton.cdiv(L, 64) * shape.batch * shape.q_heads
+    forward_programs = cdiv(L, 64) * shape.batch * shape.q_heads
     return forward_programs < FORWARD_FILL_WAVES * sm_count
 
 
@@ -441,11 +441,11 @@ def attention_decode_triton(
     is_causal = causal_align != CAUSAL_NONE
     offset = causal_offset(causal_align, diagonal, L, S)
     kv_lo, mid_lo, mid_hi, kv_hi = visible_key_range(L, S, offset, window, is_causal, block_n)
-    visible_tiles = triton.cdiv(kv_hi - kv_lo, block_n)
+    visible_tiles = cdiv(kv_hi - kv_lo, block_n)
     if num_splits is None:
         num_splits = choose_num_splits(B * Hkv, kv_hi - kv_lo, block_n, sms)
     # whole tiles per split; with more splits than tiles the last ones see no key
-    chunk = max(triton.cdiv(visible_tiles, num_splits), 1) * block_n
+    chunk = max(cdiv(visible_tiles, num_splits), 1) * block_n
     if plan is None or (plan, "split") not in _DECODE_CALLS:  # a new plan (launch.kernel_log)
         log_kernel_choice("decode", shape, q.dtype,
                           f"split-KV Triton, {num_splits} key splits of up to {chunk} keys")
@@ -486,7 +486,7 @@ def attention_decode_triton(
         merge_splits = min(next_pow2(num_splits), max(_MERGE_TILE // block_dv, 1))
         merge_rows = max(_MERGE_TILE // (merge_splits * block_dv), 1)
     launch_fixed(_DECODE_CALLS, plan and (plan, "merge"), _decode_merge_kernel,
-                 (triton.cdiv(rows_total, merge_rows),),
+                 (cdiv(rows_total, merge_rows),),
                  (acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits),
                  dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows, BLOCK_S=merge_splits,
                       NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, num_warps=4))
