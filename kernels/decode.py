@@ -22,6 +22,7 @@ this kernel is for inference).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -30,7 +31,8 @@ import triton.language as tl
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
 from .forward import (LN2, MASK_BOOL_ROW, cdiv, clamp_to_span, interpreter_active, key_span,
                       launch_params, mask_kind_of, masked_scores, next_pow2, visible_key_span)
-from .launch import PlanCache, call_key, launch_fixed, log_kernel_choice, tensor_key
+from .launch import (PlanCache, call_key, launch_fixed, log_kernel_choice,
+                     specialization_classes, tensor_key)
 
 # use_decode_kernel: at most this many stacked query rows (GROUP·L) per program, and an fp32
 # accumulator of at most MAX_ACC_ELEMENTS (rows x padded head dim) so 4 warps do not spill.
@@ -446,9 +448,6 @@ def attention_decode_triton(
         num_splits = choose_num_splits(B * Hkv, kv_hi - kv_lo, block_n, sms)
     # whole tiles per split; with more splits than tiles the last ones see no key
     chunk = max(cdiv(visible_tiles, num_splits), 1) * block_n
-    if plan is None or (plan, "split") not in _DECODE_CALLS:  # a new plan (launch.kernel_log)
-        log_kernel_choice("decode", shape, q.dtype,
-                          f"split-KV Triton, {num_splits} key splits of up to {chunk} keys")
 
     rows_total = B * Hq * L
     acc_ws = torch.empty((num_splits, rows_total, DV), dtype=torch.float32, device=q.device)
@@ -475,8 +474,15 @@ def attention_decode_triton(
         KEY_SPAN=key_span(kernel_mask == MASK_BOOL_ROW, key_padding_mask is not None),
         BLOCK_M=_block_m(rows_per_group), **config,
     )
-    launch_fixed(_DECODE_CALLS, plan and (plan, "split"), _decode_split_kernel,
-                 (B * Hkv, num_splits), split_args, split_params)
+    split_grid = (B * Hkv, num_splits)
+    shared = plan is not None and os.environ.get("SDPA_PASS_DECODE_SHARED_PLANS", "") == "1"
+    split_key = (_shared_key("split", split_args, split_params, split_grid) if shared
+                 else plan and (plan, "split"))
+    if split_key is None or split_key not in _DECODE_CALLS:  # a new plan (launch.kernel_log)
+        log_kernel_choice("decode", shape, q.dtype,
+                          f"split-KV Triton, {num_splits} key splits of up to {chunk} keys")
+    launch_fixed(_DECODE_CALLS, split_key, _decode_split_kernel, split_grid, split_args,
+                 split_params)
     # The merge loads (rows x splits x Dv) fp32 tiles of at most _MERGE_TILE elements: every
     # split at once where it fits. The interpreter takes 2 splits per step, so tests with 3+
     # splits cross a step.
@@ -485,12 +491,27 @@ def attention_decode_triton(
     else:
         merge_splits = min(next_pow2(num_splits), max(_MERGE_TILE // block_dv, 1))
         merge_rows = max(_MERGE_TILE // (merge_splits * block_dv), 1)
-    launch_fixed(_DECODE_CALLS, plan and (plan, "merge"), _decode_merge_kernel,
-                 (cdiv(rows_total, merge_rows),),
-                 (acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits),
-                 dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows, BLOCK_S=merge_splits,
-                      NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse, num_warps=4))
+    merge_grid = (cdiv(rows_total, merge_rows),)
+    merge_args = (acc_ws, m_ws, l_ws, out, lse, rows_total, num_splits)
+    merge_params = dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows,
+                        BLOCK_S=merge_splits, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse,
+                        num_warps=4)
+    merge_key = (_shared_key("merge", merge_args, merge_params, merge_grid) if shared
+                 else plan and (plan, "merge"))
+    launch_fixed(_DECODE_CALLS, merge_key, _decode_merge_kernel, merge_grid, merge_args,
+                 merge_params)
     return out, lse
+
+
+def _shared_key(site: str, args, params: dict, grid: tuple):
+    """Under SDPA_PASS_DECODE_SHARED_PLANS=1, a launch's plan key that leaves the cache length
+    out: the launch ``site``, what Triton specializes the compiled kernel on
+    (``launch.specialization_classes``), the meta-parameters and the grid. Each step of a
+    growing cache (a new length every step, so a new key under the default per-layout key)
+    then runs the compiled kernel of an earlier step with the same classes, number of splits
+    and grid, through ``KernelCall``, instead of Triton's own launch path."""
+    classes = specialization_classes(args)
+    return None if classes is None else call_key(site, classes, tuple(params.items()), grid)
 
 
 # Compiled decode launches by (call key, launch site) (kernels/launch.py).

@@ -16,7 +16,9 @@ probability) are plain runtime arguments Triton does not specialize on. So the k
 compiled for a plan's first call is the one it would select again, and ``KernelCall`` calls it
 directly. Where that would skip something Triton does (launch hooks, set by profilers such as
 proton; the interpreter, which has no compiled kernel) it goes through ``kernel[grid]``.
-``SDPA_PASS_LAUNCH_PLANS=0`` turns plans off.
+``SDPA_PASS_LAUNCH_PLANS=0`` turns plans off. ``SDPA_PASS_DECODE_SHARED_PLANS=1`` keys the
+decode kernel's launches on ``specialization_classes`` instead of the layout, so steps of a
+growing cache share them (decode.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 from typing import Any, Hashable, Optional, Sequence
 
+import torch
 from triton import knobs
 from triton.runtime.driver import driver
 
@@ -46,7 +49,7 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
               "SDPA_PASS_GLUON_DQ", "SDPA_PASS_KEY_SPAN", "SDPA_PASS_GLUON_PADDING",
               "SDPA_PASS_GLUON_MASK", "SDPA_PASS_GLUON_FWD_HD256", "SDPA_PASS_GLUON_BIAS",
               "SDPA_PASS_GLUON_BWD_BIAS", "SDPA_PASS_GLUON_WINDOW",
-              "SDPA_PASS_GLUON_SOFTCAP")
+              "SDPA_PASS_GLUON_SOFTCAP", "SDPA_PASS_DECODE_SHARED_PLANS")
 
 
 # os.environ.get costs ~1 us a name (CPython's Mapping.get -> __getitem__ -> key encoding and
@@ -104,6 +107,31 @@ def tensor_key(t) -> Optional[tuple]:
     if t is None:
         return None
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+def specialization_classes(args: Sequence) -> Optional[tuple]:
+    """What Triton may specialize a compiled kernel on, per positional argument, as a superset
+    of its rules (triton 3.6-3.9 on NVIDIA): a tensor's dtype, device and 16-byte alignment;
+    an integer's type (the range of i32, i64, u64), whether it is 1 and whether 16 divides it;
+    a bool's or None's value; a float's type alone. Launches whose arguments agree on these,
+    with the same kernel, meta-parameters and grid, run the same compiled kernel: a key for
+    sharing a plan between calls whose integers differ (decode steps of a growing cache).
+    None for an argument of another kind (a tensor descriptor): no such key."""
+    classes = []
+    for a in args:  # (by exact type first: ints are most of a launch's arguments)
+        kind = type(a)
+        if kind is int:
+            classes.append((a == 1) + 2 * (a % 16 == 0) + 4 * (-2**31 <= a < 2**31)
+                           + 8 * (a < 2**63))
+        elif kind is float:
+            classes.append(float)
+        elif a is None or kind is bool:
+            classes.append(a)
+        elif isinstance(a, torch.Tensor):
+            classes.append((a.dtype, a.device, a.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(classes)
 
 
 _CACHES: list = []

@@ -415,6 +415,67 @@ def test_planned_decode_matches_the_full_path():
         assert torch.equal(a, b)
 
 
+def test_shared_decode_plans_span_cache_lengths(monkeypatch):
+    """SDPA_PASS_DECODE_SHARED_PLANS=1: decode steps whose cache lengths differ share the
+    launches of an earlier step where Triton would pick the same compiled kernel (the same
+    specialization classes of every argument: here 70, 86 and 102 keys leave 6 over 16) and
+    the grid agrees (3 forced splits); a length that 16 divides makes its own split launch
+    (the merge launch, whose arguments do not hold the length, is shared by all). Every output
+    equals the one without plans bit for bit (on a GPU the shared launches call the first
+    step's compiled kernel directly, so a class left out of the key would show here)."""
+    import sdpa_pass.kernels.decode as dec
+    from sdpa_pass.kernels.checks import CAUSAL_BOTTOM_RIGHT, check_attention_inputs
+
+    torch.manual_seed(0)
+    q = randn(B, HQ, 1, D, dtype=torch.float16)
+    caches = {n: (randn(B, HKV, n, D, dtype=torch.float16), randn(B, HKV, n, D, dtype=torch.float16))
+              for n in (70, 86, 102, 80)}
+
+    def step(n, splits=3):
+        k, v = caches[n]
+        shape = check_attention_inputs(q, k, v, None, None, causal_align=CAUSAL_BOTTOM_RIGHT)
+        return dec.attention_decode_triton(
+            q, k, v, None, None, shape, scale=0.2, causal_align=CAUSAL_BOTTOM_RIGHT,
+            diagonal=0, window=-1, softcap=0.0, nan_on_empty=False, return_lse=True,
+            num_splits=splits)
+
+    monkeypatch.setenv("SDPA_PASS_LAUNCH_PLANS", "0")
+    expected = {n: step(n) for n in caches}
+    expected_own = {n: step(n, None) for n in caches}
+    monkeypatch.delenv("SDPA_PASS_LAUNCH_PLANS")
+    monkeypatch.setenv("SDPA_PASS_DECODE_SHARED_PLANS", "1")
+    clear_plans()
+    for n in (70, 86, 102):
+        for got, want in zip(step(n), expected[n]):
+            assert torch.equal(got, want), n
+    assert len(dec._DECODE_CALLS) == 2 and dec._DECODE_CALLS.hits == 4
+    for got, want in zip(step(80), expected[80]):
+        assert torch.equal(got, want)
+    # a split launch of its own; the merge's arguments do not hold the length: shared still
+    assert len(dec._DECODE_CALLS) == 3 and dec._DECODE_CALLS.hits == 5
+    for n in caches:  # the number of splits the library chooses (on a GPU, from the SM count)
+        for got, want in zip(step(n, None), expected_own[n]):
+            assert torch.equal(got, want), n
+
+
+def test_specialization_classes_name_what_triton_specializes_on():
+    """(Any device.) Integers by their type's range, == 1 and divisibility by 16; tensors by
+    dtype, device and 16-byte alignment; bools and None by value; floats by type alone; a
+    tensor descriptor has no class (no shared key)."""
+    from sdpa_pass.kernels.launch import specialization_classes
+    t = torch.zeros(8, dtype=torch.float16)
+    assert specialization_classes((70, 86)) == specialization_classes((86, 70))
+    assert specialization_classes((70,)) != specialization_classes((80,))
+    assert specialization_classes((1,)) != specialization_classes((17,))
+    assert specialization_classes((2**31 + 6,)) != specialization_classes((22,))
+    assert specialization_classes((0.5, None, True)) == specialization_classes((2.0, None, True))
+    assert specialization_classes((True,)) != specialization_classes((False,))
+    assert specialization_classes((t,)) == specialization_classes((torch.ones(8, dtype=torch.float16),))
+    assert specialization_classes((t,)) != specialization_classes((t[1:],))  # 2 bytes in
+    assert specialization_classes((t,)) != specialization_classes((t.float(),))
+    assert specialization_classes((object(),)) is None
+
+
 def test_backward_keys_separate_mask_gradient_and_deterministic_mode(monkeypatch):
     """Same layouts, different launches: a float mask's gradient adds a dS output to the dQ
     kernel; deterministic mode turns the forced atomic dQ path into the split one."""
