@@ -428,7 +428,7 @@ def test_shared_decode_plans_span_cache_lengths(monkeypatch):
 
     torch.manual_seed(0)
     q = randn(B, HQ, 1, D, dtype=torch.float16)
-    caches = {n: (randn(B, HKV, n, D, dtype=torch.float16), randn(B, HKV, n, D, dtype=torch.float16))
+    caches = {n: tuple(randn(B, HKV, n, D, dtype=torch.float16) for _ in range(2))
               for n in (70, 86, 102, 80)}
 
     def step(n, splits=3):
@@ -470,7 +470,8 @@ def test_specialization_classes_name_what_triton_specializes_on():
     assert specialization_classes((2**31 + 6,)) != specialization_classes((22,))
     assert specialization_classes((0.5, None, True)) == specialization_classes((2.0, None, True))
     assert specialization_classes((True,)) != specialization_classes((False,))
-    assert specialization_classes((t,)) == specialization_classes((torch.ones(8, dtype=torch.float16),))
+    other = torch.ones(8, dtype=torch.float16)
+    assert specialization_classes((t,)) == specialization_classes((other,))
     assert specialization_classes((t,)) != specialization_classes((t[1:],))  # 2 bytes in
     assert specialization_classes((t,)) != specialization_classes((t.float(),))
     assert specialization_classes((object(),)) is None
