@@ -982,7 +982,7 @@ def next_pow2(n: int) -> int:
 def cdiv(x: int, y: int) -> int:
     """``triton.cdiv`` for host code (the same formula): in triton 3.6 and 3.9 that is a
     constexpr_function too, ~3 us a call on a fast CPU, called 6-7 times by every decode call
-    (and once by every forward's decode check)."""
+    (and by the forward's check for the decode kernel)."""
     return (x + y - 1) // y
 
 
