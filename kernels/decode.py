@@ -425,9 +425,14 @@ def attention_decode_triton(
         launch_params(q, attn_mask, key_padding_mask, shape, scale, softcap))
     # What the launches below decide from and Triton specializes on (kernels/launch.py): a
     # later call with the same key launches the compiled kernels of this one directly.
-    plan = call_key(tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
-                    tensor_key(key_padding_mask), causal_align, diagonal, window, softcap > 0.0,
-                    nan_on_empty, return_lse, num_splits)
+    # Under SDPA_PASS_DECODE_SHARED_PLANS=1 the launches' own keys (_shared_key) replace the
+    # layout: the plan is then the variables alone (None with plans off, as always).
+    shared = os.environ.get("SDPA_PASS_DECODE_SHARED_PLANS", "") == "1"
+    plan = call_key() if shared else call_key(
+        tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(attn_mask),
+        tensor_key(key_padding_mask), causal_align, diagonal, window, softcap > 0.0,
+        nan_on_empty, return_lse, num_splits)
+    shared = shared and plan is not None
 
     has_softcap = softcap > 0.0
     interpreting = interpreter_active()
@@ -475,8 +480,7 @@ def attention_decode_triton(
         BLOCK_M=_block_m(rows_per_group), **config,
     )
     split_grid = (B * Hkv, num_splits)
-    shared = plan is not None and os.environ.get("SDPA_PASS_DECODE_SHARED_PLANS", "") == "1"
-    split_key = (_shared_key("split", split_args, split_params, split_grid) if shared
+    split_key = (_shared_key(plan, "split", split_args, split_params, split_grid) if shared
                  else plan and (plan, "split"))
     if split_key is None or split_key not in _DECODE_CALLS:  # a new plan (launch.kernel_log)
         log_kernel_choice("decode", shape, q.dtype,
@@ -496,22 +500,22 @@ def attention_decode_triton(
     merge_params = dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, BLOCK_R=merge_rows,
                         BLOCK_S=merge_splits, NAN_ON_EMPTY=nan_on_empty, STORE_LSE=return_lse,
                         num_warps=4)
-    merge_key = (_shared_key("merge", merge_args, merge_params, merge_grid) if shared
+    merge_key = (_shared_key(plan, "merge", merge_args, merge_params, merge_grid) if shared
                  else plan and (plan, "merge"))
     launch_fixed(_DECODE_CALLS, merge_key, _decode_merge_kernel, merge_grid, merge_args,
                  merge_params)
     return out, lse
 
 
-def _shared_key(site: str, args, params: dict, grid: tuple):
+def _shared_key(plan: tuple, site: str, args, params: dict, grid: tuple):
     """Under SDPA_PASS_DECODE_SHARED_PLANS=1, a launch's plan key that leaves the cache length
-    out: the launch ``site``, what Triton specializes the compiled kernel on
-    (``launch.specialization_classes``), the meta-parameters and the grid. Each step of a
-    growing cache (a new length every step, so a new key under the default per-layout key)
-    then runs the compiled kernel of an earlier step with the same classes, number of splits
-    and grid, through ``KernelCall``, instead of Triton's own launch path."""
+    out: the call's ``plan`` (its variables), the launch ``site``, what Triton specializes the
+    compiled kernel on (``launch.specialization_classes``), the meta-parameters and the grid.
+    Each step of a growing cache (a new length every step, so a new key under the default
+    per-layout key) then runs the compiled kernel of an earlier step with the same classes,
+    number of splits and grid, through ``KernelCall``, instead of Triton's own launch path."""
     classes = specialization_classes(args)
-    return None if classes is None else call_key(site, classes, tuple(params.items()), grid)
+    return None if classes is None else (plan, site, classes, tuple(params.items()), grid)
 
 
 # Compiled decode launches by (call key, launch site) (kernels/launch.py).

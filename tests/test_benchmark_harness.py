@@ -130,4 +130,3 @@ def test_the_model_benchmark_builds_gemma2_with_its_caps_windows_and_reference()
     assert [model.attention_of(k) for k in ("hf_flex+inductor", "hf_sdpa", "optimize", "eager")] == [
         "flex_attention", "sdpa", "eager", "eager"]
     assert model.config("llama", "sdpa")._attn_implementation == "sdpa"
-

@@ -150,6 +150,7 @@ def test_explain_reports_the_kernels_the_sites_ran():
     assert "kernels run (a line per launch plan):\n  forward B" in str(report)
     assert logging.getLogger("sdpa_pass.kernels").propagate
 
+
 def test_kernel_choices_collect_each_plans_line():
     """KernelChoices (sdpa_pass/report.py; model.py records each row's with it): the
     ``sdpa_pass.kernels`` lines of a real forward and backward (distinct, in order) while
@@ -177,6 +178,7 @@ def test_kernel_choices_collect_each_plans_line():
     assert [line.split(" B1 ")[0] for line in choices.lines] == ["forward", "backward", "forward x"]
     assert not [r for r in seen if r.name == "sdpa_pass.kernels"]
     assert (logger.level, logger.handlers, logger.propagate) == (level, handlers, propagate)
+
 
 def test_explain_says_why_a_site_is_left_alone():
     def returns_probs(q, k, v):
