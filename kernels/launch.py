@@ -16,15 +16,18 @@ probability) are plain runtime arguments Triton does not specialize on. So the k
 compiled for a plan's first call is the one it would select again, and ``KernelCall`` calls it
 directly. Where that would skip something Triton does (launch hooks, set by profilers such as
 proton; the interpreter, which has no compiled kernel) it goes through ``kernel[grid]``.
-``SDPA_PASS_LAUNCH_PLANS=0`` turns plans off. ``SDPA_PASS_DECODE_SHARED_PLANS=1`` keys the
+``SDPA_PASS_LAUNCH_PLANS=0`` turns plans off. On triton 3.6 a planned launch skips the compiled
+kernel's Python launcher too (``_DirectLaunch``; ``SDPA_PASS_DIRECT_LAUNCH=0`` keeps it). ``SDPA_PASS_DECODE_SHARED_PLANS=1`` keys the
 decode kernel's launches on ``specialization_classes`` instead of the layout, so steps of a
 growing cache share them (decode.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sys
 from typing import Any, Hashable, Optional, Sequence
 
 import torch
@@ -49,7 +52,8 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
               "SDPA_PASS_GLUON_DQ", "SDPA_PASS_KEY_SPAN", "SDPA_PASS_GLUON_PADDING",
               "SDPA_PASS_GLUON_MASK", "SDPA_PASS_GLUON_FWD_HD256", "SDPA_PASS_GLUON_BIAS",
               "SDPA_PASS_GLUON_BWD_BIAS", "SDPA_PASS_GLUON_WINDOW",
-              "SDPA_PASS_GLUON_SOFTCAP", "SDPA_PASS_DECODE_SHARED_PLANS")
+              "SDPA_PASS_GLUON_SOFTCAP", "SDPA_PASS_DECODE_SHARED_PLANS",
+              "SDPA_PASS_DIRECT_LAUNCH")
 
 
 # os.environ.get costs ~1 us a name (CPython's Mapping.get -> __getitem__ -> key encoding and
@@ -213,6 +217,105 @@ def descriptor_templates(args: Sequence) -> dict:
             if isinstance(a, _DESCRIPTOR_TYPES)}
 
 
+# Triton 3.6's launch path, below the compiled kernel's ``run`` (``CudaLauncher.__call__``):
+# for every launch it builds two scratch-allocation closures, walks every argument in Python
+# and, for each tensor descriptor, re-encodes a CUtensorMap (``make_tensordesc_arg``: Python
+# plus ``cuTensorMapEncodeTiled``). On the H200 machine's host (session 29, cProfile) that was
+# ~80 us of a launch's ~110, ~17 descriptors per eager forward + backward, which made the
+# forward + backward rows at N <= 1k host-bound. torch's C++ launcher for Triton kernels
+# (Inductor's ``static_triton_launcher``) refuses kernels with descriptors ("nvTmaDesc
+# kernels are not yet supported", torch 2.13), so ``_DirectLaunch`` does it by hand: the same
+# C launch function with the same arguments, the descriptors' encodings kept by address.
+# A plan fixes a descriptor's shape, strides, dtype, tiles and layout (``from_template``), so
+# its encoding depends only on the tensor's address: one encoded for an address is the one
+# Triton would encode again, whichever tensor lives there now.
+_TENSOR_MAPS: dict = {}  # (launch id, argument position, address) -> expanded arguments
+_TENSOR_MAPS_CAPACITY = 4096
+_LAUNCH_IDS = itertools.count()
+# the launch's fixed arguments ahead of the kernel's, as triton 3.6's launcher parses them
+_TRITON36_BASE_FORMAT = "iiiKKppOOOOOO"
+
+
+def _triton36_launch(run) -> Optional[tuple]:
+    """(C launch function, {kernel argument position: descriptor metadata},
+    ``make_tensordesc_arg``) of a compiled kernel's launcher when it is triton 3.6's
+    ``CudaLauncher`` with no scratch memory to allocate per launch; None otherwise (another
+    Triton, another backend, a kernel with global or profile scratch): the launch then goes
+    through ``run`` itself."""
+    module = sys.modules.get(type(run).__module__)
+    if (type(run).__name__ != "CudaLauncher" or module is None
+            or getattr(module, "_BASE_ARGS_FORMAT", None) != _TRITON36_BASE_FORMAT
+            or getattr(run, "global_scratch_size", 1) != 0
+            or getattr(run, "profile_scratch_size", 1) != 0):
+        return None
+    launch = run.launch
+    code = getattr(launch, "__code__", None)
+    if code is None:  # no descriptor among the arguments: the C function itself
+        return (launch, {}, None) if callable(launch) else None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in launch.__closure__ or ())))
+    if code.co_name != "inner" or set(cells) != {"launcher", "tensordesc_indices",
+                                                   "tensordesc_meta"}:
+        return None
+    make_arg = launch.__globals__.get("make_tensordesc_arg")
+    indices = sorted(cells["tensordesc_indices"])
+    metas = cells["tensordesc_meta"] or [None] * len(indices)
+    if make_arg is None or len(metas) != len(indices):
+        return None
+    return cells["launcher"], dict(zip(indices, metas)), make_arg
+
+
+class _DirectLaunch:
+    """One compiled kernel's launch through triton 3.6's C launch function, the arguments laid
+    out as ``CudaLauncher`` lays them (``_triton36_launch``), each descriptor's expansion
+    (encoded map, shape, strides) taken from ``_TENSOR_MAPS`` by address when there."""
+
+    def __init__(self, launch, metas: dict, make_arg, templates: dict, run, function,
+                 metadata, grid3: tuple, tail: tuple):
+        self._launch, self._make_arg = launch, make_arg
+        uid = next(_LAUNCH_IDS)
+        # (position, template, metadata, cache key prefix), in argument order
+        self._descriptors = tuple((i, templates[i], metas[i], (uid, i)) for i in sorted(metas))
+        self._head = (*grid3, None, function, run.launch_cooperative_grid, run.launch_pdl,
+                      None, None, metadata, None, None, None)
+        self._tail = tail
+
+    def __call__(self, stream, args: Sequence) -> None:
+        final = list(self._head)
+        final[3] = stream
+        maps, start = _TENSOR_MAPS, 0
+        for i, template, meta, prefix in self._descriptors:
+            final.extend(args[start:i])
+            tensor = args[i]
+            key = (prefix, tensor.data_ptr())
+            expanded = maps.get(key) if meta is not None else None
+            if expanded is None:
+                expanded = self._make_arg(from_template(template, tensor), meta)
+                if meta is not None:  # (without metadata the expansion holds the tensor)
+                    if len(maps) >= _TENSOR_MAPS_CAPACITY:
+                        maps.clear()
+                    maps[key] = expanded
+            final.extend(expanded)
+            start = i + 1
+        final.extend(args[start:])
+        final.extend(self._tail)
+        self._launch(*final)
+
+
+def direct_launch(run, templates: dict, function, metadata, grid3: tuple, n_args: int,
+                  tail: tuple) -> Optional[_DirectLaunch]:
+    """A ``_DirectLaunch`` for a compiled kernel's launcher ``run`` whose descriptors are
+    exactly the ``templates`` (position: template) among the first ``n_args`` arguments, or
+    None (not triton 3.6's launcher, or descriptors elsewhere): Triton's ``run`` then."""
+    found = _triton36_launch(run)
+    if found is None:
+        return None
+    launch, metas, make_arg = found
+    if set(metas) != set(templates) or any(i >= n_args for i in metas):
+        return None
+    return _DirectLaunch(launch, metas, make_arg, templates, run, function, metadata, grid3,
+                         tail)
+
+
 class KernelCall:
     """One kernel launch with everything but the leading per-call arguments fixed: ``tail``
     is the values of the kernel's remaining parameters in order (constexprs included), as
@@ -221,7 +324,8 @@ class KernelCall:
     ``launched``: the first launch's positional arguments, after its pre-hook gave its tensor
     descriptors their config's tiles. A later call passes plain tensors in those positions and
     gets descriptors made from the first launch's (``from_template``: same shape, strides and
-    tiles, so neither re-validated nor given to the pre-hook again)."""
+    tiles, so neither re-validated nor given to the pre-hook again), or, through triton 3.6's
+    launcher (``_DirectLaunch``), their encodings."""
 
     def __init__(self, kernel, compiled: Any, grid: Sequence[int], launched: Sequence,
                  params: dict):
@@ -233,12 +337,20 @@ class KernelCall:
         self.templates = tuple(descriptor_templates(launched).items())
         g = tuple(grid) + (1, 1)
         self._grid3 = g[:3]
-        self._run = None
+        self._run = self._direct = None
         if compiled is not None and hasattr(compiled, "packed_metadata"):
             self._run = compiled.run  # a property: loads the module on first use
             self._function, self._metadata = compiled.function, compiled.packed_metadata
+            if os.environ.get("SDPA_PASS_DIRECT_LAUNCH", "") != "0":
+                self._direct = direct_launch(self._run, dict(self.templates), self._function,
+                                             self._metadata, self._grid3, len(launched),
+                                             self.tail)
 
     def __call__(self, args: Sequence) -> None:
+        if self._direct is not None and not launch_hooks_set():
+            device = driver.active.get_current_device()
+            self._direct(driver.active.get_current_stream(device), args)
+            return
         if self.templates:
             args = list(args)
             for i, template in self.templates:

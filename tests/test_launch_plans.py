@@ -13,9 +13,12 @@ calls the compiled kernel's launcher directly, which the GPU-only test asserts.
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 import pytest
 import torch
+import triton
 
 import sdpa_pass.kernels.forward as fwd
 from sdpa_pass.kernels import attention
@@ -261,6 +264,8 @@ def test_gpu_plan_calls_the_compiled_kernel_unless_a_launch_hook_is_set(monkeypa
     attention(q, k, v, is_causal=True, enable_gqa=True)
     (plan,) = fwd._FORWARD_PLANS._plans.values()
     assert isinstance(plan.call, KernelCall) and plan.call._run is not None
+    if triton.__version__.startswith("3.6."):  # its launcher is bypassed (_DirectLaunch)
+        assert plan.call._direct is not None
 
     kernel, jit_runs = fwd._attention_fwd_kernel, []
     real_run = kernel.run
@@ -282,6 +287,122 @@ def test_gpu_plan_calls_the_compiled_kernel_unless_a_launch_hook_is_set(monkeypa
             chain.remove(hook)
     assert fwd._FORWARD_PLANS.hits == 2 and jit_runs == [1] and len(seen) == 1
     assert torch.equal(direct, hooked)
+
+
+class _Triton36Driver:
+    """A stand-in for triton 3.6's ``triton.backends.nvidia.driver`` module, as far as
+    ``launch._triton36_launch`` reads it: the format of the arguments ahead of the kernel's
+    and the launcher class, whose ``launch`` wraps the C function in ``inner`` (3.6's
+    ``wrap_handle_tensordesc``: descriptors expanded by the module's ``make_tensordesc_arg``).
+    The C function records what it is given; the encoder, which addresses it encoded."""
+
+    name = "fake_triton36_driver"
+
+    def __init__(self, monkeypatch):
+        self.encoded, self.launched = [], []
+        self.module = type(sys)(self.name)
+        self.module._BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
+        self.module.make_tensordesc_arg = self.make_tensordesc_arg
+        monkeypatch.setitem(sys.modules, self.name, self.module)
+
+    def make_tensordesc_arg(self, arg, metadata):  # 3.6's: [encoded map, *shape, *strides]
+        self.encoded.append(arg.base.data_ptr())
+        return [("map", arg.base.data_ptr(), tuple(arg.block_shape), metadata["swizzle"]),
+                *arg.shape, *arg.strides]
+
+    def launcher(self, descriptor_positions):
+        def c_launch(*args):
+            self.launched.append(args)
+
+        def wrap(launcher, tensordesc_indices, tensordesc_meta):
+            def inner(*args):
+                final_args = list(args[:13])
+                tensordesc_idx = 0
+                for i, arg in enumerate(args[13:]):
+                    if i in tensordesc_indices:
+                        final_args.extend(make_tensordesc_arg(  # noqa: F821 (module's)
+                            arg, tensordesc_meta[tensordesc_idx]))
+                        tensordesc_idx += 1
+                    else:
+                        final_args.append(arg)
+                return launcher(*final_args)
+            # a function of the module (its globals), as the real one is
+            return types.FunctionType(inner.__code__, vars(self.module), "inner", None,
+                                      inner.__closure__)
+
+        class CudaLauncher:  # 3.6's __call__, with no scratch memory to allocate
+            global_scratch_size = profile_scratch_size = 0
+            launch_cooperative_grid, launch_pdl = False, True
+
+            def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+                self.launch(gridX, gridY, gridZ, stream, function,
+                            self.launch_cooperative_grid, self.launch_pdl, None, None, *args)
+
+        CudaLauncher.__module__ = self.name
+        run = CudaLauncher()
+        run.launch = wrap(c_launch, set(descriptor_positions),
+                          [dict(swizzle=128)] * len(descriptor_positions))
+        return run
+
+
+def test_direct_launch_passes_what_triton36_launcher_passes(monkeypatch):
+    """``_DirectLaunch`` hands triton 3.6's C launch function the same arguments as the
+    compiled kernel's ``run`` would (descriptors expanded in place, the fixed tail after the
+    per-call arguments), and encodes a descriptor once per address: a second call on the
+    same tensors reuses the encodings, a tensor at a new address gets its own."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from sdpa_pass.kernels import launch
+
+    monkeypatch.setattr(launch, "_TENSOR_MAPS", {})
+    run = (fake := _Triton36Driver(monkeypatch)).launcher(descriptor_positions=(0, 2))
+    a, b, c = (torch.zeros(32, 16) for _ in range(3))
+    descriptors = {0: TensorDescriptor.from_tensor(a, [16, 16]),
+                   2: TensorDescriptor.from_tensor(c, [8, 16])}
+    templates = {i: launch.descriptor_template(d) for i, d in descriptors.items()}
+    tail = (64, True, 3)  # the kernel's parameters after the per-call ones
+    direct = launch.direct_launch(run, templates, "function", "metadata", (4, 2, 1), 4, tail)
+    assert direct is not None
+
+    def through_run(args):
+        wrapped = [launch.from_template(templates[i], t) if i in templates else t
+                   for i, t in enumerate(args)]
+        run(4, 2, 1, 7, "function", "metadata", None, None, None, *wrapped, *tail)
+        return fake.launched.pop()
+
+    def through_direct(args):
+        direct(7, args)
+        return fake.launched.pop()
+
+    args = (a, b, c, 0.5)
+    expected = through_run(args)
+    fake.encoded.clear()
+    assert through_direct(args) == expected and fake.encoded == [a.data_ptr(), c.data_ptr()]
+    assert through_direct(args) == expected and len(fake.encoded) == 2  # kept by address
+    d = torch.zeros(32, 16)
+    args = (d, b, c, 0.25)
+    expected = through_run(args)
+    fake.encoded.clear()
+    assert through_direct(args) == expected and fake.encoded == [d.data_ptr()]
+
+
+def test_direct_launch_only_for_triton36_launcher(monkeypatch):
+    """Anything but triton 3.6's launcher shape (other argument formats, scratch memory to
+    allocate, descriptors that are not the plan's templates) keeps Triton's own ``run``."""
+    from sdpa_pass.kernels import launch
+
+    fake = _Triton36Driver(monkeypatch)
+    run = fake.launcher(descriptor_positions=(0,))
+    templates = {0: None}
+    assert launch.direct_launch(run, templates, "f", "m", (1, 1, 1), 2, ()) is not None
+    assert launch.direct_launch(run, {}, "f", "m", (1, 1, 1), 2, ()) is None
+    assert launch.direct_launch(run, {0: None, 1: None}, "f", "m", (1, 1, 1), 2, ()) is None
+    run.global_scratch_size = 256
+    assert launch.direct_launch(run, templates, "f", "m", (1, 1, 1), 2, ()) is None
+    run.global_scratch_size = 0
+    monkeypatch.setattr(fake.module, "_BASE_ARGS_FORMAT", "iiiKKOOOO")  # another version's
+    assert launch.direct_launch(run, templates, "f", "m", (1, 1, 1), 2, ()) is None
+    assert launch.direct_launch(object(), templates, "f", "m", (1, 1, 1), 2, ()) is None
 
 
 # Backward: (environment, forward keyword arguments, whether the dK/dV kernel adds dQ).
