@@ -17,9 +17,10 @@ compiled for a plan's first call is the one it would select again, and ``KernelC
 directly. Where that would skip something Triton does (launch hooks, set by profilers such as
 proton; the interpreter, which has no compiled kernel) it goes through ``kernel[grid]``.
 ``SDPA_PASS_LAUNCH_PLANS=0`` turns plans off. On triton 3.6 a planned launch skips the compiled
-kernel's Python launcher too (``_DirectLaunch``; ``SDPA_PASS_DIRECT_LAUNCH=0`` keeps it). ``SDPA_PASS_DECODE_SHARED_PLANS=1`` keys the
-decode kernel's launches on ``specialization_classes`` instead of the layout, so steps of a
-growing cache share them (decode.py).
+kernel's Python launcher too (``_DirectLaunch``; ``SDPA_PASS_DIRECT_LAUNCH=0`` keeps it).
+``SDPA_PASS_DECODE_SHARED_PLANS=1`` keys the decode kernel's launches on
+``specialization_classes`` instead of the layout, so steps of a growing cache share them
+(decode.py).
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def descriptor_templates(args: Sequence) -> dict:
 # C launch function with the same arguments, the descriptors' encodings kept by address.
 # A plan fixes a descriptor's shape, strides, dtype, tiles and layout (``from_template``), so
 # its encoding depends only on the tensor's address: one encoded for an address is the one
-# Triton would encode again, whichever tensor lives there now.
+# Triton would encode again, whichever tensor lives there now (the plan fixes the device too,
+# so an address is one device's).
 _TENSOR_MAPS: dict = {}  # (launch id, argument position, address) -> expanded arguments
 _TENSOR_MAPS_CAPACITY = 4096
 _LAUNCH_IDS = itertools.count()
