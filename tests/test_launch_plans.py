@@ -384,6 +384,15 @@ def test_direct_launch_passes_what_triton36_launcher_passes(monkeypatch):
     expected = through_run(args)
     fake.encoded.clear()
     assert through_direct(args) == expected and fake.encoded == [d.data_ptr()]
+    # another launch (another plan: here other tiles) on the same tensors encodes its own
+    other_templates = {0: launch.descriptor_template(TensorDescriptor.from_tensor(d, [8, 16])),
+                       2: templates[2]}
+    other = launch.direct_launch(run, other_templates, "function", "metadata", (4, 2, 1), 4,
+                                 tail)
+    fake.encoded.clear()
+    other(7, args)
+    assert fake.encoded == [d.data_ptr(), c.data_ptr()]
+    assert fake.launched.pop()[13] == ("map", d.data_ptr(), (8, 16), 128)
 
 
 def test_direct_launch_only_for_triton36_launcher(monkeypatch):
