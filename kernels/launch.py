@@ -221,9 +221,10 @@ def descriptor_templates(args: Sequence) -> dict:
 # Triton 3.6's launch path, below the compiled kernel's ``run`` (``CudaLauncher.__call__``):
 # for every launch it builds two scratch-allocation closures, walks every argument in Python
 # and, for each tensor descriptor, re-encodes a CUtensorMap (``make_tensordesc_arg``: Python
-# plus ``cuTensorMapEncodeTiled``). On the H200 machine's host (session 29, cProfile) that was
-# ~80 us of a launch's ~110, ~17 descriptors per eager forward + backward, which made the
-# forward + backward rows at N <= 1k host-bound. torch's C++ launcher for Triton kernels
+# plus ``cuTensorMapEncodeTiled``). On the H200 machine's host (session 29, under cProfile)
+# ``run`` took ~80 us of a planned launch's ~110, the C launch (``cuLaunchKernelEx`` included)
+# ~10-35 of it; an eager Gluon forward + backward passes ~17 descriptors in four launches, and
+# its rows at N <= 1k were host-bound. torch's C++ launcher for Triton kernels
 # (Inductor's ``static_triton_launcher``) refuses kernels with descriptors ("nvTmaDesc
 # kernels are not yet supported", torch 2.13), so ``_DirectLaunch`` does it by hand: the same
 # C launch function with the same arguments, the descriptors' encodings kept by address.
