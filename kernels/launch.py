@@ -350,21 +350,25 @@ class KernelCall:
                                              self.tail)
 
     def __call__(self, args: Sequence) -> None:
-        if self._direct is not None and not launch_hooks_set():
-            device = driver.active.get_current_device()
-            self._direct(driver.active.get_current_stream(device), args)
-            return
-        if self.templates:
-            args = list(args)
-            for i, template in self.templates:
-                args[i] = from_template(template, args[i])
         if self._run is None or launch_hooks_set():
-            self.kernel[self.grid](*args, **self.kwargs)
+            self.kernel[self.grid](*self._described(args), **self.kwargs)
             return
         device = driver.active.get_current_device()
         stream = driver.active.get_current_stream(device)
+        if self._direct is not None:
+            self._direct(stream, args)
+            return
         self._run(*self._grid3, stream, self._function, self._metadata, None, None, None,
-                  *args, *self.tail)
+                  *self._described(args), *self.tail)
+
+    def _described(self, args: Sequence) -> Sequence:
+        """``args`` with tensor descriptors made from the templates in their positions."""
+        if not self.templates:
+            return args
+        args = list(args)
+        for i, template in self.templates:
+            args[i] = from_template(template, args[i])
+        return args
 
 
 def _with_descriptors(args: Sequence, descriptors: Optional[dict]) -> Sequence:
