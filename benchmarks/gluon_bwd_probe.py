@@ -24,7 +24,9 @@ and accumulate their dK_w, dV_w (64 x 128 fp32 each) in registers. Per query til
     issue dK += dS^T Q_i          (dS^T from registers, async)
     [atomic_dq: dS^T to shared memory (2 slots), fence, both warpgroups meet on an mbarrier,
      issue dQ_i[:, 64w:64w+64] = dS_i K[:, 64w:64w+64] (A = dS^T's smem view transposed)]
-    wait(0); release the Q / dO slot; [atomic_dq: fp32 atomic adds of the dQ half]
+    wait(0); release the Q / dO slot; [atomic_dq: fp32 atomic adds of the dQ half;
+     tma_dq: the dQ half into a shared-memory stage, then the copy engine's reduce-adds of it
+     (two 64 x 32 fp32 boxes), the stage reused once they have read it]
 
 dK is scaled by 1/sqrt(D) once at the end; dK, dV are stored in bf16 through pointers. Every
 wait is pinned by data: the second wait cannot rise above the dV issue (which needs P^T), the
@@ -33,11 +35,13 @@ last cannot rise above the dK issue (which needs dS^T), so the forward's ptxas h
 dS K summed in fp32 into a zeroed (B, H, N, D) buffer; the probe scales it on the host.
 
 Variants (``VARIANTS``): ``dkdv_only`` (4 products a tile pair: S^T, dP^T, dV, dK),
-``atomic_dq`` (5: + dQ, atomics), and ``*_causal`` of both (query tiles from the key tile's
-first on, the two diagonal query tiles masked; key tiles launched longest first).
+``atomic_dq`` (5: + dQ, atomics), ``tma_dq`` (5: + dQ, FA3's reduce-adds by the copy engine,
+session 30: compiled for sm_90 with triton 3.6 and 3.9, not yet run), and ``*_causal`` of each
+(query tiles from the key tile's first on, the two diagonal query tiles masked; key tiles
+launched longest first).
 
-FLOPs: FlashAttention's convention, backward = 2.5 x forward = 2.5 * 4 B H N^2 D
-(= 5 products of 2 B H N^2 D), halved for causal: used for ``atomic_dq``, our full backward and
+FLOPs: FlashAttention's convention, backward = 2.5 x forward = 2.5 * 4 B H N^2 D (= 5 products
+of 2 B H N^2 D), halved for causal: used for ``atomic_dq``, ``tma_dq``, our full backward and
 cuDNN's. ``dkdv_only`` counts its 4 products: 4 * 2 B H N^2 D (= 2 x forward), halved for
 causal; our Triton dK/dV kernel (timed alone from the profiler in the same process) is counted
 the same way (it computes the same 4 products).
@@ -87,6 +91,21 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _LOG2E = gl.constexpr(LOG2E)
 
 
+# The copy engine's reduce-add from shared memory (cp.reduce.async.bulk.tensor ... .add): triton
+# 3.9's Gluon names it tma.async_atomic_add; triton 3.6's Gluon has no Python wrapper, but its
+# builder has the operation (create_async_tma_reduce; compiled for sm_90 it emits the same PTX).
+_tma_reduce_add = getattr(tma, "async_atomic_add", None)
+if _tma_reduce_add is None:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
+                                                  tensor_desc.handle, coord, src.handle)
+
+
 # ---------------------------------------------------------------------------------------------
 # kernel
 # ---------------------------------------------------------------------------------------------
@@ -130,11 +149,12 @@ def _store_rows(ptr, acc, row0, HEAD: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
-              do_ready, empty, ds_bar, dk_ptr, dv_ptr, dq_ptr, bh, N, start_n,
+def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_stage, kv_bar,
+              q_ready, do_ready, empty, ds_bar, dk_ptr, dv_ptr, dq_ptr, dq_desc, bh, N, start_n,
               first_m, n_iter, sm_scale, qk_scale,
               W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
-              STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_CAUSAL: gl.constexpr):
+              STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, TMA_DQ: gl.constexpr,
+              IS_CAUSAL: gl.constexpr, DQ_COLS: gl.constexpr = 32):
     """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module docstring)."""
     dtype: gl.constexpr = q_smem.dtype
     half: gl.constexpr = BN // 2
@@ -193,14 +213,34 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv
             dv, dk, dq, ds_op = warpgroup_mma_wait(num_outstanding=0,
                                                    deps=[dv_tok, dk_tok, dq_tok, ds_op])
             mbarrier.arrive(empty.index(slot))
-            rows = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
-            cols = W * (HEAD // 2) + gl.arange(0, HEAD // 2, layout=gl.SliceLayout(0, dq_layout))
-            offs = (bh * N + gl.expand_dims(rows, 1)).to(gl.int64) * HEAD + gl.expand_dims(cols, 0)
-            gl.atomic_add(dq_ptr + offs, dq, sem="relaxed")
+            if TMA_DQ:
+                # this warpgroup's dQ half into its shared-memory stage, then the copy engine's
+                # reduce-adds of it, one a 128-byte column block (the descriptor's box: triton
+                # 3.6 encodes a 256-byte-wide fp32 box as 128-byte ones but issues a single
+                # reduce for it, so the kernel issues one per block itself); the stage is
+                # written again only once the previous tile's reduce-adds have read it
+                stage = dq_stage.index(W)
+                tma.store_wait(0)
+                _cta_barrier()
+                stage.store(dq)
+                fence_async_shared()
+                _cta_barrier()
+                for c in gl.static_range(HEAD // 2 // DQ_COLS):
+                    _tma_reduce_add(dq_desc, [bh * N + m0, W * (HEAD // 2) + c * DQ_COLS],
+                                    stage.slice(c * DQ_COLS, DQ_COLS, dim=1))
+            else:
+                rows = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
+                cols = W * (HEAD // 2) + gl.arange(0, HEAD // 2,
+                                                   layout=gl.SliceLayout(0, dq_layout))
+                offs = ((bh * N + gl.expand_dims(rows, 1)).to(gl.int64) * HEAD
+                        + gl.expand_dims(cols, 0))
+                gl.atomic_add(dq_ptr + offs, dq, sem="relaxed")
         else:
             dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
             dv, dk, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, dk_tok, ds_op])
             mbarrier.arrive(empty.index(slot))
+    if TMA_DQ:
+        tma.store_wait(0)  # the stage's last reduce-add has read it before the CTA exits
     row0 = bh.to(gl.int64) * N + start_n + W * half
     _store_rows(dv_ptr, dv, row0, HEAD, acc_layout)
     _store_rows(dk_ptr, dk * sm_scale, row0, HEAD, acc_layout)
@@ -208,14 +248,15 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv
 
 @gluon.jit
 def _bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, dv_ptr, dq_ptr,
-                 sm_scale, qk_scale, H, N,
+                 dq_desc, sm_scale, qk_scale, H, N,
                  BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                 ATOMIC_DQ: gl.constexpr, IS_CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 ATOMIC_DQ: gl.constexpr, TMA_DQ: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Grid (N // BN, B * H). Q, K, V, dO (B, H, N, HEAD) contiguous through 2-d descriptors of
     their (B * H * N, HEAD) views (blocks [BM or BN // 2, HEAD]); LSE (natural log) and delta (B * H * N,) fp32 through 1-d
     descriptors (blocks [BM]); dK, dV (B, H, N, HEAD) bf16 and dQ (B, H, N, HEAD) fp32 (zeroed,
-    ATOMIC_DQ only) contiguous, through pointers."""
+    ATOMIC_DQ only) contiguous, through pointers; with TMA_DQ the dQ adds go through dq_desc
+    instead, a 2-d descriptor of dQ's (B * H * N, HEAD) view (blocks [BM, 32] fp32)."""
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     gl.static_assert(BN == 2 * 64, "two consumer warpgroups of 64 keys")
     pid_n = gl.program_id(0)
@@ -239,6 +280,12 @@ def _bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, 
                                             gl.NVMMASharedLayout.get_default_for([BN, BM], dtype))
     else:
         ds_smem = lse_smem  # (unused)
+    if TMA_DQ:  # one (BM, HEAD // 2) fp32 stage a consumer warpgroup
+        dq_stage = gl.allocate_shared_memory(
+            gl.float32, [2, BM, HEAD // 2],
+            gl.NVMMASharedLayout.get_default_for([BM, HEAD // 2], gl.float32))
+    else:
+        dq_stage = lse_smem  # (unused)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -254,14 +301,14 @@ def _bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, 
     fence_async_shared()
 
     gl.warp_specialize([
-        (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
-                     q_ready, do_ready, empty, ds_bar, dk_ptr, dv_ptr, dq_ptr, bh, N,
-                     start_n, first_m, n_iter, sm_scale, qk_scale, 0, BM, BN, HEAD, STAGES,
-                     ATOMIC_DQ, IS_CAUSAL)),
-        (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
-                     q_ready, do_ready, empty, ds_bar, dk_ptr, dv_ptr, dq_ptr, bh, N,
-                     start_n, first_m, n_iter, sm_scale, qk_scale, 1, BM, BN, HEAD, STAGES,
-                     ATOMIC_DQ, IS_CAUSAL)),
+        (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_stage,
+                     kv_bar, q_ready, do_ready, empty, ds_bar, dk_ptr, dv_ptr, dq_ptr, dq_desc,
+                     bh, N, start_n, first_m, n_iter, sm_scale, qk_scale, 0, BM, BN, HEAD,
+                     STAGES, ATOMIC_DQ, TMA_DQ, IS_CAUSAL)),
+        (_consumer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_stage,
+                     kv_bar, q_ready, do_ready, empty, ds_bar, dk_ptr, dv_ptr, dq_ptr, dq_desc,
+                     bh, N, start_n, first_m, n_iter, sm_scale, qk_scale, 1, BM, BN, HEAD,
+                     STAGES, ATOMIC_DQ, TMA_DQ, IS_CAUSAL)),
         (_producer, (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem,
                      q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready, empty,
                      bh, N, start_n, first_m, n_iter, BM, BN, HEAD, STAGES)),
@@ -273,11 +320,14 @@ def _bwd_dkdv_ws(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, 
 # ---------------------------------------------------------------------------------------------
 # name -> constexprs
 VARIANTS = {
-    "dkdv_only": dict(ATOMIC_DQ=False, IS_CAUSAL=False),
-    "atomic_dq": dict(ATOMIC_DQ=True, IS_CAUSAL=False),
-    "dkdv_only_causal": dict(ATOMIC_DQ=False, IS_CAUSAL=True),
-    "atomic_dq_causal": dict(ATOMIC_DQ=True, IS_CAUSAL=True),
+    "dkdv_only": dict(ATOMIC_DQ=False, TMA_DQ=False, IS_CAUSAL=False),
+    "atomic_dq": dict(ATOMIC_DQ=True, TMA_DQ=False, IS_CAUSAL=False),
+    "tma_dq": dict(ATOMIC_DQ=True, TMA_DQ=True, IS_CAUSAL=False),
+    "dkdv_only_causal": dict(ATOMIC_DQ=False, TMA_DQ=False, IS_CAUSAL=True),
+    "atomic_dq_causal": dict(ATOMIC_DQ=True, TMA_DQ=False, IS_CAUSAL=True),
+    "tma_dq_causal": dict(ATOMIC_DQ=True, TMA_DQ=True, IS_CAUSAL=True),
 }
+DQ_BLOCK = [BLOCK_M, 32]  # the dQ reduce-add's box: 128 bytes of fp32 columns (TMA_DQ)
 
 
 def _layout(block, dtype=None):
@@ -309,9 +359,12 @@ def run(name, q, k, v, do, lse, delta):
     lse = lse.float().contiguous()
     delta = delta.float().contiguous()
     scale = D ** -0.5
+    dq_desc = (TensorDescriptor.from_tensor(dq.view(B * H * N, D), DQ_BLOCK,
+                                            _layout(DQ_BLOCK, gl.float32))
+               if consts["TMA_DQ"] else desc2(q, BLOCK_M))
     _bwd_dkdv_ws[(N // BLOCK_N, B * H)](
         desc2(q, BLOCK_M), desc2(k, BLOCK_N // 2), desc2(v, BLOCK_N // 2), desc2(do, BLOCK_M),
-        desc1(lse), desc1(delta), dk, dv, dq, scale, scale * LOG2E, H, N, **consts)
+        desc1(lse), desc1(delta), dk, dv, dq, dq_desc, scale, scale * LOG2E, H, N, **consts)
     # (FA3 likewise zeroes an fp32 dQ accumulator and converts it in a second kernel)
     return ((dq * scale).to(q.dtype) if consts["ATOMIC_DQ"] else None), dk, dv
 
@@ -336,6 +389,9 @@ def compile_variant(name: str):
     sig = {"q_desc": desc2(BLOCK_M), "k_desc": desc2(BLOCK_N // 2), "v_desc": desc2(BLOCK_N // 2),
            "do_desc": desc2(BLOCK_M), "lse_desc": desc1, "delta_desc": desc1,
            "dk_ptr": "*bf16", "dv_ptr": "*bf16", "dq_ptr": "*fp32" if consts["ATOMIC_DQ"] else "*bf16",
+           "dq_desc": (f"tensordesc<fp32[{DQ_BLOCK[0]}, {DQ_BLOCK[1]}],"
+                       f"{_layout(DQ_BLOCK, gl.float32)!r}>" if consts["TMA_DQ"]
+                       else desc2(BLOCK_M)),
            "sm_scale": "fp32", "qk_scale": "fp32", "H": "i32", "N": "i32"}
     sig.update({key: "constexpr" for key in consts})
     # what a launch specializes: pointers 16-byte aligned, H and N multiples of 16
@@ -449,6 +505,7 @@ def compile_report(name: str, sass_dir: Path | None = None) -> dict:
         "HGMMA": events.count("H"), "WARPGROUP.ARRIVE": events.count("A"),
         "WARPGROUP.DEPBAR": sum(e.startswith("W") for e in events),
         "MUFU.EX2": events.count("E"), "BAR": events.count("S"), "RED/ATOM": events.count("R"),
+        "TMA reduce-adds": len(re.findall(r"\bUTMAREDG\.", sass)),
         "wgmma serialized (ptxas C7514)": "C7514" in log,
         "events": _compress(events),
     }
@@ -623,6 +680,8 @@ def main() -> None:
     parser.add_argument("--sass-dir", type=Path, default=None,
                         help="with --compile: write each variant's SASS and PTX here")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true",
+                        help="with --compile: each variant's report as a JSON line")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="directory for the JSON result (GPU mode)")
     parser.add_argument("--variants", default=",".join([*VARIANTS, *PEERS]),
@@ -670,6 +729,10 @@ def main() -> None:
     unknown = set(names) - set(VARIANTS) - set(PEERS)
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {[*VARIANTS, *PEERS]}")
+    if args.compile and args.json:
+        for name in (n for n in VARIANTS if n in names):  # in this process, one line each
+            print(json.dumps({"variant": name, **compile_report(name, args.sass_dir)}))
+        return
     if args.compile:
         compile_only([n for n in VARIANTS if n in names], args.sass_dir, args.in_process)
         return

@@ -838,3 +838,26 @@ def test_the_window_schedule_of_the_dkdv_kernel():
                     hidden = any(not (0 <= i + offset - key < window)
                                  for i in range(m0, m0 + BM) for key in range(key0, key0 + NK))
                     assert masked or not hidden, (BN, L, S, offset, window, key0, m0)
+
+
+@needs_gluon
+def test_the_probes_fused_dq_is_added_by_the_copy_engine():
+    """``benchmarks/gluon_bwd_probe.py``'s ``tma_dq_causal`` (session 30: FA3's dQ inside the
+    dK/dV kernel, each consumer warpgroup's (64 x 64) fp32 dQ half reduce-added from shared
+    memory) compiled for sm_90: the adds are the copy engine's, two 128-byte-wide boxes a
+    warpgroup (triton 3.6 encodes a wider fp32 box as such boxes but would issue one reduce
+    for it, adding half the columns), no atomic instruction, its products unserialized and
+    the whole within Hopper's shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile", "--json",
+         "--variants", "tma_dq_causal"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["variant"] == "tma_dq_causal"
+    assert report["TMA reduce-adds"] == 4, report
+    assert report["RED/ATOM"] == 0, report
+    assert report["HGMMA"] > 0 and not report["wgmma serialized (ptxas C7514)"], report
+    assert report["shared_bytes"] <= 227 * 1024, report
