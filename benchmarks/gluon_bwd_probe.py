@@ -403,7 +403,8 @@ def compile_variant(name: str):
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     kernel: str = "dkdv", padding: int = 0, mask_tile: int = 0,
-                    window: bool | str = False, softcap: bool = False, ragged: bool = False):
+                    window: bool | str = False, softcap: bool = False, ragged: bool = False,
+                    fused_dq: bool = False):
     """The library's kernels (kernels/gluon_backward.py) compiled for sm_90 as a launch on
     contiguous tensors makes them: ``dkdv`` (this probe's ``dkdv_only`` schedule with GQA, any
     lengths and causal offsets, 4-d descriptors, fp16 / bf16) or ``dq`` (the same schedule
@@ -411,7 +412,8 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     mask); ``mask_tile``: with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float
     bias of ``dtype``); ``window``: a causal sliding window (WINDOW; "one": of one key, which
     a launch specializes); ``softcap``: soft-capped scores (SOFTCAP); ``ragged``: dQ's
-    RAGGED_KEYS (keys not a whole number of tiles)."""
+    RAGGED_KEYS (keys not a whole number of tiles); ``fused_dq``: the dK/dV kernel's FUSED_DQ
+    (dQ's sums reduce-added through a (rows, D) fp32 descriptor of [64, 32] boxes)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -461,7 +463,14 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                       KEY_SPAN=padding, ROW_PER_HEAD=False, MASK_TILE=mask_tile, SOFTCAP=softcap,
                       ORDER=int(causal),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
-                      P_STAGES=product.wide_p_stages(mask_tile), num_warps=4)
+                      P_STAGES=product.wide_p_stages(mask_tile), FUSED_DQ=fused_dq,
+                      num_warps=4)
+        if fused_dq:
+            dq_block = (product.BLOCK_M, product.FUSED_DQ_COLS)
+            sig["dq_desc"] = (f"tensordesc<fp32[{', '.join(map(str, dq_block))}],"
+                              f"{from_forward._layout(dq_block, gl.float32)!r}>")
+        else:
+            consts["dq_desc"] = None
     # the padding rows' key strides are 1 (contiguous rows), which a launch specializes
     consts.update(stride_pn=1, stride_mn=1)
     if window == "one":  # a launch with a window of 1 specializes it as a constexpr
@@ -475,12 +484,12 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
 
 def compile_report(name: str, sass_dir: Path | None = None) -> dict:
     if name.startswith("product:"):
-        _, which, dtype, causal, head_dim, padding, tile, softcap, ragged = (
-            name.split(":") + ["0", "0", "0", "0"])[:9]
+        _, which, dtype, causal, head_dim, padding, tile, softcap, ragged, fused = (
+            name.split(":") + ["0", "0", "0", "0", "0"])[:10]
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
                                  int(head_dim), which, int(padding), int(tile), window,
-                                 softcap == "1", ragged == "1")
+                                 softcap == "1", ragged == "1", fused == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -700,6 +709,8 @@ def main() -> None:
                         help="with --product: the causal kernel with a sliding window")
     parser.add_argument("--window-one-product", action="store_true",
                         help="with --product: ... of one key (a constexpr in the launch)")
+    parser.add_argument("--fused-dq-product", action="store_true",
+                        help="with --product: the dK/dV kernel forming dQ too (FUSED_DQ)")
     parser.add_argument("--ragged-product", action="store_true",
                         help="with --product dq: keys not a whole number of tiles")
     parser.add_argument("--softcap-product", action="store_true",
@@ -722,7 +733,8 @@ def main() -> None:
                              f":{args.head_dim}:"
                              f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}"
                              f":{int(args.softcap_product)}"
-                             f":{int(args.ragged_product)}")
+                             f":{int(args.ragged_product)}"
+                             f":{int(args.fused_dq_product)}")
         print(json.dumps(rep))
         return
     names = args.variants.split(",")

@@ -48,7 +48,7 @@ from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParam
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, bias_head_dims,
-                             gluon_backward_refusal, gluon_dq_refusal)
+                             fused_dq, gluon_backward_refusal, gluon_dq_refusal)
 from .gluon_forward import (TILE_BIAS, TILE_BOOL, gluon_score_scales, padding_flags,
                             tile_mask_refusal)
 from .launch import (PlanCache, call_key, kernel_choice, launch_fixed, launch_remembered,
@@ -761,10 +761,14 @@ def use_bwd_tma(q, k, v, grad_out, shape: AttentionShape, block_d: int, block_dv
             and descriptor_layout_ok(q, k, v, grad_out))
 
 
-def backward_choices(dkdv_refusal: str | None, dq_refusal: str | None, dq_atomic: bool) -> str:
-    """The backward's kernels for ``launch.log_kernel_choice``, from the two Gluon refusals."""
+def backward_choices(dkdv_refusal: str | None, dq_refusal: str | None, dq_atomic: bool,
+                     fused: bool = False) -> str:
+    """The backward's kernels for ``launch.log_kernel_choice``, from the two Gluon refusals
+    (``fused``: the Gluon dK/dV kernel forms dQ too, ``gluon_backward.fused_dq``)."""
     if dq_atomic:
         return f"dK/dV {kernel_choice(dkdv_refusal)} with dQ by atomics"
+    if fused:
+        return "dK/dV Gluon with dQ by the copy engine's reduce-adds"
     if dq_refusal is not None and dq_refusal == dkdv_refusal:
         return f"dK/dV and dQ {kernel_choice(dkdv_refusal)}"
     return f"dK/dV {kernel_choice(dkdv_refusal)}, dQ {kernel_choice(dq_refusal)}"
@@ -827,10 +831,12 @@ class _BackwardDecisions:
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
             capability=_capability(q.device) if q.is_cuda else None)
-        # and the dQ kernel in Gluon where it measured faster (hd128)
+        # and the dQ kernel in Gluon where it measured faster (hd128), or, when asked, dQ
+        # formed by the Gluon dK/dV kernel itself (SDPA_PASS_GLUON_FUSED_DQ=1)
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
+        self.fused_dq = fused_dq(self.gluon_refusal, shape.head_dim)
         log_kernel_choice("backward", shape, q.dtype, backward_choices(
-            self.gluon_refusal, self.gluon_dq_refusal, self.dq_atomic))
+            self.gluon_refusal, self.gluon_dq_refusal, self.dq_atomic, self.fused_dq))
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
         self.natural = natural = mask_kind == MASK_FLOAT and not has_softcap
         masks = dict(
@@ -988,10 +994,17 @@ def attention_backward_triton(
     # the Gluon kernels' (soft-capped: cap · log2(e) and tanh's factor, gluon_forward's)
     gluon_qk_scale, cap_scale = gluon_score_scales(scale, softcap, d.natural)
     if d.gluon_refusal is None:
+        # fp32 sums of dS K, when the dK/dV kernel forms dQ too (``fused_dq``)
+        dq_sums = (torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device)
+                   if d.fused_dq else None)
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
                              causal_align=causal_align, offset=d.offset, rows=d.rows,
                              plan_key=plan and (plan, "gluon_dkdv"), window=window,
-                             qk_scale=gluon_qk_scale, cap_scale=cap_scale, **padding)
+                             qk_scale=gluon_qk_scale, cap_scale=cap_scale, dq_acc=dq_sums,
+                             **padding)
+        if dq_sums is not None:
+            torch.mul(dq_sums, scale, out=dq)  # the sums' scale and rounding in one pass
+            return dq, dk, dv, dmask
     else:
         _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
             q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),

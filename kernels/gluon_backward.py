@@ -162,6 +162,9 @@ DQ_HEAD_DIMS = (128, 256)
 # Head dims at which the kernels read a float bias in tiles (TILE_BIAS) unless
 # SDPA_PASS_GLUON_BWD_BIAS=0 (session 24: correct and faster than the Triton kernels at each)
 BIAS_HEAD_DIMS = (64, 128, 256)
+# dQ inside the dK/dV kernel (``fused_dq``): head dims, and the fp32 columns of a reduce-add box
+FUSED_DQ_HEAD_DIMS = (128,)
+FUSED_DQ_COLS = 32
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -170,9 +173,12 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    _DQ_COLS = gl.constexpr(FUSED_DQ_COLS)
+
     from .gluon_forward import (LOG2E_C, TILE_BIAS_C, TILE_BOOL_C, _band_mask, _cta_barrier,
                                 _kv_ring_barriers, _kv_ring_fill, _soft_cap,
-                                _tma_load, _tma_store, mask_padding, row_visible, span_tiles)
+                                _tma_load, _tma_reduce_add, _tma_store, mask_padding,
+                                row_visible, span_tiles)
 
     @gluon.jit
     def _bwd_producer(q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem, v_smem,
@@ -312,12 +318,13 @@ if gluon is not None:
                       delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv, start_n, first_m,
                       n_q, group, offset, window, qk_scale, cap_scale, sm_scale, S, kpm_ptr,
                       stride_pb, stride_pn,
-                      mask_ptr, stride_mb, stride_mh, stride_mn,
+                      mask_ptr, stride_mb, stride_mh, stride_mn, dq_out, ds_smem, ds_bar,
+                      dq_stage, Hkv, L,
                       W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                       STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                       KEY_SPAN: gl.constexpr,
                       ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
-                      SOFTCAP: gl.constexpr):
+                      SOFTCAP: gl.constexpr, FUSED_DQ: gl.constexpr):
         """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
         docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
         a pair that may not see each other evaluate it. With KEY_SPAN (a padding row of keys,
@@ -326,7 +333,15 @@ if gluon is not None:
         the group with rows of their own) read and applied for each query tile. MASK_TILE: the
         bool attn_mask's (BM x 64) tile of the query tile and this warpgroup's keys (slot
         2 s + W of ``mt_smem``), read transposed from shared memory once Sᵀ is done, hides
-        Sᵀ's entries where it is 0."""
+        Sᵀ's entries where it is 0. FUSED_DQ (``fused_dq``): dSᵀ also goes to shared memory
+        (slot 2 (it % 2) + W of ``ds_smem``); once both warpgroups' halves are in
+        (``ds_bar``), this warpgroup forms dQ_i's columns 64 W .. + 64 over the CTA's 128
+        keys (two products, one a key half), stages them in fp32 (``dq_stage`` W) and the
+        copy engine reduce-adds them into ``dq_out``, the (B * Hq * L, HEAD) view of a zeroed
+        fp32 sum, in 32-column boxes; the stage is written again once they have read it. A
+        tile's rows past L fall on the next head's first rows (or past the view's end, where
+        the copy engine clips them): their dS, so the values added, are zeros (their Q and dO
+        rows arrive as zeros and m = +inf)."""
         dtype: gl.constexpr = q_smem.dtype
         half: gl.constexpr = BN // 2
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -339,6 +354,16 @@ if gluon is not None:
         k_w = k_smem.index(W).reshape([half, HEAD])
         v_w = v_smem.index(W).reshape([half, HEAD])
         st_zero = gl.zeros([half, BM], gl.float32, layout=st_layout)
+        if FUSED_DQ:
+            dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD // 2, 16])
+            dq_zero = gl.zeros([BM, HEAD // 2], gl.float32, layout=dq_layout)
+            # K's columns 64 W .. + 64 of each key half: B of dQ's two products
+            k_cols0 = k_smem.index(0).reshape([half, HEAD]).slice(W * (HEAD // 2), HEAD // 2,
+                                                                  dim=1)
+            k_cols1 = k_smem.index(1).reshape([half, HEAD]).slice(W * (HEAD // 2), HEAD // 2,
+                                                                  dim=1)
+            stage = dq_stage.index(W)
         dv = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
         dk = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
         keys = start_n + W * half + gl.arange(0, half, layout=row_st)
@@ -372,12 +397,46 @@ if gluon is not None:
             delta = delta_smem.index(slot).load(col_st)
             dpt, dv_tok, pt_op = warpgroup_mma_wait(num_outstanding=1,
                                                     deps=[dpt_tok, dv_tok, pt_op])
-            ds_op = gl.convert_layout((pt_ds * (dpt - gl.expand_dims(delta, 0))).to(dtype),
-                                      a_layout)
-            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-            dv, dk, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, dk_tok, ds_op])
-            mbarrier.arrive(empty.index(slot))
-        # only this warpgroup read its K and V halves: dK and dV leave through them
+            dst = (pt_ds * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+            ds_op = gl.convert_layout(dst, a_layout)
+            if FUSED_DQ:
+                dslot = it % 2
+                ds_smem.index(2 * dslot + W).store(dst)
+                fence_async_shared()
+                _cta_barrier()  # the warpgroup's stores are all in, then its one arrive
+                mbarrier.arrive(ds_bar.index(dslot))
+                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                mbarrier.wait(ds_bar.index(dslot), (it // 2) & 1)  # the other half is in too
+                dq_tok = warpgroup_mma(ds_smem.index(2 * dslot).permute((1, 0)), k_cols0,
+                                       dq_zero, use_acc=False, is_async=True)
+                dq_tok = warpgroup_mma(ds_smem.index(2 * dslot + 1).permute((1, 0)), k_cols1,
+                                       dq_tok, is_async=True)
+                dv, dk, dq, ds_op = warpgroup_mma_wait(num_outstanding=0,
+                                                       deps=[dv_tok, dk_tok, dq_tok, ds_op])
+                mbarrier.arrive(empty.index(slot))
+                tma.store_wait(0)  # the previous tile's reduce-adds have read the stage
+                _cta_barrier()
+                stage.store(dq)
+                fence_async_shared()
+                _cta_barrier()
+                # query head h_kv * group + it // n_q, its tile first_m + it % n_q
+                row = ((b * Hkv * group + h_kv * group + it // n_q) * L
+                       + (first_m + it % n_q) * BM)
+                for c in gl.static_range(HEAD // 2 // _DQ_COLS):
+                    _tma_reduce_add(dq_out, [row, W * (HEAD // 2) + c * _DQ_COLS],
+                                    stage.slice(c * _DQ_COLS, _DQ_COLS, dim=1))
+            else:
+                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                dv, dk, ds_op = warpgroup_mma_wait(num_outstanding=0,
+                                                   deps=[dv_tok, dk_tok, ds_op])
+                mbarrier.arrive(empty.index(slot))
+        if FUSED_DQ:
+            # the other warpgroup's dQ products read this one's K half: both done first
+            mbarrier.arrive(ds_bar.index(2))
+            mbarrier.wait(ds_bar.index(2), 0)
+            tma.store_wait(0)
+        # only this warpgroup read its K and V halves (with FUSED_DQ: no longer reads them):
+        # dK and dV leave through them
         k_w.store((dk * sm_scale).to(dtype))
         v_w.store(dv.to(dtype))
         fence_async_shared()
@@ -515,14 +574,16 @@ if gluon is not None:
                                mt_desc, kpm_ptr, mask_ptr, qk_scale, cap_scale, sm_scale, Hkv, L,
                                S, group,
                                offset, window, rows, stats_stride, stride_pb, stride_pn, stride_mb,
-                               stride_mh, stride_mn, mask_b_on, mask_h_on, BM: gl.constexpr,
+                               stride_mh, stride_mn, mask_b_on, mask_h_on, dq_desc,
+                               BM: gl.constexpr,
                                BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                                IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                                KEY_SPAN: gl.constexpr,
                                ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
                                SOFTCAP: gl.constexpr, ORDER: gl.constexpr, GROUP: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr,
-                               P_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                               P_STAGES: gl.constexpr, FUSED_DQ: gl.constexpr,
+                               num_warps: gl.constexpr):
         """Grid by ORDER (``ORDERS``): tiles (cdiv(S, BN), B * Hkv), heads (B * Hkv,
         cdiv(S, BN)), or groups (B * Hkv * cdiv(S, BN),): GROUP heads at a time, heads first
         within them. Q, dO
@@ -533,9 +594,13 @@ if gluon is not None:
         arguments); a CTA whose keys they all hide (from every query head of the group)
         stores zeros and visits no query tile. MASK_TILE: a bool attn_mask with rows of its own
         through ``mt_desc`` (bytes, the mask's own dims, broadcast ones of size 1 indexed at
-        b * mask_b_on, h * mask_h_on; BM x 64 tiles)."""
+        b * mask_b_on, h * mask_h_on; BM x 64 tiles). FUSED_DQ (hd128; ``_bwd_consumer``):
+        dQ's sums too, reduce-added through ``dq_desc`` (fp32, 2-d, [BM, 32] boxes); None
+        without."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         WIDE: gl.constexpr = HEAD > 128  # the hd256 schedule (module docstring)
+        if FUSED_DQ:
+            gl.static_assert(HEAD == 128, "dQ inside the dK/dV kernel at head dim 128 only")
         if WIDE:
             gl.static_assert(BN == 64, "64 keys a CTA at head dims over 128")
         else:
@@ -593,6 +658,24 @@ if gluon is not None:
                                                 mt_desc.layout)
         else:
             mt_smem = m_smem  # (not read)
+        if FUSED_DQ:
+            # two slots of the tile's dSᵀ halves (keys x rows), a consumer's each; a consumer's
+            # (BM, HEAD / 2) fp32 dQ stage; ds_bar: the slots' "both halves in", then "both
+            # consumers done" (count 2: one arrive a consumer)
+            ds_smem = gl.allocate_shared_memory(
+                dtype, [4, BN // 2, BM], gl.NVMMASharedLayout.get_default_for([BN // 2, BM], dtype))
+            dq_stage = gl.allocate_shared_memory(
+                gl.float32, [2, BM, HEAD // 2],
+                gl.NVMMASharedLayout.get_default_for([BM, HEAD // 2], gl.float32))
+            ds_bar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(3):
+                mbarrier.init(ds_bar.index(i), count=2)
+            dq_out = dq_desc
+        else:  # (not read)
+            ds_smem = m_smem
+            dq_stage = m_smem
+            ds_bar = m_smem
+            dq_out = stats_desc
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -631,15 +714,17 @@ if gluon is not None:
                                  start_n, first_m, n_q, group, offset, window, qk_scale,
                                  cap_scale, sm_scale, S,
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                                 stride_mn, 0, BM, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
-                                 ROW_PER_HEAD, MASK_TILE, SOFTCAP)),
+                                 stride_mn, dq_out, ds_smem, ds_bar, dq_stage, Hkv, L, 0, BM,
+                                 BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
+                                 MASK_TILE, SOFTCAP, FUSED_DQ)),
                 (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                                  delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
                                  start_n, first_m, n_q, group, offset, window, qk_scale,
                                  cap_scale, sm_scale, S,
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
-                                 stride_mn, 1, BM, BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN,
-                                 ROW_PER_HEAD, MASK_TILE, SOFTCAP)),
+                                 stride_mn, dq_out, ds_smem, ds_bar, dq_stage, Hkv, L, 1, BM,
+                                 BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
+                                 MASK_TILE, SOFTCAP, FUSED_DQ)),
                 (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
                                  v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
                                  kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group, start_n,
@@ -1063,15 +1148,17 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                          rows: int, plan_key, padding: int = 0, kpm=None,
                          kpm_strides: tuple = (0, 0), mask=None,
                          mask_strides: tuple = (0, 0, 0, 0), mask_tile: int = 0,
-                         window: int = -1, cap_scale: float = 0.0) -> None:
+                         window: int = -1, cap_scale: float = 0.0, dq_acc=None) -> None:
     """Fill ``dk`` and ``dv`` (B, Hkv, S, D), contiguous, for a call that
-    ``gluon_backward_refusal`` accepted. ``stats``: the prep kernel's (3, B, Hq, rows) fp32
-    delta, m and r (P = exp2(S·qk_scale - m - r)); ``offset``: the causal diagonal's
-    (checks.causal_offset). ``plan_key``: the backward's, which fixes every layout and the
-    causal form (or None: no plan). ``padding``, ``mask_tile``: the forward's padding rows
-    and mask tiles (``gluon_forward.attention_forward_gluon``; with TILE_BIAS the statistics
-    are the prep kernel's NATURAL ones and ``qk_scale`` the plain scale). ``window``: a
-    causal call's sliding window (-1: none). ``cap_scale``: soft-capped scores' (SOFTCAP;
+    ``gluon_backward_refusal`` accepted; with ``dq_acc`` (a zeroed contiguous (B, Hq, L, D)
+    fp32 tensor, a call ``fused_dq`` takes) add dQ's unscaled sums dS K into it too. ``stats``:
+    the prep kernel's (3, B, Hq, rows) fp32 delta, m and r (P = exp2(S·qk_scale - m - r));
+    ``offset``: the causal diagonal's (checks.causal_offset). ``plan_key``: the backward's,
+    which fixes every layout and the causal form (or None: no plan). ``padding``,
+    ``mask_tile``: the forward's padding rows and mask tiles
+    (``gluon_forward.attention_forward_gluon``; with TILE_BIAS the statistics are the prep
+    kernel's NATURAL ones and ``qk_scale`` the plain scale). ``window``: a causal call's
+    sliding window (-1: none). ``cap_scale``: soft-capped scores' (SOFTCAP;
     ``gluon_forward.gluon_score_scales``, ``qk_scale`` then cap · log2(e); negative with a
     negative scale), 0.0 for none."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
@@ -1099,7 +1186,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     args = (q, k, v, grad_out, stats.view(-1), dk, dv, _tile_tensor(mask, mask_tile), *pad[:2],
             qk_scale, cap_scale, scale, Hkv, L, S,
             shape.group, offset, max(window, 0), rows, B * shape.q_heads * rows, *pad[2:],
-            *mask_tile_indexing(mask_tile, mask_strides))
+            *mask_tile_indexing(mask_tile, mask_strides),
+            None if dq_acc is None else dq_acc.view(-1, shape.head_dim))
     # query heads of a GQA group with padding rows of their own (not HF's (B, 1, 1, S))
     row_per_head = bool(padding & 2) and mask_strides[1] != 0 and shape.group > 1
     launch_fixed(_GLUON_BWD_CALLS, plan_key, _attention_bwd_dkdv_ws, grid, args,
@@ -1111,12 +1199,35 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                       SOFTCAP=cap_scale != 0.0,
                       GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
-                      num_warps=4),
+                      FUSED_DQ=dq_acc is not None, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker,
                               **({7: mask_tile_descriptor(B, shape.q_heads, mask_strides, L, S,
                                                           BLOCK_M, 64)}
-                                 if mask_tile else {})})
+                                 if mask_tile else {}),
+                              **({len(args) - 1: _dq_sum_descriptor}
+                                 if dq_acc is not None else {})})
+
+
+def _dq_sum_descriptor(t: torch.Tensor):
+    """The fused dQ's reduce-add target: the (B * Hq * L, D) fp32 view of its sums, in boxes of
+    BLOCK_M rows x 32 columns (128 bytes: triton 3.6 splits a wider fp32 box into such boxes
+    when it encodes the descriptor but issues one reduce for the whole, so the kernel issues
+    one a box itself)."""
+    block = [BLOCK_M, FUSED_DQ_COLS]
+    return TensorDescriptor.from_tensor(t, block, _layout(block, gl.float32))
+
+
+def fused_dq(dkdv_refusal: str | None, head_dim: int) -> bool:
+    """Whether the Gluon dK/dV kernel also forms dQ (FlashAttention-3's backward: dS K summed
+    by the copy engine's reduce-adds into an fp32 buffer, scaled into dQ after), instead of
+    the dQ kernel that recomputes S and dP (7 products a tile pair -> 5). Only when asked,
+    SDPA_PASS_GLUON_FUSED_DQ=1, at head dim 128, and not under
+    torch.use_deterministic_algorithms (the adds' order varies, so dQ's last bits may):
+    compiled for sm_90 (session 30) and not yet run on a GPU."""
+    return (dkdv_refusal is None and head_dim in FUSED_DQ_HEAD_DIMS
+            and os.environ.get("SDPA_PASS_GLUON_FUSED_DQ", "") == "1"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def bias_head_dims() -> tuple:

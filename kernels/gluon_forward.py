@@ -158,6 +158,21 @@ if gluon is not None:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # The copy engine's reduce-add of a shared-memory tile into global memory
+    # (cp.reduce.async.bulk.tensor ... .add): triton 3.9's Gluon names it tma.async_atomic_add;
+    # triton 3.6's has no Python wrapper, though its builder has the operation
+    # (create_async_tma_reduce), which compiles for sm_90 to the same instruction
+    # (UTMAREDG.ADD; benchmarks/gluon_bwd_probe.py, session 30). Hand-written for 3.6 only.
+    _tma_reduce_add = getattr(tma, "async_atomic_add", None)
+    if _tma_reduce_add is None:
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
+                                                      tensor_desc.handle, coord, src.handle)
     _LN2 = gl.constexpr(LN2)
     LOG2E_C = gl.constexpr(LOG2E)
     TILE_BIAS_C = gl.constexpr(TILE_BIAS)

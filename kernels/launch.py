@@ -54,7 +54,7 @@ _VARIABLES = ("TRITON_INTERPRET", "SDPA_PASS_TMA", "SDPA_PASS_MASK_TMA", "SDPA_P
               "SDPA_PASS_GLUON_MASK", "SDPA_PASS_GLUON_FWD_HD256", "SDPA_PASS_GLUON_BIAS",
               "SDPA_PASS_GLUON_BWD_BIAS", "SDPA_PASS_GLUON_WINDOW",
               "SDPA_PASS_GLUON_SOFTCAP", "SDPA_PASS_DECODE_SHARED_PLANS",
-              "SDPA_PASS_DIRECT_LAUNCH")
+              "SDPA_PASS_DIRECT_LAUNCH", "SDPA_PASS_GLUON_FUSED_DQ")
 
 
 # os.environ.get costs ~1 us a name (CPython's Mapping.get -> __getitem__ -> key encoding and

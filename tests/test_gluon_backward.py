@@ -861,3 +861,137 @@ def test_the_probes_fused_dq_is_added_by_the_copy_engine():
     assert report["RED/ATOM"] == 0, report
     assert report["HGMMA"] > 0 and not report["wgmma serialized (ptxas C7514)"], report
     assert report["shared_bytes"] <= 227 * 1024, report
+
+
+def test_fused_dq_is_asked_for_at_head_dim_128_and_not_when_deterministic(monkeypatch):
+    """``fused_dq``: only with SDPA_PASS_GLUON_FUSED_DQ=1, where the Gluon dK/dV kernel runs,
+    at head dim 128, and not under torch.use_deterministic_algorithms (the reduce-adds'
+    order varies between runs)."""
+    monkeypatch.delenv("SDPA_PASS_GLUON_FUSED_DQ", raising=False)
+    assert not gbwd.fused_dq(None, 128)
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
+    assert gbwd.fused_dq(None, 128)
+    assert not gbwd.fused_dq("not on Hopper", 128)
+    assert not gbwd.fused_dq(None, 64) and not gbwd.fused_dq(None, 256)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not gbwd.fused_dq(None, 128)
+
+
+def torch_dkdv_fused(q, k, v, grad_out, stats, dk, dv, shape, *, dq_acc, **kwargs):
+    """``torch_dkdv`` plus what FUSED_DQ adds: dQ's unscaled sums dS K into ``dq_acc``."""
+    torch_dkdv(q, k, v, grad_out, stats, dk, dv, shape, **kwargs)
+    _, ds, kk = _torch_products(q, k, v, grad_out, stats, shape, kwargs["qk_scale"],
+                                kwargs["causal_align"], kwargs["offset"], kwargs["rows"],
+                                _bias(kwargs.get("mask"), kwargs.get("mask_tile", 0)),
+                                kwargs.get("window", -1), kwargs.get("cap_scale", 0.0))
+    dq_acc.add_(ds @ kk)
+
+
+@pytest.mark.parametrize("causal, L, S", [(None, 40, 24), ("bottom_right", 24, 40)])
+def test_the_backward_takes_dq_from_the_dkdv_kernel_when_fused(causal, L, S, monkeypatch):
+    """(Any device: the refusals and the kernel replaced by ``torch_dkdv_fused``.) With
+    ``fused_dq`` the backward hands the dK/dV kernel a zeroed fp32 (B, Hq, L, D) buffer,
+    launches no dQ kernel, and scales the sums into dQ: the gradients match the float64
+    reference, GQA and both causal corners included; the plan remembers the choice."""
+    clear_plans()
+    monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
+    monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
+    monkeypatch.setattr(bwd, "fused_dq", lambda *a: True)
+    handed = []
+
+    def dkdv(*args, dq_acc, **kwargs):
+        handed.append((dq_acc.dtype, tuple(dq_acc.shape), bool((dq_acc == 0).all())))
+        torch_dkdv_fused(*args, dq_acc=dq_acc, **kwargs)
+
+    monkeypatch.setattr(bwd, "attention_dkdv_gluon", dkdv)
+    monkeypatch.setattr(bwd, "attention_dq_gluon",
+                        lambda *a, **k: pytest.fail("no dQ kernel beside the fused dQ"))
+    for _ in range(2):
+        q = randn(1, 4, L, 16).requires_grad_()
+        k, v = (randn(1, 2, S, 16).requires_grad_() for _ in range(2))
+        grad = randn(1, 4, L, 16)
+        extras = dict(causal=causal) if causal else {}
+        grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **extras), (q, k, v),
+                                    grad)
+        refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+        ref_grads = torch.autograd.grad(reference_attention(*refs, **extras)[0], refs,
+                                        grad.double().cpu())
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert_close_to_reference(g, r, torch.float32, what=f"d{name}")
+    assert handed == [(torch.float32, (1, 4, L, 16), True)] * 2
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal, tile", [(True, False), (False, False), (False, "mask"),
+                                          (False, "bias"), ("window", False)])
+def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile):
+    """The dK/dV kernel with FUSED_DQ (hd128) compiled for sm_90: dQ added by four copy-engine
+    reduce-adds (two 32-column boxes a consumer), no atomic instruction, five products a
+    tile pair (16 more wgmmas than without), and, with a float bias's tiles beside the dSᵀ
+    slots and the dQ stages, still within Hopper's 227 KB of shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+    def report(*extra):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
+             "--product", "bf16", "--head-dim", "128", "--product-kernel", "dkdv",
+             *({"window": ["--window-product"]}.get(causal, ["--causal-product"] if causal
+                                                    else [])),
+             *([f"--{tile}-tile"] if tile else []), *extra],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    fused, plain = report("--fused-dq-product"), report()
+    assert fused["TMA reduce-adds"] == 4 and plain["TMA reduce-adds"] == 0, (fused, plain)
+    assert fused["RED/ATOM"] == 0, fused
+    assert fused["HGMMA"] == plain["HGMMA"] + 16, (fused, plain)
+    assert fused["shared_bytes"] <= 227 * 1024, fused
+    assert not fused["wgmma serialized (ptxas C7514)"], fused
+
+
+# hd128 cases of GPU_CASES for the fused dQ (SDPA_PASS_GLUON_FUSED_DQ=1)
+FUSED_DQ_CASES = sorted(name for name, case in GPU_CASES.items() if "head_dim" not in case[-1])
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", FUSED_DQ_CASES)
+def test_fused_dq_matches_the_reference(case, monkeypatch):
+    """SDPA_PASS_GLUON_FUSED_DQ=1 at hd128 (GPU_CASES: GQA, ragged lengths, both causal
+    corners, rows past the keys, HF's transposed Q storage): one Gluon kernel, the dK/dV one
+    forming dQ too, and gradients against the float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
+    B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, L, Hq, 128, dtype=dtype).transpose(1, 2).requires_grad_()
+    k, v = (randn(B, Hkv, S, 128, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, 128, dtype=dtype)
+    out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert calls == ["dkdv"]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*refs, scale=scale, **extras)
+    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["per_head_causal", "with_key_padding"])
+def test_fused_dq_with_bool_mask_tiles(case, monkeypatch):
+    """SDPA_PASS_GLUON_FUSED_DQ=1 beside a bool mask read in tiles (and a key padding row):
+    dS is zero where the mask hides a score, so dQ's sums need nothing more."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
+    B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(case, TILE_MASK_CASES)
+    calls = record_gluon_calls(monkeypatch)
+    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
+    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype)
+    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
+    assert calls == ["dkdv"]
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
+                                    grad.double().cpu())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}")
