@@ -922,8 +922,7 @@ def test_the_backward_takes_dq_from_the_dkdv_kernel_when_fused(causal, L, S, mon
 
 
 @needs_gluon
-@pytest.mark.parametrize("causal, tile", [(True, False), (False, False), (False, "mask"),
-                                          (False, "bias"), ("window", False)])
+@pytest.mark.parametrize("causal, tile", [(True, False), (False, "mask"), (False, "bias")])
 def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile):
     """The dK/dV kernel with FUSED_DQ (hd128) compiled for sm_90: dQ added by four copy-engine
     reduce-adds (two 32-column boxes a consumer), no atomic instruction, five products a
