@@ -6,6 +6,8 @@
   scores and dP for its query tile: 7 matrix products per tile pair, no atomics.
 - ``atomic`` (SDPA_PASS_BWD_DQ=atomic): the dK/dV kernel also adds dS·K into an fp32 dQ
   accumulator with atomics: 5 products, plus the adds' traffic to L2.
+- ``fused`` (SDPA_PASS_GLUON_FUSED_DQ=1; hd128 on Hopper, with ``:pad``): the Gluon dK/dV
+  kernel forms dQ too, reduce-added by the copy engine (session 30).
 - either with ``:tma`` / ``:ptr``: the dK/dV kernel's Q, dO, K, V loads (and dQ adds) through
   tensor descriptors or pointers (SDPA_PASS_BWD_TMA=1 / 0).
 - either with ``:pad``: the row statistics padded to whole query tiles and loaded unmasked
@@ -82,7 +84,10 @@ def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: st
     unknown = set(flags) - {"tma", "ptr", "pad", "batch"}
     if unknown:
         raise SystemExit(f"unknown path flag(s) {sorted(unknown)} in {variant!r}")
-    os.environ["SDPA_PASS_BWD_DQ"] = path
+    # fused: the Gluon dK/dV kernel forms dQ too (SDPA_PASS_GLUON_FUSED_DQ=1; hd128, where the
+    # Gluon kernels run: with :pad), else the path SDPA_PASS_BWD_DQ names
+    os.environ["SDPA_PASS_BWD_DQ"] = "split" if path == "fused" else path
+    os.environ["SDPA_PASS_GLUON_FUSED_DQ"] = "1" if path == "fused" else ""
     os.environ["SDPA_PASS_BWD_TMA"] = "1" if "tma" in flags else "0" if "ptr" in flags else ""
     os.environ["SDPA_PASS_BWD_PADDED_ROWS"] = "1" if "pad" in flags else "0"
     os.environ["SDPA_PASS_BATCH_INNER"] = "1" if "batch" in flags else "0"
@@ -131,7 +136,8 @@ def main() -> None:
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--paths", default="split,atomic",
-                        help="comma-separated dQ paths, each optionally with :tma or :ptr "
+                        help="comma-separated dQ paths (split, atomic, or fused: "
+                             "SDPA_PASS_GLUON_FUSED_DQ=1), each optionally with :tma or :ptr "
                              "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads and "
                              ":pad (SDPA_PASS_BWD_PADDED_ROWS=1) and :batch (SDPA_PASS_BATCH_INNER=1)")
     parser.add_argument("--masks", default="none",
