@@ -91,19 +91,13 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _LOG2E = gl.constexpr(LOG2E)
 
 
-# The copy engine's reduce-add from shared memory (cp.reduce.async.bulk.tensor ... .add): triton
-# 3.9's Gluon names it tma.async_atomic_add; triton 3.6's Gluon has no Python wrapper, but its
-# builder has the operation (create_async_tma_reduce; compiled for sm_90 it emits the same PTX).
-_tma_reduce_add = getattr(tma, "async_atomic_add", None)
-if _tma_reduce_add is None:
-    from triton._C.libtriton import ir as _ir
-    from triton.experimental.gluon.language._core import builtin as _builtin
-
-    @_builtin
-    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD,
-                                                  tensor_desc.handle, coord, src.handle)
+# The copy engine's reduce-add from shared memory (cp.reduce.async.bulk.tensor ... .add), as the
+# library's Gluon kernels spell it for triton 3.6 and 3.9
+try:
+    from sdpa_pass.kernels.gluon_forward import _tma_reduce_add
+except ImportError:  # a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels.gluon_forward import _tma_reduce_add
 
 
 # ---------------------------------------------------------------------------------------------

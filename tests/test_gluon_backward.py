@@ -556,15 +556,17 @@ def test_gluon_backward_reads_bool_masks_in_tiles(case, monkeypatch):
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs)
 
 
-def masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, **kwargs):
+def masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype,
+                                           kernels=None, **kwargs):
     """Gradients of one call that the Gluon dK/dV (and at DQ_HEAD_DIMS dQ) kernels take, Q in
-    the (B, L, H, D) storage models transpose from, against the float64 reference."""
+    the (B, L, H, D) storage models transpose from, against the float64 reference;
+    ``kernels``: the Gluon kernels it launches, when not those."""
     calls = record_gluon_calls(monkeypatch)
     q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
     k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
     grad = randn(B, Hq, L, D, dtype=dtype)
     grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
-    assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
+    assert calls == (kernels or (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"]))
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
                                     grad.double().cpu())
@@ -962,18 +964,8 @@ def test_fused_dq_matches_the_reference(case, monkeypatch):
     forming dQ too, and gradients against the float64 reference."""
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
     B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
-    calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, 128, dtype=dtype).transpose(1, 2).requires_grad_()
-    k, v = (randn(B, Hkv, S, 128, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(B, Hq, L, 128, dtype=dtype)
-    out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    assert calls == ["dkdv"]
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference_attention(*refs, scale=scale, **extras)
-    ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, 128, dtype,
+                                           kernels=["dkdv"], scale=scale, **extras)
 
 
 @needs_hopper
@@ -983,14 +975,5 @@ def test_fused_dq_with_bool_mask_tiles(case, monkeypatch):
     dS is zero where the mask hides a score, so dQ's sums need nothing more."""
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
     B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(case, TILE_MASK_CASES)
-    calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
-    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(B, Hq, L, D, dtype=dtype)
-    grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
-    assert calls == ["dkdv"]
-    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
-    ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
-                                    grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype,
+                                           kernels=["dkdv"], **kwargs)
