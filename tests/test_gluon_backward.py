@@ -170,28 +170,35 @@ def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch)
     assert refusal(q, kv, kv) is None
     assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
 
+def probe_compile(*args: str) -> dict:
+    """``benchmarks/gluon_bwd_probe.py --compile *args`` in a subprocess (no interpreter), its
+    last line read as JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = "dkdv",
                    mask_tile: bool | str = False, softcap: bool | str = False,
-                   ragged: bool = False) -> dict:
+                   ragged: bool = False, fused_dq: bool = False) -> dict:
     """The probe's report of the library's kernel; ``causal``: True, or "window" with a
     sliding window ("window_one": of one key, specialized as a launch would); ``mask_tile``:
     True or "mask" a bool attn_mask read in tiles, "bias" a float bias of ``dtype``;
     ``softcap``: soft-capped scores;
-    ``ragged``: dQ's RAGGED_KEYS."""
+    ``ragged``: dQ's RAGGED_KEYS; ``fused_dq``: the dK/dV kernel's FUSED_DQ."""
     tile = {True: "mask", False: ""}.get(mask_tile, mask_tile)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
-         "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
-         *({"window": ["--window-product"], "window_one": ["--window-one-product"]}.get(
-             causal, ["--causal-product"] if causal else [])),
-         *([f"--{tile}-tile"] if tile else []),
-         *(["--softcap-product"] if softcap else []),
-         *(["--ragged-product"] if ragged else [])],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return probe_compile(
+        "--product", dtype, "--head-dim", str(head_dim), "--product-kernel", kernel,
+        *({"window": ["--window-product"], "window_one": ["--window-one-product"]}.get(
+            causal, ["--causal-product"] if causal else [])),
+        *([f"--{tile}-tile"] if tile else []),
+        *(["--softcap-product"] if softcap else []),
+        *(["--ragged-product"] if ragged else []),
+        *(["--fused-dq-product"] if fused_dq else []))
 
 
 @needs_gluon
@@ -850,14 +857,7 @@ def test_the_probes_fused_dq_is_added_by_the_copy_engine():
     warpgroup (triton 3.6 encodes a wider fp32 box as such boxes but would issue one reduce
     for it, adding half the columns), no atomic instruction, its products unserialized and
     the whole within Hopper's shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile", "--json",
-         "--variants", "tma_dq_causal"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = probe_compile("--json", "--variants", "tma_dq_causal")
     assert report["variant"] == "tma_dq_causal"
     assert report["TMA reduce-adds"] == 4, report
     assert report["RED/ATOM"] == 0, report
@@ -930,21 +930,8 @@ def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile):
     reduce-adds (two 32-column boxes a consumer), no atomic instruction, five products a
     tile pair (16 more wgmmas than without), and, with a float bias's tiles beside the dSᵀ
     slots and the dQ stages, still within Hopper's 227 KB of shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-    def report(*extra):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile",
-             "--product", "bf16", "--head-dim", "128", "--product-kernel", "dkdv",
-             *({"window": ["--window-product"]}.get(causal, ["--causal-product"] if causal
-                                                    else [])),
-             *([f"--{tile}-tile"] if tile else []), *extra],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    fused, plain = report("--fused-dq-product"), report()
+    fused, plain = (compile_report("bf16", causal, 128, mask_tile=tile, fused_dq=on)
+                    for on in (True, False))
     assert fused["TMA reduce-adds"] == 4 and plain["TMA reduce-adds"] == 0, (fused, plain)
     assert fused["RED/ATOM"] == 0, fused
     assert fused["HGMMA"] == plain["HGMMA"] + 16, (fused, plain)
