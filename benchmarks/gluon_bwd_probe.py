@@ -148,7 +148,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
               first_m, n_iter, sm_scale, qk_scale,
               W: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
               STAGES: gl.constexpr, ATOMIC_DQ: gl.constexpr, TMA_DQ: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, DQ_COLS: gl.constexpr = 32):
+              IS_CAUSAL: gl.constexpr):
     """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module docstring)."""
     dtype: gl.constexpr = q_smem.dtype
     half: gl.constexpr = BN // 2
@@ -219,9 +219,10 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
                 stage.store(dq)
                 fence_async_shared()
                 _cta_barrier()
-                for c in gl.static_range(HEAD // 2 // DQ_COLS):
-                    _tma_reduce_add(dq_desc, [bh * N + m0, W * (HEAD // 2) + c * DQ_COLS],
-                                    stage.slice(c * DQ_COLS, DQ_COLS, dim=1))
+                cols: gl.constexpr = dq_desc.block_type.shape[1]  # a box's columns
+                for c in gl.static_range(HEAD // 2 // cols):
+                    _tma_reduce_add(dq_desc, [bh * N + m0, W * (HEAD // 2) + c * cols],
+                                    stage.slice(c * cols, cols, dim=1))
             else:
                 rows = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
                 cols = W * (HEAD // 2) + gl.arange(0, HEAD // 2,

@@ -173,8 +173,6 @@ if gluon is not None:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    _DQ_COLS = gl.constexpr(FUSED_DQ_COLS)
-
     from .gluon_forward import (LOG2E_C, TILE_BIAS_C, TILE_BOOL_C, _band_mask, _cta_barrier,
                                 _kv_ring_barriers, _kv_ring_fill, _soft_cap,
                                 _tma_load, _tma_reduce_add, _tma_store, mask_padding,
@@ -422,9 +420,10 @@ if gluon is not None:
                 # query head h_kv * group + it // n_q, its tile first_m + it % n_q
                 row = ((b * Hkv * group + h_kv * group + it // n_q) * L
                        + (first_m + it % n_q) * BM)
-                for c in gl.static_range(HEAD // 2 // _DQ_COLS):
-                    _tma_reduce_add(dq_out, [row, W * (HEAD // 2) + c * _DQ_COLS],
-                                    stage.slice(c * _DQ_COLS, _DQ_COLS, dim=1))
+                cols: gl.constexpr = dq_out.block_type.shape[1]  # a box's (FUSED_DQ_COLS)
+                for c in gl.static_range(HEAD // 2 // cols):
+                    _tma_reduce_add(dq_out, [row, W * (HEAD // 2) + c * cols],
+                                    stage.slice(c * cols, cols, dim=1))
             else:
                 dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
                 dv, dk, ds_op = warpgroup_mma_wait(num_outstanding=0,
