@@ -985,8 +985,10 @@ def attention_backward_triton(
                  (q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale,
                   softcap_log2, *d.prep_ints), d.prep_params)
     floats = (qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p))
-    # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them; else a dummy pointer
-    dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if d.dq_atomic else dq
+    # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them (by atomics in Triton's,
+    # by the copy engine in Gluon's: ``fused_dq``); else a dummy pointer
+    dq_sums = d.dq_atomic or d.fused_dq
+    dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_sums else dq
     # the Gluon kernels' padding rows (see _BackwardDecisions.padding)
     padding = dict(padding=max(d.padding, 0), kpm=key_padding_mask, kpm_strides=d.kpm_strides,
                    mask=attn_mask, mask_strides=d.mask_strides,
@@ -994,23 +996,17 @@ def attention_backward_triton(
     # the Gluon kernels' (soft-capped: cap · log2(e) and tanh's factor, gluon_forward's)
     gluon_qk_scale, cap_scale = gluon_score_scales(scale, softcap, d.natural)
     if d.gluon_refusal is None:
-        # fp32 sums of dS K, when the dK/dV kernel forms dQ too (``fused_dq``)
-        dq_sums = (torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device)
-                   if d.fused_dq else None)
         attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape, scale=scale,
                              causal_align=causal_align, offset=d.offset, rows=d.rows,
                              plan_key=plan and (plan, "gluon_dkdv"), window=window,
-                             qk_scale=gluon_qk_scale, cap_scale=cap_scale, dq_acc=dq_sums,
-                             **padding)
-        if dq_sums is not None:
-            torch.mul(dq_sums, scale, out=dq)  # the sums' scale and rounding in one pass
-            return dq, dk, dv, dmask
+                             qk_scale=gluon_qk_scale, cap_scale=cap_scale,
+                             dq_acc=dq_acc if d.fused_dq else None, **padding)
     else:
         _launch(d.dkdv_kernel, d.dkdv_cfg, d.dkdv_grid, (
             q, k, v, grad_out, row_m, row_r, delta, dk, dv, mask_argument(d.mask_tma, mask),
             kpm, seed, dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook,
             d.dkdv_descriptors, plan and (plan, "dkdv"))
-    if d.dq_atomic:
+    if dq_sums:
         torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
         return dq, dk, dv, dmask
     if d.gluon_dq_refusal is None:  # (never with a mask's gradient: bool masks have none)
