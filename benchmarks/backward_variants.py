@@ -2,12 +2,14 @@
 
     python benchmarks/backward_variants.py --out DIR [--head-dims 64,128] [--lengths 1024,4096]
 
-- ``split`` (SDPA_PASS_BWD_DQ=split): the dK/dV kernel, then a dQ kernel that recomputes the
-  scores and dP for its query tile: 7 matrix products per tile pair, no atomics.
+- ``split`` (SDPA_PASS_BWD_DQ=split, SDPA_PASS_GLUON_FUSED_DQ=0): the dK/dV kernel, then a
+  dQ kernel that recomputes the scores and dP for its query tile: 7 matrix products per tile
+  pair, no atomics.
 - ``atomic`` (SDPA_PASS_BWD_DQ=atomic): the dK/dV kernel also adds dS·K into an fp32 dQ
   accumulator with atomics: 5 products, plus the adds' traffic to L2.
 - ``fused`` (SDPA_PASS_GLUON_FUSED_DQ=1; hd128 on Hopper, with ``:pad``): the Gluon dK/dV
-  kernel forms dQ too, reduce-added by the copy engine (session 30).
+  kernel forms dQ too, reduce-added by the copy engine (session 30; the hd128 default from
+  session 31, short causal calls aside).
 - either with ``:tma`` / ``:ptr``: the dK/dV kernel's Q, dO, K, V loads (and dQ adds) through
   tensor descriptors or pointers (SDPA_PASS_BWD_TMA=1 / 0).
 - either with ``:pad``: the row statistics padded to whole query tiles and loaded unmasked
@@ -87,7 +89,7 @@ def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: st
     # fused: the Gluon dK/dV kernel forms dQ too (SDPA_PASS_GLUON_FUSED_DQ=1; hd128, where the
     # Gluon kernels run: with :pad), else the path SDPA_PASS_BWD_DQ names
     os.environ["SDPA_PASS_BWD_DQ"] = "split" if path == "fused" else path
-    os.environ["SDPA_PASS_GLUON_FUSED_DQ"] = "1" if path == "fused" else ""
+    os.environ["SDPA_PASS_GLUON_FUSED_DQ"] = "1" if path == "fused" else "0"
     os.environ["SDPA_PASS_BWD_TMA"] = "1" if "tma" in flags else "0" if "ptr" in flags else ""
     os.environ["SDPA_PASS_BWD_PADDED_ROWS"] = "1" if "pad" in flags else "0"
     os.environ["SDPA_PASS_BATCH_INNER"] = "1" if "batch" in flags else "0"

@@ -406,8 +406,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     over query rows); ``padding``: their KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding
     mask); ``mask_tile``: with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float
     bias of ``dtype``); ``window``: a causal sliding window (WINDOW; "one": of one key, which
-    a launch specializes); ``softcap``: soft-capped scores (SOFTCAP); ``ragged``: dQ's
-    RAGGED_KEYS (keys not a whole number of tiles); ``fused_dq``: the dK/dV kernel's FUSED_DQ
+    a launch specializes); ``softcap``: soft-capped scores (SOFTCAP); ``ragged``: the dQ
+    kernel's RAGGED_KEYS (keys not a whole number of tiles), and the dK/dV kernel's beside
+    ``fused_dq``; ``fused_dq``: the dK/dV kernel's FUSED_DQ
     (dQ's sums reduce-added through a (rows, D) fp32 descriptor of [64, 32] boxes)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
@@ -459,7 +460,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
                       ORDER=int(causal),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), FUSED_DQ=fused_dq,
-                      num_warps=4)
+                      RAGGED_KEYS=fused_dq and ragged, num_warps=4)
         if fused_dq:
             dq_block = (product.BLOCK_M, product.FUSED_DQ_COLS)
             sig["dq_desc"] = (f"tensordesc<fp32[{', '.join(map(str, dq_block))}],"
@@ -707,7 +708,8 @@ def main() -> None:
     parser.add_argument("--fused-dq-product", action="store_true",
                         help="with --product: the dK/dV kernel forming dQ too (FUSED_DQ)")
     parser.add_argument("--ragged-product", action="store_true",
-                        help="with --product dq: keys not a whole number of tiles")
+                        help="with --product dq, or dkdv with --fused-dq-product: keys not a "
+                             "whole number of tiles")
     parser.add_argument("--softcap-product", action="store_true",
                         help="with --product: soft-capped scores (SOFTCAP)")
     parser.add_argument("--head-dim", type=int, default=128,

@@ -84,7 +84,7 @@ def _p_from_scores(s, m, r, NATURAL: tl.constexpr):
 
 @triton.jit(do_not_specialize=["H", "L", "S", "GROUP", "offset", "window"])
 def _bwd_prep_kernel(
-    Q, K, O, DO, LSE, GRAD_LSE, MASK, KPM, DELTA, ROW_M, ROW_R,
+    Q, K, O, DO, LSE, GRAD_LSE, MASK, KPM, DELTA, ROW_M, ROW_R, DQ_SUMS,
     qk_scale, softcap_log2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -100,13 +100,15 @@ def _bwd_prep_kernel(
     MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
     DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, NATURAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ZERO_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per query row: delta = rowsum(dO * O) - grad_lse, and the statistics (m, r) the dK/dV and
     dQ kernels compute P from; rows with no visible key get delta 0 and m = +inf (P = 0).
     Rows L..LP (padding to whole tiles, which the dK/dV kernel then loads unmasked) are
     written as such rows. NATURAL: m in natural-log units, as the scores are
-    (``_p_from_scores``)."""
+    (``_p_from_scores``). ZERO_DQ: also zero these rows of the fp32 dQ sums, contiguous
+    (B, H, L, HEAD_DIM), that the dK/dV kernel adds into (FlashAttention-3's preprocess
+    does the same: no memset launch of its own)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -115,6 +117,11 @@ def _bwd_prep_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_in = offs_m < L
+    if ZERO_DQ:
+        offs_z = tl.arange(0, BLOCK_D)
+        tl.store(DQ_SUMS + (off_b * H + off_h) * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+                 + offs_z[None, :], tl.zeros((BLOCK_M, BLOCK_D), tl.float32),
+                 mask=rows_in[:, None] & (offs_z[None, :] < HEAD_DIM))
     tile = rows_in[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
                 + offs_dv[None, :] * stride_od, mask=tile, other=0.0).to(tl.float32)
@@ -173,6 +180,22 @@ def _bwd_prep_kernel(
     tl.store(DELTA + r_off, delta, mask=rows_out)
     tl.store(ROW_M + r_off, row_m, mask=rows_out)
     tl.store(ROW_R + r_off, row_r, mask=rows_out)
+
+
+# Elements a program of _dq_from_sums_kernel converts: 32 a thread at 4 warps (8 vector loads)
+_DQ_FROM_SUMS_BLOCK = 4096
+
+
+@triton.jit  # n specialized: its divisibility by 16 is what lets the masked accesses vectorize
+def _dq_from_sums_kernel(SUMS, DQ, scale, n, BLOCK: tl.constexpr):
+    """dQ = scale * sums, rounded to dQ's dtype; both contiguous with n elements. Hand-written
+    because torch.mul with ``out=`` of another dtype takes ATen's unrolled, unvectorized
+    loop: H200, 16 x 16 x 1024 x 128 fp32 -> bf16, 0.078 ms (2.6 TB/s) against this pass's
+    0.049 (4.1 TB/s of the 6 bytes an element moves; session 31)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    sums = tl.load(SUMS + offs, mask=keep, other=0.0)
+    tl.store(DQ + offs, (sums * scale).to(DQ.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -831,10 +854,11 @@ class _BackwardDecisions:
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
             capability=_capability(q.device) if q.is_cuda else None)
-        # and the dQ kernel in Gluon where it measured faster (hd128), or, when asked, dQ
-        # formed by the Gluon dK/dV kernel itself (SDPA_PASS_GLUON_FUSED_DQ=1)
+        # and dQ formed by the Gluon dK/dV kernel itself (hd128, ``fused_dq``), else the dQ
+        # kernel in Gluon where it measured faster (hd128, hd256)
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
-        self.fused_dq = fused_dq(self.gluon_refusal, shape.head_dim)
+        self.fused_dq = fused_dq(self.gluon_refusal, shape.head_dim,
+                                 causal_align != CAUSAL_NONE, shape.q_len)
         log_kernel_choice("backward", shape, q.dtype, backward_choices(
             self.gluon_refusal, self.gluon_dq_refusal, self.dq_atomic, self.fused_dq))
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)
@@ -855,7 +879,8 @@ class _BackwardDecisions:
                       BATCH_INNER=batch_inner(mask_kind, mask.stride(), B, measured_faster=False))
         prep_tiles = (_INTERPRETER_CONFIG if interpreter_active()
                       else _fixed_config(max(block_d, block_dv), q.dtype))
-        self.prep_params = dict(HAS_GRAD_LSE=has_grad_lse, **masks, **prep_tiles)
+        self.prep_params = dict(HAS_GRAD_LSE=has_grad_lse, **masks, **prep_tiles,
+                                ZERO_DQ=self.dq_atomic or self.fused_dq)
         self.prep_grid = (-(-self.rows // prep_tiles["BLOCK_M"]), B * Hq)
         # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
         self.tma_add = self.tma and self.dq_atomic and not interpreter_active()
@@ -981,14 +1006,14 @@ def attention_backward_triton(
     delta, row_m, row_r = stats
     seed = dropout_seed if dropout_p > 0.0 else q
     glse = grad_lse if grad_lse is not None else lse
-    launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, d.prep_grid,
-                 (q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, qk_scale,
-                  softcap_log2, *d.prep_ints), d.prep_params)
-    floats = (qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p))
     # fp32 dQ sums, (B, Hq, L, D), when the dK/dV kernel adds them (by atomics in Triton's,
-    # by the copy engine in Gluon's: ``fused_dq``); else a dummy pointer
+    # by the copy engine in Gluon's: ``fused_dq``), zeroed by the prep kernel; else a dummy
     dq_sums = d.dq_atomic or d.fused_dq
-    dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_sums else dq
+    dq_acc = torch.empty((B, Hq, L, D), dtype=torch.float32, device=q.device) if dq_sums else dq
+    launch_fixed(_BACKWARD_CALLS, plan and (plan, "prep"), _bwd_prep_kernel, d.prep_grid,
+                 (q, k, out, grad_out, lse, glse, mask, kpm, delta, row_m, row_r, dq_acc,
+                  qk_scale, softcap_log2, *d.prep_ints), d.prep_params)
+    floats = (qk_scale, softcap_log2, scale, dropout_p, keep_scale(dropout_p))
     # the Gluon kernels' padding rows (see _BackwardDecisions.padding)
     padding = dict(padding=max(d.padding, 0), kpm=key_padding_mask, kpm_strides=d.kpm_strides,
                    mask=attn_mask, mask_strides=d.mask_strides,
@@ -1007,7 +1032,11 @@ def attention_backward_triton(
             kpm, seed, dq_acc, *floats, *d.dkdv_ints), d.dkdv_meta, d.dkdv_hook,
             d.dkdv_descriptors, plan and (plan, "dkdv"))
     if dq_sums:
-        torch.mul(dq_acc, scale, out=dq)  # the sums' scale and rounding in one pass
+        # the sums' scale and rounding in one pass over both contiguous buffers
+        n = dq.numel()
+        launch_fixed(_BACKWARD_CALLS, plan and (plan, "dq_sums"), _dq_from_sums_kernel,
+                     (triton.cdiv(n, _DQ_FROM_SUMS_BLOCK),), (dq_acc, dq, scale, n),
+                     dict(BLOCK=_DQ_FROM_SUMS_BLOCK, num_warps=4))
         return dq, dk, dv, dmask
     if d.gluon_dq_refusal is None:  # (never with a mask's gradient: bool masks have none)
         if d.padding > 0:

@@ -165,6 +165,8 @@ BIAS_HEAD_DIMS = (64, 128, 256)
 # dQ inside the dK/dV kernel (``fused_dq``): head dims, and the fp32 columns of a reduce-add box
 FUSED_DQ_HEAD_DIMS = (128,)
 FUSED_DQ_COLS = 32
+# Query rows from which a causal call takes the fused dQ by default (``fused_dq``)
+FUSED_DQ_MIN_CAUSAL_ROWS = 3072
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -322,7 +324,8 @@ if gluon is not None:
                       STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                       KEY_SPAN: gl.constexpr,
                       ROW_PER_HEAD: gl.constexpr, MASK_TILE: gl.constexpr,
-                      SOFTCAP: gl.constexpr, FUSED_DQ: gl.constexpr):
+                      SOFTCAP: gl.constexpr, FUSED_DQ: gl.constexpr,
+                      RAGGED_KEYS: gl.constexpr):
         """Consumer warpgroup W: keys start_n + 64 W .. + 64 of the CTA's tile (module
         docstring). With IS_CAUSAL, query i sees key j iff j <= i + offset; only tiles holding
         a pair that may not see each other evaluate it. With KEY_SPAN (a padding row of keys,
@@ -339,7 +342,10 @@ if gluon is not None:
         fp32 sum, in 32-column boxes; the stage is written again once they have read it. A
         tile's rows past L fall on the next head's first rows (or past the view's end, where
         the copy engine clips them): their dS, so the values added, are zeros (their Q and dO
-        rows arrive as zeros and m = +inf)."""
+        rows arrive as zeros and m = +inf). RAGGED_KEYS (with FUSED_DQ; S not a multiple of
+        BN): dSᵀ's rows of keys past S are zeroed; their K rows arrive as zeros, but their
+        scores are 0, so P = exp2(-m - r) is inf for a row whose LSE is under -88.7 and dQ's
+        product would add 0 · inf. (Their dK and dV rows are never stored.)"""
         dtype: gl.constexpr = q_smem.dtype
         half: gl.constexpr = BN // 2
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -395,7 +401,10 @@ if gluon is not None:
             delta = delta_smem.index(slot).load(col_st)
             dpt, dv_tok, pt_op = warpgroup_mma_wait(num_outstanding=1,
                                                     deps=[dpt_tok, dv_tok, pt_op])
-            dst = (pt_ds * (dpt - gl.expand_dims(delta, 0))).to(dtype)
+            dst = pt_ds * (dpt - gl.expand_dims(delta, 0))
+            if FUSED_DQ and RAGGED_KEYS:
+                dst = gl.where(gl.expand_dims(keys < S, 1), dst, 0.0)
+            dst = dst.to(dtype)
             ds_op = gl.convert_layout(dst, a_layout)
             if FUSED_DQ:
                 dslot = it % 2
@@ -582,7 +591,7 @@ if gluon is not None:
                                SOFTCAP: gl.constexpr, ORDER: gl.constexpr, GROUP: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr,
                                P_STAGES: gl.constexpr, FUSED_DQ: gl.constexpr,
-                               num_warps: gl.constexpr):
+                               RAGGED_KEYS: gl.constexpr, num_warps: gl.constexpr):
         """Grid by ORDER (``ORDERS``): tiles (cdiv(S, BN), B * Hkv), heads (B * Hkv,
         cdiv(S, BN)), or groups (B * Hkv * cdiv(S, BN),): GROUP heads at a time, heads first
         within them. Q, dO
@@ -595,7 +604,7 @@ if gluon is not None:
         through ``mt_desc`` (bytes, the mask's own dims, broadcast ones of size 1 indexed at
         b * mask_b_on, h * mask_h_on; BM x 64 tiles). FUSED_DQ (hd128; ``_bwd_consumer``):
         dQ's sums too, reduce-added through ``dq_desc`` (fp32, 2-d, [BM, 32] boxes); None
-        without."""
+        without; RAGGED_KEYS: S is not a multiple of BN (``_bwd_consumer``)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         WIDE: gl.constexpr = HEAD > 128  # the hd256 schedule (module docstring)
         if FUSED_DQ:
@@ -715,7 +724,7 @@ if gluon is not None:
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                  stride_mn, dq_out, ds_smem, ds_bar, dq_stage, Hkv, L, 0, BM,
                                  BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
-                                 MASK_TILE, SOFTCAP, FUSED_DQ)),
+                                 MASK_TILE, SOFTCAP, FUSED_DQ, RAGGED_KEYS)),
                 (_bwd_consumer, (dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, m_smem, r_smem,
                                  delta_smem, mt_smem, kv_bar, q_ready, do_ready, empty, b, h_kv,
                                  start_n, first_m, n_q, group, offset, window, qk_scale,
@@ -723,7 +732,7 @@ if gluon is not None:
                                  kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                                  stride_mn, dq_out, ds_smem, ds_bar, dq_stage, Hkv, L, 1, BM,
                                  BN, HEAD, STAGES, IS_CAUSAL, WINDOW, KEY_SPAN, ROW_PER_HEAD,
-                                 MASK_TILE, SOFTCAP, FUSED_DQ)),
+                                 MASK_TILE, SOFTCAP, FUSED_DQ, RAGGED_KEYS)),
                 (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, stats_desc, mt_desc, k_smem,
                                  v_smem, q_smem, do_smem, m_smem, r_smem, delta_smem, mt_smem,
                                  kv_bar, q_ready, do_ready, empty, b, h_kv, Hkv * group, start_n,
@@ -1198,7 +1207,8 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
                       SOFTCAP=cap_scale != 0.0,
                       GROUP=GROUP_HEADS,
                       CONSUMER_REGS=CONSUMER_REGS, P_STAGES=wide_p_stages(mask_tile),
-                      FUSED_DQ=dq_acc is not None, num_warps=4),
+                      FUSED_DQ=dq_acc is not None,
+                      RAGGED_KEYS=dq_acc is not None and S % bn != 0, num_warps=4),
                  descriptors={0: rows_maker, 1: rows_maker, 2: rows_maker, 3: rows_maker,
                               4: _stats_descriptor, 5: rows_maker, 6: rows_maker,
                               **({7: mask_tile_descriptor(B, shape.q_heads, mask_strides, L, S,
@@ -1213,20 +1223,32 @@ def _dq_sum_descriptor(t: torch.Tensor):
     BLOCK_M rows x 32 columns (128 bytes: triton 3.6 splits a wider fp32 box into such boxes
     when it encodes the descriptor but issues one reduce for the whole, so the kernel issues
     one a box itself)."""
-    block = [BLOCK_M, FUSED_DQ_COLS]
-    return TensorDescriptor.from_tensor(t, block, _layout(block, gl.float32))
+    block = (BLOCK_M, FUSED_DQ_COLS)  # a tuple: _layout is cached by its arguments
+    return TensorDescriptor.from_tensor(t, list(block), _layout(block, gl.float32))
 
 
-def fused_dq(dkdv_refusal: str | None, head_dim: int) -> bool:
+def fused_dq(dkdv_refusal: str | None, head_dim: int, causal: bool = False,
+             q_len: int = 0) -> bool:
     """Whether the Gluon dK/dV kernel also forms dQ (FlashAttention-3's backward: dS K summed
-    by the copy engine's reduce-adds into an fp32 buffer, scaled into dQ after), instead of
-    the dQ kernel that recomputes S and dP (7 products a tile pair -> 5). Only when asked,
-    SDPA_PASS_GLUON_FUSED_DQ=1, at head dim 128, and not under
-    torch.use_deterministic_algorithms (the adds' order varies, so dQ's last bits may):
-    compiled for sm_90 (session 30) and not yet run on a GPU."""
-    return (dkdv_refusal is None and head_dim in FUSED_DQ_HEAD_DIMS
-            and os.environ.get("SDPA_PASS_GLUON_FUSED_DQ", "") == "1"
-            and not torch.are_deterministic_algorithms_enabled())
+    by the copy engine's reduce-adds into an fp32 buffer the prep kernel zeroed, scaled into
+    dQ after), instead of the dQ kernel that recomputes S and dP (7 products a tile pair ->
+    5). Where the Gluon dK/dV kernel runs at head dim 128, never under
+    SDPA_PASS_GLUON_FUSED_DQ=0 nor torch.use_deterministic_algorithms (the adds' order
+    varies, so dQ's last bits may); always with =1; by default unless causal (a sliding
+    window included) with fewer than FUSED_DQ_MIN_CAUSAL_ROWS query rows.
+
+    H200, bf16, forward + backward through CUDA graphs (benchmarks/backward_variants.py,
+    session 31), dQ kernel -> fused, TFLOP/s: no mask N = 1k / 2k / 3k / 4k / 8k 398 -> 413,
+    446 -> 464, 462 -> 495, 476 -> 494, 487 -> 519; causal 288 -> 263, 358 -> 322,
+    389 -> 397, 409 -> 426, 443 -> 473; at 4k / 8k an ALiBi bias 386 -> 453 / 390 -> 463, a
+    bool mask 394 -> 439 / 394 -> 446 (1k: 338 -> 377, 349 -> 373). Short causal calls lose:
+    the fused kernel alone takes as long as the two it replaces there (1k: 0.63 ms against
+    0.36 + 0.27), and zeroing and scaling the sums add ~0.08 ms."""
+    flag = os.environ.get("SDPA_PASS_GLUON_FUSED_DQ", "")
+    if (dkdv_refusal is not None or head_dim not in FUSED_DQ_HEAD_DIMS or flag == "0"
+            or torch.are_deterministic_algorithms_enabled()):
+        return False
+    return flag == "1" or not causal or q_len >= FUSED_DQ_MIN_CAUSAL_ROWS
 
 
 def bias_head_dims() -> tuple:

@@ -487,6 +487,16 @@ def test_the_backward_hands_the_kernel_its_statistics_and_plan(causal, monkeypat
         assert [o for _, o in launches] == [o for o in offsets for _ in range(2)]
 
 
+def default_gluon_kernels(head_dim: int, q_len: int, kwargs: dict) -> list:
+    """The Gluon backward kernels a call (``kwargs``: the attention call's) launches as the
+    environment stands: the dK/dV kernel, and the dQ kernel at DQ_HEAD_DIMS unless the dK/dV
+    kernel forms dQ (``fused_dq``)."""
+    causal = bool(kwargs.get("is_causal") or kwargs.get("causal"))
+    if head_dim in gbwd.DQ_HEAD_DIMS and not gbwd.fused_dq(None, head_dim, causal, q_len):
+        return ["dkdv", "dq"]
+    return ["dkdv"]
+
+
 def record_gluon_calls(monkeypatch):
     """The launches of the two Gluon kernels, by name (dkdv, dq), in order."""
     calls = []
@@ -542,7 +552,7 @@ def test_gluon_backward_matches_the_reference(case, monkeypatch):
     grad = randn(B, Hq, L, D, dtype=dtype)
     out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
     grads = torch.autograd.grad(out, (q, k, v), grad)
-    assert calls == (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"])
+    assert calls == default_gluon_kernels(D, L, extras)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref, _ = reference_attention(*refs, scale=scale, **extras)
     ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
@@ -573,7 +583,7 @@ def masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dty
     k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
     grad = randn(B, Hq, L, D, dtype=dtype)
     grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
-    assert calls == (kernels or (["dkdv", "dq"] if D in gbwd.DQ_HEAD_DIMS else ["dkdv"]))
+    assert calls == (kernels or default_gluon_kernels(D, L, kwargs))
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
                                     grad.double().cpu())
@@ -662,7 +672,8 @@ def test_a_later_backward_launches_the_remembered_kernel():
     step()
     hits = gbwd._GLUON_BWD_CALLS.hits
     inputs, grad, grads = step()
-    assert gbwd._GLUON_BWD_CALLS.hits == hits + 2  # dK/dV and dQ
+    assert gbwd._GLUON_BWD_CALLS.hits == hits + len(default_gluon_kernels(128, 1024,
+                                                                          dict(is_causal=True)))
     refs = [t.detach().double().cpu().requires_grad_() for t in inputs]
     ref_grads = torch.autograd.grad(reference_attention(*refs, is_causal=True)[0], refs,
                                     grad.double().cpu())
@@ -684,15 +695,17 @@ def test_gluon_backward_with_a_sliding_window(case, monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim, fused", [(128, "1"), (128, "0"), (256, "0")],
+                         ids=["hd128_fused_dq", "hd128_dq_kernel", "hd256"])
 @pytest.mark.parametrize("L, causal", [(1000, None), (1300, "top_left")])
-def test_rows_far_below_zero_keep_finite_gradients_at_ragged_keys(L, causal, head_dim,
+def test_rows_far_below_zero_keep_finite_gradients_at_ragged_keys(L, causal, head_dim, fused,
                                                                    monkeypatch):
     """Every score of every row near -113 (natural units: Q against every K; a row's LSE
     under -88.7, so exp(-LSE) overflows fp32), keys not a whole number of tiles: the dQ kernel
     hides keys past S (K's zero rows give a score of 0, P = exp2(-m - r) = inf, NaN in dQ)
     without a mask as it does with a bias (top-left causal with L > S: the rows past S see
-    the last tile's keys past S too).
+    the last tile's keys past S too), and so does the dK/dV kernel where it forms dQ
+    (SDPA_PASS_GLUON_FUSED_DQ, RAGGED_KEYS).
 
     The scores' mean comes from Q's constant part against K's; K's noise is orthogonal to
     that (zero mean over the head dim), so the scores spread by ~1 and P is not concentrated,
@@ -709,10 +722,11 @@ def test_rows_far_below_zero_keep_finite_gradients_at_ragged_keys(L, causal, hea
          ).to(DEVICE, torch.bfloat16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     grad = randn(B, H, L, head_dim, dtype=torch.bfloat16)
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", fused)
     calls = record_gluon_calls(monkeypatch)
     extras = dict(causal=causal) if causal else {}
     grads = torch.autograd.grad(attention(q, k, v, **extras), (q, k, v), grad)
-    assert calls == ["dkdv", "dq"]
+    assert calls == (["dkdv"] if fused == "1" else ["dkdv", "dq"])
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref, _ = reference_attention(*refs, **extras)
     assert (torch.logsumexp((refs[0] @ refs[1].transpose(-2, -1)) * head_dim ** -0.5, -1)
@@ -866,13 +880,19 @@ def test_the_probes_fused_dq_is_added_by_the_copy_engine():
 
 
 def test_fused_dq_is_asked_for_at_head_dim_128_and_not_when_deterministic(monkeypatch):
-    """``fused_dq``: only with SDPA_PASS_GLUON_FUSED_DQ=1, where the Gluon dK/dV kernel runs,
-    at head dim 128, and not under torch.use_deterministic_algorithms (the reduce-adds'
-    order varies between runs)."""
+    """``fused_dq``: by default where the Gluon dK/dV kernel runs at head dim 128; not with
+    SDPA_PASS_GLUON_FUSED_DQ=0 nor under torch.use_deterministic_algorithms (the
+    reduce-adds' order varies between runs)."""
     monkeypatch.delenv("SDPA_PASS_GLUON_FUSED_DQ", raising=False)
-    assert not gbwd.fused_dq(None, 128)
-    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
     assert gbwd.fused_dq(None, 128)
+    # causal (windows too): from FUSED_DQ_MIN_CAUSAL_ROWS query rows
+    rows = gbwd.FUSED_DQ_MIN_CAUSAL_ROWS
+    assert gbwd.fused_dq(None, 128, True, rows) and not gbwd.fused_dq(None, 128, True, rows - 1)
+    assert gbwd.fused_dq(None, 128, False, 1)
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "0")
+    assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 128, True, rows)
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
+    assert gbwd.fused_dq(None, 128) and gbwd.fused_dq(None, 128, True, 1)
     assert not gbwd.fused_dq("not on Hopper", 128)
     assert not gbwd.fused_dq(None, 64) and not gbwd.fused_dq(None, 256)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
@@ -923,6 +943,20 @@ def test_the_backward_takes_dq_from_the_dkdv_kernel_when_fused(causal, L, S, mon
     assert handed == [(torch.float32, (1, 4, L, 16), True)] * 2
 
 
+
+@needs_gluon
+def test_the_fused_dq_sums_descriptor_tiles_the_rows_of_every_head():
+    """(Host side only, any device.) The reduce-adds' target: the fp32 sums viewed as
+    (B * Hq * L, D) rows, in boxes of BLOCK_M rows x FUSED_DQ_COLS columns (128 bytes, the
+    widest box triton 3.6 reduces whole). The GPU run of session 31 found this maker raising
+    (a list handed to the cached layout) where the torch stand-in above cannot see it."""
+    sums = torch.zeros(2 * 4 * 40, 128)
+    desc = gbwd._dq_sum_descriptor(sums)
+    assert list(desc.shape) == [320, 128] and list(desc.strides) == [128, 1]
+    assert list(desc.block_shape) == [gbwd.BLOCK_M, gbwd.FUSED_DQ_COLS]
+    assert gbwd.FUSED_DQ_COLS * sums.element_size() == 128
+    assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 32
+
 @needs_gluon
 @pytest.mark.parametrize("causal, tile", [(True, False), (False, "mask"), (False, "bias")])
 def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile):
@@ -939,28 +973,39 @@ def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile):
     assert not fused["wgmma serialized (ptxas C7514)"], fused
 
 
-# hd128 cases of GPU_CASES for the fused dQ (SDPA_PASS_GLUON_FUSED_DQ=1)
-FUSED_DQ_CASES = sorted(name for name, case in GPU_CASES.items() if "head_dim" not in case[-1])
+# Each dQ path at hd128, forced (SDPA_PASS_GLUON_FUSED_DQ=0 / =1; by default the tests above
+# take the one ``fused_dq`` picks for their length and causality): GPU_CASES' hd128 cases,
+# and one or two of each of the bool mask, float bias, window and soft-capping cases
+DQ_PATH_CASES = {
+    **{name: ("plain", name) for name, case in GPU_CASES.items() if "head_dim" not in case[-1]},
+    **{f"bool_{name}": ("bool", name) for name in ("per_head_causal", "with_key_padding")},
+    **{f"bias_{name}": ("bias", name) for name in ("alibi_per_head", "ragged_finfo_min")},
+    **{f"window_{name}": ("window", name) for name in ("small_ragged_gqa", "bottom_right_ragged")},
+    "softcap_causal_gqa": ("softcap", "causal_gqa_fp16_keys_longer"),
+}
 
 
 @needs_hopper
-@pytest.mark.parametrize("case", FUSED_DQ_CASES)
-def test_fused_dq_matches_the_reference(case, monkeypatch):
-    """SDPA_PASS_GLUON_FUSED_DQ=1 at hd128 (GPU_CASES: GQA, ragged lengths, both causal
-    corners, rows past the keys, HF's transposed Q storage): one Gluon kernel, the dK/dV one
-    forming dQ too, and gradients against the float64 reference."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
-    B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
-    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, 128, dtype,
-                                           kernels=["dkdv"], scale=scale, **extras)
-
-
-@needs_hopper
-@pytest.mark.parametrize("case", ["per_head_causal", "with_key_padding"])
-def test_fused_dq_with_bool_mask_tiles(case, monkeypatch):
-    """SDPA_PASS_GLUON_FUSED_DQ=1 beside a bool mask read in tiles (and a key padding row):
-    dS is zero where the mask hides a score, so dQ's sums need nothing more."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
-    B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(case, TILE_MASK_CASES)
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["dq_kernel", "fused_dq"])
+@pytest.mark.parametrize("case", sorted(DQ_PATH_CASES))
+def test_each_dq_path_at_head_dim_128_matches_the_reference(case, fused, monkeypatch):
+    """At hd128, SDPA_PASS_GLUON_FUSED_DQ=0: the Gluon dK/dV kernel, then the dQ kernel
+    (recomputing S and dP); =1: the dK/dV kernel forming dQ too. Gradients against the
+    float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", fused)
+    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")  # (the soft-capped case's forward)
+    kind, name = DQ_PATH_CASES[case]
+    if kind == "plain":
+        B, Hq, Hkv, L, S, dtype, scale, kwargs = GPU_CASES[name]
+        D, kwargs = 128, dict(kwargs, scale=scale)
+    elif kind == "bool":
+        B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(name, TILE_MASK_CASES)
+    elif kind == "bias":
+        B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case(name, BIAS_CASES)
+    else:
+        B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(
+            name, SOFTCAP_CASES if kind == "softcap" else WINDOW_CASES)
+    assert D == 128, case
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype,
-                                           kernels=["dkdv"], **kwargs)
+                                           kernels=["dkdv"] if fused == "1" else ["dkdv", "dq"],
+                                           **kwargs)

@@ -471,11 +471,12 @@ def test_planned_backward_matches_the_full_path(case, monkeypatch):
 
     q, k, v, first, grad_out = call_inputs()
     _grads(q, k, v, first, grad_out, seed=1)
-    launches = 2 if atomic else 3
+    # prep, dK/dV, then the dQ kernel or (atomic) the pass scaling the fp32 sums into dQ
+    launches = 3
     assert len(bwd._BACKWARD_CALLS) == launches and bwd._BACKWARD_CALLS.hits == 0
     descriptors = {site: {i for i, _ in call.templates}
                    for (_, site), call in bwd._BACKWARD_CALLS._plans.items()}
-    assert descriptors == {"prep": set(), "dkdv": set(), **({} if atomic else {"dq": set()}),
+    assert descriptors == {"prep": set(), "dkdv": set(), ("dq_sums" if atomic else "dq"): set(),
                            **BACKWARD_DESCRIPTORS.get(case, {})}
     assert len(bwd._BACKWARD_DECISIONS) == 1 and bwd._BACKWARD_DECISIONS.hits == 0
 
@@ -630,14 +631,14 @@ def test_backward_keys_separate_mask_gradient_and_deterministic_mode(monkeypatch
     clear_plans()
     monkeypatch.setenv("SDPA_PASS_BWD_DQ", "atomic")
     _grads(q, k, v, dict(is_causal=True, enable_gqa=True), grad_out, seed=1)
-    assert len(bwd._BACKWARD_CALLS) == 2
+    assert len(bwd._BACKWARD_CALLS) == 3  # prep, dK/dV adding dQ's sums, their scaling
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # reproducible gradients: no atomic adds
     try:
         planned = _grads(q, k, v, dict(is_causal=True, enable_gqa=True), grad_out, seed=1)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert bwd._BACKWARD_CALLS.hits == 0 and len(bwd._BACKWARD_CALLS) == 5  # a key of its own
+    assert bwd._BACKWARD_CALLS.hits == 0 and len(bwd._BACKWARD_CALLS) == 6  # a key of its own
     monkeypatch.delenv("SDPA_PASS_BWD_DQ")
     clear_plans()
     full = _grads(q, k, v, dict(is_causal=True, enable_gqa=True), grad_out, seed=1)
