@@ -854,7 +854,7 @@ class _BackwardDecisions:
             softcapped=has_softcap, dropout=dropout, dq_atomic=self.dq_atomic,
             padded_rows=padded_rows, rows=self.rows, small=small,
             capability=_capability(q.device) if q.is_cuda else None)
-        # and dQ formed by the Gluon dK/dV kernel itself (hd128, ``fused_dq``), else the dQ
+        # and dQ formed by the Gluon dK/dV kernel itself (``fused_dq``), else the dQ
         # kernel in Gluon where it measured faster (hd128, hd256)
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
         self.fused_dq = fused_dq(self.gluon_refusal, shape.head_dim,

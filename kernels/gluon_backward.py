@@ -162,8 +162,11 @@ DQ_HEAD_DIMS = (128, 256)
 # Head dims at which the kernels read a float bias in tiles (TILE_BIAS) unless
 # SDPA_PASS_GLUON_BWD_BIAS=0 (session 24: correct and faster than the Triton kernels at each)
 BIAS_HEAD_DIMS = (64, 128, 256)
-# dQ inside the dK/dV kernel (``fused_dq``): head dims, and the fp32 columns of a reduce-add box
-FUSED_DQ_HEAD_DIMS = (128,)
+# dQ inside the dK/dV kernel (``fused_dq``): head dims it compiles for, those that take it by
+# default (hd64: written and compiled in session 31, not yet run on a GPU, so only with
+# SDPA_PASS_GLUON_FUSED_DQ=1), and the fp32 columns of a reduce-add box
+FUSED_DQ_HEAD_DIMS = (64, 128)
+FUSED_DQ_DEFAULT_HEAD_DIMS = (128,)
 FUSED_DQ_COLS = 32
 # Query rows from which a causal call takes the fused dQ by default (``fused_dq``)
 FUSED_DQ_MIN_CAUSAL_ROWS = 3072
@@ -339,7 +342,10 @@ if gluon is not None:
         (``ds_bar``), this warpgroup forms dQ_i's columns 64 W .. + 64 over the CTA's 128
         keys (two products, one a key half), stages them in fp32 (``dq_stage`` W) and the
         copy engine reduce-adds them into ``dq_out``, the (B * Hq * L, HEAD) view of a zeroed
-        fp32 sum, in 32-column boxes; the stage is written again once they have read it. A
+        fp32 sum, in 32-column boxes; the stage is written again once they have read it. At
+        hd64 (KEY_SPLIT; a 32-column slice of K's 128-byte swizzled rows is no wgmma operand)
+        each warpgroup instead forms all of dQ_i's columns over its own 64 keys, from its own
+        dSᵀ slot, with no wait on the other: twice the reduce-adds a tile pair. A
         tile's rows past L fall on the next head's first rows (or past the view's end, where
         the copy engine clips them): their dS, so the values added, are zeros (their Q and dO
         rows arrive as zeros and m = +inf). RAGGED_KEYS (with FUSED_DQ; S not a multiple of
@@ -358,15 +364,19 @@ if gluon is not None:
         k_w = k_smem.index(W).reshape([half, HEAD])
         v_w = v_smem.index(W).reshape([half, HEAD])
         st_zero = gl.zeros([half, BM], gl.float32, layout=st_layout)
+        # FUSED_DQ at hd64: each consumer dQ's every column over its own keys (KEY_SPLIT)
+        KEY_SPLIT: gl.constexpr = HEAD == 64
+        # dQ's columns a consumer forms, from column DQ_COL0
+        DQ_COLS: gl.constexpr = HEAD if KEY_SPLIT else HEAD // 2
+        DQ_COL0: gl.constexpr = 0 if KEY_SPLIT else W * (HEAD // 2)
         if FUSED_DQ:
             dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
-                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD // 2, 16])
-            dq_zero = gl.zeros([BM, HEAD // 2], gl.float32, layout=dq_layout)
-            # K's columns 64 W .. + 64 of each key half: B of dQ's two products
-            k_cols0 = k_smem.index(0).reshape([half, HEAD]).slice(W * (HEAD // 2), HEAD // 2,
-                                                                  dim=1)
-            k_cols1 = k_smem.index(1).reshape([half, HEAD]).slice(W * (HEAD // 2), HEAD // 2,
-                                                                  dim=1)
+                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_COLS, 16])
+            dq_zero = gl.zeros([BM, DQ_COLS], gl.float32, layout=dq_layout)
+            if not KEY_SPLIT:
+                # K's columns 64 W .. + 64 of each key half: B of dQ's two products
+                k_cols0 = k_smem.index(0).reshape([half, HEAD]).slice(DQ_COL0, DQ_COLS, dim=1)
+                k_cols1 = k_smem.index(1).reshape([half, HEAD]).slice(DQ_COL0, DQ_COLS, dim=1)
             stage = dq_stage.index(W)
         dv = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
         dk = gl.zeros([half, HEAD], gl.float32, layout=acc_layout)
@@ -407,17 +417,27 @@ if gluon is not None:
             dst = dst.to(dtype)
             ds_op = gl.convert_layout(dst, a_layout)
             if FUSED_DQ:
-                dslot = it % 2
-                ds_smem.index(2 * dslot + W).store(dst)
-                fence_async_shared()
-                _cta_barrier()  # the warpgroup's stores are all in, then its one arrive
-                mbarrier.arrive(ds_bar.index(dslot))
-                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-                mbarrier.wait(ds_bar.index(dslot), (it // 2) & 1)  # the other half is in too
-                dq_tok = warpgroup_mma(ds_smem.index(2 * dslot).permute((1, 0)), k_cols0,
-                                       dq_zero, use_acc=False, is_async=True)
-                dq_tok = warpgroup_mma(ds_smem.index(2 * dslot + 1).permute((1, 0)), k_cols1,
-                                       dq_tok, is_async=True)
+                if KEY_SPLIT:
+                    # dS from dSᵀ through shared memory (the product's A operand), this
+                    # consumer's slot alone: read by its own product, done before the next tile
+                    ds_smem.index(W).store(dst)
+                    fence_async_shared()
+                    _cta_barrier()
+                    dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                    dq_tok = warpgroup_mma(ds_smem.index(W).permute((1, 0)), k_w, dq_zero,
+                                           use_acc=False, is_async=True)
+                else:
+                    dslot = it % 2
+                    ds_smem.index(2 * dslot + W).store(dst)
+                    fence_async_shared()
+                    _cta_barrier()  # the warpgroup's stores are all in, then its one arrive
+                    mbarrier.arrive(ds_bar.index(dslot))
+                    dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                    mbarrier.wait(ds_bar.index(dslot), (it // 2) & 1)  # the other half too
+                    dq_tok = warpgroup_mma(ds_smem.index(2 * dslot).permute((1, 0)), k_cols0,
+                                           dq_zero, use_acc=False, is_async=True)
+                    dq_tok = warpgroup_mma(ds_smem.index(2 * dslot + 1).permute((1, 0)),
+                                           k_cols1, dq_tok, is_async=True)
                 dv, dk, dq, ds_op = warpgroup_mma_wait(num_outstanding=0,
                                                        deps=[dv_tok, dk_tok, dq_tok, ds_op])
                 mbarrier.arrive(empty.index(slot))
@@ -430,8 +450,8 @@ if gluon is not None:
                 row = ((b * Hkv * group + h_kv * group + it // n_q) * L
                        + (first_m + it % n_q) * BM)
                 cols: gl.constexpr = dq_out.block_type.shape[1]  # a box's (FUSED_DQ_COLS)
-                for c in gl.static_range(HEAD // 2 // cols):
-                    _tma_reduce_add(dq_out, [row, W * (HEAD // 2) + c * cols],
+                for c in gl.static_range(DQ_COLS // cols):
+                    _tma_reduce_add(dq_out, [row, DQ_COL0 + c * cols],
                                     stage.slice(c * cols, cols, dim=1))
             else:
                 dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
@@ -439,9 +459,10 @@ if gluon is not None:
                                                    deps=[dv_tok, dk_tok, ds_op])
                 mbarrier.arrive(empty.index(slot))
         if FUSED_DQ:
-            # the other warpgroup's dQ products read this one's K half: both done first
-            mbarrier.arrive(ds_bar.index(2))
-            mbarrier.wait(ds_bar.index(2), 0)
+            if not KEY_SPLIT:
+                # the other warpgroup's dQ products read this one's K half: both done first
+                mbarrier.arrive(ds_bar.index(2))
+                mbarrier.wait(ds_bar.index(2), 0)
             tma.store_wait(0)
         # only this warpgroup read its K and V halves (with FUSED_DQ: no longer reads them):
         # dK and dV leave through them
@@ -602,13 +623,13 @@ if gluon is not None:
         arguments); a CTA whose keys they all hide (from every query head of the group)
         stores zeros and visits no query tile. MASK_TILE: a bool attn_mask with rows of its own
         through ``mt_desc`` (bytes, the mask's own dims, broadcast ones of size 1 indexed at
-        b * mask_b_on, h * mask_h_on; BM x 64 tiles). FUSED_DQ (hd128; ``_bwd_consumer``):
+        b * mask_b_on, h * mask_h_on; BM x 64 tiles). FUSED_DQ (hd64 / 128; ``_bwd_consumer``):
         dQ's sums too, reduce-added through ``dq_desc`` (fp32, 2-d, [BM, 32] boxes); None
         without; RAGGED_KEYS: S is not a multiple of BN (``_bwd_consumer``)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         WIDE: gl.constexpr = HEAD > 128  # the hd256 schedule (module docstring)
         if FUSED_DQ:
-            gl.static_assert(HEAD == 128, "dQ inside the dK/dV kernel at head dim 128 only")
+            gl.static_assert(HEAD <= 128, "dQ inside the dK/dV kernel at head dims 64, 128")
         if WIDE:
             gl.static_assert(BN == 64, "64 keys a CTA at head dims over 128")
         else:
@@ -667,17 +688,24 @@ if gluon is not None:
         else:
             mt_smem = m_smem  # (not read)
         if FUSED_DQ:
-            # two slots of the tile's dSᵀ halves (keys x rows), a consumer's each; a consumer's
-            # (BM, HEAD / 2) fp32 dQ stage; ds_bar: the slots' "both halves in", then "both
-            # consumers done" (count 2: one arrive a consumer)
+            # hd128: two slots of the tile's dSᵀ halves (keys x rows), a consumer's each; a
+            # consumer's (BM, HEAD / 2) fp32 dQ stage; ds_bar: the slots' "both halves in",
+            # then "both consumers done" (count 2: one arrive a consumer). hd64 (KEY_SPLIT in
+            # ``_bwd_consumer``): one slot a consumer, a (BM, HEAD) stage each, no barrier
+            split: gl.constexpr = HEAD == 64
+            dq_cols: gl.constexpr = HEAD if split else HEAD // 2
             ds_smem = gl.allocate_shared_memory(
-                dtype, [4, BN // 2, BM], gl.NVMMASharedLayout.get_default_for([BN // 2, BM], dtype))
+                dtype, [2 if split else 4, BN // 2, BM],
+                gl.NVMMASharedLayout.get_default_for([BN // 2, BM], dtype))
             dq_stage = gl.allocate_shared_memory(
-                gl.float32, [2, BM, HEAD // 2],
-                gl.NVMMASharedLayout.get_default_for([BM, HEAD // 2], gl.float32))
-            ds_bar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(3):
-                mbarrier.init(ds_bar.index(i), count=2)
+                gl.float32, [2, BM, dq_cols],
+                gl.NVMMASharedLayout.get_default_for([BM, dq_cols], gl.float32))
+            if split:
+                ds_bar = m_smem  # (not read)
+            else:
+                ds_bar = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+                for i in gl.static_range(3):
+                    mbarrier.init(ds_bar.index(i), count=2)
             dq_out = dq_desc
         else:  # (not read)
             ds_smem = m_smem
@@ -1232,10 +1260,11 @@ def fused_dq(dkdv_refusal: str | None, head_dim: int, causal: bool = False,
     """Whether the Gluon dK/dV kernel also forms dQ (FlashAttention-3's backward: dS K summed
     by the copy engine's reduce-adds into an fp32 buffer the prep kernel zeroed, scaled into
     dQ after), instead of the dQ kernel that recomputes S and dP (7 products a tile pair ->
-    5). Where the Gluon dK/dV kernel runs at head dim 128, never under
+    5). Where the Gluon dK/dV kernel runs at FUSED_DQ_HEAD_DIMS, never under
     SDPA_PASS_GLUON_FUSED_DQ=0 nor torch.use_deterministic_algorithms (the adds' order
-    varies, so dQ's last bits may); always with =1; by default unless causal (a sliding
-    window included) with fewer than FUSED_DQ_MIN_CAUSAL_ROWS query rows.
+    varies, so dQ's last bits may); always with =1; by default at FUSED_DQ_DEFAULT_HEAD_DIMS
+    unless causal (a sliding window included) with fewer than FUSED_DQ_MIN_CAUSAL_ROWS query
+    rows.
 
     H200, bf16, forward + backward through CUDA graphs (benchmarks/backward_variants.py,
     session 31), dQ kernel -> fused, TFLOP/s: no mask N = 1k / 2k / 3k / 4k / 8k 398 -> 413,
@@ -1248,7 +1277,10 @@ def fused_dq(dkdv_refusal: str | None, head_dim: int, causal: bool = False,
     if (dkdv_refusal is not None or head_dim not in FUSED_DQ_HEAD_DIMS or flag == "0"
             or torch.are_deterministic_algorithms_enabled()):
         return False
-    return flag == "1" or not causal or q_len >= FUSED_DQ_MIN_CAUSAL_ROWS
+    if flag == "1":
+        return True
+    return (head_dim in FUSED_DQ_DEFAULT_HEAD_DIMS
+            and (not causal or q_len >= FUSED_DQ_MIN_CAUSAL_ROWS))
 
 
 def bias_head_dims() -> tuple:

@@ -695,8 +695,8 @@ def test_gluon_backward_with_a_sliding_window(case, monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim, fused", [(128, "1"), (128, "0"), (256, "0")],
-                         ids=["hd128_fused_dq", "hd128_dq_kernel", "hd256"])
+@pytest.mark.parametrize("head_dim, fused", [(128, "1"), (128, "0"), (256, "0"), (64, "1")],
+                         ids=["hd128_fused_dq", "hd128_dq_kernel", "hd256", "hd64_fused_dq"])
 @pytest.mark.parametrize("L, causal", [(1000, None), (1300, "top_left")])
 def test_rows_far_below_zero_keep_finite_gradients_at_ragged_keys(L, causal, head_dim, fused,
                                                                    monkeypatch):
@@ -880,23 +880,24 @@ def test_the_probes_fused_dq_is_added_by_the_copy_engine():
 
 
 def test_fused_dq_is_asked_for_at_head_dim_128_and_not_when_deterministic(monkeypatch):
-    """``fused_dq``: by default where the Gluon dK/dV kernel runs at head dim 128; not with
-    SDPA_PASS_GLUON_FUSED_DQ=0 nor under torch.use_deterministic_algorithms (the
-    reduce-adds' order varies between runs)."""
+    """``fused_dq``: by default where the Gluon dK/dV kernel runs at head dim 128 (causal
+    calls from FUSED_DQ_MIN_CAUSAL_ROWS query rows); at hd64 only with
+    SDPA_PASS_GLUON_FUSED_DQ=1; never with =0, at hd256, where the Gluon kernel is refused,
+    or under torch.use_deterministic_algorithms (the reduce-adds' order varies between
+    runs)."""
     monkeypatch.delenv("SDPA_PASS_GLUON_FUSED_DQ", raising=False)
-    assert gbwd.fused_dq(None, 128)
-    # causal (windows too): from FUSED_DQ_MIN_CAUSAL_ROWS query rows
     rows = gbwd.FUSED_DQ_MIN_CAUSAL_ROWS
+    assert gbwd.fused_dq(None, 128) and gbwd.fused_dq(None, 128, False, 1)
     assert gbwd.fused_dq(None, 128, True, rows) and not gbwd.fused_dq(None, 128, True, rows - 1)
-    assert gbwd.fused_dq(None, 128, False, 1)
+    assert not gbwd.fused_dq(None, 64, False, 8192) and not gbwd.fused_dq(None, 256)
+    assert not gbwd.fused_dq("not on Hopper", 128)
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "0")
     assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 128, True, rows)
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
-    assert gbwd.fused_dq(None, 128) and gbwd.fused_dq(None, 128, True, 1)
-    assert not gbwd.fused_dq("not on Hopper", 128)
-    assert not gbwd.fused_dq(None, 64) and not gbwd.fused_dq(None, 256)
+    assert gbwd.fused_dq(None, 128, True, 1) and gbwd.fused_dq(None, 64, True, 1)
+    assert not gbwd.fused_dq(None, 256) and not gbwd.fused_dq("not on Hopper", 64)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not gbwd.fused_dq(None, 128)
+    assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 64)
 
 
 def torch_dkdv_fused(q, k, v, grad_out, stats, dk, dv, shape, *, dq_acc, **kwargs):
@@ -958,17 +959,22 @@ def test_the_fused_dq_sums_descriptor_tiles_the_rows_of_every_head():
     assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 32
 
 @needs_gluon
-@pytest.mark.parametrize("causal, tile", [(True, False), (False, "mask"), (False, "bias")])
-def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile):
-    """The dK/dV kernel with FUSED_DQ (hd128) compiled for sm_90: dQ added by four copy-engine
-    reduce-adds (two 32-column boxes a consumer), no atomic instruction, five products a
-    tile pair (16 more wgmmas than without), and, with a float bias's tiles beside the dSᵀ
-    slots and the dQ stages, still within Hopper's 227 KB of shared memory."""
-    fused, plain = (compile_report("bf16", causal, 128, mask_tile=tile, fused_dq=on)
+@pytest.mark.parametrize("causal, tile, head_dim", [(True, False, 128), (False, "mask", 128),
+                                                    (False, "bias", 128), (True, False, 64)])
+def test_fused_dq_kernel_compiles_for_sm90_within_shared_memory(causal, tile, head_dim):
+    """The dK/dV kernel with FUSED_DQ compiled for sm_90: dQ added by four copy-engine
+    reduce-adds (two 32-column boxes a consumer: hd128 its 64 of dQ's columns, hd64 all of
+    them over its own keys), no atomic instruction, five products a tile pair (hd128: two
+    dQ products of 128 keys x 64 columns a consumer, 16 more wgmmas than without; hd64: one
+    of 64 keys x 64 columns, 8 more), no spill at hd64, and, with a float bias's tiles beside
+    the dSᵀ slots and the dQ stages, still within Hopper's 227 KB of shared memory."""
+    fused, plain = (compile_report("bf16", causal, head_dim, mask_tile=tile, fused_dq=on)
                     for on in (True, False))
     assert fused["TMA reduce-adds"] == 4 and plain["TMA reduce-adds"] == 0, (fused, plain)
     assert fused["RED/ATOM"] == 0, fused
-    assert fused["HGMMA"] == plain["HGMMA"] + 16, (fused, plain)
+    assert fused["HGMMA"] == plain["HGMMA"] + head_dim // 8, (fused, plain)
+    if head_dim == 64:
+        assert fused["spill_store_bytes"] == plain["spill_store_bytes"] == 0, (fused, plain)
     assert fused["shared_bytes"] <= 227 * 1024, fused
     assert not fused["wgmma serialized (ptxas C7514)"], fused
 
@@ -983,6 +989,26 @@ DQ_PATH_CASES = {
     **{f"window_{name}": ("window", name) for name in ("small_ragged_gqa", "bottom_right_ragged")},
     "softcap_causal_gqa": ("softcap", "causal_gqa_fp16_keys_longer"),
 }
+# hd64's fused dQ (only with SDPA_PASS_GLUON_FUSED_DQ=1): every hd64 case of each kind
+HD64_FUSED_DQ_CASES = {
+    **{name: ("plain", name) for name, case in GPU_CASES.items()
+       if case[-1].get("head_dim") == 64},
+    "bool_hd64": ("bool", "hd64"), "bias_hd64_gqa": ("bias", "hd64_gqa"),
+    "window_hd64": ("window", "hd64"), "softcap_hd64": ("softcap", "hd64"),
+}
+
+
+def dq_path_case(kind: str, name: str) -> tuple:
+    """(B, Hq, Hkv, L, S, D, dtype, attention kwargs) of a case of DQ_PATH_CASES' kinds."""
+    if kind == "plain":
+        B, Hq, Hkv, L, S, dtype, scale, kwargs = GPU_CASES[name]
+        kwargs = dict(kwargs, scale=scale)
+        return B, Hq, Hkv, L, S, kwargs.pop("head_dim", 128), dtype, kwargs
+    if kind == "bool":
+        return tile_mask_case(name, TILE_MASK_CASES)
+    if kind == "bias":
+        return bias_case(name, {**BIAS_CASES, **BACKWARD_BIAS_CASES})
+    return window_case(name, SOFTCAP_CASES if kind == "softcap" else WINDOW_CASES)
 
 
 @needs_hopper
@@ -994,18 +1020,23 @@ def test_each_dq_path_at_head_dim_128_matches_the_reference(case, fused, monkeyp
     float64 reference."""
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", fused)
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")  # (the soft-capped case's forward)
-    kind, name = DQ_PATH_CASES[case]
-    if kind == "plain":
-        B, Hq, Hkv, L, S, dtype, scale, kwargs = GPU_CASES[name]
-        D, kwargs = 128, dict(kwargs, scale=scale)
-    elif kind == "bool":
-        B, Hq, Hkv, L, S, D, dtype, kwargs = tile_mask_case(name, TILE_MASK_CASES)
-    elif kind == "bias":
-        B, Hq, Hkv, L, S, D, dtype, kwargs = bias_case(name, BIAS_CASES)
-    else:
-        B, Hq, Hkv, L, S, D, dtype, kwargs = window_case(
-            name, SOFTCAP_CASES if kind == "softcap" else WINDOW_CASES)
+    B, Hq, Hkv, L, S, D, dtype, kwargs = dq_path_case(*DQ_PATH_CASES[case])
     assert D == 128, case
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype,
                                            kernels=["dkdv"] if fused == "1" else ["dkdv", "dq"],
                                            **kwargs)
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(HD64_FUSED_DQ_CASES))
+def test_fused_dq_at_head_dim_64_matches_the_reference(case, monkeypatch):
+    """SDPA_PASS_GLUON_FUSED_DQ=1 at hd64 (KEY_SPLIT: each consumer warpgroup forms all of
+    dQ's columns over its own 64 keys): one Gluon kernel and no Triton dQ kernel, gradients
+    against the float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
+    monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
+    monkeypatch.setattr(bwd, "_launch", lambda *a, **k: pytest.fail("a Triton kernel launched"))
+    B, Hq, Hkv, L, S, D, dtype, kwargs = dq_path_case(*HD64_FUSED_DQ_CASES[case])
+    assert D == 64, case
+    masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype,
+                                           kernels=["dkdv"], **kwargs)
