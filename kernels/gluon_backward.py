@@ -417,22 +417,19 @@ if gluon is not None:
             dst = dst.to(dtype)
             ds_op = gl.convert_layout(dst, a_layout)
             if FUSED_DQ:
+                # dSᵀ to shared memory (dQ's products take dS as A from there). KEY_SPLIT: one
+                # slot a consumer, read by its own product alone, done before the next tile
+                dslot = it % 2
+                ds_smem.index(W if KEY_SPLIT else 2 * dslot + W).store(dst)
+                fence_async_shared()
+                _cta_barrier()  # the warpgroup's stores are all in (then its one arrive)
+                if not KEY_SPLIT:
+                    mbarrier.arrive(ds_bar.index(dslot))
+                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
                 if KEY_SPLIT:
-                    # dS from dSᵀ through shared memory (the product's A operand), this
-                    # consumer's slot alone: read by its own product, done before the next tile
-                    ds_smem.index(W).store(dst)
-                    fence_async_shared()
-                    _cta_barrier()
-                    dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
                     dq_tok = warpgroup_mma(ds_smem.index(W).permute((1, 0)), k_w, dq_zero,
                                            use_acc=False, is_async=True)
                 else:
-                    dslot = it % 2
-                    ds_smem.index(2 * dslot + W).store(dst)
-                    fence_async_shared()
-                    _cta_barrier()  # the warpgroup's stores are all in, then its one arrive
-                    mbarrier.arrive(ds_bar.index(dslot))
-                    dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
                     mbarrier.wait(ds_bar.index(dslot), (it // 2) & 1)  # the other half too
                     dq_tok = warpgroup_mma(ds_smem.index(2 * dslot).permute((1, 0)), k_cols0,
                                            dq_zero, use_acc=False, is_async=True)
