@@ -944,7 +944,6 @@ def test_the_backward_takes_dq_from_the_dkdv_kernel_when_fused(causal, L, S, mon
     assert handed == [(torch.float32, (1, 4, L, 16), True)] * 2
 
 
-
 @needs_gluon
 def test_the_fused_dq_sums_descriptor_tiles_the_rows_of_every_head():
     """(Host side only, any device.) The reduce-adds' target: the fp32 sums viewed as
@@ -957,6 +956,7 @@ def test_the_fused_dq_sums_descriptor_tiles_the_rows_of_every_head():
     assert list(desc.block_shape) == [gbwd.BLOCK_M, gbwd.FUSED_DQ_COLS]
     assert gbwd.FUSED_DQ_COLS * sums.element_size() == 128
     assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 32
+
 
 @needs_gluon
 @pytest.mark.parametrize("causal, tile, head_dim", [(True, False, 128), (False, "mask", 128),
