@@ -21,12 +21,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compiled(*args: str) -> dict:
+def last_line_without_interpreter(*argv: str) -> str:
+    """The last line ``python *argv`` prints, run without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_compile.py"), *args],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = result.stdout.strip().splitlines()[-1]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def compiled(*args: str) -> dict:
+    line = last_line_without_interpreter(str(ROOT / "benchmarks" / "sm90_compile.py"), *args)
     pairs = (part.removesuffix(" B").rsplit(" ", 1) for part in line.split(", "))
     return {name: int(value) for name, value in pairs}
 
@@ -161,13 +166,9 @@ def test_dq_sums_pass_moves_16_bytes_an_access_when_its_length_allows():
     memory: with the element count divisible by 16, as a launch specializes it, every load
     and store is a 16-byte vector one. (Session 31 first kept the count out of
     specialization: scalar accesses, 0.125 ms on the H200 where the vector form takes 0.049.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-
     def counts(*divisible: int) -> dict:
-        result = subprocess.run([sys.executable, "-c", DQ_FROM_SUMS_PTX, *map(str, divisible)],
-                                capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        return json.loads(last_line_without_interpreter("-c", DQ_FROM_SUMS_PTX,
+                                                        *map(str, divisible)))
 
     vector = counts(0, 1, 3)
     assert vector["ld.global.v4"] == 8 and vector["st.global.v4"] == 4, vector
