@@ -7,9 +7,9 @@
   pair, no atomics.
 - ``atomic`` (SDPA_PASS_BWD_DQ=atomic): the dK/dV kernel also adds dS·K into an fp32 dQ
   accumulator with atomics: 5 products, plus the adds' traffic to L2.
-- ``fused`` (SDPA_PASS_GLUON_FUSED_DQ=1; hd128 on Hopper, with ``:pad``): the Gluon dK/dV
+- ``fused`` (SDPA_PASS_GLUON_FUSED_DQ=1; hd64 / hd128 on Hopper, with ``:pad``): the Gluon dK/dV
   kernel forms dQ too, reduce-added by the copy engine (session 30; the hd128 default from
-  session 31, short causal calls aside).
+  session 31, at hd64 from session 32).
 - either with ``:tma`` / ``:ptr``: the dK/dV kernel's Q, dO, K, V loads (and dQ adds) through
   tensor descriptors or pointers (SDPA_PASS_BWD_TMA=1 / 0).
 - either with ``:pad``: the row statistics padded to whole query tiles and loaded unmasked
@@ -17,7 +17,9 @@
   loads (=0), so each path names one layout whatever the default.
 - either with ``:batch``: programs taken batch element first where the mask broadcasts over
   the batch (SDPA_PASS_BATCH_INNER=1, the library's default; without it =0, the plain order).
-  Flags combine: ``split:ptr:pad:batch``.
+- either with ``:tiles``, ``:heads`` or ``:groups``: the Gluon dK/dV kernel's program order
+  (SDPA_PASS_GLUON_BWD_ORDER; without one, the library's choice).
+  Flags combine: ``split:ptr:pad:batch``, ``fused:pad:tiles``.
 
 For the FlashAttention benchmark shapes (batch 16384 / N, heads 2048 / D, L = S = N, bf16),
 causal and not, it times forward alone and forward + backward through CUDA graphs
@@ -26,7 +28,8 @@ TFLOP/s (its time is the difference; 2.5x the forward's matrix work, FlashAttent
 convention) and forward + backward's, and the gradients' largest relative error against SDPA's
 (flash) gradients for the same inputs. Writes ``backward_variants_<device>.json``.
 
-- ``--masks none,bias,bool``: besides the unmasked calls (causal and not), the benchmark
+- ``--masks none,bias,bool``: besides the unmasked calls (causal and not; ``causal``: the
+  causal ones alone), the benchmark
   matrix's masks (``attention.py``: a (1, H, N, N) ALiBi bias, a random (N, N) bool mask),
   non-causal; the reference is SDPA's efficient backend there (flash takes no mask).
 - ``--flex``: flex attention on the same inputs (the mask read as ``attention.py`` has it
@@ -83,7 +86,8 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
 def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: str = "none",
             flex: bool = False, profile: bool = False) -> dict:
     path, *flags = variant.split(":")
-    unknown = set(flags) - {"tma", "ptr", "pad", "batch"}
+    orders = ("tiles", "heads", "groups")  # gluon_backward.ORDERS
+    unknown = set(flags) - {"tma", "ptr", "pad", "batch", *orders}
     if unknown:
         raise SystemExit(f"unknown path flag(s) {sorted(unknown)} in {variant!r}")
     # fused: the Gluon dK/dV kernel forms dQ too (SDPA_PASS_GLUON_FUSED_DQ=1; hd128, where the
@@ -93,6 +97,7 @@ def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: st
     os.environ["SDPA_PASS_BWD_TMA"] = "1" if "tma" in flags else "0" if "ptr" in flags else ""
     os.environ["SDPA_PASS_BWD_PADDED_ROWS"] = "1" if "pad" in flags else "0"
     os.environ["SDPA_PASS_BATCH_INNER"] = "1" if "batch" in flags else "0"
+    os.environ["SDPA_PASS_GLUON_BWD_ORDER"] = next((o for o in orders if o in flags), "")
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -141,9 +146,11 @@ def main() -> None:
                         help="comma-separated dQ paths (split, atomic, or fused: "
                              "SDPA_PASS_GLUON_FUSED_DQ=1), each optionally with :tma or :ptr "
                              "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads and "
-                             ":pad (SDPA_PASS_BWD_PADDED_ROWS=1) and :batch (SDPA_PASS_BATCH_INNER=1)")
+                             ":pad (SDPA_PASS_BWD_PADDED_ROWS=1), :batch (SDPA_PASS_BATCH_INNER=1) "
+                             "and :tiles / :heads / :groups (SDPA_PASS_GLUON_BWD_ORDER)")
     parser.add_argument("--masks", default="none",
-                        help="comma-separated: none (causal and not), bias, bool (not causal)")
+                        help="comma-separated: none (causal and not), causal (alone), bias, "
+                             "bool (not causal)")
     parser.add_argument("--flex", action="store_true", help="flex attention in the same rows")
     parser.add_argument("--profile", action="store_true",
                         help="per-kernel CUDA time of one forward + backward call")
@@ -152,7 +159,7 @@ def main() -> None:
     for D in map(int, args.head_dims.split(",")):
         for N in map(int, args.lengths.split(",")):
             for mask in args.masks.split(","):
-                for causal in (False, True) if mask == "none" else (False,):
+                for causal in {"none": (False, True), "causal": (True,)}.get(mask, (False,)):
                     for path in args.paths.split(","):
                         row = measure(max(1, 16384 // N), 2048 // D, N, D, causal, path, mask,
                                       args.flex, args.profile)

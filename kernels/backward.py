@@ -857,8 +857,7 @@ class _BackwardDecisions:
         # and dQ formed by the Gluon dK/dV kernel itself (``fused_dq``), else the dQ
         # kernel in Gluon where it measured faster (hd128, hd256)
         self.gluon_dq_refusal = gluon_dq_refusal(self.gluon_refusal, shape.head_dim)
-        self.fused_dq = fused_dq(self.gluon_refusal, shape.head_dim,
-                                 causal_align != CAUSAL_NONE, shape.q_len)
+        self.fused_dq = fused_dq(self.gluon_refusal, shape.head_dim)
         log_kernel_choice("backward", shape, q.dtype, backward_choices(
             self.gluon_refusal, self.gluon_dq_refusal, self.dq_atomic, self.fused_dq))
         # a float mask without soft-capping: scores in natural-log units (_p_from_scores)

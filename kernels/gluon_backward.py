@@ -162,14 +162,10 @@ DQ_HEAD_DIMS = (128, 256)
 # Head dims at which the kernels read a float bias in tiles (TILE_BIAS) unless
 # SDPA_PASS_GLUON_BWD_BIAS=0 (session 24: correct and faster than the Triton kernels at each)
 BIAS_HEAD_DIMS = (64, 128, 256)
-# dQ inside the dK/dV kernel (``fused_dq``): head dims it compiles for, those that take it by
-# default (hd64: written and compiled in session 31, not yet run on a GPU, so only with
-# SDPA_PASS_GLUON_FUSED_DQ=1), and the fp32 columns of a reduce-add box
+# dQ inside the dK/dV kernel (``fused_dq``): the head dims that take it, and the fp32 columns
+# of a reduce-add box
 FUSED_DQ_HEAD_DIMS = (64, 128)
-FUSED_DQ_DEFAULT_HEAD_DIMS = (128,)
 FUSED_DQ_COLS = 32
-# Query rows from which a causal call takes the fused dQ by default (``fused_dq``)
-FUSED_DQ_MIN_CAUSAL_ROWS = 3072
 LOG2E = 1.4426950408889634
 
 if gluon is not None:
@@ -1196,20 +1192,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     negative scale), 0.0 for none."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
-    # Causal: a key tile's work falls with its index, so the GPU, which starts programs in
-    # order of their linear id, takes every head's first key tile first and the short tiles
-    # fill the end (longest first); the heads' Q and dO are then read by programs far apart,
-    # from memory rather than L2. SDPA_PASS_GLUON_BWD_ORDER=tiles keeps the tiles of one head
-    # side by side (the order without a causal mask), =heads asks for heads first always,
-    # =groups takes GROUP_HEADS heads at a time, heads first within them.
-    # At hd256 (64 keys a CTA, twice the Q and dO bytes a key of hd128's) heads first leaves
-    # the heads' Q and dO reads to memory where the grid's first wave holds about one
-    # program a head (N = 1k: 128 heads); groups of GROUP_HEADS heads measured 1.21x heads
-    # first there (causal B16 H8, H100) and equal at 4k / 16k and with GQA (BENCHMARKS.md,
-    # session 22); at hd128 the orders measured within run-to-run spread of each other.
-    order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
-    if order not in ORDERS:
-        order = ("groups" if shape.head_dim > 128 else "heads") if is_causal else "tiles"
+    order = dkdv_order(shape.head_dim, is_causal, dq_acc is not None)
     bn = dkdv_block_n(shape.head_dim)
     tiles = -(-S // bn)
     grid = {"tiles": (tiles, B * Hkv), "heads": (B * Hkv, tiles),
@@ -1252,32 +1235,51 @@ def _dq_sum_descriptor(t: torch.Tensor):
     return TensorDescriptor.from_tensor(t, list(block), _layout(block, gl.float32))
 
 
-def fused_dq(dkdv_refusal: str | None, head_dim: int, causal: bool = False,
-             q_len: int = 0) -> bool:
+def fused_dq(dkdv_refusal: str | None, head_dim: int) -> bool:
     """Whether the Gluon dK/dV kernel also forms dQ (FlashAttention-3's backward: dS K summed
     by the copy engine's reduce-adds into an fp32 buffer the prep kernel zeroed, scaled into
     dQ after), instead of the dQ kernel that recomputes S and dP (7 products a tile pair ->
-    5). Where the Gluon dK/dV kernel runs at FUSED_DQ_HEAD_DIMS, never under
-    SDPA_PASS_GLUON_FUSED_DQ=0 nor torch.use_deterministic_algorithms (the adds' order
-    varies, so dQ's last bits may); always with =1; by default at FUSED_DQ_DEFAULT_HEAD_DIMS
-    unless causal (a sliding window included) with fewer than FUSED_DQ_MIN_CAUSAL_ROWS query
-    rows.
+    5): wherever the Gluon dK/dV kernel runs at FUSED_DQ_HEAD_DIMS, except under
+    SDPA_PASS_GLUON_FUSED_DQ=0 or torch.use_deterministic_algorithms (the adds' order
+    varies, so dQ's last bits may).
 
-    H200, bf16, forward + backward through CUDA graphs (benchmarks/backward_variants.py,
-    session 31), dQ kernel -> fused, TFLOP/s: no mask N = 1k / 2k / 3k / 4k / 8k 398 -> 413,
-    446 -> 464, 462 -> 495, 476 -> 494, 487 -> 519; causal 288 -> 263, 358 -> 322,
-    389 -> 397, 409 -> 426, 443 -> 473; at 4k / 8k an ALiBi bias 386 -> 453 / 390 -> 463, a
-    bool mask 394 -> 439 / 394 -> 446 (1k: 338 -> 377, 349 -> 373). Short causal calls lose:
-    the fused kernel alone takes as long as the two it replaces there (1k: 0.63 ms against
-    0.36 + 0.27), and zeroing and scaling the sums add ~0.08 ms."""
+    H200, bf16, forward + backward through CUDA graphs (benchmarks/backward_variants.py),
+    dQ kernel -> fused, TFLOP/s. hd128 (session 31): no mask N = 1k / 2k / 4k / 8k 398 -> 413,
+    446 -> 464, 476 -> 494, 487 -> 519; an ALiBi bias 4k / 8k 386 -> 453 / 390 -> 463, a
+    bool mask 394 -> 439 / 394 -> 446. hd64 (session 32): no mask 1k-8k 331 -> 341, 360 ->
+    375, 380 -> 396, 389 -> 408; ALiBi 238 -> 282 ... 272 -> 327; bool 266 -> 294 ... 291 ->
+    337. Causal with the programs in groups of heads (``dkdv_order``, session 32): hd128
+    1k-8k 287 -> 308, 351 -> 387, 404 -> 449, 440 -> 477; hd64 246 -> 261, 293 -> 320,
+    327 -> 362, 355 -> 389. (Session 31 kept short causal calls on the dQ kernel: with every
+    head's first key tile first, the fused kernel was slower there.)"""
     flag = os.environ.get("SDPA_PASS_GLUON_FUSED_DQ", "")
-    if (dkdv_refusal is not None or head_dim not in FUSED_DQ_HEAD_DIMS or flag == "0"
-            or torch.are_deterministic_algorithms_enabled()):
-        return False
-    if flag == "1":
-        return True
-    return (head_dim in FUSED_DQ_DEFAULT_HEAD_DIMS
-            and (not causal or q_len >= FUSED_DQ_MIN_CAUSAL_ROWS))
+    return (dkdv_refusal is None and head_dim in FUSED_DQ_HEAD_DIMS and flag != "0"
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def dkdv_order(head_dim: int, causal: bool, fused: bool) -> str:
+    """The dK/dV kernel's program order (``ORDERS``; SDPA_PASS_GLUON_BWD_ORDER overrides it).
+
+    Without a causal mask: ``tiles``, a head's key tiles side by side, so the programs
+    running at once share their heads' Q and dO (and dQ's sums) in L2. Causal: a key tile's
+    work falls with its index, and the GPU starts programs in order of their linear id, so
+    ``heads`` takes every head's first key tile first and the short tiles fill the end
+    (longest first); the heads' Q and dO are then read by programs far apart, from memory
+    rather than L2. ``groups`` takes GROUP_HEADS heads at a time, heads first within them:
+    at hd256 (64 keys a CTA, twice the Q and dO bytes a key of hd128's) it measured 1.21x
+    heads first where the grid's first wave holds about one program a head (causal N = 1k,
+    B16 H8, H100) and equal at 4k / 16k and with GQA (session 22); at hd128 without the
+    fused dQ the orders measured within run-to-run spread of each other. With the fused dQ
+    each program also reduce-adds into its heads' fp32 dQ sums, twice Q's bytes: heads first
+    spreads those over every head the wave holds and past L2 (H200, bf16, causal fwd+bwd,
+    heads -> groups: hd128 1k-8k 260 -> 308, 320 -> 387, 413 -> 449, 465 -> 477; hd64
+    222 -> 261, 261 -> 320, 284 -> 362, 345 -> 389 TFLOP/s; ``tiles`` in between, session 32)."""
+    order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
+    if order in ORDERS:
+        return order
+    if not causal:
+        return "tiles"
+    return "groups" if head_dim > 128 or fused else "heads"
 
 
 def bias_head_dims() -> tuple:

@@ -121,6 +121,7 @@ def test_the_backward_hands_the_kernels_a_bias_and_natural_statistics(causal, mo
     every key is at finfo.min (P uniform) included."""
     clear_plans()
     monkeypatch.delenv("SDPA_PASS_GLUON_BWD_BIAS", raising=False)
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "0")  # both kernels (hd64 forms dQ in one)
     monkeypatch.setattr(bwd, "gluon_backward_refusal", lambda *a, **k: None)
     monkeypatch.setattr(bwd, "gluon_dq_refusal", lambda *a, **k: None)
     seen = []
@@ -487,12 +488,11 @@ def test_the_backward_hands_the_kernel_its_statistics_and_plan(causal, monkeypat
         assert [o for _, o in launches] == [o for o in offsets for _ in range(2)]
 
 
-def default_gluon_kernels(head_dim: int, q_len: int, kwargs: dict) -> list:
-    """The Gluon backward kernels a call (``kwargs``: the attention call's) launches as the
-    environment stands: the dK/dV kernel, and the dQ kernel at DQ_HEAD_DIMS unless the dK/dV
-    kernel forms dQ (``fused_dq``)."""
-    causal = bool(kwargs.get("is_causal") or kwargs.get("causal"))
-    if head_dim in gbwd.DQ_HEAD_DIMS and not gbwd.fused_dq(None, head_dim, causal, q_len):
+def default_gluon_kernels(head_dim: int) -> list:
+    """The Gluon backward kernels a call launches as the environment stands: the dK/dV
+    kernel, and the dQ kernel at DQ_HEAD_DIMS unless the dK/dV kernel forms dQ
+    (``fused_dq``)."""
+    if head_dim in gbwd.DQ_HEAD_DIMS and not gbwd.fused_dq(None, head_dim):
         return ["dkdv", "dq"]
     return ["dkdv"]
 
@@ -552,7 +552,7 @@ def test_gluon_backward_matches_the_reference(case, monkeypatch):
     grad = randn(B, Hq, L, D, dtype=dtype)
     out = attention(q, k, v, scale=scale, enable_gqa=True, **extras)
     grads = torch.autograd.grad(out, (q, k, v), grad)
-    assert calls == default_gluon_kernels(D, L, extras)
+    assert calls == default_gluon_kernels(D)
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref, _ = reference_attention(*refs, scale=scale, **extras)
     ref_grads = torch.autograd.grad(ref, refs, grad.double().cpu())
@@ -583,7 +583,7 @@ def masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dty
     k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
     grad = randn(B, Hq, L, D, dtype=dtype)
     grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
-    assert calls == (kernels or default_gluon_kernels(D, L, kwargs))
+    assert calls == (kernels or default_gluon_kernels(D))
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
                                     grad.double().cpu())
@@ -617,17 +617,18 @@ def test_gluon_backward_reads_float_biases_in_tiles(case, monkeypatch):
 
 @needs_hopper
 @pytest.mark.parametrize("order", gbwd.ORDERS)
-@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_every_program_order_gives_the_reference_gradients(order, head_dim, monkeypatch):
     """SDPA_PASS_GLUON_BWD_ORDER: the dK/dV kernel's programs in each order (``groups`` with
     B * Hkv = 9 heads, so the last group holds one) and ragged keys under bottom-right causal,
-    against the float64 reference."""
+    against the float64 reference (at hd64 and hd128 the kernel forms dQ too)."""
     monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", order)
     calls = record_gluon_calls(monkeypatch)
     dtype = torch.bfloat16
-    q = randn(3, 6, 700, head_dim, dtype=dtype).requires_grad_()
+    # twice the query heads at hd64: a call with hd128's work (smaller ones are host-bound)
+    q = randn(3, 12 if head_dim == 64 else 6, 700, head_dim, dtype=dtype).requires_grad_()
     k, v = (randn(3, 3, 900, head_dim, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(3, 6, 700, head_dim, dtype=dtype)
+    grad = randn(*q.shape, dtype=dtype)
     kwargs = dict(causal="bottom_right", enable_gqa=True)
     grads = torch.autograd.grad(attention(q, k, v, **kwargs), (q, k, v), grad)
     assert calls[0] == "dkdv"
@@ -672,8 +673,7 @@ def test_a_later_backward_launches_the_remembered_kernel():
     step()
     hits = gbwd._GLUON_BWD_CALLS.hits
     inputs, grad, grads = step()
-    assert gbwd._GLUON_BWD_CALLS.hits == hits + len(default_gluon_kernels(128, 1024,
-                                                                          dict(is_causal=True)))
+    assert gbwd._GLUON_BWD_CALLS.hits == hits + len(default_gluon_kernels(128))
     refs = [t.detach().double().cpu().requires_grad_() for t in inputs]
     ref_grads = torch.autograd.grad(reference_attention(*refs, is_causal=True)[0], refs,
                                     grad.double().cpu())
@@ -713,7 +713,9 @@ def test_rows_far_below_zero_keep_finite_gradients_at_ragged_keys(L, causal, hea
     with K and V near constants made every bf16 backward, SDPA's flash, cuDNN and efficient
     ones included, miss dQ by 4x its norm on the H200; one with K's noise along Q made P
     peak on a few keys, whose dV sums of many rows cancel past bf16's rounding.)"""
-    B, H, S = 1, 8, 1104
+    # heads 8 at hd128: the same work at each head dim (a smaller call is host-bound, where
+    # the Triton kernels run: forward.host_bound)
+    B, H, S = 1, 8 * 128 // head_dim, 1104
     gen = torch.Generator().manual_seed(5)
     noise = torch.randn(B, H, S, head_dim, generator=gen)
     k = (1.0 + noise - noise.mean(-1, keepdim=True)).to(DEVICE, torch.bfloat16)
@@ -879,25 +881,36 @@ def test_the_probes_fused_dq_is_added_by_the_copy_engine():
     assert report["shared_bytes"] <= 227 * 1024, report
 
 
-def test_fused_dq_is_asked_for_at_head_dim_128_and_not_when_deterministic(monkeypatch):
-    """``fused_dq``: by default where the Gluon dK/dV kernel runs at head dim 128 (causal
-    calls from FUSED_DQ_MIN_CAUSAL_ROWS query rows); at hd64 only with
-    SDPA_PASS_GLUON_FUSED_DQ=1; never with =0, at hd256, where the Gluon kernel is refused,
-    or under torch.use_deterministic_algorithms (the reduce-adds' order varies between
-    runs)."""
+def test_fused_dq_is_asked_for_at_head_dims_64_and_128_and_not_when_deterministic(monkeypatch):
+    """``fused_dq``: by default where the Gluon dK/dV kernel runs at head dims 64 and 128,
+    causal or not, any length; never with SDPA_PASS_GLUON_FUSED_DQ=0, at hd256, where the
+    Gluon kernel is refused, or under torch.use_deterministic_algorithms (the reduce-adds'
+    order varies between runs)."""
     monkeypatch.delenv("SDPA_PASS_GLUON_FUSED_DQ", raising=False)
-    rows = gbwd.FUSED_DQ_MIN_CAUSAL_ROWS
-    assert gbwd.fused_dq(None, 128) and gbwd.fused_dq(None, 128, False, 1)
-    assert gbwd.fused_dq(None, 128, True, rows) and not gbwd.fused_dq(None, 128, True, rows - 1)
-    assert not gbwd.fused_dq(None, 64, False, 8192) and not gbwd.fused_dq(None, 256)
-    assert not gbwd.fused_dq("not on Hopper", 128)
+    assert gbwd.fused_dq(None, 128) and gbwd.fused_dq(None, 64)
+    assert not gbwd.fused_dq(None, 256) and not gbwd.fused_dq("not on Hopper", 128)
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "0")
-    assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 128, True, rows)
+    assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 64)
     monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
-    assert gbwd.fused_dq(None, 128, True, 1) and gbwd.fused_dq(None, 64, True, 1)
+    assert gbwd.fused_dq(None, 128) and gbwd.fused_dq(None, 64)
     assert not gbwd.fused_dq(None, 256) and not gbwd.fused_dq("not on Hopper", 64)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 64)
+
+
+def test_dkdv_program_order_groups_heads_for_a_causal_call_that_forms_dq(monkeypatch):
+    """``dkdv_order``: a head's key tiles side by side without a causal mask; causal, groups
+    of heads where the kernel forms dQ (its fp32 sums then stay in L2) or at hd256, every
+    head's first key tile first otherwise; SDPA_PASS_GLUON_BWD_ORDER overrides."""
+    monkeypatch.delenv("SDPA_PASS_GLUON_BWD_ORDER", raising=False)
+    assert [gbwd.dkdv_order(d, False, f) for d, f in ((64, True), (128, False), (256, False))
+            ] == ["tiles"] * 3
+    assert [gbwd.dkdv_order(d, True, f) for d, f in ((64, True), (128, True), (128, False),
+                                                      (256, False))
+            ] == ["groups", "groups", "heads", "groups"]
+    for order in gbwd.ORDERS:
+        monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", order)
+        assert gbwd.dkdv_order(128, True, True) == gbwd.dkdv_order(64, False, False) == order
 
 
 def torch_dkdv_fused(q, k, v, grad_out, stats, dk, dv, shape, *, dq_acc, **kwargs):
@@ -989,8 +1002,8 @@ DQ_PATH_CASES = {
     **{f"window_{name}": ("window", name) for name in ("small_ragged_gqa", "bottom_right_ragged")},
     "softcap_causal_gqa": ("softcap", "causal_gqa_fp16_keys_longer"),
 }
-# hd64's fused dQ (only with SDPA_PASS_GLUON_FUSED_DQ=1): every hd64 case of each kind
-HD64_FUSED_DQ_CASES = {
+# hd64's two dQ paths: every hd64 case of each kind
+HD64_DQ_PATH_CASES = {
     **{name: ("plain", name) for name, case in GPU_CASES.items()
        if case[-1].get("head_dim") == 64},
     "bool_hd64": ("bool", "hd64"), "bias_hd64_gqa": ("bias", "hd64_gqa"),
@@ -1028,15 +1041,19 @@ def test_each_dq_path_at_head_dim_128_matches_the_reference(case, fused, monkeyp
 
 
 @needs_hopper
-@pytest.mark.parametrize("case", sorted(HD64_FUSED_DQ_CASES))
-def test_fused_dq_at_head_dim_64_matches_the_reference(case, monkeypatch):
-    """SDPA_PASS_GLUON_FUSED_DQ=1 at hd64 (KEY_SPLIT: each consumer warpgroup forms all of
-    dQ's columns over its own 64 keys): one Gluon kernel and no Triton dQ kernel, gradients
-    against the float64 reference."""
-    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", "1")
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["dq_kernel", "fused_dq"])
+@pytest.mark.parametrize("case", sorted(HD64_DQ_PATH_CASES))
+def test_each_dq_path_at_head_dim_64_matches_the_reference(case, fused, monkeypatch):
+    """At hd64, SDPA_PASS_GLUON_FUSED_DQ=0: the Gluon dK/dV kernel, then the Triton dQ
+    kernel; =1 (the default): the dK/dV kernel forming dQ too (KEY_SPLIT: each consumer
+    warpgroup forms all of dQ's columns over its own 64 keys), and no Triton kernel.
+    Gradients against the float64 reference."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_FUSED_DQ", fused)
     monkeypatch.setenv("SDPA_PASS_GLUON_SOFTCAP", "1")
-    monkeypatch.setattr(bwd, "_launch", lambda *a, **k: pytest.fail("a Triton kernel launched"))
-    B, Hq, Hkv, L, S, D, dtype, kwargs = dq_path_case(*HD64_FUSED_DQ_CASES[case])
+    if fused == "1":
+        monkeypatch.setattr(bwd, "_launch",
+                            lambda *a, **k: pytest.fail("a Triton kernel launched"))
+    B, Hq, Hkv, L, S, D, dtype, kwargs = dq_path_case(*HD64_DQ_PATH_CASES[case])
     assert D == 64, case
     masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype,
                                            kernels=["dkdv"], **kwargs)

@@ -310,7 +310,7 @@ def padded_against_the_reference(case, monkeypatch, **more):
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_close_to_reference(g, r, dtype, what=f"d{name}")
     assert calls == [("forward", flags)] + [(name, flags)
-                                            for name in default_gluon_kernels(D, L, extras)]
+                                            for name in default_gluon_kernels(D)]
 
 
 @needs_hopper
