@@ -11,10 +11,6 @@ Hopper GPU the gradients are compared with the float64 reference.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,7 @@ from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+from script_runner import last_json
 from test_gluon_forward import GPU_CASES as FORWARD_CASES
 from test_gluon_forward import (BIAS_CASES, SOFTCAP_CASES, TILE_MASK_CASES, WINDOW_CASES,
                                 bias_case, tile_mask_case, window_case)
@@ -172,15 +169,9 @@ def test_the_dq_kernel_takes_the_dkdv_kernels_calls_at_head_dim_128(monkeypatch)
     assert "SDPA_PASS_GLUON_DQ=0" in gbwd.gluon_dq_refusal(refusal(q, kv, kv), 128)
 
 def probe_compile(*args: str) -> dict:
-    """``benchmarks/gluon_bwd_probe.py --compile *args`` in a subprocess (no interpreter), its
-    last line read as JSON."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gluon_bwd_probe.py"), "--compile", *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """``benchmarks/gluon_bwd_probe.py --compile *args`` without the interpreter
+    (``script_runner``), its last line read as JSON."""
+    return last_json("gluon_bwd_probe.py", "--compile", *args)
 
 
 def compile_report(dtype: str, causal: bool | str, head_dim: int, kernel: str = "dkdv",

@@ -11,11 +11,7 @@ uses that LSE are compared with the float64 reference.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +22,19 @@ from sdpa_pass.kernels import forward as fwd
 from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+from script_runner import last_json
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(gfwd.gluon is None, reason="this Triton has no Gluon Hopper API")
 needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,
                                   reason="the Gluon kernel runs on a Hopper GPU only")
+
+
+def fwd_probe_report(*args: str, dtype: str = "bf16") -> dict:
+    """``benchmarks/gluon_fwd_probe.py --compile --product DTYPE *args``'s report of the
+    library's forward kernel compiled for sm_90 (``script_runner``)."""
+    return last_json("gluon_fwd_probe.py", "--compile", "--product", dtype, *args)
 
 
 def refusal(q, k, v, shape=None, **overrides):
@@ -196,15 +199,8 @@ def test_tile_mask_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim, t
     exponentials still run under the P·V product, little stack, and the mask's ring (two
     stages of two 64-row tiles of a key tile: bytes, or at hd128 a bias's 64 KB beside Q, K
     and V's 160) within Hopper's shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-         "--product", "bf16", "--head-dim", str(head_dim), f"--{tile}-tile",
-         *(["--causal"] if causal else [])],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = fwd_probe_report("--head-dim", str(head_dim), f"--{tile}-tile",
+                              *(["--causal"] if causal else []))
     # (hd256 causal: 104 bytes under triton 3.9, the tiles' per-thread addresses; a kernel
     # spilling its tiles spills kilobytes)
     assert report["stack_bytes"] <= (128 if head_dim == 256 else 64)
@@ -226,13 +222,8 @@ def test_compiled_for_sm90_the_softmax_runs_under_the_pv_product(dtype, causal, 
     not serialized by ptxas, and in each consumer's key loop the tile's exponentials (64, 32
     with hd256's 64-key tiles, plus the rescale's) between the wait that leaves the P·V
     product in flight and the wait for it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-         "--product", dtype, "--head-dim", str(head_dim), *(["--causal"] if causal else [])], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = fwd_probe_report("--head-dim", str(head_dim), *(["--causal"] if causal else []),
+                              dtype=dtype)
     assert report["stack_bytes"] <= ((32 if head_dim == 256 else 16) if causal else 0)
     assert {24, gfwd.CONSUMER_REGS} <= set(report["setmaxnreg"])
     assert not report["wgmma serialized (ptxas C7514)"]
@@ -249,17 +240,10 @@ def test_the_windowed_kernel_compiles_for_sm90_with_its_overlap(head_dim):
     exponentials still under the P·V product, not serialized, no more stack than the causal
     kernel's (triton 3.9: 8 bytes at hd128 against 16; a bound kept live across the loop
     had made it 136)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = {}
     # (--window-one: a window of 1, which a launch specializes as a constexpr)
     for form in ("--causal", "--window", *(["--window-one"] if head_dim == 128 else [])):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-             "--product", "bf16", "--head-dim", str(head_dim), form],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        reports[form] = json.loads(result.stdout.strip().splitlines()[-1])
+        reports[form] = fwd_probe_report("--head-dim", str(head_dim), form)
     windowed, causal = reports["--window"], reports["--causal"]
     for key in ("HGMMA", "MUFU.EX2", "shared_bytes", "setmaxnreg"):
         assert windowed[key] == causal[key], (key, windowed, causal)
@@ -720,16 +704,9 @@ def test_the_soft_capped_kernel_compiles_for_sm90_with_its_overlap(head_dim):
     """SOFTCAP: the causal kernel's wgmmas and shared memory, twice its exponentials (tanh's
     and the softmax's), both under the P·V product, not serialized, at most 8 bytes more
     stack (triton 3.9: 24 against 16 at hd128)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = {}
     for form in (["--causal"], ["--causal", "--softcap"]):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "gluon_fwd_probe.py"), "--compile",
-             "--product", "bf16", "--head-dim", str(head_dim), *form],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        reports[len(form)] = json.loads(result.stdout.strip().splitlines()[-1])
+        reports[len(form)] = fwd_probe_report("--head-dim", str(head_dim), *form)
     capped, causal = reports[2], reports[1]
     for key in ("HGMMA", "shared_bytes", "setmaxnreg"):
         assert capped[key] == causal[key], (key, capped, causal)

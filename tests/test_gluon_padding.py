@@ -15,10 +15,6 @@ causal rows before the first visible key) are compared with the float64 referenc
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +28,7 @@ from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+from script_runner import last_json
 from test_gluon_backward import default_gluon_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,12 +162,7 @@ def test_the_forward_and_backward_hand_the_kernels_the_padding_rows(span_off, mo
 
 
 def compile_report(probe: str, *args: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / probe), "--compile", *args],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return last_json(probe, "--compile", *args)
 
 
 @needs_gluon

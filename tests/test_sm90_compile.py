@@ -5,27 +5,27 @@ Hopper GPU, and the interpreter has no form of the reduce-add, so CPU tests cann
 that branch. ``benchmarks/sm90_compile.py`` compiles the kernels for sm_90 with the triton
 wheel's own ptxas; these tests check the structure of the result: the branch compiles, the
 adds are the copy engine's, and the tiles are copied ahead rather than loaded synchronously.
-Each compile runs in a subprocess without TRITON_INTERPRET (this process interprets).
+Each compile runs without TRITON_INTERPRET (this process interprets) in a subprocess,
+through ``script_runner``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_runner import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def last_line_without_interpreter(*argv: str) -> str:
-    """The last line ``python *argv`` prints, run without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=600)
+    """The last line ``python *argv`` prints, run without TRITON_INTERPRET
+    (``script_runner``)."""
+    result = run_python(*argv)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
 
