@@ -11,8 +11,6 @@ Hopper GPU the gradients are compared with the float64 reference.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -29,7 +27,6 @@ from test_gluon_forward import GPU_CASES as FORWARD_CASES
 from test_gluon_forward import (BIAS_CASES, SOFTCAP_CASES, TILE_MASK_CASES, WINDOW_CASES,
                                 bias_case, tile_mask_case, window_case)
 
-ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(gbwd.gluon is None, reason="this Triton has no Gluon Hopper API")
 needs_hopper = pytest.mark.skipif(not HOPPER or gbwd.gluon is None,

@@ -12,7 +12,6 @@ uses that LSE are compared with the float64 reference.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from sdpa_pass.kernels.checks import AttentionShape
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from script_runner import last_json
 
-ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(gfwd.gluon is None, reason="this Triton has no Gluon Hopper API")
 needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,

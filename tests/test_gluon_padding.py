@@ -15,8 +15,6 @@ causal rows before the first visible key) are compared with the float64 referenc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -31,7 +29,6 @@ from reference import DEVICE, assert_close_to_reference, randn, reference_attent
 from script_runner import last_json
 from test_gluon_backward import default_gluon_kernels
 
-ROOT = Path(__file__).resolve().parents[1]
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(gfwd.gluon is None, reason="this Triton has no Gluon Hopper API")
 needs_hopper = pytest.mark.skipif(not HOPPER or gfwd.gluon is None,
