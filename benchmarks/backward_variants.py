@@ -52,6 +52,7 @@ from triton.testing import do_bench_cudagraph
 import attention as bench  # benchmarks/attention.py: the matrix's masks and its flex peer
 import sdpa_pass.kernels.backward as bwd
 from sdpa_pass.kernels import attention
+from sdpa_pass.kernels.gluon_backward import ORDERS  # the dK/dV kernel's program orders
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,8 +87,7 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
 def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: str = "none",
             flex: bool = False, profile: bool = False) -> dict:
     path, *flags = variant.split(":")
-    orders = ("tiles", "heads", "groups")  # gluon_backward.ORDERS
-    unknown = set(flags) - {"tma", "ptr", "pad", "batch", *orders}
+    unknown = set(flags) - {"tma", "ptr", "pad", "batch", *ORDERS}
     if unknown:
         raise SystemExit(f"unknown path flag(s) {sorted(unknown)} in {variant!r}")
     # fused: the Gluon dK/dV kernel forms dQ too (SDPA_PASS_GLUON_FUSED_DQ=1; hd128, where the
@@ -97,7 +97,7 @@ def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: st
     os.environ["SDPA_PASS_BWD_TMA"] = "1" if "tma" in flags else "0" if "ptr" in flags else ""
     os.environ["SDPA_PASS_BWD_PADDED_ROWS"] = "1" if "pad" in flags else "0"
     os.environ["SDPA_PASS_BATCH_INNER"] = "1" if "batch" in flags else "0"
-    os.environ["SDPA_PASS_GLUON_BWD_ORDER"] = next((o for o in orders if o in flags), "")
+    os.environ["SDPA_PASS_GLUON_BWD_ORDER"] = next((o for o in ORDERS if o in flags), "")
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
