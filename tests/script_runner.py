@@ -2,8 +2,8 @@
 interpreter) as if in a fresh ``python script args...`` subprocess, but in a long-lived one.
 
 A fresh interpreter pays ~5 s before it compiles anything (torch and sdpa_pass imported,
-Triton's NVIDIA backend started and its cache key hashed), which at ~150 compiles was about a
-third of the CPU suite's time. Here each pytest process keeps one server per environment (the
+Triton's NVIDIA backend started and its cache key hashed): the compile tests took 415 s on two
+CPUs that way and ~110 s here (session 32). Here each pytest process keeps one server per environment (the
 test's environment without TRITON_INTERPRET and pytest's per-test variable); a request runs
 the script with ``runpy`` as ``__main__`` and returns its exit code and output, and the modules
 it imported from ``benchmarks/`` are dropped afterwards, so each run starts from the script's
@@ -35,8 +35,12 @@ _PER_TEST = ("TRITON_INTERPRET", "PYTEST_CURRENT_TEST")
 _servers: dict[tuple, tuple[subprocess.Popen, object]] = {}
 
 
+def _key(env: dict) -> tuple:
+    return tuple(sorted(env.items()))
+
+
 def _server(env: dict) -> tuple[subprocess.Popen, object]:
-    key = tuple(sorted(env.items()))
+    key = _key(env)
     entry = _servers.get(key)
     if entry is not None and entry[0].poll() is None:
         return entry
@@ -51,7 +55,7 @@ def _server(env: dict) -> tuple[subprocess.Popen, object]:
 
 def _drop(env: dict) -> str:
     """Stop the environment's server; its stderr's tail."""
-    proc, log = _servers.pop(tuple(sorted(env.items())))
+    proc, log = _servers.pop(_key(env))
     proc.kill()
     proc.wait()
     log.seek(0)
@@ -94,6 +98,13 @@ def run_python(*argv: str | Path, env: dict | None = None,
                                        reply["stderr"])
 
 
+def last_line(*argv: str | Path, env: dict | None = None) -> str:
+    """The last line ``python *argv`` prints (``run_python``), which must exit with 0."""
+    result = run_python(*argv, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
 def last_json(script: str, *args: str, fp_fusion: bool = True) -> dict:
     """``benchmarks/<script> *args``'s last line of output, read as JSON (the probes' compile
     reports); ``fp_fusion``: TRITON_DEFAULT_FP_FUSION=1 unless the environment sets it, as
@@ -101,9 +112,7 @@ def last_json(script: str, *args: str, fp_fusion: bool = True) -> dict:
     env = dict(os.environ)
     if fp_fusion:
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = run_python(BENCHMARKS / script, *args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(last_line(BENCHMARKS / script, *args, env=env))
 
 
 def _serve() -> None:

@@ -17,21 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from script_runner import run_python
+from script_runner import last_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def last_line_without_interpreter(*argv: str) -> str:
-    """The last line ``python *argv`` prints, run without TRITON_INTERPRET
-    (``script_runner``)."""
-    result = run_python(*argv)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1]
-
-
 def compiled(*args: str) -> dict:
-    line = last_line_without_interpreter(str(ROOT / "benchmarks" / "sm90_compile.py"), *args)
+    line = last_line(str(ROOT / "benchmarks" / "sm90_compile.py"), *args)
     pairs = (part.removesuffix(" B").rsplit(" ", 1) for part in line.split(", "))
     return {name: int(value) for name, value in pairs}
 
@@ -167,8 +159,7 @@ def test_dq_sums_pass_moves_16_bytes_an_access_when_its_length_allows():
     and store is a 16-byte vector one. (Session 31 first kept the count out of
     specialization: scalar accesses, 0.125 ms on the H200 where the vector form takes 0.049.)"""
     def counts(*divisible: int) -> dict:
-        return json.loads(last_line_without_interpreter("-c", DQ_FROM_SUMS_PTX,
-                                                        *map(str, divisible)))
+        return json.loads(last_line("-c", DQ_FROM_SUMS_PTX, *map(str, divisible)))
 
     vector = counts(0, 1, 3)
     assert vector["ld.global.v4"] == 8 and vector["st.global.v4"] == 4, vector
