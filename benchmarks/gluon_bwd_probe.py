@@ -409,7 +409,9 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     a launch specializes); ``softcap``: soft-capped scores (SOFTCAP); ``ragged``: the dQ
     kernel's RAGGED_KEYS (keys not a whole number of tiles), and the dK/dV kernel's beside
     ``fused_dq``; ``fused_dq``: the dK/dV kernel's FUSED_DQ
-    (dQ's sums reduce-added through a (rows, D) fp32 descriptor of [64, 32] boxes)."""
+    (dQ's sums reduce-added through a (rows, D) fp32 descriptor of [64, 32] boxes). The dK/dV
+    kernel in the program order the library launches it in (``dkdv_order``, which
+    SDPA_PASS_GLUON_BWD_ORDER overrides)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -457,7 +459,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
                       KEY_SPAN=padding, ROW_PER_HEAD=False, MASK_TILE=mask_tile, SOFTCAP=softcap,
-                      ORDER=int(causal),
+                      ORDER=product.ORDERS.index(product.dkdv_order(head_dim, causal, fused_dq)),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), FUSED_DQ=fused_dq,
                       RAGGED_KEYS=fused_dq and ragged, num_warps=4)

@@ -607,8 +607,9 @@ if gluon is not None:
                                P_STAGES: gl.constexpr, FUSED_DQ: gl.constexpr,
                                RAGGED_KEYS: gl.constexpr, num_warps: gl.constexpr):
         """Grid by ORDER (``ORDERS``): tiles (cdiv(S, BN), B * Hkv), heads (B * Hkv,
-        cdiv(S, BN)), or groups (B * Hkv * cdiv(S, BN),): GROUP heads at a time, heads first
-        within them. Q, dO
+        cdiv(S, BN)), or groups (min(GROUP, B * Hkv), cdiv(S, BN), cdiv(B * Hkv, GROUP)):
+        GROUP heads at a time, heads first within them (the last group's slots past B * Hkv
+        return at once). Q, dO
         (B, Hq, L, D), K, V, dK, dV (B, Hkv, S, D) through 4-d descriptors of 64-row tiles of
         one head; ``stats``: the prep kernel's (delta, m, r), each (B, Hq, rows) fp32, flat
         through one 1-d descriptor (blocks of BM; ``stats_stride`` = B * Hq * rows apart,
@@ -631,13 +632,17 @@ if gluon is not None:
             pid_bh = gl.program_id(0)
             pid_n = gl.program_id(1)
         elif ORDER == 2:
-            tiles = (S + BN - 1) // BN
-            pid = gl.program_id(0)
-            g = pid // (GROUP * tiles)
-            size = gl.minimum(GROUP, gl.num_programs(0) // tiles - g * GROUP)
-            within = pid - g * GROUP * tiles
-            pid_n = within // size
-            pid_bh = g * GROUP + within % size
+            # the group's heads innermost, then its key tiles, then the groups: the order the
+            # GPU starts a 3-d grid's programs in. Session 33: the same order taken from a 1-d
+            # grid's id by quotients of runtime values compiled to twice the spills in the
+            # consumers' loop at hd128 (consumer 0: 21 local loads and 11 stores a pass, 10
+            # and 0 in the heads order; triton 3.6) and ran 3.4% slower than the heads order
+            # where both launch the same sequence (GQA 4:1 causal 8k, B * Hkv = GROUP: 464 /
+            # 481 TFLOP/s); with program_id alone the code is the heads order's (492 / 492).
+            pid_bh = gl.program_id(2) * GROUP + gl.program_id(0)
+            pid_n = gl.program_id(1)
+            if pid_bh >= k_desc.shape[0] * Hkv:  # the last group's slots past B * Hkv heads
+                return
         else:
             pid_n = gl.program_id(0)
             pid_bh = gl.program_id(1)
@@ -1196,7 +1201,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     bn = dkdv_block_n(shape.head_dim)
     tiles = -(-S // bn)
     grid = {"tiles": (tiles, B * Hkv), "heads": (B * Hkv, tiles),
-            "groups": (B * Hkv * tiles,)}[order]
+            "groups": (min(GROUP_HEADS, B * Hkv), tiles, -(-B * Hkv // GROUP_HEADS))}[order]
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
     pad = padding_args(kpm, kpm_strides, None if mask_tile else mask, mask_strides, q)
     args = (q, k, v, grad_out, stats.view(-1), dk, dv, _tile_tensor(mask, mask_tile), *pad[:2],
