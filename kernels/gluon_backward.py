@@ -1197,7 +1197,7 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     negative scale), 0.0 for none."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
-    order = dkdv_order(shape.head_dim, is_causal, dq_acc is not None)
+    order = dkdv_order(is_causal)
     bn = dkdv_block_n(shape.head_dim)
     tiles = -(-S // bn)
     grid = {"tiles": (tiles, B * Hkv), "heads": (B * Hkv, tiles),
@@ -1262,29 +1262,28 @@ def fused_dq(dkdv_refusal: str | None, head_dim: int) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-def dkdv_order(head_dim: int, causal: bool, fused: bool) -> str:
+def dkdv_order(causal: bool) -> str:
     """The dK/dV kernel's program order (``ORDERS``; SDPA_PASS_GLUON_BWD_ORDER overrides it).
 
     Without a causal mask: ``tiles``, a head's key tiles side by side, so the programs
     running at once share their heads' Q and dO (and dQ's sums) in L2. Causal: a key tile's
     work falls with its index, and the GPU starts programs in order of their linear id, so
-    ``heads`` takes every head's first key tile first and the short tiles fill the end
-    (longest first); the heads' Q and dO are then read by programs far apart, from memory
-    rather than L2. ``groups`` takes GROUP_HEADS heads at a time, heads first within them:
-    at hd256 (64 keys a CTA, twice the Q and dO bytes a key of hd128's) it measured 1.21x
-    heads first where the grid's first wave holds about one program a head (causal N = 1k,
-    B16 H8, H100) and equal at 4k / 16k and with GQA (session 22); at hd128 without the
-    fused dQ the orders measured within run-to-run spread of each other. With the fused dQ
-    each program also reduce-adds into its heads' fp32 dQ sums, twice Q's bytes: heads first
-    spreads those over every head the wave holds and past L2 (H200, bf16, causal fwd+bwd,
-    heads -> groups: hd128 1k-8k 260 -> 308, 320 -> 387, 413 -> 449, 465 -> 477; hd64
-    222 -> 261, 261 -> 320, 284 -> 362, 345 -> 389 TFLOP/s; ``tiles`` in between, session 32)."""
+    ``groups`` takes GROUP_HEADS heads at a time and within them every head's first key tile
+    first: the long tiles start early and the short ones fill the end, and the programs
+    running at once read a few heads' Q and dO (and, with the fused dQ, reduce-add into their
+    fp32 dQ sums, twice Q's bytes) while they are still in L2. ``heads`` (every head's first
+    key tile first, the rule for hd64 / hd128 until session 33) spreads a wave over every
+    head and past L2. Measured: hd256 groups 1.21x heads at causal N = 1k (B16 H8, H100;
+    session 22); with the fused dQ, heads -> groups (H200, bf16, causal fwd+bwd, session 32)
+    hd128 1k-8k 260 -> 308, 320 -> 387, 413 -> 449, 465 -> 477, hd64 222 -> 261 ... 345 ->
+    389 TFLOP/s; session 33, after the groups order's 3-d grid (the kernel's docstring),
+    alternating over rounds, groups / heads: fused dQ hd128 1k 318 / 265, 4k 463 / 437, 8k
+    495 / 477, GQA 4:1 4k 463 / 457, hd64 4k 369 / 285; without it (the deterministic
+    backward) hd128 1k 301 / 289, 4k 418 / 405, GQA 4k 438 / 433."""
     order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
     if order in ORDERS:
         return order
-    if not causal:
-        return "tiles"
-    return "groups" if head_dim > 128 or fused else "heads"
+    return "groups" if causal else "tiles"
 
 
 def bias_head_dims() -> tuple:

@@ -21,7 +21,8 @@ from sdpa_pass.kernels import gluon_backward as gbwd
 from sdpa_pass.kernels import gluon_forward as gfwd
 from sdpa_pass.kernels.checks import AttentionShape
 from sdpa_pass.kernels.launch import clear_plans
-from reference import DEVICE, assert_close_to_reference, randn, reference_attention
+from reference import (DEVICE, assert_close_to_reference, randn, reference_attention,
+                       rounded_gradients, rounding_tolerance)
 from script_runner import last_json
 from test_gluon_forward import GPU_CASES as FORWARD_CASES
 from test_gluon_forward import (BIAS_CASES, SOFTCAP_CASES, TILE_MASK_CASES, WINDOW_CASES,
@@ -565,18 +566,24 @@ def masked_gradients_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dty
                                            kernels=None, **kwargs):
     """Gradients of one call that the Gluon dK/dV (and at DQ_HEAD_DIMS dQ) kernels take, Q in
     the (B, L, H, D) storage models transpose from, against the float64 reference;
-    ``kernels``: the Gluon kernels it launches, when not those."""
+    ``kernels``: the Gluon kernels it launches, when not those. Seeded inputs: the same draw
+    whichever worker and order the test runs in (bf16 elements of dK near a tolerance's edge
+    made an unseeded draw fail one run in many: broadcast_causal_scale, session 33)."""
     calls = record_gluon_calls(monkeypatch)
-    q = randn(B, L, Hq, D, dtype=dtype).transpose(1, 2).requires_grad_()
-    k, v = (randn(B, Hkv, S, D, dtype=dtype).requires_grad_() for _ in range(2))
-    grad = randn(B, Hq, L, D, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    q = randn(B, L, Hq, D, dtype=dtype, generator=generator).transpose(1, 2).requires_grad_()
+    k, v = (randn(B, Hkv, S, D, dtype=dtype, generator=generator).requires_grad_()
+            for _ in range(2))
+    grad = randn(B, Hq, L, D, dtype=dtype, generator=generator)
     grads = torch.autograd.grad(attention(q, k, v, enable_gqa=True, **kwargs), (q, k, v), grad)
     assert calls == (kernels or default_gluon_kernels(D))
     refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(reference_attention(*refs, **kwargs)[0], refs,
                                     grad.double().cpu())
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close_to_reference(g, r, dtype, what=f"d{name}")
+    rounded = rounded_gradients(q, k, v, grad, dtype, **kwargs)
+    for name, g, r, low in zip("qkv", grads, ref_grads, rounded):
+        assert_close_to_reference(g, r, dtype, what=f"d{name}",
+                                  abs_tol=rounding_tolerance(low, r, dtype))
 
 
 # Float biases for the backward alone (laid out as test_gluon_forward.BIAS_CASES): hd64, where
@@ -886,19 +893,16 @@ def test_fused_dq_is_asked_for_at_head_dims_64_and_128_and_not_when_deterministi
     assert not gbwd.fused_dq(None, 128) and not gbwd.fused_dq(None, 64)
 
 
-def test_dkdv_program_order_groups_heads_for_a_causal_call_that_forms_dq(monkeypatch):
-    """``dkdv_order``: a head's key tiles side by side without a causal mask; causal, groups
-    of heads where the kernel forms dQ (its fp32 sums then stay in L2) or at hd256, every
-    head's first key tile first otherwise; SDPA_PASS_GLUON_BWD_ORDER overrides."""
+def test_dkdv_program_order_tiles_without_a_causal_mask_groups_with_one(monkeypatch):
+    """``dkdv_order``: a head's key tiles side by side without a causal mask, groups of heads
+    with one; SDPA_PASS_GLUON_BWD_ORDER overrides, and an unknown name leaves the rule."""
     monkeypatch.delenv("SDPA_PASS_GLUON_BWD_ORDER", raising=False)
-    assert [gbwd.dkdv_order(d, False, f) for d, f in ((64, True), (128, False), (256, False))
-            ] == ["tiles"] * 3
-    assert [gbwd.dkdv_order(d, True, f) for d, f in ((64, True), (128, True), (128, False),
-                                                      (256, False))
-            ] == ["groups", "groups", "heads", "groups"]
+    assert (gbwd.dkdv_order(False), gbwd.dkdv_order(True)) == ("tiles", "groups")
     for order in gbwd.ORDERS:
         monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", order)
-        assert gbwd.dkdv_order(128, True, True) == gbwd.dkdv_order(64, False, False) == order
+        assert gbwd.dkdv_order(True) == gbwd.dkdv_order(False) == order
+    monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", "diagonal")
+    assert (gbwd.dkdv_order(False), gbwd.dkdv_order(True)) == ("tiles", "groups")
 
 
 def torch_dkdv_fused(q, k, v, grad_out, stats, dk, dv, shape, *, dq_acc, **kwargs):
