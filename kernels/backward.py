@@ -44,7 +44,7 @@ from .forward import (LOG2E_C, MASK_BOOL_ROW, MASK_FLOAT, MASK_NONE, LaunchParam
                       _descriptor, _descriptors_wanted, _dtype_of, _mask_descriptor, batch_inner,
                       descriptor_layout_ok, host_bound, interpreter_active, key_ranges, launch_params,
                       key_span, mask_kind_of, padding_spans, tile_sees_a_key, visible_key_ranges,
-                      load_mask_tile, mask_origin, masked_scores, program_tile, scores_with_mask_tile,
+                      load_mask_tile, mask_origin, masked_scores, grid_row, program_tile, scores_with_mask_tile,
                       mask_argument, score_scales, set_descriptor_blocks, use_mask_tma,
                       LONG_ROWS, MASK_TMA_MIN_BLOCK_N, _mask_tile)
 from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, bias_head_dims,
@@ -52,7 +52,7 @@ from .gluon_backward import (attention_dkdv_gluon, attention_dq_gluon, bias_head
 from .gluon_forward import (TILE_BIAS, TILE_BOOL, gluon_score_scales, padding_flags,
                             tile_mask_refusal)
 from .launch import (PlanCache, call_key, kernel_choice, launch_fixed, launch_remembered,
-                     log_kernel_choice, tensor_key)
+                     log_kernel_choice, split_rows, tensor_key)
 
 # Natural-log LSE below which a row's statistics are recomputed (see the module docstring).
 # At lse >= -100 the fp32 rounding of lse costs under 1e-5 relative in P, as for any row.
@@ -110,7 +110,7 @@ def _bwd_prep_kernel(
     (B, H, L, HEAD_DIM), that the dK/dV kernel adds into (FlashAttention-3's preprocess
     does the same: no memset launch of its own)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = grid_row()
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
@@ -880,7 +880,7 @@ class _BackwardDecisions:
                       else _fixed_config(max(block_d, block_dv), q.dtype))
         self.prep_params = dict(HAS_GRAD_LSE=has_grad_lse, **masks, **prep_tiles,
                                 ZERO_DQ=self.dq_atomic or self.fused_dq)
-        self.prep_grid = (-(-self.rows // prep_tiles["BLOCK_M"]), B * Hq)
+        self.prep_grid = (-(-self.rows // prep_tiles["BLOCK_M"]), *split_rows(B * Hq))
         # the interpreter has no descriptor reduce-add (triton 3.9): pointer atomics there
         self.tma_add = self.tma and self.dq_atomic and not interpreter_active()
         # The mask through a descriptor too where the forward would read it so (H100, bf16,
@@ -926,8 +926,8 @@ class _BackwardDecisions:
             **(mask_slot if self.mask_tma else {}),
             **({12: _descriptor} if self.tma_add else {})}
         self.dq_descriptors = mask_slot if self.dq_mask_tma else {}
-        self.dkdv_grid = lambda meta: (-(-S // meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        self.dq_grid = lambda meta: (-(-L // meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        self.dkdv_grid = lambda meta: (-(-S // meta["BLOCK_N"]), *split_rows(B * Hkv))  # noqa: E731
+        self.dq_grid = lambda meta: (-(-L // meta["BLOCK_M"]), *split_rows(B * Hq))  # noqa: E731
         # The launches' integer arguments (strides, sizes, offsets), all fixed by the plan
         # key; the gradients, the row statistics and the dQ/dS sums are allocated contiguous.
         D = shape.head_dim

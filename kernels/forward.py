@@ -27,7 +27,7 @@ from .dropout import dropout_keep, keep_scale, load_seed
 from .gluon_forward import (BIAS_HEAD_DIMS, TILE_BIAS, TILE_BOOL, attention_forward_gluon,
                             gluon_forward_refusal, padding_flags, tile_mask_refusal)
 from .launch import (KernelCall, PlanCache, call_key, kernel_choice, launch_fixed,
-                     log_kernel_choice, tensor_key)
+                     log_kernel_choice, split_rows, tensor_key)
 
 try:  # triton >= 3.4 (every supported version has it; guarded so an older one still runs)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -153,18 +153,26 @@ def scores_with_mask_tile(
 
 
 @triton.jit
+def grid_row():
+    """This program's row, b * H + h, of a grid whose B * H rows ``launch.split_rows`` laid
+    over its second and third dims."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+
+
+@triton.jit
 def program_tile(H, BATCH_INNER: tl.constexpr):
-    """(tile, b * H + h) of this program in a grid of (tiles, B * H). The GPU starts programs
+    """(tile, b * H + h) of this program in a grid of (tiles, B * H), B * H split over the
+    second and third dims past GRID_ROWS_LIMIT (``launch.split_rows``). The GPU starts programs
     in order of their linear id, the first grid dim fastest: the tiles of one (b, h) run side
     by side and share its K and V (or Q and dO) in L2. A mask broadcast over the batch is read
     again by every batch element, B apart in that order; BATCH_INNER (see batch_inner) decodes
     the linear id batch element first, so the B programs reading one mask tile run side by
     side and all but the first find it in L2."""
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = grid_row()
     if BATCH_INNER:
         tiles = tl.num_programs(0)
-        batch = tl.num_programs(1) // H
+        batch = tl.num_programs(1) * tl.num_programs(2) // H
         lin = bh * tiles + tile
         rest = lin // batch
         bh = (lin % batch) * H + rest // tiles
@@ -1134,7 +1142,7 @@ def attention_forward_triton(
     dot_upcast = interpreter_active() and q.dtype == torch.bfloat16
     # fp32 inputs: full-precision products (SDPA's math on fp32 does not use TF32 either).
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = lambda meta: (cdiv(L, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid = lambda meta: (cdiv(L, meta["BLOCK_M"]), *split_rows(B * Hq))  # noqa: E731
     tma = use_tma(q, k, v, out, head_dims=(D, DV), block_dims=(block_d, block_dv),
                   skips_tiles=causal_align != CAUSAL_NONE or window != -1,
                   masked=mask_kind != MASK_NONE, small=small)

@@ -133,7 +133,8 @@ import torch
 
 from .checks import CAUSAL_NONE, AttentionShape
 from .gluon_forward import (_descriptor_maker, _layout, _tile_tensor, gluon,
-                            gluon_layout_refusal, gluon_scope_refusal, gluon_softcap_refusal,
+                            grid_rows_refusal, gluon_layout_refusal, gluon_scope_refusal,
+                            gluon_softcap_refusal,
                             mask_tile_descriptor,
                             mask_tile_indexing, padding_args, span_strides)
 from .launch import PlanCache, launch_fixed
@@ -1162,6 +1163,9 @@ def gluon_backward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "row statistics not padded to whole tiles (SDPA_PASS_BWD_PADDED_ROWS=0)"
     if 3 * shape.batch * shape.q_heads * rows >= 2**31:
         return "row statistics past 2**31 elements (one 1-d descriptor holds them)"
+    refusal = grid_rows_refusal(shape)
+    if refusal is not None:
+        return refusal
     if small:
         return "a host-bound call (forward.host_bound)"
     return gluon_layout_refusal(Q=q, K=k, V=v, dO=grad_out)

@@ -119,6 +119,7 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel se
     gluon = None
 
 from .checks import CAUSAL_NONE, AttentionShape, causal_offset
+from . import launch
 from .launch import PlanCache, launch_fixed
 
 # Head dims the kernels are built for, the same for Q, K and V (64 from session 16)
@@ -659,7 +660,21 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (causal_align != CAUSAL_NONE
             and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
         return "a causal diagonal that leaves rows without keys"
+    refusal = grid_rows_refusal(shape)
+    if refusal is not None:
+        return refusal
     return gluon_layout_refusal(Q=q, K=k, V=v)
+
+
+def grid_rows_refusal(shape: AttentionShape) -> str | None:
+    """Why the Gluon kernels, whose grids hold B * H on one dim of at most
+    launch.GRID_ROWS_LIMIT programs, leave a call to the Triton kernels (which split the rows
+    over two dims, ``launch.split_rows``), or None."""
+    rows = shape.batch * shape.q_heads
+    if rows > launch.GRID_ROWS_LIMIT:
+        return (f"batch x query heads = {rows}, past a grid dim's {launch.GRID_ROWS_LIMIT} "
+                "programs (the Triton kernels split them)")
+    return None
 
 
 def gluon_scope_refusal(kernel: str, masked: str | bool | None, padding: int, window: int, *,

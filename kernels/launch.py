@@ -82,6 +82,30 @@ def _variables() -> tuple:
 kernel_log = logging.getLogger("sdpa_pass.kernels")
 
 
+# A launch grid's second and third dimensions hold at most 65535 programs each (CUDA's
+# gridDim.y / gridDim.z; the first holds 2**31 - 1). The Triton kernels put B * H on the second
+# (``split_rows`` folds it into the third past that); a module constant, so tests can lower it.
+GRID_ROWS_LIMIT = 65535
+
+
+def split_rows(rows: int) -> tuple:
+    """(y, z) with y * z == ``rows`` (B * H programs' rows) and both within GRID_ROWS_LIMIT,
+    z as small as it can be (1 for any rows up to the limit): the kernels take row
+    ``program_id(1) + program_id(2) * num_programs(1)`` (``forward.program_tile``). Raises
+    ValueError where no such split exists (a count with no divisor in range, e.g. a prime batch
+    past the limit with one head)."""
+    limit = GRID_ROWS_LIMIT
+    if rows <= limit:
+        return rows, 1
+    for z in range(-(-rows // limit), min(rows, limit) + 1):
+        if rows % z == 0:
+            return rows // z, z
+    raise ValueError(
+        f"batch x heads = {rows} rows of programs cannot be laid out on a GPU launch grid "
+        f"(two dims of at most {limit} whose product is {rows}); call attention on chunks "
+        f"of the batch")
+
+
 def log_kernel_choice(what: str, shape, dtype, choices: str) -> None:
     """``kernel_log``: ``what`` (forward, backward, decode) of a ``shape``
     (checks.AttentionShape) of ``dtype`` runs ``choices``."""

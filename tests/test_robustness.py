@@ -554,6 +554,74 @@ def test_empty_batch_or_heads(route, shape):
     assert grad.shape == shape
 
 
+# More batch x heads than a launch grid dim holds (65535): the Triton kernels lay the rows over
+# two dims (launch.split_rows), the Gluon kernels refuse such calls. The interpreter has no
+# such limit, so these tests lower launch.GRID_ROWS_LIMIT to make small calls cross it.
+_GRID_ROWS_CASES = {
+    # (B, Hq, Hkv, limit, keyword arguments): rows B*Hq / B*Hkv over (y, z) = split_rows
+    "gqa_causal": (3, 4, 2, 4, dict(is_causal=True)),  # 12 -> (4, 3), 6 -> (3, 2)
+    "bias_batch_inner": (3, 2, 2, 4, dict(bias=True)),  # 6 -> (3, 2); batch element first
+}
+
+
+@pytest.mark.parametrize("case", sorted(_GRID_ROWS_CASES))
+def test_batch_times_heads_past_a_grid_dim_is_split_over_two(case, monkeypatch):
+    """Forward and backward of calls whose B * H rows exceed the (lowered) grid limit: the
+    same results as the float64 reference (with a bias broadcast over the batch, the kernels'
+    batch-element-first order decodes the split rows too)."""
+    if not _TRITON_RUNS:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before import")
+    from sdpa_pass.kernels import launch
+
+    B, Hq, Hkv, limit, extras = _GRID_ROWS_CASES[case]
+    monkeypatch.setattr(launch, "GRID_ROWS_LIMIT", limit)
+    monkeypatch.setenv("SDPA_PASS_BATCH_INNER", "1")
+    q, k, v = _qkv(B=B, H=Hq, Hkv=Hkv, L=24, S=24, D=16, grad=True)
+    kwargs = dict(is_causal=extras.get("is_causal", False))
+    if extras.get("bias"):
+        kwargs["attn_mask"] = torch.randn(1, Hq, 24, 24, device=q.device)
+    out = attention(q, k, v, enable_gqa=Hq != Hkv, **kwargs)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    refs = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*refs, **kwargs)[0]
+    ref_grads = torch.autograd.grad(ref_out, refs, grad.double().cpu())
+    assert_close_to_reference(out, ref_out, torch.float32)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_to_reference(g, r, torch.float32, what=f"d{name}")
+
+
+def test_batch_times_heads_with_no_split_names_the_problem(monkeypatch):
+    """Rows that no two grid dims hold (7 with a limit of 3: no divisor in range) raise a
+    ValueError that says so, not a launch failure."""
+    if not _TRITON_RUNS:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before import")
+    from sdpa_pass.kernels import launch
+
+    monkeypatch.setattr(launch, "GRID_ROWS_LIMIT", 3)
+    q, k, v = _qkv(B=7, H=1, L=8, S=8, D=16)
+    with pytest.raises(ValueError, match=r"batch x heads = 7 rows .* chunks of the batch"):
+        attention(q, k, v)
+
+
+def test_split_rows_and_the_gluon_kernels_refusal():
+    """The real limit: up to 65535 rows on one dim; past it the smallest second dim that
+    divides them; none for a prime past the limit. The Gluon kernels refuse past it."""
+    from sdpa_pass.kernels import launch
+    from sdpa_pass.kernels.checks import AttentionShape
+    from sdpa_pass.kernels.gluon_forward import grid_rows_refusal
+
+    assert launch.split_rows(65535) == (65535, 1)
+    assert launch.split_rows(4096 * 16) == (32768, 2)
+    assert launch.split_rows(4097 * 17) == (4097, 17)  # odd: no split in two
+    assert launch.split_rows(5 * 65521) == (65521, 5)
+    with pytest.raises(ValueError, match="65537"):
+        launch.split_rows(65537)
+    shape = AttentionShape(4096, 16, 16, 128, 128, 64, 64)
+    assert "65536" in grid_rows_refusal(shape)
+    assert grid_rows_refusal(AttentionShape(4095, 16, 16, 128, 128, 64, 64)) is None
+
+
 # NaN and inf. The reference is eager math as the pass sees it — masks applied with
 # masked_fill (a masked key's NaN score is replaced, not propagated), and a row without a
 # finite-or-+inf score giving NaN (empty_rows="nan", what rewritten graphs ask for). Not SDPA:
