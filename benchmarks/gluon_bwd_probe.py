@@ -459,7 +459,7 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
         consts = dict(BM=product.BLOCK_M, BN=product.dkdv_block_n(head_dim), HEAD=head_dim,
                       STAGES=product.STAGES, IS_CAUSAL=causal, WINDOW=bool(window),
                       KEY_SPAN=padding, ROW_PER_HEAD=False, MASK_TILE=mask_tile, SOFTCAP=softcap,
-                      ORDER=product.ORDERS.index(product.dkdv_order(causal)),
+                      ORDER=product.ORDERS.index(product.dkdv_order(causal, 1)),
                       GROUP=product.GROUP_HEADS, CONSUMER_REGS=product.CONSUMER_REGS,
                       P_STAGES=product.wide_p_stages(mask_tile), FUSED_DQ=fused_dq,
                       RAGGED_KEYS=fused_dq and ragged, num_warps=4)

@@ -137,6 +137,7 @@ from .gluon_forward import (_descriptor_maker, _layout, _tile_tensor, gluon,
                             gluon_softcap_refusal,
                             mask_tile_descriptor,
                             mask_tile_indexing, padding_args, span_strides)
+from . import launch
 from .launch import PlanCache, launch_fixed
 
 BLOCK_M = 64  # query rows a tile
@@ -1201,9 +1202,9 @@ def attention_dkdv_gluon(q, k, v, grad_out, stats, dk, dv, shape: AttentionShape
     negative scale), 0.0 for none."""
     B, Hkv, L, S = shape.batch, shape.kv_heads, shape.q_len, shape.kv_len
     is_causal = causal_align != CAUSAL_NONE
-    order = dkdv_order(is_causal)
     bn = dkdv_block_n(shape.head_dim)
     tiles = -(-S // bn)
+    order = dkdv_order(is_causal, tiles)
     grid = {"tiles": (tiles, B * Hkv), "heads": (B * Hkv, tiles),
             "groups": (min(GROUP_HEADS, B * Hkv), tiles, -(-B * Hkv // GROUP_HEADS))}[order]
     rows_maker = _descriptor_maker(BLOCK_M, shape.head_dim)
@@ -1266,8 +1267,11 @@ def fused_dq(dkdv_refusal: str | None, head_dim: int) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
-def dkdv_order(causal: bool) -> str:
-    """The dK/dV kernel's program order (``ORDERS``; SDPA_PASS_GLUON_BWD_ORDER overrides it).
+def dkdv_order(causal: bool, tiles: int) -> str:
+    """The dK/dV kernel's program order (``ORDERS``; SDPA_PASS_GLUON_BWD_ORDER overrides it)
+    for a call of ``tiles`` key tiles a head; ``tiles`` wherever the others' grids, which hold
+    the key tiles on a dim of at most launch.GRID_ROWS_LIMIT programs, could not (over 8M keys
+    at hd128).
 
     Without a causal mask: ``tiles``, a head's key tiles side by side, so the programs
     running at once share their heads' Q and dO (and dQ's sums) in L2. Causal: a key tile's
@@ -1284,6 +1288,8 @@ def dkdv_order(causal: bool) -> str:
     alternating over rounds, groups / heads: fused dQ hd128 1k 318 / 265, 4k 463 / 437, 8k
     495 / 477, GQA 4:1 4k 463 / 457, hd64 4k 369 / 285; without it (the deterministic
     backward) hd128 1k 301 / 289, 4k 418 / 405, GQA 4k 438 / 433."""
+    if tiles > launch.GRID_ROWS_LIMIT:
+        return "tiles"
     order = os.environ.get("SDPA_PASS_GLUON_BWD_ORDER", "")
     if order in ORDERS:
         return order

@@ -895,14 +895,18 @@ def test_fused_dq_is_asked_for_at_head_dims_64_and_128_and_not_when_deterministi
 
 def test_dkdv_program_order_tiles_without_a_causal_mask_groups_with_one(monkeypatch):
     """``dkdv_order``: a head's key tiles side by side without a causal mask, groups of heads
-    with one; SDPA_PASS_GLUON_BWD_ORDER overrides, and an unknown name leaves the rule."""
+    with one; SDPA_PASS_GLUON_BWD_ORDER overrides, and an unknown name leaves the rule; tiles
+    whatever is asked where the key tiles are more than a grid dim other than the first holds
+    (65535)."""
     monkeypatch.delenv("SDPA_PASS_GLUON_BWD_ORDER", raising=False)
-    assert (gbwd.dkdv_order(False), gbwd.dkdv_order(True)) == ("tiles", "groups")
+    assert (gbwd.dkdv_order(False, 32), gbwd.dkdv_order(True, 32)) == ("tiles", "groups")
+    assert gbwd.dkdv_order(True, 65535) == "groups" and gbwd.dkdv_order(True, 65536) == "tiles"
     for order in gbwd.ORDERS:
         monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", order)
-        assert gbwd.dkdv_order(True) == gbwd.dkdv_order(False) == order
+        assert gbwd.dkdv_order(True, 32) == gbwd.dkdv_order(False, 32) == order
+        assert gbwd.dkdv_order(True, 65536) == "tiles"
     monkeypatch.setenv("SDPA_PASS_GLUON_BWD_ORDER", "diagonal")
-    assert (gbwd.dkdv_order(False), gbwd.dkdv_order(True)) == ("tiles", "groups")
+    assert (gbwd.dkdv_order(False, 32), gbwd.dkdv_order(True, 32)) == ("tiles", "groups")
 
 
 def torch_dkdv_fused(q, k, v, grad_out, stats, dk, dv, shape, *, dq_acc, **kwargs):
