@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import idioms
 import sdpa_pass
-from sdpa_pass.kernels import attention, ops
+from sdpa_pass.kernels import attention, launch, ops
 from sdpa_pass.kernels.forward import interpreter_active
 from reference import DEVICE, assert_close_to_reference, reference_attention
 
@@ -571,8 +571,6 @@ def test_batch_times_heads_past_a_grid_dim_is_split_over_two(case, monkeypatch):
     batch-element-first order decodes the split rows too)."""
     if not _TRITON_RUNS:
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before import")
-    from sdpa_pass.kernels import launch
-
     B, Hq, Hkv, limit, extras = _GRID_ROWS_CASES[case]
     monkeypatch.setattr(launch, "GRID_ROWS_LIMIT", limit)
     monkeypatch.setenv("SDPA_PASS_BATCH_INNER", "1")
@@ -596,8 +594,6 @@ def test_batch_times_heads_with_no_split_names_the_problem(monkeypatch):
     ValueError that says so, not a launch failure."""
     if not _TRITON_RUNS:
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before import")
-    from sdpa_pass.kernels import launch
-
     monkeypatch.setattr(launch, "GRID_ROWS_LIMIT", 3)
     q, k, v = _qkv(B=7, H=1, L=8, S=8, D=16)
     with pytest.raises(ValueError, match=r"batch x heads = 7 rows .* chunks of the batch"):
@@ -607,7 +603,6 @@ def test_batch_times_heads_with_no_split_names_the_problem(monkeypatch):
 def test_split_rows_and_the_gluon_kernels_refusal():
     """The real limit: up to 65535 rows on one dim; past it the smallest second dim that
     divides them; none for a prime past the limit. The Gluon kernels refuse past it."""
-    from sdpa_pass.kernels import launch
     from sdpa_pass.kernels.checks import AttentionShape
     from sdpa_pass.kernels.gluon_forward import grid_rows_refusal
 
