@@ -515,13 +515,14 @@ def _ptxas_log(ptx: str) -> str:
 
 def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 128,
                     padding: int = 0, mask_tile: int = 0, window: bool | str = False,
-                    softcap: bool = False):
+                    softcap: bool = False, persistent: bool = False):
     """The library's kernel (kernels/gluon_forward.py, the ``ws_nopingpong`` schedule with
     GQA, an LSE and fp16 / bf16) compiled for sm_90 as a launch on contiguous tensors makes it;
     ``padding``: its KEY_SPAN flags (2: HF's (B, 1, 1, S) bool padding mask); ``mask_tile``:
     with an attn_mask read in tiles (MASK_TILE: 1 a bool one, 2 a float bias of ``dtype``);
     ``window``: a causal sliding window (WINDOW; "one": of one key, which a launch
-    specializes); ``softcap``: the scores soft-capped (SOFTCAP)."""
+    specializes); ``softcap``: the scores soft-capped (SOFTCAP); ``persistent``: the
+    persistent kernel (``_attention_fwd_persistent``: no masks, padding rows or windows)."""
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -560,19 +561,28 @@ def compile_product(dtype: str = "bf16", causal: bool = False, head_dim: int = 1
     consts.update(stride_pn=1, stride_mn=1)
     if window == "one":  # a launch with a window of 1 specializes it as a constexpr
         consts["window"] = 1
+    kernel = product._attention_fwd_ws
+    if persistent:
+        kernel = product._attention_fwd_persistent
+        sig = {name: sig[name] for name in kernel.arg_names if name in sig}
+        sig.update(n_m="i32", total="i32", sched_ptr="*i32")
+        consts = {name: consts[name] for name in kernel.arg_names if name in consts}
+        consts["SCHEDULED"] = causal  # (causal launches follow a schedule)
+        consts["Q_BUFS"] = product.PERSISTENT_Q_BUFFERS
+        consts["num_warps"] = 4
     sig.update({key: "constexpr" for key in consts})
-    return triton.compile(GluonASTSource(product._attention_fwd_ws, sig, consts, {}),
+    return triton.compile(GluonASTSource(kernel, sig, consts, {}),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
 def compile_report(name: str) -> dict:
     if name.startswith("product:"):
-        _, dtype, causal, head_dim, padding, tile, softcap = (
-            name.split(":") + ["0", "0", "0"])[:7]
+        _, dtype, causal, head_dim, padding, tile, softcap, persistent = (
+            name.split(":") + ["0", "0", "0", "0"])[:8]
         window = {"window": True, "window_one": "one"}.get(causal, False)
         kernel = compile_product(dtype, causal in ("causal", "window", "window_one"),
                                  int(head_dim), int(padding), int(tile), window,
-                                 softcap == "1")
+                                 softcap == "1", persistent == "1")
     else:
         kernel = compile_variant(name)
     cubin = kernel.asm["cubin"]
@@ -706,6 +716,8 @@ def main() -> None:
                         help="with --product: a bool attn_mask read in tiles (MASK_TILE)")
     parser.add_argument("--bias-tile", action="store_true",
                         help="with --product: a float bias of the product's dtype read in tiles")
+    parser.add_argument("--persistent", action="store_true",
+                        help="with --product: the persistent kernel (no masks or windows)")
     args = parser.parse_args()
     if args.compile and args.product:
         form = ("window_one" if args.window_one else "window" if args.window
@@ -713,7 +725,7 @@ def main() -> None:
         print(json.dumps(compile_report(
             f"product:{args.product}:{form}:{args.head_dim}:"
             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}:"
-            f"{int(args.softcap)}")))
+            f"{int(args.softcap)}:{int(args.persistent)}")))
         return
     if args.compile:
         compile_only()

@@ -1122,7 +1122,7 @@ def attention_forward_triton(
         masked=tiled and tile_mask_refusal(mask, BIAS_HEAD_DIMS, D), padding=padding,
         causal_align=causal_align, diagonal=diagonal, window=window,
         softcap=softcap, dropout_p=dropout_p,
-        capability=_capability(q.device) if q.is_cuda else None)
+        capability=_capability(q.device) if q.is_cuda else None, tiled=tiled)
     log_kernel_choice("forward", shape, q.dtype, kernel_choice(refusal))
     if refusal is None:
         gluon = _GluonPlan(shape, return_lse, causal_align, diagonal, plan_key, padding,

@@ -105,6 +105,8 @@ session 27).
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import os
 
 import torch
@@ -127,8 +129,13 @@ HEAD_DIMS = (64, 128)
 # Keys below which the forward at head dim 64 stays on the Triton kernel: on an H100 (bf16,
 # B·H·N = 2**19, BENCHMARKS.md session 16) the Gluon kernel gave 1.02-1.08x at N = 4k and 16k
 # but 0.92x / 0.85x (causal) at N = 1k, where the key loop is 8 tiles and the autotuned
-# Triton tiles win; 2k was not measured.
+# Triton tiles win; 2k was not measured. The persistent kernel (``persistent_forward``) from
+# HD64_PERSISTENT_MIN_KEYS[causal] instead.
 HD64_MIN_KEYS = 4096
+# Keys from which the persistent kernel takes hd64 calls, by causal: on the H200 (bf16,
+# B·H·N = 2**19, BENCHMARKS.md session 34) it gave 1.11x / 1.06x / 1.02x the Triton forward at
+# N = 512 / 1k / 2k without a mask, causal 0.96x / 1.05x / 1.06x.
+HD64_PERSISTENT_MIN_KEYS = {False: 512, True: 1024}
 # Keys from which a soft-capped forward takes the Gluon kernel, by head dim (absent: every
 # length; None: none), unless SDPA_PASS_GLUON_SOFTCAP=1. On the H200 (bf16, causal, cap 30,
 # B·H·N = 2**18, BENCHMARKS.md session 26) its three MUFU operations a score (two exp2, a
@@ -198,17 +205,19 @@ if gluon is not None:
     def _kv_ring_fill(k_desc, v_desc, m_desc, k_smem, v_smem, m_smem, k_ready, v_ready, k_empty,
                       v_empty, b, h_kv, mask_b, mask_h, start_m, t0, n_tiles, BMW: gl.constexpr,
                       BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                      MASK_TILE: gl.constexpr, ROW_PARTS: gl.constexpr = 2):
+                      MASK_TILE: gl.constexpr, ROW_PARTS: gl.constexpr = 2, base=0):
         """The copy warp's K / V loop (this forward's and the backward's dQ kernel): K and V
-        of key tile t0 + i of head h_kv into slot i % STAGES as soon as both consumers have
-        released it. MASK_TILE (the forward's attn_mask: bool bytes or a 16-bit float bias):
-        with K, on K's barrier, the mask's ROW_PARTS BMW-row parts of rows start_m on for those
-        keys into slots ROW_PARTS (i % STAGES) + w, from the mask's own dims (indices mask_b,
-        mask_h)."""
+        of key tile t0 + i of head h_kv into slot c % STAGES (c = base + i: the ring's count
+        of tiles, which a persistent CTA carries from one work tile to the next) as soon as
+        both consumers have released it. MASK_TILE (the forward's attn_mask: bool bytes or a
+        16-bit float bias): with K, on K's barrier, the mask's ROW_PARTS BMW-row parts of
+        rows start_m on for those keys into slots ROW_PARTS (c % STAGES) + w, from the
+        mask's own dims (indices mask_b, mask_h)."""
         tile_bytes: gl.constexpr = BN * HEAD * k_desc.dtype.primitive_bitwidth // 8
         for i in range(n_tiles):
-            slot = i % STAGES
-            phase = ((i // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait on phase 1
+            slot = (base + i) % STAGES
+            # a fresh mbarrier passes a wait on phase 1
+            phase = (((base + i) // STAGES) & 1) ^ 1
             key0 = (t0 + i) * BN
             mbarrier.wait(k_empty.index(slot), phase)
             if MASK_TILE:
@@ -317,7 +326,8 @@ if gluon is not None:
                   STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
                   RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
                   NAN_ON_EMPTY: gl.constexpr, MASK_TILE: gl.constexpr, WINDOW: gl.constexpr,
-                  SOFTCAP: gl.constexpr, W: gl.constexpr):
+                  SOFTCAP: gl.constexpr, W: gl.constexpr, base, q_phase, o_smem, q_empty,
+                  PERSISTENT: gl.constexpr):
         """One warpgroup's 64 query rows (row0 on, within the head): the key loop over tiles
         t0 .. t0 + n_tiles, then O / l through a TMA store (clipped at L) and the natural-log
         LSE through pointers. Key tiles from ``full_tiles`` on are masked (``_tile_mask``);
@@ -341,7 +351,13 @@ if gluon is not None:
         the first tiles, and rows past every key's window (top-left, L > S) nothing at all,
         so rows may be empty. SOFTCAP: each raw product s becomes tanh(s * scale / cap)
         (``_soft_cap``; ``cap_scale`` = 2 log2(e) scale / cap) before any mask, and qk_scale is
-        cap · log2(e) (cap with a bias): the capped logits in the units the softmax expects."""
+        cap · log2(e) (cap with a bias): the capped logits in the units the softmax expects.
+        ``base``: the K / V ring's count of tiles before this work tile's first (slot c %
+        STAGES for c = base + i), ``q_phase`` q_bar's phase. PERSISTENT (one of a persistent
+        CTA's work tiles, ``_consumer_persistent``): Q is released (``q_empty``) once the last
+        product that reads it is done, so the copy warp loads the next tile's Q under this
+        one's last P·V and its epilogue, and O leaves through ``o_smem`` (else through Q's
+        shared memory) after the previous tile's store has read it."""
         dtype: gl.constexpr = q_smem.dtype
         BIAS: gl.constexpr = MASK_TILE == TILE_BIAS_C
         EMPTY_ROWS: gl.constexpr = (KEY_SPAN != 0) or (MASK_TILE != 0) or WINDOW
@@ -354,18 +370,20 @@ if gluon is not None:
         q_tile = q_smem.reshape([BMW, HEAD])
         s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
         o = gl.zeros([BMW, HEAD], gl.float32, layout=o_layout)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, q_phase)
 
         # key tile t0: its scores and softmax, nothing in flight to hide them under
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_tile, k_smem.index(0).reshape([BN, HEAD]).permute((1, 0)),
+        s0 = base % STAGES
+        phase0 = (base // STAGES) & 1
+        mbarrier.wait(k_ready.index(s0), phase0)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(s0).reshape([BN, HEAD]).permute((1, 0)),
                               s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         if SOFTCAP:
             s = _soft_cap(s, cap_scale)
         if MASK_TILE:
-            s = _mask_tile(s, m_smem, 0, W, BMW, BN, s_layout, qk_scale, BIAS)
-        mbarrier.arrive(k_empty.index(0))
+            s = _mask_tile(s, m_smem, s0, W, BMW, BN, s_layout, qk_scale, BIAS)
+        mbarrier.arrive(k_empty.index(s0))
         if KEY_SPAN != 0:
             s = mask_padding(s, t0, d_lo, d_hi, kpm_ptr, stride_pb, stride_pn, mask_ptr,
                              stride_mb, stride_mh, stride_mn, b, h, S, BN, s_layout, KEY_SPAN)
@@ -386,13 +404,14 @@ if gluon is not None:
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         l_i = gl.sum(p, 1)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
-        mbarrier.wait(v_ready.index(0), 0)
+        mbarrier.wait(v_ready.index(s0), phase0)
 
         for i in range(1, n_tiles):
             j = t0 + i
-            sk = i % STAGES
-            sv = (i - 1) % STAGES
-            mbarrier.wait(k_ready.index(sk), (i // STAGES) & 1)
+            sk = (base + i) % STAGES
+            sv = (base + i - 1) % STAGES
+            phase = ((base + i) // STAGES) & 1
+            mbarrier.wait(k_ready.index(sk), phase)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             # S_j = Q K_j^T on the tensor cores ...
             s_tok = warpgroup_mma(q_tile, k_smem.index(sk).reshape([BN, HEAD]).permute((1, 0)),
@@ -437,12 +456,14 @@ if gluon is not None:
             # sits between the softmax and the next wgmma wait on purpose: with both waits and
             # the softmax in one block, ptxas moves the second wait up behind the first, ahead
             # of every exponential, and nothing overlaps (the probe's intra_hoisted variant)
-            mbarrier.wait(v_ready.index(sk), (i // STAGES) & 1)
+            mbarrier.wait(v_ready.index(sk), phase)
             o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
             mbarrier.arrive(v_empty.index(sv))
 
+        if PERSISTENT:  # every product that reads Q is done: the next tile's may come
+            mbarrier.arrive(q_empty)
         # the last tile's P.V (its V waited for above)
-        sv_last = (n_tiles - 1) % STAGES
+        sv_last = (base + n_tiles - 1) % STAGES
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         o = o * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         o_tok = warpgroup_mma(p_op, v_smem.index(sv_last).reshape([BN, HEAD]), o, is_async=True)
@@ -466,11 +487,21 @@ if gluon is not None:
             if EMPTY_ROWS:
                 lse = gl.where(empty, float("-inf"), lse)
             gl.store(lse_ptr + lse_row0 + rows, lse, mask=rows < L)
-        q_tile.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
-        fence_async_shared()
-        _cta_barrier()
-        _tma_store(o_desc, [b, h, row0, 0], q_smem)  # rows past L are not written
-        tma.store_wait(0)
+        if PERSISTENT:
+            # the previous work tile's O store has read o_smem (one thread issued it, so the
+            # others wait at the barrier)
+            tma.store_wait(0)
+            _cta_barrier()
+            o_smem.reshape([BMW, HEAD]).store(o.to(dtype))
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [b, h, row0, 0], o_smem)  # rows past L are not written
+        else:
+            q_tile.store(o.to(dtype))  # the Q tile is not read again: O goes out through it
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [b, h, row0, 0], q_smem)  # rows past L are not written
+            tma.store_wait(0)
 
     @gluon.jit
     def _mask_tile(s, m_smem, slot, W: gl.constexpr, BMW: gl.constexpr, BN: gl.constexpr,
@@ -523,6 +554,164 @@ if gluon is not None:
         return q_bar, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
+    def _key_tiles(start_m, S, offset, BM: gl.constexpr, BN: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr):
+        """(n_tiles, full_tiles) of the query tile of rows start_m on: the key tiles it visits
+        from key 0 (causal: up to its last row's diagonal) and the first that may need a mask
+        (the diagonal's first, or the keys' last tile where S is not a multiple of BN)."""
+        full_tiles = S // BN
+        if IS_CAUSAL:
+            n_tiles = (gl.minimum(S, start_m + BM + offset) + BN - 1) // BN
+            full_tiles = gl.minimum(full_tiles, (start_m + offset + 1) // BN)
+        else:
+            n_tiles = (S + BN - 1) // BN
+        return n_tiles, full_tiles
+
+    @gluon.jit
+    def _work_tile(tile, n_m, Hq, S, offset, BM: gl.constexpr, BN: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr):
+        """Work tile ``tile`` of a persistent launch (``_attention_fwd_persistent``): query tile
+        m of row pid_bh = b * Hq + h, head after head (consecutive tiles share K / V in L2),
+        within a head the longest causal tiles first. Returns (pid_bh, b, h, start_m, n_tiles,
+        full_tiles) (``_key_tiles``)."""
+        pid_bh = tile // n_m
+        pid_m = tile % n_m
+        if IS_CAUSAL:
+            pid_m = n_m - 1 - pid_m
+        start_m = pid_m * BM
+        n_tiles, full_tiles = _key_tiles(start_m, S, offset, BM, BN, IS_CAUSAL)
+        return pid_bh, pid_bh // Hq, pid_bh % Hq, start_m, n_tiles, full_tiles
+
+    @gluon.jit
+    def _work_list(sched_ptr, total, SCHEDULED: gl.constexpr):
+        """This CTA's entries [first, last) of its work list: with SCHEDULED, from the
+        schedule ``persistent_schedule`` wrote (its CTAs' starts, then their tiles); else
+        tiles pid, pid + P, ... of ``total`` (``_work_tile_of``)."""
+        pid = gl.program_id(0)
+        if SCHEDULED:
+            first = gl.load(sched_ptr + pid)
+            last = gl.load(sched_ptr + pid + 1)
+        else:
+            first = pid * 0
+            last = (total - pid + gl.num_programs(0) - 1) // gl.num_programs(0)
+        return first, last
+
+    @gluon.jit
+    def _work_tile_of(sched_ptr, i, SCHEDULED: gl.constexpr):
+        """Entry i of this CTA's work list (``_work_list``): its work tile."""
+        if SCHEDULED:
+            tile = gl.load(sched_ptr + gl.num_programs(0) + 1 + i)
+        else:
+            tile = gl.program_id(0) + i * gl.num_programs(0)
+        return tile
+
+    @gluon.jit
+    def _producer_persistent(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, q_empty, k_smem,
+                             v_smem, k_ready, v_ready, k_empty, v_empty, Hq, S, group, offset,
+                             n_m, total, sched_ptr, BMW: gl.constexpr, BN: gl.constexpr,
+                             HEAD: gl.constexpr, STAGES: gl.constexpr,
+                             IS_CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr,
+                             Q_BUFS: gl.constexpr):
+        """The copy partition of a persistent CTA: for each of its work tiles, both consumers'
+        Q into buffer j % Q_BUFS (the CTA's j-th tile) once they have released what it held
+        (``q_empty``), then its key tiles into the K / V ring, whose count of tiles runs on
+        across work tiles. With two buffers the next tile's Q arrives while this one's last
+        key tiles are worked on."""
+        c = 0
+        first, last = _work_list(sched_ptr, total, SCHEDULED)
+        for it in range(first, last):
+            tile = _work_tile_of(sched_ptr, it, SCHEDULED)
+            pid_bh, b, h, start_m, n_tiles, full_tiles = _work_tile(tile, n_m, Hq, S, offset,
+                                                                    2 * BMW, BN, IS_CAUSAL)
+            buf = (it - first) % Q_BUFS
+            # (a fresh mbarrier passes a wait on phase 1)
+            mbarrier.wait(q_empty.index(buf), (((it - first) // Q_BUFS) & 1) ^ 1)
+            mbarrier.expect(q_bar.index(buf), 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
+            _tma_load(q_desc, [b, h, start_m, 0], q_bar.index(buf), q_smem0.index(buf))
+            _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar.index(buf), q_smem1.index(buf))
+            _kv_ring_fill(k_desc, v_desc, k_desc, k_smem, v_smem, k_smem, k_ready, v_ready,
+                          k_empty, v_empty, b, h // group, 0, 0, start_m, tile * 0, n_tiles,
+                          BMW, BN, HEAD, STAGES, 0, 2, c)
+            c += n_tiles
+
+    @gluon.jit
+    def _consumer_persistent(o_desc, lse_ptr, q_smem, q_bar, q_empty, o_smem, k_smem, v_smem,
+                             k_ready, v_ready, k_empty, v_empty, Hq, L, S, offset, n_m, total,
+                             sched_ptr, qk_scale, cap_scale, BMW: gl.constexpr,
+                             BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
+                             STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                             RAGGED_KEYS: gl.constexpr, SOFTCAP: gl.constexpr,
+                             SCHEDULED: gl.constexpr, Q_BUFS: gl.constexpr, W: gl.constexpr):
+        """One consumer warpgroup of a persistent CTA: ``_consumer``'s rows W of each of its
+        work tiles in turn (the copy warp's order), the ring's count carried on."""
+        c = 0
+        first, last = _work_list(sched_ptr, total, SCHEDULED)
+        for it in range(first, last):
+            tile = _work_tile_of(sched_ptr, it, SCHEDULED)
+            pid_bh, b, h, start_m, n_tiles, full_tiles = _work_tile(tile, n_m, Hq, S, offset,
+                                                                    2 * BMW, BN, IS_CAUSAL)
+            zero = tile * 0
+            buf = (it - first) % Q_BUFS
+            _consumer(o_desc, lse_ptr, q_smem.index(buf), q_bar.index(buf), k_smem, v_smem, k_smem, k_ready, v_ready,
+                      k_empty, v_empty, b, h, start_m + W * BMW, L, S, offset, zero, zero,
+                      n_tiles, full_tiles, zero, zero, pid_bh * L, qk_scale, cap_scale,
+                      lse_ptr, 0, 0, lse_ptr, 0, 0, 0, BMW, BN, HEAD, STAGES, STORE_LSE,
+                      IS_CAUSAL, RAGGED_KEYS, 0, False, 0, False, SOFTCAP, W, c,
+                      ((it - first) // Q_BUFS) & 1, o_smem, q_empty.index(buf), True)
+            c += n_tiles
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attention_fwd_persistent(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, cap_scale,
+                                  Hq, L, S, group, offset, n_m, total, sched_ptr,
+                                  BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
+                                  STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
+                                  IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
+                                  SOFTCAP: gl.constexpr, SCHEDULED: gl.constexpr,
+                                  Q_BUFS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                  num_warps: gl.constexpr):
+        """``_attention_fwd_ws`` without masks, padding rows or windows, as a persistent kernel:
+        grid (P,), P at most the SMs, over the ``total`` = n_m * B * Hq work tiles (n_m =
+        cdiv(L, BM); ``_work_tile``'s order). Without SCHEDULED, CTA p takes tiles p, p + P,
+        ... (tiles of equal work: no causal mask); with it, the list ``persistent_schedule``
+        wrote at ``sched_ptr`` for it (causal tiles, whose work differs). One CTA's work tiles follow
+        each other without a launch between them: the copy warp loads the next tile's Q and
+        first keys while the consumers finish the last P·V and store O, which leaves through
+        shared memory of its own (``o_smem``, 32 KB at hd128: 192 KB in all)."""
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        BMW: gl.constexpr = BM // 2
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem0 = gl.allocate_shared_memory(dtype, [Q_BUFS, 1, 1, BMW, HEAD], q_desc.layout)
+        q_smem1 = gl.allocate_shared_memory(dtype, [Q_BUFS, 1, 1, BMW, HEAD], q_desc.layout)
+        o_smem0 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], o_desc.layout)
+        o_smem1 = gl.allocate_shared_memory(dtype, [1, 1, BMW, HEAD], o_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BN, HEAD], v_desc.layout)
+        _, k_ready, v_ready, k_empty, v_empty = _kv_ring_barriers(STAGES)
+        q_bar = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(Q_BUFS):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # one arrive per consumer warpgroup
+        fence_async_shared()
+        gl.warp_specialize([
+            (_consumer_persistent, (o_desc, lse_ptr, q_smem0, q_bar, q_empty, o_smem0, k_smem,
+                                    v_smem, k_ready, v_ready, k_empty, v_empty, Hq, L, S,
+                                    offset, n_m, total, sched_ptr, qk_scale, cap_scale, BMW,
+                                    BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS,
+                                    SOFTCAP, SCHEDULED, Q_BUFS, 0)),
+            (_consumer_persistent, (o_desc, lse_ptr, q_smem1, q_bar, q_empty, o_smem1, k_smem,
+                                    v_smem, k_ready, v_ready, k_empty, v_empty, Hq, L, S,
+                                    offset, n_m, total, sched_ptr, qk_scale, cap_scale, BMW,
+                                    BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS,
+                                    SOFTCAP, SCHEDULED, Q_BUFS, 1)),
+            (_producer_persistent, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, q_empty,
+                                    k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Hq, S,
+                                    group, offset, n_m, total, sched_ptr, BMW, BN, HEAD,
+                                    STAGES, IS_CAUSAL, SCHEDULED, Q_BUFS)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+    @gluon.jit
     def _attention_fwd_ws(q_desc, k_desc, v_desc, o_desc, m_desc, lse_ptr, kpm_ptr, mask_ptr,
                           spans_ptr, qk_scale, cap_scale, Hq, L, S, group, offset, window,
                           stride_pb, stride_pn,
@@ -562,12 +751,7 @@ if gluon is not None:
         start_m = pid_m * BM
         # a tensor where a launch specialized a window of 1 (to a constexpr: no .to())
         window = window + pid_m * 0
-        full_tiles = S // BN
-        if IS_CAUSAL:
-            n_tiles = (gl.minimum(S, start_m + BM + offset) + BN - 1) // BN
-            full_tiles = gl.minimum(full_tiles, (start_m + offset + 1) // BN)
-        else:
-            n_tiles = (S + BN - 1) // BN
+        n_tiles, full_tiles = _key_tiles(start_m, S, offset, BM, BN, IS_CAUSAL)
         t0 = pid_m * 0
         d_lo = t0
         d_hi = t0
@@ -602,14 +786,16 @@ if gluon is not None:
                          full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, cap_scale, kpm_ptr,
                          stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh, stride_mn, BMW,
                          BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, KEY_SPAN,
-                         NAN_ON_EMPTY, MASK_TILE, WINDOW, SOFTCAP, 0)),
+                         NAN_ON_EMPTY, MASK_TILE, WINDOW, SOFTCAP, 0, 0, 0, q_smem0, q_bar,
+                         False)),
             (_consumer, (o_desc, lse_ptr, q_smem1, q_bar, k_smem, v_smem, m_smem, k_ready,
                          v_ready,
                          k_empty, v_empty, b, h, start_m + BMW, L, S, offset, window, t0,
                          n_tiles, full_tiles, d_lo, d_hi, pid_bh * L, qk_scale, cap_scale,
                          kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb, stride_mh,
                          stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS,
-                         KEY_SPAN, NAN_ON_EMPTY, MASK_TILE, WINDOW, SOFTCAP, 1)),
+                         KEY_SPAN, NAN_ON_EMPTY, MASK_TILE, WINDOW, SOFTCAP, 1, 0, 0, q_smem1,
+                         q_bar, False)),
             (_producer, (q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
                          m_smem, k_ready, v_ready, k_empty, v_empty, b, h, h // group,
                          b * mask_b_on, h * mask_h_on, start_m, t0, n_tiles, BMW, BN, HEAD,
@@ -621,10 +807,12 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           shape: AttentionShape, *, scale: float, masked: str | bool | None,
                           padding: int,
                           causal_align: int, diagonal: int, window: int, softcap: float,
-                          dropout_p: float, capability: int | None) -> str | None:
+                          dropout_p: float, capability: int | None,
+                          tiled: bool = False) -> str | None:
     """Why this call does not take the Gluon kernel, or None when it does. ``masked``: why the
     kernel does not read the call's attn_mask (``tile_mask_refusal``; True: no reason given),
-    falsy where it does or there is none; ``padding``:
+    falsy where it does or there is none; ``tiled``: it has an attn_mask with rows of its own
+    (read in tiles where not ``masked``); ``padding``:
     the ``forward.key_span`` flags of the padding rows it does read (a key_padding_mask, a
     bool attn_mask that is one row of keys), 0 for none. ``capability``: the device's compute
     capability major (None off a CUDA device)."""
@@ -641,9 +829,15 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return "head dim 256 with SDPA_PASS_GLUON_FWD_HD256=0"
     if shape.head_dim != shape.v_head_dim or shape.head_dim not in (*HEAD_DIMS, WIDE_HEAD_DIM):
         return f"head dims {shape.head_dim} / {shape.v_head_dim} (equal, one of {HEAD_DIMS})"
-    if shape.head_dim == 64 and shape.kv_len < HD64_MIN_KEYS:
-        return (f"head dim 64 with {shape.kv_len} keys (under {HD64_MIN_KEYS} the Triton kernel "
-                "measured faster)")
+    causal = causal_align != CAUSAL_NONE
+    if shape.head_dim == 64:
+        tiles = -(-shape.q_len // BLOCK_M) * shape.batch * shape.q_heads
+        least = (HD64_PERSISTENT_MIN_KEYS[causal]
+                 if persistent_forward(64, padding, int(tiled), window, causal, tiles)
+                 else HD64_MIN_KEYS)
+        if shape.kv_len < least:
+            return (f"head dim 64 with {shape.kv_len} keys (under {least} the Triton kernel "
+                    "measured faster)")
     if not scale > 0.0:  # the running max is taken on the raw products (m = max(s) * scale)
         return f"scale {scale} (positive only)"
     refusal = gluon_scope_refusal("forward", masked, padding, window,
@@ -657,8 +851,7 @@ def gluon_forward_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             return (f"soft-capping at head dim {shape.head_dim} with {shape.kv_len} keys (the "
                     "Triton kernel measured faster"
                     + (")" if least is None else f" under {least})"))
-    if (causal_align != CAUSAL_NONE
-            and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0):
+    if causal and causal_offset(causal_align, diagonal, shape.q_len, shape.kv_len) < 0:
         return "a causal diagonal that leaves rows without keys"
     refusal = grid_rows_refusal(shape)
     if refusal is not None:
@@ -841,6 +1034,21 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     D = shape.head_dim
     bn = forward_block_n(D)
     q_rows, kv_rows = _descriptor_maker(BLOCK_M // 2, D), _descriptor_maker(bn, D)
+    n_m = -(-L // BLOCK_M)
+    if persistent_forward(D, padding, mask_tile, window, is_causal, n_m * B * Hq):
+        offset = causal_offset(causal_align, diagonal, L, S)
+        ctas = min(n_m * B * Hq, persistent_ctas(q.device))
+        schedule = (persistent_schedule(n_m, B * Hq, ctas, S, offset, bn, q.device)
+                    if is_causal else lse)  # (not read without a schedule)
+        args = (q, k, v, out, lse if return_lse else out, qk_scale, cap_scale, Hq, L, S,
+                shape.group, offset, n_m, n_m * B * Hq, schedule)
+        launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_persistent, (ctas,), args,
+                     dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
+                          IS_CAUSAL=is_causal, RAGGED_KEYS=S % bn != 0, SOFTCAP=softcap > 0.0,
+                          SCHEDULED=is_causal, Q_BUFS=PERSISTENT_Q_BUFFERS,
+                          CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
+                     descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})
+        return
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
                  dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
@@ -852,6 +1060,71 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
                  descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows,
                               **({4: mask_tile_descriptor(B, Hq, mask_strides, L, S, keys=bn)}
                                  if mask_tile else {})})
+
+
+def persistent_forward(head_dim: int, padding: int, mask_tile: int, window: int,
+                       causal: bool, tiles: int) -> bool:
+    """Whether a call the Gluon forward takes runs its persistent kernel
+    (``_attention_fwd_persistent``) over its ``tiles`` work tiles: head dims 64 and 128 (at
+    256 an O buffer of its own does not fit beside Q, K and V), no padding rows, no attn_mask
+    read in tiles, no window, and where causal at most SCHEDULE_LIMIT tiles (the host lays out
+    their schedule, ``persistent_schedule``); not under SDPA_PASS_GLUON_PERSISTENT=0.
+
+    H200, bf16, forward alone, B·H·N = 2**21 / D, N = 512 ... 16k, against the one-tile kernel
+    (BENCHMARKS.md, session 34; do_bench, host in the time): hd128 1.04-1.25x without a mask
+    (521 / 634 / 648 TFLOP/s at 512 / 4k / 16k), causal 1.03-1.19x, GQA 4:1 causal 1.03-1.16x;
+    hd64 causal 1.07-1.11x from 4k, without a mask 0.99-1.02x there."""
+    return (os.environ.get("SDPA_PASS_GLUON_PERSISTENT", "") != "0" and head_dim in HEAD_DIMS
+            and not padding and not mask_tile and window <= 0
+            and not (causal and tiles > SCHEDULE_LIMIT))
+
+
+# Work tiles past which a causal call keeps the one-tile kernel rather than have its schedule
+# laid out on the host (~0.1 s of Python at this count, once per shape)
+SCHEDULE_LIMIT = 1 << 16
+# What a work tile costs the schedule besides its key tiles (its prologue and epilogue), in
+# key tiles
+TILE_COST = 1
+
+
+@functools.lru_cache(maxsize=64)
+def persistent_schedule(n_m: int, rows: int, ctas: int, S: int, offset: int, block_n: int,
+                        device: torch.device) -> torch.Tensor:
+    """The work lists of a causal persistent launch (``_work_list``), int32 on ``device``: the
+    ``ctas`` CTAs' starts (ctas + 1 entries), then their work tiles, CTA by CTA. Tile t is
+    query tile n_m - 1 - t % n_m of row t // n_m (``_work_tile``: head after head, the
+    longest first), costing its key tiles plus TILE_COST; in that order each goes to the CTA
+    that would be free first, as the GPU hands a one-tile kernel's programs to free SMs. Tiles
+    p, p + P, ... would not do: a CTA's tiles would all sit at one offset within the heads
+    wherever P is a multiple of n_m (H200, hd128, N = 512: 132 = 33 * 4 CTAs), or drift slowly
+    through them (N = 16k: 132 = 128 + 4), so that one CTA's work tiles are all long ones
+    (BENCHMARKS.md, session 34: 0.76x the one-tile kernel at N = 16k)."""
+    cost = [-(-min(S, (n_m - i) * BLOCK_M + offset) // block_n) + TILE_COST
+            for i in range(n_m)]
+    free = [(0, p) for p in range(ctas)]  # (when free, CTA): a heap already
+    lists = [[] for _ in range(ctas)]
+    for t in range(n_m * rows):
+        busy, p = free[0]
+        lists[p].append(t)
+        heapq.heapreplace(free, (busy + cost[t % n_m], p))
+    starts = list(itertools.accumulate((len(tiles) for tiles in lists), initial=0))
+    return torch.tensor(starts + [t for tiles in lists for t in tiles], dtype=torch.int32,
+                        device=device)
+
+
+# CTAs of a persistent launch: the device's SMs, or fewer (tests walk a CTA over many tiles)
+PERSISTENT_MAX_CTAS = None
+# Q buffers a consumer of the persistent kernel: with 2 the next work tile's Q is copied under
+# this one's last key tiles (hd128: 224 KB of shared memory in all, of 227)
+PERSISTENT_Q_BUFFERS = 2
+
+
+def persistent_ctas(device: torch.device) -> int:
+    """Programs a persistent forward launches on ``device`` at most: one per SM, or
+    PERSISTENT_MAX_CTAS where set."""
+    if PERSISTENT_MAX_CTAS is not None:
+        return PERSISTENT_MAX_CTAS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gluon_score_scales(scale: float, softcap: float, bias: bool) -> tuple[float, float]:

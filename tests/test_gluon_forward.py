@@ -54,9 +54,24 @@ def test_refusals_name_why_a_call_stays_on_the_triton_kernel(monkeypatch):
     assert "Hopper" in refusal(q, kv, kv, capability=None)
     assert "dtype" in refusal(q.float(), kv.float(), kv.float())
     q64, kv64 = torch.zeros(2, 4, 256, 64, dtype=h), torch.zeros(2, 2, 384, 64, dtype=h)
-    assert "keys" in refusal(q64, kv64, kv64)  # hd64: from HD64_MIN_KEYS keys on
+    # hd64: the persistent kernel from HD64_PERSISTENT_MIN_KEYS keys (causal or not), the
+    # one-tile kernel (masks read in tiles, windows, padding rows) from HD64_MIN_KEYS
+    assert "384 keys (under 512 " in refusal(q64, kv64, kv64)
+    for causal, least in gfwd.HD64_PERSISTENT_MIN_KEYS.items():
+        align = CAUSAL_TOP_LEFT if causal else CAUSAL_NONE
+        keys = torch.zeros(2, 2, least, 64, dtype=h)
+        assert refusal(q64, keys, keys, causal_align=align) is None
+        fewer = torch.zeros(2, 2, least - 128, 64, dtype=h)
+        assert f"under {least} " in refusal(q64, fewer, fewer, causal_align=align)
+    window = torch.zeros(2, 2, 2048, 64, dtype=h)
+    assert f"under {gfwd.HD64_MIN_KEYS} " in refusal(q64, window, window, window=256,
+                                                     causal_align=CAUSAL_TOP_LEFT)
+    assert f"under {gfwd.HD64_MIN_KEYS} " in refusal(q64, window, window, tiled=True)
+    with monkeypatch.context() as m:
+        m.setenv("SDPA_PASS_GLUON_PERSISTENT", "0")
+        assert f"under {gfwd.HD64_MIN_KEYS} " in refusal(q64, window, window)
     long64 = torch.zeros(1, 2, gfwd.HD64_MIN_KEYS, 64, dtype=h)
-    assert refusal(q64, long64, long64) is None
+    assert refusal(q64, long64, long64, window=256, causal_align=CAUSAL_TOP_LEFT) is None
     q80, kv80 = torch.zeros(2, 4, 256, 80, dtype=h), torch.zeros(2, 2, 384, 80, dtype=h)
     assert "head dims" in refusal(q80, kv80, kv80)
     assert "head dims" in refusal(q64, kv64, kv)  # V's head dim differs
@@ -322,8 +337,14 @@ GPU_CASES = {
 
 
 @needs_hopper
+@pytest.mark.parametrize("persistent", ["1", "0"])
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_gluon_forward_matches_the_reference(case, monkeypatch):
+def test_gluon_forward_matches_the_reference(case, persistent, monkeypatch):
+    """Each case through the persistent kernel (the default for these unmasked calls) and
+    through the one-tile kernel (SDPA_PASS_GLUON_PERSISTENT=0), whose masked, padded and
+    windowed calls the other tests run."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", persistent)
+    monkeypatch.setattr(gfwd, "_GLUON_CALLS", gfwd.PlanCache())
     B, Hq, Hkv, L, S, dtype, scale, extras = GPU_CASES[case]
     extras = dict(extras)
     D = extras.pop("head_dim", 128)
@@ -568,6 +589,139 @@ def test_a_later_call_launches_the_remembered_kernel():
     assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
 
 
+def test_the_persistent_forward_takes_unmasked_calls_at_head_dims_64_and_128(monkeypatch):
+    """(Any device.) SDPA_PASS_GLUON_PERSISTENT=1 gives the persistent kernel the calls
+    without padding rows, an attn_mask read in tiles or a window, at head dims 64 and 128;
+    its grid is at most the SMs (PERSISTENT_MAX_CTAS where set)."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "1")
+    for head_dim in gfwd.HEAD_DIMS:
+        assert gfwd.persistent_forward(head_dim, 0, 0, -1, False, 64)
+        assert gfwd.persistent_forward(head_dim, 0, 0, -1, True, gfwd.SCHEDULE_LIMIT)
+    assert not gfwd.persistent_forward(gfwd.WIDE_HEAD_DIM, 0, 0, -1, False, 64)
+    assert not gfwd.persistent_forward(128, 2, 0, -1, False, 64)  # padding rows
+    assert not gfwd.persistent_forward(128, 0, gfwd.TILE_BOOL, -1, False, 64)
+    assert not gfwd.persistent_forward(128, 0, gfwd.TILE_BIAS, -1, False, 64)
+    assert not gfwd.persistent_forward(128, 0, 0, 256, True, 64)  # a window
+    # a causal call's schedule is laid out on the host: up to SCHEDULE_LIMIT tiles
+    assert not gfwd.persistent_forward(128, 0, 0, -1, True, gfwd.SCHEDULE_LIMIT + 1)
+    assert gfwd.persistent_forward(128, 0, 0, -1, False, gfwd.SCHEDULE_LIMIT + 1)
+    monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "0")
+    assert not gfwd.persistent_forward(128, 0, 0, -1, False, 64)
+    monkeypatch.setattr(gfwd, "PERSISTENT_MAX_CTAS", 3)
+    assert gfwd.persistent_ctas(torch.device("cuda", 0)) == 3
+
+
+@pytest.mark.parametrize("n_m, rows, ctas, S, offset", [
+    (4, 512, 132, 512, 0), (128, 16, 132, 16384, 0), (8, 30, 7, 1000, 0),
+    (5, 3, 16, 2100, 1460), (2, 2, 4, 256, 0)])
+def test_the_causal_schedule_gives_every_tile_once_and_balances_the_work(n_m, rows, ctas, S,
+                                                                          offset):
+    """(Any device.) ``persistent_schedule``: CTA p's list (entries starts[p]:starts[p + 1]
+    after the ctas + 1 starts) holds tiles in increasing order, every tile of the launch once,
+    and the largest CTA's work (key tiles plus TILE_COST a tile) is within one tile's work of
+    the mean, as list scheduling promises; tiles p, p + P, ... are not (N = 512 and 16k on 132
+    SMs: 1.47x and 1.56x the mean)."""
+    bn = gfwd.BLOCK_N
+    schedule = gfwd.persistent_schedule(n_m, rows, ctas, S, offset, bn, torch.device("cpu"))
+    assert schedule.dtype == torch.int32
+    starts, tiles = schedule[:ctas + 1].tolist(), schedule[ctas + 1:].tolist()
+    assert starts[0] == 0 and starts[-1] == len(tiles) == n_m * rows
+    lists = [tiles[starts[p]:starts[p + 1]] for p in range(ctas)]
+    assert all(lst == sorted(lst) for lst in lists)
+    assert sorted(tiles) == list(range(n_m * rows))
+
+    def cost(t):  # the kernel's key tiles of work tile t (_work_tile), plus TILE_COST
+        start_m = (n_m - 1 - t % n_m) * gfwd.BLOCK_M
+        return -(-min(S, start_m + gfwd.BLOCK_M + offset) // bn) + gfwd.TILE_COST
+
+    loads = [sum(map(cost, lst)) for lst in lists]
+    assert max(loads) <= sum(loads) / ctas + max(map(cost, tiles))
+    if (n_m, ctas) in ((4, 132), (128, 132)):
+        round_robin = [sum(map(cost, range(p, n_m * rows, ctas))) for p in range(ctas)]
+        assert max(round_robin) > 1.4 * sum(loads) / ctas
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal, head_dim", [(False, 128), (True, 128), (True, 64)])
+def test_the_persistent_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim):
+    """The persistent kernel keeps the one-tile kernel's wgmmas, exponentials and register
+    split, the exponentials under the P·V product, within the shared memory (an O buffer of
+    its own and two Q buffers per consumer: 224 KB at hd128) and a few bytes of stack."""
+    form = ["--causal"] if causal else []
+    one = fwd_probe_report("--head-dim", str(head_dim), *form)
+    persistent = fwd_probe_report("--head-dim", str(head_dim), *form, "--persistent")
+    for key in ("HGMMA", "MUFU.EX2", "setmaxnreg"):
+        assert persistent[key] == one[key], (key, persistent, one)
+    assert not persistent["wgmma serialized (ptxas C7514)"]
+    assert persistent["shared_bytes"] <= 227 * 1024
+    # (triton 3.9, causal hd128: 136 bytes of stack and no spill store; a kernel spilling its
+    # tiles spills kilobytes)
+    assert persistent["stack_bytes"] <= 160
+    overlapped = persistent["EX2 between W1 and W0"]
+    assert len(overlapped) == 2 and min(overlapped) >= gfwd.BLOCK_N // 2, (
+        persistent["loop window"])
+
+
+# The persistent kernel, its grid held to a few CTAs so each walks many work tiles of
+# different lengths (causal) and the K / V ring's count runs across them: (B, Hq, Hkv, L, S,
+# dtype, scale, extras, CTAs; None: one per SM)
+PERSISTENT_CASES = {
+    "mha_bf16": (2, 4, 4, 1024, 1024, torch.bfloat16, None, {}, 5),
+    "causal_gqa_ragged": (2, 8, 2, 1000, 1000, torch.float16, None, dict(is_causal=True), 7),
+    "bottom_right_keys_longer": (1, 8, 4, 640, 2100, torch.bfloat16, 0.2,
+                                 dict(causal="bottom_right"), 3),
+    "one_cta": (1, 4, 4, 1024, 2048, torch.bfloat16, None, dict(is_causal=True, diagonal=40),
+                1),
+    "soft_capped": (1, 8, 8, 1024, 2048, torch.bfloat16, None,
+                    dict(is_causal=True, softcap=30.0), 6),
+    "hd64_gqa": (1, 8, 2, 512, 4096, torch.bfloat16, None, dict(head_dim=64), 4),
+    "hd64_ragged_causal_bottom_right": (2, 4, 4, 600, 4100, torch.float16, None,
+                                        dict(causal="bottom_right", head_dim=64), 9),
+    "every_sm": (4, 16, 4, 2048, 2048, torch.bfloat16, None, dict(is_causal=True), None),
+}
+
+
+def launches_of(monkeypatch) -> list:
+    """(kernel, grid) of each launch of the Gluon forward, its compiled plans forgotten."""
+    launched, real = [], gfwd.launch_fixed
+    monkeypatch.setattr(gfwd, "_GLUON_CALLS", gfwd.PlanCache())
+
+    def recording(calls, key, kernel, grid, *args, **kwargs):
+        launched.append((kernel, grid))
+        return real(calls, key, kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(gfwd, "launch_fixed", recording)
+    return launched
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", sorted(PERSISTENT_CASES))
+def test_the_persistent_forward_matches_the_reference(case, monkeypatch):
+    B, Hq, Hkv, L, S, dtype, scale, extras, ctas = PERSISTENT_CASES[case]
+    extras = dict(extras)
+    D = extras.pop("head_dim", 128)
+    monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "1")
+    monkeypatch.setattr(gfwd, "PERSISTENT_MAX_CTAS", ctas)
+    launched = launches_of(monkeypatch)
+    forward_against_the_reference(monkeypatch, B, Hq, Hkv, L, S, D, dtype, scale=scale,
+                                  **extras)
+    tiles = B * Hq * -(-L // gfwd.BLOCK_M)
+    assert launched == [(gfwd._attention_fwd_persistent,
+                         (min(tiles, gfwd.persistent_ctas(torch.device(DEVICE))),))]
+
+
+@needs_hopper
+def test_gradients_through_the_persistent_forward(monkeypatch):
+    """The backward runs on the LSE the persistent kernel wrote (causal GQA, 5 CTAs)."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "1")
+    monkeypatch.setattr(gfwd, "PERSISTENT_MAX_CTAS", 5)
+    launched = launches_of(monkeypatch)
+    calls = record_gluon_calls(monkeypatch)
+    forward_and_gradients_against_the_reference(calls, 2, 8, 4, 1024, 1024, 128,
+                                                torch.bfloat16, is_causal=True)
+    assert [kernel for kernel, _ in launched] == [gfwd._attention_fwd_persistent]
+
+
 # Causal sliding windows (laid out as GPU_CASES, "mask" / "bias": a
 # random (B, Hq, L, S) bool mask / bf16 bias read in tiles beside the window;
 # B·Hq·L·S·D >= 2**30, under which a call is host-bound and takes the Triton kernel)
@@ -761,8 +915,10 @@ def test_the_window_schedule_visits_every_visible_key_and_masks_the_rest():
 @needs_hopper
 def test_the_kernel_log_names_the_gluon_kernels_and_the_triton_ones_with_their_reason():
     """``sdpa_pass.kernels`` (through ``sdpa_pass.report.KernelChoices``) on a GPU: causal
-    hd128 at 2048 keys runs the Gluon forward, dK/dV and dQ; soft-capped at 1024 keys the
-    Triton forward (under SOFTCAP_MIN_KEYS, said so) before the Gluon backward."""
+    hd128 at 2048 keys runs the Gluon forward and the Gluon dK/dV kernel, which forms dQ too
+    (``gluon_backward.fused_dq``, the hd128 default since session 31); soft-capped at 1024
+    keys the Triton forward (under SOFTCAP_MIN_KEYS, said so) before the Gluon backward;
+    under deterministic algorithms the Gluon dQ kernel forms dQ."""
     from sdpa_pass.kernels.launch import clear_plans
     from sdpa_pass.report import KernelChoices
 
@@ -773,7 +929,14 @@ def test_the_kernel_log_names_the_gluon_kernels_and_the_triton_ones_with_their_r
             attention(q, k, v, is_causal=True, **kwargs).sum().backward()
         return [line.split(": ", 1)[1] for line in choices.lines]
 
-    assert lines(2048) == ["Gluon", "dK/dV Gluon, dQ Gluon"]
+    fused = "dK/dV Gluon with dQ by the copy engine's reduce-adds"
+    assert lines(2048) == ["Gluon", fused]
     forward, backward = lines(1024, softcap=30.0)
     assert forward.startswith("Triton (soft-capping at head dim 128 with 1024 keys"), forward
-    assert backward == "dK/dV Gluon, dQ Gluon", backward
+    assert backward == fused, backward
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert lines(2048) == ["Gluon", "dK/dV Gluon, dQ Gluon"]
+    finally:
+        torch.use_deterministic_algorithms(previous)
