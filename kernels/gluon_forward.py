@@ -23,7 +23,8 @@ mask and 1.05-1.10x causal at N >= 4k.
 
 Scope (``gluon_forward_refusal`` says why a call is not taken): a Hopper GPU (compute capability
 9.x) and a Triton with Gluon's Hopper API (3.6 and later); fp16 / bf16; head dim 128 for Q, K
-and V, or 64 with at least HD64_MIN_KEYS keys, or 256 (64-key tiles; SDPA_PASS_GLUON_FWD_HD256=0
+and V, or 64 with at least HD64_MIN_KEYS keys (the persistent kernel, below: 512, causal 1024),
+or 256 (64-key tiles; SDPA_PASS_GLUON_FWD_HD256=0
 keeps the Triton forward there); no attn_mask but a padding row (a key_padding_mask and / or a
 bool attn_mask that is one row of keys per (batch, head), HF's (B, 1, 1, S): ``KEY_SPAN``,
 below) or a bool attn_mask or, at head dims 128 and 256, an fp16 / bf16 float one with rows of
@@ -93,6 +94,21 @@ against 212.4 / 256.1 / 292.8 / 315.2 / 340.4; hd256 351.1 / 458.2 at 1k / 4k ag
 364.8; hd64 209.9 at 4k against 216.5 (flex 90-190; BENCHMARKS.md, session 26). The backward's
 Gluon kernels soft-cap under the same variable (gluon_backward.py). Padding rows beside a cap
 are taken too (since session 27, when test_gluon_padding.py's capped cases first ran on a GPU).
+
+Persistent (``_attention_fwd_persistent``, session 34; the default for the calls it takes,
+SDPA_PASS_GLUON_PERSISTENT=0 turns it off): at head dims 64 and 128, without padding rows, a
+mask read in tiles or a window, the same schedule in a grid of at most one CTA per SM, each
+walking its work tiles (128 query rows of one (batch, head)) with the K / V ring's count
+carried across them. O leaves through shared memory of its own and each consumer has two Q
+buffers, so the next tile's Q and first keys arrive under this tile's last P·V and epilogue,
+which a one-tile CTA leaves exposed (224 KB of shared memory at hd128). Work tiles of equal
+work go round-robin (CTA p: p, p + P, ...); causal ones follow a list the host lays out once
+per shape (``persistent_schedule``): round-robin pinned each CTA to one position within the
+heads wherever P and the query tiles a head share factors, 0.76x the one-tile kernel at
+N = 16k. H200, bf16, forward against the one-tile kernel: hd128 1.04-1.25x without a mask
+(521 / 634 / 648 TFLOP/s at N = 512 / 4k / 16k, cuDNN 520 / 626 / 629), causal 1.03-1.19x,
+GQA 1.03-1.16x; hd64 causal 1.07-1.11x from 4k and 1.05-1.06x over the Triton forward at 1k /
+2k (BENCHMARKS.md, session 34).
 
 A polynomial exp2 on the FMA units for the soft-capped softmax's P (session 26: 2^f by a degree-4
 polynomial, tanh's reciprocal from rcp.approx; MUFU operations a score 2 against 3, FMA-unit
@@ -586,7 +602,7 @@ if gluon is not None:
     def _work_list(sched_ptr, total, SCHEDULED: gl.constexpr):
         """This CTA's entries [first, last) of its work list: with SCHEDULED, from the
         schedule ``persistent_schedule`` wrote (its CTAs' starts, then their tiles); else
-        tiles pid, pid + P, ... of ``total`` (``_work_tile_of``)."""
+        tiles pid, pid + P, ... of ``total`` (``_work_step``)."""
         pid = gl.program_id(0)
         if SCHEDULED:
             first = gl.load(sched_ptr + pid)
@@ -597,13 +613,21 @@ if gluon is not None:
         return first, last
 
     @gluon.jit
-    def _work_tile_of(sched_ptr, i, SCHEDULED: gl.constexpr):
-        """Entry i of this CTA's work list (``_work_list``): its work tile."""
+    def _work_step(sched_ptr, it, first, n_m, Hq, S, offset, BM: gl.constexpr,
+                   BN: gl.constexpr, IS_CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr,
+                   Q_BUFS: gl.constexpr):
+        """Entry ``it`` of this CTA's work list (``_work_list``, from ``first``), as the copy
+        warp and the consumers all walk it: its work tile's (pid_bh, b, h, start_m, n_tiles,
+        full_tiles) (``_work_tile``), then the Q buffer it takes and the parity of that
+        buffer's uses before it."""
         if SCHEDULED:
-            tile = gl.load(sched_ptr + gl.num_programs(0) + 1 + i)
+            tile = gl.load(sched_ptr + gl.num_programs(0) + 1 + it)
         else:
-            tile = gl.program_id(0) + i * gl.num_programs(0)
-        return tile
+            tile = gl.program_id(0) + it * gl.num_programs(0)
+        pid_bh, b, h, start_m, n_tiles, full_tiles = _work_tile(tile, n_m, Hq, S, offset, BM,
+                                                                BN, IS_CAUSAL)
+        return (pid_bh, b, h, start_m, n_tiles, full_tiles, (it - first) % Q_BUFS,
+                ((it - first) // Q_BUFS) & 1)
 
     @gluon.jit
     def _producer_persistent(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, q_empty, k_smem,
@@ -619,18 +643,18 @@ if gluon is not None:
         key tiles are worked on."""
         c = 0
         first, last = _work_list(sched_ptr, total, SCHEDULED)
+        q_bytes: gl.constexpr = 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8
         for it in range(first, last):
-            tile = _work_tile_of(sched_ptr, it, SCHEDULED)
-            pid_bh, b, h, start_m, n_tiles, full_tiles = _work_tile(tile, n_m, Hq, S, offset,
-                                                                    2 * BMW, BN, IS_CAUSAL)
-            buf = (it - first) % Q_BUFS
+            pid_bh, b, h, start_m, n_tiles, full_tiles, buf, uses = _work_step(
+                sched_ptr, it, first, n_m, Hq, S, offset, 2 * BMW, BN, IS_CAUSAL, SCHEDULED,
+                Q_BUFS)
             # (a fresh mbarrier passes a wait on phase 1)
-            mbarrier.wait(q_empty.index(buf), (((it - first) // Q_BUFS) & 1) ^ 1)
-            mbarrier.expect(q_bar.index(buf), 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8)
+            mbarrier.wait(q_empty.index(buf), uses ^ 1)
+            mbarrier.expect(q_bar.index(buf), q_bytes)
             _tma_load(q_desc, [b, h, start_m, 0], q_bar.index(buf), q_smem0.index(buf))
             _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar.index(buf), q_smem1.index(buf))
             _kv_ring_fill(k_desc, v_desc, k_desc, k_smem, v_smem, k_smem, k_ready, v_ready,
-                          k_empty, v_empty, b, h // group, 0, 0, start_m, tile * 0, n_tiles,
+                          k_empty, v_empty, b, h // group, 0, 0, start_m, start_m * 0, n_tiles,
                           BMW, BN, HEAD, STAGES, 0, 2, c)
             c += n_tiles
 
@@ -647,17 +671,16 @@ if gluon is not None:
         c = 0
         first, last = _work_list(sched_ptr, total, SCHEDULED)
         for it in range(first, last):
-            tile = _work_tile_of(sched_ptr, it, SCHEDULED)
-            pid_bh, b, h, start_m, n_tiles, full_tiles = _work_tile(tile, n_m, Hq, S, offset,
-                                                                    2 * BMW, BN, IS_CAUSAL)
-            zero = tile * 0
-            buf = (it - first) % Q_BUFS
-            _consumer(o_desc, lse_ptr, q_smem.index(buf), q_bar.index(buf), k_smem, v_smem, k_smem, k_ready, v_ready,
-                      k_empty, v_empty, b, h, start_m + W * BMW, L, S, offset, zero, zero,
-                      n_tiles, full_tiles, zero, zero, pid_bh * L, qk_scale, cap_scale,
-                      lse_ptr, 0, 0, lse_ptr, 0, 0, 0, BMW, BN, HEAD, STAGES, STORE_LSE,
-                      IS_CAUSAL, RAGGED_KEYS, 0, False, 0, False, SOFTCAP, W, c,
-                      ((it - first) // Q_BUFS) & 1, o_smem, q_empty.index(buf), True)
+            pid_bh, b, h, start_m, n_tiles, full_tiles, buf, uses = _work_step(
+                sched_ptr, it, first, n_m, Hq, S, offset, 2 * BMW, BN, IS_CAUSAL, SCHEDULED,
+                Q_BUFS)
+            zero = start_m * 0
+            _consumer(o_desc, lse_ptr, q_smem.index(buf), q_bar.index(buf), k_smem, v_smem,
+                      k_smem, k_ready, v_ready, k_empty, v_empty, b, h, start_m + W * BMW, L, S,
+                      offset, zero, zero, n_tiles, full_tiles, zero, zero, pid_bh * L,
+                      qk_scale, cap_scale, lse_ptr, 0, 0, lse_ptr, 0, 0, 0, BMW, BN, HEAD,
+                      STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, 0, False, 0, False, SOFTCAP,
+                      W, c, uses, o_smem, q_empty.index(buf), True)
             c += n_tiles
         tma.store_wait(0)
 
@@ -674,10 +697,11 @@ if gluon is not None:
         grid (P,), P at most the SMs, over the ``total`` = n_m * B * Hq work tiles (n_m =
         cdiv(L, BM); ``_work_tile``'s order). Without SCHEDULED, CTA p takes tiles p, p + P,
         ... (tiles of equal work: no causal mask); with it, the list ``persistent_schedule``
-        wrote at ``sched_ptr`` for it (causal tiles, whose work differs). One CTA's work tiles follow
-        each other without a launch between them: the copy warp loads the next tile's Q and
-        first keys while the consumers finish the last P·V and store O, which leaves through
-        shared memory of its own (``o_smem``, 32 KB at hd128: 192 KB in all)."""
+        wrote at ``sched_ptr`` for it (causal tiles, whose work differs). One CTA's work tiles
+        follow each other without a launch between them: with Q_BUFS = 2 the copy warp loads
+        the next tile's Q while the consumers work on this one's last key tiles, and its first
+        keys while they finish the last P·V and store O, which leaves through shared memory of
+        its own (``o_smem``; hd128: two Q buffers and O, 96 KB, beside K / V's 128)."""
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         BMW: gl.constexpr = BM // 2
         dtype: gl.constexpr = q_desc.dtype
@@ -1124,7 +1148,8 @@ def persistent_ctas(device: torch.device) -> int:
     PERSISTENT_MAX_CTAS where set."""
     if PERSISTENT_MAX_CTAS is not None:
         return PERSISTENT_MAX_CTAS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    from .decode import sm_count  # (here: decode imports forward, which imports this module)
+    return sm_count(device)
 
 
 def gluon_score_scales(scale: float, softcap: float, bias: bool) -> tuple[float, float]:
