@@ -10,8 +10,9 @@ alternating order over ``--rounds`` rounds (each keeps its fastest):
 - ``tile``: ``_attention_fwd_ws``, a CTA per 128 query rows (SDPA_PASS_GLUON_PERSISTENT=0);
 - ``persistent``: ``_attention_fwd_persistent``, one CTA per SM walking the work tiles (=1);
   ``:q1`` with one Q buffer a consumer (``PERSISTENT_Q_BUFFERS``) instead of two;
-- at head dim 64 under ``gluon_forward.HD64_MIN_KEYS`` keys, where the library runs the Triton
-  forward (``triton``), both Gluon kernels with that bound lifted;
+- at head dim 64 under ``gluon_forward.HD64_MIN_KEYS`` keys, the Triton forward (``triton``)
+  and both Gluon kernels with their hd64 bounds lifted (``:short``; the library's own bounds,
+  ``HD64_MIN_KEYS`` and ``HD64_PERSISTENT_MIN_KEYS``, came from these rows in session 34);
 - ``sdpa_cudnn``: SDPA's cuDNN backend, the peer.
 
 Each time is ``do_bench`` (the benchmark matrix's: host in the time, L2 cleared) and
@@ -30,13 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 import sdpa_pass.kernels.forward as fwd
 import sdpa_pass.kernels.gluon_forward as gfwd
 from sdpa_pass.kernels import attention
 
-HD64_MIN_KEYS = gfwd.HD64_MIN_KEYS  # the library's bound, restored after a lifted one
+# the library's hd64 bounds, restored after lifted ones
+HD64_MIN_KEYS, HD64_PERSISTENT_MIN_KEYS = gfwd.HD64_MIN_KEYS, gfwd.HD64_PERSISTENT_MIN_KEYS
 Q_BUFFERS = gfwd.PERSISTENT_Q_BUFFERS
 
 
@@ -51,7 +54,10 @@ def variant_runner(name: str, q, k, v, causal: bool, gqa: bool):
         return run
     kernel, *flags = name.split(":")
     os.environ["SDPA_PASS_GLUON_PERSISTENT"] = "1" if kernel == "persistent" else "0"
-    gfwd.HD64_MIN_KEYS = 0 if "short" in flags else HD64_MIN_KEYS
+    short = "short" in flags
+    gfwd.HD64_MIN_KEYS = 0 if short else HD64_MIN_KEYS
+    gfwd.HD64_PERSISTENT_MIN_KEYS = ({False: 0, True: 0} if short
+                                     else HD64_PERSISTENT_MIN_KEYS)
     gfwd.PERSISTENT_Q_BUFFERS = 1 if "q1" in flags else Q_BUFFERS
     if kernel == "triton":
         os.environ["SDPA_PASS_GLUON"] = "0"
@@ -113,7 +119,6 @@ def main() -> None:
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
-    import triton
     result = dict(device=device, torch=torch.__version__, triton=triton.__version__,
                   dtype="bf16", rows=[])
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)

@@ -370,10 +370,10 @@ if gluon is not None:
         cap · log2(e) (cap with a bias): the capped logits in the units the softmax expects.
         ``base``: the K / V ring's count of tiles before this work tile's first (slot c %
         STAGES for c = base + i), ``q_phase`` q_bar's phase. PERSISTENT (one of a persistent
-        CTA's work tiles, ``_consumer_persistent``): Q is released (``q_empty``) once the last
-        product that reads it is done, so the copy warp loads the next tile's Q under this
-        one's last P·V and its epilogue, and O leaves through ``o_smem`` (else through Q's
-        shared memory) after the previous tile's store has read it."""
+        CTA's work tiles, ``_consumer_persistent``): Q's buffer is released (``q_empty``) once
+        the last product that reads it is done, so the copy warp may fill it with a later
+        tile's Q under this one's last P·V and its epilogue, and O leaves through ``o_smem``
+        (else through Q's shared memory) after the previous tile's store has read it."""
         dtype: gl.constexpr = q_smem.dtype
         BIAS: gl.constexpr = MASK_TILE == TILE_BIAS_C
         EMPTY_ROWS: gl.constexpr = (KEY_SPAN != 0) or (MASK_TILE != 0) or WINDOW
