@@ -23,9 +23,7 @@ relative error above 2e-2 fails the row. Writes ``persistent_ab[_<label>]_<devic
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -37,6 +35,9 @@ from triton.testing import do_bench, do_bench_cudagraph
 import sdpa_pass.kernels.forward as fwd
 import sdpa_pass.kernels.gluon_forward as gfwd
 from sdpa_pass.kernels import attention
+
+from attention import rel_err  # benchmarks/attention.py: the matrix's check
+from gluon_fwd_probe import write_result  # benchmarks/gluon_fwd_probe.py
 
 # the library's hd64 bounds, restored after lifted ones
 HD64_MIN_KEYS, HD64_PERSISTENT_MIN_KEYS = gfwd.HD64_MIN_KEYS, gfwd.HD64_PERSISTENT_MIN_KEYS
@@ -66,10 +67,6 @@ def variant_runner(name: str, q, k, v, causal: bool, gqa: bool):
     gfwd._GLUON_CALLS.clear()
     fwd._FORWARD_PLANS.clear()
     return lambda: attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def measure(D: int, N: int, causal: bool, gqa: bool, rounds: int) -> list[dict]:
@@ -133,11 +130,7 @@ def main() -> None:
                     + (f" ERR {r['error'][:60]}" if "error" in r else "") for r in rows)
                 print(f"hd{D} N{N} {'gqa' if gqa else 'causal' if causal else 'none'}: {text}",
                       flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = args.out / f"persistent_ab{'_' + args.label if args.label else ''}_{slug}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, "persistent_ab", args.label, device, result)
 
 
 if __name__ == "__main__":
