@@ -19,7 +19,9 @@
   the batch (SDPA_PASS_BATCH_INNER=1, the library's default; without it =0, the plain order).
 - either with ``:tiles``, ``:heads`` or ``:groups``: the Gluon dK/dV kernel's program order
   (SDPA_PASS_GLUON_BWD_ORDER; without one, the library's choice).
-  Flags combine: ``split:ptr:pad:batch``, ``fused:pad:tiles``.
+- either with ``:s<n>`` / ``:g<n>``: the Gluon backward kernels' Q / dO ring of n slots
+  (``gluon_backward.STAGES``) / the dK/dV kernel's groups of n heads (``GROUP_HEADS``).
+  Flags combine: ``split:ptr:pad:batch``, ``fused:pad:tiles``, ``fused:pad:s3``.
 
 For the FlashAttention benchmark shapes (batch 16384 / N, heads 2048 / D, L = S = N, bf16),
 causal and not, it times forward alone and forward + backward through CUDA graphs
@@ -51,8 +53,11 @@ from triton.testing import do_bench_cudagraph
 
 import attention as bench  # benchmarks/attention.py: the matrix's masks and its flex peer
 import sdpa_pass.kernels.backward as bwd
-from sdpa_pass.kernels import attention
+import sdpa_pass.kernels.gluon_backward as gbwd
+from sdpa_pass.kernels import attention, launch
 from sdpa_pass.kernels.gluon_backward import ORDERS  # the dK/dV kernel's program orders
+
+STAGES, GROUP_HEADS = gbwd.STAGES, gbwd.GROUP_HEADS  # the library's, restored after a knob
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,9 +92,14 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
 def measure(B: int, H: int, N: int, D: int, causal: bool, variant: str, mask: str = "none",
             flex: bool = False, profile: bool = False) -> dict:
     path, *flags = variant.split(":")
-    unknown = set(flags) - {"tma", "ptr", "pad", "batch", *ORDERS}
+    # sN / gN: the Gluon backward's Q / dO ring slots (STAGES) / heads a group (GROUP_HEADS)
+    knobs = {f[0]: int(f[1:]) for f in flags if f[:1] in "sg" and f[1:].isdigit()}
+    unknown = set(flags) - {"tma", "ptr", "pad", "batch", *ORDERS} - {
+        f"{name}{value}" for name, value in knobs.items()}
     if unknown:
         raise SystemExit(f"unknown path flag(s) {sorted(unknown)} in {variant!r}")
+    gbwd.STAGES, gbwd.GROUP_HEADS = knobs.get("s", STAGES), knobs.get("g", GROUP_HEADS)
+    launch.clear_plans()  # (the plans' keys do not hold these two)
     # fused: the Gluon dK/dV kernel forms dQ too (SDPA_PASS_GLUON_FUSED_DQ=1; hd128, where the
     # Gluon kernels run: with :pad), else the path SDPA_PASS_BWD_DQ names
     os.environ["SDPA_PASS_BWD_DQ"] = "split" if path == "fused" else path
@@ -147,7 +157,8 @@ def main() -> None:
                              "SDPA_PASS_GLUON_FUSED_DQ=1), each optionally with :tma or :ptr "
                              "(SDPA_PASS_BWD_TMA=1 / 0) for the dK/dV kernel's loads and "
                              ":pad (SDPA_PASS_BWD_PADDED_ROWS=1), :batch (SDPA_PASS_BATCH_INNER=1) "
-                             "and :tiles / :heads / :groups (SDPA_PASS_GLUON_BWD_ORDER)")
+                             "and :tiles / :heads / :groups (SDPA_PASS_GLUON_BWD_ORDER), "
+                             ":s<n> / :g<n> (gluon_backward.STAGES / GROUP_HEADS)")
     parser.add_argument("--masks", default="none",
                         help="comma-separated: none (causal and not), causal (alone), bias, "
                              "bool (not causal)")
