@@ -6,7 +6,8 @@ softmax cannot be placed under the tensor cores the way FlashAttention-3 does it
 (``triton.experimental.gluon``, written here against triton 3.6) hands those decisions to the
 kernel: layouts, TMA copies, mbarriers, ``warpgroup_mma(is_async=True)`` and
 ``warpgroup_mma_wait(num_outstanding, deps)`` are explicit. This probe writes the FA3 schedule
-(``hopper/mainloop_fwd_sm90_tma_gmma_ws.hpp``, ``mma``) for hd128 bf16, non-causal, no mask,
+(``hopper/mainloop_fwd_sm90_tma_gmma_ws.hpp``, ``mma``) for hd128 (``--head-dim 64``: hd64) bf16,
+non-causal, no mask,
 B x H x N x D contiguous inputs, N a multiple of the tiles. Each iteration j of a warpgroup:
 
     issue S_j = Q K_j^T (async)          # tensor cores start on the next scores
@@ -44,6 +45,13 @@ Variants (``VARIANTS``: kernel, query rows a CTA, key tile, ring depth, warps):
   issuing their two products (two turn mbarriers: FA3's inter-warpgroup ping-pong, one
   warpgroup's softmax under the other's products).
 * ``ws_nopingpong``: ``pingpong`` without the turns (the two consumers issue freely).
+* ``ws_tree``, ``ws3_bn64_tree``: the same with each row's max and sum reduced in two steps
+  (``_row_reduce``: the in-thread chain of 31 dependent FMNMX / FADD a row cut to 3 + 7;
+  session 35, compiled only).
+* ``ws3`` (192, 128, 2, 4+4+4+1), ``ws3_bn64`` (192, 64, 3, ...): ``ws_nopingpong`` with three
+  consumer warpgroups, FlashAttention-3's shape for head dim 64 (session 35, for
+  ``--head-dim 64``; N a multiple of 192: ``--lengths 6144,12288``). Consumers get 160
+  registers; at 128-key tiles ptxas spills (1.4 KB of stores, triton 3.6), at 64 it does not.
 
     python benchmarks/gluon_fwd_probe.py --compile   # no GPU: compile for sm_90, report
     python benchmarks/gluon_fwd_probe.py --compile --product bf16   # the library's kernel
@@ -55,7 +63,7 @@ registers, spill (stack) bytes, counts of HGMMA, WARPGROUP.DEPBAR / WARPGROUP.AR
 MUFU.EX2 and BAR.SYNC in the SASS, whether ptxas serialized the wgmmas (C7514), and the
 key loop's events from the two issues to the P.V wait: the overlap shows as the MUFU.EX2
 between ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` (scores done, P.V in flight) and ``..., 0x0``.
-The GPU mode, for N = 4096, 8192, 16384 (batch 16384 / N, 16 heads, D 128), checks each
+The GPU mode, for N = 4096, 8192, 16384 (batch 16384 / N, 2048 / D heads), checks each
 variant against ``scaled_dot_product_attention`` in float32 (relative Frobenius error, > 1e-2
 flagged), times each variant, ``sdpa_pass.kernels.attention`` and SDPA's cuDNN and flash
 backends through CUDA graphs, prints TFLOP/s (4 B H N^2 D / time) and writes
@@ -92,13 +100,38 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # gl.barrier a
 # shared pieces
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale):
-    """Online softmax of one score tile in raw units: (P in fp32, alpha, new l, new m)."""
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+def _softmax_step(s, m_i, l_i, qk_scale, TREE: gl.constexpr):
+    """Online softmax of one score tile in raw units: (P in fp32, alpha, new l, new m).
+    TREE: the row max and sum in two steps (``_row_reduce``)."""
+    m_new = gl.maximum(m_i, _row_reduce(s, TREE, True) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-    l_new = l_i * alpha + gl.sum(p, 1)
+    l_new = l_i * alpha + _row_reduce(p, TREE, False)
     return p, alpha, l_new, m_new
+
+
+@gluon.jit
+def _row_reduce(x, TREE: gl.constexpr, MAX: gl.constexpr):
+    """Each row's max (MAX) or sum of a (rows, keys) tile, in the rows of its layout. A thread of the
+    wgmma accumulator layout holds a quarter of a row's keys (32 of 128) and Triton reduces
+    them one after the other: a chain of 31 dependent FMNMX / FADD a row ahead of the shuffles
+    (session 35, ncu at hd64: the consumers' largest stall, ``wait``, sits on that chain).
+    TREE views the keys as (4, keys / 4), which leaves every thread's registers where they are
+    (the reshape is free at that layout: no shared memory, same allocation), and reduces the 4
+    first: at 128 keys 8 independent chains of 3, then one of 7, then the shuffles."""
+    if TREE:
+        ROWS: gl.constexpr = x.shape[0]
+        KEYS: gl.constexpr = x.shape[1]
+        y = gl.reshape(x, [ROWS, 4, KEYS // 4])
+        if MAX:
+            r = gl.max(gl.max(y, 1), 1)
+        else:
+            r = gl.sum(gl.sum(y, 1), 1)
+        return gl.convert_layout(r, gl.SliceLayout(1, x.type.layout))
+    elif MAX:
+        return gl.max(x, 1)
+    else:
+        return gl.sum(x, 1)
 
 
 @gluon.jit
@@ -114,7 +147,7 @@ def _consumer_loop(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, t
                    BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                    s_layout: gl.constexpr, o_layout: gl.constexpr,
                    REFILL: gl.constexpr, WS: gl.constexpr, PINGPONG: gl.constexpr,
-                   SPLIT_WAIT: gl.constexpr):
+                   SPLIT_WAIT: gl.constexpr, TREE: gl.constexpr):
     """One consumer warpgroup's key loop over n_tiles K/V tiles in FA3's intra-warpgroup schedule.
 
     Iteration j: issue S_j = Q K_j^T; rescale O for tile j-1's max (deferred); issue
@@ -183,7 +216,7 @@ def _consumer_loop(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, t
         if WS:
             mbarrier.arrive(k_empty.index(sk))
         # tile j's softmax, its exponentials under the P.V wgmma
-        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, qk_scale)
+        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, qk_scale, TREE)
         # V_j for the next iteration: also the basic-block boundary that keeps ptxas from
         # hoisting the next wait above the softmax
         if SPLIT_WAIT:
@@ -265,7 +298,8 @@ def _fwd_intra(q_desc, k_desc, v_desc, o_desc, qk_scale, N,
     o, l_i = _consumer_loop(q_smem, k_smem, v_smem, k_ready, v_ready, k_ready, v_ready, q_bar, q_bar,
                             k_desc, v_desc, kv_row0, n_tiles, qk_scale,
                             BM, BN, HEAD, STAGES, s_layout, o_layout,
-                            REFILL=True, WS=False, PINGPONG=False, SPLIT_WAIT=SPLIT_WAIT)
+                            REFILL=True, WS=False, PINGPONG=False, SPLIT_WAIT=SPLIT_WAIT,
+                            TREE=False)
     # (the barriers are not invalidated: a warpgroup could still be waiting on one)
     _store_out(o, l_i, q_smem, o_desc, q_row0)
 
@@ -274,13 +308,16 @@ def _fwd_intra(q_desc, k_desc, v_desc, o_desc, qk_scale, N,
 # variant "pingpong": TMA producer warp + two consumer warpgroups, each with its own Q tile
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _pp_producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
+def _pp_producer(q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
                  k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
-                 BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr):
+                 BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
+    """Each consumer's 64-row Q tile (``q_smem``: CONSUMERS of them), then K and V through the
+    ring, a slot refilled once every consumer released it."""
     kv_bytes: gl.constexpr = BN * HEAD * 2
-    mbarrier.expect(q_bar, 2 * BMW * HEAD * 2)
-    _tma_load(q_desc, [q_row0, 0], q_bar, q_smem0)
-    _tma_load(q_desc, [q_row0 + BMW, 0], q_bar, q_smem1)
+    mbarrier.expect(q_bar, CONSUMERS * BMW * HEAD * 2)
+    for c in gl.static_range(CONSUMERS):
+        _tma_load(q_desc, [q_row0 + c * BMW, 0], q_bar, q_smem.index(c))
     for j in range(n_tiles):
         slot = j % STAGES
         phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes a wait on phase 1
@@ -296,7 +333,7 @@ def _pp_producer(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem
 def _pp_consumer(o_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                  turn_mine, turn_other, o_row0, n_tiles, qk_scale,
                  BMW: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                 PINGPONG: gl.constexpr):
+                 PINGPONG: gl.constexpr, TREE: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -305,24 +342,31 @@ def _pp_consumer(o_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empt
     o, l_i = _consumer_loop(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                             turn_mine, turn_other, o_desc, o_desc, 0, n_tiles, qk_scale,
                             BMW, BN, HEAD, STAGES, s_layout, o_layout,
-                            REFILL=False, WS=True, PINGPONG=PINGPONG, SPLIT_WAIT=True)
+                            REFILL=False, WS=True, PINGPONG=PINGPONG, SPLIT_WAIT=True,
+                            TREE=TREE)
     _store_out(o, l_i, q_smem, o_desc, o_row0)
 
 
 @gluon.jit
 def _fwd_pingpong(q_desc, k_desc, v_desc, o_desc, qk_scale, N,
                   BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                  PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, TREE: gl.constexpr,
+                  CONSUMERS: gl.constexpr, num_warps: gl.constexpr):
+    """CONSUMERS (2 or 3) consumer warpgroups of 64 query rows each and a copy warp. Three:
+    variant ``ws3``, as FlashAttention-3 runs head dim 64 (``hopper/tile_size.h``: 192 query
+    rows a CTA): with the softmax as long as the products there, a third warpgroup's products
+    can fill the tensor cores while two exponentiate. 13 warps then share the register file,
+    so a consumer gets ~160 registers (``CONSUMER_REGS``) where two take 240; no turns."""
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-    BMW: gl.constexpr = BM // 2
+    gl.static_assert(CONSUMERS == 2 or not PINGPONG, "turns are for two consumers")
+    BMW: gl.constexpr = BM // CONSUMERS
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     kv_row0 = pid_bh * N
     q_row0 = kv_row0 + pid_m * BM
     n_tiles = N // BN
 
-    q_smem0 = gl.allocate_shared_memory(gl.bfloat16, [BMW, HEAD], q_desc.layout)
-    q_smem1 = gl.allocate_shared_memory(gl.bfloat16, [BMW, HEAD], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, BMW, HEAD], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, HEAD], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, HEAD], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -335,43 +379,69 @@ def _fwd_pingpong(q_desc, k_desc, v_desc, o_desc, qk_scale, N,
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrive per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrive per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     mbarrier.init(turns.index(0), count=1)
     mbarrier.init(turns.index(1), count=1)
     fence_async_shared()
     mbarrier.arrive(turns.index(0))  # consumer 0 issues first
 
-    gl.warp_specialize([
-        (_pp_consumer, (o_desc, q_smem0, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                        turns.index(0), turns.index(1), q_row0, n_tiles, qk_scale,
-                        BMW, BN, HEAD, STAGES, PINGPONG)),
-        (_pp_consumer, (o_desc, q_smem1, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                        turns.index(1), turns.index(0), q_row0 + BMW, n_tiles, qk_scale,
-                        BMW, BN, HEAD, STAGES, PINGPONG)),
-        (_pp_producer, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
-                        k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
-                        BMW, BN, HEAD, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_pp_consumer, (o_desc, q_smem.index(0), q_bar, k_smem, v_smem, k_ready, v_ready,
+                            k_empty, v_empty, turns.index(0), turns.index(1), q_row0, n_tiles,
+                            qk_scale, BMW, BN, HEAD, STAGES, PINGPONG, TREE)),
+            (_pp_consumer, (o_desc, q_smem.index(1), q_bar, k_smem, v_smem, k_ready, v_ready,
+                            k_empty, v_empty, turns.index(1), turns.index(0), q_row0 + BMW,
+                            n_tiles, qk_scale, BMW, BN, HEAD, STAGES, PINGPONG, TREE)),
+            (_pp_producer, (q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
+                            k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
+                            BMW, BN, HEAD, STAGES, CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        # (the turn barriers ride along unread: no turns with three)
+        gl.warp_specialize([
+            (_pp_consumer, (o_desc, q_smem.index(0), q_bar, k_smem, v_smem, k_ready, v_ready,
+                            k_empty, v_empty, turns.index(0), turns.index(1), q_row0, n_tiles,
+                            qk_scale, BMW, BN, HEAD, STAGES, False, TREE)),
+            (_pp_consumer, (o_desc, q_smem.index(1), q_bar, k_smem, v_smem, k_ready, v_ready,
+                            k_empty, v_empty, turns.index(0), turns.index(1), q_row0 + BMW,
+                            n_tiles, qk_scale, BMW, BN, HEAD, STAGES, False, TREE)),
+            (_pp_consumer, (o_desc, q_smem.index(2), q_bar, k_smem, v_smem, k_ready, v_ready,
+                            k_empty, v_empty, turns.index(0), turns.index(1), q_row0 + 2 * BMW,
+                            n_tiles, qk_scale, BMW, BN, HEAD, STAGES, False, TREE)),
+            (_pp_producer, (q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
+                            k_ready, v_ready, k_empty, v_empty, q_row0, kv_row0, n_tiles,
+                            BMW, BN, HEAD, STAGES, CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
 
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
 # name -> (kernel, BM (query rows a CTA), BN, STAGES, num_warps, extra constexprs)
+_WS3 = {"PINGPONG": False, "CONSUMER_REGS": 160, "TREE": False, "CONSUMERS": 3}
 VARIANTS = {
     "intra": (_fwd_intra, 128, 128, 2, 8, {"SPLIT_WAIT": True}),
     "intra_bn64": (_fwd_intra, 128, 64, 3, 8, {"SPLIT_WAIT": True}),
     "intra_hoisted": (_fwd_intra, 128, 128, 2, 8, {"SPLIT_WAIT": False}),
-    "pingpong": (_fwd_pingpong, 128, 128, 2, 4, {"PINGPONG": True, "CONSUMER_REGS": 240}),
-    "ws_nopingpong": (_fwd_pingpong, 128, 128, 2, 4, {"PINGPONG": False, "CONSUMER_REGS": 240}),
+    "pingpong": (_fwd_pingpong, 128, 128, 2, 4,
+                 {"PINGPONG": True, "CONSUMER_REGS": 240, "TREE": False, "CONSUMERS": 2}),
+    "ws_nopingpong": (_fwd_pingpong, 128, 128, 2, 4,
+                      {"PINGPONG": False, "CONSUMER_REGS": 240, "TREE": False, "CONSUMERS": 2}),
+    "ws_tree": (_fwd_pingpong, 128, 128, 2, 4,
+                {"PINGPONG": False, "CONSUMER_REGS": 240, "TREE": True, "CONSUMERS": 2}),
+    "ws3": (_fwd_pingpong, 192, 128, 2, 4, _WS3),
+    "ws3_bn64": (_fwd_pingpong, 192, 64, 3, 4, _WS3),
+    "ws3_bn64_tree": (_fwd_pingpong, 192, 64, 3, 4, {**_WS3, "TREE": True}),
 }
 
 
 def _q_block(name: str) -> int:
-    """Rows of a Q / O descriptor block: the pingpong kernels load one 64-row tile a warpgroup."""
-    kernel, bm = VARIANTS[name][:2]
-    return bm // 2 if kernel is _fwd_pingpong else bm
+    """Rows of a Q / O descriptor block: the warp-specialized kernels load one 64-row tile a
+    consumer warpgroup."""
+    kernel, bm, *_, extra = VARIANTS[name]
+    return bm // extra.get("CONSUMERS", 1)
 
 
 def _layout(block):
@@ -381,7 +451,7 @@ def _layout(block):
 def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     kernel, bm, bn, stages, warps, extra = VARIANTS[name]
     B, H, N, d = q.shape
-    assert d == D and q.dtype == torch.bfloat16, "the probe covers hd128 bf16 only"
+    assert d == D and q.dtype == torch.bfloat16, f"the probe is set to hd{D} bf16 (--head-dim)"
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), "B x H x N x D contiguous"
     assert N % bm == 0 and N % bn == 0 and N // bn >= stages, \
         f"{name}: N={N} must be a multiple of {bm} and {bn} and hold at least {stages} key tiles"
@@ -647,7 +717,7 @@ def gpu_main(out_dir: Path, names: list[str], lengths: list[int], label: str) ->
                   for name in VARIANTS}, "rows": []}
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     for n in lengths:
-        b, h = 16384 // n, 16
+        b, h = 16384 // n, 2048 // D  # (FlashAttention's benchmark shapes: 16 heads at hd128)
         torch.manual_seed(0)
         q, k, v = (torch.randn(b, h, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = 4 * b * h * n * n * D
@@ -709,7 +779,7 @@ def main() -> None:
     parser.add_argument("--softcap", action="store_true",
                         help="with --product: the scores soft-capped (SOFTCAP)")
     parser.add_argument("--head-dim", type=int, default=128,
-                        help="with --product: 64, 128 or 256")
+                        help="with --product: 64, 128 or 256; else the variants' (64 or 128)")
     parser.add_argument("--padding", type=int, default=0,
                         help="with --product: KEY_SPAN flags (1 key_padding_mask, 2 a bool row)")
     parser.add_argument("--mask-tile", action="store_true",
@@ -727,6 +797,10 @@ def main() -> None:
             f"{args.padding}:{2 if args.bias_tile else int(args.mask_tile)}:"
             f"{int(args.softcap)}:{int(args.persistent)}")))
         return
+    if args.head_dim not in (64, 128) and not args.product:
+        parser.error("the variants take --head-dim 64 or 128")
+    global D
+    D = args.head_dim
     if args.compile:
         compile_only()
         return
