@@ -112,13 +112,14 @@ def _softmax_step(s, m_i, l_i, qk_scale, TREE: gl.constexpr):
 
 @gluon.jit
 def _row_reduce(x, TREE: gl.constexpr, MAX: gl.constexpr):
-    """Each row's max (MAX) or sum of a (rows, keys) tile, in the rows of its layout. A thread of the
-    wgmma accumulator layout holds a quarter of a row's keys (32 of 128) and Triton reduces
-    them one after the other: a chain of 31 dependent FMNMX / FADD a row ahead of the shuffles
-    (session 35, ncu at hd64: the consumers' largest stall, ``wait``, sits on that chain).
-    TREE views the keys as (4, keys / 4), which leaves every thread's registers where they are
-    (the reshape is free at that layout: no shared memory, same allocation), and reduces the 4
-    first: at 128 keys 8 independent chains of 3, then one of 7, then the shuffles."""
+    """Each row's max (MAX) or sum of a (rows, keys) tile, in the rows of its layout. A thread
+    of the wgmma accumulator layout holds a quarter of a row's keys (32 of 128) and Triton
+    reduces them one after the other: a chain of 31 dependent FMNMX / FADD a row ahead of the
+    shuffles (session 35, ncu at hd64: the consumers' largest stall, ``wait``, sits on that
+    chain). TREE views the keys as (4, keys / 4), which leaves every thread's registers where
+    they are (the reshape is free at that layout: no shared memory, same allocation), and
+    reduces the 4 first: at 128 keys 8 independent chains of 3, then one of 7, then the
+    shuffles."""
     if TREE:
         ROWS: gl.constexpr = x.shape[0]
         KEYS: gl.constexpr = x.shape[1]
