@@ -50,6 +50,8 @@ from gluon_fwd_probe import write_result  # benchmarks/gluon_fwd_probe.py
 # the library's hd64 bounds, restored after lifted ones
 HD64_MIN_KEYS, HD64_PERSISTENT_MIN_KEYS = gfwd.HD64_MIN_KEYS, gfwd.HD64_PERSISTENT_MIN_KEYS
 Q_BUFFERS, RING_STAGES, BLOCK_N_AT = gfwd.PERSISTENT_Q_BUFFERS, gfwd.STAGES, gfwd.forward_block_n
+# --forms: (causal, GQA 4:1) by name
+FORMS = {"none": (False, False), "causal": (True, False), "gqa": (True, True)}
 
 
 def variant_runner(name: str, q, k, v, causal: bool, gqa: bool):
@@ -79,7 +81,10 @@ def variant_runner(name: str, q, k, v, causal: bool, gqa: bool):
     else:
         os.environ.pop("SDPA_PASS_GLUON", None)
     # split: the backward's dQ by its own kernel rather than the dK/dV kernel's reduce-adds
-    os.environ["SDPA_PASS_GLUON_FUSED_DQ"] = "0" if "split" in flags else "1"
+    if "split" in flags:
+        os.environ["SDPA_PASS_GLUON_FUSED_DQ"] = "0"
+    else:
+        os.environ.pop("SDPA_PASS_GLUON_FUSED_DQ", None)
     launch.clear_plans()
     return lambda: attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
@@ -155,9 +160,8 @@ def main() -> None:
                   dtype="bf16", mode="fwdbwd" if args.backward else "fwd", rows=[])
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     for D in (int(d) for d in args.head_dims.split(",")):
-        forms = {"none": (False, False), "causal": (True, False), "gqa": (True, True)}
         for form in args.forms.split(","):
-            causal, gqa = forms[form]
+            causal, gqa = FORMS[form]
             if gqa and D != 128:
                 continue
             for N in (int(n) for n in args.lengths.split(",")):
