@@ -103,9 +103,10 @@ carried across them. O leaves through shared memory of its own and each consumer
 buffers, so the next tile's Q and first keys arrive under this tile's last P·V and epilogue,
 which a one-tile CTA leaves exposed (224 KB of shared memory at hd128). Work tiles of equal
 work go round-robin (CTA p: p, p + P, ...); causal ones follow a list the host lays out once
-per shape (``persistent_schedule``): round-robin pinned each CTA to one position within the
-heads wherever P and the query tiles a head share factors, 0.76x the one-tile kernel at
-N = 16k. H200, bf16, forward against the one-tile kernel: hd128 1.04-1.25x without a mask
+per shape (``persistent_schedule``, kept by ``causal_schedule``; a shape first met while a
+CUDA graph is captured takes the one-tile kernel there, its list's copy to the device not
+being capturable): round-robin pinned each CTA to one position within the heads wherever P
+and the query tiles a head share factors, 0.76x the one-tile kernel at N = 16k. H200, bf16, forward against the one-tile kernel: hd128 1.04-1.25x without a mask
 (521 / 634 / 648 TFLOP/s at N = 512 / 4k / 16k, cuDNN 520 / 626 / 629), causal 1.03-1.19x,
 GQA 1.03-1.16x; hd64 causal 1.07-1.11x from 4k and 1.05-1.06x over the Triton forward at 1k /
 2k (BENCHMARKS.md, session 34).
@@ -148,6 +149,9 @@ HEAD_DIMS = (64, 128)
 # Triton tiles win; 2k was not measured. The persistent kernel (``persistent_forward``) from
 # HD64_PERSISTENT_MIN_KEYS[causal] instead.
 HD64_MIN_KEYS = 4096
+# The head dim whose consumers reduce each row's max and sum in two steps (_row_reduce's
+# TREE): measured faster there alone (H200, BENCHMARKS.md session 36)
+ROW_TREE_HEAD_DIM = 64
 # Keys from which the persistent kernel takes hd64 calls, by causal: on the H200 (bf16,
 # B·H·N = 2**19, BENCHMARKS.md session 34) it gave 1.11x / 1.06x / 1.02x the Triton forward at
 # N = 512 / 1k / 2k without a mask, causal 0.96x / 1.05x / 1.06x.
@@ -201,6 +205,7 @@ if gluon is not None:
     LOG2E_C = gl.constexpr(LOG2E)
     TILE_BIAS_C = gl.constexpr(TILE_BIAS)
     TILE_BOOL_C = gl.constexpr(TILE_BOOL)
+    ROW_TREE_HEAD_DIM_C = gl.constexpr(ROW_TREE_HEAD_DIM)
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, m_desc, q_smem0, q_smem1, q_bar, k_smem, v_smem,
@@ -377,6 +382,7 @@ if gluon is not None:
         dtype: gl.constexpr = q_smem.dtype
         BIAS: gl.constexpr = MASK_TILE == TILE_BIAS_C
         EMPTY_ROWS: gl.constexpr = (KEY_SPAN != 0) or (MASK_TILE != 0) or WINDOW
+        ROW_TREE: gl.constexpr = HEAD == ROW_TREE_HEAD_DIM_C  # _row_reduce's two steps
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -411,14 +417,15 @@ if gluon is not None:
                 s = _tile_mask(s, t0, row0, offset, S, BMW, BN, s_layout, IS_CAUSAL,
                                RAGGED_KEYS)
         if BIAS:  # running max in natural-log units of the biased scores
-            m_i = gl.max(s, 1)
+            m_i = _row_reduce(s, True, ROW_TREE)
             m_use = _finite_shift(m_i, True)
             p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
         else:
-            m_i = gl.max(s, 1) * qk_scale  # running max, in log2 units of the scaled scores
+            # running max, in log2 units of the scaled scores
+            m_i = _row_reduce(s, True, ROW_TREE) * qk_scale
             m_use = _finite_shift(m_i, EMPTY_ROWS)
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-        l_i = gl.sum(p, 1)
+        l_i = _row_reduce(p, False, ROW_TREE)
         alpha = gl.full([BMW], 1.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
         mbarrier.wait(v_ready.index(s0), phase0)
 
@@ -457,16 +464,16 @@ if gluon is not None:
                                    RAGGED_KEYS)
             # tile j's softmax: its exponentials run under the P.V product
             if BIAS:
-                m_new = gl.maximum(m_i, gl.max(s, 1))
+                m_new = gl.maximum(m_i, _row_reduce(s, True, ROW_TREE))
                 m_use = _finite_shift(m_new, True)
                 alpha = gl.exp2((m_i - m_use) * LOG2E_C)
                 p = gl.exp2((s - gl.expand_dims(m_use, 1)) * LOG2E_C)
             else:
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                m_new = gl.maximum(m_i, _row_reduce(s, True, ROW_TREE) * qk_scale)
                 m_use = _finite_shift(m_new, EMPTY_ROWS)
                 alpha = gl.exp2(m_i - m_use)
                 p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-            l_i = l_i * alpha + gl.sum(p, 1)
+            l_i = l_i * alpha + _row_reduce(p, False, ROW_TREE)
             m_i = m_new
             # V_j for the next iteration. This wait (a try-wait loop, so a new basic block)
             # sits between the softmax and the next wgmma wait on purpose: with both waits and
@@ -547,6 +554,31 @@ if gluon is not None:
         if MAY_BE_EMPTY:
             m = gl.where(m == float("-inf"), 0.0, m)
         return m
+
+    @gluon.jit
+    def _row_reduce(x, MAX: gl.constexpr, TREE: gl.constexpr):
+        """Each row's max (MAX) or sum of a (rows, keys) score tile at the wgmma accumulator
+        layout. A thread there holds a quarter of a row's keys, and ``gl.max(x, 1)`` reduces
+        them one after the other: at 128 keys a chain of 31 dependent FMNMX / FADD a row
+        ahead of the shuffles, the consumers' largest stall at hd64 (``wait``, session 35's
+        ncu profile). With TREE the keys viewed as (4, keys / 4) keep every register where it
+        is (no shared memory, same allocation) and reduce the 4 first: 8 independent chains of
+        3, then one of 7. The max is exact either way; the sum's rounding order changes.
+        Session 36 (H200): +4% at hd64 (persistent kernel, 4k / 16k keys), but -2 to -4% in
+        the hd128 persistent kernel, so ``_consumer`` sets TREE at head dim 64 alone
+        (ROW_TREE_HEAD_DIM)."""
+        if not TREE:
+            if MAX:
+                return gl.max(x, 1)
+            return gl.sum(x, 1)
+        ROWS: gl.constexpr = x.shape[0]
+        KEYS: gl.constexpr = x.shape[1]
+        y = gl.reshape(x, [ROWS, 4, KEYS // 4])
+        if MAX:
+            r = gl.max(gl.max(y, 1), 1)
+        else:
+            r = gl.sum(gl.sum(y, 1), 1)
+        return gl.convert_layout(r, gl.SliceLayout(1, x.type.layout))
 
     @gluon.jit
     def _kv_ring_barriers(STAGES: gl.constexpr, V_READERS: gl.constexpr = 2):
@@ -1062,17 +1094,22 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     if persistent_forward(D, padding, mask_tile, window, is_causal, n_m * B * Hq):
         offset = causal_offset(causal_align, diagonal, L, S)
         ctas = min(n_m * B * Hq, persistent_ctas(q.device))
-        schedule = (persistent_schedule(n_m, B * Hq, ctas, S, offset, bn, q.device)
+        schedule = (causal_schedule(n_m, B * Hq, ctas, S, offset, bn, q.device)
                     if is_causal else lse)  # (not read without a schedule)
-        args = (q, k, v, out, lse if return_lse else out, qk_scale, cap_scale, Hq, L, S,
-                shape.group, offset, n_m, n_m * B * Hq, schedule)
-        launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_persistent, (ctas,), args,
-                     dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
-                          IS_CAUSAL=is_causal, RAGGED_KEYS=S % bn != 0, SOFTCAP=softcap > 0.0,
-                          SCHEDULED=is_causal, Q_BUFS=PERSISTENT_Q_BUFFERS,
-                          CONSUMER_REGS=CONSUMER_REGS, num_warps=4),
-                     descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})
-        return
+        if schedule is not None:
+            args = (q, k, v, out, lse if return_lse else out, qk_scale, cap_scale, Hq, L, S,
+                    shape.group, offset, n_m, n_m * B * Hq, schedule)
+            launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_persistent, (ctas,), args,
+                         dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
+                              IS_CAUSAL=is_causal, RAGGED_KEYS=S % bn != 0,
+                              SOFTCAP=softcap > 0.0, SCHEDULED=is_causal,
+                              Q_BUFS=PERSISTENT_Q_BUFFERS, CONSUMER_REGS=CONSUMER_REGS,
+                              num_warps=4),
+                         descriptors={0: q_rows, 1: kv_rows, 2: kv_rows, 3: q_rows})
+            return
+        # A CUDA graph being captured before this shape ran eagerly: the one-tile kernel, and
+        # no plan under the key, which an eager call will give the persistent kernel
+        plan_key = None
     launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_ws, (-(-L // BLOCK_M), B * Hq), args,
                  dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
                       IS_CAUSAL=is_causal, # (with padding rows their read masks keys past S)
@@ -1111,7 +1148,31 @@ SCHEDULE_LIMIT = 1 << 16
 TILE_COST = 1
 
 
-@functools.lru_cache(maxsize=64)
+# Causal schedules kept (``causal_schedule``), the oldest dropped first
+SCHEDULE_CACHE = 64
+_SCHEDULES: dict[tuple, torch.Tensor] = {}
+
+
+def causal_schedule(n_m: int, rows: int, ctas: int, S: int, offset: int, block_n: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """``persistent_schedule``'s list for these arguments, laid out once and kept (the last
+    SCHEDULE_CACHE of them). None where the current CUDA stream is capturing a graph and the
+    list is not kept yet: its copy from pageable host memory to the device cannot be captured
+    (an error in the capture, not a node), so such a call takes the one-tile kernel. Run a
+    shape once before capturing it, as CUDA graphs want anyway, and its graph gets the
+    persistent kernel. (``functools.lru_cache`` would serve the eager calls but cannot say
+    whether it holds a key without computing it.)"""
+    key = (n_m, rows, ctas, S, offset, block_n, device)
+    schedule = _SCHEDULES.get(key)
+    if schedule is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if len(_SCHEDULES) >= SCHEDULE_CACHE:
+            del _SCHEDULES[next(iter(_SCHEDULES))]  # (dicts keep insertion order)
+        schedule = _SCHEDULES[key] = persistent_schedule(*key)
+    return schedule
+
+
 def persistent_schedule(n_m: int, rows: int, ctas: int, S: int, offset: int, block_n: int,
                         device: torch.device) -> torch.Tensor:
     """The work lists of a causal persistent launch (``_work_list``), int32 on ``device``: the

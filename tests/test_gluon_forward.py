@@ -662,6 +662,58 @@ def test_the_persistent_kernel_compiles_for_sm90_with_its_overlap(causal, head_d
         persistent["loop window"])
 
 
+def test_causal_schedules_are_kept_and_none_is_made_during_a_graph_capture(monkeypatch):
+    """(Any device.) ``causal_schedule`` lays a shape's list out once and keeps the last
+    SCHEDULE_CACHE (the oldest dropped first). While a CUDA stream captures a graph it makes
+    none (its host-to-device copy cannot be captured) and answers None, so the launch takes
+    the one-tile kernel; a kept one it returns then too."""
+    monkeypatch.setattr(gfwd, "_SCHEDULES", {})
+    monkeypatch.setattr(gfwd, "SCHEDULE_CACHE", 2)
+    cpu = torch.device("cpu")
+    first = gfwd.causal_schedule(4, 8, 5, 512, 0, 128, cpu)
+    assert torch.equal(first, gfwd.persistent_schedule(4, 8, 5, 512, 0, 128, cpu))
+    assert gfwd.causal_schedule(4, 8, 5, 512, 0, 128, cpu) is first
+    gfwd.causal_schedule(4, 8, 6, 512, 0, 128, cpu)
+    gfwd.causal_schedule(4, 8, 7, 512, 0, 128, cpu)  # drops the first
+    assert gfwd.causal_schedule(4, 8, 5, 512, 0, 128, cpu) is not first
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert gfwd.causal_schedule(4, 8, 5, 512, 0, 128, cuda) is None
+    kept = torch.zeros(1)
+    gfwd._SCHEDULES[(4, 8, 5, 512, 0, 128, cuda)] = kept
+    assert gfwd.causal_schedule(4, 8, 5, 512, 0, 128, cuda) is kept
+
+
+@needs_hopper
+def test_a_causal_shape_first_seen_in_a_graph_capture_replays_the_eager_output(monkeypatch):
+    """A causal call captured into a CUDA graph before its shape ran eagerly (no schedule
+    kept) takes the one-tile kernel there, and no plan under its key; the replay equals the
+    eager call after it, which takes the persistent kernel."""
+    monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "1")
+    monkeypatch.setattr(gfwd, "_SCHEDULES", {})
+    launched = launches_of(monkeypatch)
+    q, k, v = (randn(2, 4, 1024, 128, dtype=torch.bfloat16) for _ in range(3))
+    # compile both kernels outside the capture, on another shape of the same specialization
+    warm = [randn(2, 4, 512, 128, dtype=torch.bfloat16) for _ in range(3)]
+    attention(*warm, is_causal=True)
+    with monkeypatch.context() as m:
+        m.setenv("SDPA_PASS_GLUON_PERSISTENT", "0")
+        attention(*warm, is_causal=True)
+    torch.cuda.synchronize()
+    launched.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention(q, k, v, is_causal=True)
+    assert [kernel for kernel, _ in launched] == [gfwd._attention_fwd_ws]
+    graph.replay()
+    want = attention(q, k, v, is_causal=True)
+    assert [kernel for kernel, _ in launched[1:]] == [gfwd._attention_fwd_persistent]
+    torch.cuda.synchronize()
+    ref = reference_attention(q, k, v, is_causal=True)[0]
+    assert_close_to_reference(captured, ref, torch.bfloat16, "captured output")
+    assert_close_to_reference(want, ref, torch.bfloat16)
+
+
 # The persistent kernel, its grid held to a few CTAs so each walks many work tiles of
 # different lengths (causal) and the K / V ring's count runs across them: (B, Hq, Hkv, L, S,
 # dtype, scale, extras, CTAs; None: one per SM)
