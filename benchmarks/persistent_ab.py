@@ -4,7 +4,9 @@
                                        [--rounds 3] [--label NAME] [--backward] [--profile]
 
 Forward alone, FlashAttention's benchmark shapes (batch 16384 / N, heads 2048 / D, L = S = N,
-bf16), causal and not, plus GQA 4:1 causal at hd128. Variants, in one process, timed in
+bf16), causal and not, plus GQA 4:1 causal at hd128 (``--forms``; ``padded`` /
+``padded_causal``: HF's padding row, ``padding_row``; the rate counts every pair, padded or
+not). Variants, in one process, timed in
 alternating order over ``--rounds`` rounds (each keeps its fastest):
 
 - ``tile``: ``_attention_fwd_ws``, a CTA per 128 query rows (SDPA_PASS_GLUON_PERSISTENT=0);
@@ -50,18 +52,40 @@ from gluon_fwd_probe import write_result  # benchmarks/gluon_fwd_probe.py
 # the library's hd64 bounds, restored after lifted ones
 HD64_MIN_KEYS, HD64_PERSISTENT_MIN_KEYS = gfwd.HD64_MIN_KEYS, gfwd.HD64_PERSISTENT_MIN_KEYS
 Q_BUFFERS, RING_STAGES, BLOCK_N_AT = gfwd.PERSISTENT_Q_BUFFERS, gfwd.STAGES, gfwd.forward_block_n
-# --forms: (causal, GQA 4:1) by name
-FORMS = {"none": (False, False), "causal": (True, False), "gqa": (True, True)}
+# --forms: (causal, GQA 4:1, padded) by name. Padded: HF's (B, 1, 1, N) bool row, batch
+# element b keeping the first N / 4 + (b / B) 3 N / 4 keys (right padding, as padding.py's);
+# SDPA's peer takes it with the causal mask folded in, (B, 1, N, N)
+FORMS = {"none": (False, False, False), "causal": (True, False, False),
+         "gqa": (True, True, False), "padded": (False, False, True),
+         "padded_causal": (True, False, True)}
 
 
-def variant_runner(name: str, q, k, v, causal: bool, gqa: bool):
+def padding_row(B: int, N: int) -> torch.Tensor:
+    """(B, 1, 1, N) bool, True = attend: batch element b keeps its first N / 4 + b (3 N / 4) / B
+    keys (B = 1: all of them)."""
+    keep = torch.tensor([N // 4 + b * (3 * N // 4) // max(B - 1, 1) for b in range(B)]
+                        if B > 1 else [N], device="cuda")
+    return (torch.arange(N, device="cuda") < keep[:, None])[:, None, None, :]
+
+
+def sdpa_mask(row: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """The mask SDPA's backends take for a padding row (with the causal mask folded in)."""
+    if row is None or not causal:
+        return row
+    N = row.shape[-1]
+    return row & torch.ones(N, N, dtype=torch.bool, device=row.device).tril()
+
+
+def variant_runner(name: str, q, k, v, causal: bool, gqa: bool, row=None):
     """A no-argument callable running ``name`` on these inputs, the library's state set for
     it (environment, HD64_MIN_KEYS) and its compiled launches forgotten."""
     if name == "sdpa_cudnn":
+        mask = sdpa_mask(row, causal)
+
         def run():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                      enable_gqa=gqa)
+                return F.scaled_dot_product_attention(
+                    q, k, v, mask, is_causal=causal and mask is None, enable_gqa=gqa)
         return run
     kernel, *flags = name.split(":")
     os.environ["SDPA_PASS_GLUON_PERSISTENT"] = "1" if kernel == "persistent" else "0"
@@ -86,17 +110,19 @@ def variant_runner(name: str, q, k, v, causal: bool, gqa: bool):
     else:
         os.environ.pop("SDPA_PASS_GLUON_FUSED_DQ", None)
     launch.clear_plans()
-    return lambda: attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return lambda: attention(q, k, v, row, is_causal=causal, enable_gqa=gqa)
 
 
 def measure(D: int, N: int, causal: bool, gqa: bool, rounds: int, backward: bool = False,
-            profile: bool = False, variants: list[str] | None = None) -> list[dict]:
+            profile: bool = False, variants: list[str] | None = None,
+            padded: bool = False) -> list[dict]:
     B, H = max(1, 16384 // N), 2048 // D
     Hkv = H // 4 if gqa else H
     torch.manual_seed(0)
     q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
     k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16,
                         requires_grad=backward) for _ in range(2))
+    padding = padding_row(B, N) if padded else None
     names = ["tile", "persistent", "persistent:q1", "sdpa_cudnn"]
     if D == 64 and N < 4096:
         names = ["triton", "tile:short", "persistent:short", "persistent:short:q1",
@@ -107,16 +133,18 @@ def measure(D: int, N: int, causal: bool, gqa: bool, rounds: int, backward: bool
         names = variants
 
     def runner(name):
-        run = variant_runner(name, q, k, v, causal, gqa)
+        run = variant_runner(name, q, k, v, causal, gqa, padding)
         return with_backward(run, q, k, v) if backward else run
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        run_ref = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,  # noqa: E731
-                                                          enable_gqa=gqa)
+    # (flash takes no mask: the padded forms' reference is the memory-efficient backend)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if padded else SDPBackend.FLASH_ATTENTION):
+        ref_mask = sdpa_mask(padding, causal)
+        run_ref = lambda: F.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, ref_mask, is_causal=causal and ref_mask is None, enable_gqa=gqa)
         ref = (with_backward(run_ref, q, k, v) if backward else run_ref)()
     flops = 4 * B * H * N * N * D / (2 if causal else 1) * (2.5 if backward else 1)
-    rows = {name: dict(D=D, N=N, B=B, H=H, Hkv=Hkv, causal=causal, name=name, ms=[],
-                       graph_ms=[]) for name in names}
+    rows = {name: dict(D=D, N=N, B=B, H=H, Hkv=Hkv, causal=causal, padded=padded, name=name,
+                       ms=[], graph_ms=[]) for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             row = rows[name]
@@ -161,12 +189,12 @@ def main() -> None:
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     for D in (int(d) for d in args.head_dims.split(",")):
         for form in args.forms.split(","):
-            causal, gqa = FORMS[form]
+            causal, gqa, padded = FORMS[form]
             if gqa and D != 128:
                 continue
             for N in (int(n) for n in args.lengths.split(",")):
                 rows = measure(D, N, causal, gqa, args.rounds, args.backward, args.profile,
-                               [v for v in args.variants.split(",") if v])
+                               [v for v in args.variants.split(",") if v], padded)
                 result["rows"].extend(rows)
                 text = "  ".join(
                     f"{r['name']} {r.get('tflops', 0):.1f}/{r.get('graph_tflops', 0):.1f}"

@@ -96,9 +96,10 @@ Gluon kernels soft-cap under the same variable (gluon_backward.py). Padding rows
 are taken too (since session 27, when test_gluon_padding.py's capped cases first ran on a GPU).
 
 Persistent (``_attention_fwd_persistent``, session 34; the default for the calls it takes,
-SDPA_PASS_GLUON_PERSISTENT=0 turns it off): at head dims 64 and 128, without padding rows, a
-mask read in tiles or a window, the same schedule in a grid of at most one CTA per SM, each
-walking its work tiles (128 query rows of one (batch, head)) with the K / V ring's count
+SDPA_PASS_GLUON_PERSISTENT=0 turns it off): at head dims 64 and 128, without a mask read in
+tiles or a window, padding rows only without a causal mask (session 36; each work tile visits
+its (batch, head)'s span, as above), the same schedule in a grid of at most one CTA per SM,
+each walking its work tiles (128 query rows of one (batch, head)) with the K / V ring's count
 carried across them. O leaves through shared memory of its own and each consumer has two Q
 buffers, so the next tile's Q and first keys arrive under this tile's last P·V and epilogue,
 which a one-tile CTA leaves exposed (224 KB of shared memory at hd128). Work tiles of equal
@@ -645,12 +646,14 @@ if gluon is not None:
         return first, last
 
     @gluon.jit
-    def _work_step(sched_ptr, it, first, n_m, Hq, S, offset, BM: gl.constexpr,
-                   BN: gl.constexpr, IS_CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr,
-                   Q_BUFS: gl.constexpr):
+    def _work_step(sched_ptr, it, first, n_m, Hq, S, offset, spans_ptr, span_sb, span_sh,
+                   BM: gl.constexpr, BN: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                   SCHEDULED: gl.constexpr, Q_BUFS: gl.constexpr, KEY_SPAN: gl.constexpr):
         """Entry ``it`` of this CTA's work list (``_work_list``, from ``first``), as the copy
         warp and the consumers all walk it: its work tile's (pid_bh, b, h, start_m, n_tiles,
-        full_tiles) (``_work_tile``), then the Q buffer it takes and the parity of that
+        full_tiles) (``_work_tile``), its key tiles t0 .. t0 + n_tiles and the tiles [d_lo,
+        d_hi) that need no padding mask (with KEY_SPAN the padding's span, ``span_tiles``;
+        else 0 .. n_tiles and none), then the Q buffer it takes and the parity of that
         buffer's uses before it."""
         if SCHEDULED:
             tile = gl.load(sched_ptr + gl.num_programs(0) + 1 + it)
@@ -658,16 +661,22 @@ if gluon is not None:
             tile = gl.program_id(0) + it * gl.num_programs(0)
         pid_bh, b, h, start_m, n_tiles, full_tiles = _work_tile(tile, n_m, Hq, S, offset, BM,
                                                                 BN, IS_CAUSAL)
-        return (pid_bh, b, h, start_m, n_tiles, full_tiles, (it - first) % Q_BUFS,
-                ((it - first) // Q_BUFS) & 1)
+        t0 = start_m * 0
+        d_lo = t0
+        d_hi = t0
+        if KEY_SPAN != 0:
+            t0, n_tiles, d_lo, d_hi = span_tiles(spans_ptr, span_sb, span_sh, b, h, n_tiles, BN)
+        return (pid_bh, b, h, start_m, n_tiles, full_tiles, t0, d_lo, d_hi,
+                (it - first) % Q_BUFS, ((it - first) // Q_BUFS) & 1)
 
     @gluon.jit
     def _producer_persistent(q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, q_empty, k_smem,
                              v_smem, k_ready, v_ready, k_empty, v_empty, Hq, S, group, offset,
-                             n_m, total, sched_ptr, BMW: gl.constexpr, BN: gl.constexpr,
+                             n_m, total, sched_ptr, spans_ptr, span_sb, span_sh,
+                             BMW: gl.constexpr, BN: gl.constexpr,
                              HEAD: gl.constexpr, STAGES: gl.constexpr,
                              IS_CAUSAL: gl.constexpr, SCHEDULED: gl.constexpr,
-                             Q_BUFS: gl.constexpr):
+                             Q_BUFS: gl.constexpr, KEY_SPAN: gl.constexpr):
         """The copy partition of a persistent CTA: for each of its work tiles, both consumers'
         Q into buffer j % Q_BUFS (the CTA's j-th tile) once they have released what it held
         (``q_empty``), then its key tiles into the K / V ring, whose count of tiles runs on
@@ -677,55 +686,64 @@ if gluon is not None:
         first, last = _work_list(sched_ptr, total, SCHEDULED)
         q_bytes: gl.constexpr = 2 * BMW * HEAD * q_desc.dtype.primitive_bitwidth // 8
         for it in range(first, last):
-            pid_bh, b, h, start_m, n_tiles, full_tiles, buf, uses = _work_step(
-                sched_ptr, it, first, n_m, Hq, S, offset, 2 * BMW, BN, IS_CAUSAL, SCHEDULED,
-                Q_BUFS)
+            pid_bh, b, h, start_m, n_tiles, full_tiles, t0, d_lo, d_hi, buf, uses = _work_step(
+                sched_ptr, it, first, n_m, Hq, S, offset, spans_ptr, span_sb, span_sh, 2 * BMW,
+                BN, IS_CAUSAL, SCHEDULED, Q_BUFS, KEY_SPAN)
             # (a fresh mbarrier passes a wait on phase 1)
             mbarrier.wait(q_empty.index(buf), uses ^ 1)
             mbarrier.expect(q_bar.index(buf), q_bytes)
             _tma_load(q_desc, [b, h, start_m, 0], q_bar.index(buf), q_smem0.index(buf))
             _tma_load(q_desc, [b, h, start_m + BMW, 0], q_bar.index(buf), q_smem1.index(buf))
             _kv_ring_fill(k_desc, v_desc, k_desc, k_smem, v_smem, k_smem, k_ready, v_ready,
-                          k_empty, v_empty, b, h // group, 0, 0, start_m, start_m * 0, n_tiles,
+                          k_empty, v_empty, b, h // group, 0, 0, start_m, t0, n_tiles,
                           BMW, BN, HEAD, STAGES, 0, 2, c)
             c += n_tiles
 
     @gluon.jit
     def _consumer_persistent(o_desc, lse_ptr, q_smem, q_bar, q_empty, o_smem, k_smem, v_smem,
                              k_ready, v_ready, k_empty, v_empty, Hq, L, S, offset, n_m, total,
-                             sched_ptr, qk_scale, cap_scale, BMW: gl.constexpr,
+                             sched_ptr, qk_scale, cap_scale, kpm_ptr, mask_ptr, spans_ptr,
+                             stride_pb, stride_pn, stride_mb, stride_mh, stride_mn, span_sb,
+                             span_sh, BMW: gl.constexpr,
                              BN: gl.constexpr, HEAD: gl.constexpr, STAGES: gl.constexpr,
                              STORE_LSE: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                             RAGGED_KEYS: gl.constexpr, SOFTCAP: gl.constexpr,
+                             RAGGED_KEYS: gl.constexpr, KEY_SPAN: gl.constexpr,
+                             NAN_ON_EMPTY: gl.constexpr, SOFTCAP: gl.constexpr,
                              SCHEDULED: gl.constexpr, Q_BUFS: gl.constexpr, W: gl.constexpr):
         """One consumer warpgroup of a persistent CTA: ``_consumer``'s rows W of each of its
         work tiles in turn (the copy warp's order), the ring's count carried on."""
         c = 0
         first, last = _work_list(sched_ptr, total, SCHEDULED)
         for it in range(first, last):
-            pid_bh, b, h, start_m, n_tiles, full_tiles, buf, uses = _work_step(
-                sched_ptr, it, first, n_m, Hq, S, offset, 2 * BMW, BN, IS_CAUSAL, SCHEDULED,
-                Q_BUFS)
+            pid_bh, b, h, start_m, n_tiles, full_tiles, t0, d_lo, d_hi, buf, uses = _work_step(
+                sched_ptr, it, first, n_m, Hq, S, offset, spans_ptr, span_sb, span_sh, 2 * BMW,
+                BN, IS_CAUSAL, SCHEDULED, Q_BUFS, KEY_SPAN)
             zero = start_m * 0
             _consumer(o_desc, lse_ptr, q_smem.index(buf), q_bar.index(buf), k_smem, v_smem,
                       k_smem, k_ready, v_ready, k_empty, v_empty, b, h, start_m + W * BMW, L, S,
-                      offset, zero, zero, n_tiles, full_tiles, zero, zero, pid_bh * L,
-                      qk_scale, cap_scale, lse_ptr, 0, 0, lse_ptr, 0, 0, 0, BMW, BN, HEAD,
-                      STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS, 0, False, 0, False, SOFTCAP,
+                      offset, zero, t0, n_tiles, full_tiles, d_lo, d_hi, pid_bh * L,
+                      qk_scale, cap_scale, kpm_ptr, stride_pb, stride_pn, mask_ptr, stride_mb,
+                      stride_mh, stride_mn, BMW, BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL,
+                      RAGGED_KEYS, KEY_SPAN, NAN_ON_EMPTY, 0, False, SOFTCAP,
                       W, c, uses, o_smem, q_empty.index(buf), True)
             c += n_tiles
         tma.store_wait(0)
 
     @gluon.jit
-    def _attention_fwd_persistent(q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale, cap_scale,
-                                  Hq, L, S, group, offset, n_m, total, sched_ptr,
+    def _attention_fwd_persistent(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, mask_ptr,
+                                  spans_ptr, qk_scale, cap_scale, Hq, L, S, group, offset, n_m,
+                                  total, sched_ptr, stride_pb, stride_pn, stride_mb, stride_mh,
+                                  stride_mn, span_sb, span_sh,
                                   BM: gl.constexpr, BN: gl.constexpr, HEAD: gl.constexpr,
                                   STAGES: gl.constexpr, STORE_LSE: gl.constexpr,
                                   IS_CAUSAL: gl.constexpr, RAGGED_KEYS: gl.constexpr,
+                                  KEY_SPAN: gl.constexpr, NAN_ON_EMPTY: gl.constexpr,
                                   SOFTCAP: gl.constexpr, SCHEDULED: gl.constexpr,
                                   Q_BUFS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                                   num_warps: gl.constexpr):
-        """``_attention_fwd_ws`` without masks, padding rows or windows, as a persistent kernel:
+        """``_attention_fwd_ws`` without an attn_mask read in tiles or a window (padding rows,
+        KEY_SPAN, as there: each work tile visits its (batch, head)'s span), as a persistent
+        kernel:
         grid (P,), P at most the SMs, over the ``total`` = n_m * B * Hq work tiles (n_m =
         cdiv(L, BM); ``_work_tile``'s order). Without SCHEDULED, CTA p takes tiles p, p + P,
         ... (tiles of equal work: no causal mask); with it, the list ``persistent_schedule``
@@ -753,18 +771,23 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer_persistent, (o_desc, lse_ptr, q_smem0, q_bar, q_empty, o_smem0, k_smem,
                                     v_smem, k_ready, v_ready, k_empty, v_empty, Hq, L, S,
-                                    offset, n_m, total, sched_ptr, qk_scale, cap_scale, BMW,
+                                    offset, n_m, total, sched_ptr, qk_scale, cap_scale,
+                                    kpm_ptr, mask_ptr, spans_ptr, stride_pb, stride_pn,
+                                    stride_mb, stride_mh, stride_mn, span_sb, span_sh, BMW,
                                     BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS,
-                                    SOFTCAP, SCHEDULED, Q_BUFS, 0)),
+                                    KEY_SPAN, NAN_ON_EMPTY, SOFTCAP, SCHEDULED, Q_BUFS, 0)),
             (_consumer_persistent, (o_desc, lse_ptr, q_smem1, q_bar, q_empty, o_smem1, k_smem,
                                     v_smem, k_ready, v_ready, k_empty, v_empty, Hq, L, S,
-                                    offset, n_m, total, sched_ptr, qk_scale, cap_scale, BMW,
+                                    offset, n_m, total, sched_ptr, qk_scale, cap_scale,
+                                    kpm_ptr, mask_ptr, spans_ptr, stride_pb, stride_pn,
+                                    stride_mb, stride_mh, stride_mn, span_sb, span_sh, BMW,
                                     BN, HEAD, STAGES, STORE_LSE, IS_CAUSAL, RAGGED_KEYS,
-                                    SOFTCAP, SCHEDULED, Q_BUFS, 1)),
+                                    KEY_SPAN, NAN_ON_EMPTY, SOFTCAP, SCHEDULED, Q_BUFS, 1)),
             (_producer_persistent, (q_desc, k_desc, v_desc, q_smem0, q_smem1, q_bar, q_empty,
                                     k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Hq, S,
-                                    group, offset, n_m, total, sched_ptr, BMW, BN, HEAD,
-                                    STAGES, IS_CAUSAL, SCHEDULED, Q_BUFS)),
+                                    group, offset, n_m, total, sched_ptr, spans_ptr, span_sb,
+                                    span_sh, BMW, BN, HEAD, STAGES, IS_CAUSAL, SCHEDULED,
+                                    Q_BUFS, KEY_SPAN)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
     @gluon.jit
@@ -1097,11 +1120,13 @@ def attention_forward_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         schedule = (causal_schedule(n_m, B * Hq, ctas, S, offset, bn, q.device)
                     if is_causal else lse)  # (not read without a schedule)
         if schedule is not None:
-            args = (q, k, v, out, lse if return_lse else out, qk_scale, cap_scale, Hq, L, S,
-                    shape.group, offset, n_m, n_m * B * Hq, schedule)
+            args = (q, k, v, out, lse if return_lse else out, *pad[:2],
+                    q if spans is None else spans, qk_scale, cap_scale, Hq, L, S, shape.group,
+                    offset, n_m, n_m * B * Hq, schedule, *pad[2:], *span_strides(spans))
             launch_fixed(_GLUON_CALLS, plan_key, _attention_fwd_persistent, (ctas,), args,
                          dict(BM=BLOCK_M, BN=bn, HEAD=D, STAGES=STAGES, STORE_LSE=return_lse,
-                              IS_CAUSAL=is_causal, RAGGED_KEYS=S % bn != 0,
+                              IS_CAUSAL=is_causal, RAGGED_KEYS=S % bn != 0 and not padding,
+                              KEY_SPAN=padding, NAN_ON_EMPTY=nan_on_empty and padding != 0,
                               SOFTCAP=softcap > 0.0, SCHEDULED=is_causal,
                               Q_BUFS=PERSISTENT_Q_BUFFERS, CONSUMER_REGS=CONSUMER_REGS,
                               num_warps=4),
@@ -1127,16 +1152,21 @@ def persistent_forward(head_dim: int, padding: int, mask_tile: int, window: int,
                        causal: bool, tiles: int) -> bool:
     """Whether a call the Gluon forward takes runs its persistent kernel
     (``_attention_fwd_persistent``) over its ``tiles`` work tiles: head dims 64 and 128 (at
-    256 an O buffer of its own does not fit beside Q, K and V), no padding rows, no attn_mask
-    read in tiles, no window, and where causal at most SCHEDULE_LIMIT tiles (the host lays out
-    their schedule, ``persistent_schedule``); not under SDPA_PASS_GLUON_PERSISTENT=0.
+    256 an O buffer of its own does not fit beside Q, K and V), no attn_mask read in tiles, no
+    window, padding rows only without a causal mask (since session 36), and where causal at
+    most SCHEDULE_LIMIT tiles (the host lays out their schedule, ``persistent_schedule``);
+    not under SDPA_PASS_GLUON_PERSISTENT=0.
 
     H200, bf16, forward alone, B·H·N = 2**21 / D, N = 512 ... 16k, against the one-tile kernel
     (BENCHMARKS.md, session 34; do_bench, host in the time): hd128 1.04-1.25x without a mask
     (521 / 634 / 648 TFLOP/s at 512 / 4k / 16k), causal 1.03-1.19x, GQA 4:1 causal 1.03-1.16x;
-    hd64 causal 1.07-1.11x from 4k, without a mask 0.99-1.02x there."""
+    hd64 causal 1.07-1.11x from 4k, without a mask 0.99-1.02x there. With HF's padding row
+    (session 36, N = 512 ... 16k): hd128 1.02-1.32x, hd64 1.04-1.10x from 4k and 1.20-1.23x the
+    Triton forward at 512-2k; causal and padded 0.94-1.08x at hd128, 0.98-1.01x at hd64 from
+    4k (its schedule weighs the work tiles by the causal mask alone; the spans are on the
+    device), so those keep the one-tile kernel."""
     return (os.environ.get("SDPA_PASS_GLUON_PERSISTENT", "") != "0" and head_dim in HEAD_DIMS
-            and not padding and not mask_tile and window <= 0
+            and not mask_tile and window <= 0 and not (padding and causal)
             and not (causal and tiles > SCHEDULE_LIMIT))
 
 

@@ -589,16 +589,18 @@ def test_a_later_call_launches_the_remembered_kernel():
     assert_close_to_reference(out, reference_attention(q2, k2, v2, is_causal=True)[0], dtype)
 
 
-def test_the_persistent_forward_takes_unmasked_calls_at_head_dims_64_and_128(monkeypatch):
+def test_the_persistent_forward_takes_unmasked_and_padded_calls_at_hd64_and_hd128(monkeypatch):
     """(Any device.) SDPA_PASS_GLUON_PERSISTENT=1 gives the persistent kernel the calls
-    without padding rows, an attn_mask read in tiles or a window, at head dims 64 and 128;
-    its grid is at most the SMs (PERSISTENT_MAX_CTAS where set)."""
+    without an attn_mask read in tiles or a window, padding rows too where not causal, at head
+    dims 64 and 128; its grid is at most the SMs (PERSISTENT_MAX_CTAS where set)."""
     monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "1")
     for head_dim in gfwd.HEAD_DIMS:
         assert gfwd.persistent_forward(head_dim, 0, 0, -1, False, 64)
         assert gfwd.persistent_forward(head_dim, 0, 0, -1, True, gfwd.SCHEDULE_LIMIT)
     assert not gfwd.persistent_forward(gfwd.WIDE_HEAD_DIM, 0, 0, -1, False, 64)
-    assert not gfwd.persistent_forward(128, 2, 0, -1, False, 64)  # padding rows
+    for padding in (1, 2, 3):  # padding rows (since session 36), without a causal mask
+        assert gfwd.persistent_forward(128, padding, 0, -1, False, 64)
+        assert not gfwd.persistent_forward(128, padding, 0, -1, True, 64)
     assert not gfwd.persistent_forward(128, 0, gfwd.TILE_BOOL, -1, False, 64)
     assert not gfwd.persistent_forward(128, 0, gfwd.TILE_BIAS, -1, False, 64)
     assert not gfwd.persistent_forward(128, 0, 0, 256, True, 64)  # a window
@@ -642,12 +644,14 @@ def test_the_causal_schedule_gives_every_tile_once_and_balances_the_work(n_m, ro
 
 
 @needs_gluon
-@pytest.mark.parametrize("causal, head_dim", [(False, 128), (True, 128), (True, 64)])
-def test_the_persistent_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim):
+@pytest.mark.parametrize("causal, head_dim, padding",
+                         [(False, 128, 0), (True, 128, 0), (True, 64, 0), (True, 128, 2)])
+def test_the_persistent_kernel_compiles_for_sm90_with_its_overlap(causal, head_dim, padding):
     """The persistent kernel keeps the one-tile kernel's wgmmas, exponentials and register
     split, the exponentials under the P·V product, within the shared memory (an O buffer of
-    its own and two Q buffers per consumer: 224 KB at hd128) and a few bytes of stack."""
-    form = ["--causal"] if causal else []
+    its own and two Q buffers per consumer: 224 KB at hd128) and a few bytes of stack; with
+    HF's padding row too (``padding`` 2, KEY_SPAN)."""
+    form = (["--causal"] if causal else []) + (["--padding", str(padding)] if padding else [])
     one = fwd_probe_report("--head-dim", str(head_dim), *form)
     persistent = fwd_probe_report("--head-dim", str(head_dim), *form, "--persistent")
     for key in ("HGMMA", "MUFU.EX2", "setmaxnreg"):

@@ -71,6 +71,29 @@ def test_refusals_take_padding_rows_and_name_what_they_do_not(monkeypatch):
     assert refusals(masked=False, padding=0) == (None, None)  # no padding: not concerned
 
 
+def test_padded_calls_at_hd64_take_the_gluon_forward_where_it_was_measured_faster():
+    """(Any device.) At head dim 64 a padded call without a causal mask takes the persistent
+    Gluon forward from HD64_PERSISTENT_MIN_KEYS keys, as an unpadded one (H200: 1.20-1.23x
+    the Triton forward at 512-2k keys, session 36); a causal padded one, which keeps the
+    one-tile kernel, from HD64_MIN_KEYS."""
+    h = torch.bfloat16
+    fwd_args = dict(scale=0.1, masked=False, diagonal=0, window=-1, softcap=0.0,
+                    dropout_p=0.0, capability=9)
+    q = torch.zeros(2, 4, 256, 64, dtype=h)
+
+    def refusal(keys, causal_align):
+        kv = torch.zeros(2, 2, keys, 64, dtype=h)
+        shape = AttentionShape(2, 4, 2, 256, keys, 64, 64)
+        return gfwd.gluon_forward_refusal(q, kv, kv, shape, padding=2,
+                                          causal_align=causal_align, **fwd_args)
+
+    least = gfwd.HD64_PERSISTENT_MIN_KEYS[False]
+    assert refusal(least, 0) is None
+    assert f"under {least} " in refusal(least - 128, 0)
+    assert refusal(gfwd.HD64_MIN_KEYS, 1) is None
+    assert f"under {gfwd.HD64_MIN_KEYS} " in refusal(gfwd.HD64_MIN_KEYS - 128, 1)
+
+
 def expected_spans(visible: torch.Tensor) -> torch.Tensor:
     """(..., 3): first visible key, past the last, dense; (S, 0, 0) where none is."""
     S = visible.shape[-1]
@@ -256,7 +279,46 @@ def record_calls(monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_padded_gluon_kernels_match_the_reference(case, monkeypatch):
+    """Every case as the library runs it: without a causal mask the persistent forward at head
+    dims 64 / 128 (since session 36), else the one-tile one."""
+    launched = forward_launches(monkeypatch)
     padded_against_the_reference(case, monkeypatch)
+    assert launched == [gfwd._attention_fwd_persistent if case in PERSISTENT_PADDED
+                        else gfwd._attention_fwd_ws]
+
+
+# Padded cases the persistent forward takes (no causal mask, head dims 64 / 128): through it
+# with a few CTAs (each walks many work tiles of different spans, the K / V ring's count
+# running across them), and through the one-tile forward (SDPA_PASS_GLUON_PERSISTENT=0)
+PERSISTENT_PADDED = [case for case, (*_, D, _kind, _how, extras) in sorted(GPU_CASES.items())
+                     if D in gfwd.HEAD_DIMS and not (extras.get("is_causal") or "causal" in extras)]
+
+
+@needs_hopper
+@pytest.mark.parametrize("kernel", ["persistent_5_ctas", "one_tile"])
+@pytest.mark.parametrize("case", PERSISTENT_PADDED)
+def test_padded_forward_kernels_match_the_reference(case, kernel, monkeypatch):
+    if kernel == "one_tile":
+        monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "0")
+    else:
+        monkeypatch.setattr(gfwd, "PERSISTENT_MAX_CTAS", 5)
+    launched = forward_launches(monkeypatch)
+    padded_against_the_reference(case, monkeypatch)
+    assert launched == [gfwd._attention_fwd_ws if kernel == "one_tile"
+                        else gfwd._attention_fwd_persistent]
+
+
+def forward_launches(monkeypatch) -> list:
+    """The Gluon forward kernels launched, in order (its compiled plans forgotten)."""
+    launched, real = [], gfwd.launch_fixed
+    monkeypatch.setattr(gfwd, "_GLUON_CALLS", gfwd.PlanCache())
+
+    def recording(calls, key, kernel, *args, **kwargs):
+        launched.append(kernel)
+        return real(calls, key, kernel, *args, **kwargs)
+
+    monkeypatch.setattr(gfwd, "launch_fixed", recording)
+    return launched
 
 
 # Padding rows beside soft-capped scores (taken by default since session 27, when these first
