@@ -107,10 +107,11 @@ work go round-robin (CTA p: p, p + P, ...); causal ones follow a list the host l
 per shape (``persistent_schedule``, kept by ``causal_schedule``; a shape first met while a
 CUDA graph is captured takes the one-tile kernel there, its list's copy to the device not
 being capturable): round-robin pinned each CTA to one position within the heads wherever P
-and the query tiles a head share factors, 0.76x the one-tile kernel at N = 16k. H200, bf16, forward against the one-tile kernel: hd128 1.04-1.25x without a mask
-(521 / 634 / 648 TFLOP/s at N = 512 / 4k / 16k, cuDNN 520 / 626 / 629), causal 1.03-1.19x,
-GQA 1.03-1.16x; hd64 causal 1.07-1.11x from 4k and 1.05-1.06x over the Triton forward at 1k /
-2k (BENCHMARKS.md, session 34).
+and the query tiles a head share factors, 0.76x the one-tile kernel at N = 16k. H200, bf16,
+forward against the one-tile kernel: hd128 1.04-1.25x without a mask (521 / 634 / 648
+TFLOP/s at N = 512 / 4k / 16k, cuDNN 520 / 626 / 629), causal 1.03-1.19x, GQA 1.03-1.16x;
+hd64 causal 1.07-1.11x from 4k and 1.05-1.06x over the Triton forward at 1k / 2k
+(BENCHMARKS.md, session 34); padded without a causal mask 1.02-1.32x (session 36).
 
 A polynomial exp2 on the FMA units for the soft-capped softmax's P (session 26: 2^f by a degree-4
 polynomial, tanh's reciprocal from rcp.approx; MUFU operations a score 2 against 3, FMA-unit
@@ -565,9 +566,9 @@ if gluon is not None:
         ncu profile). With TREE the keys viewed as (4, keys / 4) keep every register where it
         is (no shared memory, same allocation) and reduce the 4 first: 8 independent chains of
         3, then one of 7. The max is exact either way; the sum's rounding order changes.
-        Session 36 (H200): +4% at hd64 (persistent kernel, 4k / 16k keys), but -2 to -4% in
-        the hd128 persistent kernel, so ``_consumer`` sets TREE at head dim 64 alone
-        (ROW_TREE_HEAD_DIM)."""
+        Session 36 (H200, persistent kernel, 4k / 16k keys): hd64 +3.5-3.7% without a mask,
+        +0.3-1.8% causal; hd128 -3 to -4% at 16k, so ``_consumer`` sets TREE at head dim 64
+        alone (ROW_TREE_HEAD_DIM)."""
         if not TREE:
             if MAX:
                 return gl.max(x, 1)
