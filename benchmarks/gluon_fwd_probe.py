@@ -86,6 +86,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+try:  # the library's row max / sum, in two steps with TREE (kernels/gluon_forward.py)
+    from sdpa_pass.kernels.gluon_forward import _row_reduce
+except ImportError:  # a checkout that is not installed
+    from kernels.gluon_forward import _row_reduce
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 D = 128
@@ -103,36 +108,13 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # gl.barrier a
 def _softmax_step(s, m_i, l_i, qk_scale, TREE: gl.constexpr):
     """Online softmax of one score tile in raw units: (P in fp32, alpha, new l, new m).
     TREE: the row max and sum in two steps (``_row_reduce``)."""
-    m_new = gl.maximum(m_i, _row_reduce(s, TREE, True) * qk_scale)
+    m_new = gl.maximum(m_i, _row_reduce(s, True, TREE) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-    l_new = l_i * alpha + _row_reduce(p, TREE, False)
+    l_new = l_i * alpha + _row_reduce(p, False, TREE)
     return p, alpha, l_new, m_new
 
 
-@gluon.jit
-def _row_reduce(x, TREE: gl.constexpr, MAX: gl.constexpr):
-    """Each row's max (MAX) or sum of a (rows, keys) tile, in the rows of its layout. A thread
-    of the wgmma accumulator layout holds a quarter of a row's keys (32 of 128) and Triton
-    reduces them one after the other: a chain of 31 dependent FMNMX / FADD a row ahead of the
-    shuffles (session 35, ncu at hd64: the consumers' largest stall, ``wait``, sits on that
-    chain). TREE views the keys as (4, keys / 4), which leaves every thread's registers where
-    they are (the reshape is free at that layout: no shared memory, same allocation), and
-    reduces the 4 first: at 128 keys 8 independent chains of 3, then one of 7, then the
-    shuffles."""
-    if TREE:
-        ROWS: gl.constexpr = x.shape[0]
-        KEYS: gl.constexpr = x.shape[1]
-        y = gl.reshape(x, [ROWS, 4, KEYS // 4])
-        if MAX:
-            r = gl.max(gl.max(y, 1), 1)
-        else:
-            r = gl.sum(gl.sum(y, 1), 1)
-        return gl.convert_layout(r, gl.SliceLayout(1, x.type.layout))
-    elif MAX:
-        return gl.max(x, 1)
-    else:
-        return gl.sum(x, 1)
 
 
 @gluon.jit
