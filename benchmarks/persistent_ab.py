@@ -53,7 +53,7 @@ from gluon_fwd_probe import write_result  # benchmarks/gluon_fwd_probe.py
 HD64_MIN_KEYS, HD64_PERSISTENT_MIN_KEYS = gfwd.HD64_MIN_KEYS, gfwd.HD64_PERSISTENT_MIN_KEYS
 Q_BUFFERS, RING_STAGES, BLOCK_N_AT = gfwd.PERSISTENT_Q_BUFFERS, gfwd.STAGES, gfwd.forward_block_n
 # --forms: (causal, GQA 4:1, padded) by name. Padded: HF's (B, 1, 1, N) bool row, batch
-# element b keeping the first N / 4 + (b / B) 3 N / 4 keys (right padding, as padding.py's);
+# element b keeping the first N / 4 + b (3 N / 4) / (B - 1) keys (right padding, as padding.py's);
 # SDPA's peer takes it with the causal mask folded in, (B, 1, N, N)
 FORMS = {"none": (False, False, False), "causal": (True, False, False),
          "gqa": (True, True, False), "padded": (False, False, True),
@@ -61,8 +61,8 @@ FORMS = {"none": (False, False, False), "causal": (True, False, False),
 
 
 def padding_row(B: int, N: int) -> torch.Tensor:
-    """(B, 1, 1, N) bool, True = attend: batch element b keeps its first N / 4 + b (3 N / 4) / B
-    keys (B = 1: all of them)."""
+    """(B, 1, 1, N) bool, True = attend: batch element b keeps its first
+    N / 4 + b (3 N / 4) / (B - 1) keys, the last all of them (B = 1: all of them)."""
     keep = torch.tensor([N // 4 + b * (3 * N // 4) // max(B - 1, 1) for b in range(B)]
                         if B > 1 else [N], device="cuda")
     return (torch.arange(N, device="cuda") < keep[:, None])[:, None, None, :]

@@ -28,6 +28,7 @@ from sdpa_pass.kernels.launch import clear_plans
 from reference import DEVICE, assert_close_to_reference, randn, reference_attention
 from script_runner import last_json
 from test_gluon_backward import default_gluon_kernels
+from test_gluon_forward import launches_of
 
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(gfwd.gluon is None, reason="this Triton has no Gluon Hopper API")
@@ -281,10 +282,10 @@ def record_calls(monkeypatch):
 def test_padded_gluon_kernels_match_the_reference(case, monkeypatch):
     """Every case as the library runs it: without a causal mask the persistent forward at head
     dims 64 / 128 (since session 36), else the one-tile one."""
-    launched = forward_launches(monkeypatch)
+    launched = launches_of(monkeypatch)
     padded_against_the_reference(case, monkeypatch)
-    assert launched == [gfwd._attention_fwd_persistent if case in PERSISTENT_PADDED
-                        else gfwd._attention_fwd_ws]
+    assert [kernel for kernel, _ in launched] == [
+        gfwd._attention_fwd_persistent if case in PERSISTENT_PADDED else gfwd._attention_fwd_ws]
 
 
 # Padded cases the persistent forward takes (no causal mask, head dims 64 / 128): through it
@@ -302,23 +303,11 @@ def test_padded_forward_kernels_match_the_reference(case, kernel, monkeypatch):
         monkeypatch.setenv("SDPA_PASS_GLUON_PERSISTENT", "0")
     else:
         monkeypatch.setattr(gfwd, "PERSISTENT_MAX_CTAS", 5)
-    launched = forward_launches(monkeypatch)
+    launched = launches_of(monkeypatch)
     padded_against_the_reference(case, monkeypatch)
-    assert launched == [gfwd._attention_fwd_ws if kernel == "one_tile"
-                        else gfwd._attention_fwd_persistent]
+    assert [kernel_ for kernel_, _ in launched] == [
+        gfwd._attention_fwd_ws if kernel == "one_tile" else gfwd._attention_fwd_persistent]
 
-
-def forward_launches(monkeypatch) -> list:
-    """The Gluon forward kernels launched, in order (its compiled plans forgotten)."""
-    launched, real = [], gfwd.launch_fixed
-    monkeypatch.setattr(gfwd, "_GLUON_CALLS", gfwd.PlanCache())
-
-    def recording(calls, key, kernel, *args, **kwargs):
-        launched.append(kernel)
-        return real(calls, key, kernel, *args, **kwargs)
-
-    monkeypatch.setattr(gfwd, "launch_fixed", recording)
-    return launched
 
 
 # Padding rows beside soft-capped scores (taken by default since session 27, when these first
